@@ -1,0 +1,163 @@
+//! The dispatch channel's wire format, shared by the master, the Rust worker API and the preload
+//! shim (docs/PROTOCOL.md is the normative description for workers in other languages).
+//!
+//! Every message on a channel is exactly [`HEADER_LEN`] bytes, little-endian:
+//!
+//! ```text
+//! offset size field
+//!      0    2 magic    b"RC"
+//!      2    1 version  1
+//!      3    1 kind     1 CONN, 2 READY, 3 CLOSED, 4 HEARTBEAT, 5 STOPPING
+//!      4    4 reserved 0 (a decoder rejects anything else)
+//!      8    8 value    CONN: connection sequence number; CLOSED: connections finished; else 0
+//! ```
+//!
+//! Master → worker: CONN, carrying exactly one fd (`SCM_RIGHTS`), the accepted TCP connection.
+//! Worker → master: READY (once, when it accepts), CLOSED(n) after n connections it was handed
+//! are closed, optional HEARTBEAT, STOPPING (it is draining and wants no more connections).
+
+use thiserror::Error;
+
+/// Size of every message on a dispatch channel.
+pub const HEADER_LEN: usize = 16;
+/// First two bytes of every message.
+pub const MAGIC: [u8; 2] = *b"RC";
+/// The protocol version this build speaks.
+pub const VERSION: u8 = 1;
+
+/// One message of the dispatch channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Message {
+    /// Master → worker: a connection, its fd attached. `seq` numbers connections per master.
+    Conn {
+        /// The master's sequence number for this connection (for tracing).
+        seq: u64,
+    },
+    /// Worker → master: the worker accepts connections now.
+    Ready,
+    /// Worker → master: `count` connections handed to this worker have been closed.
+    Closed {
+        /// How many connections finished since the last CLOSED.
+        count: u64,
+    },
+    /// Worker → master: still alive (optional).
+    Heartbeat,
+    /// Worker → master: draining, send nothing more.
+    Stopping,
+}
+
+/// Why a message was rejected.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ProtocolError {
+    /// Not [`HEADER_LEN`] bytes.
+    #[error("message of {0} bytes, expected {HEADER_LEN}")]
+    Length(usize),
+    /// First two bytes are not [`MAGIC`].
+    #[error("bad magic {0:02x?}")]
+    Magic([u8; 2]),
+    /// A version this build does not speak.
+    #[error("protocol version {0}, this build speaks {VERSION}")]
+    Version(u8),
+    /// Unknown kind byte.
+    #[error("unknown message kind {0}")]
+    Kind(u8),
+    /// Reserved bytes not zero.
+    #[error("reserved field is {0:#x}, must be 0")]
+    Reserved(u32),
+}
+
+const KIND_CONN: u8 = 1;
+const KIND_READY: u8 = 2;
+const KIND_CLOSED: u8 = 3;
+const KIND_HEARTBEAT: u8 = 4;
+const KIND_STOPPING: u8 = 5;
+
+impl Message {
+    /// The message as it goes on the wire.
+    pub fn encode(self) -> [u8; HEADER_LEN] {
+        let (kind, value) = match self {
+            Message::Conn { seq } => (KIND_CONN, seq),
+            Message::Ready => (KIND_READY, 0),
+            Message::Closed { count } => (KIND_CLOSED, count),
+            Message::Heartbeat => (KIND_HEARTBEAT, 0),
+            Message::Stopping => (KIND_STOPPING, 0),
+        };
+        let mut buf = [0u8; HEADER_LEN];
+        buf[0..2].copy_from_slice(&MAGIC);
+        buf[2] = VERSION;
+        buf[3] = kind;
+        buf[8..16].copy_from_slice(&value.to_le_bytes());
+        buf
+    }
+
+    /// Parses one message, rejecting anything that is not exactly this version's format.
+    pub fn decode(buf: &[u8]) -> Result<Message, ProtocolError> {
+        if buf.len() != HEADER_LEN {
+            return Err(ProtocolError::Length(buf.len()));
+        }
+        if buf[0..2] != MAGIC {
+            return Err(ProtocolError::Magic([buf[0], buf[1]]));
+        }
+        if buf[2] != VERSION {
+            return Err(ProtocolError::Version(buf[2]));
+        }
+        let reserved = u32::from_le_bytes(buf[4..8].try_into().expect("4 bytes"));
+        if reserved != 0 {
+            return Err(ProtocolError::Reserved(reserved));
+        }
+        let value = u64::from_le_bytes(buf[8..16].try_into().expect("8 bytes"));
+        match buf[3] {
+            KIND_CONN => Ok(Message::Conn { seq: value }),
+            KIND_READY => Ok(Message::Ready),
+            KIND_CLOSED => Ok(Message::Closed { count: value }),
+            KIND_HEARTBEAT => Ok(Message::Heartbeat),
+            KIND_STOPPING => Ok(Message::Stopping),
+            other => Err(ProtocolError::Kind(other)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_every_kind() {
+        for msg in [
+            Message::Conn { seq: u64::MAX },
+            Message::Ready,
+            Message::Closed { count: 7 },
+            Message::Heartbeat,
+            Message::Stopping,
+        ] {
+            assert_eq!(Message::decode(&msg.encode()), Ok(msg));
+        }
+    }
+
+    #[test]
+    fn layout_is_fixed() {
+        let buf = Message::Closed { count: 0x0102 }.encode();
+        assert_eq!(buf, [b'R', b'C', 1, 3, 0, 0, 0, 0, 2, 1, 0, 0, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn rejects_anything_else() {
+        let good = Message::Ready.encode();
+        assert_eq!(Message::decode(&good[..15]), Err(ProtocolError::Length(15)));
+        let mut bad = good;
+        bad[0] = b'X';
+        assert!(matches!(
+            Message::decode(&bad),
+            Err(ProtocolError::Magic(_))
+        ));
+        let mut bad = good;
+        bad[2] = 2;
+        assert_eq!(Message::decode(&bad), Err(ProtocolError::Version(2)));
+        let mut bad = good;
+        bad[3] = 99;
+        assert_eq!(Message::decode(&bad), Err(ProtocolError::Kind(99)));
+        let mut bad = good;
+        bad[5] = 1;
+        assert_eq!(Message::decode(&bad), Err(ProtocolError::Reserved(0x100)));
+    }
+}

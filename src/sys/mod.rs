@@ -1,0 +1,409 @@
+//! The one place the master and the worker library call libc: every `unsafe` of the crate lives
+//! under `sys/`, each wrapper keeps its syscall's name and returns `io::Result`, and every fd is
+//! an `OwnedFd` from the line it is created on.
+#![allow(unsafe_code)]
+
+pub mod scm;
+pub mod spawn;
+
+use std::io;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+/// Calls a libc function and maps its `-1` return to `io::Error::last_os_error()`.
+/// The caller writes the `// SAFETY:` comment for the call it makes.
+macro_rules! syscall {
+    ($fn:ident ( $($arg:expr),* $(,)? )) => {{
+        #[allow(clippy::macro_metavars_in_unsafe)]
+        let res = unsafe { libc::$fn($($arg),*) };
+        if res == -1 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(res)
+        }
+    }};
+}
+pub(crate) use syscall;
+
+/// Process id of a worker.
+pub type Pid = libc::pid_t;
+
+/// `accept4(2)` with `SOCK_CLOEXEC | SOCK_NONBLOCK`: the accepted fd never leaks into a worker
+/// spawned concurrently, and the master never blocks on it.
+pub fn accept4(listener: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    // SAFETY: null addr/addrlen is allowed by accept4(2); the fd is borrowed for the call.
+    let fd = syscall!(accept4(
+        listener.as_raw_fd(),
+        std::ptr::null_mut(),
+        std::ptr::null_mut(),
+        libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK
+    ))?;
+    // SAFETY: accept4 returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC)`: a message-preserving, connected,
+/// reliable channel (unix(7)); both ends close-on-exec, the spawner `dup2`s the worker's end.
+pub fn socketpair_seqpacket() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [-1; 2];
+    // SAFETY: fds is a valid array of two ints for socketpair(2) to fill.
+    syscall!(socketpair(
+        libc::AF_UNIX,
+        libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+        0,
+        fds.as_mut_ptr()
+    ))?;
+    // SAFETY: socketpair returned two new fds that nothing else owns.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Sets `O_NONBLOCK` on an fd (the master's end of a channel; the worker's end stays blocking
+/// because the worker, not the master, decides how it reads).
+pub fn set_nonblocking(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
+    // SAFETY: F_GETFL on a borrowed, open fd.
+    let flags = syscall!(fcntl(fd.as_raw_fd(), libc::F_GETFL))?;
+    let flags = if on {
+        flags | libc::O_NONBLOCK
+    } else {
+        flags & !libc::O_NONBLOCK
+    };
+    // SAFETY: F_SETFL with flags derived from F_GETFL on the same fd.
+    syscall!(fcntl(fd.as_raw_fd(), libc::F_SETFL, flags))?;
+    Ok(())
+}
+
+/// `getsockopt(SOL_SOCKET, opt)` for an int-valued option.
+pub fn getsockopt_int(fd: BorrowedFd<'_>, opt: libc::c_int) -> io::Result<libc::c_int> {
+    let mut val: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: val and len point to valid storage of the advertised size.
+    syscall!(getsockopt(
+        fd.as_raw_fd(),
+        libc::SOL_SOCKET,
+        opt,
+        (&mut val as *mut libc::c_int).cast(),
+        &mut len
+    ))?;
+    Ok(val)
+}
+
+/// `setsockopt(SOL_SOCKET, opt)` for an int-valued option.
+pub fn setsockopt_int(fd: BorrowedFd<'_>, opt: libc::c_int, val: libc::c_int) -> io::Result<()> {
+    // SAFETY: val lives for the call and its size is passed.
+    syscall!(setsockopt(
+        fd.as_raw_fd(),
+        libc::SOL_SOCKET,
+        opt,
+        (&val as *const libc::c_int).cast(),
+        std::mem::size_of::<libc::c_int>() as libc::socklen_t
+    ))?;
+    Ok(())
+}
+
+/// Bytes queued in a unix socket's send direction and not yet read by the peer: `SIOCOUTQ`
+/// (unix(7)). For a dispatch channel this is the backlog the worker has not accepted yet.
+pub fn siocoutq(fd: BorrowedFd<'_>) -> io::Result<usize> {
+    let mut val: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one int to the pointer given.
+    syscall!(ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut val))?;
+    Ok(val.max(0) as usize)
+}
+
+/// `pidfd_open(2)`: an fd that becomes readable when the process exits, so the supervisor reaps
+/// through its poll loop instead of a process-wide SIGCHLD handler. Always close-on-exec.
+pub fn pidfd_open(pid: Pid) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
+}
+
+/// How a child ended, from `waitpid(2)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitStatus {
+    /// `exit(code)`.
+    Exited(i32),
+    /// Killed by this signal.
+    Signaled(i32),
+}
+
+impl std::fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitStatus::Exited(code) => write!(f, "exit code {code}"),
+            ExitStatus::Signaled(sig) => write!(f, "signal {} ({})", sig, signal_name(*sig)),
+        }
+    }
+}
+
+/// `waitpid(pid, WNOHANG)`: `Ok(None)` while the child still runs.
+pub fn waitpid_nohang(pid: Pid) -> io::Result<Option<ExitStatus>> {
+    let mut status = 0;
+    // SAFETY: status is a valid int for waitpid to fill.
+    let res = syscall!(waitpid(pid, &mut status, libc::WNOHANG))?;
+    if res == 0 {
+        return Ok(None);
+    }
+    Ok(Some(decode_wait_status(status)))
+}
+
+/// `waitpid(pid, 0)`: blocks until the child has exited.
+pub fn waitpid_blocking(pid: Pid) -> io::Result<ExitStatus> {
+    let mut status = 0;
+    loop {
+        // SAFETY: status is a valid int for waitpid to fill.
+        match syscall!(waitpid(pid, &mut status, 0)) {
+            Ok(_) => return Ok(decode_wait_status(status)),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn decode_wait_status(status: libc::c_int) -> ExitStatus {
+    if libc::WIFSIGNALED(status) {
+        ExitStatus::Signaled(libc::WTERMSIG(status))
+    } else {
+        ExitStatus::Exited(libc::WEXITSTATUS(status))
+    }
+}
+
+/// `kill(2)`. `ESRCH` (already gone) is reported to the caller, who usually ignores it.
+pub fn kill(pid: Pid, sig: libc::c_int) -> io::Result<()> {
+    // SAFETY: kill takes plain integers.
+    syscall!(kill(pid, sig))?;
+    Ok(())
+}
+
+/// `getpid(2)`.
+pub fn getpid() -> Pid {
+    // SAFETY: getpid cannot fail.
+    unsafe { libc::getpid() }
+}
+
+/// Short name of a signal number (`SIGTERM`), for logs.
+pub fn signal_name(sig: libc::c_int) -> &'static str {
+    match sig {
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGINT => "SIGINT",
+        libc::SIGQUIT => "SIGQUIT",
+        libc::SIGILL => "SIGILL",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGUSR1 => "SIGUSR1",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGUSR2 => "SIGUSR2",
+        libc::SIGPIPE => "SIGPIPE",
+        libc::SIGALRM => "SIGALRM",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGCHLD => "SIGCHLD",
+        libc::SIGCONT => "SIGCONT",
+        libc::SIGSTOP => "SIGSTOP",
+        libc::SIGTSTP => "SIGTSTP",
+        libc::SIGTTIN => "SIGTTIN",
+        libc::SIGTTOU => "SIGTTOU",
+        libc::SIGWINCH => "SIGWINCH",
+        _ => "unknown signal",
+    }
+}
+
+/// Parses a signal name (`TERM`, `SIGTERM`, `15`).
+pub fn parse_signal(name: &str) -> Option<libc::c_int> {
+    if let Ok(n) = name.parse::<libc::c_int>() {
+        return (1..=64).contains(&n).then_some(n);
+    }
+    let upper = name.to_ascii_uppercase();
+    let bare = upper.strip_prefix("SIG").unwrap_or(&upper);
+    (1..32).find(|&sig| signal_name(sig).strip_prefix("SIG") == Some(bare))
+}
+
+/// Raises `RLIMIT_NOFILE`'s soft limit to its hard limit; returns the new soft limit. A master
+/// holding thousands of in-flight connections needs the room, and `SCM_RIGHTS` counts fds in
+/// flight against the sender's limit (`ETOOMANYREFS`, unix(7)).
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    let mut lim = MaybeUninit::<libc::rlimit>::uninit();
+    // SAFETY: getrlimit fills the rlimit it is given.
+    syscall!(getrlimit(libc::RLIMIT_NOFILE, lim.as_mut_ptr()))?;
+    // SAFETY: getrlimit succeeded, so lim is initialised.
+    let mut lim = unsafe { lim.assume_init() };
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: lim is a valid rlimit.
+        syscall!(setrlimit(libc::RLIMIT_NOFILE, &lim))?;
+    }
+    Ok(lim.rlim_cur)
+}
+
+/// A CPU set as `sched_setaffinity(2)` takes it, limited to `CPU_SETSIZE` CPUs.
+#[derive(Clone, Copy)]
+pub struct CpuSet(libc::cpu_set_t);
+
+impl CpuSet {
+    /// A set holding the given CPUs (ids ≥ `CPU_SETSIZE` are ignored).
+    pub fn from_cpus(cpus: &[usize]) -> Self {
+        // SAFETY: cpu_set_t is plain data; all-zero is the empty set.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        for &cpu in cpus {
+            if cpu < libc::CPU_SETSIZE as usize {
+                // SAFETY: cpu < CPU_SETSIZE, so the bit is inside the set.
+                unsafe { libc::CPU_SET(cpu, &mut set) };
+            }
+        }
+        CpuSet(set)
+    }
+
+    /// The CPUs in the set, ascending.
+    pub fn cpus(&self) -> Vec<usize> {
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| {
+                // SAFETY: c < CPU_SETSIZE, so the bit is inside the set.
+                unsafe { libc::CPU_ISSET(c, &self.0) }
+            })
+            .collect()
+    }
+
+    pub(crate) fn raw(&self) -> &libc::cpu_set_t {
+        &self.0
+    }
+}
+
+/// `sched_getaffinity(0)`: the CPUs this process may run on (respects taskset and cpusets).
+pub fn sched_getaffinity() -> io::Result<CpuSet> {
+    // SAFETY: all-zero is a valid cpu_set_t.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: set is valid storage of the size passed.
+    syscall!(sched_getaffinity(
+        0,
+        std::mem::size_of::<libc::cpu_set_t>(),
+        &mut set
+    ))?;
+    Ok(CpuSet(set))
+}
+
+/// `sched_setaffinity(0)` for the calling thread (on Linux, pid 0 means the calling thread).
+pub fn sched_setaffinity_self(set: &CpuSet) -> io::Result<()> {
+    // SAFETY: set is a valid cpu_set_t of the size passed.
+    syscall!(sched_setaffinity(
+        0,
+        std::mem::size_of::<libc::cpu_set_t>(),
+        set.raw()
+    ))?;
+    Ok(())
+}
+
+/// Resident set size of a process in bytes, from `/proc/PID/statm` (second field, in pages).
+/// Reads into a stack buffer: the supervisor samples every worker every `--rss-interval`.
+pub fn rss_bytes(pid: Pid) -> io::Result<u64> {
+    use std::io::Read;
+    let mut path = [0u8; 32];
+    let path = {
+        use std::io::Write;
+        let mut cur = io::Cursor::new(&mut path[..]);
+        write!(cur, "/proc/{pid}/statm")?;
+        let len = cur.position() as usize;
+        std::str::from_utf8(&path[..len]).expect("ascii path")
+    };
+    let mut file = std::fs::File::open(path)?;
+    let mut buf = [0u8; 128];
+    let n = file.read(&mut buf)?;
+    let text = std::str::from_utf8(&buf[..n]).map_err(|_| io::ErrorKind::InvalidData)?;
+    let pages: u64 = text
+        .split_ascii_whitespace()
+        .nth(1)
+        .and_then(|f| f.parse().ok())
+        .ok_or(io::ErrorKind::InvalidData)?;
+    Ok(pages * page_size())
+}
+
+/// The system page size.
+pub fn page_size() -> u64 {
+    // SAFETY: sysconf takes a constant name.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if size > 0 { size as u64 } else { 4096 }
+}
+
+/// Returns the socket type (`SOCK_STREAM`, `SOCK_SEQPACKET`, …) of an fd, or an error if the fd
+/// is not a socket (`ENOTSOCK`).
+pub fn socket_type(fd: BorrowedFd<'_>) -> io::Result<libc::c_int> {
+    getsockopt_int(fd, libc::SO_TYPE)
+}
+
+/// The socket domain (`AF_UNIX`, `AF_INET`, …) of a socket.
+pub fn socket_domain(fd: BorrowedFd<'_>) -> io::Result<libc::c_int> {
+    getsockopt_int(fd, libc::SO_DOMAIN)
+}
+
+/// Takes ownership of an inherited fd number after checking it is open (`fcntl(F_GETFD)`), and
+/// marks it close-on-exec so the worker's own children do not inherit it.
+pub fn adopt_inherited_fd(fd: libc::c_int) -> io::Result<OwnedFd> {
+    // SAFETY: F_GETFD only queries the descriptor table.
+    let flags = syscall!(fcntl(fd, libc::F_GETFD))?;
+    // SAFETY: F_SETFD on an fd just shown to be open.
+    syscall!(fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC))?;
+    // SAFETY: the fd is open and, per the worker contract, handed to this process to own; the
+    // caller adopts each inherited number once.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Whether `path` names a regular file this process may execute (`access(2)` with `X_OK`);
+/// the supervisor resolves a worker command with it before forking, so a typo is a clear error
+/// at start and at each reload rather than an exit code 127 from a child.
+pub fn is_executable(path: &std::path::Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: c_path is a valid NUL-terminated string for the call.
+    let ok = unsafe { libc::access(c_path.as_ptr(), libc::X_OK) } == 0;
+    ok && std::fs::metadata(path).is_ok_and(|m| m.is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn socketpair_is_seqpacket_and_cloexec() {
+        let (a, _b) = socketpair_seqpacket().unwrap();
+        assert_eq!(socket_type(a.as_fd()).unwrap(), libc::SOCK_SEQPACKET);
+        assert_eq!(socket_domain(a.as_fd()).unwrap(), libc::AF_UNIX);
+        // SAFETY: F_GETFD on an open fd.
+        let flags = unsafe { libc::fcntl(a.as_raw_fd(), libc::F_GETFD) };
+        assert_ne!(flags & libc::FD_CLOEXEC, 0);
+    }
+
+    #[test]
+    fn signal_names_round_trip() {
+        assert_eq!(parse_signal("TERM"), Some(libc::SIGTERM));
+        assert_eq!(parse_signal("sigquit"), Some(libc::SIGQUIT));
+        assert_eq!(parse_signal("9"), Some(libc::SIGKILL));
+        assert_eq!(parse_signal("NOPE"), None);
+        assert_eq!(parse_signal("0"), None);
+    }
+
+    #[test]
+    fn rss_of_self_is_positive() {
+        assert!(rss_bytes(getpid()).unwrap() > 0);
+    }
+
+    #[test]
+    fn affinity_is_not_empty() {
+        assert!(!sched_getaffinity().unwrap().cpus().is_empty());
+    }
+
+    #[test]
+    fn siocoutq_counts_unread_messages() {
+        let (a, _b) = socketpair_seqpacket().unwrap();
+        assert_eq!(siocoutq(a.as_fd()).unwrap(), 0);
+        // SAFETY: sending 4 bytes from a valid buffer.
+        let n = unsafe { libc::send(a.as_raw_fd(), b"ping".as_ptr().cast(), 4, 0) };
+        assert_eq!(n, 4);
+        assert!(siocoutq(a.as_fd()).unwrap() > 0);
+    }
+}
