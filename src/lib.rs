@@ -27,14 +27,18 @@
 //! - [`policy`]: the dispatch policies.
 //! - [`protocol`]: the channel's wire format (docs/PROTOCOL.md).
 //! - [`worker`]: the Rust worker API; [`demo`]: the built-in demo HTTP worker.
+//! - [`topology`]: the host's CPUs and the `--pin auto` plan.
+//! - [`loadgen`]: the load generator the end-to-end benchmarks drive.
 //! - [`sys`]: every libc call.
 
 pub mod acceptor;
 pub mod cli;
 pub mod demo;
 pub mod listener;
+pub mod loadgen;
 pub mod policy;
 pub mod protocol;
 pub mod supervisor;
 pub mod sys;
+pub mod topology;
 pub mod worker;
