@@ -1,1 +1,5 @@
 //! stub
+/// Runs the demo worker.
+pub fn run() -> anyhow::Result<()> {
+    anyhow::bail!("demo worker not built yet")
+}
