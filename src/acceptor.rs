@@ -149,10 +149,7 @@ pub fn spawn(
     events: Sender<Event>,
     supervisor_waker: Arc<Waker>,
 ) -> io::Result<AcceptorHandle> {
-    let poll = Poll::new()?;
-    let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
-    let (tx, rx) = crossbeam_channel::unbounded();
-    let mut acceptor = Acceptor::new(poll, config, rx, events, supervisor_waker)?;
+    let (mut acceptor, commands, waker) = Acceptor::new(config, events, supervisor_waker)?;
     let thread = std::thread::Builder::new()
         .name("acceptor".into())
         .spawn(move || {
@@ -161,7 +158,7 @@ pub fn spawn(
             }
         })?;
     Ok(AcceptorHandle {
-        commands: tx,
+        commands,
         waker,
         thread: Some(thread),
     })
@@ -199,8 +196,11 @@ struct Pending {
     fd: OwnedFd,
 }
 
-struct Acceptor {
+/// The acceptor's state. [`spawn`] runs it on its own thread; benchmarks drive it one
+/// [`Acceptor::turn`] at a time on theirs.
+pub struct Acceptor {
     poll: Poll,
+    events_buf: Events,
     listeners: Vec<mio::net::TcpListener>,
     /// The listener may have connections waiting (edge-triggered: set on readable, cleared on
     /// EAGAIN).
@@ -220,13 +220,15 @@ struct Acceptor {
 }
 
 impl Acceptor {
-    fn new(
-        poll: Poll,
+    /// Builds the acceptor; returns it with the command sender and the waker that goes with it.
+    pub fn new(
         config: AcceptorConfig,
-        commands: Receiver<Command>,
         events: Sender<Event>,
         supervisor_waker: Arc<Waker>,
-    ) -> io::Result<Self> {
+    ) -> io::Result<(Self, Sender<Command>, Arc<Waker>)> {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let (tx, commands) = crossbeam_channel::unbounded();
         let mut listeners = Vec::new();
         for (i, l) in config.listeners.into_iter().enumerate() {
             l.set_nonblocking(true)?;
@@ -235,8 +237,9 @@ impl Acceptor {
                 .register(&mut l, Token(i), Interest::READABLE)?;
             listeners.push(l);
         }
-        Ok(Acceptor {
+        let acceptor = Acceptor {
             poll,
+            events_buf: Events::with_capacity(1024),
             backlogged: vec![true; listeners.len()],
             listeners,
             policy: config.policy,
@@ -251,7 +254,8 @@ impl Acceptor {
             stall_timeout: config.stall_timeout,
             cpu: config.cpu,
             shutting_down: false,
-        })
+        };
+        Ok((acceptor, tx, waker))
     }
 
     fn emit(&self, event: Event) {
@@ -267,40 +271,50 @@ impl Acceptor {
                 Err(e) => warn!("cannot pin the acceptor to CPU {cpu}: {e}"),
             }
         }
-        let mut events = Events::with_capacity(1024);
         while !self.shutting_down {
             let timeout = self.next_timeout();
-            if let Err(e) = self.poll.poll(&mut events, timeout) {
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
+            self.turn(timeout)?;
+        }
+        info!("acceptor stopped");
+        Ok(())
+    }
+
+    /// One wake-up: wait for events (at most `timeout`), apply commands, read the channels,
+    /// accept and dispatch until the listeners say EAGAIN, send every batch.
+    pub fn turn(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        if let Err(e) = self.poll.poll(&mut self.events_buf, timeout) {
+            if e.kind() == io::ErrorKind::Interrupted {
+                return Ok(());
             }
-            for event in events.iter() {
-                match event.token() {
-                    WAKER => {}
-                    Token(i) if i < CHANNEL_BASE => self.backlogged[i] = true,
-                    token => {
-                        let (id, listener) = split_channel_token(token);
-                        if event.is_readable() || event.is_read_closed() {
-                            self.read_channel(id, listener);
-                        }
-                        if event.is_writable() {
-                            self.channel_writable(id, listener);
-                        }
+            return Err(e);
+        }
+        // Take the buffer out so handlers can borrow `self` mutably (an empty Events does not
+        // allocate).
+        let events = std::mem::replace(&mut self.events_buf, Events::with_capacity(0));
+        for event in events.iter() {
+            match event.token() {
+                WAKER => {}
+                Token(l) if l < CHANNEL_BASE => self.backlogged[l] = true,
+                token => {
+                    let (id, listener) = split_channel_token(token);
+                    if event.is_readable() || event.is_read_closed() {
+                        self.read_channel(id, listener);
+                    }
+                    if event.is_writable() {
+                        self.channel_writable(id, listener);
                     }
                 }
             }
-            self.handle_commands();
-            if self.accept_paused_until.is_some_and(|t| Instant::now() >= t) {
-                self.accept_paused_until = None;
-            }
-            self.flush_all();
-            self.accept_all();
-            self.flush_all();
-            self.check_stalls();
         }
-        info!("acceptor stopped");
+        self.events_buf = events;
+        self.handle_commands();
+        if self.accept_paused_until.is_some_and(|t| Instant::now() >= t) {
+            self.accept_paused_until = None;
+        }
+        self.flush_all();
+        self.accept_all();
+        self.flush_all();
+        self.check_stalls();
         Ok(())
     }
 
