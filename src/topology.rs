@@ -217,8 +217,12 @@ impl Topology {
     /// Missing files degrade the picture (see the module docs); a file that exists but cannot
     /// be read or parsed is an error naming it, except `/proc/interrupts`, whose per-arch
     /// layout varies and which only informs the plan: lines that do not parse are skipped and
-    /// an unreadable file makes interrupts "not visible". When sysfs lists no CPU at all,
-    /// `allowed` is taken as the online CPUs so a plan is still possible.
+    /// an unreadable file makes interrupts "not visible".
+    ///
+    /// An allowed CPU that sysfs does not list at all (a partial or virtualised `/sys` in a
+    /// container) is taken as online, on its own core: `sched_getaffinity(2)` only reports
+    /// active CPUs, so the kernel has vouched for it. This keeps the plan non-empty whenever
+    /// `allowed` is. A CPU sysfs lists as not online stays unused even if allowed.
     pub fn from_sysfs(
         sys_root: &Path,
         proc_root: &Path,
@@ -230,27 +234,26 @@ impl Topology {
             .unwrap_or_default()
             .into_iter()
             .collect();
-        let online: BTreeSet<usize> = match read_list("online")? {
+        let mut online: BTreeSet<usize> = match read_list("online")? {
             Some(cpus) => cpus.into_iter().collect(),
             None => {
-                // No `online` file: trust the cpuN directories, then the affinity mask.
+                // No `online` file: trust the cpuN directories.
                 let dirs = numbered_entries(&cpu_dir, "cpu")?;
-                let from_dirs: BTreeSet<usize> = dirs.into_keys().collect();
-                let base = if from_dirs.is_empty() {
-                    allowed.iter().copied().collect()
-                } else {
-                    from_dirs
-                };
-                base.difference(&offline).copied().collect()
+                dirs.into_keys().filter(|c| !offline.contains(c)).collect()
             }
         };
         let possible = read_list("possible")?.unwrap_or_default();
-        let all: BTreeSet<usize> = online
+        let mut all: BTreeSet<usize> = online
             .iter()
             .chain(&offline)
             .chain(&possible)
             .copied()
             .collect();
+        for &cpu in allowed {
+            if all.insert(cpu) {
+                online.insert(cpu);
+            }
+        }
         if all.is_empty() {
             return Err(io::Error::new(
                 io::ErrorKind::NotFound,
@@ -1100,7 +1103,7 @@ mod tests {
 
     #[test]
     fn bare_tree_degrades_to_one_core_per_cpu() {
-        let topo = fixture("bare", &[0, 1, 2, 3, 4, 5]);
+        let topo = fixture("bare", &[0, 1, 2, 3]);
         let cores: Vec<(usize, usize, usize, usize)> = topo
             .cpus()
             .iter()
@@ -1125,8 +1128,19 @@ mod tests {
     }
 
     #[test]
+    fn allowed_cpus_unknown_to_sysfs_are_taken_as_online() {
+        let topo = fixture("bare", &[2, 3, 4, 5]);
+        assert_eq!(topo.usable_cpus(), vec![2, 3, 4, 5]);
+        assert_eq!(topo.cpus().len(), 6);
+        assert_eq!(topo.plan(2), plan(&[2, 3], 5));
+        // Listed but not online is different: sysfs has said no.
+        let topo = fixture("offline-cpu2", &[2]);
+        assert!(topo.usable_cpus().is_empty());
+    }
+
+    #[test]
     fn no_usable_cpu_gives_an_empty_plan() {
-        let topo = fixture("bare", &[9]);
+        let topo = fixture("bare", &[]);
         assert_eq!(
             topo.plan(3),
             PinPlan {
