@@ -308,7 +308,10 @@ impl Acceptor {
         }
         self.events_buf = events;
         self.handle_commands();
-        if self.accept_paused_until.is_some_and(|t| Instant::now() >= t) {
+        if self
+            .accept_paused_until
+            .is_some_and(|t| Instant::now() >= t)
+        {
             self.accept_paused_until = None;
         }
         self.flush_all();
@@ -774,8 +777,7 @@ impl Acceptor {
             if e.stall_reported || e.state == State::Draining {
                 continue;
             }
-            if e
-                .channels
+            if e.channels
                 .iter()
                 .any(|c| c.full_since.is_some_and(|t| now >= t + self.stall_timeout))
             {

@@ -284,8 +284,7 @@ impl Args {
                 let topo = topology::Topology::detect(&allowed)
                     .map_err(|e| usage(format!("cannot read the CPU topology: {e}")))?;
                 let plan = topo.plan(workers);
-                if acceptor_cpu.is_none() && self.policy.mode() == crate::policy::Mode::Dispatch
-                {
+                if acceptor_cpu.is_none() && self.policy.mode() == crate::policy::Mode::Dispatch {
                     acceptor_cpu = plan.acceptor;
                 }
                 Pin::Cpus(plan.workers)
@@ -305,8 +304,12 @@ impl Args {
         if let Some(cpu) = self.acceptor_cpu {
             check_allowed(cpu, "--acceptor-cpu")?;
         }
-        let drain_signal = sys::parse_signal(&self.drain_signal)
-            .ok_or_else(|| usage(format!("--drain-signal: unknown signal '{}'", self.drain_signal)))?;
+        let drain_signal = sys::parse_signal(&self.drain_signal).ok_or_else(|| {
+            usage(format!(
+                "--drain-signal: unknown signal '{}'",
+                self.drain_signal
+            ))
+        })?;
         if self.reload_batch == 0 {
             return Err(usage("--reload-batch must be at least 1"));
         }
@@ -393,12 +396,16 @@ mod tests {
         let msg = |args: &[&str]| config(args).unwrap_err().0;
         assert!(msg(&["--listen", "nope"]).contains("nope"));
         assert!(msg(&["--workers", "100000"]).contains("too many"));
-        assert!(msg(&["--pin", "9999"]).contains("CPU 9999"));
+        assert!(msg(&["--pin", "4000"]).contains("CPU 4000"));
         assert!(msg(&["--pin", "0-x"]).contains("0-x"));
-        assert!(msg(&["--acceptor-cpu", "9999"]).contains("CPU 9999"));
+        assert!(msg(&["--acceptor-cpu", "4000"]).contains("CPU 4000"));
         assert!(msg(&["--", "/no/such/server"]).contains("command not found"));
         assert!(msg(&["--", "no-such-server-anywhere"]).contains("command not found"));
-        assert!(msg(&["--", "/etc/hostname"]).contains("not executable"));
+        let plain = std::env::temp_dir().join(format!("rcluster-lb-plain-{}", std::process::id()));
+        std::fs::write(&plain, "not a program").unwrap();
+        let not_exec = msg(&["--", plain.to_str().unwrap()]);
+        std::fs::remove_file(&plain).unwrap();
+        assert!(not_exec.contains("not executable"), "{not_exec}");
         assert!(msg(&["--drain-signal", "BOGUS"]).contains("BOGUS"));
     }
 }

@@ -26,7 +26,9 @@ pub fn parse_listen_addr(text: &str) -> Result<SocketAddr, String> {
         return Ok(addr);
     }
     if !text.contains(':') {
-        return Err(format!("invalid listen address '{text}': expected HOST:PORT"));
+        return Err(format!(
+            "invalid listen address '{text}': expected HOST:PORT"
+        ));
     }
     match text.to_socket_addrs() {
         Ok(mut addrs) => addrs
@@ -75,7 +77,12 @@ mod tests {
             parse_listen_addr("[::1]:0").unwrap(),
             "[::1]:0".parse().unwrap()
         );
-        assert!(parse_listen_addr("localhost:80").unwrap().ip().is_loopback());
+        assert!(
+            parse_listen_addr("localhost:80")
+                .unwrap()
+                .ip()
+                .is_loopback()
+        );
         let err = parse_listen_addr("nonsense").unwrap_err();
         assert!(err.contains("nonsense"), "{err}");
         assert!(parse_listen_addr("1.2.3.4:99999").is_err());

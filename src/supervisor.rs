@@ -288,19 +288,26 @@ impl Supervisor {
                 }
                 worker_fds.iter().map(|f| f.as_fd()).collect()
             }
-            Mode::Reuseport => self.slots[slot].reuseport.iter().map(|s| s.as_fd()).collect(),
+            Mode::Reuseport => self.slots[slot]
+                .reuseport
+                .iter()
+                .map(|s| s.as_fd())
+                .collect(),
             Mode::Shared => self.sockets.iter().map(|s| s.as_fd()).collect(),
         };
 
         let notify_name = format!("rcluster-lb/{}/{}", sys::getpid(), id);
-        let notify = UnixDatagram::bind_addr(&UnixAddr::from_abstract_name(notify_name.as_bytes())?)
-            .and_then(|s| s.set_nonblocking(true).map(|()| s))
-            .map_err(|e| warn!("worker {slot}: no NOTIFY_SOCKET: {e}"))
-            .ok();
+        let notify =
+            UnixDatagram::bind_addr(&UnixAddr::from_abstract_name(notify_name.as_bytes())?)
+                .and_then(|s| s.set_nonblocking(true).map(|()| s))
+                .map_err(|e| warn!("worker {slot}: no NOTIFY_SOCKET: {e}"))
+                .ok();
 
         let mut env = self.base_env.clone();
         let listen_list: Vec<String> = self.addrs.iter().map(|a| a.to_string()).collect();
-        let names: Vec<String> = (0..self.addrs.len()).map(|i| format!("listener{i}")).collect();
+        let names: Vec<String> = (0..self.addrs.len())
+            .map(|i| format!("listener{i}"))
+            .collect();
         let mut push = |k: &str, v: &str| env.push(format!("{k}={v}").into_bytes());
         push("LISTEN_FDS", &self.addrs.len().to_string());
         push("LISTEN_FDNAMES", &names.join(":"));
@@ -344,9 +351,11 @@ impl Supervisor {
             .register(&mut SourceFd(&raw), pidfd_token(id), Interest::READABLE)?;
         if let Some(n) = &notify {
             let raw = n.as_raw_fd();
-            self.poll
-                .registry()
-                .register(&mut SourceFd(&raw), notify_token(id), Interest::READABLE)?;
+            self.poll.registry().register(
+                &mut SourceFd(&raw),
+                notify_token(id),
+                Interest::READABLE,
+            )?;
         }
         if self.mode == Mode::Dispatch {
             let ends = channels
@@ -354,9 +363,10 @@ impl Supervisor {
                 .zip(worker_fds)
                 .map(|(master, worker)| ChannelEnds { master, worker })
                 .collect();
-            let max_conns = self.config.max_conns.map(|n| {
-                n + jitter(self.config.max_conns_jitter, id)
-            });
+            let max_conns = self
+                .config
+                .max_conns
+                .map(|n| n + jitter(self.config.max_conns_jitter, id));
             self.send(Command::Add {
                 id,
                 slot,
@@ -389,7 +399,9 @@ impl Supervisor {
     fn run_loop(&mut self) -> anyhow::Result<()> {
         let mut events = Events::with_capacity(256);
         loop {
-            let timeout = self.next_deadline().map(|t| t.saturating_duration_since(Instant::now()));
+            let timeout = self
+                .next_deadline()
+                .map(|t| t.saturating_duration_since(Instant::now()));
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -522,7 +534,10 @@ impl Supervisor {
             Event::Ready(id) => self.mark_ready(id, "READY on its channel"),
             Event::Stopping(id) => {
                 if let Some(i) = self.index_of(id) {
-                    info!("worker {} (pid {}) is stopping", self.workers[i].slot, self.workers[i].pid);
+                    info!(
+                        "worker {} (pid {}) is stopping",
+                        self.workers[i].slot, self.workers[i].pid
+                    );
                 }
             }
             Event::Stalled(id) => self.replace(id, Reason::Recycle, "it stopped accepting"),
@@ -696,7 +711,11 @@ impl Supervisor {
         }
         let reloading = self.replacements.iter().any(|r| r.reason == Reason::Reload);
         if !reloading && self.reload_queue.is_empty() && self.generation > 0 {
-            if self.workers.iter().all(|w| w.generation == self.generation || w.state == Lifecycle::Draining) {
+            if self
+                .workers
+                .iter()
+                .all(|w| w.generation == self.generation || w.state == Lifecycle::Draining)
+            {
                 info!("reload to generation {} complete", self.generation);
             }
             if std::mem::take(&mut self.reload_requested) {
@@ -760,7 +779,9 @@ impl Supervisor {
         if self.shutdown_deadline.is_some() {
             return;
         }
-        let active: Vec<usize> = (0..self.slots.len()).filter(|&s| self.slots[s].active).collect();
+        let active: Vec<usize> = (0..self.slots.len())
+            .filter(|&s| self.slots[s].active)
+            .collect();
         if active.len() <= 1 {
             warn!("SIGTTOU: keeping the last worker");
             return;
@@ -899,9 +920,10 @@ impl Supervisor {
                     s.given_up = true;
                     error!("giving up on worker slot {slot}");
                 } else {
-                    s.restart_at = Some(now + RESTART_BACKOFF_MAX.min(
-                        RESTART_BACKOFF_INITIAL.saturating_mul(1 << s.crashes.min(16)),
-                    ));
+                    s.restart_at = Some(
+                        now + RESTART_BACKOFF_MAX
+                            .min(RESTART_BACKOFF_INITIAL.saturating_mul(1 << s.crashes.min(16))),
+                    );
                 }
             }
         }
@@ -959,8 +981,7 @@ impl Supervisor {
         for w in &self.workers {
             if let Ok(bytes) = sys::rss_bytes(w.pid) {
                 samples.push((w.id, (bytes / 1024).min(u64::from(u32::MAX)) as u32));
-                if self.config.max_rss.is_some_and(|max| bytes > max)
-                    && w.state == Lifecycle::Ready
+                if self.config.max_rss.is_some_and(|max| bytes > max) && w.state == Lifecycle::Ready
                 {
                     over.push(w.id);
                 }

@@ -15,6 +15,8 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 macro_rules! syscall {
     ($fn:ident ( $($arg:expr),* $(,)? )) => {{
         #[allow(clippy::macro_metavars_in_unsafe)]
+        // SAFETY: each use of the macro states, in a comment at the call, why its arguments
+        // satisfy the libc function's contract.
         let res = unsafe { libc::$fn($($arg),*) };
         if res == -1 {
             Err(std::io::Error::last_os_error())

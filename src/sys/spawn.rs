@@ -48,7 +48,7 @@ impl Stage {
 pub struct SpawnSpec<'a> {
     /// Resolved path of the program to execute.
     pub program: &'a Path,
-    /// argv, including argv[0].
+    /// argv, including `argv[0]`.
     pub args: &'a [&'a OsStr],
     /// The complete environment, `KEY=VALUE` entries, without `LISTEN_PID` (added here).
     pub env: &'a [Vec<u8>],
@@ -139,8 +139,12 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
     // SAFETY: pipe_fds is valid storage for two ints.
     syscall!(pipe2(pipe_fds.as_mut_ptr(), libc::O_CLOEXEC))?;
     // SAFETY: pipe2 returned two new fds that nothing else owns.
-    let (err_r, err_w) =
-        unsafe { (OwnedFd::from_raw_fd(pipe_fds[0]), OwnedFd::from_raw_fd(pipe_fds[1])) };
+    let (err_r, err_w) = unsafe {
+        (
+            OwnedFd::from_raw_fd(pipe_fds[0]),
+            OwnedFd::from_raw_fd(pipe_fds[1]),
+        )
+    };
 
     // SAFETY: fork is safe to call; the child below only makes async-signal-safe calls on
     // memory prepared above and ends in execve or _exit.
@@ -217,8 +221,8 @@ struct ChildArgs<'a> {
 /// writes only to the child's private copy of memory prepared before the fork.
 #[allow(unsafe_code)]
 unsafe fn child_after_fork(a: ChildArgs<'_>) -> ! {
-    // SAFETY (whole body): raw syscalls on ints and on pointers the parent prepared; on any
-    // failure the child reports and _exits without unwinding.
+    // SAFETY: raw syscalls on ints and on pointers the parent prepared before fork, all
+    // async-signal-safe; on any failure the child reports and _exits without unwinding.
     unsafe {
         let fail = |stage: Stage| -> ! {
             let errno = *libc::__errno_location();
@@ -242,7 +246,13 @@ unsafe fn child_after_fork(a: ChildArgs<'_>) -> ! {
             fail(Stage::Setpgid);
         }
         if a.die_with_parent {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) == -1
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) == -1
             {
                 fail(Stage::Pdeathsig);
             }
@@ -343,11 +353,14 @@ mod tests {
         let status = crate::sys::waitpid_blocking(child.pid).unwrap();
         assert_eq!(status, crate::sys::ExitStatus::Exited(0));
         let mut buf = [0u8; 128];
-        let got = crate::sys::scm::recvmsg_fd(master.as_fd(), &mut buf, libc::MSG_DONTWAIT)
-            .unwrap();
+        let got =
+            crate::sys::scm::recvmsg_fd(master.as_fd(), &mut buf, libc::MSG_DONTWAIT).unwrap();
         let text = std::str::from_utf8(&buf[..got.len]).unwrap();
         let fields: Vec<&str> = text.split_whitespace().collect();
-        assert_eq!(fields[0], fields[1], "LISTEN_PID equals the child's pid: {text}");
+        assert_eq!(
+            fields[0], fields[1],
+            "LISTEN_PID equals the child's pid: {text}"
+        );
         assert_eq!(fields[0], child.pid.to_string());
         assert_eq!(fields.get(2), Some(&"open"));
     }
