@@ -812,8 +812,12 @@ fn describe_socket(fd: BorrowedFd<'_>) -> String {
         other => format!("type {other}"),
     };
     let listening = sys::getsockopt_int(fd, libc::SO_ACCEPTCONN).ok() == Some(1);
-    let state = if listening { "a listening" } else { "a" };
-    format!("{state} {domain} {ty} socket")
+    let article = match (listening, domain.starts_with("AF_")) {
+        (true, _) => "a listening",
+        (false, true) => "an",
+        (false, false) => "a",
+    };
+    format!("{article} {domain} {ty} socket")
 }
 
 /// The worker's end of one dispatch channel, shared by its listener and the connections that
@@ -1164,5 +1168,495 @@ impl mio::event::Source for MioConnection {
 
     fn deregister(&mut self, registry: &mio::Registry) -> io::Result<()> {
         self.stream.deregister(registry)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::net::Shutdown;
+    use std::time::Duration;
+
+    /// The master's end of a dispatch channel plus a loopback TCP listener to make real
+    /// connections with.
+    struct FakeMaster {
+        end: OwnedFd,
+        tcp: TcpListener,
+    }
+
+    impl FakeMaster {
+        /// Connects a client, accepts it, and sends the accepted socket as CONN `seq`.
+        fn dispatch(&self, seq: u64) -> TcpStream {
+            let client = TcpStream::connect(self.tcp.local_addr().unwrap()).unwrap();
+            let (server_side, _) = self.tcp.accept().unwrap();
+            let msg = Message::Conn { seq }.encode();
+            scm::sendmsg_fd(self.end.as_fd(), &msg, server_side.as_fd()).unwrap();
+            client
+        }
+
+        /// Everything the worker has sent so far (the sends under test are synchronous).
+        fn received(&self) -> Vec<Message> {
+            let mut out = Vec::new();
+            loop {
+                let mut buf = [0u8; HEADER_LEN];
+                match scm::recvmsg_fd(self.end.as_fd(), &mut buf, libc::MSG_DONTWAIT) {
+                    Ok(got) => {
+                        assert!(got.fd.is_none(), "the worker sends no fds");
+                        out.push(Message::decode(&buf[..got.len]).unwrap());
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return out,
+                    Err(e) => panic!("recv from worker: {e}"),
+                }
+            }
+        }
+
+        fn closed_total(&self) -> u64 {
+            self.received()
+                .into_iter()
+                .map(|msg| match msg {
+                    Message::Closed { count } => count,
+                    other => panic!("expected only CLOSED, got {other:?}"),
+                })
+                .sum()
+        }
+    }
+
+    fn dispatch_worker() -> (Worker, FakeMaster) {
+        let (end, worker_end) = sys::socketpair_seqpacket().unwrap();
+        let mut contract = Contract::new(Mode::Dispatch, 1);
+        contract.id = 3;
+        contract.generation = 2;
+        let worker = Worker::new(contract, vec![worker_end]).unwrap();
+        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+        (worker, FakeMaster { end, tcp })
+    }
+
+    /// Waits for `source` to become readable, with a deadline instead of a sleep.
+    fn wait_readable(source: &mut impl mio::event::Source) {
+        let mut poll = mio::Poll::new().unwrap();
+        poll.registry()
+            .register(source, mio::Token(0), mio::Interest::READABLE)
+            .unwrap();
+        let mut events = mio::Events::with_capacity(4);
+        poll.poll(&mut events, Some(Duration::from_secs(10)))
+            .unwrap();
+        assert!(!events.is_empty(), "not readable within the deadline");
+        poll.registry().deregister(source).unwrap();
+    }
+
+    #[test]
+    fn accepts_a_dispatched_connection_and_reports_its_close() {
+        let (worker, master) = dispatch_worker();
+        let mut client = master.dispatch(7);
+        let mut conn = worker.listeners()[0].accept().unwrap();
+        assert_eq!(conn.seq(), Some(7));
+        assert_eq!(conn.listener(), 0);
+        assert_eq!(conn.peer_addr().unwrap(), client.local_addr().unwrap());
+        conn.write_all(b"hi").unwrap();
+        let mut buf = [0u8; 2];
+        client.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"hi");
+        assert!(master.received().is_empty(), "nothing reported while open");
+        drop(conn);
+        assert_eq!(master.received(), vec![Message::Closed { count: 1 }]);
+        assert_eq!(client.read(&mut buf).unwrap(), 0, "the socket was closed");
+    }
+
+    #[test]
+    fn every_close_is_reported_exactly_once() {
+        let (worker, master) = dispatch_worker();
+        let mut clients = Vec::new();
+        let mut conns = Vec::new();
+        for seq in 0..24 {
+            clients.push(master.dispatch(seq));
+            conns.push(worker.listeners()[0].accept().unwrap());
+        }
+        // Drop them in a scrambled order and every way a connection can end.
+        let mut tokens = Vec::new();
+        for (i, conn) in conns.into_iter().enumerate().rev() {
+            match i % 3 {
+                0 => drop(conn),
+                1 => drop(conn.into_mio().unwrap()),
+                _ => {
+                    let (stream, token) = conn.into_parts();
+                    assert!(token.reports_to_master());
+                    drop(stream);
+                    tokens.push(token);
+                }
+            }
+        }
+        assert_eq!(master.closed_total(), 16);
+        drop(tokens);
+        assert_eq!(master.closed_total(), 8);
+    }
+
+    #[test]
+    fn deferred_closes_travel_in_one_message() {
+        let (worker, master) = dispatch_worker();
+        worker.defer_close_reports(true);
+        let _clients: Vec<_> = (0..5).map(|seq| master.dispatch(seq)).collect();
+        let conns: Vec<_> = (0..5)
+            .map(|_| worker.listeners()[0].accept().unwrap())
+            .collect();
+        drop(conns);
+        assert!(master.received().is_empty());
+        assert_eq!(worker.flush_closed().unwrap(), 0);
+        assert_eq!(master.received(), vec![Message::Closed { count: 5 }]);
+        assert_eq!(worker.flush_closed().unwrap(), 0);
+        assert!(master.received().is_empty(), "nothing sent twice");
+    }
+
+    #[test]
+    fn a_full_channel_keeps_the_count_for_the_next_flush() {
+        let (worker, master) = dispatch_worker();
+        let listener = &worker.listeners()[0];
+        let _clients: Vec<_> = (0..3).map(|seq| master.dispatch(seq)).collect();
+        let conns: Vec<_> = (0..3).map(|_| listener.accept().unwrap()).collect();
+        sys::setsockopt_int(listener.as_fd(), libc::SO_SNDBUF, 4096).unwrap();
+        let beat = Message::Heartbeat.encode();
+        let mut beats = 0;
+        while scm::send(listener.as_fd(), &beat, libc::MSG_DONTWAIT).is_ok() {
+            beats += 1;
+        }
+        drop(conns);
+        assert_eq!(
+            worker.flush_closed().unwrap(),
+            3,
+            "kept while the channel is full"
+        );
+        let got = master.received();
+        assert_eq!(got.len(), beats);
+        assert!(got.iter().all(|m| *m == Message::Heartbeat));
+        assert_eq!(worker.flush_closed().unwrap(), 0);
+        assert_eq!(master.received(), vec![Message::Closed { count: 3 }]);
+    }
+
+    #[test]
+    fn malformed_messages_are_skipped_and_their_fds_reported_closed() {
+        let (worker, master) = dispatch_worker();
+        let tcp_fd = || {
+            let client = TcpStream::connect(master.tcp.local_addr().unwrap()).unwrap();
+            let (server_side, _) = master.tcp.accept().unwrap();
+            (client, server_side)
+        };
+        let mut bad = Message::Conn { seq: 1 }.encode();
+        bad[0] = b'X';
+        let (_c1, s1) = tcp_fd();
+        scm::sendmsg_fd(master.end.as_fd(), &bad, s1.as_fd()).unwrap();
+        // CONN without its fd.
+        scm::send(master.end.as_fd(), &Message::Conn { seq: 2 }.encode(), 0).unwrap();
+        // Too short, no fd.
+        scm::send(master.end.as_fd(), &[b'R', b'C', 1, 1], 0).unwrap();
+        // Too long, with an fd.
+        let mut long = [0u8; 2 * HEADER_LEN];
+        long[..HEADER_LEN].copy_from_slice(&Message::Conn { seq: 3 }.encode());
+        let (_c2, s2) = tcp_fd();
+        scm::sendmsg_fd(master.end.as_fd(), &long, s2.as_fd()).unwrap();
+        // A kind only workers send.
+        scm::send(master.end.as_fd(), &Message::Ready.encode(), 0).unwrap();
+        let _client = master.dispatch(9);
+
+        let listener = &worker.listeners()[0];
+        let conn = listener.accept().unwrap();
+        assert_eq!(conn.seq(), Some(9));
+        assert_eq!(listener.protocol_errors(), 5);
+        // The three that were (or carried) a connection are reported closed.
+        assert_eq!(master.closed_total(), 3);
+    }
+
+    #[test]
+    fn end_of_stream_means_the_master_is_gone() {
+        let (mut worker, master) = dispatch_worker();
+        let listener = &mut worker.listeners_mut()[0];
+        listener.set_nonblocking(true).unwrap();
+        assert!(listener.try_accept().unwrap().is_none());
+        drop(master);
+        let err = listener.try_accept().unwrap_err();
+        assert!(is_master_gone(&err), "{err}");
+        listener.set_nonblocking(false).unwrap();
+        assert!(is_master_gone(&listener.accept().unwrap_err()));
+        assert!(!is_master_gone(&io::Error::from(
+            io::ErrorKind::UnexpectedEof
+        )));
+    }
+
+    #[test]
+    fn dispatch_listener_registers_with_mio() {
+        let (mut worker, master) = dispatch_worker();
+        let listener = &mut worker.listeners_mut()[0];
+        listener.set_nonblocking(true).unwrap();
+        let _client = master.dispatch(1);
+        wait_readable(listener);
+        let conn = listener.try_accept().unwrap().expect("a connection");
+        // Non-blocking listener, non-blocking connection.
+        let mut buf = [0u8; 1];
+        assert_eq!(
+            (&*conn).read(&mut buf).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
+        assert!(listener.try_accept().unwrap().is_none());
+    }
+
+    #[test]
+    fn ready_and_stopping_are_sent_once_on_channel_and_notify_socket() {
+        let (end, worker_end) = sys::socketpair_seqpacket().unwrap();
+        let name = format!("rcluster-test-notify-{}", sys::getpid());
+        let notify = {
+            use std::os::linux::net::SocketAddrExt;
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(&name).unwrap();
+            UnixDatagram::bind_addr(&addr).unwrap()
+        };
+        notify
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut contract = Contract::new(Mode::Dispatch, 1);
+        contract.notify_socket = NotifyAddr::parse(&format!("@{name}"));
+        let worker = Worker::new(contract, vec![worker_end]).unwrap();
+        let master = FakeMaster {
+            end,
+            tcp: TcpListener::bind("127.0.0.1:0").unwrap(),
+        };
+
+        worker.ready().unwrap();
+        worker.ready().unwrap();
+        assert_eq!(master.received(), vec![Message::Ready]);
+        let mut buf = [0u8; 32];
+        let n = notify.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"READY=1");
+
+        worker.heartbeat().unwrap();
+        worker.stopping().unwrap();
+        worker.stopping().unwrap();
+        assert_eq!(
+            master.received(),
+            vec![Message::Heartbeat, Message::Stopping]
+        );
+        let n = notify.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"STOPPING=1");
+    }
+
+    #[test]
+    fn notify_socket_may_be_a_path() {
+        let dir = std::env::temp_dir().join(format!("rcluster-worker-test-{}", sys::getpid()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("notify");
+        let _ = std::fs::remove_file(&path);
+        let notify = UnixDatagram::bind(&path).unwrap();
+        notify
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut contract = Contract::new(Mode::Shared, 1);
+        contract.notify_socket = NotifyAddr::parse(path.to_str().unwrap());
+        let worker = Worker::new(contract, vec![OwnedFd::from(tcp)]).unwrap();
+        worker.ready().unwrap();
+        let mut buf = [0u8; 32];
+        let n = notify.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"READY=1");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn shared_mode_accepts_from_a_listening_socket() {
+        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let mut worker =
+            Worker::new(Contract::new(Mode::Shared, 1), vec![OwnedFd::from(tcp)]).unwrap();
+        let listener = &mut worker.listeners_mut()[0];
+        assert!(!listener.is_dispatch());
+
+        let mut client = TcpStream::connect(addr).unwrap();
+        let mut conn = listener.accept().unwrap();
+        assert_eq!(conn.seq(), None);
+        conn.write_all(b"x").unwrap();
+        let mut buf = [0u8; 1];
+        client.read_exact(&mut buf).unwrap();
+
+        listener.set_nonblocking(true).unwrap();
+        assert!(listener.try_accept().unwrap().is_none());
+        let _client2 = TcpStream::connect(addr).unwrap();
+        wait_readable(listener);
+        let mut conn2 = listener.try_accept().unwrap().expect("a connection");
+        assert_eq!(
+            conn2.read(&mut buf).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
+        conn.shutdown(Shutdown::Both).unwrap();
+    }
+
+    #[test]
+    fn fds_of_the_wrong_kind_are_refused() {
+        let (a, _b) = sys::socketpair_seqpacket().unwrap();
+        let err = Worker::new(Contract::new(Mode::Shared, 1), vec![a]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "listener 0 is an AF_UNIX SOCK_SEQPACKET socket, but shared mode needs a listening \
+             TCP socket"
+        );
+        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+        let err =
+            Worker::new(Contract::new(Mode::Dispatch, 1), vec![OwnedFd::from(tcp)]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("is a listening AF_INET SOCK_STREAM socket, but dispatch mode"),
+            "{err}"
+        );
+        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+        let connected = TcpStream::connect(tcp.local_addr().unwrap()).unwrap();
+        let err = Worker::new(
+            Contract::new(Mode::Reuseport, 1),
+            vec![OwnedFd::from(connected)],
+        )
+        .unwrap_err();
+        assert!(matches!(err, WorkerError::WrongKind { .. }), "{err}");
+        let file = OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+        let err = Worker::new(Contract::new(Mode::Dispatch, 1), vec![file]).unwrap_err();
+        assert!(err.to_string().contains("is not a socket"), "{err}");
+        let err = Worker::new(Contract::new(Mode::Dispatch, 2), Vec::new()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "0 listener fds given but the contract names 2"
+        );
+    }
+
+    fn vars(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> + use<> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |name| map.get(name).cloned()
+    }
+
+    const FULL: &[(&str, &str)] = &[
+        ("LISTEN_FDS", "2"),
+        ("LISTEN_PID", "4242"),
+        ("LISTEN_FDNAMES", "http:admin"),
+        ("PORT", "8080"),
+        ("RCLUSTER_WORKER_ID", "1"),
+        ("RCLUSTER_GENERATION", "5"),
+        ("RCLUSTER_MODE", "reuseport"),
+        ("RCLUSTER_LISTEN", "127.0.0.1:8080,[::1]:9090"),
+        ("NOTIFY_SOCKET", "@rcluster/7"),
+    ];
+
+    fn with(
+        overrides: &[(&'static str, Option<&'static str>)],
+    ) -> Vec<(&'static str, &'static str)> {
+        let mut out: Vec<_> = FULL.to_vec();
+        for (name, value) in overrides {
+            out.retain(|(k, _)| k != name);
+            if let Some(value) = value {
+                out.push((name, value));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn contract_reads_every_variable() {
+        let c = Contract::from_vars(vars(FULL)).unwrap();
+        assert_eq!(c.listen_fds, 2);
+        assert_eq!(c.listen_pid, Some(4242));
+        assert_eq!(c.fd_names, ["http", "admin"]);
+        assert_eq!(c.port, Some(8080));
+        assert_eq!((c.id, c.generation, c.mode), (1, 5, Mode::Reuseport));
+        assert_eq!(c.addresses, ["127.0.0.1:8080", "[::1]:9090"]);
+        assert_eq!(
+            c.notify_socket,
+            Some(NotifyAddr::Abstract(b"rcluster/7".to_vec()))
+        );
+        assert!(c.check_pid(4242).is_ok());
+        assert_eq!(
+            c.check_pid(1).unwrap_err().to_string(),
+            "LISTEN_PID=4242 but this process is 1: the inherited fds are not ours"
+        );
+
+        let minimal = with(&[
+            ("LISTEN_PID", None),
+            ("LISTEN_FDNAMES", None),
+            ("PORT", None),
+            ("RCLUSTER_LISTEN", None),
+            ("NOTIFY_SOCKET", None),
+        ]);
+        let c = Contract::from_vars(vars(&minimal)).unwrap();
+        assert_eq!(c.listen_pid, None);
+        assert!(c.addresses.is_empty() && c.fd_names.is_empty());
+        assert!(c.check_pid(1).is_ok());
+    }
+
+    #[test]
+    fn contract_errors_name_the_variable() {
+        let cases: &[(&[(&'static str, Option<&'static str>)], &str)] = &[
+            (
+                &[("LISTEN_FDS", None)],
+                "environment variable LISTEN_FDS is not set",
+            ),
+            (
+                &[("LISTEN_FDS", Some("0"))],
+                "LISTEN_FDS=\"0\" is invalid: a worker needs a listener",
+            ),
+            (&[("LISTEN_FDS", Some("x"))], "LISTEN_FDS=\"x\" is invalid"),
+            (&[("LISTEN_FDS", Some("65"))], "more than 64 listeners"),
+            (
+                &[("LISTEN_PID", Some("-3"))],
+                "LISTEN_PID=\"-3\" is invalid",
+            ),
+            (
+                &[("RCLUSTER_MODE", Some("fast"))],
+                "RCLUSTER_MODE=\"fast\" is invalid: expected dispatch, reuseport or shared",
+            ),
+            (&[("RCLUSTER_MODE", None)], "RCLUSTER_MODE is not set"),
+            (
+                &[("RCLUSTER_WORKER_ID", None)],
+                "RCLUSTER_WORKER_ID is not set",
+            ),
+            (
+                &[("RCLUSTER_GENERATION", Some("-1"))],
+                "RCLUSTER_GENERATION=\"-1\"",
+            ),
+            (&[("PORT", Some("70000"))], "PORT=\"70000\" is invalid"),
+            (
+                &[("NOTIFY_SOCKET", Some("relative"))],
+                "NOTIFY_SOCKET=\"relative\" is invalid",
+            ),
+            (
+                &[("NOTIFY_SOCKET", Some("@"))],
+                "NOTIFY_SOCKET=\"@\" is invalid",
+            ),
+            (
+                &[("RCLUSTER_LISTEN", Some("127.0.0.1:1"))],
+                "RCLUSTER_LISTEN has 1 entries but LISTEN_FDS=2",
+            ),
+            (
+                &[("LISTEN_FDNAMES", Some("a:b:c"))],
+                "LISTEN_FDNAMES has 3 entries but LISTEN_FDS=2",
+            ),
+        ];
+        for (overrides, expected) in cases {
+            let err = Contract::from_vars(vars(&with(overrides))).unwrap_err();
+            assert!(
+                err.to_string().contains(expected),
+                "{overrides:?}: {err} does not contain {expected:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn notify_addresses_parse() {
+        assert_eq!(
+            NotifyAddr::parse("/run/notify"),
+            Some(NotifyAddr::Path("/run/notify".into()))
+        );
+        assert_eq!(NotifyAddr::parse("@x").unwrap().to_string(), "@x");
+        assert_eq!(NotifyAddr::parse(""), None);
+    }
+
+    #[test]
+    fn modes_parse_as_the_master_writes_them() {
+        for mode in [Mode::Dispatch, Mode::Reuseport, Mode::Shared] {
+            assert_eq!(parse_mode(mode.as_str()), Some(mode));
+        }
+        assert_eq!(parse_mode("Dispatch"), None);
     }
 }
