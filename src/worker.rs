@@ -1540,6 +1540,9 @@ mod tests {
         ("NOTIFY_SOCKET", "@rcluster/7"),
     ];
 
+    /// Variables to replace (`Some`) or unset (`None`) in [`FULL`].
+    type Overrides = &'static [(&'static str, Option<&'static str>)];
+
     fn with(
         overrides: &[(&'static str, Option<&'static str>)],
     ) -> Vec<(&'static str, &'static str)> {
@@ -1587,7 +1590,7 @@ mod tests {
 
     #[test]
     fn contract_errors_name_the_variable() {
-        let cases: &[(&[(&'static str, Option<&'static str>)], &str)] = &[
+        let cases: &[(Overrides, &str)] = &[
             (
                 &[("LISTEN_FDS", None)],
                 "environment variable LISTEN_FDS is not set",
