@@ -155,7 +155,18 @@ fn own_path() -> Vec<u8> {
 }
 
 unsafe extern "C" {
-    static mut environ: *const *const libc::c_char;
+    /// The process environment (environ(7)).
+    pub static mut environ: *const *const libc::c_char;
+}
+
+/// What [`scrub`] took out of the environment, so that the same process re-executing itself
+/// can be given it back (follow.rs).
+#[derive(Debug, Default)]
+pub struct Scrubbed {
+    /// This library's path as it appeared in `LD_PRELOAD`.
+    pub shim_path: Vec<u8>,
+    /// The removed `RCLUSTER_*=…` entries.
+    pub rcluster: Vec<CString>,
 }
 
 /// Removes our `LD_PRELOAD` entry (keeping any others) and every `RCLUSTER_*` variable, keeping
@@ -163,9 +174,10 @@ unsafe extern "C" {
 ///
 /// # Safety
 /// Must run while no other thread can read or write the environment (the constructor).
-pub unsafe fn scrub() {
+pub unsafe fn scrub() -> Scrubbed {
+    let shim_path = own_path();
     if let Some(list) = getenv(c"LD_PRELOAD") {
-        let rest = preload_without(&list, &own_path());
+        let rest = preload_without(&list, &shim_path);
         // SAFETY: single-threaded (caller contract); the strings are NUL-terminated.
         unsafe {
             match CString::new(rest) {
@@ -178,8 +190,8 @@ pub unsafe fn scrub() {
             }
         }
     }
-    // Collect the names first: unsetenv rearranges the array being walked.
-    let mut names = Vec::new();
+    // Collect the entries first: unsetenv rearranges the array being walked.
+    let mut removed = Vec::new();
     // SAFETY: environ is the NULL-terminated array of NUL-terminated strings libc maintains;
     // nobody modifies it concurrently (caller contract).
     unsafe {
@@ -187,17 +199,22 @@ pub unsafe fn scrub() {
         while !p.is_null() && !(*p).is_null() {
             let entry = CStr::from_ptr(*p).to_bytes();
             if entry.starts_with(b"RCLUSTER_") {
-                let name = entry.split(|&b| b == b'=').next().unwrap_or(entry);
-                if let Ok(name) = CString::new(name) {
-                    names.push(name);
-                }
+                removed.push(CStr::from_ptr(*p).to_owned());
             }
             p = p.add(1);
         }
     }
-    for name in names {
-        // SAFETY: single-threaded (caller contract); name is NUL-terminated.
-        unsafe { libc::unsetenv(name.as_ptr()) };
+    for entry in &removed {
+        let bytes = entry.as_bytes();
+        let name = bytes.split(|&b| b == b'=').next().unwrap_or(bytes);
+        if let Ok(name) = CString::new(name) {
+            // SAFETY: single-threaded (caller contract); name is NUL-terminated.
+            unsafe { libc::unsetenv(name.as_ptr()) };
+        }
+    }
+    Scrubbed {
+        shim_path,
+        rcluster: removed,
     }
 }
 

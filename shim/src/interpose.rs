@@ -6,9 +6,10 @@
 //! None of these may unwind: a panic in an `extern "C"` function aborts the process (Rust ≥
 //! 1.81), and the code below avoids panicking paths (no indexing, no unwrap).
 
-use libc::{c_int, c_long, c_void, sockaddr, socklen_t};
+use libc::{c_char, c_int, c_long, c_void, sockaddr, socklen_t};
 
-use crate::{real, state};
+use crate::state::{errno, set_errno};
+use crate::{env, follow, real, state};
 
 /// Runs [`state::init`] before `main` (ELF `.init_array`, executed by the dynamic loader when
 /// the library is loaded).
@@ -232,4 +233,103 @@ pub unsafe extern "C" fn syscall(
     }
     // SAFETY: caller contract.
     unsafe { real::syscall(num, args) }
+}
+
+/// Runs `exec` with the contract restored when the worker process replaces its own image
+/// (follow.rs); `None` when the call is not the worker's own exec and should pass through.
+///
+/// # Safety
+/// `envp` as for execve(2).
+unsafe fn exec_following(
+    envp: *const *const c_char,
+    exec: impl FnOnce(*const *const c_char) -> c_int,
+) -> Option<c_int> {
+    let shim = state::get().filter(|shim| shim.follow.applies())?;
+    // SAFETY: caller contract.
+    let env = unsafe { shim.follow.exec_env(envp) };
+    follow::set_inheritable(shim.listeners(), true);
+    let rc = exec(env.as_ptr());
+    // Only reached when exec failed: undo.
+    let e = errno();
+    follow::set_inheritable(shim.listeners(), false);
+    set_errno(e);
+    Some(rc)
+}
+
+/// The current environment (execv/execvp use it).
+fn current_environ() -> *const *const c_char {
+    // SAFETY: a plain read of the pointer libc maintains (no reference to the static mut).
+    unsafe { env::environ }
+}
+
+/// execve(2).
+///
+/// # Safety
+/// As execve(2).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn execve(
+    path: *const c_char,
+    argv: *const *const c_char,
+    envp: *const *const c_char,
+) -> c_int {
+    // SAFETY: caller contract.
+    unsafe { exec_following(envp, |e| real::execve(path, argv, e)) }
+        // SAFETY: caller contract.
+        .unwrap_or_else(|| unsafe { real::execve(path, argv, envp) })
+}
+
+/// execv(3).
+///
+/// # Safety
+/// As execv(3).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn execv(path: *const c_char, argv: *const *const c_char) -> c_int {
+    // SAFETY: caller contract; environ is libc's valid environment array.
+    unsafe { exec_following(current_environ(), |e| real::execve(path, argv, e)) }
+        // SAFETY: caller contract.
+        .unwrap_or_else(|| unsafe { real::execv(path, argv) })
+}
+
+/// execvp(3).
+///
+/// # Safety
+/// As execvp(3).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn execvp(file: *const c_char, argv: *const *const c_char) -> c_int {
+    // SAFETY: caller contract; environ is libc's valid environment array.
+    unsafe { exec_following(current_environ(), |e| real::execvpe(file, argv, e)) }
+        // SAFETY: caller contract.
+        .unwrap_or_else(|| unsafe { real::execvp(file, argv) })
+}
+
+/// execvpe(3).
+///
+/// # Safety
+/// As execvpe(3).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn execvpe(
+    file: *const c_char,
+    argv: *const *const c_char,
+    envp: *const *const c_char,
+) -> c_int {
+    // SAFETY: caller contract.
+    unsafe { exec_following(envp, |e| real::execvpe(file, argv, e)) }
+        // SAFETY: caller contract.
+        .unwrap_or_else(|| unsafe { real::execvpe(file, argv, envp) })
+}
+
+/// fexecve(3).
+///
+/// # Safety
+/// As fexecve(3).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fexecve(
+    fd: c_int,
+    argv: *const *const c_char,
+    envp: *const *const c_char,
+) -> c_int {
+    // SAFETY: caller contract.
+    unsafe { exec_following(envp, |e| real::fexecve(fd, argv, e)) }
+        // SAFETY: caller contract.
+        .unwrap_or_else(|| unsafe { real::fexecve(fd, argv, envp) })
 }

@@ -17,13 +17,14 @@
 //! state and what each call does), `dispatch` (accept on a channel), `listener` (one
 //! listener's claim and notifications), `conns` (the lock-free fd table behind CLOSED), `env`
 //! (the contract's variables), `sockaddr`, `wire` (the 16-byte message), `notify`
-//! (sd_notify READY=1), `real` (the shadowed libc functions). docs/PROTOCOL.md describes the
+//! (sd_notify READY=1), `follow` (carrying the contract across a wrapper's `exec`), `real` (the shadowed libc functions). docs/PROTOCOL.md describes the
 //! contract and the shim's behaviour for master authors.
 #![cfg_attr(test, allow(dead_code))]
 
 mod conns;
 mod dispatch;
 mod env;
+mod follow;
 #[cfg(not(test))]
 mod interpose;
 mod listener;

@@ -13,8 +13,10 @@ use crate::wire::{self, Kind};
 
 /// Listener i of the worker contract.
 pub struct Listener {
-    /// Position in `RCLUSTER_LISTEN` (fd 3+index).
+    /// Position among the adopted listeners (what the connection table stores).
     pub index: usize,
+    /// The inherited fd number, 3+i (close-on-exec while the shim runs; see follow.rs).
+    pub inherited_fd: c_int,
     /// What `getsockname` reports and `bind` is matched against.
     pub addr: SocketAddr,
     /// A private close-on-exec duplicate of fd 3+i, at a number the server never learns: the
@@ -49,11 +51,18 @@ pub fn ident_of(fd: c_int) -> Option<(u64, u64)> {
 }
 
 impl Listener {
-    /// Wraps the private duplicate `chan` of fd 3+`index`.
-    pub fn new(index: usize, addr: SocketAddr, chan: OwnedFd, dispatch: bool) -> Option<Self> {
+    /// Wraps `chan`, the private duplicate of `inherited_fd`.
+    pub fn new(
+        index: usize,
+        inherited_fd: c_int,
+        addr: SocketAddr,
+        chan: OwnedFd,
+        dispatch: bool,
+    ) -> Option<Self> {
         let ident = ident_of(chan.as_raw_fd())?;
         Some(Listener {
             index,
+            inherited_fd,
             addr,
             chan,
             dispatch,

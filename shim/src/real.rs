@@ -11,7 +11,7 @@ use std::ffi::{CStr, c_void};
 use std::ptr;
 use std::sync::atomic::{AtomicPtr, Ordering};
 
-use libc::{c_int, c_long, sockaddr, socklen_t};
+use libc::{c_char, c_int, c_long, sockaddr, socklen_t};
 
 fn resolve(slot: &AtomicPtr<c_void>, name: &CStr) -> *mut c_void {
     let p = slot.load(Ordering::Acquire);
@@ -97,6 +97,27 @@ real_fn!(
 real_fn!(
     /// libc `dup3(2)`.
     dup3(old: c_int, new: c_int, flags: c_int) -> c_int
+);
+
+real_fn!(
+    /// libc `execve(2)`.
+    execve(path: *const c_char, argv: *const *const c_char, envp: *const *const c_char) -> c_int
+);
+real_fn!(
+    /// libc `execv(3)`.
+    execv(path: *const c_char, argv: *const *const c_char) -> c_int
+);
+real_fn!(
+    /// libc `execvp(3)`.
+    execvp(file: *const c_char, argv: *const *const c_char) -> c_int
+);
+real_fn!(
+    /// libc `execvpe(3)`.
+    execvpe(file: *const c_char, argv: *const *const c_char, envp: *const *const c_char) -> c_int
+);
+real_fn!(
+    /// libc `fexecve(3)`.
+    fexecve(fd: c_int, argv: *const *const c_char, envp: *const *const c_char) -> c_int
 );
 
 /// libc `syscall(2)`, forwarded with all six argument registers (the kernel ignores the ones a

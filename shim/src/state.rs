@@ -11,12 +11,15 @@ use libc::{c_int, c_void, sockaddr, socklen_t};
 
 use crate::conns::ConnTable;
 use crate::env::{self, Mode};
+use crate::follow::Follow;
 use crate::listener::Listener;
 use crate::notify::NotifyTarget;
 use crate::{dispatch, real, sockaddr as sa};
 
 /// Everything the shim knows, once the constructor found the worker contract.
 pub struct Shim {
+    /// What a same-process exec gets back.
+    pub follow: Follow,
     mode: Mode,
     listeners: Vec<Listener>,
     /// Connections handed out by `accept` on a dispatch channel.
@@ -122,7 +125,7 @@ fn adopt(
     let chan = unsafe { OwnedFd::from_raw_fd(private) };
     // SAFETY: fcntl on an inherited fd.
     unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
-    Listener::new(index, addr, chan, dispatch).ok_or_else(|| format!("cannot fstat fd {fd}"))
+    Listener::new(index, fd, addr, chan, dispatch).ok_or_else(|| format!("cannot fstat fd {fd}"))
 }
 
 /// The constructor's work: read the contract, scrub the environment, adopt the fds.
@@ -141,7 +144,7 @@ pub unsafe fn init() {
         }
     };
     // SAFETY: caller contract (single-threaded).
-    unsafe { env::scrub() };
+    let scrubbed = unsafe { env::scrub() };
     let first_free = 3 + contract.listen.len() as c_int;
     let mut listeners = Vec::with_capacity(contract.listen.len());
     for (i, addr) in contract.listen.iter().enumerate() {
@@ -161,6 +164,7 @@ pub unsafe fn init() {
         .as_deref()
         .and_then(NotifyTarget::parse);
     let _ = SHIM.set(Shim {
+        follow: Follow::new(scrubbed),
         mode: contract.mode,
         listeners,
         conns: ConnTable::new(),
@@ -174,6 +178,11 @@ impl Shim {
     pub fn pid(&self) -> u32 {
         // SAFETY: getpid cannot fail.
         unsafe { libc::getpid() as u32 }
+    }
+
+    /// All adopted listeners.
+    pub fn listeners(&self) -> &[Listener] {
+        &self.listeners
     }
 
     /// Listener at position `i` (what the connection table stores).

@@ -387,6 +387,41 @@ fn node_http_server_dispatch_binding_any() {
     assert_eq!((closed, ready, stopping), (N, 0, 0));
 }
 
+/// A wrapper that replaces itself with the server (`sh -c 'exec …'`, then `/usr/bin/env`, as
+/// pyenv's `python3` shim script does) hands the contract over; the shim follows the same
+/// process across exec (execve from sh, execvp from env).
+#[test]
+fn exec_wrappers_hand_the_contract_to_the_server() {
+    let dir = temp_dir("wrapped");
+    fs::write(dir.join("w.txt"), "through two wrappers\n").unwrap();
+    let (mut master, worker_end) = Master::new();
+    let port = master.addr().port().to_string();
+    let python = python();
+    let _worker = Worker::spawn(
+        Path::new("/bin/sh"),
+        &[
+            "-c",
+            "exec /usr/bin/env \"$0\" \"$@\"",
+            python.to_str().unwrap(),
+            "-m",
+            "http.server",
+            &port,
+            "--bind",
+            "127.0.0.1",
+        ],
+        "dispatch",
+        &[master.addr()],
+        vec![worker_end],
+        &[],
+        &dir,
+    );
+    wait_ready(master.chan.as_fd());
+    let resp = http_get(master.connect_and_dispatch(), "/w.txt");
+    assert!(resp.ends_with("through two wrappers\n"), "response: {resp}");
+    assert_eq!(collect_closed(master.chan.as_fd(), 1), (1, 0, 0));
+    let _ = fs::remove_dir_all(dir);
+}
+
 /// Four threads block in accept() on one socket; every connection is served exactly once, the
 /// CLOSED counts add up, and a child the server spawns sees neither the shim nor RCLUSTER_*.
 const THREADED_SERVER: &str = r#"
