@@ -570,3 +570,96 @@ fn without_the_contract_everything_passes_through() {
     assert_eq!(resp, "direct");
     assert!(worker.wait_exit().success());
 }
+
+/// A forked child closing its inherited copy of a connection must not report it (the parent
+/// still holds it); closing the listener reports STOPPING after the exact CLOSED counts.
+const FORKING_SERVER: &str = r#"
+import os, socket
+s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+s.bind(("::", int(os.environ["PORT"])))
+s.listen()
+for _ in range(3):
+    c, _ = s.accept()
+    pid = os.fork()
+    if pid == 0:
+        c.close()
+        os._exit(0)
+    os.waitpid(pid, 0)
+    c.sendall(b"served")
+    c.close()
+s.close()
+"#;
+
+#[test]
+fn fork_children_do_not_count_and_listener_close_sends_stopping() {
+    let (mut master, worker_end) = Master::new();
+    let mut worker = Worker::spawn(
+        &python(),
+        &["-c", FORKING_SERVER],
+        "dispatch",
+        &[master.addr()],
+        vec![worker_end],
+        &[],
+        &std::env::temp_dir(),
+    );
+    wait_ready(master.chan.as_fd());
+    for _ in 0..3 {
+        let mut c = master.connect_and_dispatch();
+        let mut resp = String::new();
+        c.read_to_string(&mut resp).unwrap();
+        assert_eq!(resp, "served");
+    }
+    assert!(worker.wait_exit().success());
+    // Everything the worker sent is still queued; the worker's end is closed now, so reading
+    // runs into end of file after the last message.
+    let deadline = Instant::now() + DEADLINE;
+    let mut msgs = Vec::new();
+    while let Some(m) = recv_msg(master.chan.as_fd(), deadline) {
+        msgs.push(m);
+    }
+    let closed: u64 = msgs
+        .iter()
+        .filter(|m| m.0 == KIND_CLOSED)
+        .map(|m| m.1)
+        .sum();
+    assert_eq!(closed, 3, "{msgs:?}");
+    assert_eq!(msgs.last(), Some(&(KIND_STOPPING, 0)), "{msgs:?}");
+}
+
+/// reuseport mode: fd 3 is a real listening socket; node binds "::" on its port, makes it
+/// non-blocking and accepts from it; readiness arrives on NOTIFY_SOCKET (abstract address).
+#[test]
+fn reuseport_mode_node_with_abstract_notify_socket() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let name = format!("rcluster-shim-test-{}-{}", std::process::id(), addr.port());
+    let notify = {
+        use std::os::linux::net::SocketAddrExt;
+        let sa = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+        UnixDatagram::bind_addr(&sa).unwrap()
+    };
+    notify.set_read_timeout(Some(DEADLINE)).unwrap();
+    let script =
+        "require('http').createServer((q, s) => s.end('node ok')).listen(process.env.PORT)";
+    let _worker = Worker::spawn(
+        Path::new("node"),
+        &["-e", script],
+        "reuseport",
+        &[addr],
+        vec![listener.into()],
+        &[("NOTIFY_SOCKET", &format!("@{name}"))],
+        &std::env::temp_dir(),
+    );
+    let mut buf = [0u8; 64];
+    let n = notify.recv(&mut buf).expect("READY=1 on NOTIFY_SOCKET");
+    assert_eq!(&buf[..n], b"READY=1");
+    for _ in 0..3 {
+        let client = TcpStream::connect(addr).unwrap();
+        client.set_read_timeout(Some(DEADLINE)).unwrap();
+        let resp = http_get(client, "/");
+        assert!(
+            resp.starts_with("HTTP/1.1 200") && resp.ends_with("node ok"),
+            "{resp}"
+        );
+    }
+}
