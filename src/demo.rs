@@ -115,7 +115,9 @@ pub struct Server {
     signals: Option<signal_hook_mio::v1_0::Signals>,
     draining: Option<Instant>,
     accept_paused: bool,
-    close_report_failed: bool,
+    /// A channel was full: flush close reports again soon even if nothing happens.
+    close_report_retry: bool,
+    close_report_error_logged: bool,
 }
 
 impl Server {
@@ -136,7 +138,8 @@ impl Server {
             signals: None,
             draining: None,
             accept_paused: false,
-            close_report_failed: false,
+            close_report_retry: false,
+            close_report_error_logged: false,
         })
     }
 
@@ -251,7 +254,7 @@ impl Server {
         if self.accept_paused {
             at_most(ACCEPT_RETRY);
         }
-        if self.close_report_failed {
+        if self.close_report_retry {
             at_most(CLOSE_REPORT_RETRY);
         }
         timeout
@@ -368,13 +371,14 @@ impl Server {
 
     fn report_closes(&mut self) {
         match self.worker.flush_closed() {
-            Ok(pending) => self.close_report_failed = pending > 0,
+            Ok(pending) => self.close_report_retry = pending > 0,
             Err(e) => {
-                // The master is gone (EPIPE): nobody is left to count; say so once.
-                if !self.close_report_failed {
+                // The master is gone (EPIPE): nobody is left to count; say so once, don't retry.
+                if !self.close_report_error_logged {
                     log::warn!("cannot report closed connections to the master: {e}");
+                    self.close_report_error_logged = true;
                 }
-                self.close_report_failed = false;
+                self.close_report_retry = false;
             }
         }
     }
