@@ -699,7 +699,11 @@ impl Supervisor {
             let Some(old) = self.reload_queue.pop_front() else {
                 break;
             };
-            if self.index_of(old).is_none() {
+            // Gone, or drained meanwhile (SIGTTOU, recycling): nothing left to replace.
+            if self
+                .index_of(old)
+                .is_none_or(|i| self.workers[i].state == Lifecycle::Draining)
+            {
                 continue;
             }
             let before = self.replacements.len();
