@@ -367,3 +367,35 @@ fn crashed_worker_is_restarted_alone_and_service_continues() {
     assert_eq!(cluster.log_count("exited unexpectedly"), 1);
     let _ = get(cluster.addr(), "/").expect("still serving");
 }
+
+#[test]
+fn sigttou_during_a_reload_drains_a_worker_the_reload_then_skips_and_completes() {
+    // Later generations take a while to start, so the reload is still running at SIGTTOU.
+    let script = command_by_generation(r#"sleep 1; exec "$0" demo-worker"#);
+    let cluster = TestCluster::start(&[
+        "--workers", "3", "--grace", "10s", "--no-preload", "--", "sh", "-c", &script, BIN,
+    ]);
+    // The removed worker is still draining when the reload comes to it (stopped, it ignores
+    // the drain signal until the grace period ends).
+    let line = cluster.wait_for_log("worker 2 started: pid ", DEADLINE);
+    let removed: i32 = line.split("pid ").nth(1).unwrap().split(',').next().unwrap().parse().unwrap();
+    let load = Load::start(cluster.addr(), "/", 3_000, 500.0, 8);
+    load.wait_completed(300, DEADLINE);
+    cluster.signal(libc::SIGHUP);
+    cluster.wait_for_log("replacing worker", DEADLINE);
+    kill(removed, libc::SIGSTOP);
+    wait_stopped(removed);
+    cluster.signal(libc::SIGTTOU);
+    cluster.wait_for_log("SIGTTOU: removing worker 2", DEADLINE);
+    cluster.wait_for_log("reload to generation 1 complete", DEADLINE);
+    let tally = load.join();
+    assert_no_loss("SIGTTOU during a reload", &tally, 3_000);
+    assert!(!cluster.log_contains("reload aborted"));
+    // Spare the grace period: the removed worker would be SIGKILLed after it anyway.
+    kill(removed, libc::SIGKILL);
+    cluster.wait_for_workers(2);
+    let served = get_many(cluster.addr(), "/", 20, 2);
+    for r in &served {
+        assert_eq!(r.as_ref().expect("request after the reload").generation(), 1);
+    }
+}
