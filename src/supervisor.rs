@@ -800,8 +800,15 @@ impl Supervisor {
             .filter(|w| w.slot == slot)
             .map(|w| w.id)
             .collect();
-        for id in ids {
+        for &id in &ids {
             self.drain(id);
+        }
+        // A replacement starting in this slot has nothing left to replace: forget it, so a
+        // reload moves on now instead of waiting for it until --ready-timeout and aborting.
+        let before = self.replacements.len();
+        self.replacements.retain(|r| !ids.contains(&r.new));
+        if self.replacements.len() != before {
+            self.continue_reload();
         }
     }
 
