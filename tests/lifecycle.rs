@@ -399,3 +399,31 @@ fn sigttou_during_a_reload_drains_a_worker_the_reload_then_skips_and_completes()
         assert_eq!(r.as_ref().expect("request after the reload").generation(), 1);
     }
 }
+
+#[test]
+fn sigttou_of_the_slot_a_reload_is_replacing_completes_the_reload() {
+    // Later generations take a while to start, so slot 2's replacement is still starting when
+    // SIGTTOU removes slot 2.
+    let script = command_by_generation(r#"sleep 1; exec "$0" demo-worker"#);
+    let cluster = TestCluster::start(&[
+        "--workers", "3", "--grace", "2s", "--ready-timeout", "20s", "--no-preload", "--", "sh",
+        "-c", &script, BIN,
+    ]);
+    let load = Load::start(cluster.addr(), "/", 3_000, 500.0, 8);
+    load.wait_completed(300, DEADLINE);
+    cluster.signal(libc::SIGHUP);
+    cluster.wait_for_log("replacing worker 2 ", DEADLINE);
+    cluster.signal(libc::SIGTTOU);
+    cluster.wait_for_log("SIGTTOU: removing worker 2", DEADLINE);
+    // Well before --ready-timeout would end a replacement that is waited for in vain.
+    cluster.wait_for_log("reload to generation 1 complete", Duration::from_secs(10));
+    let tally = load.join();
+    assert_no_loss("SIGTTOU of the slot being replaced", &tally, 3_000);
+    assert!(!cluster.log_contains("reload aborted"));
+    cluster.wait_for_workers(2);
+    for r in get_many(cluster.addr(), "/", 20, 2) {
+        let r = r.expect("request after the reload");
+        assert_eq!(r.generation(), 1);
+        assert!(r.worker() < 2, "slot 2 was removed: {r:?}");
+    }
+}
