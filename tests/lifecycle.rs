@@ -427,3 +427,138 @@ fn sigttou_of_the_slot_a_reload_is_replacing_completes_the_reload() {
         assert!(r.worker() < 2, "slot 2 was removed: {r:?}");
     }
 }
+
+/// A directory of its own under the system temp dir, removed on drop.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("rcluster-lifecycle-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Writes an executable `sh` script.
+fn write_script(path: &std::path::Path, body: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    // Written beside and renamed over, so a worker being exec'd never sees half a file.
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, format!("#!/bin/sh\n{body}\n")).expect("write script");
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::rename(&tmp, path).expect("install script");
+}
+
+#[test]
+fn max_rss_recycles_only_the_big_worker_gracefully() {
+    let cluster = TestCluster::start(&[
+        "--workers", "2", "--grace", "2s", "--max-rss", "48MiB", "--rss-interval", "50ms",
+    ]);
+    let load = Load::start(cluster.addr(), "/", 2_000, 500.0, 8);
+    load.wait_completed(300, DEADLINE);
+    let big = get(cluster.addr(), "/?alloc=64").expect("alloc request");
+    assert_eq!(big.status, 200, "{big:?}");
+    let (slot, pid) = (big.worker(), big.pid());
+    cluster.wait_for_log(&format!("replacing worker {slot} (pid {pid}): its RSS exceeds --max-rss"), DEADLINE);
+    cluster.wait_for_log(&format!("draining worker {slot} (pid {pid}, "), DEADLINE);
+    cluster.wait_for_log(&format!("worker {slot} (pid {pid}) exited: exit code 0"), DEADLINE);
+    let tally = load.join();
+    assert_no_loss("max-rss", &tally, 2_000);
+    assert_eq!(cluster.log_count("its RSS exceeds --max-rss"), 1, "only the big worker");
+    assert_eq!(cluster.wait_for_workers(2).len(), 2);
+}
+
+#[test]
+fn reload_batch_replaces_that_many_workers_at_a_time() {
+    // Later generations take a while to start, so the batch is visible in the log.
+    let script = command_by_generation(r#"sleep 1; exec "$0" demo-worker"#);
+    let cluster = TestCluster::start(&[
+        "--workers", "4", "--reload-batch", "2", "--grace", "2s", "--no-preload", "--", "sh",
+        "-c", &script, BIN,
+    ]);
+    let load = Load::start(cluster.addr(), "/", 2_000, 500.0, 8);
+    load.wait_completed(200, DEADLINE);
+    cluster.signal(libc::SIGHUP);
+    cluster.wait_for_log("reload to generation 1 complete", DEADLINE);
+    let tally = load.join();
+    assert_no_loss("reload batch 2", &tally, 2_000);
+    // Two replacements were started before the first of them was ready, and never more.
+    let log = cluster.log_lines();
+    let mut starting = 0usize;
+    let mut most = 0usize;
+    for line in log.iter().skip_while(|l| !l.contains("rolling reload")) {
+        if line.contains("started: pid ") && line.contains("generation 1") {
+            starting += 1;
+        } else if line.contains(" ready: pid ") {
+            starting -= 1;
+        }
+        most = most.max(starting);
+    }
+    assert_eq!(most, 2, "replacements starting at once");
+    assert_eq!(cluster.log_count("replacing worker"), 4);
+}
+
+#[test]
+fn reload_re_resolves_the_command_and_aborts_while_it_is_missing() {
+    let dir = TempDir::new("resolve");
+    let server = dir.0.join("server");
+    write_script(&server, &format!("exec {BIN} demo-worker"));
+    let server_arg = server.to_str().unwrap();
+    let mut cluster =
+        TestCluster::start(&["--workers", "2", "--grace", "2s", "--no-preload", "--", server_arg]);
+    let before = cluster.wait_for_workers(2);
+    let load = Load::start(cluster.addr(), "/", 2_000, 500.0, 8);
+    load.wait_completed(300, DEADLINE);
+
+    std::fs::remove_file(&server).unwrap();
+    cluster.signal(libc::SIGHUP);
+    cluster.wait_for_log("reload aborted: the replacement could not be started", DEADLINE);
+    assert!(cluster.log_contains("command not found"));
+    assert_eq!(cluster.wait_for_workers(2), before, "the old workers keep serving");
+
+    // Put back (as a new file): the next reload resolves it again and completes.
+    write_script(&server, &format!("exec {BIN} demo-worker"));
+    cluster.signal(libc::SIGHUP);
+    cluster.wait_for_log("reload to generation 2 complete", DEADLINE);
+    let tally = load.join();
+    assert_no_loss("reload with the command missing, then back", &tally, 2_000);
+    assert!(cluster.is_running());
+    for r in get_many(cluster.addr(), "/", 10, 2) {
+        assert_eq!(r.expect("request after the reload").generation(), 2);
+    }
+}
+
+#[test]
+fn crash_looping_slot_is_given_up_and_the_others_keep_serving() {
+    let dir = TempDir::new("crashloop");
+    let flag = dir.0.join("slot1-crashes");
+    let script = format!(
+        r#"if [ "$RCLUSTER_WORKER_ID" = 1 ] && [ -e "{}" ]; then exit 7; fi; exec "$0" demo-worker"#,
+        flag.display()
+    );
+    let mut cluster = TestCluster::start(&[
+        "--workers", "3", "--grace", "2s", "--no-preload", "--", "sh", "-c", &script, BIN,
+    ]);
+    let before = cluster.wait_for_workers(3);
+    let line = cluster.wait_for_log("worker 1 started: pid ", DEADLINE);
+    let victim: i32 = line.split("pid ").nth(1).unwrap().split(',').next().unwrap().parse().unwrap();
+    std::fs::write(&flag, "").unwrap();
+    kill(victim, libc::SIGKILL);
+    cluster.wait_for_log("giving up on slot 1", DEADLINE);
+    let survivors: Vec<i32> = before.iter().copied().filter(|&p| p != victim).collect();
+    assert_eq!(cluster.wait_for_workers(2), survivors, "the other slots were not restarted");
+    let mut tally = Tally::default();
+    for r in get_many(cluster.addr(), "/", 200, 4) {
+        tally.add(&r);
+    }
+    assert_no_loss("after slot 1 gave up", &tally, 200);
+    assert!(!tally.by_worker.contains_key(&1));
+    assert!(cluster.is_running());
+}
