@@ -699,10 +699,13 @@ impl Supervisor {
             let Some(old) = self.reload_queue.pop_front() else {
                 break;
             };
-            // Gone, or drained meanwhile (SIGTTOU, recycling): nothing left to replace.
+            // Gone, drained meanwhile (SIGTTOU, recycling), or already being replaced by a
+            // recycle (whose replacement, if of the old generation, is itself in the queue):
+            // nothing left to replace.
             if self
                 .index_of(old)
                 .is_none_or(|i| self.workers[i].state == Lifecycle::Draining)
+                || self.replacements.iter().any(|r| r.old == old)
             {
                 continue;
             }
