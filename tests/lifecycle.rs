@@ -562,3 +562,33 @@ fn crash_looping_slot_is_given_up_and_the_others_keep_serving() {
     assert!(!tally.by_worker.contains_key(&1));
     assert!(cluster.is_running());
 }
+
+#[test]
+fn reloads_while_max_conns_recycles_workers_all_complete() {
+    const RELOADS: usize = 5;
+    // Workers take a while to start, so recycle replacements are often in flight at SIGHUP.
+    let script = r#"sleep 0.3; exec "$0" demo-worker"#;
+    let cluster = TestCluster::start(&[
+        "--workers", "2", "--max-conns", "100", "--grace", "2s", "--no-preload", "--", "sh",
+        "-c", script, BIN,
+    ]);
+    let load = Load::start(cluster.addr(), "/", 6_000, 600.0, 8);
+    for n in 1..=RELOADS {
+        load.wait_completed(1_000 * n, DEADLINE);
+        if n > 1 {
+            cluster.wait_for_log(&format!("reload to generation {} complete", n - 1), DEADLINE);
+        }
+        cluster.signal(libc::SIGHUP);
+    }
+    cluster.wait_for_log(&format!("reload to generation {RELOADS} complete"), DEADLINE);
+    let tally = load.join();
+    assert_no_loss("reloads during recycling", &tally, 6_000);
+    assert!(!cluster.log_contains("reload aborted"));
+    println!(
+        "'reload to generation {RELOADS} complete' logged {} times",
+        cluster.log_count(&format!("reload to generation {RELOADS} complete"))
+    );
+    for r in get_many(cluster.addr(), "/", 20, 2) {
+        assert_eq!(r.expect("request after the reloads").generation(), RELOADS as u64);
+    }
+}
