@@ -50,7 +50,7 @@ fn bench_dispatch(c: &mut Criterion) {
                 let clients = connect_round(addr);
                 let start = Instant::now();
                 for _ in 0..ROUND {
-                    accepted.push(sys::accept4(listener.as_fd()).unwrap());
+                    accepted.push(sys::accept4(listener.as_fd(), false).unwrap());
                 }
                 total += start.elapsed();
                 // Tear down outside the timed part, clients first (RST), as in the dispatch

@@ -728,7 +728,7 @@ impl Acceptor {
                 if !self.stats.iter().any(|s| s.is_open(l)) {
                     return;
                 }
-                match sys::accept4(self.listeners[l].as_fd()) {
+                match sys::accept4(self.listeners[l].as_fd(), false) {
                     Ok(fd) => {
                         burst += 1;
                         self.seq += 1;

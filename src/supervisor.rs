@@ -699,7 +699,14 @@ impl Supervisor {
             let Some(old) = self.reload_queue.pop_front() else {
                 break;
             };
-            if self.index_of(old).is_none() {
+            // Gone, drained meanwhile (SIGTTOU, recycling), or already being replaced by a
+            // recycle (whose replacement, if of the old generation, is itself in the queue):
+            // nothing left to replace.
+            if self
+                .index_of(old)
+                .is_none_or(|i| self.workers[i].state == Lifecycle::Draining)
+                || self.replacements.iter().any(|r| r.old == old)
+            {
                 continue;
             }
             let before = self.replacements.len();
@@ -796,8 +803,15 @@ impl Supervisor {
             .filter(|w| w.slot == slot)
             .map(|w| w.id)
             .collect();
-        for id in ids {
+        for &id in &ids {
             self.drain(id);
+        }
+        // A replacement starting in this slot has nothing left to replace: forget it, so a
+        // reload moves on now instead of waiting for it until --ready-timeout and aborting.
+        let before = self.replacements.len();
+        self.replacements.retain(|r| !ids.contains(&r.new));
+        if self.replacements.len() != before {
+            self.continue_reload();
         }
     }
 

@@ -688,7 +688,7 @@ impl Listener {
                 let stream = if self.nonblocking {
                     // accept4(2) with SOCK_NONBLOCK: the connection matches the listener's mode
                     // without another syscall.
-                    TcpStream::from(sys::accept4(listener.as_fd())?)
+                    TcpStream::from(sys::accept4(listener.as_fd(), true)?)
                 } else {
                     listener.accept()?.0
                 };
