@@ -284,8 +284,9 @@ pub enum Load {
     },
     /// Keep-alive: `clients` long-lived connections, each sending its requests on the one
     /// connection, the next one `interval` after the previous one was scheduled (or right
-    /// after the response, whichever is later; zero = back to back). A connection the server
-    /// closes is reopened.
+    /// after the response, whichever is later; zero = back to back). Client `c` of `n` first
+    /// connects at `c × interval / n`, so that the requests are spread over the interval rather
+    /// than sent in bursts. A connection the server closes is reopened.
     KeepAlive {
         /// Concurrent connections.
         clients: usize,
@@ -976,31 +977,28 @@ enum Step {
 }
 
 impl Conn {
-    fn advance(&mut self, request: &[u8]) -> Step {
+    /// Moves the connection on as far as it can go without blocking. `readable`: the poll said
+    /// there may be something to read (without it, no read is attempted; that read would only
+    /// return EAGAIN).
+    fn advance(&mut self, request: &[u8], readable: bool) -> Step {
         loop {
             match self.phase {
-                Phase::Connecting => {
-                    // connect(2): a non-blocking connect reports completion as writability;
-                    // SO_ERROR then says whether it failed, and getpeername(2) returning
-                    // ENOTCONN means the event was spurious.
-                    match self.stream.take_error() {
-                        Ok(Some(e)) | Err(e) => return Step::Failed(ErrorKind::of(&e)),
-                        Ok(None) => {}
-                    }
-                    return match self.stream.peer_addr() {
-                        Ok(_) => {
-                            self.phase = Phase::Sending;
-                            Step::Connected
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::NotConnected => Step::Wait,
-                        Err(e) => Step::Failed(ErrorKind::of(&e)),
-                    };
-                }
-                Phase::Sending => {
+                Phase::Connecting | Phase::Sending => {
+                    // The first write doubles as the connect check: on a socket still in
+                    // SYN_SENT, write(2) fails with EAGAIN, and after a failed connect it
+                    // returns the pending SO_ERROR (tcp_sendmsg → sk_stream_wait_connect). On
+                    // loopback the handshake has usually completed inside connect(2), so this
+                    // saves a poll round trip and the getsockopt/getpeername pair per request.
                     while self.written < request.len() {
                         match self.stream.write(&request[self.written..]) {
                             Ok(0) => return Step::Failed(ErrorKind::Other),
-                            Ok(n) => self.written += n,
+                            Ok(n) => {
+                                self.written += n;
+                                if self.phase == Phase::Connecting {
+                                    self.phase = Phase::Sending;
+                                    return Step::Connected;
+                                }
+                            }
                             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                                 return Step::Wait;
                             }
@@ -1008,7 +1006,10 @@ impl Conn {
                             Err(e) => return Step::Failed(ErrorKind::of(&e)),
                         }
                     }
+                    // The response arrives as a readable edge: the socket has been registered
+                    // since before the request went out.
                     self.phase = Phase::Receiving;
+                    return Step::Wait;
                 }
                 Phase::Receiving => {
                     match parse_response(&self.buf, self.eof) {
@@ -1022,6 +1023,7 @@ impl Conn {
                         }
                         Parse::Invalid => return Step::Failed(ErrorKind::Other),
                         Parse::Incomplete if self.eof => return Step::Failed(ErrorKind::Eof),
+                        Parse::Incomplete if !readable => return Step::Wait,
                         Parse::Incomplete => {}
                     }
                     match self.read_some() {
@@ -1033,6 +1035,9 @@ impl Conn {
                 Phase::Draining | Phase::Idle => {
                     if self.eof {
                         return Step::Closed;
+                    }
+                    if !readable {
+                        return Step::Wait;
                     }
                     self.buf.clear();
                     match self.read_some() {
@@ -1100,6 +1105,8 @@ struct Shard<'a> {
     client_requests: Vec<u64>,
     /// Closed / keep-alive: clients that need a new connection.
     ready_clients: Vec<usize>,
+    /// Keep-alive: clients yet to make their first connection, with when, latest first.
+    staggered: Vec<(Instant, usize)>,
     last_event: Instant,
     report: Report,
 }
@@ -1124,6 +1131,19 @@ impl<'a> Shard<'a> {
             Load::Closed { clients } | Load::KeepAlive { clients, .. } => clients as u64,
         };
         let client_ids: Vec<u64> = (0..clients).filter(|c| c % shards == shard).collect();
+        let mut staggered: Vec<(Instant, usize)> = match spec.load {
+            Load::KeepAlive { interval, .. } => client_ids
+                .iter()
+                .enumerate()
+                .map(|(local, &id)| (start + interval.mul_f64(id as f64 / clients as f64), local))
+                .collect(),
+            _ => Vec::new(),
+        };
+        staggered.reverse();
+        let ready_clients = match spec.load {
+            Load::KeepAlive { .. } => Vec::new(),
+            _ => (0..client_ids.len()).rev().collect(),
+        };
         Ok(Shard {
             spec,
             requests,
@@ -1141,7 +1161,8 @@ impl<'a> Shard<'a> {
             budget,
             next_index: shard,
             client_requests: vec![0; client_ids.len()],
-            ready_clients: (0..client_ids.len()).rev().collect(),
+            ready_clients,
+            staggered,
             client_ids,
             last_event: start,
             report: Report::empty(spec.load),
@@ -1178,7 +1199,8 @@ impl<'a> Shard<'a> {
                 Err(e) => return Err(e.into()),
             }
             for event in events.iter() {
-                self.drive(event.token().0);
+                let readable = event.is_readable() || event.is_read_closed() || event.is_error();
+                self.drive(event.token().0, readable);
             }
         }
         self.report.duration = self.last_event.saturating_duration_since(self.start);
@@ -1200,6 +1222,9 @@ impl<'a> Shard<'a> {
                 Load::Closed { .. } | Load::KeepAlive { .. } => {
                     if !self.ready_clients.is_empty() {
                         wake = wake.min(Instant::now());
+                    }
+                    if let Some(&(at, _)) = self.staggered.last() {
+                        wake = wake.min(at);
                     }
                 }
             }
@@ -1246,6 +1271,13 @@ impl<'a> Shard<'a> {
     /// whose connect fails at once is ready again, and is retried on the next loop turn, after
     /// the time check.
     fn issue_clients(&mut self, now: Instant) {
+        while let Some(&(at, client)) = self.staggered.last() {
+            if at > now {
+                break;
+            }
+            self.staggered.pop();
+            self.ready_clients.push(client);
+        }
         let ready = std::mem::take(&mut self.ready_clients);
         for client in ready {
             if !self.issuing || self.budget == 0 {
@@ -1312,7 +1344,7 @@ impl<'a> Shard<'a> {
             TimerKind::Expire,
         );
         self.conns[slot] = Some(conn);
-        self.drive(slot);
+        self.drive(slot, false);
     }
 
     fn arm(&mut self, slot: usize, conn: &mut Conn, at: Instant, kind: TimerKind) {
@@ -1321,13 +1353,14 @@ impl<'a> Shard<'a> {
         self.timers.push(Reverse((at, slot, conn.serial, kind)));
     }
 
-    /// Advances the connection in `slot` as far as it goes without blocking.
-    fn drive(&mut self, slot: usize) {
+    /// Advances the connection in `slot` as far as it goes without blocking (`readable`: see
+    /// [`Conn::advance`]).
+    fn drive(&mut self, slot: usize, readable: bool) {
         loop {
             let Some(mut conn) = self.conns.get_mut(slot).and_then(Option::take) else {
                 return;
             };
-            let step = conn.advance(&self.requests[conn.request]);
+            let step = conn.advance(&self.requests[conn.request], readable);
             match step {
                 Step::Wait => {
                     self.conns[slot] = Some(conn);
@@ -1444,12 +1477,13 @@ impl<'a> Shard<'a> {
     /// Closes the connection in `slot`; a keep-alive client whose connection this was gets a
     /// new one.
     fn release(&mut self, slot: usize) {
-        let Some(mut conn) = self.conns[slot].take() else {
+        let Some(conn) = self.conns[slot].take() else {
             return;
         };
-        // Closing the fd removes it from the epoll set anyway; deregistering first keeps mio's
-        // bookkeeping exact.
-        let _ = self.poll.registry().deregister(&mut conn.stream);
+        // Dropping the stream closes the fd, which takes it out of the epoll set (epoll(7): the
+        // fd has no duplicates), so no EPOLL_CTL_DEL syscall per connection. An event for this
+        // slot still in the current batch finds the slot empty: new connections are only made
+        // between batches.
         self.free.push(slot);
         self.live -= 1;
         debug_assert!(
@@ -1513,7 +1547,7 @@ impl<'a> Shard<'a> {
             TimerKind::Expire,
         );
         self.conns[slot] = Some(conn);
-        self.drive(slot);
+        self.drive(slot, false);
     }
 
     /// The hard stop: whatever is still open counts as timed out.
@@ -1788,6 +1822,15 @@ mod tests {
         assert_eq!(r.connections, 6);
         assert_eq!(r.worker_connections(2), vec![3, 3]);
         assert_eq!(r.connection_spread(2), 0);
+
+        // Paced and staggered: still one connection per client.
+        let load = Load::KeepAlive {
+            clients: 4,
+            interval: Duration::from_millis(10),
+        };
+        let r = spec(&server, load, 12).run().unwrap();
+        assert_accounted(&r);
+        assert_eq!((r.completed, r.connections), (12, 4), "{r}");
     }
 
     #[test]
