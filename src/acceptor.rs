@@ -1,1 +1,810 @@
-//! stub
+//! The acceptor thread (dispatch mode): accepts connections on the master's listening sockets
+//! with mio/epoll, asks the policy for a worker, and passes each connection's fd down that
+//! worker's channel; reads READY/CLOSED back; reclaims connections still queued in a channel
+//! when its worker is drained or dies, and hands them to another worker.
+//!
+//! It owns the listening sockets, the master's end of every channel, the master's duplicate of
+//! every worker's end (for reclaim), and the load table the policy reads. The supervisor talks
+//! to it only through [`Command`]s (crossbeam channel + `mio::Waker`) and hears back through
+//! [`Event`]s; no lock is taken on the accept → pick → send path.
+//!
+//! Guarantee: a connection the master accepted is never dropped by the master. It goes to a
+//! worker's channel, or waits in `pending` (and accepting stops) until some channel can take it.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use log::{debug, error, info, warn};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token, Waker};
+
+use crate::policy::{Policy, WorkerStat};
+use crate::protocol::{HEADER_LEN, Message};
+use crate::sys::scm::{self, SendBatch};
+use crate::sys::{self, Pid};
+
+/// Identifies one worker process for its whole life (slots are reused, ids are not).
+pub type WorkerId = u64;
+
+/// Messages passed to a channel in one `sendmmsg`.
+pub const SEND_BATCH: usize = 64;
+/// Connections accepted from one listener before the others get a turn.
+const ACCEPT_BURST: usize = 256;
+/// How long accepting pauses after EMFILE/ENFILE/ENOBUFS/ENOMEM, so the loop does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+const WAKER: Token = Token(usize::MAX);
+/// Tokens below this are listeners; channel tokens encode (worker id, listener).
+const CHANNEL_BASE: usize = 1 << 16;
+
+fn channel_token(id: WorkerId, listener: usize) -> Token {
+    Token(CHANNEL_BASE + (id as usize) * crate::cli::MAX_LISTENERS + listener)
+}
+
+fn split_channel_token(token: Token) -> (WorkerId, usize) {
+    let v = token.0 - CHANNEL_BASE;
+    (
+        (v / crate::cli::MAX_LISTENERS) as WorkerId,
+        v % crate::cli::MAX_LISTENERS,
+    )
+}
+
+/// One end-pair of a dispatch channel as the master keeps it.
+pub struct ChannelEnds {
+    /// The master's end (made non-blocking here).
+    pub master: OwnedFd,
+    /// The master's duplicate of the worker's end, read only to reclaim unread connections.
+    pub worker: OwnedFd,
+}
+
+/// Supervisor → acceptor.
+pub enum Command {
+    /// A worker was spawned; its channels (one per listener, in listener order).
+    Add {
+        /// The worker.
+        id: WorkerId,
+        /// Its slot (for logs).
+        slot: usize,
+        /// Its pid (for logs).
+        pid: Pid,
+        /// Its channels.
+        channels: Vec<ChannelEnds>,
+        /// Report [`Event::MaxConns`] once it has been handed this many connections.
+        max_conns: Option<u64>,
+    },
+    /// The supervisor learned the worker is ready by other means (NOTIFY_SOCKET, delay).
+    Ready(WorkerId),
+    /// Stop dispatching to the worker and take back what is queued in its channels.
+    Drain(WorkerId),
+    /// The worker exited: take back what is queued, forget it.
+    Remove(WorkerId),
+    /// Latest RSS samples, KiB.
+    Rss(Vec<(WorkerId, u32)>),
+    /// Log one status line per worker.
+    Status,
+    /// Stop accepting and end the thread.
+    Shutdown,
+}
+
+/// Acceptor → supervisor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// READY arrived on the worker's channel.
+    Ready(WorkerId),
+    /// The worker said STOPPING.
+    Stopping(WorkerId),
+    /// The worker's channel has been full for the stall timeout.
+    Stalled(WorkerId),
+    /// The worker was handed its `max_conns` connections.
+    MaxConns(WorkerId),
+    /// Reclaimed connections from a drained or dead worker (count), for logs and tests.
+    Reclaimed(WorkerId, usize),
+}
+
+/// Handle the supervisor keeps.
+pub struct AcceptorHandle {
+    commands: Sender<Command>,
+    waker: Arc<Waker>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl AcceptorHandle {
+    /// Sends a command and wakes the thread.
+    pub fn send(&self, cmd: Command) {
+        if self.commands.send(cmd).is_ok() {
+            let _ = self.waker.wake();
+        }
+    }
+
+    /// Tells the thread to stop and waits for it.
+    pub fn shutdown(mut self) {
+        self.send(Command::Shutdown);
+        if let Some(t) = self.thread.take()
+            && t.join().is_err()
+        {
+            error!("acceptor thread panicked");
+        }
+    }
+}
+
+/// Settings for the thread.
+pub struct AcceptorConfig {
+    /// The listening sockets, in listener order.
+    pub listeners: Vec<std::net::TcpListener>,
+    /// The policy.
+    pub policy: Box<dyn Policy>,
+    /// CPU to pin the thread to.
+    pub cpu: Option<usize>,
+    /// See [`Event::Stalled`].
+    pub stall_timeout: Duration,
+}
+
+/// Starts the acceptor thread. Events go to `events`, followed by a wake of `supervisor_waker`.
+pub fn spawn(
+    config: AcceptorConfig,
+    events: Sender<Event>,
+    supervisor_waker: Arc<Waker>,
+) -> io::Result<AcceptorHandle> {
+    let (mut acceptor, commands, waker) = Acceptor::new(config, events, supervisor_waker)?;
+    let thread = std::thread::Builder::new()
+        .name("acceptor".into())
+        .spawn(move || {
+            if let Err(e) = acceptor.run() {
+                error!("acceptor failed: {e:#}");
+            }
+        })?;
+    Ok(AcceptorHandle {
+        commands,
+        waker,
+        thread: Some(thread),
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Starting,
+    Ready,
+    Draining,
+}
+
+struct Channel {
+    ends: ChannelEnds,
+    batch: SendBatch<HEADER_LEN>,
+    writable: bool,
+    full_since: Option<Instant>,
+}
+
+struct Entry {
+    id: WorkerId,
+    slot: usize,
+    pid: Pid,
+    state: State,
+    channels: Vec<Channel>,
+    dispatched: u64,
+    closed: u64,
+    max_conns: Option<u64>,
+    stall_reported: bool,
+}
+
+struct Pending {
+    listener: usize,
+    seq: u64,
+    fd: OwnedFd,
+}
+
+/// The acceptor's state. [`spawn`] runs it on its own thread; benchmarks drive it one
+/// [`Acceptor::turn`] at a time on theirs.
+pub struct Acceptor {
+    poll: Poll,
+    events_buf: Events,
+    listeners: Vec<mio::net::TcpListener>,
+    /// The listener may have connections waiting (edge-triggered: set on readable, cleared on
+    /// EAGAIN).
+    backlogged: Vec<bool>,
+    policy: Box<dyn Policy>,
+    entries: Vec<Entry>,
+    stats: Vec<WorkerStat>,
+    pending: VecDeque<Pending>,
+    accept_paused_until: Option<Instant>,
+    seq: u64,
+    commands: Receiver<Command>,
+    events: Sender<Event>,
+    supervisor_waker: Arc<Waker>,
+    stall_timeout: Duration,
+    cpu: Option<usize>,
+    shutting_down: bool,
+}
+
+impl Acceptor {
+    /// Builds the acceptor; returns it with the command sender and the waker that goes with it.
+    pub fn new(
+        config: AcceptorConfig,
+        events: Sender<Event>,
+        supervisor_waker: Arc<Waker>,
+    ) -> io::Result<(Self, Sender<Command>, Arc<Waker>)> {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let (tx, commands) = crossbeam_channel::unbounded();
+        let mut listeners = Vec::new();
+        for (i, l) in config.listeners.into_iter().enumerate() {
+            l.set_nonblocking(true)?;
+            let mut l = mio::net::TcpListener::from_std(l);
+            poll.registry()
+                .register(&mut l, Token(i), Interest::READABLE)?;
+            listeners.push(l);
+        }
+        let acceptor = Acceptor {
+            poll,
+            events_buf: Events::with_capacity(1024),
+            backlogged: vec![true; listeners.len()],
+            listeners,
+            policy: config.policy,
+            entries: Vec::new(),
+            stats: Vec::new(),
+            pending: VecDeque::new(),
+            accept_paused_until: None,
+            seq: 0,
+            commands,
+            events,
+            supervisor_waker,
+            stall_timeout: config.stall_timeout,
+            cpu: config.cpu,
+            shutting_down: false,
+        };
+        Ok((acceptor, tx, waker))
+    }
+
+    fn emit(&self, event: Event) {
+        if self.events.send(event).is_ok() {
+            let _ = self.supervisor_waker.wake();
+        }
+    }
+
+    fn run(&mut self) -> io::Result<()> {
+        if let Some(cpu) = self.cpu {
+            match sys::sched_setaffinity_self(&sys::CpuSet::from_cpus(&[cpu])) {
+                Ok(()) => info!("acceptor pinned to CPU {cpu}"),
+                Err(e) => warn!("cannot pin the acceptor to CPU {cpu}: {e}"),
+            }
+        }
+        while !self.shutting_down {
+            let timeout = self.next_timeout();
+            self.turn(timeout)?;
+        }
+        info!("acceptor stopped");
+        Ok(())
+    }
+
+    /// One wake-up: wait for events (at most `timeout`), apply commands, read the channels,
+    /// accept and dispatch until the listeners say EAGAIN, send every batch.
+    pub fn turn(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        if let Err(e) = self.poll.poll(&mut self.events_buf, timeout) {
+            if e.kind() == io::ErrorKind::Interrupted {
+                return Ok(());
+            }
+            return Err(e);
+        }
+        // Take the buffer out so handlers can borrow `self` mutably (an empty Events does not
+        // allocate).
+        let events = std::mem::replace(&mut self.events_buf, Events::with_capacity(0));
+        for event in events.iter() {
+            match event.token() {
+                WAKER => {}
+                Token(l) if l < CHANNEL_BASE => self.backlogged[l] = true,
+                token => {
+                    let (id, listener) = split_channel_token(token);
+                    if event.is_readable() || event.is_read_closed() {
+                        self.read_channel(id, listener);
+                    }
+                    if event.is_writable() {
+                        self.channel_writable(id, listener);
+                    }
+                }
+            }
+        }
+        self.events_buf = events;
+        self.handle_commands();
+        if self
+            .accept_paused_until
+            .is_some_and(|t| Instant::now() >= t)
+        {
+            self.accept_paused_until = None;
+        }
+        self.flush_all();
+        self.accept_all();
+        self.flush_all();
+        self.check_stalls();
+        Ok(())
+    }
+
+    fn next_timeout(&self) -> Option<Duration> {
+        // Work left from this wake-up (a burst limit was hit): poll without blocking, since an
+        // edge-triggered listener will not report readiness again.
+        let more_to_accept = self.accept_paused_until.is_none()
+            && self.pending.is_empty()
+            && self
+                .backlogged
+                .iter()
+                .enumerate()
+                .any(|(l, &b)| b && self.stats.iter().any(|s| s.is_open(l)));
+        if more_to_accept {
+            return Some(Duration::ZERO);
+        }
+        let now = Instant::now();
+        let mut next: Option<Instant> = self.accept_paused_until;
+        for e in &self.entries {
+            if e.stall_reported {
+                continue;
+            }
+            for c in &e.channels {
+                if let Some(since) = c.full_since {
+                    let at = since + self.stall_timeout;
+                    next = Some(next.map_or(at, |n| n.min(at)));
+                }
+            }
+        }
+        next.map(|t| t.saturating_duration_since(now))
+    }
+
+    fn index_of(&self, id: WorkerId) -> Option<usize> {
+        self.entries.iter().position(|e| e.id == id)
+    }
+
+    fn handle_commands(&mut self) {
+        while let Ok(cmd) = self.commands.try_recv() {
+            match cmd {
+                Command::Add {
+                    id,
+                    slot,
+                    pid,
+                    channels,
+                    max_conns,
+                } => self.add(id, slot, pid, channels, max_conns),
+                Command::Ready(id) => self.set_state(id, State::Ready),
+                Command::Drain(id) => {
+                    self.set_state(id, State::Draining);
+                    self.reclaim(id);
+                }
+                Command::Remove(id) => {
+                    self.reclaim(id);
+                    self.remove(id);
+                }
+                Command::Rss(samples) => {
+                    for (id, kib) in samples {
+                        if let Some(i) = self.index_of(id) {
+                            self.stats[i].rss_kib = kib;
+                        }
+                    }
+                }
+                Command::Status => self.log_status(),
+                Command::Shutdown => {
+                    self.shutting_down = true;
+                    // New connections are refused from now on rather than queued to nobody.
+                    for l in &mut self.listeners {
+                        let _ = self.poll.registry().deregister(l);
+                    }
+                    self.listeners.clear();
+                    self.backlogged.clear();
+                    // What was accepted still goes out if any worker can take it.
+                    self.flush_all();
+                    if !self.pending.is_empty() {
+                        warn!(
+                            "{} accepted connections had no worker to go to at shutdown",
+                            self.pending.len()
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    fn add(
+        &mut self,
+        id: WorkerId,
+        slot: usize,
+        pid: Pid,
+        channels: Vec<ChannelEnds>,
+        max_conns: Option<u64>,
+    ) {
+        let mut chans = Vec::with_capacity(channels.len());
+        for (listener, ends) in channels.into_iter().enumerate() {
+            if let Err(e) = sys::set_nonblocking(ends.master.as_fd(), true) {
+                error!("worker {slot}: cannot make its channel non-blocking: {e}");
+            }
+            let raw = ends.master.as_raw_fd();
+            if let Err(e) = self.poll.registry().register(
+                &mut SourceFd(&raw),
+                channel_token(id, listener),
+                Interest::READABLE | Interest::WRITABLE,
+            ) {
+                error!("worker {slot}: cannot register its channel: {e}");
+            }
+            chans.push(Channel {
+                ends,
+                batch: SendBatch::with_capacity(SEND_BATCH),
+                writable: true,
+                full_since: None,
+            });
+        }
+        self.entries.push(Entry {
+            id,
+            slot,
+            pid,
+            state: State::Starting,
+            channels: chans,
+            dispatched: 0,
+            closed: 0,
+            max_conns,
+            stall_reported: false,
+        });
+        self.stats.push(WorkerStat::default());
+        self.refresh_open();
+    }
+
+    fn remove(&mut self, id: WorkerId) {
+        let Some(i) = self.index_of(id) else {
+            return;
+        };
+        let entry = self.entries.swap_remove(i);
+        self.stats.swap_remove(i);
+        for chan in &entry.channels {
+            let raw = chan.ends.master.as_raw_fd();
+            let _ = self.poll.registry().deregister(&mut SourceFd(&raw));
+            debug_assert!(chan.batch.is_empty(), "reclaim empties the batches first");
+        }
+        debug!(
+            "worker {} (pid {}) removed: dispatched {} closed {}",
+            entry.slot, entry.pid, entry.dispatched, entry.closed
+        );
+        self.refresh_open();
+    }
+
+    fn set_state(&mut self, id: WorkerId, state: State) {
+        if let Some(i) = self.index_of(id) {
+            let e = &mut self.entries[i];
+            // Draining is final; Ready does not undo it.
+            if e.state != State::Draining {
+                e.state = state;
+            }
+            self.refresh_open();
+        }
+    }
+
+    /// Recomputes every worker's open bits. Dispatch goes to Ready workers; to Starting ones
+    /// only while none is Ready (so connections queue in a starting worker's channel rather
+    /// than the kernel backlog at startup).
+    fn refresh_open(&mut self) {
+        let any_ready = self.entries.iter().any(|e| e.state == State::Ready);
+        for (e, s) in self.entries.iter().zip(self.stats.iter_mut()) {
+            let eligible = match e.state {
+                State::Ready => true,
+                State::Starting => !any_ready,
+                State::Draining => false,
+            };
+            let mut open = 0u64;
+            if eligible {
+                for (l, c) in e.channels.iter().enumerate() {
+                    if c.writable {
+                        open |= 1 << l;
+                    }
+                }
+            }
+            s.open = open;
+        }
+    }
+
+    fn read_channel(&mut self, id: WorkerId, listener: usize) {
+        let Some(i) = self.index_of(id) else {
+            return;
+        };
+        let mut buf = [0u8; HEADER_LEN + 1];
+        let (mut ready, mut stopping) = (false, false);
+        let entry = &mut self.entries[i];
+        loop {
+            let chan = &entry.channels[listener];
+            match scm::recvmsg_fd(chan.ends.master.as_fd(), &mut buf, libc::MSG_DONTWAIT) {
+                // The master holds a duplicate of the worker's end, so EOF cannot happen while
+                // the entry exists; treat it like "nothing more".
+                Ok(got) if got.len == 0 && got.fd.is_none() => break,
+                Ok(got) => {
+                    if got.fd.is_some() {
+                        warn!("worker {}: sent an fd to the master; closed it", entry.slot);
+                    }
+                    match Message::decode(&buf[..got.len]) {
+                        Ok(Message::Closed { count }) => entry.closed += count,
+                        Ok(Message::Ready) => ready = true,
+                        Ok(Message::Stopping) => stopping = true,
+                        Ok(Message::Heartbeat) => {}
+                        Ok(Message::Conn { .. }) => {
+                            warn!("worker {}: sent CONN to the master; ignored", entry.slot)
+                        }
+                        Err(e) => warn!("worker {}: bad message on its channel: {e}", entry.slot),
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    warn!("worker {}: channel read failed: {e}", entry.slot);
+                    break;
+                }
+            }
+        }
+        let active = entry.dispatched.saturating_sub(entry.closed);
+        let state = entry.state;
+        self.stats[i].active = active.min(u64::from(u32::MAX)) as u32;
+        if ready && state == State::Starting {
+            self.set_state(id, State::Ready);
+            self.emit(Event::Ready(id));
+        }
+        if stopping && state != State::Draining {
+            self.set_state(id, State::Draining);
+            self.reclaim(id);
+            self.emit(Event::Stopping(id));
+        }
+    }
+
+    fn channel_writable(&mut self, id: WorkerId, listener: usize) {
+        let Some(i) = self.index_of(id) else {
+            return;
+        };
+        let chan = &mut self.entries[i].channels[listener];
+        if !chan.writable {
+            chan.writable = true;
+            chan.full_since = None;
+            self.entries[i].stall_reported = false;
+            self.refresh_open();
+        }
+    }
+
+    /// Takes back every connection still queued in the worker's channels (unread by the worker)
+    /// and puts it first in line for another worker. Reading the worker's end while the worker
+    /// lives is safe: each message is dequeued by exactly one reader.
+    fn reclaim(&mut self, id: WorkerId) {
+        let Some(i) = self.index_of(id) else {
+            return;
+        };
+        let mut taken = Vec::new();
+        let slot = self.entries[i].slot;
+        for (listener, chan) in self.entries[i].channels.iter_mut().enumerate() {
+            // Anything still batched was never sent: take it back first, in order.
+            while let Some((payload, fd)) = chan.batch.pop_unsent() {
+                let seq = match Message::decode(&payload) {
+                    Ok(Message::Conn { seq }) => seq,
+                    _ => 0,
+                };
+                taken.push(Pending { listener, seq, fd });
+            }
+            let mut buf = [0u8; HEADER_LEN + 1];
+            loop {
+                match scm::recvmsg_fd(chan.ends.worker.as_fd(), &mut buf, libc::MSG_DONTWAIT) {
+                    Ok(got) => match got.fd {
+                        Some(fd) => {
+                            let seq = match Message::decode(&buf[..got.len]) {
+                                Ok(Message::Conn { seq }) => seq,
+                                _ => 0,
+                            };
+                            taken.push(Pending { listener, seq, fd });
+                        }
+                        None if got.len == 0 => break,
+                        None => {}
+                    },
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        warn!("reclaiming from worker {slot}: {e}");
+                        break;
+                    }
+                }
+            }
+        }
+        if taken.is_empty() {
+            return;
+        }
+        let entry = &mut self.entries[i];
+        entry.dispatched = entry.dispatched.saturating_sub(taken.len() as u64);
+        self.stats[i].active = entry.dispatched.saturating_sub(entry.closed) as u32;
+        info!(
+            "reclaimed {} queued connections from worker {} (pid {})",
+            taken.len(),
+            entry.slot,
+            entry.pid
+        );
+        self.emit(Event::Reclaimed(id, taken.len()));
+        for p in taken.into_iter().rev() {
+            self.pending.push_front(p);
+        }
+    }
+
+    /// Places waiting connections, oldest first, while some worker is open for them; returns
+    /// how many were placed. A batch that filled up is sent by `place`; anything it could not
+    /// send is back in `pending` and picked again by this loop.
+    fn dispatch_pending(&mut self) -> usize {
+        let mut placed = 0;
+        // One pass over what waits: a connection for a listener no worker can take now stays,
+        // the others go out.
+        for _ in 0..self.pending.len() {
+            let Some(p) = self.pending.pop_front() else {
+                break;
+            };
+            match self.place(p) {
+                Ok(()) => placed += 1,
+                Err(p) => self.pending.push_back(p),
+            }
+        }
+        placed
+    }
+
+    /// Picks a worker for `p` and queues it in that worker's batch. Gives `p` back if no worker
+    /// is open for its listener.
+    fn place(&mut self, p: Pending) -> Result<(), Pending> {
+        let Some(i) = self.policy.pick(&self.stats, p.listener) else {
+            return Err(p);
+        };
+        let listener = p.listener;
+        let entry = &mut self.entries[i];
+        entry.dispatched += 1;
+        self.stats[i].active = self.stats[i].active.saturating_add(1);
+        let chan = &mut entry.channels[listener];
+        let payload = Message::Conn { seq: p.seq }.encode();
+        if let Err((_, fd)) = chan.batch.push(payload, p.fd) {
+            // Cannot happen: a full batch is flushed right after the push that filled it.
+            unreachable!("batch full with fd {}", fd.as_raw_fd());
+        }
+        let full = chan.batch.is_full();
+        let limit_reached = entry.max_conns == Some(entry.dispatched);
+        let id = entry.id;
+        if full {
+            self.flush(i, listener);
+        }
+        if limit_reached {
+            self.emit(Event::MaxConns(id));
+        }
+        Ok(())
+    }
+
+    /// Sends worker `i`'s batch for `listener`. Whatever the channel does not take goes back to
+    /// the front of `pending` and the channel is closed for dispatch until it is writable.
+    fn flush(&mut self, i: usize, listener: usize) {
+        let entry = &mut self.entries[i];
+        let chan = &mut entry.channels[listener];
+        if chan.batch.is_empty() {
+            return;
+        }
+        let result = chan.batch.send(chan.ends.master.as_fd());
+        if chan.batch.is_empty() {
+            return;
+        }
+        match result {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => warn!("worker {}: sending connections failed: {e}", entry.slot),
+        }
+        chan.writable = false;
+        chan.full_since.get_or_insert_with(Instant::now);
+        let mut unsent = Vec::new();
+        while let Some((payload, fd)) = chan.batch.pop_unsent() {
+            let seq = match Message::decode(&payload) {
+                Ok(Message::Conn { seq }) => seq,
+                _ => 0,
+            };
+            unsent.push(Pending { listener, seq, fd });
+        }
+        entry.dispatched -= unsent.len() as u64;
+        self.stats[i].active = self.stats[i].active.saturating_sub(unsent.len() as u32);
+        for p in unsent.into_iter().rev() {
+            self.pending.push_front(p);
+        }
+        self.refresh_open();
+    }
+
+    /// Sends every batch. Connections a full channel bounces are placed elsewhere and sent in
+    /// the next round; each bounce closes a channel, so this ends, with every batch empty.
+    fn flush_all(&mut self) {
+        loop {
+            for i in 0..self.entries.len() {
+                for l in 0..self.entries[i].channels.len() {
+                    self.flush(i, l);
+                }
+            }
+            if self.pending.is_empty() || self.dispatch_pending() == 0 {
+                return;
+            }
+        }
+    }
+
+    fn accept_all(&mut self) {
+        if self.accept_paused_until.is_some() || !self.pending.is_empty() {
+            return;
+        }
+        for l in 0..self.listeners.len() {
+            let mut burst = 0;
+            while self.backlogged[l] && burst < ACCEPT_BURST {
+                // Accept only while some worker is open for this listener, so an accepted
+                // connection always has somewhere to go (the kernel backlog holds the rest).
+                if !self.stats.iter().any(|s| s.is_open(l)) {
+                    return;
+                }
+                match sys::accept4(self.listeners[l].as_fd()) {
+                    Ok(fd) => {
+                        burst += 1;
+                        self.seq += 1;
+                        let p = Pending {
+                            listener: l,
+                            seq: self.seq,
+                            fd,
+                        };
+                        if let Err(p) = self.place(p) {
+                            self.pending.push_back(p);
+                            return;
+                        }
+                        if !self.pending.is_empty() {
+                            // A flush bounced connections back: they go first.
+                            return;
+                        }
+                    }
+                    Err(e) => match e.raw_os_error() {
+                        Some(libc::EAGAIN) => self.backlogged[l] = false,
+                        // The connection died in the queue, or a signal: next one.
+                        Some(libc::ECONNABORTED | libc::EINTR | libc::EPROTO | libc::EPERM) => {}
+                        // Out of fds or memory: stop for a while instead of spinning on a
+                        // level that stays readable (accept4(2), "EMFILE").
+                        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
+                            warn!(
+                                "accept on listener {l}: {e}; pausing accepts for {ACCEPT_BACKOFF:?}"
+                            );
+                            self.accept_paused_until = Some(Instant::now() + ACCEPT_BACKOFF);
+                            return;
+                        }
+                        _ => {
+                            error!("accept on listener {l}: {e}");
+                            self.accept_paused_until = Some(Instant::now() + ACCEPT_BACKOFF);
+                            return;
+                        }
+                    },
+                }
+            }
+        }
+    }
+
+    fn check_stalls(&mut self) {
+        let now = Instant::now();
+        let mut stalled = Vec::new();
+        for e in &mut self.entries {
+            if e.stall_reported || e.state == State::Draining {
+                continue;
+            }
+            if e.channels
+                .iter()
+                .any(|c| c.full_since.is_some_and(|t| now >= t + self.stall_timeout))
+            {
+                e.stall_reported = true;
+                warn!(
+                    "worker {} (pid {}): channel full for {:?}; it stopped accepting",
+                    e.slot, e.pid, self.stall_timeout
+                );
+                stalled.push(e.id);
+            }
+        }
+        for id in stalled {
+            self.emit(Event::Stalled(id));
+        }
+    }
+
+    fn log_status(&self) {
+        for (e, s) in self.entries.iter().zip(&self.stats) {
+            info!(
+                "status: worker {} pid {} state {:?} active {} dispatched {} closed {} rss_kib {}",
+                e.slot, e.pid, e.state, s.active, e.dispatched, e.closed, s.rss_kib
+            );
+        }
+        info!(
+            "status: {} workers, {} connections waiting in the master",
+            self.entries.len(),
+            self.pending.len()
+        );
+    }
+}

@@ -1,1 +1,411 @@
-//! stub
+//! The command line: clap parses [`Args`], [`Args::into_config`] validates them into a
+//! [`Config`] (two steps, so every check that needs the host — the allowed CPU set, the
+//! command's path — happens in one place and fails with one line before anything starts).
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use thiserror::Error;
+
+use crate::policy::PolicyKind;
+use crate::sys;
+use crate::topology;
+
+/// At most this many workers: beyond it `--workers` is a typo, not a plan.
+pub const MAX_WORKERS: usize = 1024;
+/// At most this many `--listen` addresses (one bit each in the load table, one fd each).
+pub const MAX_LISTENERS: usize = 64;
+
+/// rcluster-lb runs N copies of a server behind one port, the master handing each connection
+/// to the worker its policy picks.
+#[derive(Debug, Parser)]
+#[command(
+    name = "rcluster-lb",
+    version,
+    about = "Run N pinned copies of a server in any language behind one port; the master hands \
+             each connection to the worker its policy picks.",
+    after_help = "With no COMMAND, runs the built-in demo HTTP worker.\n\
+                  Signals: TERM/INT graceful stop, HUP rolling reload, TTIN/TTOU add/remove a \
+                  worker, USR1 log per-worker status.",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Args {
+    #[command(subcommand)]
+    pub subcommand: Option<Sub>,
+
+    /// Address to listen on (repeatable); fd 3+i in a worker belongs to the i-th. Port 0 picks
+    /// a free port, logged at startup.
+    #[arg(long = "listen", short = 'l', value_name = "ADDR", default_values_t = ["127.0.0.1:8080".to_string()])]
+    pub listen: Vec<String>,
+
+    /// Number of workers; 0 = one per CPU this process may run on.
+    #[arg(long, short = 'w', value_name = "N", default_value_t = 0)]
+    pub workers: usize,
+
+    /// How connections are assigned to workers.
+    #[arg(long, short = 'p', value_enum, default_value_t = PolicyKind::LeastConn)]
+    pub policy: PolicyKind,
+
+    /// Worker CPU pinning: none, auto (one per physical core first; see `rcluster-lb
+    /// topology`), or a CPU list such as 0-3,6 (worker i gets the i-th CPU, wrapping).
+    #[arg(long, value_name = "none|auto|CPU-LIST", default_value = "none")]
+    pub pin: String,
+
+    /// Pin the acceptor thread to this CPU (with --pin auto the plan's acceptor CPU is used).
+    #[arg(long, value_name = "CPU")]
+    pub acceptor_cpu: Option<usize>,
+
+    /// How long workers get to exit after SIGTERM on shutdown or drain before SIGKILL.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub grace: Duration,
+
+    /// How often worker RSS is sampled from /proc/PID/statm (least-mem, --max-rss).
+    #[arg(long, value_name = "DURATION", default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub rss_interval: Duration,
+
+    /// Consider a worker ready this long after it starts if it signals nothing itself (no READY
+    /// on its channel, no READY=1 on NOTIFY_SOCKET). Without it, such a worker is only
+    /// considered ready after --ready-timeout, with a warning.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub ready_delay: Option<Duration>,
+
+    /// How long a starting worker may take to become ready.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub ready_timeout: Duration,
+
+    /// Do not inject the preload shim (LD_PRELOAD) into workers.
+    #[arg(long)]
+    pub no_preload: bool,
+
+    /// Signal sent to a worker being drained (reload, recycle, scale-down).
+    #[arg(long, value_name = "SIGNAL", default_value = "TERM")]
+    pub drain_signal: String,
+
+    /// Workers replaced at a time during a rolling reload (SIGHUP).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub reload_batch: usize,
+
+    /// Recycle a worker after it was handed this many connections.
+    #[arg(long, value_name = "N")]
+    pub max_conns: Option<u64>,
+
+    /// Random extra 0..=J connections per worker for --max-conns, so workers do not recycle
+    /// in lockstep.
+    #[arg(long, value_name = "J", default_value_t = 0)]
+    pub max_conns_jitter: u64,
+
+    /// Recycle a worker whose resident memory exceeds SIZE (e.g. 512MiB).
+    #[arg(long, value_name = "SIZE")]
+    pub max_rss: Option<bytesize::ByteSize>,
+
+    /// Replace a worker whose channel stays full (it stopped accepting) this long.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub stall_timeout: Duration,
+
+    /// The server to run as each worker, and its arguments.
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<OsString>,
+}
+
+/// Subcommands besides running the cluster.
+#[derive(Debug, Subcommand)]
+pub enum Sub {
+    /// Show this host's CPUs, cores, NUMA nodes, NIC interrupt CPUs and the --pin auto plan.
+    Topology {
+        /// Plan for this many workers (default: one per allowed CPU).
+        #[arg(long, short = 'w')]
+        workers: Option<usize>,
+    },
+    /// The built-in demo HTTP worker (started by the master; not for direct use).
+    #[command(hide = true)]
+    DemoWorker,
+}
+
+/// A configuration error: exit code 2.
+#[derive(Debug, Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+fn usage(msg: impl Into<String>) -> UsageError {
+    UsageError(msg.into())
+}
+
+/// What each worker runs.
+#[derive(Debug, Clone)]
+pub struct WorkerCommand {
+    /// As given on the command line (re-resolved at each reload, so a new binary is picked up).
+    pub program: OsString,
+    /// Arguments after the program.
+    pub args: Vec<OsString>,
+    /// This is the built-in demo worker (the master's own binary).
+    pub builtin: bool,
+}
+
+impl WorkerCommand {
+    /// Resolves the program like `execvp` would (a name without `/` is searched in `PATH`),
+    /// failing with a message naming the command if it is missing or not executable.
+    pub fn resolve(&self) -> Result<PathBuf, String> {
+        let name = Path::new(&self.program);
+        let shown = name.display();
+        if self.program.is_empty() {
+            return Err("empty command".into());
+        }
+        if name.as_os_str().as_encoded_bytes().contains(&b'/') {
+            if !name.exists() {
+                return Err(format!("command not found: {shown}"));
+            }
+            if !sys::is_executable(name) {
+                return Err(format!("command is not executable: {shown}"));
+            }
+            return Ok(name.to_path_buf());
+        }
+        let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into());
+        let mut found_not_exec = false;
+        for dir in std::env::split_paths(&path) {
+            let candidate = dir.join(name);
+            if sys::is_executable(&candidate) {
+                return Ok(candidate);
+            }
+            found_not_exec |= candidate.is_file();
+        }
+        if found_not_exec {
+            Err(format!("command is not executable: {shown}"))
+        } else {
+            Err(format!("command not found: {shown}"))
+        }
+    }
+
+    /// The command as one string for logs.
+    pub fn display(&self) -> String {
+        let mut s = self.program.to_string_lossy().into_owned();
+        for a in &self.args {
+            s.push(' ');
+            s.push_str(&a.to_string_lossy());
+        }
+        s
+    }
+}
+
+/// CPU assignment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pin {
+    /// The scheduler decides.
+    None,
+    /// Worker `i` is pinned to `cpus[i % len]`.
+    Cpus(Vec<usize>),
+}
+
+/// The validated configuration the master runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Listen addresses, in fd order.
+    pub listen: Vec<SocketAddr>,
+    /// Number of workers (resolved from 0).
+    pub workers: usize,
+    /// The policy.
+    pub policy: PolicyKind,
+    /// Worker pinning.
+    pub pin: Pin,
+    /// CPU for the acceptor thread.
+    pub acceptor_cpu: Option<usize>,
+    /// What workers run.
+    pub command: WorkerCommand,
+    /// Shutdown and drain grace period.
+    pub grace: Duration,
+    /// RSS sampling period.
+    pub rss_interval: Duration,
+    /// Ready this long after start when the worker signals nothing.
+    pub ready_delay: Option<Duration>,
+    /// Limit for becoming ready.
+    pub ready_timeout: Duration,
+    /// Inject the preload shim.
+    pub preload: bool,
+    /// Signal for draining.
+    pub drain_signal: libc::c_int,
+    /// Rolling reload batch size.
+    pub reload_batch: usize,
+    /// Recycle after this many connections (plus jitter).
+    pub max_conns: Option<u64>,
+    /// Jitter for `max_conns`.
+    pub max_conns_jitter: u64,
+    /// Recycle above this RSS, bytes.
+    pub max_rss: Option<u64>,
+    /// Replace a worker whose channel stays full this long.
+    pub stall_timeout: Duration,
+}
+
+impl Args {
+    /// Validates the arguments against this host. `self_exe` is the master's binary (the
+    /// demo worker's program).
+    pub fn into_config(self, self_exe: &Path) -> Result<Config, UsageError> {
+        if self.listen.len() > MAX_LISTENERS {
+            return Err(usage(format!(
+                "too many --listen addresses ({}, at most {MAX_LISTENERS})",
+                self.listen.len()
+            )));
+        }
+        let mut listen = Vec::with_capacity(self.listen.len());
+        for text in &self.listen {
+            let addr = crate::listener::parse_listen_addr(text).map_err(usage)?;
+            if listen.contains(&addr) && addr.port() != 0 {
+                return Err(usage(format!("--listen {addr} given twice")));
+            }
+            listen.push(addr);
+        }
+        let allowed = sys::sched_getaffinity()
+            .map_err(|e| usage(format!("cannot read the allowed CPU set: {e}")))?
+            .cpus();
+        let workers = match self.workers {
+            0 => allowed.len().max(1),
+            n if n > MAX_WORKERS => {
+                return Err(usage(format!(
+                    "--workers {n} is too many (at most {MAX_WORKERS})"
+                )));
+            }
+            n => n,
+        };
+        let check_allowed = |cpu: usize, what: &str| -> Result<(), UsageError> {
+            if allowed.contains(&cpu) {
+                Ok(())
+            } else {
+                Err(usage(format!(
+                    "{what} names CPU {cpu}, which is not in this process's allowed CPUs ({})",
+                    format_cpus(&allowed)
+                )))
+            }
+        };
+        let mut acceptor_cpu = self.acceptor_cpu;
+        let pin = match self.pin.as_str() {
+            "none" => Pin::None,
+            "auto" => {
+                let topo = topology::Topology::detect(&allowed)
+                    .map_err(|e| usage(format!("cannot read the CPU topology: {e}")))?;
+                let plan = topo.plan(workers);
+                if acceptor_cpu.is_none() && self.policy.mode() == crate::policy::Mode::Dispatch {
+                    acceptor_cpu = plan.acceptor;
+                }
+                Pin::Cpus(plan.workers)
+            }
+            list => {
+                let cpus = topology::parse_cpu_list(list)
+                    .map_err(|e| usage(format!("--pin {list}: {e}")))?;
+                if cpus.is_empty() {
+                    return Err(usage(format!("--pin {list}: no CPUs")));
+                }
+                for &cpu in &cpus {
+                    check_allowed(cpu, "--pin")?;
+                }
+                Pin::Cpus(cpus)
+            }
+        };
+        if let Some(cpu) = self.acceptor_cpu {
+            check_allowed(cpu, "--acceptor-cpu")?;
+        }
+        let drain_signal = sys::parse_signal(&self.drain_signal).ok_or_else(|| {
+            usage(format!(
+                "--drain-signal: unknown signal '{}'",
+                self.drain_signal
+            ))
+        })?;
+        if self.reload_batch == 0 {
+            return Err(usage("--reload-batch must be at least 1"));
+        }
+        if self.max_conns == Some(0) {
+            return Err(usage("--max-conns must be at least 1"));
+        }
+        if self.rss_interval.is_zero() {
+            return Err(usage("--rss-interval must be greater than 0"));
+        }
+        let command = match self.command.split_first() {
+            None => WorkerCommand {
+                program: self_exe.as_os_str().to_owned(),
+                args: vec!["demo-worker".into()],
+                builtin: true,
+            },
+            Some((program, args)) => WorkerCommand {
+                program: program.clone(),
+                args: args.to_vec(),
+                builtin: false,
+            },
+        };
+        command.resolve().map_err(usage)?;
+        Ok(Config {
+            listen,
+            workers,
+            policy: self.policy,
+            pin,
+            acceptor_cpu,
+            command,
+            grace: self.grace,
+            rss_interval: self.rss_interval,
+            ready_delay: self.ready_delay,
+            ready_timeout: self.ready_timeout,
+            preload: !self.no_preload,
+            drain_signal,
+            reload_batch: self.reload_batch,
+            max_conns: self.max_conns,
+            max_conns_jitter: self.max_conns_jitter,
+            max_rss: self.max_rss.map(|s| s.as_u64()),
+            stall_timeout: self.stall_timeout,
+        })
+    }
+}
+
+fn format_cpus(cpus: &[usize]) -> String {
+    cpus.iter()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(args: &[&str]) -> Result<Config, UsageError> {
+        let mut argv = vec!["rcluster-lb"];
+        argv.extend_from_slice(args);
+        Args::try_parse_from(argv)
+            .map_err(|e| UsageError(e.to_string()))?
+            .into_config(Path::new("/bin/sh"))
+    }
+
+    #[test]
+    fn defaults_run_the_demo_worker_on_8080() {
+        let c = config(&[]).unwrap();
+        assert_eq!(c.listen, vec!["127.0.0.1:8080".parse().unwrap()]);
+        assert!(c.command.builtin);
+        assert_eq!(c.workers, sys::sched_getaffinity().unwrap().cpus().len());
+        assert_eq!(c.policy, PolicyKind::LeastConn);
+    }
+
+    #[test]
+    fn aliases_and_command() {
+        let c = config(&["-p", "rr", "-w", "3", "--", "sh", "-c", "true"]).unwrap();
+        assert_eq!(c.policy, PolicyKind::RoundRobin);
+        assert_eq!(c.workers, 3);
+        assert!(!c.command.builtin);
+        assert_eq!(c.command.args, vec![OsString::from("-c"), "true".into()]);
+    }
+
+    #[test]
+    fn bad_input_names_the_problem() {
+        let msg = |args: &[&str]| config(args).unwrap_err().0;
+        assert!(msg(&["--listen", "nope"]).contains("nope"));
+        assert!(msg(&["--workers", "100000"]).contains("too many"));
+        assert!(msg(&["--pin", "4000"]).contains("CPU 4000"));
+        assert!(msg(&["--pin", "0-x"]).contains("0-x"));
+        assert!(msg(&["--acceptor-cpu", "4000"]).contains("CPU 4000"));
+        assert!(msg(&["--", "/no/such/server"]).contains("command not found"));
+        assert!(msg(&["--", "no-such-server-anywhere"]).contains("command not found"));
+        let plain = std::env::temp_dir().join(format!("rcluster-lb-plain-{}", std::process::id()));
+        std::fs::write(&plain, "not a program").unwrap();
+        let not_exec = msg(&["--", plain.to_str().unwrap()]);
+        std::fs::remove_file(&plain).unwrap();
+        assert!(not_exec.contains("not executable"), "{not_exec}");
+        assert!(msg(&["--drain-signal", "BOGUS"]).contains("BOGUS"));
+    }
+}

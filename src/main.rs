@@ -1,1 +1,63 @@
-fn main() {}
+//! The `rcluster-lb` binary: parses arguments, owns exit codes (0 ok, 1 runtime failure,
+//! 2 usage or configuration error) and prints the error chain as one line.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::Parser;
+use rcluster_lb::cli::{Args, Sub, UsageError};
+use rcluster_lb::{demo, supervisor, sys, topology};
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging(args.subcommand.is_some());
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let code = if e.downcast_ref::<UsageError>().is_some() {
+                2
+            } else {
+                1
+            };
+            eprintln!("rcluster-lb: error: {e:#}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    match args.subcommand {
+        Some(Sub::DemoWorker) => return demo::run(),
+        Some(Sub::Topology { workers }) => {
+            let allowed = sys::sched_getaffinity()?.cpus();
+            let topo = topology::Topology::detect(&allowed)?;
+            print!("{}", topo.report(workers.unwrap_or(allowed.len())));
+            return Ok(());
+        }
+        None => {}
+    }
+    let exe = std::env::current_exe()?;
+    let config = args.into_config(&exe)?;
+    match sys::raise_nofile_limit() {
+        Ok(limit) => log::debug!("RLIMIT_NOFILE soft limit is {limit}"),
+        Err(e) => log::warn!("cannot raise RLIMIT_NOFILE: {e}"),
+    }
+    supervisor::run(config)
+}
+
+/// Logs go to stderr, one line each, `rcluster-lb[PID]: LEVEL message`; `RCLUSTER_LOG` sets the
+/// level (default info).
+fn init_logging(worker: bool) {
+    let pid = sys::getpid();
+    let name = if worker { "worker" } else { "rcluster-lb" };
+    env_logger::Builder::from_env(env_logger::Env::new().filter_or("RCLUSTER_LOG", "info"))
+        .format(move |buf, record| {
+            writeln!(
+                buf,
+                "{name}[{pid}]: {} {}",
+                record.level().as_str().to_ascii_lowercase(),
+                record.args()
+            )
+        })
+        .init();
+}

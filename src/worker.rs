@@ -1,1 +1,1665 @@
-//! stub
+//! The Rust worker API: a worker process adopts the fds the master started it with (fd `3+i`
+//! per listener, DESIGN.md section 3 / docs/PROTOCOL.md) and accepts connections from them,
+//! whatever the mode.
+//!
+//! Fd ownership: [`Worker::from_env`] adopts fds `3..3+LISTEN_FDS` exactly once per process;
+//! each becomes the `OwnedFd` inside one [`Listener`]. In dispatch mode the channel fd is shared
+//! (`Arc`) between its `Listener` and every [`Connection`] received from it, because a
+//! connection reports its own close on that channel when dropped; the channel is closed when the
+//! last of them goes. Each `Connection` owns its TCP fd. In `reuseport`/`shared` mode the
+//! listening socket is owned by the `Listener` (the master holds its own copy, so closing ours
+//! never resets queued connections).
+//!
+//! Threads: nothing here spawns a thread. A `Worker`, its `Listener`s and its `Connection`s are
+//! `Send + Sync`; close reports are atomic counters, so connections may be dropped on any thread.
+//!
+//! # Close reports (CLOSED coalescing)
+//!
+//! The master counts a connection as active from the moment it sends it until the worker
+//! reports it closed, so every connection handed over must be reported exactly once. Each
+//! dispatch channel has one counter of *unreported closes*:
+//!
+//! - dropping a [`Connection`] (or its [`CloseToken`]) closes the TCP fd first, then adds 1;
+//! - a *flush* takes the whole counter with one atomic `swap(0)` and sends one `CLOSED(n)`;
+//!   if the send fails (`EAGAIN`: the master is not reading; `EPIPE`: it is gone) the `n` is
+//!   added back, so it goes out with the next flush. A close is therefore never lost (it is in
+//!   the counter or in a message sent) and never double counted (only the flusher whose `swap`
+//!   took it can send it, and it adds it back only when the kernel refused the message — a
+//!   `SOCK_SEQPACKET` send is all or nothing).
+//!
+//! By default every drop flushes at once (one `send` per close). An event loop should call
+//! [`Worker::defer_close_reports`]`(true)` and then [`Worker::flush_closed`] once per iteration
+//! before it waits again: all closes of that iteration then travel in one message. `accept`
+//! also flushes first, and dropping a `Listener` switches its channel back to immediate
+//! reporting, so deferred counts are not stranded when nothing flushes any more.
+
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::ops::{Deref, DerefMut};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixDatagram;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use thiserror::Error;
+
+use crate::protocol::{HEADER_LEN, Message, ProtocolError};
+use crate::sys::{self, Pid, scm};
+
+pub use crate::policy::Mode;
+
+/// The first inherited fd (`SD_LISTEN_FDS_START`): listener `i` is fd `3 + i`.
+pub const LISTEN_FDS_START: i32 = 3;
+/// The most listeners a worker accepts (the master's per-worker open mask is a `u64`).
+pub const MAX_LISTENERS: usize = 64;
+
+/// Set once [`Worker::from_env`] has adopted the inherited fds, so a second call cannot take
+/// ownership of (and later double-close) the same fd numbers.
+static INHERITED_FDS_ADOPTED: AtomicBool = AtomicBool::new(false);
+
+/// Why a worker could not start or could not talk to its master.
+#[derive(Debug, Error)]
+pub enum WorkerError {
+    /// A variable of the worker contract is not set.
+    #[error("environment variable {var} is not set (is this process started by rcluster-lb?)")]
+    MissingVar {
+        /// The variable's name.
+        var: &'static str,
+    },
+    /// A variable of the worker contract has a value that does not parse.
+    #[error("environment variable {var}={value:?} is invalid: {reason}")]
+    InvalidVar {
+        /// The variable's name.
+        var: &'static str,
+        /// Its value.
+        value: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// A list variable does not have one entry per inherited fd.
+    #[error("environment variable {var} has {entries} entries but LISTEN_FDS={fds}")]
+    ListLength {
+        /// The variable's name.
+        var: &'static str,
+        /// Entries in it.
+        entries: usize,
+        /// `LISTEN_FDS`.
+        fds: usize,
+    },
+    /// `LISTEN_PID` names another process: the fds were meant for a parent, not for us.
+    #[error("LISTEN_PID={listen_pid} but this process is {pid}: the inherited fds are not ours")]
+    ForeignFds {
+        /// The value of `LISTEN_PID`.
+        listen_pid: Pid,
+        /// This process.
+        pid: Pid,
+    },
+    /// [`Worker::from_env`] was called before in this process.
+    #[error("the inherited listener fds were already adopted by an earlier Worker::from_env")]
+    AlreadyAdopted,
+    /// An inherited fd number is not open.
+    #[error("inherited fd {fd} (listener {index}) is not open in this process")]
+    Inherit {
+        /// The listener's index.
+        index: usize,
+        /// Its fd number, `3 + index`.
+        fd: i32,
+        /// What `fcntl(2)` said.
+        #[source]
+        source: io::Error,
+    },
+    /// [`Worker::new`] got a different number of fds than the contract names.
+    #[error("{got} listener fds given but the contract names {expected}")]
+    FdCount {
+        /// `Contract::listen_fds`.
+        expected: usize,
+        /// Fds given.
+        got: usize,
+    },
+    /// A listener fd is not the kind of socket the mode needs.
+    #[error("listener {index} is {found}, but {mode} mode needs {expected}")]
+    WrongKind {
+        /// The listener's index.
+        index: usize,
+        /// The mode (`dispatch`, `reuseport`, `shared`).
+        mode: &'static str,
+        /// What the mode needs.
+        expected: &'static str,
+        /// What the fd is.
+        found: String,
+    },
+    /// Sending READY/STOPPING on a dispatch channel failed.
+    #[error("failed to send {what} on listener {index}'s dispatch channel")]
+    Channel {
+        /// The message (`READY`, `STOPPING`).
+        what: &'static str,
+        /// The listener's index.
+        index: usize,
+        /// What `send(2)` said.
+        #[source]
+        source: io::Error,
+    },
+    /// Sending `READY=1`/`STOPPING=1` to `NOTIFY_SOCKET` failed.
+    #[error("failed to send {what} to NOTIFY_SOCKET {addr}")]
+    Notify {
+        /// The datagram (`READY=1`, `STOPPING=1`).
+        what: &'static str,
+        /// The socket's address.
+        addr: NotifyAddr,
+        /// What `sendto(2)` said.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The master closed its end of a dispatch channel (end of stream): no connection will come on
+/// it any more. Returned inside an `io::Error` of kind `UnexpectedEof`; test with
+/// [`is_master_gone`].
+#[derive(Debug, Error)]
+#[error("the master closed listener {index}'s dispatch channel: no more connections will come")]
+pub struct MasterGone {
+    /// The listener whose channel ended.
+    pub index: usize,
+}
+
+/// Whether an error from [`Listener::accept`] means the master is gone ([`MasterGone`]).
+pub fn is_master_gone(err: &io::Error) -> bool {
+    err.kind() == io::ErrorKind::UnexpectedEof
+        && err.get_ref().is_some_and(|inner| inner.is::<MasterGone>())
+}
+
+/// Where `NOTIFY_SOCKET` points (sd_notify(3)): a filesystem path or, for a value starting with
+/// `@`, an abstract socket name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotifyAddr {
+    /// An `AF_UNIX` datagram socket bound to this path.
+    Path(PathBuf),
+    /// An abstract `AF_UNIX` name (the bytes after the `@`).
+    Abstract(Vec<u8>),
+}
+
+impl NotifyAddr {
+    /// Parses a `NOTIFY_SOCKET` value: an absolute path, or `@name`.
+    pub fn parse(value: &str) -> Option<NotifyAddr> {
+        if let Some(name) = value.strip_prefix('@') {
+            return (!name.is_empty()).then(|| NotifyAddr::Abstract(name.as_bytes().to_vec()));
+        }
+        value
+            .starts_with('/')
+            .then(|| NotifyAddr::Path(PathBuf::from(value)))
+    }
+
+    /// Sends one datagram from an unbound socket (sd_notify(3) semantics: fire and forget).
+    fn send(&self, datagram: &[u8]) -> io::Result<()> {
+        let sock = UnixDatagram::unbound()?;
+        match self {
+            NotifyAddr::Path(path) => sock.send_to(datagram, path)?,
+            NotifyAddr::Abstract(name) => {
+                use std::os::linux::net::SocketAddrExt;
+                let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+                sock.send_to_addr(datagram, &addr)?
+            }
+        };
+        Ok(())
+    }
+}
+
+impl fmt::Display for NotifyAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NotifyAddr::Path(path) => write!(f, "{}", path.display()),
+            NotifyAddr::Abstract(name) => write!(f, "@{}", String::from_utf8_lossy(name)),
+        }
+    }
+}
+
+/// The worker contract as read from the environment (everything but the fds themselves).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Contract {
+    /// `RCLUSTER_WORKER_ID`: the stable slot, `0..N`.
+    pub id: u32,
+    /// `RCLUSTER_GENERATION`: how many reloads the master has done.
+    pub generation: u64,
+    /// `RCLUSTER_MODE`.
+    pub mode: Mode,
+    /// `LISTEN_FDS`: how many listeners, at fds `3..3+listen_fds`.
+    pub listen_fds: usize,
+    /// `LISTEN_PID`, if set: the process the fds are for.
+    pub listen_pid: Option<Pid>,
+    /// `RCLUSTER_LISTEN`: the listen addresses in fd order (empty if unset).
+    pub addresses: Vec<String>,
+    /// `LISTEN_FDNAMES`: a name per fd (empty if unset).
+    pub fd_names: Vec<String>,
+    /// `PORT`: the first listener's port.
+    pub port: Option<u16>,
+    /// `NOTIFY_SOCKET`, if set.
+    pub notify_socket: Option<NotifyAddr>,
+}
+
+impl Contract {
+    /// A contract for `listen_fds` listeners in `mode`, slot 0, generation 0, nothing else
+    /// set; for building a [`Worker`] around fds made in-process (tests, embedding).
+    pub fn new(mode: Mode, listen_fds: usize) -> Contract {
+        Contract {
+            id: 0,
+            generation: 0,
+            mode,
+            listen_fds,
+            listen_pid: None,
+            addresses: Vec::new(),
+            fd_names: Vec::new(),
+            port: None,
+            notify_socket: None,
+        }
+    }
+
+    /// Reads the contract from this process's environment.
+    pub fn from_env() -> Result<Contract, WorkerError> {
+        Contract::from_vars(|name| std::env::var(name).ok())
+    }
+
+    /// Reads the contract through `var`, which returns a variable's value (`None` if unset).
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Contract, WorkerError> {
+        fn required(
+            var: &impl Fn(&str) -> Option<String>,
+            name: &'static str,
+        ) -> Result<String, WorkerError> {
+            var(name).ok_or(WorkerError::MissingVar { var: name })
+        }
+        fn invalid(var: &'static str, value: &str, reason: &'static str) -> WorkerError {
+            WorkerError::InvalidVar {
+                var,
+                value: value.to_owned(),
+                reason,
+            }
+        }
+        fn list(
+            var: &impl Fn(&str) -> Option<String>,
+            name: &'static str,
+            sep: char,
+            fds: usize,
+        ) -> Result<Vec<String>, WorkerError> {
+            let Some(value) = var(name) else {
+                return Ok(Vec::new());
+            };
+            let entries: Vec<String> = value.split(sep).map(str::to_owned).collect();
+            if entries.len() != fds {
+                return Err(WorkerError::ListLength {
+                    var: name,
+                    entries: entries.len(),
+                    fds,
+                });
+            }
+            Ok(entries)
+        }
+
+        let value = required(&var, "LISTEN_FDS")?;
+        let listen_fds: usize = value
+            .parse()
+            .map_err(|_| invalid("LISTEN_FDS", &value, "not a number"))?;
+        if listen_fds == 0 {
+            return Err(invalid("LISTEN_FDS", &value, "a worker needs a listener"));
+        }
+        if listen_fds > MAX_LISTENERS {
+            return Err(invalid("LISTEN_FDS", &value, "more than 64 listeners"));
+        }
+        let listen_pid = match var("LISTEN_PID") {
+            None => None,
+            Some(value) => Some(
+                value
+                    .parse::<Pid>()
+                    .ok()
+                    .filter(|&pid| pid > 0)
+                    .ok_or_else(|| invalid("LISTEN_PID", &value, "not a process id"))?,
+            ),
+        };
+        let value = required(&var, "RCLUSTER_MODE")?;
+        let mode = parse_mode(&value).ok_or_else(|| {
+            invalid(
+                "RCLUSTER_MODE",
+                &value,
+                "expected dispatch, reuseport or shared",
+            )
+        })?;
+        let value = required(&var, "RCLUSTER_WORKER_ID")?;
+        let id = value
+            .parse()
+            .map_err(|_| invalid("RCLUSTER_WORKER_ID", &value, "not a slot number"))?;
+        let value = required(&var, "RCLUSTER_GENERATION")?;
+        let generation = value
+            .parse()
+            .map_err(|_| invalid("RCLUSTER_GENERATION", &value, "not a number"))?;
+        let port = match var("PORT") {
+            None => None,
+            Some(value) => Some(
+                value
+                    .parse()
+                    .map_err(|_| invalid("PORT", &value, "not a port number"))?,
+            ),
+        };
+        let notify_socket = match var("NOTIFY_SOCKET") {
+            None => None,
+            Some(value) => Some(NotifyAddr::parse(&value).ok_or_else(|| {
+                invalid(
+                    "NOTIFY_SOCKET",
+                    &value,
+                    "expected an absolute path or @abstract-name",
+                )
+            })?),
+        };
+        Ok(Contract {
+            id,
+            generation,
+            mode,
+            listen_fds,
+            listen_pid,
+            addresses: list(&var, "RCLUSTER_LISTEN", ',', listen_fds)?,
+            fd_names: list(&var, "LISTEN_FDNAMES", ':', listen_fds)?,
+            port,
+            notify_socket,
+        })
+    }
+
+    /// Fails unless `LISTEN_PID` is unset or names `pid` (sd_listen_fds(3): fds inherited
+    /// through a process that did not consume them are not ours).
+    fn check_pid(&self, pid: Pid) -> Result<(), WorkerError> {
+        match self.listen_pid {
+            Some(listen_pid) if listen_pid != pid => {
+                Err(WorkerError::ForeignFds { listen_pid, pid })
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// `RCLUSTER_MODE`'s values, the inverse of [`Mode::as_str`].
+fn parse_mode(value: &str) -> Option<Mode> {
+    [Mode::Dispatch, Mode::Reuseport, Mode::Shared]
+        .into_iter()
+        .find(|mode| mode.as_str() == value)
+}
+
+/// A worker process's side of the contract: who it is and where its connections come from.
+#[derive(Debug)]
+pub struct Worker {
+    contract: Contract,
+    listeners: Vec<Listener>,
+    ready_sent: AtomicBool,
+    stopping_sent: AtomicBool,
+}
+
+impl Worker {
+    /// Reads the contract from the environment and adopts fds `3..3+LISTEN_FDS`, checking each
+    /// is the kind of socket the mode needs. Call it once per process, before anything else
+    /// opens fds: a second call fails with [`WorkerError::AlreadyAdopted`].
+    pub fn from_env() -> Result<Worker, WorkerError> {
+        let contract = Contract::from_env()?;
+        contract.check_pid(sys::getpid())?;
+        if INHERITED_FDS_ADOPTED.swap(true, Ordering::SeqCst) {
+            return Err(WorkerError::AlreadyAdopted);
+        }
+        let mut fds = Vec::with_capacity(contract.listen_fds);
+        for index in 0..contract.listen_fds {
+            let fd = LISTEN_FDS_START + index as i32;
+            let owned = sys::adopt_inherited_fd(fd).map_err(|source| WorkerError::Inherit {
+                index,
+                fd,
+                source,
+            })?;
+            fds.push(owned);
+        }
+        Worker::new(contract, fds)
+    }
+
+    /// A worker around fds the caller owns (fd `i` is listener `i`), checked like
+    /// [`Worker::from_env`] checks inherited ones.
+    pub fn new(contract: Contract, fds: Vec<OwnedFd>) -> Result<Worker, WorkerError> {
+        if fds.len() != contract.listen_fds {
+            return Err(WorkerError::FdCount {
+                expected: contract.listen_fds,
+                got: fds.len(),
+            });
+        }
+        let listeners = fds
+            .into_iter()
+            .enumerate()
+            .map(|(index, fd)| {
+                Listener::new(
+                    index,
+                    contract.mode,
+                    fd,
+                    contract.addresses.get(index).cloned(),
+                    contract.fd_names.get(index).cloned(),
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Worker {
+            contract,
+            listeners,
+            ready_sent: AtomicBool::new(false),
+            stopping_sent: AtomicBool::new(false),
+        })
+    }
+
+    /// The stable slot, `0..N` (`RCLUSTER_WORKER_ID`).
+    pub fn id(&self) -> u32 {
+        self.contract.id
+    }
+
+    /// The master's reload count when this worker was started (`RCLUSTER_GENERATION`).
+    pub fn generation(&self) -> u64 {
+        self.contract.generation
+    }
+
+    /// How connections arrive.
+    pub fn mode(&self) -> Mode {
+        self.contract.mode
+    }
+
+    /// The whole contract this worker was started with.
+    pub fn contract(&self) -> &Contract {
+        &self.contract
+    }
+
+    /// The listeners, in fd order.
+    pub fn listeners(&self) -> &[Listener] {
+        &self.listeners
+    }
+
+    /// The listeners, mutably (registering with mio needs `&mut`).
+    pub fn listeners_mut(&mut self) -> &mut [Listener] {
+        &mut self.listeners
+    }
+
+    /// Tells the master this worker accepts connections: `READY` on every dispatch channel and
+    /// `READY=1` to `NOTIFY_SOCKET` if set. Only the first successful call sends anything.
+    pub fn ready(&self) -> Result<(), WorkerError> {
+        if self.ready_sent.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.announce(Message::Ready, "READY", b"READY=1", "READY=1")?;
+        self.ready_sent.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Tells the master this worker is draining and wants no more connections: `STOPPING` on
+    /// every dispatch channel and `STOPPING=1` to `NOTIFY_SOCKET`. Connections the master
+    /// already queued stay in the channel and should be left there: the master takes them back
+    /// after this process exits. Only the first successful call sends anything.
+    pub fn stopping(&self) -> Result<(), WorkerError> {
+        if self.stopping_sent.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.announce(Message::Stopping, "STOPPING", b"STOPPING=1", "STOPPING=1")?;
+        self.stopping_sent.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Sends `HEARTBEAT` on every dispatch channel without blocking; a full channel skips it.
+    pub fn heartbeat(&self) -> Result<(), WorkerError> {
+        for listener in &self.listeners {
+            if let ListenerKind::Channel(chan) = &listener.kind {
+                match chan.send(Message::Heartbeat, libc::MSG_DONTWAIT) {
+                    Err(e) if e.kind() != io::ErrorKind::WouldBlock => {
+                        return Err(WorkerError::Channel {
+                            what: "HEARTBEAT",
+                            index: listener.index,
+                            source: e,
+                        });
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Switches every dispatch channel between reporting each close at once (`false`, the
+    /// default) and only counting it until [`Worker::flush_closed`] (`true`).
+    pub fn defer_close_reports(&self, defer: bool) {
+        for listener in &self.listeners {
+            listener.defer_close_reports(defer);
+        }
+    }
+
+    /// Sends the closes counted since the last flush, one `CLOSED(n)` per channel that has any.
+    /// Returns how many are still unreported because a channel was full (`EAGAIN`): flush again
+    /// later. Other send errors (`EPIPE`: master gone) are returned after trying every channel;
+    /// their counts are kept too.
+    pub fn flush_closed(&self) -> io::Result<u64> {
+        let mut pending = 0;
+        let mut first_err = None;
+        for listener in &self.listeners {
+            match listener.flush_closed() {
+                Ok(n) => pending += n,
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(pending),
+        }
+    }
+
+    fn announce(
+        &self,
+        msg: Message,
+        what: &'static str,
+        datagram: &[u8],
+        notify_what: &'static str,
+    ) -> Result<(), WorkerError> {
+        for listener in &self.listeners {
+            if let ListenerKind::Channel(chan) = &listener.kind {
+                chan.send(msg, 0).map_err(|source| WorkerError::Channel {
+                    what,
+                    index: listener.index,
+                    source,
+                })?;
+            }
+        }
+        if let Some(addr) = &self.contract.notify_socket {
+            addr.send(datagram).map_err(|source| WorkerError::Notify {
+                what: notify_what,
+                addr: addr.clone(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// One of the worker's listeners (fd `3+i`): a dispatch channel or a listening TCP socket.
+/// Either way [`Listener::accept`] yields a [`Connection`].
+#[derive(Debug)]
+pub struct Listener {
+    index: usize,
+    address: Option<String>,
+    name: Option<String>,
+    nonblocking: bool,
+    kind: ListenerKind,
+}
+
+#[derive(Debug)]
+enum ListenerKind {
+    /// Dispatch mode: the worker's end of the `SOCK_SEQPACKET` channel.
+    Channel(Arc<Channel>),
+    /// Reuseport/shared mode: a listening TCP socket.
+    Socket(TcpListener),
+}
+
+impl Listener {
+    fn new(
+        index: usize,
+        mode: Mode,
+        fd: OwnedFd,
+        address: Option<String>,
+        name: Option<String>,
+    ) -> Result<Listener, WorkerError> {
+        let kind = match mode {
+            Mode::Dispatch => {
+                let ok = sys::socket_domain(fd.as_fd()).ok() == Some(libc::AF_UNIX)
+                    && sys::socket_type(fd.as_fd()).ok() == Some(libc::SOCK_SEQPACKET);
+                if !ok {
+                    return Err(wrong_kind(
+                        index,
+                        mode,
+                        "an AF_UNIX SOCK_SEQPACKET socket",
+                        &fd,
+                    ));
+                }
+                ListenerKind::Channel(Arc::new(Channel::new(index, fd)))
+            }
+            Mode::Reuseport | Mode::Shared => {
+                let domain = sys::socket_domain(fd.as_fd()).ok();
+                let ok = matches!(domain, Some(libc::AF_INET | libc::AF_INET6))
+                    && sys::socket_type(fd.as_fd()).ok() == Some(libc::SOCK_STREAM)
+                    && sys::getsockopt_int(fd.as_fd(), libc::SO_ACCEPTCONN).ok() == Some(1);
+                if !ok {
+                    return Err(wrong_kind(index, mode, "a listening TCP socket", &fd));
+                }
+                ListenerKind::Socket(TcpListener::from(fd))
+            }
+        };
+        Ok(Listener {
+            index,
+            address,
+            name,
+            nonblocking: false,
+            kind,
+        })
+    }
+
+    /// Position in fd order (`fd = 3 + index` for inherited listeners).
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// The listen address from `RCLUSTER_LISTEN`, if given.
+    pub fn address(&self) -> Option<&str> {
+        self.address.as_deref()
+    }
+
+    /// The fd's name from `LISTEN_FDNAMES`, if given.
+    pub fn name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+
+    /// Whether connections arrive over a dispatch channel (and report their close).
+    pub fn is_dispatch(&self) -> bool {
+        matches!(self.kind, ListenerKind::Channel(_))
+    }
+
+    /// Messages from the master that were rejected and skipped (bad header, missing or extra
+    /// fds); always 0 for a listening socket.
+    pub fn protocol_errors(&self) -> u64 {
+        match &self.kind {
+            ListenerKind::Channel(chan) => chan.protocol_errors.load(Ordering::Relaxed),
+            ListenerKind::Socket(_) => 0,
+        }
+    }
+
+    /// Chooses blocking or non-blocking accepts; connections accepted afterwards are in the same
+    /// mode. For a dispatch channel this only changes how this process reads it
+    /// (`MSG_DONTWAIT`). For a listening socket it sets `O_NONBLOCK`, which lives in the open
+    /// file description: in `shared` mode every worker holds that same description, so all
+    /// workers must agree (each one's blocking `accept` would otherwise see `EAGAIN`).
+    pub fn set_nonblocking(&mut self, nonblocking: bool) -> io::Result<()> {
+        if let ListenerKind::Socket(listener) = &self.kind {
+            listener.set_nonblocking(nonblocking)?;
+        }
+        self.nonblocking = nonblocking;
+        Ok(())
+    }
+
+    /// Accepts the next connection: blocks unless [`Listener::set_nonblocking`] was set, in
+    /// which case `WouldBlock` means none is waiting. In dispatch mode a malformed message is
+    /// logged, counted in [`Listener::protocol_errors`] and skipped; end of stream on the
+    /// channel is an `UnexpectedEof` error carrying [`MasterGone`] (see [`is_master_gone`]).
+    /// `EINTR` is retried, like std's `accept`.
+    pub fn accept(&self) -> io::Result<Connection> {
+        match &self.kind {
+            ListenerKind::Channel(chan) => chan.receive(self.nonblocking),
+            ListenerKind::Socket(listener) => {
+                let stream = if self.nonblocking {
+                    // accept4(2) with SOCK_NONBLOCK: the connection matches the listener's mode
+                    // without another syscall.
+                    TcpStream::from(sys::accept4(listener.as_fd())?)
+                } else {
+                    listener.accept()?.0
+                };
+                Ok(Connection {
+                    stream,
+                    seq: None,
+                    listener: self.index,
+                    nonblocking: self.nonblocking,
+                    close: CloseToken { channel: None },
+                })
+            }
+        }
+    }
+
+    /// [`Listener::accept`] with `WouldBlock` as `Ok(None)`, for event loops after
+    /// `set_nonblocking(true)`.
+    pub fn try_accept(&self) -> io::Result<Option<Connection>> {
+        match self.accept() {
+            Ok(conn) => Ok(Some(conn)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// See [`Worker::defer_close_reports`]; this listener's channel only.
+    pub fn defer_close_reports(&self, defer: bool) {
+        if let ListenerKind::Channel(chan) = &self.kind {
+            chan.deferred.store(defer, Ordering::Relaxed);
+        }
+    }
+
+    /// See [`Worker::flush_closed`]; this listener's channel only.
+    pub fn flush_closed(&self) -> io::Result<u64> {
+        match &self.kind {
+            ListenerKind::Channel(chan) => chan.flush_closed(),
+            ListenerKind::Socket(_) => Ok(0),
+        }
+    }
+
+    fn raw_fd(&self) -> std::os::fd::RawFd {
+        match &self.kind {
+            ListenerKind::Channel(chan) => chan.fd.as_raw_fd(),
+            ListenerKind::Socket(listener) => listener.as_raw_fd(),
+        }
+    }
+}
+
+impl AsFd for Listener {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match &self.kind {
+            ListenerKind::Channel(chan) => chan.fd.as_fd(),
+            ListenerKind::Socket(listener) => listener.as_fd(),
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let ListenerKind::Channel(chan) = &self.kind {
+            // Connections may outlive their listener; with nobody left to call flush_closed,
+            // their drops must report by themselves.
+            chan.deferred.store(false, Ordering::Relaxed);
+            let _ = chan.flush_closed();
+        }
+    }
+}
+
+/// Readiness of a listener means "accept may succeed": a connection message in the channel,
+/// or a connection in the socket's accept queue.
+impl mio::event::Source for Listener {
+    fn register(
+        &mut self,
+        registry: &mio::Registry,
+        token: mio::Token,
+        interests: mio::Interest,
+    ) -> io::Result<()> {
+        mio::unix::SourceFd(&self.raw_fd()).register(registry, token, interests)
+    }
+
+    fn reregister(
+        &mut self,
+        registry: &mio::Registry,
+        token: mio::Token,
+        interests: mio::Interest,
+    ) -> io::Result<()> {
+        mio::unix::SourceFd(&self.raw_fd()).reregister(registry, token, interests)
+    }
+
+    fn deregister(&mut self, registry: &mio::Registry) -> io::Result<()> {
+        mio::unix::SourceFd(&self.raw_fd()).deregister(registry)
+    }
+}
+
+fn wrong_kind(index: usize, mode: Mode, expected: &'static str, fd: &OwnedFd) -> WorkerError {
+    WorkerError::WrongKind {
+        index,
+        mode: mode.as_str(),
+        expected,
+        found: describe_socket(fd.as_fd()),
+    }
+}
+
+/// "a listening AF_INET SOCK_STREAM socket", for error messages.
+fn describe_socket(fd: BorrowedFd<'_>) -> String {
+    let ty = match sys::socket_type(fd) {
+        Ok(ty) => ty,
+        Err(e) if e.raw_os_error() == Some(libc::ENOTSOCK) => return "not a socket".to_owned(),
+        Err(e) => return format!("an fd that cannot be inspected ({e})"),
+    };
+    let domain = match sys::socket_domain(fd) {
+        Ok(libc::AF_UNIX) => "AF_UNIX".to_owned(),
+        Ok(libc::AF_INET) => "AF_INET".to_owned(),
+        Ok(libc::AF_INET6) => "AF_INET6".to_owned(),
+        Ok(other) => format!("domain {other}"),
+        Err(_) => "unknown domain".to_owned(),
+    };
+    let ty = match ty {
+        libc::SOCK_STREAM => "SOCK_STREAM".to_owned(),
+        libc::SOCK_DGRAM => "SOCK_DGRAM".to_owned(),
+        libc::SOCK_SEQPACKET => "SOCK_SEQPACKET".to_owned(),
+        other => format!("type {other}"),
+    };
+    let listening = sys::getsockopt_int(fd, libc::SO_ACCEPTCONN).ok() == Some(1);
+    let article = match (listening, domain.starts_with("AF_")) {
+        (true, _) => "a listening",
+        (false, true) => "an",
+        (false, false) => "a",
+    };
+    format!("{article} {domain} {ty} socket")
+}
+
+/// The worker's end of one dispatch channel, shared by its listener and the connections that
+/// came through it (they report their closes on it).
+struct Channel {
+    index: usize,
+    fd: OwnedFd,
+    /// Closes not yet reported to the master (see the module docs).
+    unreported: AtomicU64,
+    /// Drops only count (true) or also flush (false).
+    deferred: AtomicBool,
+    protocol_errors: AtomicU64,
+}
+
+impl fmt::Debug for Channel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Channel")
+            .field("index", &self.index)
+            .field("fd", &self.fd)
+            .field("unreported", &self.unreported.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a message from the master was skipped.
+#[derive(Debug, Error)]
+enum Rejected {
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    #[error("message longer than {HEADER_LEN} bytes")]
+    Truncated,
+    #[error("{0:?} is not a message the master sends")]
+    NotConn(Message),
+    #[error("CONN without an fd")]
+    MissingFd,
+    #[error("{0} extra fds with one message (closed)")]
+    ExtraFds(usize),
+    #[error("control data truncated: its fd was closed by the kernel (out of fds?)")]
+    ControlTruncated,
+}
+
+impl Channel {
+    fn new(index: usize, fd: OwnedFd) -> Channel {
+        Channel {
+            index,
+            fd,
+            unreported: AtomicU64::new(0),
+            deferred: AtomicBool::new(false),
+            protocol_errors: AtomicU64::new(0),
+        }
+    }
+
+    fn send(&self, msg: Message, flags: libc::c_int) -> io::Result<()> {
+        loop {
+            match scm::send(self.fd.as_fd(), &msg.encode(), flags) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                other => return other.map(drop),
+            }
+        }
+    }
+
+    /// Reads messages until one is a well-formed CONN with exactly one fd.
+    fn receive(self: &Arc<Self>, nonblocking: bool) -> io::Result<Connection> {
+        // Deferred closes go out before we may block for long.
+        let _ = self.flush_closed();
+        let flags = if nonblocking { libc::MSG_DONTWAIT } else { 0 };
+        loop {
+            let mut buf = [0u8; HEADER_LEN];
+            let got = match scm::recvmsg_fd(self.fd.as_fd(), &mut buf, flags) {
+                Ok(got) => got,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // scm::recvmsg_fd's only InvalidData is MSG_CTRUNC: fds were attached, so it
+                // was a connection, and the kernel closed it.
+                Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                    self.reject(Rejected::ControlTruncated, true);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let scm::Received {
+                len,
+                mut fd,
+                truncated,
+                extra_fds,
+            } = got;
+            if len == 0 && fd.is_none() && !truncated {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    MasterGone { index: self.index },
+                ));
+            }
+            let decoded = Message::decode(&buf[..len]);
+            // The master counts every CONN (and every fd) it sends as an active connection;
+            // one we drop must be reported closed or the master's count never comes back down.
+            let was_conn = fd.is_some() || matches!(decoded, Ok(Message::Conn { .. }));
+            let rejected = match decoded {
+                _ if truncated => Rejected::Truncated,
+                Err(e) => Rejected::Protocol(e),
+                Ok(Message::Conn { .. }) if extra_fds > 0 => Rejected::ExtraFds(extra_fds),
+                Ok(Message::Conn { seq }) => match fd.take() {
+                    Some(fd) => return self.connection(fd, seq, nonblocking),
+                    None => Rejected::MissingFd,
+                },
+                Ok(other) => Rejected::NotConn(other),
+            };
+            // Close whatever came with it before reporting the close.
+            drop(fd);
+            self.reject(rejected, was_conn);
+        }
+    }
+
+    fn connection(
+        self: &Arc<Self>,
+        fd: OwnedFd,
+        seq: u64,
+        nonblocking: bool,
+    ) -> io::Result<Connection> {
+        // The close token exists before anything can fail, so even an error here reports it.
+        let conn = Connection {
+            stream: TcpStream::from(fd),
+            seq: Some(seq),
+            listener: self.index,
+            nonblocking,
+            close: CloseToken {
+                channel: Some(Arc::clone(self)),
+            },
+        };
+        // O_NONBLOCK came with the fd from the master's accept4; make it match our mode.
+        sys::set_nonblocking(conn.stream.as_fd(), nonblocking)?;
+        Ok(conn)
+    }
+
+    fn reject(&self, why: Rejected, was_conn: bool) {
+        self.protocol_errors.fetch_add(1, Ordering::Relaxed);
+        log::warn!(
+            "listener {}: skipped a message from the master: {why}",
+            self.index
+        );
+        if was_conn {
+            self.closed_one();
+        }
+    }
+
+    fn closed_one(&self) {
+        self.unreported.fetch_add(1, Ordering::Relaxed);
+        if !self.deferred.load(Ordering::Relaxed) {
+            // Errors keep the count for the next flush; a destructor cannot report them.
+            let _ = self.flush_closed();
+        }
+    }
+
+    /// Sends all unreported closes in one CLOSED; on failure puts them back (module docs).
+    fn flush_closed(&self) -> io::Result<u64> {
+        // The counter is only a number, never a guard for other memory: Relaxed suffices, the
+        // atomicity of swap/fetch_add is what makes each close owned by exactly one place.
+        let count = self.unreported.swap(0, Ordering::Relaxed);
+        if count == 0 {
+            return Ok(0);
+        }
+        match self.send(Message::Closed { count }, libc::MSG_DONTWAIT) {
+            Ok(()) => Ok(self.unreported.load(Ordering::Relaxed)),
+            Err(e) => {
+                let pending = self.unreported.fetch_add(count, Ordering::Relaxed) + count;
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    Ok(pending)
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+}
+
+/// Reports one connection closed to the master when dropped (dispatch mode; inert otherwise).
+/// It travels with the connection: keep it as long as the TCP socket is open.
+#[derive(Debug)]
+pub struct CloseToken {
+    channel: Option<Arc<Channel>>,
+}
+
+impl CloseToken {
+    /// Whether dropping this token reports a close (the connection came over a channel).
+    pub fn reports_to_master(&self) -> bool {
+        self.channel.is_some()
+    }
+}
+
+impl Drop for CloseToken {
+    fn drop(&mut self) {
+        if let Some(chan) = &self.channel {
+            chan.closed_one();
+        }
+    }
+}
+
+/// An accepted TCP connection. Derefs to [`std::net::TcpStream`] (`peer_addr`, `shutdown`,
+/// timeouts…). Dropping it closes the socket and then, in dispatch mode, reports the close to
+/// the master (module docs).
+#[derive(Debug)]
+pub struct Connection {
+    // Field order matters: the socket is closed before the close token reports it.
+    stream: TcpStream,
+    seq: Option<u64>,
+    listener: usize,
+    nonblocking: bool,
+    close: CloseToken,
+}
+
+impl Connection {
+    /// The master's sequence number for this connection (dispatch mode only).
+    pub fn seq(&self) -> Option<u64> {
+        self.seq
+    }
+
+    /// Index of the listener it came from.
+    pub fn listener(&self) -> usize {
+        self.listener
+    }
+
+    /// Splits into the socket and the token that reports its close; drop the token after the
+    /// socket is closed.
+    pub fn into_parts(self) -> (TcpStream, CloseToken) {
+        (self.stream, self.close)
+    }
+
+    /// The connection as a non-blocking mio stream for an event loop.
+    pub fn into_mio(self) -> io::Result<MioConnection> {
+        if !self.nonblocking {
+            self.stream.set_nonblocking(true)?;
+        }
+        Ok(MioConnection {
+            stream: mio::net::TcpStream::from_std(self.stream),
+            seq: self.seq,
+            listener: self.listener,
+            close: self.close,
+        })
+    }
+}
+
+impl Deref for Connection {
+    type Target = TcpStream;
+    fn deref(&self) -> &TcpStream {
+        &self.stream
+    }
+}
+
+impl DerefMut for Connection {
+    fn deref_mut(&mut self) -> &mut TcpStream {
+        &mut self.stream
+    }
+}
+
+impl AsFd for Connection {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.stream.as_fd()
+    }
+}
+
+impl Read for Connection {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.stream.read(buf)
+    }
+}
+
+impl Write for Connection {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.stream.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.stream.flush()
+    }
+}
+
+/// A [`Connection`] as a non-blocking [`mio::net::TcpStream`] (deref), registrable with mio.
+/// Dropping it reports the close like dropping the `Connection` would.
+#[derive(Debug)]
+pub struct MioConnection {
+    // Field order matters: the socket is closed before the close token reports it.
+    stream: mio::net::TcpStream,
+    seq: Option<u64>,
+    listener: usize,
+    close: CloseToken,
+}
+
+impl MioConnection {
+    /// The master's sequence number for this connection (dispatch mode only).
+    pub fn seq(&self) -> Option<u64> {
+        self.seq
+    }
+
+    /// Index of the listener it came from.
+    pub fn listener(&self) -> usize {
+        self.listener
+    }
+
+    /// Whether dropping it reports a close to the master.
+    pub fn reports_to_master(&self) -> bool {
+        self.close.reports_to_master()
+    }
+}
+
+impl Deref for MioConnection {
+    type Target = mio::net::TcpStream;
+    fn deref(&self) -> &mio::net::TcpStream {
+        &self.stream
+    }
+}
+
+impl DerefMut for MioConnection {
+    fn deref_mut(&mut self) -> &mut mio::net::TcpStream {
+        &mut self.stream
+    }
+}
+
+impl Read for MioConnection {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.stream.read(buf)
+    }
+}
+
+impl Write for MioConnection {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.stream.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.stream.flush()
+    }
+}
+
+impl mio::event::Source for MioConnection {
+    fn register(
+        &mut self,
+        registry: &mio::Registry,
+        token: mio::Token,
+        interests: mio::Interest,
+    ) -> io::Result<()> {
+        self.stream.register(registry, token, interests)
+    }
+
+    fn reregister(
+        &mut self,
+        registry: &mio::Registry,
+        token: mio::Token,
+        interests: mio::Interest,
+    ) -> io::Result<()> {
+        self.stream.reregister(registry, token, interests)
+    }
+
+    fn deregister(&mut self, registry: &mio::Registry) -> io::Result<()> {
+        self.stream.deregister(registry)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::net::Shutdown;
+    use std::time::Duration;
+
+    /// The master's end of a dispatch channel plus a loopback TCP listener to make real
+    /// connections with.
+    struct FakeMaster {
+        end: OwnedFd,
+        tcp: TcpListener,
+    }
+
+    impl FakeMaster {
+        /// Connects a client, accepts it, and sends the accepted socket as CONN `seq`.
+        fn dispatch(&self, seq: u64) -> TcpStream {
+            let client = TcpStream::connect(self.tcp.local_addr().unwrap()).unwrap();
+            let (server_side, _) = self.tcp.accept().unwrap();
+            let msg = Message::Conn { seq }.encode();
+            scm::sendmsg_fd(self.end.as_fd(), &msg, server_side.as_fd()).unwrap();
+            client
+        }
+
+        /// Everything the worker has sent so far (the sends under test are synchronous).
+        fn received(&self) -> Vec<Message> {
+            let mut out = Vec::new();
+            loop {
+                let mut buf = [0u8; HEADER_LEN];
+                match scm::recvmsg_fd(self.end.as_fd(), &mut buf, libc::MSG_DONTWAIT) {
+                    Ok(got) => {
+                        assert!(got.fd.is_none(), "the worker sends no fds");
+                        out.push(Message::decode(&buf[..got.len]).unwrap());
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return out,
+                    Err(e) => panic!("recv from worker: {e}"),
+                }
+            }
+        }
+
+        fn closed_total(&self) -> u64 {
+            self.received()
+                .into_iter()
+                .map(|msg| match msg {
+                    Message::Closed { count } => count,
+                    other => panic!("expected only CLOSED, got {other:?}"),
+                })
+                .sum()
+        }
+    }
+
+    fn dispatch_worker() -> (Worker, FakeMaster) {
+        let (end, worker_end) = sys::socketpair_seqpacket().unwrap();
+        let mut contract = Contract::new(Mode::Dispatch, 1);
+        contract.id = 3;
+        contract.generation = 2;
+        let worker = Worker::new(contract, vec![worker_end]).unwrap();
+        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+        (worker, FakeMaster { end, tcp })
+    }
+
+    /// Waits for `source` to become readable, with a deadline instead of a sleep.
+    fn wait_readable(source: &mut impl mio::event::Source) {
+        let mut poll = mio::Poll::new().unwrap();
+        poll.registry()
+            .register(source, mio::Token(0), mio::Interest::READABLE)
+            .unwrap();
+        let mut events = mio::Events::with_capacity(4);
+        poll.poll(&mut events, Some(Duration::from_secs(10)))
+            .unwrap();
+        assert!(!events.is_empty(), "not readable within the deadline");
+        poll.registry().deregister(source).unwrap();
+    }
+
+    #[test]
+    fn accepts_a_dispatched_connection_and_reports_its_close() {
+        let (worker, master) = dispatch_worker();
+        let mut client = master.dispatch(7);
+        let mut conn = worker.listeners()[0].accept().unwrap();
+        assert_eq!(conn.seq(), Some(7));
+        assert_eq!(conn.listener(), 0);
+        assert_eq!(conn.peer_addr().unwrap(), client.local_addr().unwrap());
+        conn.write_all(b"hi").unwrap();
+        let mut buf = [0u8; 2];
+        client.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"hi");
+        assert!(master.received().is_empty(), "nothing reported while open");
+        drop(conn);
+        assert_eq!(master.received(), vec![Message::Closed { count: 1 }]);
+        assert_eq!(client.read(&mut buf).unwrap(), 0, "the socket was closed");
+    }
+
+    #[test]
+    fn every_close_is_reported_exactly_once() {
+        let (worker, master) = dispatch_worker();
+        let mut clients = Vec::new();
+        let mut conns = Vec::new();
+        for seq in 0..24 {
+            clients.push(master.dispatch(seq));
+            conns.push(worker.listeners()[0].accept().unwrap());
+        }
+        // Drop them in a scrambled order and every way a connection can end.
+        let mut tokens = Vec::new();
+        for (i, conn) in conns.into_iter().enumerate().rev() {
+            match i % 3 {
+                0 => drop(conn),
+                1 => drop(conn.into_mio().unwrap()),
+                _ => {
+                    let (stream, token) = conn.into_parts();
+                    assert!(token.reports_to_master());
+                    drop(stream);
+                    tokens.push(token);
+                }
+            }
+        }
+        assert_eq!(master.closed_total(), 16);
+        drop(tokens);
+        assert_eq!(master.closed_total(), 8);
+    }
+
+    #[test]
+    fn deferred_closes_travel_in_one_message() {
+        let (worker, master) = dispatch_worker();
+        worker.defer_close_reports(true);
+        let _clients: Vec<_> = (0..5).map(|seq| master.dispatch(seq)).collect();
+        let conns: Vec<_> = (0..5)
+            .map(|_| worker.listeners()[0].accept().unwrap())
+            .collect();
+        drop(conns);
+        assert!(master.received().is_empty());
+        assert_eq!(worker.flush_closed().unwrap(), 0);
+        assert_eq!(master.received(), vec![Message::Closed { count: 5 }]);
+        assert_eq!(worker.flush_closed().unwrap(), 0);
+        assert!(master.received().is_empty(), "nothing sent twice");
+    }
+
+    #[test]
+    fn a_full_channel_keeps_the_count_for_the_next_flush() {
+        let (worker, master) = dispatch_worker();
+        let listener = &worker.listeners()[0];
+        let _clients: Vec<_> = (0..3).map(|seq| master.dispatch(seq)).collect();
+        let conns: Vec<_> = (0..3).map(|_| listener.accept().unwrap()).collect();
+        sys::setsockopt_int(listener.as_fd(), libc::SO_SNDBUF, 4096).unwrap();
+        let beat = Message::Heartbeat.encode();
+        let mut beats = 0;
+        while scm::send(listener.as_fd(), &beat, libc::MSG_DONTWAIT).is_ok() {
+            beats += 1;
+        }
+        drop(conns);
+        assert_eq!(
+            worker.flush_closed().unwrap(),
+            3,
+            "kept while the channel is full"
+        );
+        let got = master.received();
+        assert_eq!(got.len(), beats);
+        assert!(got.iter().all(|m| *m == Message::Heartbeat));
+        assert_eq!(worker.flush_closed().unwrap(), 0);
+        assert_eq!(master.received(), vec![Message::Closed { count: 3 }]);
+    }
+
+    #[test]
+    fn malformed_messages_are_skipped_and_their_fds_reported_closed() {
+        let (worker, master) = dispatch_worker();
+        let tcp_fd = || {
+            let client = TcpStream::connect(master.tcp.local_addr().unwrap()).unwrap();
+            let (server_side, _) = master.tcp.accept().unwrap();
+            (client, server_side)
+        };
+        let mut bad = Message::Conn { seq: 1 }.encode();
+        bad[0] = b'X';
+        let (_c1, s1) = tcp_fd();
+        scm::sendmsg_fd(master.end.as_fd(), &bad, s1.as_fd()).unwrap();
+        // CONN without its fd.
+        scm::send(master.end.as_fd(), &Message::Conn { seq: 2 }.encode(), 0).unwrap();
+        // Too short, no fd.
+        scm::send(master.end.as_fd(), &[b'R', b'C', 1, 1], 0).unwrap();
+        // Too long, with an fd.
+        let mut long = [0u8; 2 * HEADER_LEN];
+        long[..HEADER_LEN].copy_from_slice(&Message::Conn { seq: 3 }.encode());
+        let (_c2, s2) = tcp_fd();
+        scm::sendmsg_fd(master.end.as_fd(), &long, s2.as_fd()).unwrap();
+        // A kind only workers send.
+        scm::send(master.end.as_fd(), &Message::Ready.encode(), 0).unwrap();
+        let _client = master.dispatch(9);
+
+        let listener = &worker.listeners()[0];
+        let conn = listener.accept().unwrap();
+        assert_eq!(conn.seq(), Some(9));
+        assert_eq!(listener.protocol_errors(), 5);
+        // The three that were (or carried) a connection are reported closed.
+        assert_eq!(master.closed_total(), 3);
+    }
+
+    #[test]
+    fn end_of_stream_means_the_master_is_gone() {
+        let (mut worker, master) = dispatch_worker();
+        let listener = &mut worker.listeners_mut()[0];
+        listener.set_nonblocking(true).unwrap();
+        assert!(listener.try_accept().unwrap().is_none());
+        drop(master);
+        let err = listener.try_accept().unwrap_err();
+        assert!(is_master_gone(&err), "{err}");
+        listener.set_nonblocking(false).unwrap();
+        assert!(is_master_gone(&listener.accept().unwrap_err()));
+        assert!(!is_master_gone(&io::Error::from(
+            io::ErrorKind::UnexpectedEof
+        )));
+    }
+
+    #[test]
+    fn dispatch_listener_registers_with_mio() {
+        let (mut worker, master) = dispatch_worker();
+        let listener = &mut worker.listeners_mut()[0];
+        listener.set_nonblocking(true).unwrap();
+        let _client = master.dispatch(1);
+        wait_readable(listener);
+        let conn = listener.try_accept().unwrap().expect("a connection");
+        // Non-blocking listener, non-blocking connection.
+        let mut buf = [0u8; 1];
+        assert_eq!(
+            (&*conn).read(&mut buf).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
+        assert!(listener.try_accept().unwrap().is_none());
+    }
+
+    #[test]
+    fn ready_and_stopping_are_sent_once_on_channel_and_notify_socket() {
+        let (end, worker_end) = sys::socketpair_seqpacket().unwrap();
+        let name = format!("rcluster-test-notify-{}", sys::getpid());
+        let notify = {
+            use std::os::linux::net::SocketAddrExt;
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(&name).unwrap();
+            UnixDatagram::bind_addr(&addr).unwrap()
+        };
+        notify
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut contract = Contract::new(Mode::Dispatch, 1);
+        contract.notify_socket = NotifyAddr::parse(&format!("@{name}"));
+        let worker = Worker::new(contract, vec![worker_end]).unwrap();
+        let master = FakeMaster {
+            end,
+            tcp: TcpListener::bind("127.0.0.1:0").unwrap(),
+        };
+
+        worker.ready().unwrap();
+        worker.ready().unwrap();
+        assert_eq!(master.received(), vec![Message::Ready]);
+        let mut buf = [0u8; 32];
+        let n = notify.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"READY=1");
+
+        worker.heartbeat().unwrap();
+        worker.stopping().unwrap();
+        worker.stopping().unwrap();
+        assert_eq!(
+            master.received(),
+            vec![Message::Heartbeat, Message::Stopping]
+        );
+        let n = notify.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"STOPPING=1");
+    }
+
+    #[test]
+    fn notify_socket_may_be_a_path() {
+        let dir = std::env::temp_dir().join(format!("rcluster-worker-test-{}", sys::getpid()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("notify");
+        let _ = std::fs::remove_file(&path);
+        let notify = UnixDatagram::bind(&path).unwrap();
+        notify
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut contract = Contract::new(Mode::Shared, 1);
+        contract.notify_socket = NotifyAddr::parse(path.to_str().unwrap());
+        let worker = Worker::new(contract, vec![OwnedFd::from(tcp)]).unwrap();
+        worker.ready().unwrap();
+        let mut buf = [0u8; 32];
+        let n = notify.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"READY=1");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn shared_mode_accepts_from_a_listening_socket() {
+        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let mut worker =
+            Worker::new(Contract::new(Mode::Shared, 1), vec![OwnedFd::from(tcp)]).unwrap();
+        let listener = &mut worker.listeners_mut()[0];
+        assert!(!listener.is_dispatch());
+
+        let mut client = TcpStream::connect(addr).unwrap();
+        let mut conn = listener.accept().unwrap();
+        assert_eq!(conn.seq(), None);
+        conn.write_all(b"x").unwrap();
+        let mut buf = [0u8; 1];
+        client.read_exact(&mut buf).unwrap();
+
+        listener.set_nonblocking(true).unwrap();
+        assert!(listener.try_accept().unwrap().is_none());
+        let _client2 = TcpStream::connect(addr).unwrap();
+        wait_readable(listener);
+        let mut conn2 = listener.try_accept().unwrap().expect("a connection");
+        assert_eq!(
+            conn2.read(&mut buf).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
+        conn.shutdown(Shutdown::Both).unwrap();
+    }
+
+    #[test]
+    fn fds_of_the_wrong_kind_are_refused() {
+        let (a, _b) = sys::socketpair_seqpacket().unwrap();
+        let err = Worker::new(Contract::new(Mode::Shared, 1), vec![a]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "listener 0 is an AF_UNIX SOCK_SEQPACKET socket, but shared mode needs a listening \
+             TCP socket"
+        );
+        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+        let err =
+            Worker::new(Contract::new(Mode::Dispatch, 1), vec![OwnedFd::from(tcp)]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("is a listening AF_INET SOCK_STREAM socket, but dispatch mode"),
+            "{err}"
+        );
+        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+        let connected = TcpStream::connect(tcp.local_addr().unwrap()).unwrap();
+        let err = Worker::new(
+            Contract::new(Mode::Reuseport, 1),
+            vec![OwnedFd::from(connected)],
+        )
+        .unwrap_err();
+        assert!(matches!(err, WorkerError::WrongKind { .. }), "{err}");
+        let file = OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+        let err = Worker::new(Contract::new(Mode::Dispatch, 1), vec![file]).unwrap_err();
+        assert!(err.to_string().contains("is not a socket"), "{err}");
+        let err = Worker::new(Contract::new(Mode::Dispatch, 2), Vec::new()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "0 listener fds given but the contract names 2"
+        );
+    }
+
+    fn vars(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> + use<> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |name| map.get(name).cloned()
+    }
+
+    const FULL: &[(&str, &str)] = &[
+        ("LISTEN_FDS", "2"),
+        ("LISTEN_PID", "4242"),
+        ("LISTEN_FDNAMES", "http:admin"),
+        ("PORT", "8080"),
+        ("RCLUSTER_WORKER_ID", "1"),
+        ("RCLUSTER_GENERATION", "5"),
+        ("RCLUSTER_MODE", "reuseport"),
+        ("RCLUSTER_LISTEN", "127.0.0.1:8080,[::1]:9090"),
+        ("NOTIFY_SOCKET", "@rcluster/7"),
+    ];
+
+    /// Variables to replace (`Some`) or unset (`None`) in [`FULL`].
+    type Overrides = &'static [(&'static str, Option<&'static str>)];
+
+    fn with(
+        overrides: &[(&'static str, Option<&'static str>)],
+    ) -> Vec<(&'static str, &'static str)> {
+        let mut out: Vec<_> = FULL.to_vec();
+        for (name, value) in overrides {
+            out.retain(|(k, _)| k != name);
+            if let Some(value) = value {
+                out.push((name, value));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn contract_reads_every_variable() {
+        let c = Contract::from_vars(vars(FULL)).unwrap();
+        assert_eq!(c.listen_fds, 2);
+        assert_eq!(c.listen_pid, Some(4242));
+        assert_eq!(c.fd_names, ["http", "admin"]);
+        assert_eq!(c.port, Some(8080));
+        assert_eq!((c.id, c.generation, c.mode), (1, 5, Mode::Reuseport));
+        assert_eq!(c.addresses, ["127.0.0.1:8080", "[::1]:9090"]);
+        assert_eq!(
+            c.notify_socket,
+            Some(NotifyAddr::Abstract(b"rcluster/7".to_vec()))
+        );
+        assert!(c.check_pid(4242).is_ok());
+        assert_eq!(
+            c.check_pid(1).unwrap_err().to_string(),
+            "LISTEN_PID=4242 but this process is 1: the inherited fds are not ours"
+        );
+
+        let minimal = with(&[
+            ("LISTEN_PID", None),
+            ("LISTEN_FDNAMES", None),
+            ("PORT", None),
+            ("RCLUSTER_LISTEN", None),
+            ("NOTIFY_SOCKET", None),
+        ]);
+        let c = Contract::from_vars(vars(&minimal)).unwrap();
+        assert_eq!(c.listen_pid, None);
+        assert!(c.addresses.is_empty() && c.fd_names.is_empty());
+        assert!(c.check_pid(1).is_ok());
+    }
+
+    #[test]
+    fn contract_errors_name_the_variable() {
+        let cases: &[(Overrides, &str)] = &[
+            (
+                &[("LISTEN_FDS", None)],
+                "environment variable LISTEN_FDS is not set",
+            ),
+            (
+                &[("LISTEN_FDS", Some("0"))],
+                "LISTEN_FDS=\"0\" is invalid: a worker needs a listener",
+            ),
+            (&[("LISTEN_FDS", Some("x"))], "LISTEN_FDS=\"x\" is invalid"),
+            (&[("LISTEN_FDS", Some("65"))], "more than 64 listeners"),
+            (
+                &[("LISTEN_PID", Some("-3"))],
+                "LISTEN_PID=\"-3\" is invalid",
+            ),
+            (
+                &[("RCLUSTER_MODE", Some("fast"))],
+                "RCLUSTER_MODE=\"fast\" is invalid: expected dispatch, reuseport or shared",
+            ),
+            (&[("RCLUSTER_MODE", None)], "RCLUSTER_MODE is not set"),
+            (
+                &[("RCLUSTER_WORKER_ID", None)],
+                "RCLUSTER_WORKER_ID is not set",
+            ),
+            (
+                &[("RCLUSTER_GENERATION", Some("-1"))],
+                "RCLUSTER_GENERATION=\"-1\"",
+            ),
+            (&[("PORT", Some("70000"))], "PORT=\"70000\" is invalid"),
+            (
+                &[("NOTIFY_SOCKET", Some("relative"))],
+                "NOTIFY_SOCKET=\"relative\" is invalid",
+            ),
+            (
+                &[("NOTIFY_SOCKET", Some("@"))],
+                "NOTIFY_SOCKET=\"@\" is invalid",
+            ),
+            (
+                &[("RCLUSTER_LISTEN", Some("127.0.0.1:1"))],
+                "RCLUSTER_LISTEN has 1 entries but LISTEN_FDS=2",
+            ),
+            (
+                &[("LISTEN_FDNAMES", Some("a:b:c"))],
+                "LISTEN_FDNAMES has 3 entries but LISTEN_FDS=2",
+            ),
+        ];
+        for (overrides, expected) in cases {
+            let err = Contract::from_vars(vars(&with(overrides))).unwrap_err();
+            assert!(
+                err.to_string().contains(expected),
+                "{overrides:?}: {err} does not contain {expected:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn notify_addresses_parse() {
+        assert_eq!(
+            NotifyAddr::parse("/run/notify"),
+            Some(NotifyAddr::Path("/run/notify".into()))
+        );
+        assert_eq!(NotifyAddr::parse("@x").unwrap().to_string(), "@x");
+        assert_eq!(NotifyAddr::parse(""), None);
+    }
+
+    #[test]
+    fn modes_parse_as_the_master_writes_them() {
+        for mode in [Mode::Dispatch, Mode::Reuseport, Mode::Shared] {
+            assert_eq!(parse_mode(mode.as_str()), Some(mode));
+        }
+        assert_eq!(parse_mode("Dispatch"), None);
+    }
+}

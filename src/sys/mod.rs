@@ -15,6 +15,8 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 macro_rules! syscall {
     ($fn:ident ( $($arg:expr),* $(,)? )) => {{
         #[allow(clippy::macro_metavars_in_unsafe)]
+        // SAFETY: each use of the macro states, in a comment at the call, why its arguments
+        // satisfy the libc function's contract.
         let res = unsafe { libc::$fn($($arg),*) };
         if res == -1 {
             Err(std::io::Error::last_os_error())
@@ -28,15 +30,17 @@ pub(crate) use syscall;
 /// Process id of a worker.
 pub type Pid = libc::pid_t;
 
-/// `accept4(2)` with `SOCK_CLOEXEC | SOCK_NONBLOCK`: the accepted fd never leaks into a worker
-/// spawned concurrently, and the master never blocks on it.
+/// `accept4(2)` with `SOCK_CLOEXEC`: the accepted fd never leaks into a worker spawned
+/// concurrently. Not `SOCK_NONBLOCK`: the master never reads a connection, and file status
+/// flags travel with the fd through `SCM_RIGHTS`, so the worker gets the blocking socket a
+/// plain `accept()` would have given it.
 pub fn accept4(listener: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     // SAFETY: null addr/addrlen is allowed by accept4(2); the fd is borrowed for the call.
     let fd = syscall!(accept4(
         listener.as_raw_fd(),
         std::ptr::null_mut(),
         std::ptr::null_mut(),
-        libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK
+        libc::SOCK_CLOEXEC
     ))?;
     // SAFETY: accept4 returned a new fd that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })

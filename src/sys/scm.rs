@@ -332,12 +332,12 @@ mod tests {
         // The first unsent one is next in order.
         let (payload, _fd) = batch.pop_unsent().unwrap();
         assert_eq!(u32::from_le_bytes(payload) as usize, sent);
-        for i in 0..sent {
+        for (i, reader) in readers.iter().enumerate().take(sent) {
             let mut buf = [0u8; 4];
             let got = recvmsg_fd(b.as_fd(), &mut buf, libc::MSG_DONTWAIT).unwrap();
             assert_eq!(u32::from_le_bytes(buf) as usize, i);
             write_all(got.fd.unwrap().as_fd(), b"y");
-            assert_eq!(read_some(readers[i].as_fd()), b"y");
+            assert_eq!(read_some(reader.as_fd()), b"y");
         }
         let mut buf = [0u8; 4];
         let err = recvmsg_fd(b.as_fd(), &mut buf, libc::MSG_DONTWAIT).unwrap_err();

@@ -1,0 +1,130 @@
+//! The master's whole per-connection path — accept4 → pick → sendmmsg → close — through the real
+//! [`Acceptor`], against a bare `accept4` + `close` of the same connections. Clients connect
+//! outside the timed part (the kernel completes handshakes into the backlog); only the master's
+//! work is timed. The difference per connection is what rcluster-lb costs on top of accepting.
+
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use mio::{Poll, Token, Waker};
+use rcluster_lb::acceptor::{Acceptor, AcceptorConfig, ChannelEnds, Command};
+use rcluster_lb::policy::PolicyKind;
+use rcluster_lb::protocol::HEADER_LEN;
+use rcluster_lb::sys::{self, scm};
+
+/// Connections per timed round.
+const ROUND: usize = 64;
+const WORKERS: usize = 4;
+
+fn connect_round(addr: std::net::SocketAddr) -> Vec<TcpStream> {
+    (0..ROUND)
+        .map(|_| {
+            let s = TcpStream::connect(addr).unwrap();
+            // RST on close: no TIME_WAIT, so rounds never run out of ephemeral ports.
+            socket2::SockRef::from(&s)
+                .set_linger(Some(Duration::ZERO))
+                .unwrap();
+            s
+        })
+        .collect()
+}
+
+fn bench_dispatch(c: &mut Criterion) {
+    let mut group = c.benchmark_group("master_path");
+    group.throughput(Throughput::Elements(ROUND as u64));
+    group.sample_size(30);
+    group.measurement_time(Duration::from_secs(4));
+
+    group.bench_function("bare_accept4_close", |b| {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let clients = connect_round(addr);
+                let start = Instant::now();
+                for _ in 0..ROUND {
+                    drop(sys::accept4(listener.as_fd()).unwrap());
+                }
+                total += start.elapsed();
+                drop(clients);
+            }
+            total
+        })
+    });
+
+    for kind in [PolicyKind::RoundRobin, PolicyKind::LeastConn] {
+        group.bench_function(format!("accept_pick_send_{}", kind.name()), |b| {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            let sup_poll = Poll::new().unwrap();
+            let sup_waker = Arc::new(Waker::new(sup_poll.registry(), Token(0)).unwrap());
+            let (events_tx, _events_rx) = crossbeam_channel::unbounded();
+            let (mut acceptor, commands, _waker) = Acceptor::new(
+                AcceptorConfig {
+                    listeners: vec![listener],
+                    policy: kind.build().unwrap(),
+                    cpu: None,
+                    stall_timeout: Duration::from_secs(3600),
+                },
+                events_tx,
+                sup_waker,
+            )
+            .unwrap();
+            let mut worker_ends: Vec<OwnedFd> = Vec::new();
+            for id in 0..WORKERS as u64 {
+                let (master, worker) = sys::socketpair_seqpacket().unwrap();
+                let dup = worker.try_clone().unwrap();
+                worker_ends.push(worker);
+                commands
+                    .send(Command::Add {
+                        id,
+                        slot: id as usize,
+                        pid: 0,
+                        channels: vec![ChannelEnds {
+                            master,
+                            worker: dup,
+                        }],
+                        max_conns: None,
+                    })
+                    .unwrap();
+                commands.send(Command::Ready(id)).unwrap();
+            }
+            acceptor.turn(Some(Duration::ZERO)).unwrap();
+            let mut buf = [0u8; HEADER_LEN];
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let clients = connect_round(addr);
+                    let start = Instant::now();
+                    // One wake-up accepts the whole round (the burst limit is larger).
+                    acceptor.turn(Some(Duration::ZERO)).unwrap();
+                    total += start.elapsed();
+                    drop(clients);
+                    // The "workers" take their connections and report them closed, so the
+                    // load table stays as it would in steady state.
+                    let mut got = 0;
+                    for end in &worker_ends {
+                        while let Ok(m) = scm::recvmsg_fd(end.as_fd(), &mut buf, libc::MSG_DONTWAIT)
+                        {
+                            drop(m.fd);
+                            got += 1;
+                            let closed =
+                                rcluster_lb::protocol::Message::Closed { count: 1 }.encode();
+                            scm::send(end.as_fd(), &closed, 0).unwrap();
+                        }
+                    }
+                    assert_eq!(got, ROUND, "every accepted connection was dispatched");
+                }
+                total
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_dispatch);
+criterion_main!(benches);
