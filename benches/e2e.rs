@@ -62,7 +62,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a master gets to exit after SIGTERM before it is SIGKILLed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 /// Stderr lines kept per system for failure reports.
-const STDERR_TAIL_LINES: usize = 30;
+const STDERR_TAIL_LINES: usize = 12;
 
 // ---------------------------------------------------------------------------------------------
 // Settings.
@@ -1379,17 +1379,27 @@ fn main() {
         render_group(&mut out, &results, &members, base, cap, &settings);
     }
     render_checks(&mut out, &results);
-    let failures: Vec<String> = results
-        .samples
-        .iter()
-        .filter_map(|s| {
-            let e = s.outcome.as_ref().err()?;
-            Some(format!(
-                "round {}, {}, {}: {e}",
-                s.round + 1,
-                s.system,
-                s.scenario.name()
-            ))
+    // One line per distinct failure: a system that did not start fails every scenario of its
+    // round with the same message.
+    /// (round, system, message) and the scenarios that failed with it.
+    type FailureKey<'a> = (usize, &'a str, &'a str);
+    let mut grouped: Vec<(FailureKey<'_>, Vec<String>)> = Vec::new();
+    for s in &results.samples {
+        let Err(e) = &s.outcome else { continue };
+        let key = (s.round, s.system.as_str(), e.as_str());
+        match grouped.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, scenarios)) => scenarios.push(s.scenario.name()),
+            None => grouped.push((key, vec![s.scenario.name()])),
+        }
+    }
+    let failures: Vec<String> = grouped
+        .into_iter()
+        .map(|((round, system, e), scenarios)| {
+            format!(
+                "round {}, {system}, {}: {e}",
+                round + 1,
+                scenarios.join(" ")
+            )
         })
         .chain(notes)
         .collect();
