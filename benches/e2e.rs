@@ -396,9 +396,14 @@ impl Running {
                     ));
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    let status = running.child.try_wait().ok().flatten();
+                    // Stderr closed: the master is exiting; reap it here so that the guard has
+                    // nothing left to stop and the status goes into this one message.
+                    let status =
+                        wait_with_deadline(&mut running.child, Instant::now() + STOP_TIMEOUT);
+                    running.stopped = status.is_some();
+                    let status = status.map_or("still running".to_owned(), |s| s.to_string());
                     return Err(format!(
-                        "exited before it was ready ({status:?}); stderr: {}",
+                        "exited before it was ready ({status}); stderr: {}",
                         running.tail()
                     ));
                 }
