@@ -36,7 +36,7 @@ fn cmsg_space(fds: usize) -> usize {
 /// Fills the message's control buffer with one `SCM_RIGHTS` header carrying `fds`.
 fn write_cmsg_fds(msg: &mut libc::msghdr, fds: impl ExactSizeIterator<Item = RawFd>) {
     let count = fds.len();
-    debug_assert!(count <= SEND_MAX_FDS && msg.msg_controllen as usize >= cmsg_space(count));
+    debug_assert!(count <= SEND_MAX_FDS && msg.msg_controllen >= cmsg_space(count));
     // SAFETY: msg.msg_control points to an 8-aligned CmsgSend buffer whose msg_controllen is
     // CMSG_SPACE(4 * count) ≤ CMSG_SEND_LEN, so CMSG_FIRSTHDR is non-null and its data area
     // holds `count` ints.
