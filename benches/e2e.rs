@@ -8,6 +8,7 @@
 //! - `RCLUSTER_BENCH_WORKERS=N`: workers per system (default: the CPUs this process may use).
 //! - `RCLUSTER_BENCH_ROUNDS=R`: rounds (default 3; quick: 1).
 //! - `RCLUSTER_BENCH_PIN=none|auto|LIST`: passed to rcluster-lb as `--pin`.
+//! - `RCLUSTER_BENCH_ACCEPTOR_CPU=CPU`: passed to rcluster-lb as `--acceptor-cpu`.
 //! - `RCLUSTER_BENCH_ONLY=a,b`: only the systems whose names contain one of these.
 //! - `RCLUSTER_BENCH_BIN=PATH`: the binary under test (default: the one cargo built for this
 //!   bench, `target/release/rcluster-lb`; the preload shim is looked for beside it).
@@ -80,6 +81,7 @@ struct Settings {
     bin: PathBuf,
     node: Option<PathBuf>,
     pin: Option<String>,
+    acceptor_cpu: Option<String>,
     only: Vec<String>,
     out_dir: PathBuf,
     clk_tck: f64,
@@ -114,6 +116,7 @@ impl Settings {
             bin,
             node: find_on_path("node"),
             pin: std::env::var("RCLUSTER_BENCH_PIN").ok(),
+            acceptor_cpu: std::env::var("RCLUSTER_BENCH_ACCEPTOR_CPU").ok(),
             only: std::env::var("RCLUSTER_BENCH_ONLY")
                 .map(|s| s.split(',').map(|p| p.trim().to_owned()).collect())
                 .unwrap_or_default(),
@@ -337,6 +340,9 @@ impl Running {
                 .env("RCLUSTER_LOG", "info");
             if let Some(pin) = &settings.pin {
                 c.args(["--pin", pin]);
+            }
+            if let Some(cpu) = &settings.acceptor_cpu {
+                c.args(["--acceptor-cpu", cpu]);
             }
             c
         };
