@@ -1167,7 +1167,12 @@ mod tests {
             tcp: TcpListener::bind("127.0.0.1:0").unwrap(),
         };
         let running = Running::start(worker);
-        assert_eq!(master.next_message(), Message::Ready);
+        assert_eq!(
+            master.next_message(),
+            Message::Ready {
+                max_fds: crate::protocol::MAX_FDS_PER_CONN as u64
+            }
+        );
         (running, master, reclaim)
     }
 
