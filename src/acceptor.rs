@@ -23,7 +23,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::policy::{Policy, WorkerStat};
-use crate::protocol::{HEADER_LEN, Message};
+use crate::protocol::{HEADER_LEN, MAX_FDS_PER_CONN, Message};
 use crate::sys::scm::{self, SendBatch};
 use crate::sys::{self, Pid};
 
@@ -188,6 +188,8 @@ struct Entry {
     closed: u64,
     max_conns: Option<u64>,
     stall_reported: bool,
+    /// Connection fds per CONN message this worker takes (its READY's value, at least 1).
+    max_fds: usize,
 }
 
 struct Pending {
@@ -440,6 +442,7 @@ impl Acceptor {
             closed: 0,
             max_conns,
             stall_reported: false,
+            max_fds: 1,
         });
         self.stats.push(WorkerStat::default());
         self.refresh_open();
@@ -516,7 +519,10 @@ impl Acceptor {
                     }
                     match Message::decode(&buf[..got.len]) {
                         Ok(Message::Closed { count }) => entry.closed += count,
-                        Ok(Message::Ready) => ready = true,
+                        Ok(Message::Ready { max_fds }) => {
+                            ready = true;
+                            entry.max_fds = (max_fds as usize).clamp(1, MAX_FDS_PER_CONN);
+                        }
                         Ok(Message::Stopping) => stopping = true,
                         Ok(Message::Heartbeat) => {}
                         Ok(Message::Conn { .. }) => {
@@ -579,19 +585,29 @@ impl Acceptor {
                 taken.push(Pending { listener, seq, fd });
             }
             let mut buf = [0u8; HEADER_LEN + 1];
+            let mut fds = Vec::new();
             loop {
-                match scm::recvmsg_fd(chan.ends.worker.as_fd(), &mut buf, libc::MSG_DONTWAIT) {
-                    Ok(got) => match got.fd {
-                        Some(fd) => {
-                            let seq = match Message::decode(&buf[..got.len]) {
-                                Ok(Message::Conn { seq }) => seq,
-                                _ => 0,
-                            };
-                            taken.push(Pending { listener, seq, fd });
+                fds.clear();
+                match scm::recvmsg_fds(
+                    chan.ends.worker.as_fd(),
+                    &mut buf,
+                    libc::MSG_DONTWAIT,
+                    &mut fds,
+                ) {
+                    Ok(got) if got.len == 0 && fds.is_empty() => break,
+                    Ok(got) => {
+                        let first = match Message::decode(&buf[..got.len]) {
+                            Ok(Message::Conn { seq }) => seq,
+                            _ => 0,
+                        };
+                        for (i, fd) in fds.drain(..).enumerate() {
+                            taken.push(Pending {
+                                listener,
+                                seq: first + i as u64,
+                                fd,
+                            });
                         }
-                        None if got.len == 0 => break,
-                        None => {}
-                    },
+                    }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => {
@@ -674,7 +690,7 @@ impl Acceptor {
         if chan.batch.is_empty() {
             return;
         }
-        let result = chan.batch.send(chan.ends.master.as_fd());
+        let result = chan.batch.send(chan.ends.master.as_fd(), entry.max_fds);
         if chan.batch.is_empty() {
             return;
         }
@@ -728,7 +744,7 @@ impl Acceptor {
                 if !self.stats.iter().any(|s| s.is_open(l)) {
                     return;
                 }
-                match sys::accept4(self.listeners[l].as_fd()) {
+                match sys::accept4(self.listeners[l].as_fd(), false) {
                     Ok(fd) => {
                         burst += 1;
                         self.seq += 1;

@@ -361,9 +361,14 @@ impl Server {
         for listener in self.worker.listeners_mut() {
             let _ = self.poll.registry().deregister(listener);
         }
+        // Read what already arrived before deciding a connection is idle: a request waiting
+        // unread in the socket is answered (with `Connection: close`), not reset by our close.
         for idx in self.clients.indices() {
-            let idle = self.clients.get_mut(idx).is_some_and(|c| c.is_idle());
-            if idle {
+            let close = self
+                .clients
+                .get_mut(idx)
+                .is_some_and(|c| drive(&mut self.app, c, true) == Next::Close);
+            if close {
                 self.close_client(idx);
             }
         }
@@ -455,6 +460,9 @@ struct Client {
     peer_eof: bool,
     /// No more requests: close once `outbuf` is sent.
     closing: bool,
+    /// At least one request was answered. A connection that has not sent its first request
+    /// yet is never idle: the master handed it over, so it is owed an answer.
+    answered: bool,
 }
 
 impl Client {
@@ -467,6 +475,7 @@ impl Client {
             skip_body: 0,
             peer_eof: false,
             closing: false,
+            answered: false,
         }
     }
 
@@ -476,7 +485,7 @@ impl Client {
 
     /// Between requests: nothing received, nothing to send.
     fn is_idle(&self) -> bool {
-        self.inbuf.is_empty() && self.skip_body == 0 && self.unsent() == 0
+        self.answered && self.inbuf.is_empty() && self.skip_body == 0 && self.unsent() == 0
     }
 }
 
@@ -506,7 +515,7 @@ fn drive(app: &mut App, client: &mut Client, draining: bool) -> Next {
         if client.unsent() == 0 {
             client.outbuf.clear();
             client.written = 0;
-            if client.closing || (draining && client.is_idle()) {
+            if client.closing {
                 discard_input(&mut client.conn);
                 return Next::Close;
             }
@@ -519,7 +528,14 @@ fn drive(app: &mut App, client: &mut Client, draining: bool) -> Next {
             Ok(0) => client.peer_eof = true,
             Ok(n) => client.inbuf.extend_from_slice(&chunk[..n]),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Next::Keep,
+            // Draining closes a connection only once it is idle with nothing left unread.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return if draining && client.is_idle() {
+                    Next::Close
+                } else {
+                    Next::Keep
+                };
+            }
             Err(_) => return Next::Close,
         }
     }
@@ -597,6 +613,7 @@ impl App {
                         break;
                     }
                     client.skip_body = req.content_length;
+                    client.answered = true;
                     let keep_alive = req.keep_alive && !draining;
                     if !self.respond(&mut client.outbuf, &req, keep_alive) {
                         client.closing = true;
@@ -1150,7 +1167,12 @@ mod tests {
             tcp: TcpListener::bind("127.0.0.1:0").unwrap(),
         };
         let running = Running::start(worker);
-        assert_eq!(master.next_message(), Message::Ready);
+        assert_eq!(
+            master.next_message(),
+            Message::Ready {
+                max_fds: crate::protocol::MAX_FDS_PER_CONN as u64
+            }
+        );
         (running, master, reclaim)
     }
 

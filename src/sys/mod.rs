@@ -30,17 +30,22 @@ pub(crate) use syscall;
 /// Process id of a worker.
 pub type Pid = libc::pid_t;
 
-/// `accept4(2)` with `SOCK_CLOEXEC`: the accepted fd never leaks into a worker spawned
-/// concurrently. Not `SOCK_NONBLOCK`: the master never reads a connection, and file status
-/// flags travel with the fd through `SCM_RIGHTS`, so the worker gets the blocking socket a
-/// plain `accept()` would have given it.
-pub fn accept4(listener: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+/// `accept4(2)` with `SOCK_CLOEXEC`, so the accepted fd never leaks into a process spawned
+/// concurrently, and `SOCK_NONBLOCK` when asked. The master asks for a blocking socket: it never
+/// reads a connection, and file status flags travel with the fd through `SCM_RIGHTS`, so the
+/// worker gets what a plain `accept()` would have given it.
+pub fn accept4(listener: BorrowedFd<'_>, nonblocking: bool) -> io::Result<OwnedFd> {
+    let flags = if nonblocking {
+        libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK
+    } else {
+        libc::SOCK_CLOEXEC
+    };
     // SAFETY: null addr/addrlen is allowed by accept4(2); the fd is borrowed for the call.
     let fd = syscall!(accept4(
         listener.as_raw_fd(),
         std::ptr::null_mut(),
         std::ptr::null_mut(),
-        libc::SOCK_CLOEXEC
+        flags
     ))?;
     // SAFETY: accept4 returned a new fd that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })

@@ -88,7 +88,8 @@ impl TestCluster {
             .iter()
             .map(|l| {
                 let addr = l.split("listening on ").nth(1).unwrap().trim();
-                addr.parse().unwrap_or_else(|_| panic!("bad address in {l}"))
+                addr.parse()
+                    .unwrap_or_else(|_| panic!("bad address in {l}"))
             })
             .collect();
         cluster
@@ -111,7 +112,12 @@ impl TestCluster {
 
     /// Whether some log line contains `needle`.
     pub fn log_contains(&self, needle: &str) -> bool {
-        self.log.lines.lock().unwrap().iter().any(|l| l.contains(needle))
+        self.log
+            .lines
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains(needle))
     }
 
     /// Waits until a log line contains `needle`; returns the first such line.
@@ -124,7 +130,11 @@ impl TestCluster {
         let deadline = Instant::now() + timeout;
         let mut lines = self.log.lines.lock().unwrap();
         loop {
-            let hits: Vec<String> = lines.iter().filter(|l| l.contains(needle)).cloned().collect();
+            let hits: Vec<String> = lines
+                .iter()
+                .filter(|l| l.contains(needle))
+                .cloned()
+                .collect();
             if hits.len() >= count {
                 return hits;
             }
@@ -137,7 +147,12 @@ impl TestCluster {
                     self.log_lines().join("\n")
                 );
             }
-            lines = self.log.changed.wait_timeout(lines, deadline - now).unwrap().0;
+            lines = self
+                .log
+                .changed
+                .wait_timeout(lines, deadline - now)
+                .unwrap()
+                .0;
         }
     }
 
@@ -184,7 +199,10 @@ impl TestCluster {
                 self.child = None;
                 return status;
             }
-            assert!(Instant::now() < deadline, "master did not exit within {timeout:?}");
+            assert!(
+                Instant::now() < deadline,
+                "master did not exit within {timeout:?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -228,7 +246,11 @@ impl Drop for TestCluster {
 
 impl TestCluster {
     fn all_seen_workers_quiet(&self) -> Vec<i32> {
-        let mut seen = self.seen_workers.lock().map(|s| s.clone()).unwrap_or_default();
+        let mut seen = self
+            .seen_workers
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default();
         if let Some(child) = &self.child {
             for p in children_of(child.id() as i32) {
                 if !seen.contains(&p) {
@@ -290,7 +312,9 @@ pub struct Response {
 impl Response {
     /// `X-Worker-Id`.
     pub fn worker(&self) -> usize {
-        self.headers["x-worker-id"].parse().expect("numeric worker id")
+        self.headers["x-worker-id"]
+            .parse()
+            .expect("numeric worker id")
     }
     /// `X-Worker-Pid`.
     pub fn pid(&self) -> i32 {
@@ -303,7 +327,10 @@ pub fn get(addr: SocketAddr, path: &str) -> std::io::Result<Response> {
     let mut s = TcpStream::connect(addr)?;
     s.set_read_timeout(Some(DEADLINE))?;
     s.set_write_timeout(Some(DEADLINE))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
     parse_response(&raw)
@@ -312,7 +339,12 @@ pub fn get(addr: SocketAddr, path: &str) -> std::io::Result<Response> {
 /// Parses a complete response.
 pub fn parse_response(raw: &[u8]) -> std::io::Result<Response> {
     let text = String::from_utf8_lossy(raw);
-    let bad = || std::io::Error::new(std::io::ErrorKind::UnexpectedEof, format!("bad response: {text:?}"));
+    let bad = || {
+        std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("bad response: {text:?}"),
+        )
+    };
     let (head, body) = text.split_once("\r\n\r\n").ok_or_else(bad)?;
     let mut lines = head.lines();
     let status = lines
@@ -332,7 +364,12 @@ pub fn parse_response(raw: &[u8]) -> std::io::Result<Response> {
 }
 
 /// `n` GETs over `concurrency` threads, each on a new connection. Returns every result.
-pub fn get_many(addr: SocketAddr, path: &str, n: usize, concurrency: usize) -> Vec<std::io::Result<Response>> {
+pub fn get_many(
+    addr: SocketAddr,
+    path: &str,
+    n: usize,
+    concurrency: usize,
+) -> Vec<std::io::Result<Response>> {
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let threads: Vec<_> = (0..concurrency)
         .map(|_| {
@@ -347,7 +384,10 @@ pub fn get_many(addr: SocketAddr, path: &str, n: usize, concurrency: usize) -> V
             })
         })
         .collect();
-    threads.into_iter().flat_map(|t| t.join().unwrap()).collect()
+    threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect()
 }
 
 /// Counts responses per worker id; panics on any error, naming it.
@@ -363,4 +403,389 @@ pub fn per_worker(results: &[std::io::Result<Response>]) -> HashMap<usize, usize
         }
     }
     counts
+}
+
+/// `GET path` on a new connection with `Connection: close`, giving up after `timeout` for the
+/// connect and for each read or write.
+pub fn get_with_timeout(
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> std::io::Result<Response> {
+    let mut s = TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    parse_response(&raw)
+}
+
+/// Connects and sends `GET path` (`Connection: close`) without reading the answer, so a test
+/// can hold many requests in flight from one thread; read it with [`read_response`].
+pub fn send_request(addr: SocketAddr, path: &str) -> std::io::Result<TcpStream> {
+    let mut s = TcpStream::connect_timeout(&addr, DEADLINE)?;
+    s.set_read_timeout(Some(DEADLINE))?;
+    s.set_write_timeout(Some(DEADLINE))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )?;
+    Ok(s)
+}
+
+/// Reads the whole answer to a request sent with [`send_request`].
+pub fn read_response(mut s: TcpStream) -> std::io::Result<Response> {
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    parse_response(&raw)
+}
+
+impl Response {
+    /// `X-Worker-Generation`.
+    pub fn generation(&self) -> u64 {
+        self.headers["x-worker-generation"]
+            .parse()
+            .expect("numeric generation")
+    }
+}
+
+/// What became of each request of a load run.
+#[derive(Debug, Default, Clone)]
+pub struct Tally {
+    /// 200 responses.
+    pub ok: usize,
+    /// A response with another status.
+    pub bad_status: usize,
+    /// `ECONNREFUSED`.
+    pub refused: usize,
+    /// `ECONNRESET`, `ECONNABORTED`, `EPIPE`.
+    pub reset: usize,
+    /// The connection closed before a complete response.
+    pub eof: usize,
+    /// No answer within the timeout.
+    pub timeout: usize,
+    /// Any other error.
+    pub other: usize,
+    /// 200 responses per `X-Worker-Generation`.
+    pub by_generation: std::collections::BTreeMap<u64, usize>,
+    /// 200 responses per `X-Worker-Id`.
+    pub by_worker: std::collections::BTreeMap<usize, usize>,
+    /// 200 responses per `X-Worker-Pid`.
+    pub by_pid: std::collections::BTreeMap<i32, usize>,
+    /// The first few failures, for the assertion message.
+    pub examples: Vec<String>,
+}
+
+impl Tally {
+    /// Requests that did not get a 200.
+    pub fn errors(&self) -> usize {
+        self.bad_status + self.refused + self.reset + self.eof + self.timeout + self.other
+    }
+
+    /// Requests counted.
+    pub fn total(&self) -> usize {
+        self.ok + self.errors()
+    }
+
+    /// Counts one result.
+    pub fn add(&mut self, result: &std::io::Result<Response>) {
+        use std::io::ErrorKind as K;
+        let failure = match result {
+            Ok(r) if r.status == 200 => {
+                self.ok += 1;
+                *self.by_generation.entry(r.generation()).or_default() += 1;
+                *self.by_worker.entry(r.worker()).or_default() += 1;
+                *self.by_pid.entry(r.pid()).or_default() += 1;
+                return;
+            }
+            Ok(r) => {
+                self.bad_status += 1;
+                format!("status {}", r.status)
+            }
+            Err(e) => {
+                match e.kind() {
+                    K::ConnectionRefused => self.refused += 1,
+                    K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe => self.reset += 1,
+                    K::UnexpectedEof => self.eof += 1,
+                    K::WouldBlock | K::TimedOut => self.timeout += 1,
+                    _ => self.other += 1,
+                }
+                e.to_string()
+            }
+        };
+        if self.examples.len() < 10 {
+            self.examples.push(failure);
+        }
+    }
+
+    /// Adds another tally's counts to this one.
+    pub fn merge(&mut self, other: Tally) {
+        self.ok += other.ok;
+        self.bad_status += other.bad_status;
+        self.refused += other.refused;
+        self.reset += other.reset;
+        self.eof += other.eof;
+        self.timeout += other.timeout;
+        self.other += other.other;
+        for (k, v) in other.by_generation {
+            *self.by_generation.entry(k).or_default() += v;
+        }
+        for (k, v) in other.by_worker {
+            *self.by_worker.entry(k).or_default() += v;
+        }
+        for (k, v) in other.by_pid {
+            *self.by_pid.entry(k).or_default() += v;
+        }
+        for e in other.examples {
+            if self.examples.len() < 10 {
+                self.examples.push(e);
+            }
+        }
+    }
+
+    /// One line with every loss count, for the test output.
+    pub fn summary(&self) -> String {
+        format!(
+            "{} requests: ok {}, refused {}, reset {}, eof {}, timeout {}, bad status {}, other {}; \
+             {} worker pids, generations {:?}",
+            self.total(),
+            self.ok,
+            self.refused,
+            self.reset,
+            self.eof,
+            self.timeout,
+            self.bad_status,
+            self.other,
+            self.by_pid.len(),
+            self.by_generation
+        )
+    }
+}
+
+/// Per-request timeout of a [`Load`]: far above any service time the tests ask for.
+pub const LOAD_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Background client load: `total` GETs, each on a new connection, from a pool of threads,
+/// paced to at most `rate` requests per second (request `i` is not started before
+/// `start + i / rate`). Stops early when dropped.
+pub struct Load {
+    completed: Arc<std::sync::atomic::AtomicUsize>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<Tally>>,
+}
+
+impl Load {
+    /// Starts the load.
+    pub fn start(addr: SocketAddr, path: &str, total: usize, rate: f64, threads: usize) -> Load {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let next = Arc::new(AtomicUsize::new(0));
+        let completed = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let start = Instant::now();
+        let threads = (0..threads)
+            .map(|_| {
+                let (next, completed, stop) =
+                    (Arc::clone(&next), Arc::clone(&completed), Arc::clone(&stop));
+                let path = path.to_string();
+                std::thread::spawn(move || {
+                    let mut tally = Tally::default();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= total || stop.load(Ordering::Relaxed) {
+                            return tally;
+                        }
+                        // Pacing, not synchronisation: keeps the offered rate bounded.
+                        let due = start + Duration::from_secs_f64(i as f64 / rate);
+                        let now = Instant::now();
+                        if due > now {
+                            std::thread::sleep(due - now);
+                        }
+                        tally.add(&get_with_timeout(addr, &path, LOAD_REQUEST_TIMEOUT));
+                        completed.fetch_add(1, Ordering::Release);
+                    }
+                })
+            })
+            .collect();
+        Load {
+            completed,
+            stop,
+            threads,
+        }
+    }
+
+    /// Requests finished so far (answered or failed).
+    pub fn completed(&self) -> usize {
+        self.completed.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Waits until `n` requests have finished.
+    pub fn wait_completed(&self, n: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.completed() < n {
+            assert!(
+                Instant::now() < deadline,
+                "load: only {} of {n} requests finished within {timeout:?}",
+                self.completed()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Waits for every request and returns the tally.
+    pub fn join(mut self) -> Tally {
+        let mut tally = Tally::default();
+        for t in self.threads.drain(..) {
+            tally.merge(t.join().expect("load thread panicked"));
+        }
+        tally
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Open fds of a process (`/proc/PID/fd` entries).
+pub fn fd_count(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// Threads of a process (`/proc/PID/task` entries).
+pub fn thread_count(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// A process's state letter from `/proc/PID/stat` (`R`, `S`, `T` for stopped, ...).
+pub fn process_state(pid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit(") ").next().and_then(|s| s.chars().next())
+}
+
+/// Waits until `pid` is stopped (after SIGSTOP).
+pub fn wait_stopped(pid: i32) {
+    let deadline = Instant::now() + DEADLINE;
+    while process_state(pid) != Some('T') {
+        assert!(Instant::now() < deadline, "process {pid} did not stop");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Sends `GET path` on an open connection (`Connection: keep-alive` or `close`) and reads one
+/// response, delimited by its `Content-Length`.
+pub fn get_on(s: &mut TcpStream, path: &str, keep_alive: bool) -> std::io::Result<Response> {
+    send_on(s, path, keep_alive)?;
+    read_one(s)
+}
+
+/// Sends `GET path` on an open connection without reading the answer.
+pub fn send_on(s: &mut TcpStream, path: &str, keep_alive: bool) -> std::io::Result<()> {
+    let connection = if keep_alive { "keep-alive" } else { "close" };
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: {connection}\r\n\r\n"
+    )
+}
+
+/// Reads one response, delimited by its `Content-Length`, from an open connection.
+pub fn read_one(s: &mut TcpStream) -> std::io::Result<Response> {
+    let mut raw = Vec::new();
+    let mut byte = [0u8; 1];
+    while !raw.ends_with(b"\r\n\r\n") {
+        if s.read(&mut byte)? == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!(
+                    "eof in the response head: {:?}",
+                    String::from_utf8_lossy(&raw)
+                ),
+            ));
+        }
+        raw.push(byte[0]);
+    }
+    let head = parse_response(&raw)?;
+    let len: usize = head
+        .headers
+        .get("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body)?;
+    raw.extend_from_slice(&body);
+    parse_response(&raw)
+}
+
+impl TestCluster {
+    /// Asks the master for its status (SIGUSR1) and returns the acceptor's
+    /// `dispatched` count for the worker with `pid`.
+    pub fn dispatched_to(&self, pid: i32) -> u64 {
+        let needle = format!("pid {pid} state ");
+        let before = self
+            .log_lines()
+            .iter()
+            .filter(|l| l.contains(&needle))
+            .count();
+        self.signal(libc::SIGUSR1);
+        let lines = self.wait_for_count(&needle, before + 1, DEADLINE);
+        let line = lines.last().expect("one line");
+        line.split(" dispatched ")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no dispatched count in {line}"))
+    }
+
+    /// Returns once the acceptor thread has handled every command the supervisor sent it so
+    /// far: asks for a status (SIGUSR1), which goes down the same ordered command channel, and
+    /// waits for the acceptor's summary line.
+    pub fn sync_acceptor(&self) {
+        const SUMMARY: &str = "connections waiting in the master";
+        let before = self.log_count(SUMMARY);
+        self.signal(libc::SIGUSR1);
+        self.wait_for_count(SUMMARY, before + 1, DEADLINE);
+    }
+
+    /// How many log lines contain `needle`.
+    pub fn log_count(&self, needle: &str) -> usize {
+        self.log
+            .lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+}
+
+impl TestCluster {
+    /// Waits up to `timeout` for a log line containing `needle`; `None` if none came (for
+    /// loops that do something else between checks).
+    pub fn poll_log(&self, needle: &str, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        let mut lines = self.log.lines.lock().unwrap();
+        loop {
+            if let Some(l) = lines.iter().find(|l| l.contains(needle)) {
+                return Some(l.clone());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            lines = self
+                .log
+                .changed
+                .wait_timeout(lines, deadline - now)
+                .unwrap()
+                .0;
+        }
+    }
 }

@@ -1,0 +1,814 @@
+//! Lifecycle under load: nothing the master accepted is lost across rolling reloads, recycling
+//! (--max-conns), crashed, stopped and stalled workers, and scaling (SIGTTIN/SIGTTOU).
+//!
+//! Every test runs the real binary on port 0 with the built-in demo worker (through
+//! [`common::TestCluster`], which kills and reaps everything on drop), drives bounded load at
+//! 127.0.0.1, waits on log lines and process states with deadlines, and asserts counts. Each
+//! prints its loss counts (`cargo test --test lifecycle -- --nocapture` shows them).
+
+mod common;
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use common::{
+    BIN, DEADLINE, Load, Tally, TestCluster, fd_count, get, get_many, get_on, kill, per_worker,
+    read_one, read_response, send_on, send_request, thread_count, wait_stopped,
+};
+
+/// The two 20,000-connection tests take turns, so they do not starve each other (and the
+/// lighter tests) on a 2-core machine.
+static HEAVY_LOAD: Mutex<()> = Mutex::new(());
+
+fn heavy_load() -> std::sync::MutexGuard<'static, ()> {
+    HEAVY_LOAD.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn assert_no_loss(what: &str, tally: &Tally, expected: usize) {
+    println!("{what}: {}", tally.summary());
+    assert_eq!(
+        tally.errors(),
+        0,
+        "{what}: {}; first failures: {:?}",
+        tally.summary(),
+        tally.examples
+    );
+    assert_eq!(tally.ok, expected, "{what}: {}", tally.summary());
+}
+
+/// The slot of the worker with `pid`, from its "started" line.
+fn slot_of(cluster: &TestCluster, pid: i32) -> usize {
+    let line = cluster.wait_for_log(&format!(" started: pid {pid},"), DEADLINE);
+    line.split("worker ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no slot in {line}"))
+}
+
+/// A `sh -c` worker command: the demo worker at generation 0, `later` (shell code) at every
+/// later generation.
+fn command_by_generation(later: &str) -> String {
+    format!(r#"if [ "$RCLUSTER_GENERATION" = 0 ]; then exec "$0" demo-worker; fi; {later}"#)
+}
+
+#[test]
+fn ten_rolling_reloads_under_load_lose_no_connection_and_old_worker_finishes_long_request() {
+    const TOTAL: usize = 20_000;
+    const RELOADS: u64 = 10;
+    const EVERY: usize = 1_800;
+    let _turn = heavy_load();
+    let cluster = TestCluster::start(&["--workers", "2", "--grace", "5s"]);
+    let addr = cluster.addr();
+    let load = Load::start(addr, "/?us=50", TOTAL, 800.0, 16);
+
+    let mut long = None;
+    for generation in 1..=RELOADS {
+        load.wait_completed(EVERY * generation as usize, Duration::from_secs(120));
+        if generation > 1 {
+            cluster.wait_for_log(
+                &format!("reload to generation {} complete", generation - 1),
+                DEADLINE,
+            );
+        }
+        if generation == 1 {
+            // A long request on a connection a generation-0 worker holds (it answered a first
+            // request on it) when the reload starts: the worker is drained while the request
+            // runs and must still answer it.
+            let mut conn = std::net::TcpStream::connect(addr).expect("connect");
+            conn.set_read_timeout(Some(DEADLINE)).unwrap();
+            let first = get_on(&mut conn, "/", true).expect("first request");
+            assert_eq!(first.generation(), 0);
+            send_on(&mut conn, "/long?us=2000000", true).expect("long request");
+            long = Some((first.pid(), std::thread::spawn(move || read_one(&mut conn))));
+        }
+        cluster.signal(libc::SIGHUP);
+    }
+    cluster.wait_for_log(
+        &format!("reload to generation {RELOADS} complete"),
+        DEADLINE,
+    );
+    let tally = load.join();
+    assert_no_loss("10 reloads", &tally, TOTAL);
+    assert!(
+        tally.by_generation.len() >= 8,
+        "load should have seen most generations: {:?}",
+        tally.by_generation
+    );
+
+    let (holder, long) = long.expect("long request started");
+    let long = long.join().unwrap().expect("long request answered");
+    println!(
+        "long request: status {}, generation {}, pid {} (held by {holder})",
+        long.status,
+        long.generation(),
+        long.pid()
+    );
+    assert_eq!(long.status, 200, "{long:?}");
+    assert_eq!(long.generation(), 0, "{long:?}");
+    assert_eq!(long.pid(), holder, "{long:?}");
+    assert!(
+        cluster.log_contains(&format!(
+            "draining worker {} (pid {holder}, generation 0)",
+            long.worker()
+        )),
+        "the long request's worker was drained by the reload"
+    );
+    for r in get_many(addr, "/", 20, 2) {
+        assert_eq!(r.expect("request after the reloads").generation(), RELOADS);
+    }
+}
+
+#[test]
+fn connections_queued_to_a_stopped_worker_are_answered_by_others_after_it_is_killed() {
+    const CONNS: usize = 200;
+    let cluster =
+        TestCluster::start(&["--workers", "2", "--policy", "round-robin", "--grace", "2s"]);
+    let addr = cluster.addr();
+    let pids = cluster.wait_for_workers(2);
+    let victim = pids[0];
+    kill(victim, libc::SIGSTOP);
+    wait_stopped(victim);
+
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let readers: Vec<_> = (0..CONNS)
+        .map(|_| {
+            let stream = send_request(addr, "/").expect("connect");
+            let answered = std::sync::Arc::clone(&answered);
+            std::thread::spawn(move || {
+                let r = read_response(stream);
+                answered.fetch_add(1, std::sync::atomic::Ordering::Release);
+                r
+            })
+        })
+        .collect();
+    // Round-robin: the live worker answers its half while the other half waits unread in the
+    // stopped worker's channel.
+    let deadline = std::time::Instant::now() + DEADLINE;
+    let queued = loop {
+        let queued = cluster.dispatched_to(victim) as usize;
+        let done = answered.load(std::sync::atomic::Ordering::Acquire);
+        if queued + done == CONNS {
+            break queued;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "queued {queued}, answered {done}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    println!("stopped worker {victim} has {queued} connections queued; killing it");
+    assert!(
+        (CONNS / 2 - 5..=CONNS / 2 + 5).contains(&queued),
+        "round-robin split: {queued}"
+    );
+    kill(victim, libc::SIGKILL);
+
+    let mut tally = Tally::default();
+    for r in readers {
+        tally.add(&r.join().unwrap());
+    }
+    assert_no_loss("stopped then killed worker", &tally, CONNS);
+    assert!(!tally.by_pid.contains_key(&victim), "{:?}", tally.by_pid);
+    cluster.wait_for_log(
+        &format!("reclaimed {queued} queued connections from worker"),
+        DEADLINE,
+    );
+    assert!(cluster.log_contains(&format!("(pid {victim}) exited unexpectedly")));
+}
+
+#[test]
+fn max_conns_recycles_workers_many_times_without_losing_connections() {
+    const TOTAL: usize = 20_000;
+    let _turn = heavy_load();
+    let cluster = TestCluster::start(&["--workers", "2", "--max-conns", "200", "--grace", "2s"]);
+    let tally = Load::start(cluster.addr(), "/", TOTAL, 1500.0, 16).join();
+    let recycled = cluster.log_count("it reached --max-conns");
+    println!(
+        "max-conns 200: {recycled} recycles, {} distinct workers served",
+        tally.by_pid.len()
+    );
+    assert_no_loss("max-conns 200", &tally, TOTAL);
+    // 20,000 / 200 = 100 worker lifetimes' worth; a replacement keeps taking connections until
+    // it is ready, so a few lifetimes run long.
+    assert!(recycled >= 50, "only {recycled} recycles");
+    assert!(
+        tally.by_pid.len() >= 50,
+        "only {} workers served",
+        tally.by_pid.len()
+    );
+    assert!(cluster.log_count("draining worker") >= 50);
+}
+
+#[test]
+fn reload_whose_replacement_exits_is_aborted_and_old_workers_keep_serving() {
+    let script = command_by_generation("exit 3");
+    let mut cluster = TestCluster::start(&[
+        "--workers",
+        "2",
+        "--grace",
+        "2s",
+        "--no-preload",
+        "--",
+        "sh",
+        "-c",
+        &script,
+        BIN,
+    ]);
+    let before = cluster.wait_for_workers(2);
+    let load = Load::start(cluster.addr(), "/", 3_000, 600.0, 8);
+    load.wait_completed(500, DEADLINE);
+    cluster.signal(libc::SIGHUP);
+    cluster.wait_for_log(
+        "reload aborted: a replacement exited before it was ready",
+        DEADLINE,
+    );
+    load.wait_completed(1_500, DEADLINE);
+    cluster.signal(libc::SIGHUP);
+    cluster.wait_for_count("reload aborted", 2, DEADLINE);
+    let tally = load.join();
+    assert_no_loss("aborted reloads (replacement exits)", &tally, 3_000);
+    assert_eq!(
+        tally.by_generation.keys().copied().collect::<Vec<_>>(),
+        vec![0]
+    );
+    assert!(cluster.is_running());
+    assert_eq!(
+        cluster.wait_for_workers(2),
+        before,
+        "the old workers keep serving"
+    );
+    assert!(!cluster.log_contains("complete"));
+}
+
+#[test]
+fn reload_whose_replacement_never_gets_ready_is_aborted_and_old_workers_keep_serving() {
+    let script = command_by_generation("exec sleep 60");
+    let mut cluster = TestCluster::start(&[
+        "--workers",
+        "2",
+        "--grace",
+        "2s",
+        "--ready-timeout",
+        "1s",
+        "--no-preload",
+        "--",
+        "sh",
+        "-c",
+        &script,
+        BIN,
+    ]);
+    let before = cluster.wait_for_workers(2);
+    let load = Load::start(cluster.addr(), "/", 2_000, 600.0, 8);
+    load.wait_completed(300, DEADLINE);
+    cluster.signal(libc::SIGHUP);
+    cluster.wait_for_log(
+        "reload aborted: a replacement was not ready within --ready-timeout",
+        DEADLINE,
+    );
+    let tally = load.join();
+    assert_no_loss("aborted reload (replacement never ready)", &tally, 2_000);
+    assert_eq!(
+        tally.by_generation.keys().copied().collect::<Vec<_>>(),
+        vec![0]
+    );
+    assert!(cluster.is_running());
+    assert_eq!(
+        cluster.wait_for_workers(2),
+        before,
+        "the replacement was killed"
+    );
+}
+
+#[test]
+fn sighup_during_a_reload_queues_exactly_one_more() {
+    // Later generations take a while to start, so the reload is still running when the
+    // next SIGHUPs arrive.
+    let script = command_by_generation(r#"sleep 1; exec "$0" demo-worker"#);
+    let cluster = TestCluster::start(&[
+        "--workers",
+        "2",
+        "--grace",
+        "2s",
+        "--no-preload",
+        "--",
+        "sh",
+        "-c",
+        &script,
+        BIN,
+    ]);
+    cluster.signal(libc::SIGHUP);
+    cluster.wait_for_log("rolling reload to generation 1", DEADLINE);
+    cluster.signal(libc::SIGHUP);
+    cluster.signal(libc::SIGHUP);
+    cluster.signal(libc::SIGHUP);
+    cluster.wait_for_log("one more reload queued", DEADLINE);
+    cluster.wait_for_log("reload to generation 1 complete", DEADLINE);
+    cluster.wait_for_log("reload to generation 2 complete", DEADLINE);
+    // The status lines come after anything the end of the reload logged.
+    cluster.signal(libc::SIGUSR1);
+    cluster.wait_for_count("status: worker", 2, DEADLINE);
+    assert!(!cluster.log_contains("generation 3"));
+    assert_eq!(cluster.log_count("one more reload queued"), 1);
+    for r in get_many(cluster.addr(), "/", 10, 2) {
+        assert_eq!(r.expect("request after the reloads").generation(), 2);
+    }
+}
+
+#[test]
+fn hundred_reloads_leave_master_fd_and_thread_counts_unchanged() {
+    const RELOADS: usize = 100;
+    let cluster = TestCluster::start(&["--workers", "2", "--grace", "2s"]);
+    let master = cluster.pid();
+    // After reload n: its line is logged, both old workers were reaped, and the acceptor has
+    // closed their channels.
+    let settle = |n: usize| {
+        cluster.wait_for_log(&format!("reload to generation {n} complete"), DEADLINE);
+        cluster.wait_for_count(") exited: ", 2 * n, DEADLINE);
+        cluster.wait_for_workers(2);
+        cluster.sync_acceptor();
+    };
+    cluster.signal(libc::SIGHUP);
+    settle(1);
+    let (fds, threads) = (fd_count(master), thread_count(master));
+    for n in 2..=RELOADS {
+        cluster.signal(libc::SIGHUP);
+        cluster.wait_for_log(&format!("reload to generation {n} complete"), DEADLINE);
+    }
+    settle(RELOADS);
+    println!(
+        "master after 1 reload: {fds} fds, {threads} threads; after {RELOADS}: {} fds, {} threads",
+        fd_count(master),
+        thread_count(master)
+    );
+    assert_eq!(fd_count(master), fds, "fds leaked over {RELOADS} reloads");
+    assert_eq!(
+        thread_count(master),
+        threads,
+        "threads leaked over {RELOADS} reloads"
+    );
+    assert_eq!(per_worker(&get_many(cluster.addr(), "/", 10, 2)).len(), 2);
+}
+
+#[test]
+fn ttin_and_ttou_add_and_drain_workers_without_losing_connections() {
+    let cluster = TestCluster::start(&["--workers", "2", "--grace", "2s"]);
+    let load = Load::start(cluster.addr(), "/?us=200", 6_000, 600.0, 8);
+    let steps = [
+        (libc::SIGTTIN, 3),
+        (libc::SIGTTIN, 4),
+        (libc::SIGTTOU, 3),
+        (libc::SIGTTOU, 2),
+    ];
+    for (i, (sig, workers)) in steps.into_iter().enumerate() {
+        load.wait_completed(1_000 * (i + 1), DEADLINE);
+        cluster.signal(sig);
+        cluster.wait_for_workers(workers);
+    }
+    let tally = load.join();
+    assert_no_loss("SIGTTIN/SIGTTOU", &tally, 6_000);
+    assert!(
+        tally.by_worker.contains_key(&2) && tally.by_worker.contains_key(&3),
+        "{:?}",
+        tally.by_worker
+    );
+    // Removed workers were drained and exited on their own, not killed.
+    for slot in [3, 2] {
+        cluster.wait_for_log(&format!("SIGTTOU: removing worker {slot}"), DEADLINE);
+        let drained = cluster.wait_for_log(&format!("draining worker {slot} (pid "), DEADLINE);
+        let pid = drained
+            .split("(pid ")
+            .nth(1)
+            .unwrap()
+            .split(',')
+            .next()
+            .unwrap();
+        cluster.wait_for_log(
+            &format!("worker {slot} (pid {pid}) exited: exit code 0"),
+            DEADLINE,
+        );
+    }
+    assert!(!cluster.log_contains("SIGKILL"));
+}
+
+#[test]
+fn stalled_worker_is_replaced_and_its_queued_connections_served_elsewhere() {
+    let cluster = TestCluster::start(&[
+        "--workers",
+        "2",
+        "--policy",
+        "round-robin",
+        "--stall-timeout",
+        "1s",
+        "--grace",
+        "2s",
+    ]);
+    let addr = cluster.addr();
+    let victim = cluster.wait_for_workers(2)[0];
+    let slot = slot_of(&cluster, victim);
+    kill(victim, libc::SIGSTOP);
+    wait_stopped(victim);
+    // Connections until the stopped worker's channel has been full for the stall timeout.
+    let mut streams = Vec::new();
+    while cluster
+        .poll_log("it stopped accepting", Duration::from_millis(50))
+        .is_none()
+    {
+        assert!(streams.len() < 8_000, "channel never filled");
+        for _ in 0..25 {
+            streams.push(send_request(addr, "/").expect("connect"));
+        }
+    }
+    let sent = streams.len();
+    let reclaimed_line = cluster.wait_for_log(
+        &format!("queued connections from worker {slot} (pid {victim})"),
+        DEADLINE,
+    );
+    cluster.wait_for_log(
+        &format!("replacing worker {slot} (pid {victim}): it stopped accepting"),
+        DEADLINE,
+    );
+    let mut tally = Tally::default();
+    for s in streams {
+        tally.add(&read_response(s));
+    }
+    println!("stalled worker: {sent} connections sent; {reclaimed_line}");
+    assert_no_loss("stalled worker", &tally, sent);
+    assert!(!tally.by_pid.contains_key(&victim));
+    // The stopped worker ignored the drain signal and was killed after the grace period.
+    cluster.wait_for_log(&format!("worker {slot} (pid {victim}) exited"), DEADLINE);
+    assert_eq!(cluster.wait_for_workers(2).len(), 2);
+}
+
+#[test]
+fn crashed_worker_is_restarted_alone_and_service_continues() {
+    let cluster = TestCluster::start(&["--workers", "3", "--grace", "2s"]);
+    let before = cluster.wait_for_workers(3);
+    let victim = before[1];
+    kill(victim, libc::SIGKILL);
+    cluster.wait_for_log(&format!("(pid {victim}) exited unexpectedly"), DEADLINE);
+    let deadline = std::time::Instant::now() + DEADLINE;
+    let after = loop {
+        let now = cluster.worker_pids();
+        if now.len() == 3 && !now.contains(&victim) {
+            break now;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no replacement: {now:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    for pid in [before[0], before[2]] {
+        assert!(
+            after.contains(&pid),
+            "worker {pid} was restarted too: {before:?} -> {after:?}"
+        );
+    }
+    cluster.wait_for_count(" ready: pid ", 4, DEADLINE);
+    let mut tally = Tally::default();
+    for r in get_many(cluster.addr(), "/", 300, 4) {
+        tally.add(&r);
+    }
+    assert_no_loss("after a crash", &tally, 300);
+    assert!(!tally.by_pid.contains_key(&victim));
+    assert_eq!(cluster.log_count("exited unexpectedly"), 1);
+    let _ = get(cluster.addr(), "/").expect("still serving");
+}
+
+#[test]
+fn sigttou_during_a_reload_drains_a_worker_the_reload_then_skips_and_completes() {
+    // Later generations take a while to start, so the reload is still running at SIGTTOU.
+    let script = command_by_generation(r#"sleep 1; exec "$0" demo-worker"#);
+    let cluster = TestCluster::start(&[
+        "--workers",
+        "3",
+        "--grace",
+        "10s",
+        "--no-preload",
+        "--",
+        "sh",
+        "-c",
+        &script,
+        BIN,
+    ]);
+    // The removed worker is still draining when the reload comes to it (stopped, it ignores
+    // the drain signal until the grace period ends).
+    let line = cluster.wait_for_log("worker 2 started: pid ", DEADLINE);
+    let removed: i32 = line
+        .split("pid ")
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let load = Load::start(cluster.addr(), "/", 3_000, 500.0, 8);
+    load.wait_completed(300, DEADLINE);
+    cluster.signal(libc::SIGHUP);
+    cluster.wait_for_log("replacing worker", DEADLINE);
+    kill(removed, libc::SIGSTOP);
+    wait_stopped(removed);
+    cluster.signal(libc::SIGTTOU);
+    cluster.wait_for_log("SIGTTOU: removing worker 2", DEADLINE);
+    cluster.wait_for_log("reload to generation 1 complete", DEADLINE);
+    let tally = load.join();
+    assert_no_loss("SIGTTOU during a reload", &tally, 3_000);
+    assert!(!cluster.log_contains("reload aborted"));
+    // Spare the grace period: the removed worker would be SIGKILLed after it anyway.
+    kill(removed, libc::SIGKILL);
+    cluster.wait_for_workers(2);
+    let served = get_many(cluster.addr(), "/", 20, 2);
+    for r in &served {
+        assert_eq!(
+            r.as_ref().expect("request after the reload").generation(),
+            1
+        );
+    }
+}
+
+#[test]
+fn sigttou_of_the_slot_a_reload_is_replacing_completes_the_reload() {
+    // Later generations take a while to start, so slot 2's replacement is still starting when
+    // SIGTTOU removes slot 2.
+    let script = command_by_generation(r#"sleep 1; exec "$0" demo-worker"#);
+    let cluster = TestCluster::start(&[
+        "--workers",
+        "3",
+        "--grace",
+        "2s",
+        "--ready-timeout",
+        "20s",
+        "--no-preload",
+        "--",
+        "sh",
+        "-c",
+        &script,
+        BIN,
+    ]);
+    let load = Load::start(cluster.addr(), "/", 3_000, 500.0, 8);
+    load.wait_completed(300, DEADLINE);
+    cluster.signal(libc::SIGHUP);
+    cluster.wait_for_log("replacing worker 2 ", DEADLINE);
+    cluster.signal(libc::SIGTTOU);
+    cluster.wait_for_log("SIGTTOU: removing worker 2", DEADLINE);
+    // Well before --ready-timeout would end a replacement that is waited for in vain.
+    cluster.wait_for_log("reload to generation 1 complete", Duration::from_secs(10));
+    let tally = load.join();
+    assert_no_loss("SIGTTOU of the slot being replaced", &tally, 3_000);
+    assert!(!cluster.log_contains("reload aborted"));
+    cluster.wait_for_workers(2);
+    for r in get_many(cluster.addr(), "/", 20, 2) {
+        let r = r.expect("request after the reload");
+        assert_eq!(r.generation(), 1);
+        assert!(r.worker() < 2, "slot 2 was removed: {r:?}");
+    }
+}
+
+/// A directory of its own under the system temp dir, removed on drop.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let dir =
+            std::env::temp_dir().join(format!("rcluster-lifecycle-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Writes an executable `sh` script.
+fn write_script(path: &std::path::Path, body: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    // Written beside and renamed over, so a worker being exec'd never sees half a file.
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, format!("#!/bin/sh\n{body}\n")).expect("write script");
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::rename(&tmp, path).expect("install script");
+}
+
+#[test]
+fn max_rss_recycles_only_the_big_worker_gracefully() {
+    let cluster = TestCluster::start(&[
+        "--workers",
+        "2",
+        "--grace",
+        "2s",
+        "--max-rss",
+        "48MiB",
+        "--rss-interval",
+        "50ms",
+    ]);
+    let load = Load::start(cluster.addr(), "/", 2_000, 500.0, 8);
+    load.wait_completed(300, DEADLINE);
+    let big = get(cluster.addr(), "/?alloc=64").expect("alloc request");
+    assert_eq!(big.status, 200, "{big:?}");
+    let (slot, pid) = (big.worker(), big.pid());
+    cluster.wait_for_log(
+        &format!("replacing worker {slot} (pid {pid}): its RSS exceeds --max-rss"),
+        DEADLINE,
+    );
+    cluster.wait_for_log(&format!("draining worker {slot} (pid {pid}, "), DEADLINE);
+    cluster.wait_for_log(
+        &format!("worker {slot} (pid {pid}) exited: exit code 0"),
+        DEADLINE,
+    );
+    let tally = load.join();
+    assert_no_loss("max-rss", &tally, 2_000);
+    assert_eq!(
+        cluster.log_count("its RSS exceeds --max-rss"),
+        1,
+        "only the big worker"
+    );
+    assert_eq!(cluster.wait_for_workers(2).len(), 2);
+}
+
+#[test]
+fn reload_batch_replaces_that_many_workers_at_a_time() {
+    // Later generations take a while to start, so the batch is visible in the log.
+    let script = command_by_generation(r#"sleep 1; exec "$0" demo-worker"#);
+    let cluster = TestCluster::start(&[
+        "--workers",
+        "4",
+        "--reload-batch",
+        "2",
+        "--grace",
+        "2s",
+        "--no-preload",
+        "--",
+        "sh",
+        "-c",
+        &script,
+        BIN,
+    ]);
+    let load = Load::start(cluster.addr(), "/", 2_000, 500.0, 8);
+    load.wait_completed(200, DEADLINE);
+    cluster.signal(libc::SIGHUP);
+    cluster.wait_for_log("reload to generation 1 complete", DEADLINE);
+    let tally = load.join();
+    assert_no_loss("reload batch 2", &tally, 2_000);
+    // Two replacements were started before the first of them was ready, and never more.
+    let log = cluster.log_lines();
+    let mut starting = 0usize;
+    let mut most = 0usize;
+    for line in log.iter().skip_while(|l| !l.contains("rolling reload")) {
+        if line.contains("started: pid ") && line.contains("generation 1") {
+            starting += 1;
+        } else if line.contains(" ready: pid ") {
+            starting -= 1;
+        }
+        most = most.max(starting);
+    }
+    assert_eq!(most, 2, "replacements starting at once");
+    assert_eq!(cluster.log_count("replacing worker"), 4);
+}
+
+#[test]
+fn reload_re_resolves_the_command_and_aborts_while_it_is_missing() {
+    let dir = TempDir::new("resolve");
+    let server = dir.0.join("server");
+    write_script(&server, &format!("exec {BIN} demo-worker"));
+    let server_arg = server.to_str().unwrap();
+    let mut cluster = TestCluster::start(&[
+        "--workers",
+        "2",
+        "--grace",
+        "2s",
+        "--no-preload",
+        "--",
+        server_arg,
+    ]);
+    let before = cluster.wait_for_workers(2);
+    let load = Load::start(cluster.addr(), "/", 2_000, 500.0, 8);
+    load.wait_completed(300, DEADLINE);
+
+    std::fs::remove_file(&server).unwrap();
+    cluster.signal(libc::SIGHUP);
+    cluster.wait_for_log(
+        "reload aborted: the replacement could not be started",
+        DEADLINE,
+    );
+    assert!(cluster.log_contains("command not found"));
+    assert_eq!(
+        cluster.wait_for_workers(2),
+        before,
+        "the old workers keep serving"
+    );
+
+    // Put back (as a new file): the next reload resolves it again and completes.
+    write_script(&server, &format!("exec {BIN} demo-worker"));
+    cluster.signal(libc::SIGHUP);
+    cluster.wait_for_log("reload to generation 2 complete", DEADLINE);
+    let tally = load.join();
+    assert_no_loss("reload with the command missing, then back", &tally, 2_000);
+    assert!(cluster.is_running());
+    for r in get_many(cluster.addr(), "/", 10, 2) {
+        assert_eq!(r.expect("request after the reload").generation(), 2);
+    }
+}
+
+#[test]
+fn crash_looping_slot_is_given_up_and_the_others_keep_serving() {
+    let dir = TempDir::new("crashloop");
+    let flag = dir.0.join("slot1-crashes");
+    let script = format!(
+        r#"if [ "$RCLUSTER_WORKER_ID" = 1 ] && [ -e "{}" ]; then exit 7; fi; exec "$0" demo-worker"#,
+        flag.display()
+    );
+    let mut cluster = TestCluster::start(&[
+        "--workers",
+        "3",
+        "--grace",
+        "2s",
+        "--no-preload",
+        "--",
+        "sh",
+        "-c",
+        &script,
+        BIN,
+    ]);
+    let before = cluster.wait_for_workers(3);
+    let line = cluster.wait_for_log("worker 1 started: pid ", DEADLINE);
+    let victim: i32 = line
+        .split("pid ")
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    std::fs::write(&flag, "").unwrap();
+    kill(victim, libc::SIGKILL);
+    cluster.wait_for_log("giving up on slot 1", DEADLINE);
+    let survivors: Vec<i32> = before.iter().copied().filter(|&p| p != victim).collect();
+    assert_eq!(
+        cluster.wait_for_workers(2),
+        survivors,
+        "the other slots were not restarted"
+    );
+    let mut tally = Tally::default();
+    for r in get_many(cluster.addr(), "/", 200, 4) {
+        tally.add(&r);
+    }
+    assert_no_loss("after slot 1 gave up", &tally, 200);
+    assert!(!tally.by_worker.contains_key(&1));
+    assert!(cluster.is_running());
+}
+
+#[test]
+fn reloads_while_max_conns_recycles_workers_all_complete() {
+    const RELOADS: usize = 5;
+    // Workers take a while to start, so recycle replacements are often in flight at SIGHUP.
+    let script = r#"sleep 0.3; exec "$0" demo-worker"#;
+    let cluster = TestCluster::start(&[
+        "--workers",
+        "2",
+        "--max-conns",
+        "100",
+        "--grace",
+        "2s",
+        "--no-preload",
+        "--",
+        "sh",
+        "-c",
+        script,
+        BIN,
+    ]);
+    let load = Load::start(cluster.addr(), "/", 6_000, 600.0, 8);
+    for n in 1..=RELOADS {
+        load.wait_completed(1_000 * n, DEADLINE);
+        if n > 1 {
+            cluster.wait_for_log(
+                &format!("reload to generation {} complete", n - 1),
+                DEADLINE,
+            );
+        }
+        cluster.signal(libc::SIGHUP);
+    }
+    cluster.wait_for_log(
+        &format!("reload to generation {RELOADS} complete"),
+        DEADLINE,
+    );
+    let tally = load.join();
+    assert_no_loss("reloads during recycling", &tally, 6_000);
+    assert!(!cluster.log_contains("reload aborted"));
+    println!(
+        "'reload to generation {RELOADS} complete' logged {} times",
+        cluster.log_count(&format!("reload to generation {RELOADS} complete"))
+    );
+    for r in get_many(cluster.addr(), "/", 20, 2) {
+        assert_eq!(
+            r.expect("request after the reloads").generation(),
+            RELOADS as u64
+        );
+    }
+}
