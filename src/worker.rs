@@ -977,8 +977,9 @@ impl Channel {
                 channel: Some(Arc::clone(self)),
             },
         };
-        // O_NONBLOCK came with the fd from the master's accept4; make it match our mode.
-        sys::set_nonblocking(conn.stream.as_fd(), nonblocking)?;
+        // O_NONBLOCK is a file status flag and travels with the fd (the master's accept4 chose
+        // it); set it to our mode rather than depend on that choice. FIONBIO: one syscall.
+        conn.stream.set_nonblocking(nonblocking)?;
         Ok(conn)
     }
 
@@ -1217,6 +1218,9 @@ mod tests {
     use std::net::Shutdown;
     use std::time::Duration;
 
+    /// Every wait in these tests ends by this deadline instead of hanging.
+    const DEADLINE: Duration = Duration::from_secs(10);
+
     /// The master's end of a dispatch channel plus a loopback TCP listener to make real
     /// connections with.
     struct FakeMaster {
@@ -1231,6 +1235,8 @@ mod tests {
             let (server_side, _) = self.tcp.accept().unwrap();
             let msg = Message::Conn { seq }.encode();
             scm::sendmsg_fd(self.end.as_fd(), &msg, server_side.as_fd()).unwrap();
+            // A deadline, so a bug fails the test instead of hanging it.
+            client.set_read_timeout(Some(DEADLINE)).unwrap();
             client
         }
 
@@ -1273,6 +1279,18 @@ mod tests {
         (worker, FakeMaster { end, tcp })
     }
 
+    /// Whether `O_NONBLOCK` is set, from `/proc/self/fdinfo` (proc(5): `flags` in octal).
+    fn is_nonblocking(fd: BorrowedFd<'_>) -> bool {
+        let info =
+            std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).unwrap();
+        let flags = info
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .map(|v| i32::from_str_radix(v.trim(), 8).unwrap())
+            .unwrap();
+        flags & libc::O_NONBLOCK != 0
+    }
+
     /// Waits for `source` to become readable, with a deadline instead of a sleep.
     fn wait_readable(source: &mut impl mio::event::Source) {
         let mut poll = mio::Poll::new().unwrap();
@@ -1280,8 +1298,7 @@ mod tests {
             .register(source, mio::Token(0), mio::Interest::READABLE)
             .unwrap();
         let mut events = mio::Events::with_capacity(4);
-        poll.poll(&mut events, Some(Duration::from_secs(10)))
-            .unwrap();
+        poll.poll(&mut events, Some(DEADLINE)).unwrap();
         assert!(!events.is_empty(), "not readable within the deadline");
         poll.registry().deregister(source).unwrap();
     }
@@ -1337,6 +1354,10 @@ mod tests {
         let mut client = master.dispatch(7);
         let mut conn = worker.listeners()[0].accept().unwrap();
         assert_eq!(conn.seq(), Some(7));
+        assert!(
+            !is_nonblocking(conn.as_fd()),
+            "blocking listener, blocking connection"
+        );
         assert_eq!(conn.listener(), 0);
         assert_eq!(conn.peer_addr().unwrap(), client.local_addr().unwrap());
         conn.write_all(b"hi").unwrap();
@@ -1480,11 +1501,9 @@ mod tests {
         let _client = master.dispatch(1);
         wait_readable(listener);
         let conn = listener.try_accept().unwrap().expect("a connection");
-        // Non-blocking listener, non-blocking connection.
-        let mut buf = [0u8; 1];
-        assert_eq!(
-            (&*conn).read(&mut buf).unwrap_err().kind(),
-            io::ErrorKind::WouldBlock
+        assert!(
+            is_nonblocking(conn.as_fd()),
+            "non-blocking listener, connection"
         );
         assert!(listener.try_accept().unwrap().is_none());
     }
@@ -1498,9 +1517,7 @@ mod tests {
             let addr = std::os::unix::net::SocketAddr::from_abstract_name(&name).unwrap();
             UnixDatagram::bind_addr(&addr).unwrap()
         };
-        notify
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
+        notify.set_read_timeout(Some(DEADLINE)).unwrap();
         let mut contract = Contract::new(Mode::Dispatch, 1);
         contract.notify_socket = NotifyAddr::parse(&format!("@{name}"));
         let worker = Worker::new(contract, vec![worker_end]).unwrap();
@@ -1539,9 +1556,7 @@ mod tests {
         let path = dir.join("notify");
         let _ = std::fs::remove_file(&path);
         let notify = UnixDatagram::bind(&path).unwrap();
-        notify
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
+        notify.set_read_timeout(Some(DEADLINE)).unwrap();
         let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
         let mut contract = Contract::new(Mode::Shared, 1);
         contract.notify_socket = NotifyAddr::parse(path.to_str().unwrap());
@@ -1563,6 +1578,7 @@ mod tests {
         assert!(!listener.is_dispatch());
 
         let mut client = TcpStream::connect(addr).unwrap();
+        client.set_read_timeout(Some(DEADLINE)).unwrap();
         let mut conn = listener.accept().unwrap();
         assert_eq!(conn.seq(), None);
         conn.write_all(b"x").unwrap();
@@ -1573,11 +1589,9 @@ mod tests {
         assert!(listener.try_accept().unwrap().is_none());
         let _client2 = TcpStream::connect(addr).unwrap();
         wait_readable(listener);
-        let mut conn2 = listener.try_accept().unwrap().expect("a connection");
-        assert_eq!(
-            conn2.read(&mut buf).unwrap_err().kind(),
-            io::ErrorKind::WouldBlock
-        );
+        let conn2 = listener.try_accept().unwrap().expect("a connection");
+        assert!(is_nonblocking(conn2.as_fd()));
+        assert!(!is_nonblocking(conn.as_fd()));
         conn.shutdown(Shutdown::Both).unwrap();
     }
 
