@@ -81,18 +81,28 @@ pub fn set_nonblocking(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
     Ok(())
 }
 
-/// `getsockopt(SOL_SOCKET, opt)` for an int-valued option.
+/// `getsockopt(SOL_SOCKET, opt)` for an int-valued option, as the raw system call: the answer
+/// comes from the kernel even when a preloaded library (such as this project's own shim, which
+/// presents a dispatch channel as a TCP listener to unmodified servers) interposes libc's
+/// `getsockopt`.
 pub fn getsockopt_int(fd: BorrowedFd<'_>, opt: libc::c_int) -> io::Result<libc::c_int> {
     let mut val: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: val and len point to valid storage of the advertised size.
-    syscall!(getsockopt(
-        fd.as_raw_fd(),
-        libc::SOL_SOCKET,
-        opt,
-        (&mut val as *mut libc::c_int).cast(),
-        &mut len
-    ))?;
+    // SAFETY: val and len point to valid storage of the advertised size; the arguments are
+    // getsockopt(2)'s.
+    let res = unsafe {
+        libc::syscall(
+            libc::SYS_getsockopt,
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            opt,
+            (&mut val as *mut libc::c_int).cast::<libc::c_void>(),
+            &mut len as *mut libc::socklen_t,
+        )
+    };
+    if res == -1 {
+        return Err(io::Error::last_os_error());
+    }
     Ok(val)
 }
 
