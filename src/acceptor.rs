@@ -36,6 +36,9 @@ pub const SEND_BATCH: usize = 64;
 const ACCEPT_BURST: usize = 256;
 /// How long accepting pauses after EMFILE/ENFILE/ENOBUFS/ENOMEM, so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// For policies that do not read active counts: how often the channels are read (READY, CLOSED,
+/// STOPPING) instead of waking up for every message.
+const CHANNEL_SWEEP: Duration = Duration::from_millis(20);
 
 const WAKER: Token = Token(usize::MAX);
 /// Tokens below this are listeners; channel tokens encode (worker id, listener).
@@ -219,6 +222,10 @@ pub struct Acceptor {
     stall_timeout: Duration,
     cpu: Option<usize>,
     shutting_down: bool,
+    /// The policy does not read active counts: channels are registered for writability only
+    /// and read every [`CHANNEL_SWEEP`] (`next_sweep`).
+    sweep_channels: bool,
+    next_sweep: Instant,
 }
 
 impl Acceptor {
@@ -239,7 +246,10 @@ impl Acceptor {
                 .register(&mut l, Token(i), Interest::READABLE)?;
             listeners.push(l);
         }
+        let sweep_channels = !config.policy.reads_active();
         let acceptor = Acceptor {
+            sweep_channels,
+            next_sweep: Instant::now(),
             poll,
             events_buf: Events::with_capacity(1024),
             backlogged: vec![true; listeners.len()],
@@ -309,6 +319,17 @@ impl Acceptor {
             }
         }
         self.events_buf = events;
+        if self.sweep_channels && Instant::now() >= self.next_sweep {
+            self.next_sweep = Instant::now() + CHANNEL_SWEEP;
+            let channels: Vec<(WorkerId, usize)> = self
+                .entries
+                .iter()
+                .flat_map(|e| (0..e.channels.len()).map(move |l| (e.id, l)))
+                .collect();
+            for (id, listener) in channels {
+                self.read_channel(id, listener);
+            }
+        }
         self.handle_commands();
         if self
             .accept_paused_until
@@ -338,6 +359,9 @@ impl Acceptor {
         }
         let now = Instant::now();
         let mut next: Option<Instant> = self.accept_paused_until;
+        if self.sweep_channels && !self.entries.is_empty() {
+            next = Some(next.map_or(self.next_sweep, |n| n.min(self.next_sweep)));
+        }
         for e in &self.entries {
             if e.stall_reported {
                 continue;
@@ -418,10 +442,15 @@ impl Acceptor {
                 error!("worker {slot}: cannot make its channel non-blocking: {e}");
             }
             let raw = ends.master.as_raw_fd();
+            let interest = if self.sweep_channels {
+                Interest::WRITABLE
+            } else {
+                Interest::READABLE | Interest::WRITABLE
+            };
             if let Err(e) = self.poll.registry().register(
                 &mut SourceFd(&raw),
                 channel_token(id, listener),
-                Interest::READABLE | Interest::WRITABLE,
+                interest,
             ) {
                 error!("worker {slot}: cannot register its channel: {e}");
             }

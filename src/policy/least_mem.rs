@@ -1,19 +1,15 @@
-//! `least-mem`: the open worker with the smallest resident memory (sampled RSS); workers whose
-//! RSS is about the same (within one of the 6–12 % wide buckets of [`rss_bucket`]) count as
-//! tied, and ties go by fewest active connections, then round-robin. Without the buckets the
-//! worker a few KiB smaller than the rest would take every connection until its next sample.
+//! `least-mem`: the open worker with the smallest resident memory (sampled RSS). Workers within
+//! [`rss_tolerance_kib`] of the smallest count as tied, and ties go by fewest active
+//! connections, then round-robin: without the tolerance the worker a few hundred KiB smaller
+//! than its peers would take every connection until its next sample.
 
 use super::{Policy, ROTATION_BITS, WorkerStat, min_open_from};
 
-/// RSS on a log scale with four significant bits: values below 16 KiB as they are, larger ones
-/// as (exponent, top four bits), so each bucket is 1/16 to 1/8 of its value wide. Monotonic.
-pub fn rss_bucket(rss_kib: u32) -> u32 {
-    if rss_kib < 16 {
-        return rss_kib;
-    }
-    let exponent = 31 - rss_kib.leading_zeros(); // ≥ 4
-    let mantissa = (rss_kib >> (exponent - 3)) & 0b111; // the three bits after the top one
-    16 + ((exponent - 4) << 3) + mantissa
+/// Workers whose RSS is within this much of the smallest open worker's are treated as equal:
+/// 1/8 of the smallest, and at least 16 MiB, so equal servers share by least-conn while one that
+/// grew by tens of MiB is avoided.
+pub fn rss_tolerance_kib(smallest_kib: u32) -> u32 {
+    (smallest_kib / 8).max(16 * 1024)
 }
 
 /// Largest active count least-mem distinguishes (21 bits between RSS and the rotation bits).
@@ -27,11 +23,21 @@ pub struct LeastMem {
 
 impl Policy for LeastMem {
     fn pick(&mut self, workers: &[WorkerStat], listener: usize) -> Option<usize> {
+        // Two passes over a dense table, both branch-light: the smallest RSS, then the
+        // least-conn minimum among the workers near it.
+        let bit = 1u64 << listener;
+        let smallest = workers
+            .iter()
+            .filter(|w| w.open & bit != 0)
+            .map(|w| w.rss_kib)
+            .min()?;
+        let near = smallest.saturating_add(rss_tolerance_kib(smallest));
         let i = min_open_from(workers, listener, self.next, |w| {
-            // One u64 key: RSS (KiB) in the high half, then active connections (saturating at
-            // 2^21, far beyond a tie-breaker's use), then the rotation bits.
-            (u64::from(rss_bucket(w.rss_kib)) << 32)
-                | (u64::from(w.active.min(ACTIVE_MAX)) << ROTATION_BITS)
+            // One u64 key: RSS (KiB, 0 when near the smallest) in the high half, then active
+            // connections (saturating at 2^21, far beyond a tie-breaker's use), then the
+            // rotation bits.
+            let rss = if w.rss_kib <= near { 0 } else { w.rss_kib };
+            (u64::from(rss) << 32) | (u64::from(w.active.min(ACTIVE_MAX)) << ROTATION_BITS)
         })?;
         self.next = i + 1;
         Some(i)
@@ -44,27 +50,20 @@ mod tests {
     use crate::policy::testutil::open_with_active;
 
     #[test]
-    fn buckets_are_monotonic_and_about_six_percent_wide() {
-        let mut last = 0;
-        for kib in 0..1_000_000u32 {
-            let b = rss_bucket(kib);
-            assert!(b >= last, "not monotonic at {kib}");
-            last = b;
-        }
-        // 40 MiB and 41 MiB share a bucket; 40 MiB and 48 MiB do not.
-        assert_eq!(rss_bucket(40 * 1024), rss_bucket(41 * 1024));
-        assert!(rss_bucket(48 * 1024) > rss_bucket(40 * 1024));
-        assert!(rss_bucket(u32::MAX) > rss_bucket(u32::MAX / 2));
-    }
-
-    #[test]
     fn nearly_equal_workers_share_by_least_conn() {
         let mut w = open_with_active(&[5, 0, 2]);
         w[0].rss_kib = 40_000;
-        w[1].rss_kib = 40_900;
+        w[1].rss_kib = 44_900;
         w[2].rss_kib = 39_800;
         let mut lm = LeastMem::default();
-        assert_eq!(lm.pick(&w, 0), Some(1), "same bucket: fewest active wins");
+        assert_eq!(
+            lm.pick(&w, 0),
+            Some(1),
+            "within tolerance: fewest active wins"
+        );
+        // One that grew well past the tolerance is avoided even when idle.
+        w[1].rss_kib = 39_800 + rss_tolerance_kib(39_800) + 1;
+        assert_eq!(lm.pick(&w, 0), Some(2));
     }
 
     #[test]
@@ -73,6 +72,7 @@ mod tests {
         w[0].rss_kib = 90_000;
         w[1].rss_kib = 10_000;
         w[2].rss_kib = 10_000;
+        // 90 MB is more than 16 MiB above 10 MB: worker 0 is out despite being idle.
         let mut lm = LeastMem::default();
         assert_eq!(lm.pick(&w, 0), Some(2));
         w[2].active = 9;
