@@ -324,16 +324,7 @@ impl Response {
 
 /// `GET path` on a new connection with `Connection: close`.
 pub fn get(addr: SocketAddr, path: &str) -> std::io::Result<Response> {
-    let mut s = TcpStream::connect_timeout(&addr, DEADLINE)?;
-    s.set_read_timeout(Some(DEADLINE))?;
-    s.set_write_timeout(Some(DEADLINE))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    parse_response(&raw)
+    get_with_timeout(addr, path, DEADLINE)
 }
 
 /// Parses a complete response.
@@ -412,24 +403,23 @@ pub fn get_with_timeout(
     path: &str,
     timeout: Duration,
 ) -> std::io::Result<Response> {
-    let mut s = TcpStream::connect_timeout(&addr, timeout)?;
-    s.set_read_timeout(Some(timeout))?;
-    s.set_write_timeout(Some(timeout))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    parse_response(&raw)
+    read_response(send_request_with_timeout(addr, path, timeout)?)
 }
 
 /// Connects and sends `GET path` (`Connection: close`) without reading the answer, so a test
 /// can hold many requests in flight from one thread; read it with [`read_response`].
 pub fn send_request(addr: SocketAddr, path: &str) -> std::io::Result<TcpStream> {
-    let mut s = TcpStream::connect_timeout(&addr, DEADLINE)?;
-    s.set_read_timeout(Some(DEADLINE))?;
-    s.set_write_timeout(Some(DEADLINE))?;
+    send_request_with_timeout(addr, path, DEADLINE)
+}
+
+fn send_request_with_timeout(
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> std::io::Result<TcpStream> {
+    let mut s = TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
     write!(
         s,
         "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
