@@ -84,7 +84,10 @@ fn ten_rolling_reloads_under_load_lose_no_connection_and_old_worker_finishes_lon
         }
         cluster.signal(libc::SIGHUP);
     }
-    cluster.wait_for_log(&format!("reload to generation {RELOADS} complete"), DEADLINE);
+    cluster.wait_for_log(
+        &format!("reload to generation {RELOADS} complete"),
+        DEADLINE,
+    );
     let tally = load.join();
     assert_no_loss("10 reloads", &tally, TOTAL);
     assert!(
@@ -105,7 +108,10 @@ fn ten_rolling_reloads_under_load_lose_no_connection_and_old_worker_finishes_lon
     assert_eq!(long.generation(), 0, "{long:?}");
     assert_eq!(long.pid(), holder, "{long:?}");
     assert!(
-        cluster.log_contains(&format!("draining worker {} (pid {holder}, generation 0)", long.worker())),
+        cluster.log_contains(&format!(
+            "draining worker {} (pid {holder}, generation 0)",
+            long.worker()
+        )),
         "the long request's worker was drained by the reload"
     );
     for r in get_many(addr, "/", 20, 2) {
@@ -116,7 +122,8 @@ fn ten_rolling_reloads_under_load_lose_no_connection_and_old_worker_finishes_lon
 #[test]
 fn connections_queued_to_a_stopped_worker_are_answered_by_others_after_it_is_killed() {
     const CONNS: usize = 200;
-    let cluster = TestCluster::start(&["--workers", "2", "--policy", "round-robin", "--grace", "2s"]);
+    let cluster =
+        TestCluster::start(&["--workers", "2", "--policy", "round-robin", "--grace", "2s"]);
     let addr = cluster.addr();
     let pids = cluster.wait_for_workers(2);
     let victim = pids[0];
@@ -144,11 +151,17 @@ fn connections_queued_to_a_stopped_worker_are_answered_by_others_after_it_is_kil
         if queued + done == CONNS {
             break queued;
         }
-        assert!(std::time::Instant::now() < deadline, "queued {queued}, answered {done}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "queued {queued}, answered {done}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     println!("stopped worker {victim} has {queued} connections queued; killing it");
-    assert!((CONNS / 2 - 5..=CONNS / 2 + 5).contains(&queued), "round-robin split: {queued}");
+    assert!(
+        (CONNS / 2 - 5..=CONNS / 2 + 5).contains(&queued),
+        "round-robin split: {queued}"
+    );
     kill(victim, libc::SIGKILL);
 
     let mut tally = Tally::default();
@@ -168,16 +181,22 @@ fn connections_queued_to_a_stopped_worker_are_answered_by_others_after_it_is_kil
 fn max_conns_recycles_workers_many_times_without_losing_connections() {
     const TOTAL: usize = 20_000;
     let _turn = heavy_load();
-    let cluster =
-        TestCluster::start(&["--workers", "2", "--max-conns", "200", "--grace", "2s"]);
+    let cluster = TestCluster::start(&["--workers", "2", "--max-conns", "200", "--grace", "2s"]);
     let tally = Load::start(cluster.addr(), "/", TOTAL, 1500.0, 16).join();
     let recycled = cluster.log_count("it reached --max-conns");
-    println!("max-conns 200: {recycled} recycles, {} distinct workers served", tally.by_pid.len());
+    println!(
+        "max-conns 200: {recycled} recycles, {} distinct workers served",
+        tally.by_pid.len()
+    );
     assert_no_loss("max-conns 200", &tally, TOTAL);
     // 20,000 / 200 = 100 worker lifetimes' worth; a replacement keeps taking connections until
     // it is ready, so a few lifetimes run long.
     assert!(recycled >= 50, "only {recycled} recycles");
-    assert!(tally.by_pid.len() >= 50, "only {} workers served", tally.by_pid.len());
+    assert!(
+        tally.by_pid.len() >= 50,
+        "only {} workers served",
+        tally.by_pid.len()
+    );
     assert!(cluster.log_count("draining worker") >= 50);
 }
 
@@ -185,21 +204,40 @@ fn max_conns_recycles_workers_many_times_without_losing_connections() {
 fn reload_whose_replacement_exits_is_aborted_and_old_workers_keep_serving() {
     let script = command_by_generation("exit 3");
     let mut cluster = TestCluster::start(&[
-        "--workers", "2", "--grace", "2s", "--no-preload", "--", "sh", "-c", &script, BIN,
+        "--workers",
+        "2",
+        "--grace",
+        "2s",
+        "--no-preload",
+        "--",
+        "sh",
+        "-c",
+        &script,
+        BIN,
     ]);
     let before = cluster.wait_for_workers(2);
     let load = Load::start(cluster.addr(), "/", 3_000, 600.0, 8);
     load.wait_completed(500, DEADLINE);
     cluster.signal(libc::SIGHUP);
-    cluster.wait_for_log("reload aborted: a replacement exited before it was ready", DEADLINE);
+    cluster.wait_for_log(
+        "reload aborted: a replacement exited before it was ready",
+        DEADLINE,
+    );
     load.wait_completed(1_500, DEADLINE);
     cluster.signal(libc::SIGHUP);
     cluster.wait_for_count("reload aborted", 2, DEADLINE);
     let tally = load.join();
     assert_no_loss("aborted reloads (replacement exits)", &tally, 3_000);
-    assert_eq!(tally.by_generation.keys().copied().collect::<Vec<_>>(), vec![0]);
+    assert_eq!(
+        tally.by_generation.keys().copied().collect::<Vec<_>>(),
+        vec![0]
+    );
     assert!(cluster.is_running());
-    assert_eq!(cluster.wait_for_workers(2), before, "the old workers keep serving");
+    assert_eq!(
+        cluster.wait_for_workers(2),
+        before,
+        "the old workers keep serving"
+    );
     assert!(!cluster.log_contains("complete"));
 }
 
@@ -207,8 +245,18 @@ fn reload_whose_replacement_exits_is_aborted_and_old_workers_keep_serving() {
 fn reload_whose_replacement_never_gets_ready_is_aborted_and_old_workers_keep_serving() {
     let script = command_by_generation("exec sleep 60");
     let mut cluster = TestCluster::start(&[
-        "--workers", "2", "--grace", "2s", "--ready-timeout", "1s", "--no-preload", "--", "sh",
-        "-c", &script, BIN,
+        "--workers",
+        "2",
+        "--grace",
+        "2s",
+        "--ready-timeout",
+        "1s",
+        "--no-preload",
+        "--",
+        "sh",
+        "-c",
+        &script,
+        BIN,
     ]);
     let before = cluster.wait_for_workers(2);
     let load = Load::start(cluster.addr(), "/", 2_000, 600.0, 8);
@@ -220,9 +268,16 @@ fn reload_whose_replacement_never_gets_ready_is_aborted_and_old_workers_keep_ser
     );
     let tally = load.join();
     assert_no_loss("aborted reload (replacement never ready)", &tally, 2_000);
-    assert_eq!(tally.by_generation.keys().copied().collect::<Vec<_>>(), vec![0]);
+    assert_eq!(
+        tally.by_generation.keys().copied().collect::<Vec<_>>(),
+        vec![0]
+    );
     assert!(cluster.is_running());
-    assert_eq!(cluster.wait_for_workers(2), before, "the replacement was killed");
+    assert_eq!(
+        cluster.wait_for_workers(2),
+        before,
+        "the replacement was killed"
+    );
 }
 
 #[test]
@@ -231,7 +286,16 @@ fn sighup_during_a_reload_queues_exactly_one_more() {
     // next SIGHUPs arrive.
     let script = command_by_generation(r#"sleep 1; exec "$0" demo-worker"#);
     let cluster = TestCluster::start(&[
-        "--workers", "2", "--grace", "2s", "--no-preload", "--", "sh", "-c", &script, BIN,
+        "--workers",
+        "2",
+        "--grace",
+        "2s",
+        "--no-preload",
+        "--",
+        "sh",
+        "-c",
+        &script,
+        BIN,
     ]);
     cluster.signal(libc::SIGHUP);
     cluster.wait_for_log("rolling reload to generation 1", DEADLINE);
@@ -278,7 +342,11 @@ fn hundred_reloads_leave_master_fd_and_thread_counts_unchanged() {
         thread_count(master)
     );
     assert_eq!(fd_count(master), fds, "fds leaked over {RELOADS} reloads");
-    assert_eq!(thread_count(master), threads, "threads leaked over {RELOADS} reloads");
+    assert_eq!(
+        thread_count(master),
+        threads,
+        "threads leaked over {RELOADS} reloads"
+    );
     assert_eq!(per_worker(&get_many(cluster.addr(), "/", 10, 2)).len(), 2);
 }
 
@@ -286,7 +354,12 @@ fn hundred_reloads_leave_master_fd_and_thread_counts_unchanged() {
 fn ttin_and_ttou_add_and_drain_workers_without_losing_connections() {
     let cluster = TestCluster::start(&["--workers", "2", "--grace", "2s"]);
     let load = Load::start(cluster.addr(), "/?us=200", 6_000, 600.0, 8);
-    let steps = [(libc::SIGTTIN, 3), (libc::SIGTTIN, 4), (libc::SIGTTOU, 3), (libc::SIGTTOU, 2)];
+    let steps = [
+        (libc::SIGTTIN, 3),
+        (libc::SIGTTIN, 4),
+        (libc::SIGTTOU, 3),
+        (libc::SIGTTOU, 2),
+    ];
     for (i, (sig, workers)) in steps.into_iter().enumerate() {
         load.wait_completed(1_000 * (i + 1), DEADLINE);
         cluster.signal(sig);
@@ -294,13 +367,26 @@ fn ttin_and_ttou_add_and_drain_workers_without_losing_connections() {
     }
     let tally = load.join();
     assert_no_loss("SIGTTIN/SIGTTOU", &tally, 6_000);
-    assert!(tally.by_worker.contains_key(&2) && tally.by_worker.contains_key(&3), "{:?}", tally.by_worker);
+    assert!(
+        tally.by_worker.contains_key(&2) && tally.by_worker.contains_key(&3),
+        "{:?}",
+        tally.by_worker
+    );
     // Removed workers were drained and exited on their own, not killed.
     for slot in [3, 2] {
         cluster.wait_for_log(&format!("SIGTTOU: removing worker {slot}"), DEADLINE);
         let drained = cluster.wait_for_log(&format!("draining worker {slot} (pid "), DEADLINE);
-        let pid = drained.split("(pid ").nth(1).unwrap().split(',').next().unwrap();
-        cluster.wait_for_log(&format!("worker {slot} (pid {pid}) exited: exit code 0"), DEADLINE);
+        let pid = drained
+            .split("(pid ")
+            .nth(1)
+            .unwrap()
+            .split(',')
+            .next()
+            .unwrap();
+        cluster.wait_for_log(
+            &format!("worker {slot} (pid {pid}) exited: exit code 0"),
+            DEADLINE,
+        );
     }
     assert!(!cluster.log_contains("SIGKILL"));
 }
@@ -308,7 +394,14 @@ fn ttin_and_ttou_add_and_drain_workers_without_losing_connections() {
 #[test]
 fn stalled_worker_is_replaced_and_its_queued_connections_served_elsewhere() {
     let cluster = TestCluster::start(&[
-        "--workers", "2", "--policy", "round-robin", "--stall-timeout", "1s", "--grace", "2s",
+        "--workers",
+        "2",
+        "--policy",
+        "round-robin",
+        "--stall-timeout",
+        "1s",
+        "--grace",
+        "2s",
     ]);
     let addr = cluster.addr();
     let victim = cluster.wait_for_workers(2)[0];
@@ -317,15 +410,24 @@ fn stalled_worker_is_replaced_and_its_queued_connections_served_elsewhere() {
     wait_stopped(victim);
     // Connections until the stopped worker's channel has been full for the stall timeout.
     let mut streams = Vec::new();
-    while cluster.poll_log("it stopped accepting", Duration::from_millis(50)).is_none() {
+    while cluster
+        .poll_log("it stopped accepting", Duration::from_millis(50))
+        .is_none()
+    {
         assert!(streams.len() < 8_000, "channel never filled");
         for _ in 0..25 {
             streams.push(send_request(addr, "/").expect("connect"));
         }
     }
     let sent = streams.len();
-    let reclaimed_line = cluster.wait_for_log(&format!("queued connections from worker {slot} (pid {victim})"), DEADLINE);
-    cluster.wait_for_log(&format!("replacing worker {slot} (pid {victim}): it stopped accepting"), DEADLINE);
+    let reclaimed_line = cluster.wait_for_log(
+        &format!("queued connections from worker {slot} (pid {victim})"),
+        DEADLINE,
+    );
+    cluster.wait_for_log(
+        &format!("replacing worker {slot} (pid {victim}): it stopped accepting"),
+        DEADLINE,
+    );
     let mut tally = Tally::default();
     for s in streams {
         tally.add(&read_response(s));
@@ -351,11 +453,17 @@ fn crashed_worker_is_restarted_alone_and_service_continues() {
         if now.len() == 3 && !now.contains(&victim) {
             break now;
         }
-        assert!(std::time::Instant::now() < deadline, "no replacement: {now:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no replacement: {now:?}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     for pid in [before[0], before[2]] {
-        assert!(after.contains(&pid), "worker {pid} was restarted too: {before:?} -> {after:?}");
+        assert!(
+            after.contains(&pid),
+            "worker {pid} was restarted too: {before:?} -> {after:?}"
+        );
     }
     cluster.wait_for_count(" ready: pid ", 4, DEADLINE);
     let mut tally = Tally::default();
@@ -373,12 +481,29 @@ fn sigttou_during_a_reload_drains_a_worker_the_reload_then_skips_and_completes()
     // Later generations take a while to start, so the reload is still running at SIGTTOU.
     let script = command_by_generation(r#"sleep 1; exec "$0" demo-worker"#);
     let cluster = TestCluster::start(&[
-        "--workers", "3", "--grace", "10s", "--no-preload", "--", "sh", "-c", &script, BIN,
+        "--workers",
+        "3",
+        "--grace",
+        "10s",
+        "--no-preload",
+        "--",
+        "sh",
+        "-c",
+        &script,
+        BIN,
     ]);
     // The removed worker is still draining when the reload comes to it (stopped, it ignores
     // the drain signal until the grace period ends).
     let line = cluster.wait_for_log("worker 2 started: pid ", DEADLINE);
-    let removed: i32 = line.split("pid ").nth(1).unwrap().split(',').next().unwrap().parse().unwrap();
+    let removed: i32 = line
+        .split("pid ")
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
     let load = Load::start(cluster.addr(), "/", 3_000, 500.0, 8);
     load.wait_completed(300, DEADLINE);
     cluster.signal(libc::SIGHUP);
@@ -396,7 +521,10 @@ fn sigttou_during_a_reload_drains_a_worker_the_reload_then_skips_and_completes()
     cluster.wait_for_workers(2);
     let served = get_many(cluster.addr(), "/", 20, 2);
     for r in &served {
-        assert_eq!(r.as_ref().expect("request after the reload").generation(), 1);
+        assert_eq!(
+            r.as_ref().expect("request after the reload").generation(),
+            1
+        );
     }
 }
 
@@ -406,8 +534,18 @@ fn sigttou_of_the_slot_a_reload_is_replacing_completes_the_reload() {
     // SIGTTOU removes slot 2.
     let script = command_by_generation(r#"sleep 1; exec "$0" demo-worker"#);
     let cluster = TestCluster::start(&[
-        "--workers", "3", "--grace", "2s", "--ready-timeout", "20s", "--no-preload", "--", "sh",
-        "-c", &script, BIN,
+        "--workers",
+        "3",
+        "--grace",
+        "2s",
+        "--ready-timeout",
+        "20s",
+        "--no-preload",
+        "--",
+        "sh",
+        "-c",
+        &script,
+        BIN,
     ]);
     let load = Load::start(cluster.addr(), "/", 3_000, 500.0, 8);
     load.wait_completed(300, DEADLINE);
@@ -433,7 +571,8 @@ struct TempDir(std::path::PathBuf);
 
 impl TempDir {
     fn new(name: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("rcluster-lifecycle-{}-{name}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("rcluster-lifecycle-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create temp dir");
         TempDir(dir)
@@ -459,19 +598,36 @@ fn write_script(path: &std::path::Path, body: &str) {
 #[test]
 fn max_rss_recycles_only_the_big_worker_gracefully() {
     let cluster = TestCluster::start(&[
-        "--workers", "2", "--grace", "2s", "--max-rss", "48MiB", "--rss-interval", "50ms",
+        "--workers",
+        "2",
+        "--grace",
+        "2s",
+        "--max-rss",
+        "48MiB",
+        "--rss-interval",
+        "50ms",
     ]);
     let load = Load::start(cluster.addr(), "/", 2_000, 500.0, 8);
     load.wait_completed(300, DEADLINE);
     let big = get(cluster.addr(), "/?alloc=64").expect("alloc request");
     assert_eq!(big.status, 200, "{big:?}");
     let (slot, pid) = (big.worker(), big.pid());
-    cluster.wait_for_log(&format!("replacing worker {slot} (pid {pid}): its RSS exceeds --max-rss"), DEADLINE);
+    cluster.wait_for_log(
+        &format!("replacing worker {slot} (pid {pid}): its RSS exceeds --max-rss"),
+        DEADLINE,
+    );
     cluster.wait_for_log(&format!("draining worker {slot} (pid {pid}, "), DEADLINE);
-    cluster.wait_for_log(&format!("worker {slot} (pid {pid}) exited: exit code 0"), DEADLINE);
+    cluster.wait_for_log(
+        &format!("worker {slot} (pid {pid}) exited: exit code 0"),
+        DEADLINE,
+    );
     let tally = load.join();
     assert_no_loss("max-rss", &tally, 2_000);
-    assert_eq!(cluster.log_count("its RSS exceeds --max-rss"), 1, "only the big worker");
+    assert_eq!(
+        cluster.log_count("its RSS exceeds --max-rss"),
+        1,
+        "only the big worker"
+    );
     assert_eq!(cluster.wait_for_workers(2).len(), 2);
 }
 
@@ -480,8 +636,18 @@ fn reload_batch_replaces_that_many_workers_at_a_time() {
     // Later generations take a while to start, so the batch is visible in the log.
     let script = command_by_generation(r#"sleep 1; exec "$0" demo-worker"#);
     let cluster = TestCluster::start(&[
-        "--workers", "4", "--reload-batch", "2", "--grace", "2s", "--no-preload", "--", "sh",
-        "-c", &script, BIN,
+        "--workers",
+        "4",
+        "--reload-batch",
+        "2",
+        "--grace",
+        "2s",
+        "--no-preload",
+        "--",
+        "sh",
+        "-c",
+        &script,
+        BIN,
     ]);
     let load = Load::start(cluster.addr(), "/", 2_000, 500.0, 8);
     load.wait_completed(200, DEADLINE);
@@ -511,17 +677,31 @@ fn reload_re_resolves_the_command_and_aborts_while_it_is_missing() {
     let server = dir.0.join("server");
     write_script(&server, &format!("exec {BIN} demo-worker"));
     let server_arg = server.to_str().unwrap();
-    let mut cluster =
-        TestCluster::start(&["--workers", "2", "--grace", "2s", "--no-preload", "--", server_arg]);
+    let mut cluster = TestCluster::start(&[
+        "--workers",
+        "2",
+        "--grace",
+        "2s",
+        "--no-preload",
+        "--",
+        server_arg,
+    ]);
     let before = cluster.wait_for_workers(2);
     let load = Load::start(cluster.addr(), "/", 2_000, 500.0, 8);
     load.wait_completed(300, DEADLINE);
 
     std::fs::remove_file(&server).unwrap();
     cluster.signal(libc::SIGHUP);
-    cluster.wait_for_log("reload aborted: the replacement could not be started", DEADLINE);
+    cluster.wait_for_log(
+        "reload aborted: the replacement could not be started",
+        DEADLINE,
+    );
     assert!(cluster.log_contains("command not found"));
-    assert_eq!(cluster.wait_for_workers(2), before, "the old workers keep serving");
+    assert_eq!(
+        cluster.wait_for_workers(2),
+        before,
+        "the old workers keep serving"
+    );
 
     // Put back (as a new file): the next reload resolves it again and completes.
     write_script(&server, &format!("exec {BIN} demo-worker"));
@@ -544,16 +724,37 @@ fn crash_looping_slot_is_given_up_and_the_others_keep_serving() {
         flag.display()
     );
     let mut cluster = TestCluster::start(&[
-        "--workers", "3", "--grace", "2s", "--no-preload", "--", "sh", "-c", &script, BIN,
+        "--workers",
+        "3",
+        "--grace",
+        "2s",
+        "--no-preload",
+        "--",
+        "sh",
+        "-c",
+        &script,
+        BIN,
     ]);
     let before = cluster.wait_for_workers(3);
     let line = cluster.wait_for_log("worker 1 started: pid ", DEADLINE);
-    let victim: i32 = line.split("pid ").nth(1).unwrap().split(',').next().unwrap().parse().unwrap();
+    let victim: i32 = line
+        .split("pid ")
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
     std::fs::write(&flag, "").unwrap();
     kill(victim, libc::SIGKILL);
     cluster.wait_for_log("giving up on slot 1", DEADLINE);
     let survivors: Vec<i32> = before.iter().copied().filter(|&p| p != victim).collect();
-    assert_eq!(cluster.wait_for_workers(2), survivors, "the other slots were not restarted");
+    assert_eq!(
+        cluster.wait_for_workers(2),
+        survivors,
+        "the other slots were not restarted"
+    );
     let mut tally = Tally::default();
     for r in get_many(cluster.addr(), "/", 200, 4) {
         tally.add(&r);
@@ -569,26 +770,49 @@ fn reloads_while_max_conns_recycles_workers_all_complete() {
     // Workers take a while to start, so recycle replacements are often in flight at SIGHUP.
     let script = r#"sleep 0.3; exec "$0" demo-worker"#;
     let cluster = TestCluster::start(&[
-        "--workers", "2", "--max-conns", "100", "--grace", "2s", "--no-preload", "--", "sh",
-        "-c", script, BIN,
+        "--workers",
+        "2",
+        "--max-conns",
+        "100",
+        "--grace",
+        "2s",
+        "--no-preload",
+        "--",
+        "sh",
+        "-c",
+        script,
+        BIN,
     ]);
     let load = Load::start(cluster.addr(), "/", 6_000, 600.0, 8);
     for n in 1..=RELOADS {
         load.wait_completed(1_000 * n, DEADLINE);
         if n > 1 {
-            cluster.wait_for_log(&format!("reload to generation {} complete", n - 1), DEADLINE);
+            cluster.wait_for_log(
+                &format!("reload to generation {} complete", n - 1),
+                DEADLINE,
+            );
         }
         cluster.signal(libc::SIGHUP);
     }
-    cluster.wait_for_log(&format!("reload to generation {RELOADS} complete"), DEADLINE);
+    cluster.wait_for_log(
+        &format!("reload to generation {RELOADS} complete"),
+        DEADLINE,
+    );
     let tally = load.join();
     assert_no_loss("reloads during recycling", &tally, 6_000);
     assert!(!cluster.log_contains("reload aborted"));
-    println!(
-        "'reload to generation {RELOADS} complete' logged {} times",
-        cluster.log_count(&format!("reload to generation {RELOADS} complete"))
-    );
+    for n in 1..=RELOADS {
+        let complete = format!("reload to generation {n} complete");
+        assert_eq!(
+            cluster.log_count(&complete),
+            1,
+            "{complete:?} once per reload"
+        );
+    }
     for r in get_many(cluster.addr(), "/", 20, 2) {
-        assert_eq!(r.expect("request after the reloads").generation(), RELOADS as u64);
+        assert_eq!(
+            r.expect("request after the reloads").generation(),
+            RELOADS as u64
+        );
     }
 }

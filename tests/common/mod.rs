@@ -88,7 +88,8 @@ impl TestCluster {
             .iter()
             .map(|l| {
                 let addr = l.split("listening on ").nth(1).unwrap().trim();
-                addr.parse().unwrap_or_else(|_| panic!("bad address in {l}"))
+                addr.parse()
+                    .unwrap_or_else(|_| panic!("bad address in {l}"))
             })
             .collect();
         cluster
@@ -111,7 +112,12 @@ impl TestCluster {
 
     /// Whether some log line contains `needle`.
     pub fn log_contains(&self, needle: &str) -> bool {
-        self.log.lines.lock().unwrap().iter().any(|l| l.contains(needle))
+        self.log
+            .lines
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains(needle))
     }
 
     /// Waits until a log line contains `needle`; returns the first such line.
@@ -124,7 +130,11 @@ impl TestCluster {
         let deadline = Instant::now() + timeout;
         let mut lines = self.log.lines.lock().unwrap();
         loop {
-            let hits: Vec<String> = lines.iter().filter(|l| l.contains(needle)).cloned().collect();
+            let hits: Vec<String> = lines
+                .iter()
+                .filter(|l| l.contains(needle))
+                .cloned()
+                .collect();
             if hits.len() >= count {
                 return hits;
             }
@@ -137,7 +147,12 @@ impl TestCluster {
                     self.log_lines().join("\n")
                 );
             }
-            lines = self.log.changed.wait_timeout(lines, deadline - now).unwrap().0;
+            lines = self
+                .log
+                .changed
+                .wait_timeout(lines, deadline - now)
+                .unwrap()
+                .0;
         }
     }
 
@@ -184,7 +199,10 @@ impl TestCluster {
                 self.child = None;
                 return status;
             }
-            assert!(Instant::now() < deadline, "master did not exit within {timeout:?}");
+            assert!(
+                Instant::now() < deadline,
+                "master did not exit within {timeout:?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -228,7 +246,11 @@ impl Drop for TestCluster {
 
 impl TestCluster {
     fn all_seen_workers_quiet(&self) -> Vec<i32> {
-        let mut seen = self.seen_workers.lock().map(|s| s.clone()).unwrap_or_default();
+        let mut seen = self
+            .seen_workers
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default();
         if let Some(child) = &self.child {
             for p in children_of(child.id() as i32) {
                 if !seen.contains(&p) {
@@ -290,7 +312,9 @@ pub struct Response {
 impl Response {
     /// `X-Worker-Id`.
     pub fn worker(&self) -> usize {
-        self.headers["x-worker-id"].parse().expect("numeric worker id")
+        self.headers["x-worker-id"]
+            .parse()
+            .expect("numeric worker id")
     }
     /// `X-Worker-Pid`.
     pub fn pid(&self) -> i32 {
@@ -303,7 +327,10 @@ pub fn get(addr: SocketAddr, path: &str) -> std::io::Result<Response> {
     let mut s = TcpStream::connect(addr)?;
     s.set_read_timeout(Some(DEADLINE))?;
     s.set_write_timeout(Some(DEADLINE))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
     parse_response(&raw)
@@ -312,7 +339,12 @@ pub fn get(addr: SocketAddr, path: &str) -> std::io::Result<Response> {
 /// Parses a complete response.
 pub fn parse_response(raw: &[u8]) -> std::io::Result<Response> {
     let text = String::from_utf8_lossy(raw);
-    let bad = || std::io::Error::new(std::io::ErrorKind::UnexpectedEof, format!("bad response: {text:?}"));
+    let bad = || {
+        std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("bad response: {text:?}"),
+        )
+    };
     let (head, body) = text.split_once("\r\n\r\n").ok_or_else(bad)?;
     let mut lines = head.lines();
     let status = lines
@@ -332,7 +364,12 @@ pub fn parse_response(raw: &[u8]) -> std::io::Result<Response> {
 }
 
 /// `n` GETs over `concurrency` threads, each on a new connection. Returns every result.
-pub fn get_many(addr: SocketAddr, path: &str, n: usize, concurrency: usize) -> Vec<std::io::Result<Response>> {
+pub fn get_many(
+    addr: SocketAddr,
+    path: &str,
+    n: usize,
+    concurrency: usize,
+) -> Vec<std::io::Result<Response>> {
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let threads: Vec<_> = (0..concurrency)
         .map(|_| {
@@ -347,7 +384,10 @@ pub fn get_many(addr: SocketAddr, path: &str, n: usize, concurrency: usize) -> V
             })
         })
         .collect();
-    threads.into_iter().flat_map(|t| t.join().unwrap()).collect()
+    threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect()
 }
 
 /// Counts responses per worker id; panics on any error, naming it.
@@ -367,11 +407,18 @@ pub fn per_worker(results: &[std::io::Result<Response>]) -> HashMap<usize, usize
 
 /// `GET path` on a new connection with `Connection: close`, giving up after `timeout` for the
 /// connect and for each read or write.
-pub fn get_with_timeout(addr: SocketAddr, path: &str, timeout: Duration) -> std::io::Result<Response> {
+pub fn get_with_timeout(
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> std::io::Result<Response> {
     let mut s = TcpStream::connect_timeout(&addr, timeout)?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
     parse_response(&raw)
@@ -383,7 +430,10 @@ pub fn send_request(addr: SocketAddr, path: &str) -> std::io::Result<TcpStream> 
     let mut s = TcpStream::connect_timeout(&addr, DEADLINE)?;
     s.set_read_timeout(Some(DEADLINE))?;
     s.set_write_timeout(Some(DEADLINE))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )?;
     Ok(s)
 }
 
@@ -397,7 +447,9 @@ pub fn read_response(mut s: TcpStream) -> std::io::Result<Response> {
 impl Response {
     /// `X-Worker-Generation`.
     pub fn generation(&self) -> u64 {
-        self.headers["x-worker-generation"].parse().expect("numeric generation")
+        self.headers["x-worker-generation"]
+            .parse()
+            .expect("numeric generation")
     }
 }
 
@@ -601,12 +653,16 @@ impl Drop for Load {
 
 /// Open fds of a process (`/proc/PID/fd` entries).
 pub fn fd_count(pid: i32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
 }
 
 /// Threads of a process (`/proc/PID/task` entries).
 pub fn thread_count(pid: i32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/task")).map(|d| d.count()).unwrap_or(0)
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| d.count())
+        .unwrap_or(0)
 }
 
 /// A process's state letter from `/proc/PID/stat` (`R`, `S`, `T` for stopped, ...).
@@ -634,7 +690,10 @@ pub fn get_on(s: &mut TcpStream, path: &str, keep_alive: bool) -> std::io::Resul
 /// Sends `GET path` on an open connection without reading the answer.
 pub fn send_on(s: &mut TcpStream, path: &str, keep_alive: bool) -> std::io::Result<()> {
     let connection = if keep_alive { "keep-alive" } else { "close" };
-    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: {connection}\r\n\r\n")
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: {connection}\r\n\r\n"
+    )
 }
 
 /// Reads one response, delimited by its `Content-Length`, from an open connection.
@@ -645,13 +704,20 @@ pub fn read_one(s: &mut TcpStream) -> std::io::Result<Response> {
         if s.read(&mut byte)? == 0 {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
-                format!("eof in the response head: {:?}", String::from_utf8_lossy(&raw)),
+                format!(
+                    "eof in the response head: {:?}",
+                    String::from_utf8_lossy(&raw)
+                ),
             ));
         }
         raw.push(byte[0]);
     }
     let head = parse_response(&raw)?;
-    let len: usize = head.headers.get("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let len: usize = head
+        .headers
+        .get("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     let mut body = vec![0u8; len];
     s.read_exact(&mut body)?;
     raw.extend_from_slice(&body);
@@ -663,7 +729,11 @@ impl TestCluster {
     /// `dispatched` count for the worker with `pid`.
     pub fn dispatched_to(&self, pid: i32) -> u64 {
         let needle = format!("pid {pid} state ");
-        let before = self.log_lines().iter().filter(|l| l.contains(&needle)).count();
+        let before = self
+            .log_lines()
+            .iter()
+            .filter(|l| l.contains(&needle))
+            .count();
         self.signal(libc::SIGUSR1);
         let lines = self.wait_for_count(&needle, before + 1, DEADLINE);
         let line = lines.last().expect("one line");
@@ -686,7 +756,13 @@ impl TestCluster {
 
     /// How many log lines contain `needle`.
     pub fn log_count(&self, needle: &str) -> usize {
-        self.log.lines.lock().unwrap().iter().filter(|l| l.contains(needle)).count()
+        self.log
+            .lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
     }
 }
 
@@ -704,7 +780,12 @@ impl TestCluster {
             if now >= deadline {
                 return None;
             }
-            lines = self.log.changed.wait_timeout(lines, deadline - now).unwrap().0;
+            lines = self
+                .log
+                .changed
+                .wait_timeout(lines, deadline - now)
+                .unwrap()
+                .0;
         }
     }
 }
