@@ -115,7 +115,9 @@ pub struct Server {
     signals: Option<signal_hook_mio::v1_0::Signals>,
     draining: Option<Instant>,
     accept_paused: bool,
-    close_report_failed: bool,
+    /// A channel was full: flush close reports again soon even if nothing happens.
+    close_report_retry: bool,
+    close_report_error_logged: bool,
 }
 
 impl Server {
@@ -136,7 +138,8 @@ impl Server {
             signals: None,
             draining: None,
             accept_paused: false,
-            close_report_failed: false,
+            close_report_retry: false,
+            close_report_error_logged: false,
         })
     }
 
@@ -251,7 +254,7 @@ impl Server {
         if self.accept_paused {
             at_most(ACCEPT_RETRY);
         }
-        if self.close_report_failed {
+        if self.close_report_retry {
             at_most(CLOSE_REPORT_RETRY);
         }
         timeout
@@ -373,13 +376,14 @@ impl Server {
 
     fn report_closes(&mut self) {
         match self.worker.flush_closed() {
-            Ok(pending) => self.close_report_failed = pending > 0,
+            Ok(pending) => self.close_report_retry = pending > 0,
             Err(e) => {
-                // The master is gone (EPIPE): nobody is left to count; say so once.
-                if !self.close_report_failed {
+                // The master is gone (EPIPE): nobody is left to count; say so once, don't retry.
+                if !self.close_report_error_logged {
                     log::warn!("cannot report closed connections to the master: {e}");
+                    self.close_report_error_logged = true;
                 }
-                self.close_report_failed = false;
+                self.close_report_retry = false;
             }
         }
     }
@@ -512,6 +516,7 @@ fn drive(app: &mut App, client: &mut Client, draining: bool) -> Next {
             client.outbuf.clear();
             client.written = 0;
             if client.closing {
+                discard_input(&mut client.conn);
                 return Next::Close;
             }
         }
@@ -532,6 +537,19 @@ fn drive(app: &mut App, client: &mut Client, draining: bool) -> Next {
                 };
             }
             Err(_) => return Next::Close,
+        }
+    }
+}
+
+/// Reads and drops what the peer already sent (pipelined requests after a `close`): closing a
+/// TCP socket with unread data sends RST instead of FIN (RFC 9293 3.6), which can destroy the
+/// last response before the client reads it.
+fn discard_input(conn: &mut MioConnection) {
+    let mut sink = [0u8; 4096];
+    for _ in 0..16 {
+        match conn.read(&mut sink) {
+            Ok(n) if n > 0 => {}
+            _ => return,
         }
     }
 }
@@ -890,4 +908,483 @@ fn parse_query(target: &str) -> Result<Query, &'static str> {
         }
     }
     Ok(query)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{HEADER_LEN, Message};
+    use crate::sys::scm;
+    use crate::worker::{Contract, Mode};
+    use std::collections::HashMap;
+    use std::io::{BufRead, BufReader};
+    use std::net::{SocketAddr, TcpListener, TcpStream};
+    use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+    use std::thread::JoinHandle;
+
+    /// Every wait in these tests ends by this deadline instead of hanging.
+    const DEADLINE: Duration = Duration::from_secs(10);
+
+    // ---- request parsing -------------------------------------------------------------------
+
+    fn complete(buf: &[u8]) -> Request<'_> {
+        match parse_request(buf) {
+            Parse::Complete(req) => req,
+            other => panic!("{:?}: {other:?}", String::from_utf8_lossy(buf)),
+        }
+    }
+
+    fn invalid(buf: &[u8]) -> Status {
+        match parse_request(buf) {
+            Parse::Invalid(status) => status,
+            other => panic!("{:?}: {other:?}", String::from_utf8_lossy(buf)),
+        }
+    }
+
+    #[test]
+    fn parses_a_request_head_and_stops_at_its_end() {
+        let buf = b"GET /a?us=5 HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabcGET";
+        let req = complete(buf);
+        assert_eq!(req.method, "GET");
+        assert_eq!(req.target, "/a?us=5");
+        assert!(req.keep_alive);
+        assert_eq!(req.content_length, 3);
+        assert_eq!(&buf[req.head_len..], b"abcGET");
+    }
+
+    #[test]
+    fn partial_heads_wait_for_more() {
+        let full = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+        for cut in 0..full.len() {
+            assert_eq!(parse_request(&full[..cut]), Parse::Partial, "cut at {cut}");
+        }
+        assert_eq!(complete(full).head_len, full.len());
+    }
+
+    #[test]
+    fn tolerates_bare_lf_and_leading_empty_lines() {
+        let req = complete(b"\r\n\nGET / HTTP/1.1\nHost: x\n\n");
+        assert_eq!(req.head_len, 27);
+        assert_eq!(complete(b"GET / HTTP/1.1\n\n").head_len, 16);
+    }
+
+    #[test]
+    fn keep_alive_follows_version_and_connection_header() {
+        let cases: &[(&[u8], bool)] = &[
+            (b"GET / HTTP/1.1\r\n\r\n", true),
+            (b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n", false),
+            (
+                b"GET / HTTP/1.1\r\nconnection: Upgrade, CLOSE\r\n\r\n",
+                false,
+            ),
+            (b"GET / HTTP/1.0\r\n\r\n", false),
+            (b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n", true),
+            (
+                b"GET / HTTP/1.0\r\nConnection: keep-alive, close\r\n\r\n",
+                false,
+            ),
+        ];
+        for (buf, keep_alive) in cases {
+            assert_eq!(
+                complete(buf).keep_alive,
+                *keep_alive,
+                "{}",
+                String::from_utf8_lossy(buf)
+            );
+        }
+    }
+
+    #[test]
+    fn rejects_malformed_heads() {
+        assert_eq!(invalid(b"GET /\r\n\r\n"), Status::BadRequest);
+        assert_eq!(invalid(b"GET  / HTTP/1.1\r\n\r\n"), Status::BadRequest);
+        assert_eq!(invalid(b"GET / HTTP/1.1 x\r\n\r\n"), Status::BadRequest);
+        assert_eq!(invalid(b"G(T / HTTP/1.1\r\n\r\n"), Status::BadRequest);
+        assert_eq!(invalid(b"GET / FOO/1.1\r\n\r\n"), Status::BadRequest);
+        assert_eq!(
+            invalid(b"GET / HTTP/2.0\r\n\r\n"),
+            Status::VersionNotSupported
+        );
+        assert_eq!(
+            invalid(b"GET / HTTP/1.1\r\nNoColon\r\n\r\n"),
+            Status::BadRequest
+        );
+        assert_eq!(
+            invalid(b"GET / HTTP/1.1\r\nBad Name: x\r\n\r\n"),
+            Status::BadRequest
+        );
+        assert_eq!(
+            invalid(b"GET / HTTP/1.1\r\nX: \xff\r\n\r\n"),
+            Status::BadRequest
+        );
+        assert_eq!(
+            invalid(b"GET / HTTP/1.1\r\nContent-Length: -1\r\n\r\n"),
+            Status::BadRequest
+        );
+        assert_eq!(
+            invalid(b"GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"),
+            Status::BadRequest
+        );
+        assert_eq!(
+            complete(b"GET / HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n")
+                .content_length,
+            2
+        );
+        assert_eq!(
+            complete(b"GET / HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n")
+                .content_length,
+            u64::MAX
+        );
+        assert_eq!(
+            invalid(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            Status::NotImplemented
+        );
+        let mut huge = b"GET / HTTP/1.1\r\nX: ".to_vec();
+        huge.resize(MAX_HEAD_BYTES + 10, b'a');
+        assert_eq!(parse_request(&huge), Parse::Partial);
+        huge.extend_from_slice(b"\r\n\r\n");
+        assert_eq!(invalid(&huge), Status::HeadTooLarge);
+    }
+
+    #[test]
+    fn query_parameters_combine() {
+        assert_eq!(parse_query("/"), Ok(Query::default()));
+        assert_eq!(
+            parse_query("/x?us=250&alloc=3&other=y"),
+            Ok(Query {
+                spin_us: Some(250),
+                alloc_mib: Some(3)
+            })
+        );
+        assert_eq!(parse_query("/?us=1&us=2#frag").unwrap().spin_us, Some(2));
+        assert_eq!(parse_query("/?&&alloc=0").unwrap().alloc_mib, Some(0));
+        assert!(parse_query("/?us=abc").is_err());
+        assert!(parse_query("/?alloc=-1").is_err());
+        assert!(parse_query("/?us").is_err());
+    }
+
+    // ---- the server, in process ------------------------------------------------------------
+
+    /// A server running on a thread; stopped and joined on drop.
+    struct Running {
+        stop: StopHandle,
+        thread: Option<JoinHandle<anyhow::Result<()>>>,
+    }
+
+    impl Running {
+        fn start(worker: Worker) -> Running {
+            let server = Server::new(worker).unwrap();
+            let stop = server.stop_handle();
+            let thread = std::thread::spawn(move || server.run());
+            Running {
+                stop,
+                thread: Some(thread),
+            }
+        }
+
+        fn finish(mut self) -> anyhow::Result<()> {
+            self.stop.stop();
+            self.thread.take().unwrap().join().unwrap()
+        }
+    }
+
+    impl Drop for Running {
+        fn drop(&mut self) {
+            if let Some(thread) = self.thread.take() {
+                self.stop.stop();
+                let _ = thread.join();
+            }
+        }
+    }
+
+    /// The master's end of a dispatch channel, and where its connections come from.
+    struct Master {
+        end: OwnedFd,
+        tcp: TcpListener,
+    }
+
+    impl Master {
+        fn dispatch(&self, seq: u64) -> HttpClient {
+            let client = TcpStream::connect(self.tcp.local_addr().unwrap()).unwrap();
+            let (server_side, _) = self.tcp.accept().unwrap();
+            let msg = Message::Conn { seq }.encode();
+            scm::sendmsg_fd(self.end.as_fd(), &msg, server_side.as_fd()).unwrap();
+            HttpClient::new(client)
+        }
+
+        /// The next message from the worker, waiting for it until [`DEADLINE`].
+        fn next_message(&self) -> Message {
+            loop {
+                let mut buf = [0u8; HEADER_LEN];
+                match scm::recvmsg_fd(self.end.as_fd(), &mut buf, libc::MSG_DONTWAIT) {
+                    Ok(got) => return Message::decode(&buf[..got.len]).unwrap(),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        wait_readable(self.end.as_fd())
+                    }
+                    Err(e) => panic!("recv from worker: {e}"),
+                }
+            }
+        }
+
+        /// Reads messages until CLOSED reports add up to `total`; returns the others.
+        fn await_closed(&self, total: u64) -> Vec<Message> {
+            let (mut closed, mut others) = (0, Vec::new());
+            while closed < total {
+                match self.next_message() {
+                    Message::Closed { count } => closed += count,
+                    other => others.push(other),
+                }
+            }
+            assert_eq!(closed, total);
+            others
+        }
+    }
+
+    fn wait_readable(fd: std::os::fd::BorrowedFd<'_>) {
+        let mut poll = Poll::new().unwrap();
+        let raw = fd.as_raw_fd();
+        poll.registry()
+            .register(&mut mio::unix::SourceFd(&raw), Token(0), Interest::READABLE)
+            .unwrap();
+        let mut events = Events::with_capacity(1);
+        poll.poll(&mut events, Some(DEADLINE)).unwrap();
+        assert!(
+            !events.is_empty(),
+            "nothing from the worker within {DEADLINE:?}"
+        );
+    }
+
+    fn dispatch_server(id: u32, generation: u64) -> (Running, Master, OwnedFd) {
+        let (end, worker_end) = sys::socketpair_seqpacket().unwrap();
+        // What the real master keeps to take back unread connections.
+        let reclaim = worker_end.try_clone().unwrap();
+        let mut contract = Contract::new(Mode::Dispatch, 1);
+        contract.id = id;
+        contract.generation = generation;
+        let worker = Worker::new(contract, vec![worker_end]).unwrap();
+        let master = Master {
+            end,
+            tcp: TcpListener::bind("127.0.0.1:0").unwrap(),
+        };
+        let running = Running::start(worker);
+        assert_eq!(master.next_message(), Message::Ready);
+        (running, master, reclaim)
+    }
+
+    fn shared_server() -> (Running, SocketAddr) {
+        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let worker = Worker::new(Contract::new(Mode::Shared, 1), vec![OwnedFd::from(tcp)]).unwrap();
+        (Running::start(worker), addr)
+    }
+
+    struct HttpClient {
+        writer: TcpStream,
+        reader: BufReader<TcpStream>,
+    }
+
+    #[derive(Debug)]
+    struct Response {
+        status: u16,
+        headers: HashMap<String, String>,
+        body: String,
+    }
+
+    impl Response {
+        fn header(&self, name: &str) -> &str {
+            self.headers
+                .get(name)
+                .unwrap_or_else(|| panic!("no {name} in {self:?}"))
+        }
+    }
+
+    impl HttpClient {
+        fn new(stream: TcpStream) -> HttpClient {
+            stream.set_read_timeout(Some(DEADLINE)).unwrap();
+            HttpClient {
+                writer: stream.try_clone().unwrap(),
+                reader: BufReader::new(stream),
+            }
+        }
+
+        fn connect(addr: SocketAddr) -> HttpClient {
+            HttpClient::new(TcpStream::connect(addr).unwrap())
+        }
+
+        fn send(&mut self, raw: &str) {
+            self.writer.write_all(raw.as_bytes()).unwrap();
+        }
+
+        fn response(&mut self, head_only: bool) -> Response {
+            let mut line = String::new();
+            self.reader.read_line(&mut line).unwrap();
+            let status = line
+                .strip_prefix("HTTP/1.1 ")
+                .and_then(|rest| rest.get(..3))
+                .and_then(|code| code.parse().ok())
+                .unwrap_or_else(|| panic!("bad status line {line:?}"));
+            let mut headers = HashMap::new();
+            loop {
+                line.clear();
+                self.reader.read_line(&mut line).unwrap();
+                let line = line.trim_end();
+                if line.is_empty() {
+                    break;
+                }
+                let (name, value) = line.split_once(": ").unwrap();
+                headers.insert(name.to_ascii_lowercase(), value.to_owned());
+            }
+            let len: usize = headers["content-length"].parse().unwrap();
+            let mut body = vec![0u8; if head_only { 0 } else { len }];
+            self.reader.read_exact(&mut body).unwrap();
+            Response {
+                status,
+                headers,
+                body: String::from_utf8(body).unwrap(),
+            }
+        }
+
+        fn get(&mut self, target: &str) -> Response {
+            self.send(&format!("GET {target} HTTP/1.1\r\nHost: test\r\n\r\n"));
+            self.response(false)
+        }
+
+        fn assert_closed(&mut self) {
+            let mut buf = [0u8; 1];
+            assert_eq!(self.reader.read(&mut buf).unwrap(), 0, "expected EOF");
+        }
+    }
+
+    #[test]
+    fn dispatched_connections_are_served_and_reported_closed() {
+        let (running, master, _reclaim) = dispatch_server(2, 4);
+        let mut client = master.dispatch(1);
+        let pid = sys::getpid().to_string();
+
+        let resp = client.get("/hello?x=1");
+        assert_eq!(resp.status, 200);
+        assert_eq!(resp.header("x-worker-id"), "2");
+        assert_eq!(resp.header("x-worker-pid"), pid);
+        assert_eq!(resp.header("x-worker-generation"), "4");
+        assert_eq!(resp.header("connection"), "keep-alive");
+        assert_eq!(resp.header("content-length"), resp.body.len().to_string());
+        assert!(
+            resp.body
+                .starts_with(&format!("worker 2 pid {pid} generation 4\n")),
+            "{resp:?}"
+        );
+
+        // Pipelined: both requests in one segment, answered in order.
+        client.send("GET /?us=300 HTTP/1.1\r\n\r\nHEAD / HTTP/1.1\r\n\r\n");
+        let first = client.response(false);
+        assert!(first.body.contains("spun_us "), "{first:?}");
+        let spun: u64 = first.body.lines().nth(1).unwrap()[8..].parse().unwrap();
+        assert!(spun >= 300);
+        let head = client.response(true);
+        assert_eq!(head.status, 200);
+        assert_ne!(head.header("content-length"), "0");
+
+        client.send("GET / HTTP/1.1\r\nConnection: close\r\n\r\n");
+        assert_eq!(client.response(false).header("connection"), "close");
+        client.assert_closed();
+        assert!(master.await_closed(1).is_empty());
+
+        running.finish().unwrap();
+        assert_eq!(master.next_message(), Message::Stopping);
+    }
+
+    #[test]
+    fn drain_finishes_requests_in_flight_closes_idle_ones_and_leaves_the_queue() {
+        let (running, master, reclaim) = dispatch_server(0, 0);
+        let mut idle = master.dispatch(1);
+        assert_eq!(idle.get("/").status, 200);
+        // One complete request and the start of a second in one segment: once the first is
+        // answered the server holds the partial one, so this connection is in flight.
+        let mut busy = master.dispatch(2);
+        busy.send("GET / HTTP/1.1\r\n\r\nGET /second HTTP/1.1\r\n");
+        assert_eq!(busy.response(false).status, 200);
+
+        running.stop.stop();
+        assert_eq!(master.next_message(), Message::Stopping);
+        idle.assert_closed();
+        // Dispatched after STOPPING: must stay queued for the master to take back.
+        let _late = master.dispatch(3);
+        busy.send("\r\n");
+        let last = busy.response(false);
+        assert_eq!(last.status, 200);
+        assert_eq!(last.header("connection"), "close");
+        busy.assert_closed();
+        running.finish().unwrap();
+        assert!(master.await_closed(2).is_empty());
+
+        let mut buf = [0u8; HEADER_LEN];
+        let got = scm::recvmsg_fd(reclaim.as_fd(), &mut buf, libc::MSG_DONTWAIT).unwrap();
+        assert_eq!(Message::decode(&buf).unwrap(), Message::Conn { seq: 3 });
+        assert!(got.fd.is_some());
+    }
+
+    #[test]
+    fn shared_listener_serves_many_connections_at_once() {
+        let (running, addr) = shared_server();
+        let mut clients: Vec<_> = (0..64).map(|_| HttpClient::connect(addr)).collect();
+        for (i, client) in clients.iter_mut().enumerate() {
+            client.send(&format!("GET /{i} HTTP/1.1\r\n\r\n"));
+        }
+        for client in &mut clients {
+            let resp = client.response(false);
+            assert_eq!(resp.status, 200);
+            assert_eq!(resp.header("x-worker-id"), "0");
+        }
+        for client in &mut clients {
+            assert_eq!(client.get("/again").status, 200);
+        }
+        running.finish().unwrap();
+        for client in &mut clients {
+            client.assert_closed();
+        }
+    }
+
+    #[test]
+    fn http_1_0_closes_unless_asked_to_keep_alive() {
+        let (_running, addr) = shared_server();
+        let mut client = HttpClient::connect(addr);
+        client.send("GET / HTTP/1.0\r\n\r\n");
+        assert_eq!(client.response(false).header("connection"), "close");
+        client.assert_closed();
+
+        let mut client = HttpClient::connect(addr);
+        for _ in 0..2 {
+            client.send("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
+            assert_eq!(client.response(false).header("connection"), "keep-alive");
+        }
+    }
+
+    #[test]
+    fn bodies_are_skipped_and_bad_requests_close() {
+        let (_running, addr) = shared_server();
+        let mut client = HttpClient::connect(addr);
+        client.send(
+            "POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nhelloGET /?alloc=1 HTTP/1.1\r\n\r\n",
+        );
+        assert_eq!(client.response(false).status, 200);
+        let resp = client.response(false);
+        assert!(resp.body.contains("alloc_mib 1 "), "{resp:?}");
+
+        let cases = [
+            ("garbage\r\n\r\n", 400),
+            ("GET /?us=soon HTTP/1.1\r\n\r\n", 400),
+            ("POST / HTTP/1.1\r\nContent-Length: 1048577\r\n\r\n", 413),
+            ("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", 501),
+            ("GET / HTTP/3\r\n\r\n", 505),
+        ];
+        for (raw, status) in cases {
+            let mut client = HttpClient::connect(addr);
+            client.send(raw);
+            let resp = client.response(false);
+            assert_eq!(resp.status, status, "{raw:?}");
+            assert_eq!(resp.header("connection"), "close");
+            assert_eq!(resp.header("x-worker-id"), "0");
+            client.assert_closed();
+        }
+    }
 }

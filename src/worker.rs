@@ -973,6 +973,10 @@ impl Channel {
     fn flush_closed(&self) -> io::Result<u64> {
         // The counter is only a number, never a guard for other memory: Relaxed suffices, the
         // atomicity of swap/fetch_add is what makes each close owned by exactly one place.
+        // A plain load first: the common case (nothing to report) then writes no cache line.
+        if self.unreported.load(Ordering::Relaxed) == 0 {
+            return Ok(0);
+        }
         let count = self.unreported.swap(0, Ordering::Relaxed);
         if count == 0 {
             return Ok(0);

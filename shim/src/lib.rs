@@ -1,1 +1,35 @@
+//! rcluster-shim: an `LD_PRELOAD` library that makes an unmodified, dynamically linked
+//! libc-based server (node, python, nginx, …) behave as an rcluster-lb worker.
+//!
+//! ```text
+//!  master ──(fd 3+i: dispatch channel or real listener, env RCLUSTER_*)──▶ worker process
+//!                                                                          │ constructor: read env,
+//!                                                                          │ scrub it, adopt fds
+//!  server: socket() → bind(port of listener i) ──▶ shim: dup3(listener i, server's fd)
+//!          listen()                            ──▶ shim: no-op; dispatch: READY
+//!          accept4(fd)                         ──▶ dispatch: recvmsg one CONN + its fd
+//!                                                  reuseport/shared: the kernel's accept
+//!          close(conn) / syscall(SYS_close)    ──▶ shim: real close, then CLOSED(1)
+//!          close(listener)                     ──▶ shim: real close, then STOPPING
+//! ```
+//!
+//! Modules: `interpose` (the exported symbols and the constructor), `state` (the process-wide
+//! state and what each call does), `dispatch` (accept on a channel), `listener` (one
+//! listener's claim and notifications), `conns` (the lock-free fd table behind CLOSED), `env`
+//! (the contract's variables), `sockaddr`, `wire` (the 16-byte message), `notify`
+//! (sd_notify READY=1), `follow` (carrying the contract across a wrapper's `exec`), `real` (the shadowed libc functions). docs/PROTOCOL.md describes the
+//! contract and the shim's behaviour for master authors.
+#![cfg_attr(test, allow(dead_code))]
 
+mod conns;
+mod dispatch;
+mod env;
+mod follow;
+#[cfg(not(test))]
+mod interpose;
+mod listener;
+mod notify;
+mod real;
+mod sockaddr;
+mod state;
+mod wire;

@@ -1,7 +1,7 @@
 //! `least-conn`: the open worker with the fewest active connections (dispatched minus closed,
 //! which includes those still queued in its channel). Ties go round-robin.
 
-use super::{Policy, WorkerStat, min_open_from};
+use super::{Policy, WorkerStat, active_key, min_open_from};
 
 /// Fewest active connections; O(workers) scan of a dense table.
 #[derive(Debug, Default)]
@@ -11,7 +11,7 @@ pub struct LeastConn {
 
 impl Policy for LeastConn {
     fn pick(&mut self, workers: &[WorkerStat], listener: usize) -> Option<usize> {
-        let i = min_open_from(workers, listener, self.next, |w| w.active)?;
+        let i = min_open_from(workers, listener, self.next, active_key)?;
         self.next = i + 1;
         Some(i)
     }

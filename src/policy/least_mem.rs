@@ -1,7 +1,10 @@
 //! `least-mem`: the open worker with the smallest resident memory (sampled RSS); ties broken by
 //! fewest active connections, then round-robin.
 
-use super::{Policy, WorkerStat, min_open_from};
+use super::{Policy, ROTATION_BITS, WorkerStat, min_open_from};
+
+/// Largest active count least-mem distinguishes (21 bits between RSS and the rotation bits).
+const ACTIVE_MAX: u32 = (1 << (32 - ROTATION_BITS)) - 1;
 
 /// Smallest RSS, then fewest active connections; O(workers).
 #[derive(Debug, Default)]
@@ -12,8 +15,9 @@ pub struct LeastMem {
 impl Policy for LeastMem {
     fn pick(&mut self, workers: &[WorkerStat], listener: usize) -> Option<usize> {
         let i = min_open_from(workers, listener, self.next, |w| {
-            // One u64 key: RSS in the high half, active in the low half.
-            (u64::from(w.rss_kib) << 32) | u64::from(w.active)
+            // One u64 key: RSS (KiB) in the high half, then active connections (saturating at
+            // 2^21, far beyond a tie-breaker's use), then the rotation bits.
+            (u64::from(w.rss_kib) << 32) | (u64::from(w.active.min(ACTIVE_MAX)) << ROTATION_BITS)
         })?;
         self.next = i + 1;
         Some(i)

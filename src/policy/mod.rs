@@ -139,29 +139,62 @@ impl std::fmt::Display for PolicyKind {
     }
 }
 
-/// Index of the open worker minimising `key`, scanning from `start` so that ties rotate.
+/// Bits at the bottom of a scan key that hold the worker's position after `start`.
+const ROTATION_BITS: u32 = 11;
+const _: () = assert!(crate::cli::MAX_WORKERS < 1 << ROTATION_BITS);
+
+/// Index of the open worker with the smallest `key`, ties going to the first at or after
+/// `start` (so equal loads rotate). `key` must leave the low [`ROTATION_BITS`] bits zero.
+///
+/// One branch-free pass: each worker becomes one `u64` — its key, plus its distance from
+/// `start` in the low bits, or `u64::MAX` when closed — and the minimum wins. The loop has no
+/// data-dependent branch, so it stays fast and vectorisable at 64 workers.
 #[inline]
-fn min_open_from<K: Ord + Copy>(
+fn min_open_from(
     workers: &[WorkerStat],
     listener: usize,
     start: usize,
-    key: impl Fn(&WorkerStat) -> K,
+    key: impl Fn(&WorkerStat) -> u64,
 ) -> Option<usize> {
-    let start = if start < workers.len() { start } else { 0 };
-    let mut best: Option<(K, usize)> = None;
-    // Scan [start..n) then [0..start): two straight loops, the first minimum wins, so equal
-    // keys go to whoever is next after the previous pick.
-    for i in (start..workers.len()).chain(0..start) {
-        let w = &workers[i];
-        if !w.is_open(listener) {
-            continue;
+    let n = workers.len();
+    let start = if start < n { start } else { 0 };
+    let bit = 1u64 << listener;
+    // Closed workers OR in all ones, which never beats an open one. Four independent minimum
+    // chains instead of one: a u64 min is a compare and a conditional move, and one chain would
+    // serialise the whole scan on that latency.
+    let scan = |slice: &[WorkerStat], first_distance: usize, best: u64| -> u64 {
+        let entry = |j: usize, w: &WorkerStat| {
+            let closed = u64::from(w.open & bit == 0).wrapping_neg();
+            key(w) | (first_distance + j) as u64 | closed
+        };
+        let mut acc = [best, u64::MAX, u64::MAX, u64::MAX];
+        let chunks = slice.chunks_exact(4);
+        let rest = chunks.remainder();
+        for (c, chunk) in chunks.enumerate() {
+            for (lane, w) in chunk.iter().enumerate() {
+                acc[lane] = acc[lane].min(entry(c * 4 + lane, w));
+            }
         }
-        let k = key(w);
-        if best.is_none_or(|(bk, _)| k < bk) {
-            best = Some((k, i));
+        let base = slice.len() - rest.len();
+        for (j, w) in rest.iter().enumerate() {
+            acc[j] = acc[j].min(entry(base + j, w));
         }
+        acc[0].min(acc[1]).min(acc[2].min(acc[3]))
+    };
+    let (before, after) = workers.split_at(start);
+    let best = scan(before, n - start, scan(after, 0, u64::MAX));
+    if best == u64::MAX {
+        return None;
     }
-    best.map(|(_, i)| i)
+    let distance = (best & ((1 << ROTATION_BITS) - 1)) as usize;
+    let i = start + distance;
+    Some(if i >= n { i - n } else { i })
+}
+
+/// `active` shifted above the rotation bits: a least-connections key.
+#[inline]
+fn active_key(w: &WorkerStat) -> u64 {
+    u64::from(w.active) << ROTATION_BITS
 }
 
 #[cfg(test)]
@@ -189,17 +222,19 @@ mod tests {
     #[test]
     fn min_scan_rotates_ties_and_skips_closed() {
         let mut w = open_with_active(&[0, 0, 0, 0]);
-        assert_eq!(min_open_from(&w, 0, 0, |s| s.active), Some(0));
-        assert_eq!(min_open_from(&w, 0, 2, |s| s.active), Some(2));
-        assert_eq!(min_open_from(&w, 0, 3, |s| s.active), Some(3));
+        assert_eq!(min_open_from(&w, 0, 0, active_key), Some(0));
+        assert_eq!(min_open_from(&w, 0, 2, active_key), Some(2));
+        assert_eq!(min_open_from(&w, 0, 3, active_key), Some(3));
         w[3].open = 0;
-        assert_eq!(min_open_from(&w, 0, 3, |s| s.active), Some(0));
+        assert_eq!(min_open_from(&w, 0, 3, active_key), Some(0));
         w[1].active = 5;
         w[0].active = 3;
         w[2].active = 4;
-        assert_eq!(min_open_from(&w, 0, 1, |s| s.active), Some(0));
-        assert_eq!(min_open_from(&w, 1, 0, |s| s.active), None);
-        assert_eq!(min_open_from(&[], 0, 0, |s: &WorkerStat| s.active), None);
+        assert_eq!(min_open_from(&w, 0, 1, active_key), Some(0));
+        assert_eq!(min_open_from(&w, 1, 0, active_key), None);
+        assert_eq!(min_open_from(&[], 0, 0, active_key), None);
+        // Out-of-range start and a single worker.
+        assert_eq!(min_open_from(&w[..1], 0, 7, active_key), Some(0));
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! `p2c`: power of two choices: two distinct open workers at random, the one with fewer active
 //! connections wins. O(1) when both draws hit open workers.
 
-use super::{Policy, WorkerStat, min_open_from};
+use super::{Policy, WorkerStat, active_key, min_open_from};
 
 /// Two random choices by active connections, from a xorshift generator (no syscalls, no locks).
 #[derive(Debug)]
@@ -51,7 +51,7 @@ impl Policy for P2c {
             (true, false) => Some(a),
             (false, true) => Some(b),
             // Both draws closed: fall back to least-conn among the open ones.
-            (false, false) => min_open_from(workers, listener, a, |w| w.active),
+            (false, false) => min_open_from(workers, listener, a, active_key),
         }
     }
 }

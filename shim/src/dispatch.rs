@@ -1,0 +1,233 @@
+//! `accept` on a dispatch channel: receive one CONN message and its fd (unix(7) SCM_RIGHTS,
+//! cmsg(3)), and make the result look like accept4(2)'s.
+
+use std::mem;
+
+use libc::{c_int, sockaddr, socklen_t};
+
+use crate::conns::Marked;
+use crate::listener::Listener;
+use crate::state::{Shim, errno, set_errno, warn};
+use crate::wire::{self, HEADER_LEN, Kind};
+use crate::{real, sockaddr as sa};
+
+/// Room for this many fds per message, so a misbehaving master that attaches several is
+/// detected (and the extras closed) rather than truncated silently by the kernel.
+const MAX_FDS_PER_MSG: usize = 8;
+
+/// Control buffer, aligned for `cmsghdr` (CMSG_SPACE(8 * 4) = 48 on 64-bit Linux).
+#[repr(C, align(8))]
+struct CmsgBuf([u8; 64]);
+
+enum Received {
+    /// A valid CONN and its connection fd (close-on-exec).
+    Conn(c_int),
+    /// Something that is not a connection; already dealt with, read the next message.
+    Skip,
+    /// The master closed its end.
+    Eof,
+    /// recvmsg failed; errno is set (EAGAIN on an empty non-blocking channel, EINTR, …).
+    Failed,
+}
+
+/// recvmsg(2) of one message, with `MSG_CMSG_CLOEXEC` so the connection is never inherited by
+/// a concurrent fork+exec before the caller's flags are applied.
+fn receive(l: &Listener, fd: c_int) -> Received {
+    let mut data = [0u8; 2 * HEADER_LEN];
+    let mut cbuf = CmsgBuf([0; 64]);
+    let mut iov = libc::iovec {
+        iov_base: data.as_mut_ptr().cast(),
+        iov_len: data.len(),
+    };
+    // SAFETY: msghdr is plain data; zeroed is an empty header.
+    let mut msg: libc::msghdr = unsafe { mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.0.as_mut_ptr().cast();
+    msg.msg_controllen = cbuf.0.len() as _;
+    // SAFETY: msg points at iov and cbuf, which outlive the call.
+    let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Received::Failed;
+    }
+    let mut fds = [-1 as c_int; MAX_FDS_PER_MSG];
+    let mut count = 0;
+    // SAFETY: msg was filled by recvmsg; the CMSG_* macros walk its control buffer within
+    // msg_controllen, and each SCM_RIGHTS payload holds (cmsg_len - CMSG_LEN(0)) / 4 ints.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let payload = (*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                let data = libc::CMSG_DATA(cmsg).cast::<c_int>();
+                for k in 0..payload / mem::size_of::<c_int>() {
+                    let fd = std::ptr::read_unaligned(data.add(k));
+                    if count < MAX_FDS_PER_MSG {
+                        fds[count] = fd;
+                        count += 1;
+                    } else {
+                        real::close(fd);
+                    }
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    let fds = &fds[..count];
+    // SOCK_SEQPACKET: a zero-length read is end of file (the master never sends empty ones).
+    if n == 0 && fds.is_empty() {
+        return Received::Eof;
+    }
+    let truncated = msg.msg_flags & libc::MSG_TRUNC != 0;
+    let decoded = if truncated {
+        None
+    } else {
+        wire::decode(&data[..n as usize])
+    };
+    let close_all = |fds: &[c_int]| {
+        for &fd in fds {
+            // SAFETY: fds received just now, owned by nobody else.
+            unsafe { real::close(fd) };
+        }
+    };
+    match decoded {
+        Some((Kind::Conn, _)) if !fds.is_empty() => {
+            if fds.len() > 1 {
+                warn("CONN message carried more than one fd; extra fds closed");
+                close_all(&fds[1..]);
+            }
+            Received::Conn(fds[0])
+        }
+        Some((Kind::Conn, _)) => {
+            // The master counted a connection we will never see: balance its books.
+            warn("CONN message without an fd; reported closed");
+            l.conn_closed(1);
+            Received::Skip
+        }
+        Some(_) => {
+            close_all(fds);
+            Received::Skip
+        }
+        None => {
+            warn("malformed message on the dispatch channel (wrong protocol version?); dropped");
+            close_all(fds);
+            Received::Skip
+        }
+    }
+}
+
+fn is_nonblocking(fd: c_int) -> bool {
+    // SAFETY: F_GETFL takes no argument; an invalid fd reports an error.
+    let fl = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    fl >= 0 && fl & libc::O_NONBLOCK != 0
+}
+
+/// accept4(2) on listener `l`'s dispatch channel, reachable as the server's `fd`.
+///
+/// # Safety
+/// `addr`/`len` as for accept4(2).
+pub unsafe fn accept(
+    shim: &Shim,
+    l: &Listener,
+    fd: c_int,
+    addr: *mut sockaddr,
+    len: *mut socklen_t,
+    flags: c_int,
+) -> c_int {
+    if flags & !(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) != 0 {
+        set_errno(libc::EINVAL);
+        return -1;
+    }
+    // Socket-activated servers accept without bind/listen: accepting is being ready.
+    l.mark_listening();
+    l.flush();
+    shim.maybe_notify_ready();
+    loop {
+        if l.is_orphaned() {
+            return orphaned(fd);
+        }
+        let conn = match receive(l, fd) {
+            Received::Conn(conn) => conn,
+            Received::Skip => continue,
+            Received::Failed => return -1,
+            Received::Eof => {
+                if l.mark_orphaned() {
+                    // No connection can ever arrive again. Ask the process to stop the
+                    // conventional way (SIGTERM, as the master's drain signal would), and let
+                    // the server's signal handling run now (EINTR) instead of blocking.
+                    warn("dispatch channel closed by the master; sending SIGTERM to self");
+                    // SAFETY: kill on our own pid.
+                    unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+                    set_errno(if is_nonblocking(fd) {
+                        libc::EAGAIN
+                    } else {
+                        libc::EINTR
+                    });
+                    return -1;
+                }
+                return orphaned(fd);
+            }
+        };
+        // Track it before anyone can learn the number (conns.rs).
+        match shim.conns.mark(conn, l.index, shim.pid()) {
+            Marked::Fresh => {}
+            Marked::Stale(i) => {
+                if let Some(stale) = shim.listener(i) {
+                    stale.conn_closed(1);
+                }
+            }
+            // Cannot watch its close: report it finished now rather than never.
+            Marked::Untracked => l.conn_closed(1),
+        }
+        apply_accept_flags(conn, flags);
+        if !addr.is_null() && !len.is_null() {
+            // accept(2) reports the peer: ask the connection itself (getpeername truncates and
+            // sets *len like accept does). A peer that already reset has no name any more;
+            // report the unspecified address of the listener's family rather than nothing.
+            // SAFETY: addr/len valid per the caller's contract.
+            if unsafe { libc::getpeername(conn, addr, len) } != 0 {
+                // SAFETY: as above.
+                unsafe { sa::write(&sa::unspecified_like(&l.addr), addr, len) };
+            }
+        }
+        return conn;
+    }
+}
+
+/// accept4(2)'s flags, applied by hand: the fd came from another process, so it carries the
+/// master's file status flags (accept(2): a new socket does not inherit O_NONBLOCK), and it was
+/// received close-on-exec.
+fn apply_accept_flags(conn: c_int, flags: c_int) {
+    // SAFETY: fcntl on an fd we own; errors leave the fd as it was.
+    unsafe {
+        let fl = libc::fcntl(conn, libc::F_GETFL);
+        if fl >= 0 {
+            let want = if flags & libc::SOCK_NONBLOCK != 0 {
+                fl | libc::O_NONBLOCK
+            } else {
+                fl & !libc::O_NONBLOCK
+            };
+            if want != fl {
+                libc::fcntl(conn, libc::F_SETFL, want);
+            }
+        }
+        if flags & libc::SOCK_CLOEXEC == 0 {
+            libc::fcntl(conn, libc::F_SETFD, 0);
+        }
+    }
+}
+
+/// `accept` after the master went away: nothing will ever arrive. A non-blocking caller gets
+/// EAGAIN; a blocking caller waits, as on an idle listener, until a signal (the SIGTERM already
+/// raised, normally) interrupts it.
+fn orphaned(fd: c_int) -> c_int {
+    if !is_nonblocking(fd) {
+        // SAFETY: poll with no fds only sleeps until a signal arrives.
+        unsafe { libc::poll(std::ptr::null_mut(), 0, -1) };
+        if errno() == libc::EINTR {
+            return -1;
+        }
+    }
+    set_errno(libc::EAGAIN);
+    -1
+}

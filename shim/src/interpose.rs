@@ -1,0 +1,335 @@
+//! The exported C symbols that shadow libc's when the library is in `LD_PRELOAD`, and the
+//! constructor. Each is a thin switch: with no worker contract (`state::get()` is `None`) it is
+//! a straight call to the real function; otherwise state.rs decides. Compiled out of unit-test
+//! builds, where these symbols would shadow libc inside the test binary itself.
+//!
+//! None of these may unwind: a panic in an `extern "C"` function aborts the process (Rust ≥
+//! 1.81), and the code below avoids panicking paths (no indexing, no unwrap).
+
+use libc::{c_char, c_int, c_long, c_void, sockaddr, socklen_t};
+
+use crate::state::{errno, set_errno};
+use crate::{env, follow, real, state};
+
+/// Runs [`state::init`] before `main` (ELF `.init_array`, executed by the dynamic loader when
+/// the library is loaded).
+#[used]
+#[unsafe(link_section = ".init_array")]
+static CONSTRUCTOR: extern "C" fn() = constructor;
+
+extern "C" fn constructor() {
+    // SAFETY: .init_array functions of an LD_PRELOAD library run before main, on the only
+    // thread.
+    unsafe { state::init() }
+}
+
+/// bind(2): binding a listener's port takes over fd 3+i instead.
+///
+/// # Safety
+/// As bind(2).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bind(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
+    if let Some(shim) = state::get() {
+        // SAFETY: caller contract.
+        if let Some(rc) = unsafe { shim.bind(fd, addr, len) } {
+            return rc;
+        }
+    }
+    // SAFETY: caller contract.
+    unsafe { real::bind(fd, addr, len) }
+}
+
+/// listen(2).
+///
+/// # Safety
+/// As listen(2).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
+    if let Some(rc) = state::get().and_then(|shim| shim.listen(fd)) {
+        return rc;
+    }
+    // SAFETY: caller contract.
+    unsafe { real::listen(fd, backlog) }
+}
+
+/// accept(2).
+///
+/// # Safety
+/// As accept(2).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn accept(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
+    // SAFETY: caller contract.
+    let real = || unsafe { real::accept(fd, addr, len) };
+    match state::get() {
+        // SAFETY: caller contract.
+        Some(shim) => unsafe { shim.accept(fd, addr, len, 0, real) },
+        None => real(),
+    }
+}
+
+/// accept4(2).
+///
+/// # Safety
+/// As accept4(2).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn accept4(
+    fd: c_int,
+    addr: *mut sockaddr,
+    len: *mut socklen_t,
+    flags: c_int,
+) -> c_int {
+    // SAFETY: caller contract.
+    let real = || unsafe { real::accept4(fd, addr, len, flags) };
+    match state::get() {
+        // SAFETY: caller contract.
+        Some(shim) => unsafe { shim.accept(fd, addr, len, flags, real) },
+        None => real(),
+    }
+}
+
+/// getsockname(2).
+///
+/// # Safety
+/// As getsockname(2).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn getsockname(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
+    match state::get() {
+        // SAFETY: caller contract.
+        Some(shim) => unsafe { shim.getsockname(fd, addr, len) },
+        // SAFETY: caller contract.
+        None => unsafe { real::getsockname(fd, addr, len) },
+    }
+}
+
+/// getsockopt(2).
+///
+/// # Safety
+/// As getsockopt(2).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn getsockopt(
+    fd: c_int,
+    level: c_int,
+    name: c_int,
+    val: *mut c_void,
+    len: *mut socklen_t,
+) -> c_int {
+    match state::get() {
+        // SAFETY: caller contract.
+        Some(shim) => unsafe { shim.getsockopt(fd, level, name, val, len) },
+        // SAFETY: caller contract.
+        None => unsafe { real::getsockopt(fd, level, name, val, len) },
+    }
+}
+
+/// setsockopt(2).
+///
+/// # Safety
+/// As setsockopt(2).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn setsockopt(
+    fd: c_int,
+    level: c_int,
+    name: c_int,
+    val: *const c_void,
+    len: socklen_t,
+) -> c_int {
+    if state::get().is_some_and(|shim| shim.setsockopt_ignored(fd, level, name)) {
+        return 0;
+    }
+    // SAFETY: caller contract.
+    unsafe { real::setsockopt(fd, level, name, val, len) }
+}
+
+/// close(2).
+///
+/// # Safety
+/// As close(2).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn close(fd: c_int) -> c_int {
+    // SAFETY: caller contract.
+    let real = || unsafe { real::close(fd) };
+    match state::get() {
+        Some(shim) => shim.closing(fd, real),
+        None => real(),
+    }
+}
+
+/// dup2(2): replacing a tracked fd closes it.
+///
+/// # Safety
+/// As dup2(2).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
+    // SAFETY: caller contract.
+    let real = || unsafe { real::dup2(old, new) };
+    match state::get() {
+        Some(shim) if old != new => shim.closing(new, real),
+        _ => real(),
+    }
+}
+
+/// dup3(2): replacing a tracked fd closes it.
+///
+/// # Safety
+/// As dup3(2).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
+    // SAFETY: caller contract.
+    let real = || unsafe { real::dup3(old, new, flags) };
+    match state::get() {
+        Some(shim) if old != new => shim.closing(new, real),
+        _ => real(),
+    }
+}
+
+/// syscall(2). libuv (node) closes fds with `syscall(SYS_close, fd)`, bypassing `close`, so
+/// the shim must see that path to report closed connections; `accept`/`accept4` made the same
+/// way are routed too. glibc's `syscall` is variadic; on x86-64 and AArch64 Linux variadic
+/// integer arguments travel in the same registers as fixed ones, so a function taking the
+/// number and six `long`s receives exactly what the caller passed (unused registers hold junk,
+/// which the kernel ignores and which is forwarded unchanged).
+///
+/// # Safety
+/// As syscall(2).
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn syscall(
+    num: c_long,
+    a: c_long,
+    b: c_long,
+    c: c_long,
+    d: c_long,
+    e: c_long,
+    f: c_long,
+) -> c_long {
+    let args = [a, b, c, d, e, f];
+    if let Some(shim) = state::get() {
+        match num {
+            libc::SYS_close => {
+                // SAFETY: caller contract.
+                let real = || unsafe { real::syscall(num, args) } as c_int;
+                return c_long::from(shim.closing(a as c_int, real));
+            }
+            libc::SYS_accept4 => {
+                // SAFETY: caller contract: the arguments are accept4's.
+                return c_long::from(unsafe {
+                    accept4(
+                        a as c_int,
+                        b as *mut sockaddr,
+                        c as *mut socklen_t,
+                        d as c_int,
+                    )
+                });
+            }
+            #[cfg(target_arch = "x86_64")]
+            libc::SYS_accept => {
+                // SAFETY: caller contract: the arguments are accept's.
+                return c_long::from(unsafe {
+                    accept(a as c_int, b as *mut sockaddr, c as *mut socklen_t)
+                });
+            }
+            _ => {}
+        }
+    }
+    // SAFETY: caller contract.
+    unsafe { real::syscall(num, args) }
+}
+
+/// Runs `exec` with the contract restored when the worker process replaces its own image
+/// (follow.rs); `None` when the call is not the worker's own exec and should pass through.
+///
+/// # Safety
+/// `envp` as for execve(2).
+unsafe fn exec_following(
+    envp: *const *const c_char,
+    exec: impl FnOnce(*const *const c_char) -> c_int,
+) -> Option<c_int> {
+    let shim = state::get().filter(|shim| shim.follow.applies())?;
+    // SAFETY: caller contract.
+    let env = unsafe { shim.follow.exec_env(envp) };
+    follow::set_inheritable(shim.listeners(), true);
+    let rc = exec(env.as_ptr());
+    // Only reached when exec failed: undo.
+    let e = errno();
+    follow::set_inheritable(shim.listeners(), false);
+    set_errno(e);
+    Some(rc)
+}
+
+/// The current environment (execv/execvp use it).
+fn current_environ() -> *const *const c_char {
+    // SAFETY: a plain read of the pointer libc maintains (no reference to the static mut).
+    unsafe { env::environ }
+}
+
+/// execve(2).
+///
+/// # Safety
+/// As execve(2).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn execve(
+    path: *const c_char,
+    argv: *const *const c_char,
+    envp: *const *const c_char,
+) -> c_int {
+    // SAFETY: caller contract.
+    unsafe { exec_following(envp, |e| real::execve(path, argv, e)) }
+        // SAFETY: caller contract.
+        .unwrap_or_else(|| unsafe { real::execve(path, argv, envp) })
+}
+
+/// execv(3).
+///
+/// # Safety
+/// As execv(3).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn execv(path: *const c_char, argv: *const *const c_char) -> c_int {
+    // SAFETY: caller contract; environ is libc's valid environment array.
+    unsafe { exec_following(current_environ(), |e| real::execve(path, argv, e)) }
+        // SAFETY: caller contract.
+        .unwrap_or_else(|| unsafe { real::execv(path, argv) })
+}
+
+/// execvp(3).
+///
+/// # Safety
+/// As execvp(3).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn execvp(file: *const c_char, argv: *const *const c_char) -> c_int {
+    // SAFETY: caller contract; environ is libc's valid environment array.
+    unsafe { exec_following(current_environ(), |e| real::execvpe(file, argv, e)) }
+        // SAFETY: caller contract.
+        .unwrap_or_else(|| unsafe { real::execvp(file, argv) })
+}
+
+/// execvpe(3).
+///
+/// # Safety
+/// As execvpe(3).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn execvpe(
+    file: *const c_char,
+    argv: *const *const c_char,
+    envp: *const *const c_char,
+) -> c_int {
+    // SAFETY: caller contract.
+    unsafe { exec_following(envp, |e| real::execvpe(file, argv, e)) }
+        // SAFETY: caller contract.
+        .unwrap_or_else(|| unsafe { real::execvpe(file, argv, envp) })
+}
+
+/// fexecve(3).
+///
+/// # Safety
+/// As fexecve(3).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fexecve(
+    fd: c_int,
+    argv: *const *const c_char,
+    envp: *const *const c_char,
+) -> c_int {
+    // SAFETY: caller contract.
+    unsafe { exec_following(envp, |e| real::fexecve(fd, argv, e)) }
+        // SAFETY: caller contract.
+        .unwrap_or_else(|| unsafe { real::fexecve(fd, argv, envp) })
+}

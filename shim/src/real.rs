@@ -1,0 +1,140 @@
+//! The libc functions the shim shadows, looked up once with `dlsym(RTLD_NEXT, …)` (dlsym(3)) so
+//! the shim can call the implementation it interposes. Inside this library every call to an
+//! interposed name (`close`, `dup3`, …) must go through here: a plain `libc::close` would bind
+//! to the shim's own export and recurse.
+//!
+//! Resolution is lazy and lock-free (an `AtomicPtr` per symbol; two threads racing to resolve
+//! store the same pointer), so an interposed function called before the constructor — by
+//! another library's constructor — still works.
+
+use std::ffi::{CStr, c_void};
+use std::ptr;
+use std::sync::atomic::{AtomicPtr, Ordering};
+
+use libc::{c_char, c_int, c_long, sockaddr, socklen_t};
+
+fn resolve(slot: &AtomicPtr<c_void>, name: &CStr) -> *mut c_void {
+    let p = slot.load(Ordering::Acquire);
+    if !p.is_null() {
+        return p;
+    }
+    // SAFETY: name is NUL-terminated; RTLD_NEXT is a valid pseudo-handle for dlsym from a
+    // shared object.
+    let p = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) };
+    slot.store(p, Ordering::Release);
+    p
+}
+
+fn set_errno(e: c_int) {
+    // SAFETY: __errno_location returns this thread's errno slot, always valid.
+    unsafe { *libc::__errno_location() = e };
+}
+
+macro_rules! real_fn {
+    ($(#[$doc:meta])* $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty) => {
+        $(#[$doc])*
+        ///
+        /// # Safety
+        /// Same contract as the libc function of that name.
+        pub unsafe fn $name($($arg: $ty),*) -> $ret {
+            static SLOT: AtomicPtr<c_void> = AtomicPtr::new(ptr::null_mut());
+            let name = const {
+                match CStr::from_bytes_with_nul(concat!(stringify!($name), "\0").as_bytes()) {
+                    Ok(s) => s,
+                    Err(_) => panic!("symbol name"),
+                }
+            };
+            let p = resolve(&SLOT, name);
+            if p.is_null() {
+                set_errno(libc::ENOSYS);
+                return -1;
+            }
+            // SAFETY: dlsym returned libc's definition of this symbol, whose C prototype is
+            // the one spelled here.
+            let f: unsafe extern "C" fn($($ty),*) -> $ret = unsafe { std::mem::transmute(p) };
+            // SAFETY: forwarded under the caller's contract.
+            unsafe { f($($arg),*) }
+        }
+    };
+}
+
+real_fn!(
+    /// libc `close(2)`.
+    close(fd: c_int) -> c_int
+);
+real_fn!(
+    /// libc `bind(2)`.
+    bind(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int
+);
+real_fn!(
+    /// libc `listen(2)`.
+    listen(fd: c_int, backlog: c_int) -> c_int
+);
+real_fn!(
+    /// libc `accept(2)`.
+    accept(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int
+);
+real_fn!(
+    /// libc `accept4(2)`.
+    accept4(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t, flags: c_int) -> c_int
+);
+real_fn!(
+    /// libc `getsockname(2)`.
+    getsockname(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int
+);
+real_fn!(
+    /// libc `getsockopt(2)`.
+    getsockopt(fd: c_int, level: c_int, name: c_int, val: *mut c_void, len: *mut socklen_t) -> c_int
+);
+real_fn!(
+    /// libc `setsockopt(2)`.
+    setsockopt(fd: c_int, level: c_int, name: c_int, val: *const c_void, len: socklen_t) -> c_int
+);
+real_fn!(
+    /// libc `dup2(2)`.
+    dup2(old: c_int, new: c_int) -> c_int
+);
+real_fn!(
+    /// libc `dup3(2)`.
+    dup3(old: c_int, new: c_int, flags: c_int) -> c_int
+);
+
+real_fn!(
+    /// libc `execve(2)`.
+    execve(path: *const c_char, argv: *const *const c_char, envp: *const *const c_char) -> c_int
+);
+real_fn!(
+    /// libc `execv(3)`.
+    execv(path: *const c_char, argv: *const *const c_char) -> c_int
+);
+real_fn!(
+    /// libc `execvp(3)`.
+    execvp(file: *const c_char, argv: *const *const c_char) -> c_int
+);
+real_fn!(
+    /// libc `execvpe(3)`.
+    execvpe(file: *const c_char, argv: *const *const c_char, envp: *const *const c_char) -> c_int
+);
+real_fn!(
+    /// libc `fexecve(3)`.
+    fexecve(fd: c_int, argv: *const *const c_char, envp: *const *const c_char) -> c_int
+);
+
+/// libc `syscall(2)`, forwarded with all six argument registers (the kernel ignores the ones a
+/// given call does not use, and so does glibc's `syscall`).
+///
+/// # Safety
+/// Same contract as the system call `num`.
+pub unsafe fn syscall(num: c_long, args: [c_long; 6]) -> c_long {
+    static SLOT: AtomicPtr<c_void> = AtomicPtr::new(ptr::null_mut());
+    let p = resolve(&SLOT, c"syscall");
+    if p.is_null() {
+        set_errno(libc::ENOSYS);
+        return -1;
+    }
+    // SAFETY: dlsym returned glibc's variadic `long syscall(long, ...)`.
+    let f: unsafe extern "C" fn(c_long, ...) -> c_long = unsafe { std::mem::transmute(p) };
+    let [a, b, c, d, e, g] = args;
+    // SAFETY: forwarded under the caller's contract.
+    unsafe { f(num, a, b, c, d, e, g) }
+}

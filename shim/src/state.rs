@@ -1,0 +1,478 @@
+//! The process-wide shim state — the listeners adopted from fds 3+i and the connection table —
+//! built once by the constructor, and what each interposed call does with it. Shared by every
+//! thread; read-only after construction except for atomics, so no call takes a lock.
+
+use std::net::SocketAddr;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use libc::{c_int, c_void, sockaddr, socklen_t};
+
+use crate::conns::ConnTable;
+use crate::env::{self, Mode};
+use crate::follow::Follow;
+use crate::listener::Listener;
+use crate::notify::NotifyTarget;
+use crate::{dispatch, real, sockaddr as sa};
+
+/// Everything the shim knows, once the constructor found the worker contract.
+pub struct Shim {
+    /// What a same-process exec gets back.
+    pub follow: Follow,
+    mode: Mode,
+    listeners: Vec<Listener>,
+    /// Connections handed out by `accept` on a dispatch channel.
+    pub conns: ConnTable,
+    notify: Option<NotifyTarget>,
+    notified: AtomicBool,
+}
+
+static SHIM: OnceLock<Shim> = OnceLock::new();
+
+/// The shim state, or `None` when not running under rcluster-lb: every call passes through.
+#[inline]
+pub fn get() -> Option<&'static Shim> {
+    SHIM.get()
+}
+
+/// This thread's errno.
+pub fn errno() -> c_int {
+    // SAFETY: __errno_location returns this thread's errno slot, always valid.
+    unsafe { *libc::__errno_location() }
+}
+
+/// Sets this thread's errno.
+pub fn set_errno(e: c_int) {
+    // SAFETY: as in errno().
+    unsafe { *libc::__errno_location() = e };
+}
+
+/// One diagnostic line on stderr, written with a single writev so lines of concurrent threads
+/// do not interleave, without allocating.
+pub fn warn(msg: &str) {
+    let prefix = b"rcluster-shim: ";
+    let iov = [
+        libc::iovec {
+            iov_base: prefix.as_ptr() as *mut c_void,
+            iov_len: prefix.len(),
+        },
+        libc::iovec {
+            iov_base: msg.as_ptr() as *mut c_void,
+            iov_len: msg.len(),
+        },
+        libc::iovec {
+            iov_base: b"\n".as_ptr() as *mut c_void,
+            iov_len: 1,
+        },
+    ];
+    let saved = errno();
+    // SAFETY: the iovecs point at live buffers of the given lengths; writev only reads them.
+    unsafe { libc::writev(libc::STDERR_FILENO, iov.as_ptr(), iov.len() as c_int) };
+    set_errno(saved);
+}
+
+fn getsockopt_int(fd: c_int, level: c_int, name: c_int) -> Option<c_int> {
+    let mut v: c_int = 0;
+    let mut len = std::mem::size_of::<c_int>() as socklen_t;
+    // SAFETY: v and len are valid storage of the sizes given.
+    let rc = unsafe { real::getsockopt(fd, level, name, (&raw mut v).cast(), &mut len) };
+    (rc == 0).then_some(v)
+}
+
+/// Takes over fd `fd` = 3+i: checks it is what the mode promises, and keeps a private
+/// close-on-exec duplicate at or above `min_fd`. fd 3+i itself is made close-on-exec too: the
+/// server's children do not get the shim (env.rs), so they must not get its listeners either.
+fn adopt(
+    fd: c_int,
+    index: usize,
+    addr: SocketAddr,
+    mode: Mode,
+    min_fd: c_int,
+) -> Result<Listener, String> {
+    let ty = getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE)
+        .ok_or_else(|| format!("fd {fd} is not a socket"))?;
+    let dispatch = mode == Mode::Dispatch;
+    let mut addr = addr;
+    if dispatch {
+        if ty != libc::SOCK_SEQPACKET {
+            return Err(format!("fd {fd} is not a SOCK_SEQPACKET dispatch channel"));
+        }
+    } else {
+        if ty != libc::SOCK_STREAM
+            || getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN) != Some(1)
+        {
+            return Err(format!("fd {fd} is not a listening TCP socket"));
+        }
+        // The socket knows its real address better than the environment (a port 0 resolved).
+        // SAFETY: plain data; zero is valid.
+        let mut st: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of_val(&st) as socklen_t;
+        // SAFETY: st/len are valid storage of the sizes given.
+        if unsafe { real::getsockname(fd, (&raw mut st).cast(), &mut len) } == 0 {
+            // SAFETY: getsockname wrote `len` bytes into st.
+            if let Some(real_addr) = unsafe { sa::read((&raw const st).cast(), len) } {
+                addr = real_addr;
+            }
+        }
+    }
+    // SAFETY: fcntl on an inherited fd; the result is a new fd nobody else owns.
+    let private = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, min_fd) };
+    if private < 0 {
+        return Err(format!("cannot duplicate fd {fd}"));
+    }
+    // SAFETY: `private` was just created and is owned by nobody else.
+    let chan = unsafe { OwnedFd::from_raw_fd(private) };
+    // SAFETY: fcntl on an inherited fd.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    Listener::new(index, fd, addr, chan, dispatch).ok_or_else(|| format!("cannot fstat fd {fd}"))
+}
+
+/// The constructor's work: read the contract, scrub the environment, adopt the fds.
+///
+/// # Safety
+/// Must run before any other thread exists (it modifies the environment).
+pub unsafe fn init() {
+    let contract = match env::read() {
+        Ok(Some(c)) => c,
+        Ok(None) => return,
+        Err(e) => {
+            warn(&format!("{e}; passing every call through"));
+            // SAFETY: caller contract (single-threaded).
+            unsafe { env::scrub() };
+            return;
+        }
+    };
+    // SAFETY: caller contract (single-threaded).
+    let scrubbed = unsafe { env::scrub() };
+    let first_free = 3 + contract.listen.len() as c_int;
+    let mut listeners = Vec::with_capacity(contract.listen.len());
+    for (i, addr) in contract.listen.iter().enumerate() {
+        match adopt(
+            3 + i as c_int,
+            listeners.len(),
+            *addr,
+            contract.mode,
+            first_free,
+        ) {
+            Ok(l) => listeners.push(l),
+            Err(e) => warn(&format!("listener {i} ({addr}) unusable: {e}")),
+        }
+    }
+    let notify = contract
+        .notify_socket
+        .as_deref()
+        .and_then(NotifyTarget::parse);
+    let _ = SHIM.set(Shim {
+        follow: Follow::new(scrubbed),
+        mode: contract.mode,
+        listeners,
+        conns: ConnTable::new(),
+        notify,
+        notified: AtomicBool::new(false),
+    });
+}
+
+impl Shim {
+    /// The calling process's pid (a real system call: a `vfork` child must see its own).
+    pub fn pid(&self) -> u32 {
+        // SAFETY: getpid cannot fail.
+        unsafe { libc::getpid() as u32 }
+    }
+
+    /// All adopted listeners.
+    pub fn listeners(&self) -> &[Listener] {
+        &self.listeners
+    }
+
+    /// Listener at position `i` (what the connection table stores).
+    pub fn listener(&self, i: usize) -> Option<&Listener> {
+        self.listeners.get(i)
+    }
+
+    /// The listener the server's `fd` was claimed as, if any: a few atomic loads.
+    fn claimed(&self, fd: c_int) -> Option<&Listener> {
+        self.listeners.iter().find(|l| l.is_claimed_as(fd))
+    }
+
+    /// The dispatch listener whose channel `fd` refers to without having been claimed (fd 3+i
+    /// used directly by a socket-activated server, or a `dup` of the claimed fd). An fstat.
+    fn same_channel(&self, fd: c_int) -> Option<&Listener> {
+        if self.mode != Mode::Dispatch {
+            return None;
+        }
+        self.listeners.iter().find(|l| l.is_same_file(fd))
+    }
+
+    /// Sends `READY=1` on NOTIFY_SOCKET once every listener is listening.
+    pub fn maybe_notify_ready(&self) {
+        let Some(target) = &self.notify else { return };
+        if self.notified.load(Ordering::Acquire)
+            || !self.listeners.iter().all(Listener::is_listening)
+            || self.notified.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        target.send_ready();
+    }
+
+    /// bind(2): `None` = not a listener's address, pass through.
+    ///
+    /// # Safety
+    /// `addr`/`len` as for bind(2).
+    pub unsafe fn bind(&self, fd: c_int, addr: *const sockaddr, len: socklen_t) -> Option<c_int> {
+        // SAFETY: caller contract.
+        let bound = unsafe { sa::read(addr, len) }?;
+        // Prefer the listener with exactly this address, then any other it stands for that is
+        // still free (RCLUSTER_LISTEN may name 0.0.0.0:80 and [::]:80 as two listeners).
+        let matching = || {
+            self.listeners
+                .iter()
+                .filter(|l| sa::claims(&l.addr, &bound))
+        };
+        let first = matching().next()?;
+        let l = matching()
+            .filter(|l| l.is_unclaimed())
+            .min_by_key(|l| l.addr != bound)
+            .unwrap_or(first);
+        // A UDP socket on the same port (QUIC, DNS) is not ours to replace.
+        if getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE)? != libc::SOCK_STREAM {
+            return None;
+        }
+        let pid = self.pid() as c_int;
+        if !l.try_claim(fd, pid) {
+            // Like the kernel for a second socket bound to a taken address.
+            set_errno(libc::EADDRINUSE);
+            return Some(-1);
+        }
+        // SAFETY: fcntl queries on the caller's fd.
+        let (fd_flags, fl_flags) = unsafe {
+            (
+                libc::fcntl(fd, libc::F_GETFD),
+                libc::fcntl(fd, libc::F_GETFL),
+            )
+        };
+        let cloexec = if fd_flags >= 0 && fd_flags & libc::FD_CLOEXEC != 0 {
+            libc::O_CLOEXEC
+        } else {
+            0
+        };
+        // dup3(2) atomically closes the server's own socket and puts the listener in its place,
+        // keeping the server's close-on-exec choice for that fd number.
+        // SAFETY: both fds are open; fd is the caller's to replace.
+        if fl_flags < 0 || unsafe { real::dup3(l.chan_fd(), fd, cloexec) } < 0 {
+            let e = errno();
+            l.release(fd, pid);
+            set_errno(e);
+            return Some(-1);
+        }
+        // The server decided blocking vs non-blocking on its own socket (libuv and asyncio
+        // create it O_NONBLOCK). File status flags live in the open file description, which
+        // the new fd shares with fd 3+i and the private copy, so apply the server's choice to
+        // it; later fcntl/ioctl(FIONBIO) calls by the server act on it directly.
+        // SAFETY: fcntl on the fd just installed.
+        unsafe {
+            let now = libc::fcntl(fd, libc::F_GETFL);
+            if now >= 0 {
+                let want = (now & !libc::O_NONBLOCK) | (fl_flags & libc::O_NONBLOCK);
+                if want != now {
+                    libc::fcntl(fd, libc::F_SETFL, want);
+                }
+            }
+        }
+        Some(0)
+    }
+
+    /// listen(2) on a claimed fd: already listening (dispatch: the channel; TCP modes: the
+    /// master's socket, whose backlog the worker must not shrink). Dispatch sends READY.
+    pub fn listen(&self, fd: c_int) -> Option<c_int> {
+        let l = self.claimed(fd)?;
+        l.mark_listening();
+        l.flush();
+        self.maybe_notify_ready();
+        Some(0)
+    }
+
+    /// accept(2)/accept4(2). `real_accept` is the libc call to use when `fd` is not a dispatch
+    /// channel.
+    ///
+    /// # Safety
+    /// `addr`/`len` as for accept4(2).
+    pub unsafe fn accept(
+        &self,
+        fd: c_int,
+        addr: *mut sockaddr,
+        len: *mut socklen_t,
+        flags: c_int,
+        real_accept: impl FnOnce() -> c_int,
+    ) -> c_int {
+        if let Some(l) = self.claimed(fd).filter(|l| l.dispatch) {
+            // SAFETY: caller contract.
+            return unsafe { dispatch::accept(self, l, fd, addr, len, flags) };
+        }
+        let rc = real_accept();
+        // accept on a socketpair end fails with EINVAL (not listening) or EOPNOTSUPP: only then
+        // pay an fstat to see whether it is one of our channels under another number.
+        if rc < 0 && matches!(errno(), libc::EINVAL | libc::EOPNOTSUPP) {
+            let e = errno();
+            if let Some(l) = self.same_channel(fd) {
+                // SAFETY: caller contract.
+                return unsafe { dispatch::accept(self, l, fd, addr, len, flags) };
+            }
+            set_errno(e);
+        }
+        rc
+    }
+
+    /// getsockname(2): a dispatch channel answers with its listener's address.
+    ///
+    /// # Safety
+    /// `addr`/`len` as for getsockname(2).
+    pub unsafe fn getsockname(&self, fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
+        if addr.is_null() || len.is_null() {
+            // SAFETY: forwarded; the kernel reports EFAULT.
+            return unsafe { real::getsockname(fd, addr, len) };
+        }
+        if let Some(l) = self.claimed(fd).filter(|l| l.dispatch) {
+            // SAFETY: caller contract, pointers checked non-null.
+            unsafe { sa::write(&l.addr, addr, len) };
+            return 0;
+        }
+        // SAFETY: len is valid (caller contract).
+        let room = unsafe { *len } as usize;
+        // SAFETY: forwarded under the caller's contract.
+        let rc = unsafe { real::getsockname(fd, addr, len) };
+        if rc == 0 && self.mode == Mode::Dispatch && room >= 2 {
+            // SAFETY: the kernel wrote at least the family (room ≥ 2).
+            let family = unsafe { std::ptr::read_unaligned(addr.cast::<libc::sa_family_t>()) };
+            if c_int::from(family) == libc::AF_UNIX {
+                if let Some(l) = self.same_channel(fd) {
+                    // SAFETY: len holds what the kernel wrote; restore the caller's room.
+                    unsafe {
+                        *len = room as socklen_t;
+                        sa::write(&l.addr, addr, len);
+                    }
+                }
+            }
+        }
+        rc
+    }
+
+    /// getsockopt(2): a dispatch channel answers the questions that tell a listening TCP socket
+    /// apart (what `sd_is_socket` and servers checking inherited fds ask).
+    ///
+    /// # Safety
+    /// `val`/`len` as for getsockopt(2).
+    pub unsafe fn getsockopt(
+        &self,
+        fd: c_int,
+        level: c_int,
+        name: c_int,
+        val: *mut c_void,
+        len: *mut socklen_t,
+    ) -> c_int {
+        if let Some(l) = self.claimed(fd).filter(|l| l.dispatch) {
+            if let Some(v) = synthesized_opt(l, l.is_listening(), level, name) {
+                // SAFETY: caller contract.
+                return unsafe { write_int_opt(v, val, len) };
+            }
+        }
+        // SAFETY: forwarded under the caller's contract.
+        let rc = unsafe { real::getsockopt(fd, level, name, val, len) };
+        let identity_question = level == libc::SOL_SOCKET
+            && matches!(
+                name,
+                libc::SO_TYPE | libc::SO_DOMAIN | libc::SO_ACCEPTCONN | libc::SO_PROTOCOL
+            );
+        if rc == 0 && identity_question && self.mode == Mode::Dispatch {
+            if let Some(l) = self.same_channel(fd) {
+                if let Some(v) = synthesized_opt(l, true, level, name) {
+                    // SAFETY: caller contract; the real call succeeded with these pointers.
+                    return unsafe { write_int_opt(v, val, len) };
+                }
+            }
+        }
+        rc
+    }
+
+    /// setsockopt(2): on a dispatch channel, TCP/IP options (SO_REUSEADDR, SO_REUSEPORT,
+    /// TCP_*, IPV6_V6ONLY, …) have no meaning and succeed without effect; SO_RCVTIMEO is
+    /// applied, since it gives `accept` a timeout on the channel as on a TCP listener.
+    pub fn setsockopt_ignored(&self, fd: c_int, level: c_int, name: c_int) -> bool {
+        let timeout =
+            level == libc::SOL_SOCKET && matches!(name, libc::SO_RCVTIMEO | libc::SO_RCVTIMEO_NEW);
+        !timeout && self.claimed(fd).is_some_and(|l| l.dispatch)
+    }
+
+    /// close(2), and the implicit close of `dup2`/`dup3`'s target: `close_fd` performs the
+    /// real operation. A connection of ours is forgotten before it (conns.rs) and reported
+    /// after it; a claimed listener is released and the master told the worker is stopping.
+    pub fn closing(&self, fd: c_int, close_fd: impl FnOnce() -> c_int) -> c_int {
+        if self.conns.is_marked(fd) {
+            if let Some(i) = self.conns.take(fd, self.pid()) {
+                let rc = close_fd();
+                let e = errno();
+                // close(2): the fd is released even when an error is reported, so the
+                // connection is finished either way.
+                if let Some(l) = self.listener(i) {
+                    l.conn_closed(1);
+                }
+                set_errno(e);
+                return rc;
+            }
+        }
+        if let Some(l) = self.claimed(fd) {
+            let pid = self.pid() as c_int;
+            if l.release(fd, pid) {
+                let rc = close_fd();
+                let e = errno();
+                l.stopping();
+                set_errno(e);
+                return rc;
+            }
+        }
+        close_fd()
+    }
+}
+
+impl Listener {
+    fn chan_fd(&self) -> c_int {
+        use std::os::fd::AsRawFd;
+        self.chan.as_raw_fd()
+    }
+}
+
+/// The answer a listening TCP socket at `l.addr` would give, for the options that identify one.
+fn synthesized_opt(l: &Listener, listening: bool, level: c_int, name: c_int) -> Option<c_int> {
+    let family = match l.addr {
+        SocketAddr::V4(_) => libc::AF_INET,
+        SocketAddr::V6(_) => libc::AF_INET6,
+    };
+    match (level, name) {
+        (libc::SOL_SOCKET, libc::SO_ACCEPTCONN) => Some(c_int::from(listening)),
+        (libc::SOL_SOCKET, libc::SO_TYPE) => Some(libc::SOCK_STREAM),
+        (libc::SOL_SOCKET, libc::SO_DOMAIN) => Some(family),
+        (libc::SOL_SOCKET, libc::SO_PROTOCOL) => Some(libc::IPPROTO_TCP),
+        (libc::SOL_SOCKET, libc::SO_ERROR) => Some(0),
+        (libc::IPPROTO_IPV6, libc::IPV6_V6ONLY) => Some(0),
+        _ => None,
+    }
+}
+
+/// Stores an int option like the kernel: at most `*len` bytes, `*len` set to what was written.
+///
+/// # Safety
+/// `val`/`len` as for getsockopt(2).
+unsafe fn write_int_opt(v: c_int, val: *mut c_void, len: *mut socklen_t) -> c_int {
+    if val.is_null() || len.is_null() {
+        set_errno(libc::EFAULT);
+        return -1;
+    }
+    // SAFETY: len valid (caller contract); val has room for *len bytes.
+    unsafe {
+        let n = (*len as usize).min(std::mem::size_of::<c_int>());
+        std::ptr::copy_nonoverlapping((&raw const v).cast::<u8>(), val.cast::<u8>(), n);
+        *len = n as socklen_t;
+    }
+    0
+}

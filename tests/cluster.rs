@@ -1,0 +1,442 @@
+//! The main path, end to end through the real binary: every policy serves every connection,
+//! the policies place connections as they promise, the worker contract holds, crashes and
+//! shutdown behave, and bad input fails with one line and the right exit code.
+
+mod common;
+
+use common::*;
+use std::collections::HashSet;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const CONNECTIONS: usize = 2_000;
+
+fn assert_all_served(policy: &str) -> std::collections::HashMap<usize, usize> {
+    let cluster = TestCluster::start(&["--workers", "4", "--policy", policy]);
+    let results = get_many(cluster.addr(), "/", CONNECTIONS, 8);
+    assert_eq!(results.len(), CONNECTIONS);
+    let counts = per_worker(&results);
+    assert_eq!(
+        counts.values().sum::<usize>(),
+        CONNECTIONS,
+        "{policy}: {counts:?}"
+    );
+    counts
+}
+
+#[test]
+fn round_robin_serves_every_connection_in_equal_shares() {
+    let counts = assert_all_served("round-robin");
+    assert_eq!(counts.len(), 4, "{counts:?}");
+    let (min, max) = (
+        counts.values().min().unwrap(),
+        counts.values().max().unwrap(),
+    );
+    assert!(max - min <= 1, "shares differ by more than 1: {counts:?}");
+}
+
+#[test]
+fn least_conn_serves_every_connection() {
+    let counts = assert_all_served("least-conn");
+    assert_eq!(counts.len(), 4, "{counts:?}");
+}
+
+#[test]
+fn least_mem_serves_every_connection() {
+    assert_all_served("least-mem");
+}
+
+#[test]
+fn p2c_serves_every_connection() {
+    let counts = assert_all_served("p2c");
+    assert_eq!(counts.len(), 4, "{counts:?}");
+}
+
+#[test]
+fn reuseport_serves_every_connection_on_every_worker() {
+    let counts = assert_all_served("reuseport");
+    assert_eq!(
+        counts.len(),
+        4,
+        "every worker's socket gets connections: {counts:?}"
+    );
+}
+
+#[test]
+fn shared_serves_every_connection() {
+    assert_all_served("shared");
+}
+
+#[test]
+fn least_conn_avoids_a_busy_worker() {
+    let cluster = TestCluster::start(&["--workers", "3", "--policy", "least-conn"]);
+    let addr = cluster.addr();
+    // One long request occupies one worker (the demo worker is single-threaded, so it cannot
+    // even accept while it spins).
+    let long = std::thread::spawn(move || get(addr, "/?us=3000000"));
+    // Wait until the master has dispatched it: some worker's active count is 1.
+    wait_until("the long request is dispatched", || {
+        status(&cluster).iter().any(|s| s.active == 1)
+    });
+    let busy_pid = status(&cluster).iter().find(|s| s.active == 1).unwrap().pid;
+    // Sequential short requests: at most one other worker can still count a connection whose
+    // CLOSED is in flight, so a worker with 0 active always exists besides the busy one.
+    for _ in 0..60 {
+        let r = get(addr, "/").unwrap();
+        assert_ne!(r.pid(), busy_pid, "a short request went to the busy worker");
+    }
+    let long = long.join().unwrap().unwrap();
+    assert_eq!(long.pid(), busy_pid);
+}
+
+#[test]
+fn least_mem_avoids_the_biggest_worker() {
+    let cluster = TestCluster::start(&[
+        "--workers",
+        "3",
+        "--policy",
+        "least-mem",
+        "--rss-interval",
+        "20ms",
+    ]);
+    let addr = cluster.addr();
+    let big = get(addr, "/?alloc=256").unwrap();
+    assert_eq!(big.status, 200);
+    let big_pid = big.pid();
+    wait_until("the grown worker's RSS is sampled", || {
+        status(&cluster)
+            .iter()
+            .any(|s| s.pid == big_pid && s.rss_kib > 200 * 1024)
+    });
+    for _ in 0..100 {
+        let r = get(addr, "/").unwrap();
+        assert_ne!(r.pid(), big_pid, "a connection went to the biggest worker");
+    }
+}
+
+#[test]
+fn reuseport_keeps_a_killed_workers_queue() {
+    let cluster = TestCluster::start(&["--workers", "4", "--policy", "reuseport"]);
+    let addr = cluster.addr();
+    per_worker(&get_many(addr, "/", 200, 4));
+    // Stop one worker while idle, so it holds no accepted connection, then let connections
+    // queue on its listening socket.
+    let victim = cluster.worker_pids()[0];
+    let inode = socket_inode(victim, 3);
+    kill(victim, libc::SIGSTOP);
+    let total = 200;
+    let clients = std::thread::spawn(move || get_many(addr, "/", total, 50));
+    let mut queued = 0;
+    wait_until("connections queue on the stopped worker's socket", || {
+        queued = listen_queue_len(inode);
+        queued > 0
+    });
+    kill(victim, libc::SIGKILL);
+    let results = clients.join().unwrap();
+    let counts = per_worker(&results);
+    assert_eq!(counts.values().sum::<usize>(), total, "{counts:?}");
+    assert!(queued > 0);
+    // The replacement took over the socket the master kept open.
+    cluster.wait_for_log("worker 0 ready", DEADLINE);
+}
+
+#[test]
+fn a_killed_worker_is_replaced_and_service_continues() {
+    let cluster = TestCluster::start(&["--workers", "2", "--policy", "round-robin"]);
+    let before = cluster.wait_for_workers(2);
+    kill(before[0], libc::SIGKILL);
+    let after = wait_for(|| {
+        let now = cluster.worker_pids();
+        (now.len() == 2 && !now.contains(&before[0])).then_some(now)
+    });
+    assert!(
+        after.contains(&before[1]),
+        "the other worker was not restarted"
+    );
+    cluster.wait_for_log("exited unexpectedly", DEADLINE);
+    cluster.wait_for_count("ready: pid", 3, DEADLINE);
+    let counts = per_worker(&get_many(cluster.addr(), "/", 200, 4));
+    assert_eq!(counts.values().sum::<usize>(), 200);
+}
+
+#[test]
+fn a_crash_looping_slot_is_given_up_and_the_rest_serve() {
+    let script =
+        format!("if [ \"$RCLUSTER_WORKER_ID\" = 1 ]; then exit 3; fi; exec {BIN} demo-worker");
+    let cluster = TestCluster::spawn(&["--workers", "2", "--", "sh", "-c", &script]);
+    cluster.wait_for_log("giving up on slot 1", DEADLINE);
+    let counts = per_worker(&get_many(cluster.addr(), "/", 50, 2));
+    assert_eq!(counts.get(&0), Some(&50), "{counts:?}");
+}
+
+#[test]
+fn every_slot_crash_looping_exits_non_zero() {
+    let mut cluster = TestCluster::spawn(&["--workers", "2", "--", "sh", "-c", "exit 3"]);
+    let status = cluster.wait_exit(DEADLINE);
+    assert_eq!(status.code(), Some(1));
+    assert!(cluster.log_contains("giving up on slot"));
+    assert!(cluster.log_contains("no worker can run"));
+}
+
+#[test]
+fn sigterm_exits_zero_and_leaves_no_process() {
+    let mut cluster = TestCluster::start(&["--workers", "3"]);
+    let workers = cluster.wait_for_workers(3);
+    per_worker(&get_many(cluster.addr(), "/", 30, 3));
+    cluster.signal(libc::SIGTERM);
+    let status = cluster.wait_exit(DEADLINE);
+    assert_eq!(status.code(), Some(0));
+    for pid in workers {
+        assert!(!alive(pid), "worker {pid} outlived the master");
+    }
+}
+
+#[test]
+fn workers_die_with_a_sigkilled_master() {
+    let mut cluster = TestCluster::start(&["--workers", "3"]);
+    let workers = cluster.wait_for_workers(3);
+    cluster.kill_master();
+    // PR_SET_PDEATHSIG(SIGKILL): the workers go at once; the issue allows 2 s.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while workers.iter().any(|&p| alive(p)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let left: Vec<_> = workers.iter().filter(|&&p| alive(p)).collect();
+    assert!(
+        left.is_empty(),
+        "workers still alive 2 s after the master: {left:?}"
+    );
+}
+
+#[test]
+fn workers_get_the_contract_and_no_other_fd() {
+    // The worker prints its contract (the marker is split in the script so the master's own
+    // "starting" line, which quotes the script, does not match) and then just waits, so the
+    // test can look at its fds from outside.
+    let script = "echo \"con\"\"tract: $LISTEN_FDS $LISTEN_PID $$ $LISTEN_FDNAMES $PORT \
+                  $RCLUSTER_WORKER_ID $RCLUSTER_GENERATION $RCLUSTER_MODE $RCLUSTER_LISTEN\" >&2; \
+                  exec sleep 60";
+    let cluster = TestCluster::spawn(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+        "--",
+        "sh",
+        "-c",
+        script,
+    ]);
+    let addrs = format!("{},{}", cluster.addrs[0], cluster.addrs[1]);
+    let contracts = cluster.wait_for_count("contract: ", 2, DEADLINE);
+    let mut ids = HashSet::new();
+    for line in contracts {
+        let f: Vec<&str> = line
+            .split("contract: ")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .collect();
+        assert_eq!(f[0], "2", "LISTEN_FDS: {line}");
+        assert_eq!(f[1], f[2], "LISTEN_PID is the worker's own pid: {line}");
+        assert_eq!(f[3], "listener0:listener1");
+        assert_eq!(f[4], cluster.addrs[0].port().to_string());
+        ids.insert(f[5].to_string());
+        assert_eq!(f[6], "0");
+        assert_eq!(f[7], "dispatch");
+        assert_eq!(f[8], addrs);
+    }
+    assert_eq!(ids, HashSet::from(["0".to_string(), "1".to_string()]));
+    for pid in cluster.wait_for_workers(2) {
+        let mut fds: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().parse().unwrap())
+            .collect();
+        fds.sort();
+        assert_eq!(fds, [0, 1, 2, 3, 4], "only stdio and the two listener fds");
+        for fd in [3, 4] {
+            let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).unwrap();
+            assert!(link.to_string_lossy().starts_with("socket:"), "{link:?}");
+        }
+    }
+}
+
+#[test]
+fn every_listener_is_served() {
+    let cluster = TestCluster::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+    ]);
+    for addr in &cluster.addrs {
+        let counts = per_worker(&get_many(*addr, "/", 100, 4));
+        assert_eq!(counts.values().sum::<usize>(), 100);
+    }
+}
+
+#[test]
+fn pinned_workers_run_on_their_cpu() {
+    let cluster = TestCluster::start(&["--workers", "2", "--pin", "0"]);
+    for pid in cluster.wait_for_workers(2) {
+        assert_eq!(cpus_allowed(pid), "0");
+    }
+    let auto = TestCluster::start(&["--workers", "2", "--pin", "auto"]);
+    let mut cpus: Vec<String> = auto
+        .wait_for_workers(2)
+        .into_iter()
+        .map(cpus_allowed)
+        .collect();
+    cpus.sort();
+    let allowed = std::fs::read_to_string("/proc/self/status").unwrap();
+    if allowed.contains("Cpus_allowed_list:\t0-1") {
+        assert_eq!(
+            cpus,
+            ["0", "1"],
+            "auto spreads workers over the allowed CPUs"
+        );
+    }
+}
+
+#[test]
+fn bad_input_fails_with_one_line_and_the_right_code() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy_addr = busy.local_addr().unwrap().to_string();
+    let plain = std::env::temp_dir().join(format!("rcluster-lb-not-exec-{}", std::process::id()));
+    std::fs::write(&plain, "#!/bin/sh\n").unwrap();
+    let plain = plain.to_str().unwrap().to_string();
+    let cases: Vec<(Vec<&str>, i32, &str)> = vec![
+        (vec!["--policy", "bogus"], 2, "bogus"),
+        (vec!["--listen", "nonsense"], 2, "nonsense"),
+        (vec!["--listen", &busy_addr], 1, "failed to bind"),
+        (vec!["--workers", "100000"], 2, "--workers 100000"),
+        (vec!["--pin", "4000"], 2, "CPU 4000"),
+        (vec!["--acceptor-cpu", "4000"], 2, "CPU 4000"),
+        (
+            vec!["--", "/no/such/server"],
+            2,
+            "command not found: /no/such/server",
+        ),
+        (vec!["--", &plain], 2, "command is not executable"),
+        (vec!["--grace", "soon"], 2, "soon"),
+    ];
+    for (args, code, needle) in cases {
+        let out = Command::new(BIN).args(&args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+        if code == 1 || needle.starts_with("command") || needle.contains("CPU") {
+            // Our own errors are one line (clap's usage errors carry a usage hint).
+            let lines: Vec<_> = stderr.lines().filter(|l| l.contains("error")).collect();
+            assert_eq!(lines.len(), 1, "{args:?}: {stderr}");
+        }
+    }
+    std::fs::remove_file(&plain).unwrap();
+    drop(busy);
+}
+
+// --- helpers -------------------------------------------------------------------------------
+
+/// One worker's line from the master's status dump (SIGUSR1).
+#[derive(Debug)]
+struct WorkerStatus {
+    pid: i32,
+    active: u64,
+    rss_kib: u64,
+}
+
+/// Asks the master for a status dump and parses the acceptor's lines from it.
+fn status(cluster: &TestCluster) -> Vec<WorkerStatus> {
+    let before = cluster
+        .log_lines()
+        .iter()
+        .filter(|l| l.contains("connections waiting in the master"))
+        .count();
+    cluster.signal(libc::SIGUSR1);
+    cluster.wait_for_count("connections waiting in the master", before + 1, DEADLINE);
+    let lines = cluster.log_lines();
+    // The dump just printed ends at the (before+1)-th summary line.
+    let end = lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.contains("connections waiting in the master"))
+        .nth(before)
+        .unwrap()
+        .0;
+    let mut out = Vec::new();
+    for line in lines[..end].iter().rev() {
+        if line.contains("connections waiting in the master") {
+            break;
+        }
+        if let Some(rest) = line.split("status: worker ").nth(1)
+            && rest.contains(" active ")
+        {
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let field = |name: &str| -> u64 {
+                let i = f.iter().position(|x| *x == name).unwrap();
+                f[i + 1].parse().unwrap()
+            };
+            out.push(WorkerStatus {
+                pid: field("pid") as i32,
+                active: field("active"),
+                rss_kib: field("rss_kib"),
+            });
+        }
+    }
+    out
+}
+
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn wait_for<T>(mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn cpus_allowed(pid: i32) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// The socket inode behind a process's fd.
+fn socket_inode(pid: i32, fd: i32) -> u64 {
+    let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).unwrap();
+    let link = link.to_string_lossy();
+    link.trim_start_matches("socket:[")
+        .trim_end_matches(']')
+        .parse()
+        .unwrap()
+}
+
+/// Accept-queue length of a listening socket, from /proc/net/tcp (rx_queue of a LISTEN row).
+fn listen_queue_len(inode: u64) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    for line in table.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() > 9 && f[9] == inode.to_string() {
+            let rx = f[4].split(':').nth(1).unwrap();
+            return usize::from_str_radix(rx, 16).unwrap();
+        }
+    }
+    0
+}
