@@ -816,3 +816,32 @@ fn reloads_while_max_conns_recycles_workers_all_complete() {
         );
     }
 }
+
+#[test]
+fn connection_handed_to_a_worker_before_its_drain_is_answered_when_its_request_comes_later() {
+    let cluster = TestCluster::start(&["--workers", "1", "--grace", "5s"]);
+    // Connected, taken by the worker, but no request yet (a slow client).
+    let mut slow = std::net::TcpStream::connect(cluster.addr()).expect("connect");
+    slow.set_read_timeout(Some(DEADLINE)).unwrap();
+    let holder = cluster.wait_for_holder(&slow);
+    cluster.signal(libc::SIGHUP);
+    cluster.wait_for_log(
+        &format!("worker[{holder}]: info SIGTERM: draining 1 connections"),
+        DEADLINE,
+    );
+    let late = get_on(&mut slow, "/late", true).expect("late request answered");
+    println!(
+        "late request: status {}, generation {}, connection {}",
+        late.status,
+        late.generation(),
+        late.headers["connection"]
+    );
+    assert_eq!(late.status, 200, "{late:?}");
+    assert_eq!(late.pid(), holder, "{late:?}");
+    assert_eq!(late.generation(), 0, "{late:?}");
+    assert_eq!(
+        late.headers["connection"], "close",
+        "a draining worker closes after answering"
+    );
+    cluster.wait_for_log(&format!("(pid {holder}) exited: exit code 0"), DEADLINE);
+}
