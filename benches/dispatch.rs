@@ -50,7 +50,7 @@ fn bench_dispatch(c: &mut Criterion) {
                 let clients = connect_round(addr);
                 let start = Instant::now();
                 for _ in 0..ROUND {
-                    accepted.push(sys::accept4(listener.as_fd()).unwrap());
+                    accepted.push(sys::accept4(listener.as_fd(), false).unwrap());
                 }
                 total += start.elapsed();
                 // Tear down outside the timed part, clients first (RST), as in the dispatch
@@ -97,10 +97,17 @@ fn bench_dispatch(c: &mut Criterion) {
                         max_conns: None,
                     })
                     .unwrap();
-                commands.send(Command::Ready(id)).unwrap();
+                // The fake worker announces itself as the Rust worker API does: READY, taking
+                // up to MAX_FDS_PER_CONN connections per message.
+                let ready = rcluster_lb::protocol::Message::Ready {
+                    max_fds: rcluster_lb::protocol::MAX_FDS_PER_CONN as u64,
+                };
+                scm::send(worker_ends[id as usize].as_fd(), &ready.encode(), 0).unwrap();
             }
             acceptor.turn(Some(Duration::ZERO)).unwrap();
+            acceptor.turn(Some(Duration::ZERO)).unwrap();
             let mut buf = [0u8; HEADER_LEN];
+            let mut fds: Vec<OwnedFd> = Vec::new();
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
@@ -117,10 +124,11 @@ fn bench_dispatch(c: &mut Criterion) {
                     let mut got = 0;
                     for end in &worker_ends {
                         let mut taken = 0;
-                        while let Ok(m) = scm::recvmsg_fd(end.as_fd(), &mut buf, libc::MSG_DONTWAIT)
+                        while scm::recvmsg_fds(end.as_fd(), &mut buf, libc::MSG_DONTWAIT, &mut fds)
+                            .is_ok()
                         {
-                            drop(m.fd);
-                            taken += 1;
+                            taken += fds.len() as u64;
+                            fds.clear();
                         }
                         if taken > 0 {
                             let closed =

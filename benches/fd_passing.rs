@@ -1,9 +1,10 @@
-//! Passing connection fds over a SOCK_SEQPACKET channel: one `sendmsg` per fd versus one
-//! `sendmmsg` per batch of 64. Each iteration sends 64 fds and the receiving end takes all 64
-//! back (the same receive work in both cases), so the difference is the sending side's.
+//! Passing connection fds over a SOCK_SEQPACKET channel: one `sendmsg` per fd, one `sendmmsg`
+//! per batch of 64 with one fd per message, and the same batch with 16 fds per message (what
+//! the master sends a worker whose READY allows it). Each iteration sends 64 fds and the
+//! receiving end takes all 64 back.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use rcluster_lb::protocol::{HEADER_LEN, Message};
+use rcluster_lb::protocol::{HEADER_LEN, MAX_FDS_PER_CONN, Message};
 use rcluster_lb::sys::scm::{self, SendBatch};
 use rcluster_lb::sys::socketpair_seqpacket;
 use std::os::fd::{AsFd, OwnedFd};
@@ -44,8 +45,27 @@ fn bench_fd_passing(c: &mut Criterion) {
                     .map_err(|_| ())
                     .unwrap();
             }
-            assert_eq!(batch.send(master.as_fd()).unwrap(), BATCH);
+            assert_eq!(batch.send(master.as_fd(), 1).unwrap(), BATCH);
             receive_all(worker.as_fd(), BATCH);
+        })
+    });
+    group.bench_function("sendmmsg_batch_of_64_16_fds_per_msg", |b| {
+        let mut fds = Vec::with_capacity(MAX_FDS_PER_CONN);
+        b.iter(|| {
+            for _ in 0..BATCH {
+                batch
+                    .push(payload, passenger.try_clone().unwrap())
+                    .map_err(|_| ())
+                    .unwrap();
+            }
+            assert_eq!(batch.send(master.as_fd(), MAX_FDS_PER_CONN).unwrap(), BATCH);
+            let mut buf = [0u8; HEADER_LEN];
+            let mut got = 0;
+            while got < BATCH {
+                scm::recvmsg_fds(worker.as_fd(), &mut buf, 0, &mut fds).unwrap();
+                got += fds.len();
+                fds.clear();
+            }
         })
     });
     group.bench_function("dup_and_close_x64_baseline", |b| {

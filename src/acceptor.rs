@@ -23,7 +23,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::policy::{Policy, WorkerStat};
-use crate::protocol::{HEADER_LEN, Message};
+use crate::protocol::{HEADER_LEN, MAX_FDS_PER_CONN, Message};
 use crate::sys::scm::{self, SendBatch};
 use crate::sys::{self, Pid};
 
@@ -36,6 +36,9 @@ pub const SEND_BATCH: usize = 64;
 const ACCEPT_BURST: usize = 256;
 /// How long accepting pauses after EMFILE/ENFILE/ENOBUFS/ENOMEM, so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// For policies that do not read active counts: how often the channels are read (READY, CLOSED,
+/// STOPPING) instead of waking up for every message.
+const CHANNEL_SWEEP: Duration = Duration::from_millis(20);
 
 const WAKER: Token = Token(usize::MAX);
 /// Tokens below this are listeners; channel tokens encode (worker id, listener).
@@ -188,6 +191,8 @@ struct Entry {
     closed: u64,
     max_conns: Option<u64>,
     stall_reported: bool,
+    /// Connection fds per CONN message this worker takes (its READY's value, at least 1).
+    max_fds: usize,
 }
 
 struct Pending {
@@ -217,6 +222,10 @@ pub struct Acceptor {
     stall_timeout: Duration,
     cpu: Option<usize>,
     shutting_down: bool,
+    /// The policy does not read active counts: channels are registered for writability only
+    /// and read every [`CHANNEL_SWEEP`] (`next_sweep`).
+    sweep_channels: bool,
+    next_sweep: Instant,
 }
 
 impl Acceptor {
@@ -237,7 +246,10 @@ impl Acceptor {
                 .register(&mut l, Token(i), Interest::READABLE)?;
             listeners.push(l);
         }
+        let sweep_channels = !config.policy.reads_active();
         let acceptor = Acceptor {
+            sweep_channels,
+            next_sweep: Instant::now(),
             poll,
             events_buf: Events::with_capacity(1024),
             backlogged: vec![true; listeners.len()],
@@ -307,6 +319,17 @@ impl Acceptor {
             }
         }
         self.events_buf = events;
+        if self.sweep_channels && Instant::now() >= self.next_sweep {
+            self.next_sweep = Instant::now() + CHANNEL_SWEEP;
+            let channels: Vec<(WorkerId, usize)> = self
+                .entries
+                .iter()
+                .flat_map(|e| (0..e.channels.len()).map(move |l| (e.id, l)))
+                .collect();
+            for (id, listener) in channels {
+                self.read_channel(id, listener);
+            }
+        }
         self.handle_commands();
         if self
             .accept_paused_until
@@ -336,6 +359,9 @@ impl Acceptor {
         }
         let now = Instant::now();
         let mut next: Option<Instant> = self.accept_paused_until;
+        if self.sweep_channels && !self.entries.is_empty() {
+            next = Some(next.map_or(self.next_sweep, |n| n.min(self.next_sweep)));
+        }
         for e in &self.entries {
             if e.stall_reported {
                 continue;
@@ -416,10 +442,15 @@ impl Acceptor {
                 error!("worker {slot}: cannot make its channel non-blocking: {e}");
             }
             let raw = ends.master.as_raw_fd();
+            let interest = if self.sweep_channels {
+                Interest::WRITABLE
+            } else {
+                Interest::READABLE | Interest::WRITABLE
+            };
             if let Err(e) = self.poll.registry().register(
                 &mut SourceFd(&raw),
                 channel_token(id, listener),
-                Interest::READABLE | Interest::WRITABLE,
+                interest,
             ) {
                 error!("worker {slot}: cannot register its channel: {e}");
             }
@@ -440,6 +471,7 @@ impl Acceptor {
             closed: 0,
             max_conns,
             stall_reported: false,
+            max_fds: 1,
         });
         self.stats.push(WorkerStat::default());
         self.refresh_open();
@@ -516,7 +548,10 @@ impl Acceptor {
                     }
                     match Message::decode(&buf[..got.len]) {
                         Ok(Message::Closed { count }) => entry.closed += count,
-                        Ok(Message::Ready) => ready = true,
+                        Ok(Message::Ready { max_fds }) => {
+                            ready = true;
+                            entry.max_fds = (max_fds as usize).clamp(1, MAX_FDS_PER_CONN);
+                        }
                         Ok(Message::Stopping) => stopping = true,
                         Ok(Message::Heartbeat) => {}
                         Ok(Message::Conn { .. }) => {
@@ -579,19 +614,29 @@ impl Acceptor {
                 taken.push(Pending { listener, seq, fd });
             }
             let mut buf = [0u8; HEADER_LEN + 1];
+            let mut fds = Vec::new();
             loop {
-                match scm::recvmsg_fd(chan.ends.worker.as_fd(), &mut buf, libc::MSG_DONTWAIT) {
-                    Ok(got) => match got.fd {
-                        Some(fd) => {
-                            let seq = match Message::decode(&buf[..got.len]) {
-                                Ok(Message::Conn { seq }) => seq,
-                                _ => 0,
-                            };
-                            taken.push(Pending { listener, seq, fd });
+                fds.clear();
+                match scm::recvmsg_fds(
+                    chan.ends.worker.as_fd(),
+                    &mut buf,
+                    libc::MSG_DONTWAIT,
+                    &mut fds,
+                ) {
+                    Ok(got) if got.len == 0 && fds.is_empty() => break,
+                    Ok(got) => {
+                        let first = match Message::decode(&buf[..got.len]) {
+                            Ok(Message::Conn { seq }) => seq,
+                            _ => 0,
+                        };
+                        for (i, fd) in fds.drain(..).enumerate() {
+                            taken.push(Pending {
+                                listener,
+                                seq: first + i as u64,
+                                fd,
+                            });
                         }
-                        None if got.len == 0 => break,
-                        None => {}
-                    },
+                    }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => {
@@ -674,7 +719,7 @@ impl Acceptor {
         if chan.batch.is_empty() {
             return;
         }
-        let result = chan.batch.send(chan.ends.master.as_fd());
+        let result = chan.batch.send(chan.ends.master.as_fd(), entry.max_fds);
         if chan.batch.is_empty() {
             return;
         }
@@ -728,7 +773,7 @@ impl Acceptor {
                 if !self.stats.iter().any(|s| s.is_open(l)) {
                     return;
                 }
-                match sys::accept4(self.listeners[l].as_fd()) {
+                match sys::accept4(self.listeners[l].as_fd(), false) {
                     Ok(fd) => {
                         burst += 1;
                         self.seq += 1;

@@ -73,11 +73,11 @@ pub fn run() -> anyhow::Result<()> {
 }
 
 /// Logs to stderr, each line prefixed with the worker's slot and pid so the interleaved output
-/// of several workers stays readable. `RUST_LOG` overrides the default `info` level; if the
-/// binary already installed a logger, that one stays.
+/// of several workers stays readable. `RCLUSTER_LOG` sets the level (default `info`), as for the
+/// master; if the binary already installed a logger (the `rcluster-lb` binary does), it stays.
 fn init_logging(worker: &Worker) {
     let (id, pid) = (worker.id(), sys::getpid());
-    let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+    let _ = env_logger::Builder::from_env(env_logger::Env::new().filter_or("RCLUSTER_LOG", "info"))
         .format(move |buf, record| {
             writeln!(
                 buf,
@@ -1167,7 +1167,12 @@ mod tests {
             tcp: TcpListener::bind("127.0.0.1:0").unwrap(),
         };
         let running = Running::start(worker);
-        assert_eq!(master.next_message(), Message::Ready);
+        assert_eq!(
+            master.next_message(),
+            Message::Ready {
+                max_fds: crate::protocol::MAX_FDS_PER_CONN as u64
+            }
+        );
         (running, master, reclaim)
     }
 

@@ -1054,8 +1054,15 @@ fn base_environment() -> Vec<Vec<u8>> {
 fn find_shim() -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
     let dir = exe.parent()?;
-    let candidates = [dir.join(SHIM_FILE), dir.join("..").join(SHIM_FILE)];
-    if let Some(found) = candidates.iter().find(|p| p.is_file()) {
+    // Next to the binary (an install; `cargo build` copies the library up to target/<profile>/),
+    // one level up, and in deps/: `cargo test` builds the library only there and never copies it
+    // up, so on a fresh checkout `cargo test --workspace` has no other copy.
+    let candidates = [
+        dir.join(SHIM_FILE),
+        dir.join("..").join(SHIM_FILE),
+        dir.join("deps").join(SHIM_FILE),
+    ];
+    if let Some(found) = newest_file(&candidates) {
         return found.canonicalize().ok();
     }
     warn!(
@@ -1065,6 +1072,26 @@ fn find_shim() -> Option<PathBuf> {
         exe.display()
     );
     None
+}
+
+/// The most recently modified of the existing regular files among `paths` (the first on a tie),
+/// so a copy an earlier `cargo build` left next to the binary does not shadow the library a later
+/// `cargo test` rebuilt in deps/.
+fn newest_file(paths: &[PathBuf]) -> Option<&PathBuf> {
+    let mut best: Option<(&PathBuf, std::time::SystemTime)> = None;
+    for p in paths {
+        let Ok(meta) = std::fs::metadata(p) else {
+            continue;
+        };
+        if !meta.is_file() {
+            continue;
+        }
+        let mtime = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
+        if best.is_none_or(|(_, t)| mtime > t) {
+            best = Some((p, mtime));
+        }
+    }
+    best.map(|(p, _)| p)
 }
 
 /// Deterministic per-worker jitter in 0..=max (no RNG dependency for one number).
@@ -1098,5 +1125,35 @@ impl Drop for Supervisor {
         if let Some(a) = self.acceptor.take() {
             a.shutdown();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn newest_shim_copy_wins() {
+        let dir = std::env::temp_dir().join(format!("rcluster-find-shim-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("deps")).unwrap();
+        let (up, deps, missing) = (dir.join("a.so"), dir.join("deps/a.so"), dir.join("none.so"));
+        std::fs::write(&up, b"old").unwrap();
+        std::fs::write(&deps, b"new").unwrap();
+        let old = std::time::SystemTime::now() - Duration::from_secs(3600);
+        std::fs::File::options()
+            .write(true)
+            .open(&up)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        let all = [up.clone(), missing.clone(), deps.clone()];
+        assert_eq!(newest_file(&all), Some(&deps));
+        assert_eq!(newest_file(&[missing.clone(), up.clone()]), Some(&up));
+        assert_eq!(
+            newest_file(&[missing, dir.join("deps")]),
+            None,
+            "directories are not files"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -33,6 +33,7 @@
 //! also flushes first, and dropping a `Listener` switches its channel back to immediate
 //! reporting, so deferred counts are not stranded when nothing flushes any more.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -40,12 +41,12 @@ use std::ops::{Deref, DerefMut};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
 
-use crate::protocol::{HEADER_LEN, Message, ProtocolError};
+use crate::protocol::{HEADER_LEN, MAX_FDS_PER_CONN, Message, ProtocolError};
 use crate::sys::{self, Pid, scm};
 
 pub use crate::policy::Mode;
@@ -480,7 +481,12 @@ impl Worker {
         if self.ready_sent.load(Ordering::Acquire) {
             return Ok(());
         }
-        self.announce(Message::Ready, "READY", b"READY=1", "READY=1")?;
+        // The master may then put up to MAX_FDS_PER_CONN connections in one message (much
+        // cheaper per connection for both sides); `accept` hands them out one at a time.
+        let ready = Message::Ready {
+            max_fds: MAX_FDS_PER_CONN as u64,
+        };
+        self.announce(ready, "READY", b"READY=1", "READY=1")?;
         self.ready_sent.store(true, Ordering::Release);
         Ok(())
     }
@@ -688,7 +694,7 @@ impl Listener {
                 let stream = if self.nonblocking {
                     // accept4(2) with SOCK_NONBLOCK: the connection matches the listener's mode
                     // without another syscall.
-                    TcpStream::from(sys::accept4(listener.as_fd())?)
+                    TcpStream::from(sys::accept4(listener.as_fd(), true)?)
                 } else {
                     listener.accept()?.0
                 };
@@ -830,6 +836,9 @@ struct Channel {
     /// Drops only count (true) or also flush (false).
     deferred: AtomicBool,
     protocol_errors: AtomicU64,
+    /// Connections that arrived with an earlier CONN message (one message may carry several)
+    /// and are next in line for `accept`, with their sequence numbers.
+    queued: Mutex<VecDeque<(OwnedFd, u64)>>,
 }
 
 impl fmt::Debug for Channel {
@@ -853,10 +862,21 @@ enum Rejected {
     NotConn(Message),
     #[error("CONN without an fd")]
     MissingFd,
-    #[error("{0} extra fds with one message (closed)")]
-    ExtraFds(usize),
     #[error("control data truncated: its fd was closed by the kernel (out of fds?)")]
     ControlTruncated,
+}
+
+impl Drop for Channel {
+    fn drop(&mut self) {
+        // Connections received but never handed out are closed with the channel; the master
+        // counted them, so report them.
+        let queued = self.lock_queued().len() as u64;
+        if queued > 0 {
+            self.lock_queued().clear();
+            self.unreported.fetch_add(queued, Ordering::Relaxed);
+            let _ = self.flush_closed();
+        }
+    }
 }
 
 impl Channel {
@@ -867,6 +887,7 @@ impl Channel {
             unreported: AtomicU64::new(0),
             deferred: AtomicBool::new(false),
             protocol_errors: AtomicU64::new(0),
+            queued: Mutex::new(VecDeque::new()),
         }
     }
 
@@ -879,54 +900,65 @@ impl Channel {
         }
     }
 
-    /// Reads messages until one is a well-formed CONN with exactly one fd.
+    /// Hands out the next connection: one queued from an earlier message, or else reads
+    /// messages until one is a well-formed CONN with at least one fd (the others are queued).
     fn receive(self: &Arc<Self>, nonblocking: bool) -> io::Result<Connection> {
         // Deferred closes go out before we may block for long.
         let _ = self.flush_closed();
+        if let Some((fd, seq)) = self.lock_queued().pop_front() {
+            return self.connection(fd, seq, nonblocking);
+        }
         let flags = if nonblocking { libc::MSG_DONTWAIT } else { 0 };
+        let mut fds = Vec::new();
         loop {
             let mut buf = [0u8; HEADER_LEN];
-            let got = match scm::recvmsg_fd(self.fd.as_fd(), &mut buf, flags) {
+            fds.clear();
+            let got = match scm::recvmsg_fds(self.fd.as_fd(), &mut buf, flags, &mut fds) {
                 Ok(got) => got,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                // scm::recvmsg_fd's only InvalidData is MSG_CTRUNC: fds were attached, so it
+                // scm::recvmsg_fds's only InvalidData is MSG_CTRUNC: fds were attached, so it
                 // was a connection, and the kernel closed it.
                 Err(e) if e.kind() == io::ErrorKind::InvalidData => {
-                    self.reject(Rejected::ControlTruncated, true);
+                    self.reject(Rejected::ControlTruncated, 1);
                     continue;
                 }
                 Err(e) => return Err(e),
             };
-            let scm::Received {
-                len,
-                mut fd,
-                truncated,
-                extra_fds,
-            } = got;
-            if len == 0 && fd.is_none() && !truncated {
+            if got.len == 0 && fds.is_empty() && !got.truncated {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     MasterGone { index: self.index },
                 ));
             }
-            let decoded = Message::decode(&buf[..len]);
-            // The master counts every CONN (and every fd) it sends as an active connection;
-            // one we drop must be reported closed or the master's count never comes back down.
-            let was_conn = fd.is_some() || matches!(decoded, Ok(Message::Conn { .. }));
+            let decoded = Message::decode(&buf[..got.len]);
+            // The master counts every fd it sends as an active connection; one we drop must be
+            // reported closed or the master's count never comes back down.
+            let conns =
+                (fds.len() as u64).max(u64::from(matches!(decoded, Ok(Message::Conn { .. }))));
             let rejected = match decoded {
-                _ if truncated => Rejected::Truncated,
+                _ if got.truncated => Rejected::Truncated,
                 Err(e) => Rejected::Protocol(e),
-                Ok(Message::Conn { .. }) if extra_fds > 0 => Rejected::ExtraFds(extra_fds),
-                Ok(Message::Conn { seq }) => match fd.take() {
-                    Some(fd) => return self.connection(fd, seq, nonblocking),
-                    None => Rejected::MissingFd,
-                },
+                Ok(Message::Conn { seq }) if !fds.is_empty() => {
+                    let mut rest = fds.drain(..);
+                    let first = rest.next().expect("not empty");
+                    if rest.len() > 0 {
+                        let mut queued = self.lock_queued();
+                        queued.extend(rest.zip(1..).map(|(fd, i)| (fd, seq + i)));
+                    }
+                    return self.connection(first, seq, nonblocking);
+                }
+                Ok(Message::Conn { .. }) => Rejected::MissingFd,
                 Ok(other) => Rejected::NotConn(other),
             };
             // Close whatever came with it before reporting the close.
-            drop(fd);
-            self.reject(rejected, was_conn);
+            fds.clear();
+            self.reject(rejected, conns);
         }
+    }
+
+    fn lock_queued(&self) -> std::sync::MutexGuard<'_, VecDeque<(OwnedFd, u64)>> {
+        // The queue holds plain fds: a panic elsewhere cannot leave it inconsistent.
+        self.queued.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn connection(
@@ -945,19 +977,23 @@ impl Channel {
                 channel: Some(Arc::clone(self)),
             },
         };
-        // O_NONBLOCK came with the fd from the master's accept4; make it match our mode.
-        sys::set_nonblocking(conn.stream.as_fd(), nonblocking)?;
+        // O_NONBLOCK is a file status flag and travels with the fd (the master's accept4 chose
+        // it); set it to our mode rather than depend on that choice. FIONBIO: one syscall.
+        conn.stream.set_nonblocking(nonblocking)?;
         Ok(conn)
     }
 
-    fn reject(&self, why: Rejected, was_conn: bool) {
+    fn reject(&self, why: Rejected, conns: u64) {
         self.protocol_errors.fetch_add(1, Ordering::Relaxed);
         log::warn!(
             "listener {}: skipped a message from the master: {why}",
             self.index
         );
-        if was_conn {
-            self.closed_one();
+        if conns > 0 {
+            self.unreported.fetch_add(conns, Ordering::Relaxed);
+            if !self.deferred.load(Ordering::Relaxed) {
+                let _ = self.flush_closed();
+            }
         }
     }
 
@@ -1182,6 +1218,9 @@ mod tests {
     use std::net::Shutdown;
     use std::time::Duration;
 
+    /// Every wait in these tests ends by this deadline instead of hanging.
+    const DEADLINE: Duration = Duration::from_secs(10);
+
     /// The master's end of a dispatch channel plus a loopback TCP listener to make real
     /// connections with.
     struct FakeMaster {
@@ -1196,6 +1235,8 @@ mod tests {
             let (server_side, _) = self.tcp.accept().unwrap();
             let msg = Message::Conn { seq }.encode();
             scm::sendmsg_fd(self.end.as_fd(), &msg, server_side.as_fd()).unwrap();
+            // A deadline, so a bug fails the test instead of hanging it.
+            client.set_read_timeout(Some(DEADLINE)).unwrap();
             client
         }
 
@@ -1205,6 +1246,8 @@ mod tests {
             loop {
                 let mut buf = [0u8; HEADER_LEN];
                 match scm::recvmsg_fd(self.end.as_fd(), &mut buf, libc::MSG_DONTWAIT) {
+                    // The worker's end is closed: everything it sent has been read.
+                    Ok(got) if got.len == 0 && got.fd.is_none() => return out,
                     Ok(got) => {
                         assert!(got.fd.is_none(), "the worker sends no fds");
                         out.push(Message::decode(&buf[..got.len]).unwrap());
@@ -1236,6 +1279,18 @@ mod tests {
         (worker, FakeMaster { end, tcp })
     }
 
+    /// Whether `O_NONBLOCK` is set, from `/proc/self/fdinfo` (proc(5): `flags` in octal).
+    fn is_nonblocking(fd: BorrowedFd<'_>) -> bool {
+        let info =
+            std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).unwrap();
+        let flags = info
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .map(|v| i32::from_str_radix(v.trim(), 8).unwrap())
+            .unwrap();
+        flags & libc::O_NONBLOCK != 0
+    }
+
     /// Waits for `source` to become readable, with a deadline instead of a sleep.
     fn wait_readable(source: &mut impl mio::event::Source) {
         let mut poll = mio::Poll::new().unwrap();
@@ -1243,10 +1298,54 @@ mod tests {
             .register(source, mio::Token(0), mio::Interest::READABLE)
             .unwrap();
         let mut events = mio::Events::with_capacity(4);
-        poll.poll(&mut events, Some(Duration::from_secs(10)))
-            .unwrap();
+        poll.poll(&mut events, Some(DEADLINE)).unwrap();
         assert!(!events.is_empty(), "not readable within the deadline");
         poll.registry().deregister(source).unwrap();
+    }
+
+    #[test]
+    fn one_message_with_several_connections_is_accepted_one_by_one() {
+        let (worker, master) = dispatch_worker();
+        let mut clients = Vec::new();
+        let mut batch = scm::SendBatch::<HEADER_LEN>::with_capacity(3);
+        for seq in 10..13 {
+            let client = TcpStream::connect(master.tcp.local_addr().unwrap()).unwrap();
+            let (server_side, _) = master.tcp.accept().unwrap();
+            batch
+                .push(Message::Conn { seq }.encode(), OwnedFd::from(server_side))
+                .map_err(|_| ())
+                .unwrap();
+            clients.push(client);
+        }
+        assert_eq!(batch.send(master.end.as_fd(), 3).unwrap(), 3);
+        let listener = &worker.listeners()[0];
+        let conns: Vec<Connection> = (0..3).map(|_| listener.accept().unwrap()).collect();
+        for (i, (conn, client)) in conns.iter().zip(&clients).enumerate() {
+            assert_eq!(conn.seq(), Some(10 + i as u64), "in order");
+            assert_eq!(conn.peer_addr().unwrap(), client.local_addr().unwrap());
+        }
+        drop(conns);
+        assert_eq!(master.closed_total(), 3, "every one reported closed once");
+    }
+
+    #[test]
+    fn connections_still_queued_when_the_listener_goes_are_reported_closed() {
+        let (worker, master) = dispatch_worker();
+        let mut batch = scm::SendBatch::<HEADER_LEN>::with_capacity(4);
+        let mut clients = Vec::new();
+        for seq in 0..4 {
+            clients.push(TcpStream::connect(master.tcp.local_addr().unwrap()).unwrap());
+            let (server_side, _) = master.tcp.accept().unwrap();
+            batch
+                .push(Message::Conn { seq }.encode(), OwnedFd::from(server_side))
+                .map_err(|_| ())
+                .unwrap();
+        }
+        assert_eq!(batch.send(master.end.as_fd(), 4).unwrap(), 4);
+        let first = worker.listeners()[0].accept().unwrap();
+        drop(first);
+        drop(worker);
+        assert_eq!(master.closed_total(), 4);
     }
 
     #[test]
@@ -1255,6 +1354,10 @@ mod tests {
         let mut client = master.dispatch(7);
         let mut conn = worker.listeners()[0].accept().unwrap();
         assert_eq!(conn.seq(), Some(7));
+        assert!(
+            !is_nonblocking(conn.as_fd()),
+            "blocking listener, blocking connection"
+        );
         assert_eq!(conn.listener(), 0);
         assert_eq!(conn.peer_addr().unwrap(), client.local_addr().unwrap());
         conn.write_all(b"hi").unwrap();
@@ -1358,7 +1461,12 @@ mod tests {
         let (_c2, s2) = tcp_fd();
         scm::sendmsg_fd(master.end.as_fd(), &long, s2.as_fd()).unwrap();
         // A kind only workers send.
-        scm::send(master.end.as_fd(), &Message::Ready.encode(), 0).unwrap();
+        scm::send(
+            master.end.as_fd(),
+            &Message::Ready { max_fds: 1 }.encode(),
+            0,
+        )
+        .unwrap();
         let _client = master.dispatch(9);
 
         let listener = &worker.listeners()[0];
@@ -1393,11 +1501,9 @@ mod tests {
         let _client = master.dispatch(1);
         wait_readable(listener);
         let conn = listener.try_accept().unwrap().expect("a connection");
-        // Non-blocking listener, non-blocking connection.
-        let mut buf = [0u8; 1];
-        assert_eq!(
-            (&*conn).read(&mut buf).unwrap_err().kind(),
-            io::ErrorKind::WouldBlock
+        assert!(
+            is_nonblocking(conn.as_fd()),
+            "non-blocking listener, connection"
         );
         assert!(listener.try_accept().unwrap().is_none());
     }
@@ -1411,9 +1517,7 @@ mod tests {
             let addr = std::os::unix::net::SocketAddr::from_abstract_name(&name).unwrap();
             UnixDatagram::bind_addr(&addr).unwrap()
         };
-        notify
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
+        notify.set_read_timeout(Some(DEADLINE)).unwrap();
         let mut contract = Contract::new(Mode::Dispatch, 1);
         contract.notify_socket = NotifyAddr::parse(&format!("@{name}"));
         let worker = Worker::new(contract, vec![worker_end]).unwrap();
@@ -1424,7 +1528,12 @@ mod tests {
 
         worker.ready().unwrap();
         worker.ready().unwrap();
-        assert_eq!(master.received(), vec![Message::Ready]);
+        assert_eq!(
+            master.received(),
+            vec![Message::Ready {
+                max_fds: MAX_FDS_PER_CONN as u64
+            }]
+        );
         let mut buf = [0u8; 32];
         let n = notify.recv(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"READY=1");
@@ -1447,9 +1556,7 @@ mod tests {
         let path = dir.join("notify");
         let _ = std::fs::remove_file(&path);
         let notify = UnixDatagram::bind(&path).unwrap();
-        notify
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
+        notify.set_read_timeout(Some(DEADLINE)).unwrap();
         let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
         let mut contract = Contract::new(Mode::Shared, 1);
         contract.notify_socket = NotifyAddr::parse(path.to_str().unwrap());
@@ -1471,6 +1578,7 @@ mod tests {
         assert!(!listener.is_dispatch());
 
         let mut client = TcpStream::connect(addr).unwrap();
+        client.set_read_timeout(Some(DEADLINE)).unwrap();
         let mut conn = listener.accept().unwrap();
         assert_eq!(conn.seq(), None);
         conn.write_all(b"x").unwrap();
@@ -1481,11 +1589,9 @@ mod tests {
         assert!(listener.try_accept().unwrap().is_none());
         let _client2 = TcpStream::connect(addr).unwrap();
         wait_readable(listener);
-        let mut conn2 = listener.try_accept().unwrap().expect("a connection");
-        assert_eq!(
-            conn2.read(&mut buf).unwrap_err().kind(),
-            io::ErrorKind::WouldBlock
-        );
+        let conn2 = listener.try_accept().unwrap().expect("a connection");
+        assert!(is_nonblocking(conn2.as_fd()));
+        assert!(!is_nonblocking(conn.as_fd()));
         conn.shutdown(Shutdown::Both).unwrap();
     }
 

@@ -163,7 +163,8 @@ fn a_killed_worker_is_replaced_and_service_continues() {
 fn a_crash_looping_slot_is_given_up_and_the_rest_serve() {
     let script =
         format!("if [ \"$RCLUSTER_WORKER_ID\" = 1 ]; then exit 3; fi; exec {BIN} demo-worker");
-    let cluster = TestCluster::spawn(&["--workers", "2", "--", "sh", "-c", &script]);
+    let cluster =
+        TestCluster::spawn(&["--workers", "2", "--no-preload", "--", "sh", "-c", &script]);
     cluster.wait_for_log("giving up on slot 1", DEADLINE);
     let counts = per_worker(&get_many(cluster.addr(), "/", 50, 2));
     assert_eq!(counts.get(&0), Some(&50), "{counts:?}");
@@ -216,6 +217,8 @@ fn workers_get_the_contract_and_no_other_fd() {
     let script = "echo \"con\"\"tract: $LISTEN_FDS $LISTEN_PID $$ $LISTEN_FDNAMES $PORT \
                   $RCLUSTER_WORKER_ID $RCLUSTER_GENERATION $RCLUSTER_MODE $RCLUSTER_LISTEN\" >&2; \
                   exec sleep 60";
+    // Without the preload shim, which keeps private copies of fds 3+i in the worker: this
+    // test is about what the master passes.
     let cluster = TestCluster::spawn(&[
         "--listen",
         "127.0.0.1:0",
@@ -223,6 +226,7 @@ fn workers_get_the_contract_and_no_other_fd() {
         "127.0.0.1:0",
         "--workers",
         "2",
+        "--no-preload",
         "--",
         "sh",
         "-c",

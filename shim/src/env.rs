@@ -1,6 +1,9 @@
-//! The worker contract's environment (DESIGN.md §3, docs/PROTOCOL.md): read once by the
-//! constructor, before `main`, then scrubbed so the server's own children do not load the shim.
-//! Runs single-threaded (before `main`), which is what makes `unsetenv`/`setenv` safe here.
+//! The worker contract's environment (docs/PROTOCOL.md): read once by the constructor, before
+//! `main`. The constructor then removes only our own `LD_PRELOAD` entry, so that nothing the
+//! server starts loads the shim; the contract's variables (`RCLUSTER_*`, `LISTEN_*`, `PORT`,
+//! `NOTIFY_SOCKET`) stay for the server to read. Keeping `RCLUSTER_*` out of the server's
+//! children is the exec and spawn hooks' job (follow.rs). Runs single-threaded (before `main`),
+//! which is what makes `unsetenv`/`setenv` safe here.
 
 use std::ffi::{CStr, CString};
 use std::net::SocketAddr;
@@ -119,12 +122,22 @@ fn base_name(path: &[u8]) -> &[u8] {
     path.rsplit(|&b| b == b'/').next().unwrap_or(path)
 }
 
-/// `LD_PRELOAD` without the shim's own entry (ld.so(8): entries are separated by spaces or
-/// colons). An entry is ours if it is our path or has our file name.
+/// The entries of an `LD_PRELOAD` value (ld.so(8): separated by spaces or colons), empty ones
+/// included. Allocation-free.
+pub fn preload_entries(list: &[u8]) -> impl Iterator<Item = &[u8]> {
+    list.split(|&b| b == b':' || b == b' ')
+}
+
+/// Whether an `LD_PRELOAD` entry is this library: our path, or our file name. Allocation-free.
+pub fn is_ours(entry: &[u8], ours: &[u8]) -> bool {
+    entry == ours || base_name(entry) == base_name(ours)
+}
+
+/// `LD_PRELOAD` without the shim's own entry, the others joined with `:`.
 pub fn preload_without(list: &[u8], ours: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(list.len());
-    for entry in list.split(|&b| b == b':' || b == b' ') {
-        if entry.is_empty() || entry == ours || base_name(entry) == base_name(ours) {
+    for entry in preload_entries(list) {
+        if entry.is_empty() || is_ours(entry, ours) {
             continue;
         }
         if !out.is_empty() {
@@ -157,18 +170,20 @@ unsafe extern "C" {
     pub static mut environ: *const *const libc::c_char;
 }
 
-/// What [`scrub`] took out of the environment, so that the same process re-executing itself
-/// can be given it back (follow.rs).
+/// What a same-process exec must carry over (follow.rs), recorded by [`scrub`].
 #[derive(Debug, Default)]
 pub struct Scrubbed {
-    /// This library's path as it appeared in `LD_PRELOAD`.
+    /// This library's path as it appeared in `LD_PRELOAD`: removed from the environment.
     pub shim_path: Vec<u8>,
-    /// The removed `RCLUSTER_*=…` entries.
+    /// The `RCLUSTER_*=…` entries as the master set them. They stay in the environment; the
+    /// copies let the next image of the worker get the contract exactly even if a wrapper
+    /// changed or unset them.
     pub rcluster: Vec<CString>,
 }
 
-/// Removes our `LD_PRELOAD` entry (keeping any others) and every `RCLUSTER_*` variable, keeping
-/// `LISTEN_*`, `PORT` and `NOTIFY_SOCKET` for the server.
+/// Removes our `LD_PRELOAD` entry (keeping any others), leaving every other variable —
+/// `RCLUSTER_*`, `LISTEN_*`, `PORT`, `NOTIFY_SOCKET` — for the server, and records what
+/// [`Scrubbed`] holds.
 ///
 /// # Safety
 /// Must run while no other thread can read or write the environment (the constructor).
@@ -188,31 +203,22 @@ pub unsafe fn scrub() -> Scrubbed {
             }
         }
     }
-    // Collect the entries first: unsetenv rearranges the array being walked.
-    let mut removed = Vec::new();
+    let mut rcluster = Vec::new();
     // SAFETY: environ is the NULL-terminated array of NUL-terminated strings libc maintains;
     // nobody modifies it concurrently (caller contract).
     unsafe {
         let mut p = environ;
         while !p.is_null() && !(*p).is_null() {
-            let entry = CStr::from_ptr(*p).to_bytes();
-            if entry.starts_with(b"RCLUSTER_") {
-                removed.push(CStr::from_ptr(*p).to_owned());
+            let entry = CStr::from_ptr(*p);
+            if entry.to_bytes().starts_with(b"RCLUSTER_") {
+                rcluster.push(entry.to_owned());
             }
             p = p.add(1);
         }
     }
-    for entry in &removed {
-        let bytes = entry.as_bytes();
-        let name = bytes.split(|&b| b == b'=').next().unwrap_or(bytes);
-        if let Ok(name) = CString::new(name) {
-            // SAFETY: single-threaded (caller contract); name is NUL-terminated.
-            unsafe { libc::unsetenv(name.as_ptr()) };
-        }
-    }
     Scrubbed {
         shim_path,
-        rcluster: removed,
+        rcluster,
     }
 }
 

@@ -235,18 +235,29 @@ pub unsafe extern "C" fn syscall(
     unsafe { real::syscall(num, args) }
 }
 
-/// Runs `exec` with the contract restored when the worker process replaces its own image
-/// (follow.rs); `None` when the call is not the worker's own exec and should pass through.
+/// Runs `exec` with the environment follow.rs decides on; `None` when the call should pass
+/// through unchanged (not started as a worker, or the worker's own exec with an unusable
+/// contract). The worker's own exec (same pid) gets the contract back and fds 3+i inheritable;
+/// anyone else's (a fork or vfork child) gets `envp` without `RCLUSTER_*` and our `LD_PRELOAD`
+/// entry. That second path is async-signal-safe: atomic loads, getpid, and a filter into stack
+/// storage.
 ///
 /// # Safety
 /// `envp` as for execve(2).
-unsafe fn exec_following(
+unsafe fn exec_hooked(
     envp: *const *const c_char,
     exec: impl FnOnce(*const *const c_char) -> c_int,
 ) -> Option<c_int> {
-    let shim = state::get().filter(|shim| shim.follow.applies())?;
+    let carry = follow::get()?;
+    if !carry.applies() {
+        let mut buf = follow::ChildEnv::new();
+        // SAFETY: caller contract.
+        let env = unsafe { buf.filter(envp, carry.shim_path()) };
+        return Some(exec(env.as_ptr()));
+    }
+    let shim = state::get()?;
     // SAFETY: caller contract.
-    let env = unsafe { shim.follow.exec_env(envp) };
+    let env = unsafe { carry.exec_env(envp) };
     follow::set_inheritable(shim.listeners(), true);
     let rc = exec(env.as_ptr());
     // Only reached when exec failed: undo.
@@ -273,7 +284,7 @@ pub unsafe extern "C" fn execve(
     envp: *const *const c_char,
 ) -> c_int {
     // SAFETY: caller contract.
-    unsafe { exec_following(envp, |e| real::execve(path, argv, e)) }
+    unsafe { exec_hooked(envp, |e| real::execve(path, argv, e)) }
         // SAFETY: caller contract.
         .unwrap_or_else(|| unsafe { real::execve(path, argv, envp) })
 }
@@ -285,7 +296,7 @@ pub unsafe extern "C" fn execve(
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn execv(path: *const c_char, argv: *const *const c_char) -> c_int {
     // SAFETY: caller contract; environ is libc's valid environment array.
-    unsafe { exec_following(current_environ(), |e| real::execve(path, argv, e)) }
+    unsafe { exec_hooked(current_environ(), |e| real::execve(path, argv, e)) }
         // SAFETY: caller contract.
         .unwrap_or_else(|| unsafe { real::execv(path, argv) })
 }
@@ -297,7 +308,7 @@ pub unsafe extern "C" fn execv(path: *const c_char, argv: *const *const c_char) 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn execvp(file: *const c_char, argv: *const *const c_char) -> c_int {
     // SAFETY: caller contract; environ is libc's valid environment array.
-    unsafe { exec_following(current_environ(), |e| real::execvpe(file, argv, e)) }
+    unsafe { exec_hooked(current_environ(), |e| real::execvpe(file, argv, e)) }
         // SAFETY: caller contract.
         .unwrap_or_else(|| unsafe { real::execvp(file, argv) })
 }
@@ -313,7 +324,7 @@ pub unsafe extern "C" fn execvpe(
     envp: *const *const c_char,
 ) -> c_int {
     // SAFETY: caller contract.
-    unsafe { exec_following(envp, |e| real::execvpe(file, argv, e)) }
+    unsafe { exec_hooked(envp, |e| real::execvpe(file, argv, e)) }
         // SAFETY: caller contract.
         .unwrap_or_else(|| unsafe { real::execvpe(file, argv, envp) })
 }
@@ -329,7 +340,57 @@ pub unsafe extern "C" fn fexecve(
     envp: *const *const c_char,
 ) -> c_int {
     // SAFETY: caller contract.
-    unsafe { exec_following(envp, |e| real::fexecve(fd, argv, e)) }
+    unsafe { exec_hooked(envp, |e| real::fexecve(fd, argv, e)) }
         // SAFETY: caller contract.
         .unwrap_or_else(|| unsafe { real::fexecve(fd, argv, envp) })
+}
+
+/// posix_spawn(3). glibc creates the child with `clone(CLONE_VM | CLONE_VFORK)` and execs in it
+/// through internal calls no hook sees, so the environment is filtered here: the new process
+/// is always a child, never the worker.
+///
+/// # Safety
+/// As posix_spawn(3).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn posix_spawn(
+    pid: *mut libc::pid_t,
+    path: *const c_char,
+    actions: *const libc::posix_spawn_file_actions_t,
+    attr: *const libc::posix_spawnattr_t,
+    argv: *const *mut c_char,
+    envp: *const *mut c_char,
+) -> c_int {
+    let Some(carry) = follow::get() else {
+        // SAFETY: caller contract.
+        return unsafe { real::posix_spawn(pid, path, actions, attr, argv, envp) };
+    };
+    let mut buf = follow::ChildEnv::new();
+    // SAFETY: caller contract (envp is null or a NULL-terminated array of C strings).
+    let env = unsafe { buf.filter(envp.cast(), carry.shim_path()) };
+    // SAFETY: caller contract; env is as valid as envp for the duration of the call.
+    unsafe { real::posix_spawn(pid, path, actions, attr, argv, env.as_ptr().cast()) }
+}
+
+/// posix_spawnp(3): as [`posix_spawn`], searching `PATH`.
+///
+/// # Safety
+/// As posix_spawnp(3).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn posix_spawnp(
+    pid: *mut libc::pid_t,
+    file: *const c_char,
+    actions: *const libc::posix_spawn_file_actions_t,
+    attr: *const libc::posix_spawnattr_t,
+    argv: *const *mut c_char,
+    envp: *const *mut c_char,
+) -> c_int {
+    let Some(carry) = follow::get() else {
+        // SAFETY: caller contract.
+        return unsafe { real::posix_spawnp(pid, file, actions, attr, argv, envp) };
+    };
+    let mut buf = follow::ChildEnv::new();
+    // SAFETY: caller contract (envp is null or a NULL-terminated array of C strings).
+    let env = unsafe { buf.filter(envp.cast(), carry.shim_path()) };
+    // SAFETY: caller contract; env is as valid as envp for the duration of the call.
+    unsafe { real::posix_spawnp(pid, file, actions, attr, argv, env.as_ptr().cast()) }
 }

@@ -4,7 +4,8 @@
 //! ```text
 //!  master ──(fd 3+i: dispatch channel or real listener, env RCLUSTER_*)──▶ worker process
 //!                                                                          │ constructor: read env,
-//!                                                                          │ scrub it, adopt fds
+//!                                                                          │ drop our LD_PRELOAD
+//!                                                                          │ entry, adopt fds
 //!  server: socket() → bind(port of listener i) ──▶ shim: dup3(listener i, server's fd)
 //!          listen()                            ──▶ shim: no-op; dispatch: READY
 //!          accept4(fd)                         ──▶ dispatch: recvmsg one CONN + its fd
@@ -17,8 +18,10 @@
 //! state and what each call does), `dispatch` (accept on a channel), `listener` (one
 //! listener's claim and notifications), `conns` (the lock-free fd table behind CLOSED), `env`
 //! (the contract's variables), `sockaddr`, `wire` (the 16-byte message), `notify`
-//! (sd_notify READY=1), `follow` (carrying the contract across a wrapper's `exec`), `real` (the shadowed libc functions). docs/PROTOCOL.md describes the
-//! contract and the shim's behaviour for master authors.
+//! (sd_notify READY=1), `follow` (what `exec`/`posix_spawn` pass on: the whole contract to the
+//! worker's own next image, none of it to children), `real` (the shadowed libc functions).
+//! docs/PROTOCOL.md describes the contract and the shim's behaviour for master authors,
+//! including what the worker and its children see in their environment.
 #![cfg_attr(test, allow(dead_code))]
 
 mod conns;

@@ -5,7 +5,8 @@
 //!
 //! Resolution is lazy and lock-free (an `AtomicPtr` per symbol; two threads racing to resolve
 //! store the same pointer), so an interposed function called before the constructor — by
-//! another library's constructor — still works.
+//! another library's constructor — still works. A worker's constructor also resolves them all
+//! up front ([`resolve_all`]), so the exec hooks never call `dlsym` in a fork or vfork child.
 
 use std::ffi::{CStr, c_void};
 use std::ptr;
@@ -32,19 +33,27 @@ fn set_errno(e: c_int) {
 
 macro_rules! real_fn {
     ($(#[$doc:meta])* $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty) => {
+        /// The lookup slot of the function of the same name (modules and functions live in
+        /// different namespaces), so [`resolve_all`] can fill it ahead of time.
+        pub mod $name {
+            /// The resolved address, null until looked up.
+            pub static SLOT: std::sync::atomic::AtomicPtr<std::ffi::c_void> =
+                std::sync::atomic::AtomicPtr::new(std::ptr::null_mut());
+            /// The symbol name.
+            pub const NAME: &std::ffi::CStr = match std::ffi::CStr::from_bytes_with_nul(
+                concat!(stringify!($name), "\0").as_bytes(),
+            ) {
+                Ok(s) => s,
+                Err(_) => panic!("symbol name"),
+            };
+        }
+
         $(#[$doc])*
         ///
         /// # Safety
         /// Same contract as the libc function of that name.
         pub unsafe fn $name($($arg: $ty),*) -> $ret {
-            static SLOT: AtomicPtr<c_void> = AtomicPtr::new(ptr::null_mut());
-            let name = const {
-                match CStr::from_bytes_with_nul(concat!(stringify!($name), "\0").as_bytes()) {
-                    Ok(s) => s,
-                    Err(_) => panic!("symbol name"),
-                }
-            };
-            let p = resolve(&SLOT, name);
+            let p = resolve(&$name::SLOT, $name::NAME);
             if p.is_null() {
                 set_errno(libc::ENOSYS);
                 return -1;
@@ -119,6 +128,59 @@ real_fn!(
     /// libc `fexecve(3)`.
     fexecve(fd: c_int, argv: *const *const c_char, envp: *const *const c_char) -> c_int
 );
+real_fn!(
+    /// libc `posix_spawn(3)`.
+    posix_spawn(
+        pid: *mut libc::pid_t,
+        path: *const c_char,
+        actions: *const libc::posix_spawn_file_actions_t,
+        attr: *const libc::posix_spawnattr_t,
+        argv: *const *mut c_char,
+        envp: *const *mut c_char
+    ) -> c_int
+);
+real_fn!(
+    /// libc `posix_spawnp(3)`.
+    posix_spawnp(
+        pid: *mut libc::pid_t,
+        file: *const c_char,
+        actions: *const libc::posix_spawn_file_actions_t,
+        attr: *const libc::posix_spawnattr_t,
+        argv: *const *mut c_char,
+        envp: *const *mut c_char
+    ) -> c_int
+);
+
+static SYSCALL_SLOT: AtomicPtr<c_void> = AtomicPtr::new(ptr::null_mut());
+
+/// Looks up every function above now. The constructor calls it so that an interposed call made
+/// where `dlsym` must not run — an `exec` in a `fork`/`vfork` child of a threaded server, where
+/// the loader's lock may be held by a thread that no longer exists — finds its slot filled.
+pub fn resolve_all() {
+    let slots = [
+        (&close::SLOT, close::NAME),
+        (&bind::SLOT, bind::NAME),
+        (&listen::SLOT, listen::NAME),
+        (&accept::SLOT, accept::NAME),
+        (&accept4::SLOT, accept4::NAME),
+        (&getsockname::SLOT, getsockname::NAME),
+        (&getsockopt::SLOT, getsockopt::NAME),
+        (&setsockopt::SLOT, setsockopt::NAME),
+        (&dup2::SLOT, dup2::NAME),
+        (&dup3::SLOT, dup3::NAME),
+        (&execve::SLOT, execve::NAME),
+        (&execv::SLOT, execv::NAME),
+        (&execvp::SLOT, execvp::NAME),
+        (&execvpe::SLOT, execvpe::NAME),
+        (&fexecve::SLOT, fexecve::NAME),
+        (&posix_spawn::SLOT, posix_spawn::NAME),
+        (&posix_spawnp::SLOT, posix_spawnp::NAME),
+        (&SYSCALL_SLOT, c"syscall"),
+    ];
+    for (slot, name) in slots {
+        resolve(slot, name);
+    }
+}
 
 /// libc `syscall(2)`, forwarded with all six argument registers (the kernel ignores the ones a
 /// given call does not use, and so does glibc's `syscall`).
@@ -126,8 +188,7 @@ real_fn!(
 /// # Safety
 /// Same contract as the system call `num`.
 pub unsafe fn syscall(num: c_long, args: [c_long; 6]) -> c_long {
-    static SLOT: AtomicPtr<c_void> = AtomicPtr::new(ptr::null_mut());
-    let p = resolve(&SLOT, c"syscall");
+    let p = resolve(&SYSCALL_SLOT, c"syscall");
     if p.is_null() {
         set_errno(libc::ENOSYS);
         return -1;

@@ -11,15 +11,12 @@ use libc::{c_int, c_void, sockaddr, socklen_t};
 
 use crate::conns::ConnTable;
 use crate::env::{self, Mode};
-use crate::follow::Follow;
 use crate::listener::Listener;
 use crate::notify::NotifyTarget;
-use crate::{dispatch, real, sockaddr as sa};
+use crate::{dispatch, follow, real, sockaddr as sa};
 
 /// Everything the shim knows, once the constructor found the worker contract.
 pub struct Shim {
-    /// What a same-process exec gets back.
-    pub follow: Follow,
     mode: Mode,
     listeners: Vec<Listener>,
     /// Connections handed out by `accept` on a dispatch channel.
@@ -128,23 +125,29 @@ fn adopt(
     Listener::new(index, fd, addr, chan, dispatch).ok_or_else(|| format!("cannot fstat fd {fd}"))
 }
 
-/// The constructor's work: read the contract, scrub the environment, adopt the fds.
+/// The constructor's work: read the contract, take our entry out of `LD_PRELOAD`, set up the
+/// exec hooks (follow.rs), adopt the fds.
 ///
 /// # Safety
 /// Must run before any other thread exists (it modifies the environment).
 pub unsafe fn init() {
-    let contract = match env::read() {
+    let contract = env::read();
+    if matches!(contract, Ok(None)) {
+        return;
+    }
+    // Before any fork: the exec hooks of a child must not need dlsym.
+    real::resolve_all();
+    // Even with an inconsistent contract the server's children must not see it.
+    // SAFETY: caller contract (single-threaded).
+    follow::install(unsafe { env::scrub() });
+    let contract = match contract {
         Ok(Some(c)) => c,
         Ok(None) => return,
         Err(e) => {
             warn(&format!("{e}; passing every call through"));
-            // SAFETY: caller contract (single-threaded).
-            unsafe { env::scrub() };
             return;
         }
     };
-    // SAFETY: caller contract (single-threaded).
-    let scrubbed = unsafe { env::scrub() };
     let first_free = 3 + contract.listen.len() as c_int;
     let mut listeners = Vec::with_capacity(contract.listen.len());
     for (i, addr) in contract.listen.iter().enumerate() {
@@ -164,7 +167,6 @@ pub unsafe fn init() {
         .as_deref()
         .and_then(NotifyTarget::parse);
     let _ = SHIM.set(Shim {
-        follow: Follow::new(scrubbed),
         mode: contract.mode,
         listeners,
         conns: ConnTable::new(),

@@ -184,6 +184,8 @@ impl Worker {
         cmd.args(args)
             .current_dir(cwd)
             .env("LD_PRELOAD", shim_path())
+            // For servers that hand the shim to a child on purpose (it must be filtered out).
+            .env("SHIM_PATH", shim_path())
             .env("LISTEN_FDS", fds.len().to_string())
             .env("LISTEN_FDNAMES", vec!["http"; fds.len()].join(":"))
             .env("PORT", listen[0].port().to_string())
@@ -356,20 +358,32 @@ fn python_http_server_dispatch() {
     let _ = fs::remove_dir_all(dir);
 }
 
+const NODE_SERVER: &str = r#"
+const env = process.env, cp = require('child_process');
+const seen = (out) => out.toString().split('\0').filter(l => /^(RCLUSTER_|LD_PRELOAD=)/.test(l)).join(',') || '-';
+console.log(['node-env', env.RCLUSTER_WORKER_ID, env.RCLUSTER_GENERATION, env.RCLUSTER_MODE, env.LD_PRELOAD || '-'].join(' '));
+console.log(['node-child', seen(cp.execFileSync('/bin/cat', ['/proc/self/environ'])),
+  seen(cp.execFileSync('/bin/cat', ['/proc/self/environ'], { env: { ...env, LD_PRELOAD: env.SHIM_PATH } }))].join(' '));
+require('http').createServer((q, s) => s.end('ok')).listen(env.PORT,
+  function () { console.log('listening ' + JSON.stringify(this.address())); });
+"#;
+
 #[test]
 fn node_http_server_dispatch_binding_any() {
     let (mut master, worker_end) = Master::new();
-    let script = "require('http').createServer((q, s) => s.end('ok')).listen(process.env.PORT, \
-                  function () { console.log('listening ' + JSON.stringify(this.address())); })";
     let worker = Worker::spawn(
         Path::new("node"),
-        &["-e", script],
+        &["-e", NODE_SERVER],
         "dispatch",
         &[master.addr()],
         vec![worker_end],
-        &[],
+        &[("RCLUSTER_WORKER_ID", "2"), ("RCLUSTER_GENERATION", "5")],
         &std::env::temp_dir(),
     );
+    // The worker reads its contract; its children (libuv's fork + exec) see none of it, even
+    // when handed our LD_PRELOAD entry explicitly.
+    assert_eq!(worker.line("node-env "), "node-env 2 5 dispatch -");
+    assert_eq!(worker.line("node-child "), "node-child - -");
     wait_ready(master.chan.as_fd());
     // node bound "::" but getsockname reports the listener's address.
     let line = worker.line("listening ");
@@ -389,7 +403,17 @@ fn node_http_server_dispatch_binding_any() {
 
 /// A wrapper that replaces itself with the server (`sh -c 'exec …'`, then `/usr/bin/env`, as
 /// pyenv's `python3` shim script does) hands the contract over; the shim follows the same
-/// process across exec (execve from sh, execvp from env).
+/// process across exec (execve from sh, execvp from env). The wrapper itself can read the
+/// contract; the commands it forks cannot.
+const WRAPPER: &str = r#"
+if [ "$RCLUSTER_WORKER_ID" = 1 ]; then slot=first; else slot=other; fi
+echo "wrapper $RCLUSTER_WORKER_ID $RCLUSTER_MODE ${LD_PRELOAD:--} $slot"
+seen() { tr '\0' '\n' | grep -E '^(RCLUSTER_|LD_PRELOAD=)' | tr '\n' , | sed 's/,$//'; }
+a=$(/bin/cat /proc/self/environ | seen); b=$(LD_PRELOAD="$SHIM_PATH" /bin/cat /proc/self/environ | seen)
+echo "wrapper-child ${a:--} ${b:--}"
+exec /usr/bin/env "$0" "$@"
+"#;
+
 #[test]
 fn exec_wrappers_hand_the_contract_to_the_server() {
     let dir = temp_dir("wrapped");
@@ -397,11 +421,11 @@ fn exec_wrappers_hand_the_contract_to_the_server() {
     let (mut master, worker_end) = Master::new();
     let port = master.addr().port().to_string();
     let python = python();
-    let _worker = Worker::spawn(
+    let worker = Worker::spawn(
         Path::new("/bin/sh"),
         &[
             "-c",
-            "exec /usr/bin/env \"$0\" \"$@\"",
+            WRAPPER,
             python.to_str().unwrap(),
             "-m",
             "http.server",
@@ -412,9 +436,11 @@ fn exec_wrappers_hand_the_contract_to_the_server() {
         "dispatch",
         &[master.addr()],
         vec![worker_end],
-        &[],
+        &[("RCLUSTER_WORKER_ID", "1")],
         &dir,
     );
+    assert_eq!(worker.line("wrapper "), "wrapper 1 dispatch - first");
+    assert_eq!(worker.line("wrapper-child "), "wrapper-child - -");
     wait_ready(master.chan.as_fd());
     let resp = http_get(master.connect_and_dispatch(), "/w.txt");
     assert!(resp.ends_with("through two wrappers\n"), "response: {resp}");
@@ -423,17 +449,36 @@ fn exec_wrappers_hand_the_contract_to_the_server() {
 }
 
 /// Four threads block in accept() on one socket; every connection is served exactly once, the
-/// CLOSED counts add up, and a child the server spawns sees neither the shim nor RCLUSTER_*.
+/// CLOSED counts add up. The server reads its contract; children it starts — subprocess
+/// (vfork + execv, or execve with an explicit environment that names the shim), posix_spawn
+/// and posix_spawnp — see neither the shim nor RCLUSTER_*, and other LD_PRELOAD entries stay.
 const THREADED_SERVER: &str = r#"
 import os, socket, subprocess, sys, threading
 s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("127.0.0.1", int(os.environ["PORT"])))
 s.listen(64)
-probe = "import os; print(os.environ.get('LD_PRELOAD', '-'), ','.join(sorted(k for k in os.environ if k.startswith('RCLUSTER_'))) or '-')"
-child = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+# /proc/self/environ: what exec passed, before a shim loaded by mistake could edit it.
+probe = "env = dict(l.split('=', 1) for l in open('/proc/self/environ').read().split(chr(0)) if '=' in l); print(env.get('LD_PRELOAD', '-'), ','.join(sorted(k for k in env if k.startswith('RCLUSTER_'))) or '-')"
+argv = [sys.executable, "-c", probe]
+child = subprocess.run(argv, capture_output=True, text=True)
 print("child-env", child.stdout.strip(), flush=True)
-print("own-env", os.environ.get("LD_PRELOAD", "-"), os.environ.get("LISTEN_FDS", "-"), os.environ.get("RCLUSTER_MODE", "-"), flush=True)
+env = dict(os.environ, LD_PRELOAD=os.environ["SHIM_PATH"])
+child = subprocess.run(argv, capture_output=True, text=True, env=env)
+print("child-execve-env", child.stdout.strip(), flush=True)
+def spawned(spawn, path, env):
+    r, w = os.pipe()
+    pid = spawn(path, argv, env, file_actions=[(os.POSIX_SPAWN_DUP2, w, 1)])
+    os.close(w)
+    out = b""
+    while chunk := os.read(r, 4096):
+        out += chunk
+    os.close(r)
+    os.waitpid(pid, 0)
+    return out.decode().strip()
+print("spawn-env", spawned(os.posix_spawn, sys.executable, dict(os.environ, LD_PRELOAD=os.environ["SHIM_PATH"] + " libm.so.6")), flush=True)
+print("spawnp-env", spawned(os.posix_spawnp, sys.executable, os.environ), flush=True)
+print("own-env", os.environ.get("LD_PRELOAD", "-"), os.environ.get("LISTEN_FDS", "-"), os.environ.get("RCLUSTER_MODE", "-"), os.environ.get("RCLUSTER_WORKER_ID", "-"), os.environ.get("RCLUSTER_GENERATION", "-"), flush=True)
 def serve(tid):
     while True:
         c, addr = s.accept()
@@ -457,12 +502,15 @@ fn python_threads_blocking_in_accept_get_each_connection_once() {
         "dispatch",
         &[master.addr()],
         vec![worker_end],
-        &[],
+        &[("RCLUSTER_WORKER_ID", "3"), ("RCLUSTER_GENERATION", "7")],
         &std::env::temp_dir(),
     );
     wait_ready(master.chan.as_fd());
     assert_eq!(worker.line("child-env"), "child-env - -");
-    assert_eq!(worker.line("own-env"), "own-env - 1 -");
+    assert_eq!(worker.line("child-execve-env"), "child-execve-env - -");
+    assert_eq!(worker.line("spawn-env"), "spawn-env libm.so.6 -");
+    assert_eq!(worker.line("spawnp-env"), "spawnp-env - -");
+    assert_eq!(worker.line("own-env"), "own-env - 1 dispatch 3 7");
     worker.line("serving");
     // Queue every connection first so the threads race for them.
     const N: usize = 24;

@@ -1,7 +1,16 @@
-//! `least-mem`: the open worker with the smallest resident memory (sampled RSS); ties broken by
-//! fewest active connections, then round-robin.
+//! `least-mem`: the open worker with the smallest resident memory (sampled RSS). Workers within
+//! [`rss_tolerance_kib`] of the smallest count as tied, and ties go by fewest active
+//! connections, then round-robin: without the tolerance the worker a few hundred KiB smaller
+//! than its peers would take every connection until its next sample.
 
 use super::{Policy, ROTATION_BITS, WorkerStat, min_open_from};
+
+/// Workers whose RSS is within this much of the smallest open worker's are treated as equal:
+/// 1/8 of the smallest, and at least 16 MiB, so equal servers share by least-conn while one that
+/// grew by tens of MiB is avoided.
+pub fn rss_tolerance_kib(smallest_kib: u32) -> u32 {
+    (smallest_kib / 8).max(16 * 1024)
+}
 
 /// Largest active count least-mem distinguishes (21 bits between RSS and the rotation bits).
 const ACTIVE_MAX: u32 = (1 << (32 - ROTATION_BITS)) - 1;
@@ -14,10 +23,21 @@ pub struct LeastMem {
 
 impl Policy for LeastMem {
     fn pick(&mut self, workers: &[WorkerStat], listener: usize) -> Option<usize> {
+        // Two passes over a dense table, both branch-light: the smallest RSS, then the
+        // least-conn minimum among the workers near it.
+        let bit = 1u64 << listener;
+        let smallest = workers
+            .iter()
+            .filter(|w| w.open & bit != 0)
+            .map(|w| w.rss_kib)
+            .min()?;
+        let near = smallest.saturating_add(rss_tolerance_kib(smallest));
         let i = min_open_from(workers, listener, self.next, |w| {
-            // One u64 key: RSS (KiB) in the high half, then active connections (saturating at
-            // 2^21, far beyond a tie-breaker's use), then the rotation bits.
-            (u64::from(w.rss_kib) << 32) | (u64::from(w.active.min(ACTIVE_MAX)) << ROTATION_BITS)
+            // One u64 key: RSS (KiB, 0 when near the smallest) in the high half, then active
+            // connections (saturating at 2^21, far beyond a tie-breaker's use), then the
+            // rotation bits.
+            let rss = if w.rss_kib <= near { 0 } else { w.rss_kib };
+            (u64::from(rss) << 32) | (u64::from(w.active.min(ACTIVE_MAX)) << ROTATION_BITS)
         })?;
         self.next = i + 1;
         Some(i)
@@ -30,11 +50,29 @@ mod tests {
     use crate::policy::testutil::open_with_active;
 
     #[test]
+    fn nearly_equal_workers_share_by_least_conn() {
+        let mut w = open_with_active(&[5, 0, 2]);
+        w[0].rss_kib = 40_000;
+        w[1].rss_kib = 44_900;
+        w[2].rss_kib = 39_800;
+        let mut lm = LeastMem::default();
+        assert_eq!(
+            lm.pick(&w, 0),
+            Some(1),
+            "within tolerance: fewest active wins"
+        );
+        // One that grew well past the tolerance is avoided even when idle.
+        w[1].rss_kib = 39_800 + rss_tolerance_kib(39_800) + 1;
+        assert_eq!(lm.pick(&w, 0), Some(2));
+    }
+
+    #[test]
     fn picks_smallest_then_least_conn() {
         let mut w = open_with_active(&[0, 5, 1]);
         w[0].rss_kib = 90_000;
         w[1].rss_kib = 10_000;
         w[2].rss_kib = 10_000;
+        // 90 MB is more than 16 MiB above 10 MB: worker 0 is out despite being idle.
         let mut lm = LeastMem::default();
         assert_eq!(lm.pick(&w, 0), Some(2));
         w[2].active = 9;

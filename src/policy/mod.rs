@@ -38,6 +38,12 @@ impl WorkerStat {
 pub trait Policy: Send {
     /// Chooses a worker; must return an index whose [`WorkerStat::is_open`] is true.
     fn pick(&mut self, workers: &[WorkerStat], listener: usize) -> Option<usize>;
+
+    /// Whether `pick` reads [`WorkerStat::active`]. When it does not, the acceptor reads the
+    /// workers' CLOSED reports on a timer instead of waking up for each one.
+    fn reads_active(&self) -> bool {
+        true
+    }
 }
 
 /// How connections reach workers.
@@ -71,7 +77,8 @@ pub enum PolicyKind {
     /// Fewest active connections (dispatched, not yet closed); ties rotate.
     #[value(alias = "lc", alias = "leastconn")]
     LeastConn,
-    /// Smallest resident memory; ties broken by fewest active connections.
+    /// Smallest resident memory (within 1/8, at least 16 MiB, counts as equal); ties broken by
+    /// fewest active connections.
     #[value(alias = "lm")]
     LeastMem,
     /// The less loaded of two workers chosen at random.

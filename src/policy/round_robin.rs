@@ -19,6 +19,10 @@ impl Policy for RoundRobin {
         self.next = i + 1;
         Some(i)
     }
+
+    fn reads_active(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]

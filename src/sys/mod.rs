@@ -30,17 +30,22 @@ pub(crate) use syscall;
 /// Process id of a worker.
 pub type Pid = libc::pid_t;
 
-/// `accept4(2)` with `SOCK_CLOEXEC`: the accepted fd never leaks into a worker spawned
-/// concurrently. Not `SOCK_NONBLOCK`: the master never reads a connection, and file status
-/// flags travel with the fd through `SCM_RIGHTS`, so the worker gets the blocking socket a
-/// plain `accept()` would have given it.
-pub fn accept4(listener: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+/// `accept4(2)` with `SOCK_CLOEXEC`, so the accepted fd never leaks into a process spawned
+/// concurrently, and `SOCK_NONBLOCK` when asked. The master asks for a blocking socket: it never
+/// reads a connection, and file status flags travel with the fd through `SCM_RIGHTS`, so the
+/// worker gets what a plain `accept()` would have given it.
+pub fn accept4(listener: BorrowedFd<'_>, nonblocking: bool) -> io::Result<OwnedFd> {
+    let flags = if nonblocking {
+        libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK
+    } else {
+        libc::SOCK_CLOEXEC
+    };
     // SAFETY: null addr/addrlen is allowed by accept4(2); the fd is borrowed for the call.
     let fd = syscall!(accept4(
         listener.as_raw_fd(),
         std::ptr::null_mut(),
         std::ptr::null_mut(),
-        libc::SOCK_CLOEXEC
+        flags
     ))?;
     // SAFETY: accept4 returned a new fd that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
@@ -76,18 +81,28 @@ pub fn set_nonblocking(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
     Ok(())
 }
 
-/// `getsockopt(SOL_SOCKET, opt)` for an int-valued option.
+/// `getsockopt(SOL_SOCKET, opt)` for an int-valued option, as the raw system call: the answer
+/// comes from the kernel even when a preloaded library (such as this project's own shim, which
+/// presents a dispatch channel as a TCP listener to unmodified servers) interposes libc's
+/// `getsockopt`.
 pub fn getsockopt_int(fd: BorrowedFd<'_>, opt: libc::c_int) -> io::Result<libc::c_int> {
     let mut val: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: val and len point to valid storage of the advertised size.
-    syscall!(getsockopt(
-        fd.as_raw_fd(),
-        libc::SOL_SOCKET,
-        opt,
-        (&mut val as *mut libc::c_int).cast(),
-        &mut len
-    ))?;
+    // SAFETY: val and len point to valid storage of the advertised size; the arguments are
+    // getsockopt(2)'s.
+    let res = unsafe {
+        libc::syscall(
+            libc::SYS_getsockopt,
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            opt,
+            (&mut val as *mut libc::c_int).cast::<libc::c_void>(),
+            &mut len as *mut libc::socklen_t,
+        )
+    };
+    if res == -1 {
+        return Err(io::Error::last_os_error());
+    }
     Ok(val)
 }
 

@@ -12,35 +12,43 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use super::syscall;
 
-/// Bytes of control buffer for one `SCM_RIGHTS` message with one fd (`CMSG_SPACE(4)` is 24 on
-/// 64-bit Linux); 32 keeps headroom and alignment.
-const CMSG_ONE_FD_LEN: usize = 32;
-/// A receive buffer for up to this many fds, so a misbehaving peer sending several is detected
-/// instead of silently truncated.
-const RECV_MAX_FDS: usize = 8;
+/// Most fds one sent message carries ([`crate::protocol::MAX_FDS_PER_CONN`]).
+pub const SEND_MAX_FDS: usize = crate::protocol::MAX_FDS_PER_CONN;
+/// Bytes of control buffer for one `SCM_RIGHTS` message with up to [`SEND_MAX_FDS`] fds: a
+/// 16-byte `cmsghdr` plus 4 bytes per fd, 8-aligned (`CMSG_SPACE`, cmsg(3)).
+const CMSG_SEND_LEN: usize = 16 + 4 * SEND_MAX_FDS;
+/// A receive buffer for up to this many fds: more than a sender may put in one message, so a
+/// misbehaving peer is detected (`MSG_CTRUNC`) instead of silently truncated.
+pub const RECV_MAX_FDS: usize = 64;
 
 #[repr(C, align(8))]
 #[derive(Clone, Copy)]
-struct CmsgOneFd([u8; CMSG_ONE_FD_LEN]);
+struct CmsgSend([u8; CMSG_SEND_LEN]);
 
 #[repr(C, align(8))]
-struct CmsgRecv([u8; 16 + 8 * RECV_MAX_FDS]);
+struct CmsgRecv([u8; 16 + 4 * RECV_MAX_FDS]);
 
-fn cmsg_space_one_fd() -> usize {
+fn cmsg_space(fds: usize) -> usize {
     // SAFETY: CMSG_SPACE is pure arithmetic.
-    unsafe { libc::CMSG_SPACE(mem::size_of::<RawFd>() as u32) as usize }
+    unsafe { libc::CMSG_SPACE((fds * mem::size_of::<RawFd>()) as u32) as usize }
 }
 
-/// Fills `cmsg` with an `SCM_RIGHTS` header carrying `fd`; returns the control length.
-fn write_cmsg_one_fd(msg: &mut libc::msghdr, fd: RawFd) {
-    // SAFETY: msg.msg_control points to a CmsgOneFd buffer of msg_controllen ≥ CMSG_SPACE(4)
-    // bytes, 8-aligned, so CMSG_FIRSTHDR is non-null and its data area holds one int.
+/// Fills the message's control buffer with one `SCM_RIGHTS` header carrying `fds`.
+fn write_cmsg_fds(msg: &mut libc::msghdr, fds: impl ExactSizeIterator<Item = RawFd>) {
+    let count = fds.len();
+    debug_assert!(count <= SEND_MAX_FDS && msg.msg_controllen >= cmsg_space(count));
+    // SAFETY: msg.msg_control points to an 8-aligned CmsgSend buffer whose msg_controllen is
+    // CMSG_SPACE(4 * count) ≤ CMSG_SEND_LEN, so CMSG_FIRSTHDR is non-null and its data area
+    // holds `count` ints.
     unsafe {
         let cmsg = libc::CMSG_FIRSTHDR(msg);
         (*cmsg).cmsg_level = libc::SOL_SOCKET;
         (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(mem::size_of::<RawFd>() as u32) as _;
-        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
+        (*cmsg).cmsg_len = libc::CMSG_LEN((count * mem::size_of::<RawFd>()) as u32) as _;
+        let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
+        for (i, fd) in fds.enumerate() {
+            std::ptr::write_unaligned(data.add(i), fd);
+        }
     }
 }
 
@@ -51,14 +59,14 @@ pub fn sendmsg_fd(chan: BorrowedFd<'_>, data: &[u8], fd: BorrowedFd<'_>) -> io::
         iov_base: data.as_ptr() as *mut _,
         iov_len: data.len(),
     };
-    let mut cmsg = CmsgOneFd([0; CMSG_ONE_FD_LEN]);
+    let mut cmsg = CmsgSend([0; CMSG_SEND_LEN]);
     // SAFETY: msghdr is plain data; zeroed is a valid empty header.
     let mut msg: libc::msghdr = unsafe { mem::zeroed() };
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = cmsg.0.as_mut_ptr().cast();
-    msg.msg_controllen = cmsg_space_one_fd() as _;
-    write_cmsg_one_fd(&mut msg, fd.as_raw_fd());
+    msg.msg_controllen = cmsg_space(1) as _;
+    write_cmsg_fds(&mut msg, std::iter::once(fd.as_raw_fd()));
     // SAFETY: msg points at iov/cmsg buffers that live until the call returns.
     let n = syscall!(sendmsg(
         chan.as_raw_fd(),
@@ -94,17 +102,48 @@ pub struct Received {
     pub extra_fds: usize,
 }
 
-/// Receives one message and at most one fd. `flags` may add `MSG_DONTWAIT`.
+/// Receives one message and at most one fd; extra fds are closed and counted.
+/// `flags` may add `MSG_DONTWAIT`.
 pub fn recvmsg_fd(
     chan: BorrowedFd<'_>,
     buf: &mut [u8],
     flags: libc::c_int,
 ) -> io::Result<Received> {
+    let mut fds = Vec::new();
+    let got = recvmsg_fds(chan, buf, flags, &mut fds)?;
+    let extra_fds = fds.len().saturating_sub(1);
+    fds.truncate(1);
+    Ok(Received {
+        len: got.len,
+        fd: fds.pop(),
+        truncated: got.truncated,
+        extra_fds,
+    })
+}
+
+/// What [`recvmsg_fds`] read besides the fds.
+#[derive(Debug, Clone, Copy)]
+pub struct ReceivedMsg {
+    /// Bytes of payload written into the caller's buffer (0 with no fd means end of stream).
+    pub len: usize,
+    /// The message was longer than the buffer (`MSG_TRUNC`); the rest is gone.
+    pub truncated: bool,
+}
+
+/// Receives one message; the fds that came with it (close-on-exec, in order) are appended to
+/// `fds`. A message with more than [`RECV_MAX_FDS`] fds is an `InvalidData` error (the kernel
+/// closed what did not fit, and what did is closed here). `flags` may add `MSG_DONTWAIT`.
+pub fn recvmsg_fds(
+    chan: BorrowedFd<'_>,
+    buf: &mut [u8],
+    flags: libc::c_int,
+    fds: &mut Vec<OwnedFd>,
+) -> io::Result<ReceivedMsg> {
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
     };
-    let mut cmsg = CmsgRecv([0; 16 + 8 * RECV_MAX_FDS]);
+    let mut cmsg = CmsgRecv([0; 16 + 4 * RECV_MAX_FDS]);
     // SAFETY: msghdr is plain data; zeroed is a valid empty header.
     let mut msg: libc::msghdr = unsafe { mem::zeroed() };
     msg.msg_iov = &mut iov;
@@ -117,7 +156,7 @@ pub fn recvmsg_fd(
         &mut msg,
         flags | libc::MSG_CMSG_CLOEXEC
     ))?;
-    let mut fds: Vec<OwnedFd> = Vec::new();
+    let first_new = fds.len();
     // SAFETY: after recvmsg, msg_control/msg_controllen describe the control data the kernel
     // wrote; CMSG_FIRSTHDR/NXTHDR walk it within those bounds; each SCM_RIGHTS data area holds
     // (cmsg_len - CMSG_LEN(0)) / 4 fds that are now ours.
@@ -137,32 +176,31 @@ pub fn recvmsg_fd(
         }
     }
     if msg.msg_flags & libc::MSG_CTRUNC != 0 {
-        // The kernel closed the fds that did not fit; what we did get is closed by drop.
+        // The kernel closed the fds that did not fit; what we did get is closed here.
+        fds.truncate(first_new);
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             "control data truncated (MSG_CTRUNC): too many fds in one message",
         ));
     }
-    let extra_fds = fds.len().saturating_sub(1);
-    fds.truncate(1);
-    Ok(Received {
+    Ok(ReceivedMsg {
         len: n as usize,
-        fd: fds.pop(),
         truncated: msg.msg_flags & libc::MSG_TRUNC != 0,
-        extra_fds,
     })
 }
 
-/// A batch of (payload, fd) messages for one channel, sent with one `sendmmsg(2)`. Capacity is
-/// fixed at construction so pushing and sending never allocate on the hot path. The fd of each
-/// message sent is closed (the receiver holds its own reference from then on); messages that did
-/// not fit are handed back by [`SendBatch::pop_unsent`] for dispatch elsewhere.
+/// A batch of (payload, fd) items for one channel, sent with one `sendmmsg(2)`: consecutive
+/// items share a message, up to the `fds_per_msg` given to [`SendBatch::send`], and each
+/// message carries the payload of its first item. Capacity is fixed at construction so pushing
+/// and sending never allocate on the hot path. The fds of the items sent are closed (the
+/// receiver holds its own references from then on); items that did not fit are handed back by
+/// [`SendBatch::pop_unsent`] for dispatch elsewhere.
 pub struct SendBatch<const N: usize> {
     payloads: Vec<[u8; N]>,
     fds: Vec<OwnedFd>,
     hdrs: Vec<libc::mmsghdr>,
     iovs: Vec<libc::iovec>,
-    cmsgs: Vec<CmsgOneFd>,
+    cmsgs: Vec<CmsgSend>,
     capacity: usize,
 }
 
@@ -187,7 +225,7 @@ impl<const N: usize> SendBatch<N> {
                 };
                 capacity
             ],
-            cmsgs: vec![CmsgOneFd([0; CMSG_ONE_FD_LEN]); capacity],
+            cmsgs: vec![CmsgSend([0; CMSG_SEND_LEN]); capacity],
             capacity,
         }
     }
@@ -217,39 +255,47 @@ impl<const N: usize> SendBatch<N> {
         Ok(())
     }
 
-    /// Sends as many queued messages as the channel takes, in order, with one `sendmmsg`.
-    /// Returns how many were sent (their fds are closed here). `Err(WouldBlock)` means the
-    /// channel took none; other errors (`EPIPE`: the worker's end is gone) likewise sent none.
-    pub fn send(&mut self, chan: BorrowedFd<'_>) -> io::Result<usize> {
+    /// Sends as many queued items as the channel takes, in order, with one `sendmmsg`, up to
+    /// `fds_per_msg` (clamped to 1 ..= [`SEND_MAX_FDS`]) per message. Returns how many items
+    /// were sent (their fds are closed here). `Err(WouldBlock)` means the channel took none;
+    /// other errors (`EPIPE`: the worker's end is gone) likewise sent none.
+    pub fn send(&mut self, chan: BorrowedFd<'_>, fds_per_msg: usize) -> io::Result<usize> {
         let count = self.fds.len();
         if count == 0 {
             return Ok(0);
         }
-        let control_len = cmsg_space_one_fd();
-        for i in 0..count {
-            self.iovs[i] = libc::iovec {
-                iov_base: self.payloads[i].as_mut_ptr().cast(),
+        let per_msg = fds_per_msg.clamp(1, SEND_MAX_FDS);
+        let mut messages = 0;
+        for first in (0..count).step_by(per_msg) {
+            let k = per_msg.min(count - first);
+            self.iovs[messages] = libc::iovec {
+                iov_base: self.payloads[first].as_mut_ptr().cast(),
                 iov_len: N,
             };
-            let hdr = &mut self.hdrs[i].msg_hdr;
+            let hdr = &mut self.hdrs[messages].msg_hdr;
             hdr.msg_name = std::ptr::null_mut();
             hdr.msg_namelen = 0;
-            hdr.msg_iov = &mut self.iovs[i];
+            hdr.msg_iov = &mut self.iovs[messages];
             hdr.msg_iovlen = 1;
-            hdr.msg_control = self.cmsgs[i].0.as_mut_ptr().cast();
-            hdr.msg_controllen = control_len as _;
+            hdr.msg_control = self.cmsgs[messages].0.as_mut_ptr().cast();
+            hdr.msg_controllen = cmsg_space(k) as _;
             hdr.msg_flags = 0;
-            write_cmsg_one_fd(hdr, self.fds[i].as_raw_fd());
-            self.hdrs[i].msg_len = 0;
+            write_cmsg_fds(
+                hdr,
+                self.fds[first..first + k].iter().map(|f| f.as_raw_fd()),
+            );
+            self.hdrs[messages].msg_len = 0;
+            messages += 1;
         }
-        // SAFETY: hdrs[..count] point at iovs/payloads/cmsgs entries owned by self that are not
-        // touched until the call returns.
-        let sent = syscall!(sendmmsg(
+        // SAFETY: hdrs[..messages] point at iovs/payloads/cmsgs entries owned by self that are
+        // not touched until the call returns.
+        let sent_msgs = syscall!(sendmmsg(
             chan.as_raw_fd(),
             self.hdrs.as_mut_ptr(),
-            count as libc::c_uint,
+            messages as libc::c_uint,
             libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT
         ))? as usize;
+        let sent = (sent_msgs * per_msg).min(count);
         // Close our copies of what the kernel now holds in the channel, keep the rest in order.
         self.fds.drain(..sent);
         self.payloads.drain(..sent);
@@ -326,7 +372,7 @@ mod tests {
             readers.push(r);
             batch.push(i.to_le_bytes(), w).unwrap();
         }
-        let sent = batch.send(a.as_fd()).unwrap();
+        let sent = batch.send(a.as_fd(), 1).unwrap();
         assert!(sent > 0 && sent < 256, "sent {sent}");
         assert_eq!(batch.len(), 256 - sent);
         // The first unsent one is next in order.
@@ -358,10 +404,49 @@ mod tests {
         assert_eq!(err.0.kind(), io::ErrorKind::WouldBlock);
         let mut full = err.1;
         assert_eq!(
-            full.send(a.as_fd()).unwrap_err().kind(),
+            full.send(a.as_fd(), 1).unwrap_err().kind(),
             io::ErrorKind::WouldBlock
         );
         assert_eq!(full.len(), 1, "nothing lost when the channel is full");
+    }
+
+    #[test]
+    fn batch_groups_fds_into_messages() {
+        let (a, b) = socketpair_seqpacket().unwrap();
+        let mut batch = SendBatch::<4>::with_capacity(64);
+        let mut readers = Vec::new();
+        for i in 0..10u32 {
+            let (r, w) = pipe();
+            readers.push(r);
+            batch.push(i.to_le_bytes(), w).unwrap();
+        }
+        assert_eq!(batch.send(a.as_fd(), 4).unwrap(), 10);
+        // Messages of 4, 4 and 2 fds, each with its first item's payload, fds in order.
+        let mut next = 0usize;
+        for want in [4, 4, 2] {
+            let mut buf = [0u8; 4];
+            let mut fds = Vec::new();
+            let got = recvmsg_fds(b.as_fd(), &mut buf, libc::MSG_DONTWAIT, &mut fds).unwrap();
+            assert_eq!(got.len, 4);
+            assert_eq!(u32::from_le_bytes(buf) as usize, next);
+            assert_eq!(fds.len(), want);
+            for fd in fds {
+                write_all(fd.as_fd(), b"z");
+                assert_eq!(read_some(readers[next].as_fd()), b"z");
+                next += 1;
+            }
+        }
+        // One fd per message when the receiver allows only one; the extra-fd check still works.
+        let (r, w) = pipe();
+        batch.push(7u32.to_le_bytes(), w).unwrap();
+        let (_r2, w2) = pipe();
+        batch.push(8u32.to_le_bytes(), w2).unwrap();
+        assert_eq!(batch.send(a.as_fd(), 1).unwrap(), 2);
+        let mut buf = [0u8; 4];
+        let one = recvmsg_fd(b.as_fd(), &mut buf, 0).unwrap();
+        assert_eq!(one.extra_fds, 0);
+        write_all(one.fd.unwrap().as_fd(), b"q");
+        assert_eq!(read_some(r.as_fd()), b"q");
     }
 
     #[test]

@@ -324,7 +324,7 @@ impl Response {
 
 /// `GET path` on a new connection with `Connection: close`.
 pub fn get(addr: SocketAddr, path: &str) -> std::io::Result<Response> {
-    let mut s = TcpStream::connect(addr)?;
+    let mut s = TcpStream::connect_timeout(&addr, DEADLINE)?;
     s.set_read_timeout(Some(DEADLINE))?;
     s.set_write_timeout(Some(DEADLINE))?;
     write!(
