@@ -142,6 +142,8 @@ struct Supervisor {
     /// Old workers a reload still has to replace.
     reload_queue: VecDeque<WorkerId>,
     reload_requested: bool,
+    /// A reload started and has neither completed nor been aborted.
+    reload_running: bool,
 }
 
 impl Supervisor {
@@ -214,6 +216,7 @@ impl Supervisor {
             replacements: Vec::new(),
             reload_queue: VecDeque::new(),
             reload_requested: false,
+            reload_running: false,
             config,
         })
     }
@@ -673,6 +676,7 @@ impl Supervisor {
             return;
         }
         self.generation += 1;
+        self.reload_running = true;
         self.reload_queue = self
             .workers
             .iter()
@@ -717,12 +721,17 @@ impl Supervisor {
             }
         }
         let reloading = self.replacements.iter().any(|r| r.reason == Reason::Reload);
-        if !reloading && self.reload_queue.is_empty() && self.generation > 0 {
-            if self
-                .workers
-                .iter()
-                .all(|w| w.generation == self.generation || w.state == Lifecycle::Draining)
+        if !reloading && self.reload_queue.is_empty() {
+            // Once per reload (recycles and restarts call this too), when the last old worker
+            // is draining: that may be a worker the reload skipped because a recycle was
+            // replacing it.
+            if self.reload_running
+                && self
+                    .workers
+                    .iter()
+                    .all(|w| w.generation == self.generation || w.state == Lifecycle::Draining)
             {
+                self.reload_running = false;
                 info!("reload to generation {} complete", self.generation);
             }
             if std::mem::take(&mut self.reload_requested) {
@@ -735,6 +744,7 @@ impl Supervisor {
         error!("reload aborted: {why}; the running workers keep serving");
         self.reload_queue.clear();
         self.reload_requested = false;
+        self.reload_running = false;
         let failed: Vec<WorkerId> = self
             .replacements
             .iter()

@@ -801,14 +801,47 @@ fn reloads_while_max_conns_recycles_workers_all_complete() {
     let tally = load.join();
     assert_no_loss("reloads during recycling", &tally, 6_000);
     assert!(!cluster.log_contains("reload aborted"));
-    println!(
-        "'reload to generation {RELOADS} complete' logged {} times",
-        cluster.log_count(&format!("reload to generation {RELOADS} complete"))
-    );
+    for n in 1..=RELOADS {
+        let complete = format!("reload to generation {n} complete");
+        assert_eq!(
+            cluster.log_count(&complete),
+            1,
+            "{complete:?} once per reload"
+        );
+    }
     for r in get_many(cluster.addr(), "/", 20, 2) {
         assert_eq!(
             r.expect("request after the reloads").generation(),
             RELOADS as u64
         );
     }
+}
+
+#[test]
+fn connection_handed_to_a_worker_before_its_drain_is_answered_when_its_request_comes_later() {
+    let cluster = TestCluster::start(&["--workers", "1", "--grace", "5s"]);
+    // Connected, taken by the worker, but no request yet (a slow client).
+    let mut slow = std::net::TcpStream::connect(cluster.addr()).expect("connect");
+    slow.set_read_timeout(Some(DEADLINE)).unwrap();
+    let holder = cluster.wait_for_holder(&slow);
+    cluster.signal(libc::SIGHUP);
+    cluster.wait_for_log(
+        &format!("worker[{holder}]: info SIGTERM: draining 1 connections"),
+        DEADLINE,
+    );
+    let late = get_on(&mut slow, "/late", true).expect("late request answered");
+    println!(
+        "late request: status {}, generation {}, connection {}",
+        late.status,
+        late.generation(),
+        late.headers["connection"]
+    );
+    assert_eq!(late.status, 200, "{late:?}");
+    assert_eq!(late.pid(), holder, "{late:?}");
+    assert_eq!(late.generation(), 0, "{late:?}");
+    assert_eq!(
+        late.headers["connection"], "close",
+        "a draining worker closes after answering"
+    );
+    cluster.wait_for_log(&format!("(pid {holder}) exited: exit code 0"), DEADLINE);
 }

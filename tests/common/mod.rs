@@ -779,3 +779,63 @@ impl TestCluster {
         }
     }
 }
+
+/// The inode of the server side of the TCP connection `client` has open (the socket whose
+/// local address is `client`'s peer and whose remote address is `client`'s local address),
+/// from `/proc/net/tcp`.
+pub fn server_socket_inode(client: &TcpStream) -> Option<u64> {
+    let local = client.local_addr().ok()?;
+    let peer = client.peer_addr().ok()?;
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    let port_of = |field: &str| {
+        field
+            .rsplit(':')
+            .next()
+            .and_then(|p| u16::from_str_radix(p, 16).ok())
+    };
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() > 9 && port_of(f[1]) == Some(peer.port()) && port_of(f[2]) == Some(local.port())
+        {
+            f[9].parse().ok().filter(|&inode| inode != 0)
+        } else {
+            None
+        }
+    })
+}
+
+/// Whether process `pid` has the socket with `inode` open.
+pub fn holds_socket(pid: i32, inode: u64) -> bool {
+    let want = format!("socket:[{inode}]");
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    dir.flatten()
+        .any(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.as_os_str() == want.as_str()))
+}
+
+impl TestCluster {
+    /// Waits until one of the workers holds the server side of `client` (it took the
+    /// connection from its channel); returns that worker's pid. For connections that stay
+    /// open meanwhile (the client has not sent its request yet).
+    pub fn wait_for_holder(&self, client: &TcpStream) -> i32 {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(inode) = server_socket_inode(client)
+                && let Some(pid) = self
+                    .worker_pids()
+                    .into_iter()
+                    .find(|&p| holds_socket(p, inode))
+            {
+                return pid;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no worker took the connection (server socket inode {:?}, workers {:?})",
+                server_socket_inode(client),
+                self.worker_pids()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
