@@ -36,6 +36,8 @@ pub const SEND_BATCH: usize = 64;
 const ACCEPT_BURST: usize = 256;
 /// How long accepting pauses after EMFILE/ENFILE/ENOBUFS/ENOMEM, so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// How often the channels are checked while the acceptor waits for them to empty at shutdown.
+const SHUTDOWN_POLL: Duration = Duration::from_millis(10);
 /// For policies that do not read active counts: how often the channels are read (READY, CLOSED,
 /// STOPPING) instead of waking up for every message.
 const CHANNEL_SWEEP: Duration = Duration::from_millis(20);
@@ -89,8 +91,13 @@ pub enum Command {
     Rss(Vec<(WorkerId, u32)>),
     /// Log one status line per worker.
     Status,
-    /// Stop accepting and end the thread.
-    Shutdown,
+    /// Stop accepting (the listeners are closed, so new connections are refused), wait up to
+    /// `drain_for` until the workers have taken every connection already dispatched, report
+    /// [`Event::Drained`], and end the thread.
+    Shutdown {
+        /// Longest wait for the channels to empty.
+        drain_for: Duration,
+    },
 }
 
 /// Acceptor → supervisor.
@@ -106,6 +113,9 @@ pub enum Event {
     MaxConns(WorkerId),
     /// Reclaimed connections from a drained or dead worker (count), for logs and tests.
     Reclaimed(WorkerId, usize),
+    /// After [`Command::Shutdown`]: every dispatched connection was taken by a worker (or the
+    /// wait ran out); the workers can be told to stop.
+    Drained,
 }
 
 /// Handle the supervisor keeps.
@@ -123,9 +133,11 @@ impl AcceptorHandle {
         }
     }
 
-    /// Tells the thread to stop and waits for it.
+    /// Tells the thread to stop (at once, if it is not stopping already) and waits for it.
     pub fn shutdown(mut self) {
-        self.send(Command::Shutdown);
+        self.send(Command::Shutdown {
+            drain_for: Duration::ZERO,
+        });
         if let Some(t) = self.thread.take()
             && t.join().is_err()
         {
@@ -221,7 +233,8 @@ pub struct Acceptor {
     supervisor_waker: Arc<Waker>,
     stall_timeout: Duration,
     cpu: Option<usize>,
-    shutting_down: bool,
+    /// Set by [`Command::Shutdown`]: until when to wait for the channels to empty.
+    shutting_down: Option<Instant>,
     /// The policy does not read active counts: channels are registered for writability only
     /// and read every [`CHANNEL_SWEEP`] (`next_sweep`).
     sweep_channels: bool,
@@ -265,7 +278,7 @@ impl Acceptor {
             supervisor_waker,
             stall_timeout: config.stall_timeout,
             cpu: config.cpu,
-            shutting_down: false,
+            shutting_down: None,
         };
         Ok((acceptor, tx, waker))
     }
@@ -283,12 +296,37 @@ impl Acceptor {
                 Err(e) => warn!("cannot pin the acceptor to CPU {cpu}: {e}"),
             }
         }
-        while !self.shutting_down {
+        while self.shutting_down.is_none() {
             let timeout = self.next_timeout();
             self.turn(timeout)?;
         }
+        // Accepting has stopped. Connections already in a channel are the workers' to serve:
+        // keep the channels (and reclaim from any worker that dies meanwhile) until the workers
+        // have read them all, so that stopping the workers loses none.
+        while !self.channels_empty()
+            && self
+                .shutting_down
+                .is_some_and(|until| Instant::now() < until)
+        {
+            self.turn(Some(SHUTDOWN_POLL))?;
+        }
+        if !self.channels_empty() {
+            warn!("stopping with connections still queued for workers that did not take them");
+        }
+        self.emit(Event::Drained);
         info!("acceptor stopped");
         Ok(())
+    }
+
+    /// Nothing waits in the master or in any channel.
+    fn channels_empty(&self) -> bool {
+        self.pending.is_empty()
+            && self.entries.iter().all(|e| {
+                e.channels.iter().all(|c| {
+                    c.batch.is_empty()
+                        && sys::siocoutq(c.ends.master.as_fd()).is_ok_and(|queued| queued == 0)
+                })
+            })
     }
 
     /// One wake-up: wait for events (at most `timeout`), apply commands, read the channels,
@@ -407,8 +445,9 @@ impl Acceptor {
                     }
                 }
                 Command::Status => self.log_status(),
-                Command::Shutdown => {
-                    self.shutting_down = true;
+                Command::Shutdown { drain_for } => {
+                    let until = Instant::now() + drain_for;
+                    self.shutting_down = Some(self.shutting_down.map_or(until, |t| t.min(until)));
                     // New connections are refused from now on rather than queued to nobody.
                     for l in &mut self.listeners {
                         let _ = self.poll.registry().deregister(l);

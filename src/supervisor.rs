@@ -136,6 +136,9 @@ struct Supervisor {
     base_env: Vec<Vec<u8>>,
     preload: Option<PathBuf>,
     shutdown_deadline: Option<Instant>,
+    /// While shutting down in dispatch mode: when to SIGTERM the workers if the acceptor has
+    /// not reported the channels drained by then.
+    shutdown_signal_at: Option<Instant>,
     all_ready_announced: bool,
     next_rss_sample: Option<Instant>,
     replacements: Vec<Replacement>,
@@ -211,6 +214,7 @@ impl Supervisor {
             generation: 0,
             preload,
             shutdown_deadline: None,
+            shutdown_signal_at: None,
             all_ready_announced: false,
             next_rss_sample: None,
             replacements: Vec::new(),
@@ -458,6 +462,7 @@ impl Supervisor {
             }
         };
         consider(self.shutdown_deadline);
+        consider(self.shutdown_signal_at);
         consider(self.next_rss_sample);
         for s in &self.slots {
             consider(s.restart_at);
@@ -500,20 +505,44 @@ impl Supervisor {
     }
 
     fn begin_shutdown(&mut self, sig: i32) {
-        info!(
-            "{}: stopping; workers get SIGTERM and {:?} to exit",
-            sys::signal_name(sig),
-            self.config.grace
-        );
-        self.send(Command::Shutdown);
-        self.shutdown_deadline = Some(Instant::now() + self.config.grace);
+        let now = Instant::now();
+        self.shutdown_deadline = Some(now + self.config.grace);
         self.reload_queue.clear();
         self.replacements.clear();
         for s in &mut self.slots {
             s.restart_at = None;
         }
         for w in &mut self.workers {
+            // Exits from now on are expected: nothing is restarted.
             w.state = Lifecycle::Draining;
+            w.kill_at = None;
+        }
+        if self.acceptor.is_some() {
+            // Stop accepting first, and let the workers take what is already in their channels
+            // (up to half the grace period) before they are told to stop: a connection the
+            // master accepted is served, not dropped with a channel.
+            let drain_for = self.config.grace / 2;
+            info!(
+                "{}: stopping; no new connections; workers get up to {drain_for:?} to take what is queued for them, then SIGTERM, and SIGKILL after {:?}",
+                sys::signal_name(sig),
+                self.config.grace
+            );
+            self.send(Command::Shutdown { drain_for });
+            self.shutdown_signal_at = Some(now + drain_for);
+        } else {
+            info!(
+                "{}: stopping; workers get SIGTERM and {:?} to exit",
+                sys::signal_name(sig),
+                self.config.grace
+            );
+            self.signal_shutdown();
+        }
+    }
+
+    /// Sends every worker SIGTERM, once, as the second step of shutting down.
+    fn signal_shutdown(&mut self) {
+        self.shutdown_signal_at = None;
+        for w in &self.workers {
             let _ = sys::kill(w.pid, libc::SIGTERM);
         }
     }
@@ -546,6 +575,12 @@ impl Supervisor {
             Event::Stalled(id) => self.replace(id, Reason::Recycle, "it stopped accepting"),
             Event::MaxConns(id) => self.replace(id, Reason::Recycle, "it reached --max-conns"),
             Event::Reclaimed(..) => {}
+            Event::Drained => {
+                if self.shutdown_signal_at.is_some() {
+                    info!("every dispatched connection was taken; stopping the workers");
+                    self.signal_shutdown();
+                }
+            }
         }
     }
 
@@ -906,6 +941,9 @@ impl Supervisor {
 
     fn on_timers(&mut self) {
         let now = Instant::now();
+        if self.shutdown_signal_at.is_some_and(|t| now >= t) {
+            self.signal_shutdown();
+        }
         if let Some(deadline) = self.shutdown_deadline
             && now >= deadline
         {

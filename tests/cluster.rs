@@ -69,24 +69,31 @@ fn shared_serves_every_connection() {
 
 #[test]
 fn least_conn_avoids_a_busy_worker() {
-    let cluster = TestCluster::start(&["--workers", "3", "--policy", "least-conn"]);
+    let cluster = TestCluster::start(&["--workers", "4", "--policy", "least-conn"]);
     let addr = cluster.addr();
     // One long request occupies one worker (the demo worker is single-threaded, so it cannot
     // even accept while it spins).
-    let long = std::thread::spawn(move || get(addr, "/?us=3000000"));
+    let long = std::thread::spawn(move || get(addr, "/?us=5000000"));
     // Wait until the master has dispatched it: some worker's active count is 1.
     wait_until("the long request is dispatched", || {
         status(&cluster).iter().any(|s| s.active == 1)
     });
     let busy_pid = status(&cluster).iter().find(|s| s.active == 1).unwrap().pid;
-    // Sequential short requests: at most one other worker can still count a connection whose
-    // CLOSED is in flight, so a worker with 0 active always exists besides the busy one.
-    for _ in 0..60 {
+    // Sequential short requests, while the long one runs. A worker that just answered may
+    // still count its connection until its CLOSED arrives, but with four workers one of the
+    // three others is always at 0, below the busy worker's 1.
+    let mut short = 0;
+    while short < 60 && !long.is_finished() {
         let r = get(addr, "/").unwrap();
+        if long.is_finished() {
+            break;
+        }
         assert_ne!(r.pid(), busy_pid, "a short request went to the busy worker");
+        short += 1;
     }
     let long = long.join().unwrap().unwrap();
     assert_eq!(long.pid(), busy_pid);
+    assert!(short > 0, "no short request ran while the long one did");
 }
 
 #[test]
@@ -193,6 +200,41 @@ fn sigterm_exits_zero_and_leaves_no_process() {
 }
 
 #[test]
+fn sigterm_serves_connections_already_dispatched() {
+    let mut cluster = TestCluster::start(&[
+        "--workers",
+        "2",
+        "--policy",
+        "round-robin",
+        "--grace",
+        "20s",
+    ]);
+    let addr = cluster.addr();
+    let workers = cluster.wait_for_workers(2);
+    per_worker(&get_many(addr, "/", 10, 2));
+    // One worker stops taking connections; round-robin queues every other one in its channel.
+    kill(workers[0], libc::SIGSTOP);
+    let clients = std::thread::spawn(move || get_many(addr, "/", 20, 20));
+    wait_until("the running worker answered its half", || {
+        status_dispatched_closed(&cluster) >= 20
+    });
+    // Stop the master while 10 connections wait in the stopped worker's channel, then let the
+    // worker run again: it must get to serve them before it is told to stop.
+    cluster.signal(libc::SIGTERM);
+    cluster.wait_for_log("no new connections", DEADLINE);
+    kill(workers[0], libc::SIGCONT);
+    let counts = per_worker(&clients.join().unwrap());
+    assert_eq!(counts.values().sum::<usize>(), 20, "{counts:?}");
+    assert_eq!(
+        counts.len(),
+        2,
+        "the stopped worker served its queue: {counts:?}"
+    );
+    assert_eq!(cluster.wait_exit(DEADLINE).code(), Some(0));
+    assert!(cluster.log_contains("every dispatched connection was taken"));
+}
+
+#[test]
 fn workers_die_with_a_sigkilled_master() {
     let mut cluster = TestCluster::start(&["--workers", "3"]);
     let workers = cluster.wait_for_workers(3);
@@ -253,6 +295,10 @@ fn workers_get_the_contract_and_no_other_fd() {
     }
     assert_eq!(ids, HashSet::from(["0".to_string(), "1".to_string()]));
     for pid in cluster.wait_for_workers(2) {
+        // Look once the shell has exec'd sleep (its own redirections use scratch fds).
+        wait_until("the worker runs sleep", || {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "sleep")
+        });
         let mut fds: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().parse().unwrap())
@@ -349,6 +395,7 @@ fn bad_input_fails_with_one_line_and_the_right_code() {
 struct WorkerStatus {
     pid: i32,
     active: u64,
+    closed: u64,
     rss_kib: u64,
 }
 
@@ -386,11 +433,17 @@ fn status(cluster: &TestCluster) -> Vec<WorkerStatus> {
             out.push(WorkerStatus {
                 pid: field("pid") as i32,
                 active: field("active"),
+                closed: field("closed"),
                 rss_kib: field("rss_kib"),
             });
         }
     }
     out
+}
+
+/// Connections the running workers have reported closed, summed over the status dump.
+fn status_dispatched_closed(cluster: &TestCluster) -> u64 {
+    status(cluster).iter().map(|s| s.closed).sum()
 }
 
 fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
