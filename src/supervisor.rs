@@ -840,6 +840,13 @@ impl Supervisor {
         }
         let slot = *active.last().expect("two or more");
         info!("SIGTTOU: removing worker {slot}");
+        if self.mode == Mode::Reuseport {
+            // Closing a SO_REUSEPORT listener resets what is queued on it unless the host has
+            // net.ipv4.tcp_migrate_req=1 (which moves them to another socket of the group).
+            warn!(
+                "reuseport mode: connections still queued on worker {slot}'s own socket when it                  exits are reset unless net.ipv4.tcp_migrate_req=1"
+            );
+        }
         self.slots[slot].active = false;
         self.slots[slot].restart_at = None;
         let ids: Vec<WorkerId> = self
@@ -881,6 +888,12 @@ impl Supervisor {
         }
         // Connections still queued in its channel go to another worker.
         self.send(Command::Remove(id));
+        // Reuseport mode: a removed slot's listening sockets leave the kernel's group with
+        // their last worker, or new connections would keep being hashed to a socket nobody
+        // accepts from.
+        if !self.slots[w.slot].active && self.workers.iter().all(|o| o.slot != w.slot) {
+            self.slots[w.slot].reuseport.clear();
+        }
 
         if self.shutdown_deadline.is_some() || w.state == Lifecycle::Draining {
             info!("worker {} (pid {}) exited: {status}", w.slot, w.pid);

@@ -148,6 +148,23 @@ fn reuseport_keeps_a_killed_workers_queue() {
 }
 
 #[test]
+fn reuseport_scale_down_takes_the_removed_workers_socket_out_of_the_group() {
+    let cluster = TestCluster::start(&["--workers", "3", "--policy", "reuseport"]);
+    per_worker(&get_many(cluster.addr(), "/", 60, 3));
+    cluster.signal(libc::SIGTTOU);
+    // The removed worker drains and exits (the only exit in this test).
+    cluster.wait_for_log(") exited: exit code 0", DEADLINE);
+    cluster.wait_for_workers(2);
+    // Had the master kept the removed slot's socket, about a third of these would hang in its
+    // queue with nobody accepting.
+    for i in 0..150 {
+        let r = get_with_timeout(cluster.addr(), "/", Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("request {i} after the scale-down failed: {e}"));
+        assert_ne!(r.worker(), 2, "the removed worker answered");
+    }
+}
+
+#[test]
 fn a_killed_worker_is_replaced_and_service_continues() {
     let cluster = TestCluster::start(&["--workers", "2", "--policy", "round-robin"]);
     let before = cluster.wait_for_workers(2);
