@@ -4,7 +4,7 @@
 //! ```text
 //! client ──SYN──▶ kernel backlog ──▶ [master: acceptor thread (mio/epoll, optionally pinned)]
 //!                                        │ accept4 until EAGAIN → policy.pick(load table)
-//!                                        │ sendmmsg SCM_RIGHTS, one fd per message
+//!                                        │ sendmmsg SCM_RIGHTS: 1 fd per message, up to 16 if the worker takes them
 //!                                        ▼
 //!                       SOCK_SEQPACKET channel per (worker, listener) ── fd 3+i in the worker
 //!                                        ▼
