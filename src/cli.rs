@@ -58,7 +58,9 @@ pub struct Args {
     #[arg(long, value_name = "CPU")]
     pub acceptor_cpu: Option<usize>,
 
-    /// How long workers get to exit after SIGTERM on shutdown or drain before SIGKILL.
+    /// Shutdown: how long the whole stop may take (workers first get up to half of it to take
+    /// the connections already dispatched to them, then SIGTERM; SIGKILL at the end). Drain
+    /// (reload, recycle, scale-down): how long after the drain signal before SIGKILL.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
     pub grace: Duration,
 
