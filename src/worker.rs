@@ -399,6 +399,10 @@ impl Worker {
     pub fn from_env() -> Result<Worker, WorkerError> {
         let contract = Contract::from_env()?;
         contract.check_pid(sys::getpid())?;
+        // A worker out of fds cannot install the connections a CONN message carries (the
+        // kernel closes them, MSG_CTRUNC); give it all the room its hard limit allows. Failing
+        // to raise it only keeps the soft limit.
+        let _ = sys::raise_nofile_limit();
         if INHERITED_FDS_ADOPTED.swap(true, Ordering::SeqCst) {
             return Err(WorkerError::AlreadyAdopted);
         }
