@@ -275,7 +275,7 @@ impl Args {
             } else {
                 Err(usage(format!(
                     "{what} names CPU {cpu}, which is not in this process's allowed CPUs ({})",
-                    format_cpus(&allowed)
+                    topology::format_cpu_list(&allowed)
                 )))
             }
         };
@@ -354,13 +354,6 @@ impl Args {
             stall_timeout: self.stall_timeout,
         })
     }
-}
-
-fn format_cpus(cpus: &[usize]) -> String {
-    cpus.iter()
-        .map(|c| c.to_string())
-        .collect::<Vec<_>>()
-        .join(",")
 }
 
 #[cfg(test)]

@@ -385,7 +385,7 @@ impl Supervisor {
         info!(
             "worker {slot} started: pid {pid}, generation {generation}{}",
             match self.slots[slot].cpus {
-                Some(c) => format!(", CPU {}", format_cpus(&c.cpus())),
+                Some(c) => format!(", CPU {}", crate::topology::format_cpu_list(&c.cpus())),
                 None => String::new(),
             }
         );
@@ -1155,13 +1155,6 @@ fn jitter(max: u64, id: WorkerId) -> u64 {
     x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
     x ^= x >> 33;
     x % (max + 1)
-}
-
-fn format_cpus(cpus: &[usize]) -> String {
-    cpus.iter()
-        .map(|c| c.to_string())
-        .collect::<Vec<_>>()
-        .join(",")
 }
 
 impl Drop for Supervisor {

@@ -76,9 +76,9 @@ fn least_conn_avoids_a_busy_worker() {
     let long = std::thread::spawn(move || get(addr, "/?us=5000000"));
     // Wait until the master has dispatched it: some worker's active count is 1.
     wait_until("the long request is dispatched", || {
-        status(&cluster).iter().any(|s| s.active == 1)
+        cluster.status().iter().any(|s| s.active == 1)
     });
-    let busy_pid = status(&cluster).iter().find(|s| s.active == 1).unwrap().pid;
+    let busy_pid = cluster.status().iter().find(|s| s.active == 1).unwrap().pid;
     // Sequential short requests, while the long one runs. A worker that just answered may
     // still count its connection until its CLOSED arrives, but with four workers one of the
     // three others is always at 0, below the busy worker's 1.
@@ -111,7 +111,8 @@ fn least_mem_avoids_the_biggest_worker() {
     assert_eq!(big.status, 200);
     let big_pid = big.pid();
     wait_until("the grown worker's RSS is sampled", || {
-        status(&cluster)
+        cluster
+            .status()
             .iter()
             .any(|s| s.pid == big_pid && s.rss_kib > 200 * 1024)
     });
@@ -407,60 +408,9 @@ fn bad_input_fails_with_one_line_and_the_right_code() {
 
 // --- helpers -------------------------------------------------------------------------------
 
-/// One worker's line from the master's status dump (SIGUSR1).
-#[derive(Debug)]
-struct WorkerStatus {
-    pid: i32,
-    active: u64,
-    closed: u64,
-    rss_kib: u64,
-}
-
-/// Asks the master for a status dump and parses the acceptor's lines from it.
-fn status(cluster: &TestCluster) -> Vec<WorkerStatus> {
-    let before = cluster
-        .log_lines()
-        .iter()
-        .filter(|l| l.contains("connections waiting in the master"))
-        .count();
-    cluster.signal(libc::SIGUSR1);
-    cluster.wait_for_count("connections waiting in the master", before + 1, DEADLINE);
-    let lines = cluster.log_lines();
-    // The dump just printed ends at the (before+1)-th summary line.
-    let end = lines
-        .iter()
-        .enumerate()
-        .filter(|(_, l)| l.contains("connections waiting in the master"))
-        .nth(before)
-        .unwrap()
-        .0;
-    let mut out = Vec::new();
-    for line in lines[..end].iter().rev() {
-        if line.contains("connections waiting in the master") {
-            break;
-        }
-        if let Some(rest) = line.split("status: worker ").nth(1)
-            && rest.contains(" active ")
-        {
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            let field = |name: &str| -> u64 {
-                let i = f.iter().position(|x| *x == name).unwrap();
-                f[i + 1].parse().unwrap()
-            };
-            out.push(WorkerStatus {
-                pid: field("pid") as i32,
-                active: field("active"),
-                closed: field("closed"),
-                rss_kib: field("rss_kib"),
-            });
-        }
-    }
-    out
-}
-
 /// Connections the running workers have reported closed, summed over the status dump.
 fn status_dispatched_closed(cluster: &TestCluster) -> u64 {
-    status(cluster).iter().map(|s| s.closed).sum()
+    cluster.status().iter().map(|s| s.closed).sum()
 }
 
 fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {

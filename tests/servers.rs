@@ -173,66 +173,13 @@ fn free_port() -> u16 {
 
 // --- the master's view ---------------------------------------------------------------------
 
-/// One worker's line of the acceptor's status dump (dispatch modes):
-/// `status: worker S pid P state X active A dispatched D closed C rss_kib R`.
-#[derive(Debug, Clone)]
-struct WorkerStat {
-    pid: i32,
-    active: u64,
-    dispatched: u64,
-    closed: u64,
-    rss_kib: u64,
-}
-
-/// Asks the master for a status dump (SIGUSR1) and parses the acceptor's lines of it.
-fn status(cluster: &TestCluster) -> Vec<WorkerStat> {
-    const SUMMARY: &str = "connections waiting in the master";
-    let before = cluster.log_count(SUMMARY);
-    cluster.signal(libc::SIGUSR1);
-    cluster.wait_for_count(SUMMARY, before + 1, DEADLINE);
-    let lines = cluster.log_lines();
-    let end = lines
-        .iter()
-        .enumerate()
-        .filter(|(_, l)| l.contains(SUMMARY))
-        .nth(before)
-        .unwrap()
-        .0;
-    let mut out = Vec::new();
-    for line in lines[..end].iter().rev() {
-        if line.contains(SUMMARY) {
-            break;
-        }
-        let Some(rest) = line.split("status: worker ").nth(1) else {
-            continue;
-        };
-        if !rest.contains(" active ") {
-            continue; // the supervisor's line for the same worker
-        }
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let field = |name: &str| -> u64 {
-            let i = f.iter().position(|x| *x == name).unwrap();
-            f[i + 1].parse().unwrap()
-        };
-        out.push(WorkerStat {
-            pid: field("pid") as i32,
-            active: field("active"),
-            dispatched: field("dispatched"),
-            closed: field("closed"),
-            rss_kib: field("rss_kib"),
-        });
-    }
-    out.reverse();
-    out
-}
-
 /// Waits until the master's books balance after `total` connections: every worker reported
 /// every connection it was handed as closed (`active` 0, `closed` = `dispatched`) and the
 /// dispatched counts add up to `total`. Returns the last status.
-fn wait_settled(cluster: &TestCluster, total: u64) -> Vec<WorkerStat> {
+fn wait_settled(cluster: &TestCluster, total: u64) -> Vec<WorkerStatus> {
     let deadline = Instant::now() + DEADLINE;
     loop {
-        let stats = status(cluster);
+        let stats = cluster.status();
         let dispatched: u64 = stats.iter().map(|s| s.dispatched).sum();
         if dispatched == total
             && stats

@@ -718,20 +718,55 @@ impl TestCluster {
     /// Asks the master for its status (SIGUSR1) and returns the acceptor's
     /// `dispatched` count for the worker with `pid`.
     pub fn dispatched_to(&self, pid: i32) -> u64 {
-        let needle = format!("pid {pid} state ");
-        let before = self
-            .log_lines()
+        self.status()
             .iter()
-            .filter(|l| l.contains(&needle))
-            .count();
+            .find(|w| w.pid == pid)
+            .unwrap_or_else(|| panic!("no status line for worker pid {pid}"))
+            .dispatched
+    }
+
+    /// Asks the master for a status dump (SIGUSR1) and parses the acceptor's lines of it, one
+    /// per worker in dispatch mode.
+    pub fn status(&self) -> Vec<WorkerStatus> {
+        const SUMMARY: &str = "connections waiting in the master";
+        let before = self.log_count(SUMMARY);
         self.signal(libc::SIGUSR1);
-        let lines = self.wait_for_count(&needle, before + 1, DEADLINE);
-        let line = lines.last().expect("one line");
-        line.split(" dispatched ")
-            .nth(1)
-            .and_then(|s| s.split_whitespace().next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("no dispatched count in {line}"))
+        self.wait_for_count(SUMMARY, before + 1, DEADLINE);
+        let lines = self.log_lines();
+        // The dump just asked for ends at the (before+1)-th summary line.
+        let end = lines
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.contains(SUMMARY))
+            .nth(before)
+            .expect("the summary waited for")
+            .0;
+        let mut out = Vec::new();
+        for line in lines[..end].iter().rev() {
+            if line.contains(SUMMARY) {
+                break;
+            }
+            let Some(rest) = line.split("status: worker ").nth(1) else {
+                continue;
+            };
+            if !rest.contains(" active ") {
+                continue; // the supervisor's line for the same worker
+            }
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let field = |name: &str| -> u64 {
+                let i = f.iter().position(|x| *x == name).unwrap();
+                f[i + 1].parse().unwrap()
+            };
+            out.push(WorkerStatus {
+                pid: field("pid") as i32,
+                active: field("active"),
+                dispatched: field("dispatched"),
+                closed: field("closed"),
+                rss_kib: field("rss_kib"),
+            });
+        }
+        out.reverse();
+        out
     }
 
     /// Returns once the acceptor thread has handled every command the supervisor sent it so
@@ -838,4 +873,15 @@ impl TestCluster {
             std::thread::sleep(Duration::from_millis(5));
         }
     }
+}
+
+/// One worker's line of the acceptor's status dump (dispatch modes):
+/// `status: worker S pid P state X active A dispatched D closed C rss_kib R`.
+#[derive(Debug, Clone)]
+pub struct WorkerStatus {
+    pub pid: i32,
+    pub active: u64,
+    pub dispatched: u64,
+    pub closed: u64,
+    pub rss_kib: u64,
 }
