@@ -353,16 +353,23 @@ impl Supervisor {
 
         let pid = spawned.pid;
         let raw = spawned.pidfd.as_raw_fd();
-        self.poll
+        let registered = self
+            .poll
             .registry()
-            .register(&mut SourceFd(&raw), pidfd_token(id), Interest::READABLE)?;
-        if let Some(n) = &notify {
-            let raw = n.as_raw_fd();
-            self.poll.registry().register(
-                &mut SourceFd(&raw),
-                notify_token(id),
-                Interest::READABLE,
-            )?;
+            .register(&mut SourceFd(&raw), pidfd_token(id), Interest::READABLE)
+            .and_then(|()| match &notify {
+                Some(n) => self.poll.registry().register(
+                    &mut SourceFd(&n.as_raw_fd()),
+                    notify_token(id),
+                    Interest::READABLE,
+                ),
+                None => Ok(()),
+            });
+        if let Err(e) = registered {
+            // A worker the supervisor cannot watch must not run: kill and reap it here.
+            let _ = sys::kill(pid, libc::SIGKILL);
+            let _ = sys::waitpid_blocking(pid);
+            return Err(e).context("failed to watch the new worker");
         }
         if self.mode == Mode::Dispatch {
             let ends = channels
