@@ -26,13 +26,17 @@ use crossbeam_channel::Receiver;
 use log::{error, info, warn};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
-use signal_hook::consts::signal::{SIGHUP, SIGINT, SIGTERM, SIGTTIN, SIGTTOU, SIGUSR1};
+use signal_hook::consts::signal::{
+    SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGTTIN, SIGTTOU, SIGUSR1,
+};
 use signal_hook_mio::v1_0::Signals;
 use socket2::Socket;
 
 use crate::cli::{Config, Pin};
 use crate::master::acceptor::{self, AcceptorHandle, ChannelEnds, Command, Event, WorkerId};
+use crate::master::activation::{Activated, ListenerSource};
 use crate::master::listener;
+use crate::master::notify::ServiceNotifier;
 use crate::sys::spawn::{SpawnSpec, spawn};
 use crate::sys::{self, CpuSet, ExitStatus, Pid};
 use rcluster_proto::Mode;
@@ -46,8 +50,6 @@ pub const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(10);
 pub const STABLE_UPTIME: Duration = Duration::from_secs(10);
 /// Consecutive short-lived crashes after which a slot is given up.
 pub const CRASH_LOOP_LIMIT: u32 = 5;
-/// File name of the preload shim, looked for next to the master's binary.
-pub const SHIM_FILE: &str = "librcluster_shim.so";
 
 const SIGNALS: Token = Token(0);
 const WAKER: Token = Token(1);
@@ -108,10 +110,10 @@ struct Replacement {
     deadline: Instant,
 }
 
-/// Runs the cluster until shutdown. Returns an error (exit code 1) if it cannot start or if no
-/// worker can run any more.
-pub fn run(config: Config) -> anyhow::Result<()> {
-    let mut sup = Supervisor::new(config)?;
+/// Runs the cluster until shutdown, with the listeners socket activation passed (if any).
+/// Returns an error (exit code 1) if it cannot start or if no worker can run any more.
+pub fn run(config: Config, activated: Activated) -> anyhow::Result<()> {
+    let mut sup = Supervisor::new(config, activated)?;
     sup.start()?;
     sup.run_loop()
 }
@@ -148,14 +150,25 @@ struct Supervisor {
     reload_requested: bool,
     /// A reload started and has neither completed nor been aborted.
     reload_running: bool,
+    /// The master's own service manager (NOTIFY_SOCKET), if any.
+    service: ServiceNotifier,
+    /// `--shutdown-delay`: when the delayed stop begins, and the signal that asked for it.
+    delayed_stop: Option<(Instant, i32)>,
 }
 
 impl Supervisor {
-    fn new(config: Config) -> anyhow::Result<Self> {
+    fn new(config: Config, activated: Activated) -> anyhow::Result<Self> {
         let mode = config.policy.mode();
         let poll = Poll::new().context("failed to create the supervisor's poll")?;
-        let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP, SIGTTIN, SIGTTOU, SIGUSR1])
-            .context("failed to install signal handlers")?;
+        let mut signals = Signals::new([
+            SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGTTIN, SIGTTOU, SIGUSR1, SIGCHLD,
+        ])
+        .context("failed to install signal handlers")?;
+        // Orphaned descendants of the workers come to the master, which reaps them (as PID 1
+        // in a container it gets every orphan anyway).
+        if let Err(e) = sys::set_child_subreaper() {
+            warn!("cannot become a child subreaper: {e}");
+        }
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
@@ -164,9 +177,14 @@ impl Supervisor {
         // Bind every listener now, so a port in use fails before any worker starts.
         let mut sockets = Vec::new();
         let mut addrs = Vec::new();
-        for &addr in &config.listen {
-            let socket = listener::bind_listener(addr, mode == Mode::Reuseport)
-                .with_context(|| format!("failed to bind {addr}"))?;
+        for source in activated.assign(&config.listen, config.listen_explicit) {
+            let socket = match source {
+                ListenerSource::Inherited(socket) => socket,
+                ListenerSource::Bind(addr) => {
+                    listener::bind_listener(addr, mode == Mode::Reuseport)
+                        .with_context(|| format!("failed to bind {addr}"))?
+                }
+            };
             let bound = listener::local_addr(&socket)?;
             info!("listening on {bound}");
             addrs.push(bound);
@@ -193,11 +211,7 @@ impl Supervisor {
             }
         }
 
-        let preload = if config.preload && !config.command.builtin {
-            find_shim()
-        } else {
-            None
-        };
+        let preload = config.preload.clone();
         Ok(Supervisor {
             base_env: base_environment(),
             mode,
@@ -222,6 +236,8 @@ impl Supervisor {
             reload_queue: VecDeque::new(),
             reload_requested: false,
             reload_running: false,
+            service: ServiceNotifier::from_env(),
+            delayed_stop: None,
             config,
         })
     }
@@ -321,6 +337,9 @@ impl Supervisor {
             notify_socket: notify.as_ref().map(|_| notify_value.as_str()),
         };
         env.extend(contract.entries().into_iter().map(String::into_bytes));
+        // PM2 apps read their instance number here.
+        env.retain(|e| !e.starts_with(b"NODE_APP_INSTANCE="));
+        env.push(format!("NODE_APP_INSTANCE={slot}").into_bytes());
         if let Some(shim) = &self.preload {
             let mut v = b"LD_PRELOAD=".to_vec();
             v.extend_from_slice(shim.as_os_str().as_bytes());
@@ -342,6 +361,7 @@ impl Supervisor {
             fds: &fds,
             cpus: self.slots[slot].cpus,
             die_with_parent: true,
+            credentials: self.config.credentials.as_ref(),
         })
         .with_context(|| format!("failed to run {}", program.display()))?;
         drop(fds);
@@ -466,6 +486,8 @@ impl Supervisor {
         consider(self.shutdown_deadline);
         consider(self.shutdown_signal_at);
         consider(self.next_rss_sample);
+        consider(self.service.next_deadline());
+        consider(self.delayed_stop.map(|(t, _)| t));
         for s in &self.slots {
             consider(s.restart_at);
         }
@@ -488,7 +510,10 @@ impl Supervisor {
 
     fn on_signal(&mut self, sig: i32) {
         match sig {
-            SIGTERM | SIGINT => {
+            SIGTERM | SIGINT | SIGQUIT => {
+                if self.shutdown_deadline.is_none() && self.delay_stop(sig) {
+                    return;
+                }
                 if self.shutdown_deadline.is_some() {
                     warn!("{} again: killing the workers now", sys::signal_name(sig));
                     for w in &self.workers {
@@ -502,12 +527,67 @@ impl Supervisor {
             SIGTTIN => self.scale_up(),
             SIGTTOU => self.scale_down(),
             SIGUSR1 => self.log_status(),
+            SIGCHLD => self.reap_exited(),
             _ => {}
+        }
+    }
+
+    /// `--shutdown-delay`: the first stop signal only schedules the stop (everything keeps
+    /// serving meanwhile); a second one during the delay starts it at once. Returns whether
+    /// the stop was deferred.
+    fn delay_stop(&mut self, sig: i32) -> bool {
+        let delay = self.config.shutdown_delay;
+        if self.delayed_stop.take().is_some() || delay.is_zero() {
+            return false;
+        }
+        info!(
+            "{}: still serving for --shutdown-delay {delay:?}, then stopping",
+            sys::signal_name(sig)
+        );
+        self.service.stopping(&format!("stopping in {delay:?}"));
+        self.delayed_stop = Some((Instant::now() + delay, sig));
+        true
+    }
+
+    /// Reaps every exited child: a worker through [`Self::reap`] (so its exit is handled like
+    /// one its pidfd reported), anything else — an orphan re-parented to the master as PID 1
+    /// or subreaper — directly, so no zombie is left.
+    fn reap_exited(&mut self) {
+        // Bounded: each pass reaps the child it peeked.
+        for _ in 0..4096 {
+            let pid = match sys::waitid_peek_exited() {
+                Ok(Some(pid)) => pid,
+                Ok(None) => return,
+                Err(e) => {
+                    warn!("waitid failed: {e}");
+                    return;
+                }
+            };
+            match self.workers.iter().find(|w| w.pid == pid).map(|w| w.id) {
+                Some(id) => {
+                    self.reap(id);
+                    if self.index_of(id).is_none() {
+                        continue;
+                    }
+                    // reap() could not collect it: take it here so the loop moves on.
+                    let _ = sys::waitpid_nohang(pid);
+                }
+                None => match sys::waitpid_nohang(pid) {
+                    Ok(Some(status)) => log::debug!("reaped orphan {pid}: {status}"),
+                    Ok(None) => return,
+                    Err(e) => {
+                        warn!("waitpid({pid}) failed: {e}");
+                        return;
+                    }
+                },
+            }
         }
     }
 
     fn begin_shutdown(&mut self, sig: i32) {
         let now = Instant::now();
+        self.delayed_stop = None;
+        self.service.stopping("stopping");
         self.shutdown_deadline = Some(now + self.config.grace);
         self.reload_queue.clear();
         self.replacements.clear();
@@ -541,11 +621,11 @@ impl Supervisor {
         }
     }
 
-    /// Sends every worker SIGTERM, once, as the second step of shutting down.
+    /// Sends every worker `--stop-signal`, once, as the second step of shutting down.
     fn signal_shutdown(&mut self) {
         self.shutdown_signal_at = None;
         for w in &self.workers {
-            let _ = sys::kill(w.pid, libc::SIGTERM);
+            let _ = sys::kill(w.pid, self.config.stop_signal);
         }
     }
 
@@ -637,6 +717,7 @@ impl Supervisor {
             if ready == self.slots.iter().filter(|s| s.active).count() {
                 self.all_ready_announced = true;
                 info!("all {ready} workers ready");
+                self.service.ready(&self.status_line());
             }
         }
         // A replacement that became ready lets its old worker go.
@@ -720,6 +801,8 @@ impl Supervisor {
             .filter(|w| w.state != Lifecycle::Draining)
             .map(|w| w.id)
             .collect();
+        self.service
+            .reloading(&format!("reloading to generation {}", self.generation));
         info!(
             "SIGHUP: rolling reload to generation {} ({} workers, {} at a time)",
             self.generation,
@@ -770,6 +853,7 @@ impl Supervisor {
             {
                 self.reload_running = false;
                 info!("reload to generation {} complete", self.generation);
+                self.service.ready(&self.status_line());
             }
             if std::mem::take(&mut self.reload_requested) {
                 self.request_reload();
@@ -779,6 +863,9 @@ impl Supervisor {
 
     fn abort_reload(&mut self, why: &str) {
         error!("reload aborted: {why}; the running workers keep serving");
+        if self.reload_running {
+            self.service.ready(&self.status_line());
+        }
         self.reload_queue.clear();
         self.reload_requested = false;
         self.reload_running = false;
@@ -957,6 +1044,12 @@ impl Supervisor {
 
     fn on_timers(&mut self) {
         let now = Instant::now();
+        self.service.on_timer(now);
+        if let Some((at, sig)) = self.delayed_stop
+            && now >= at
+        {
+            self.begin_shutdown(sig);
+        }
         if self.shutdown_signal_at.is_some_and(|t| now >= t) {
             self.signal_shutdown();
         }
@@ -1053,6 +1146,20 @@ impl Supervisor {
         }
     }
 
+    /// `STATUS=` for the service manager: workers ready of wanted, policy, generation.
+    fn status_line(&self) -> String {
+        let ready = self
+            .workers
+            .iter()
+            .filter(|w| w.state == Lifecycle::Ready)
+            .count();
+        let wanted = self.slots.iter().filter(|s| s.active).count();
+        format!(
+            "{ready}/{wanted} workers ready, policy {}, generation {}",
+            self.config.policy, self.generation
+        )
+    }
+
     fn sample_rss(&mut self) {
         let mut samples = Vec::with_capacity(self.workers.len());
         let mut over = Vec::new();
@@ -1100,51 +1207,6 @@ fn base_environment() -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// The preload shim next to the master's binary (also where cargo puts it). Warns clearly when
-/// it is missing.
-fn find_shim() -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    let dir = exe.parent()?;
-    // Next to the binary (an install; `cargo build` copies the library up to target/<profile>/),
-    // one level up, and in deps/: `cargo test` builds the library only there and never copies it
-    // up, so on a fresh checkout `cargo test --workspace` has no other copy.
-    let candidates = [
-        dir.join(SHIM_FILE),
-        dir.join("..").join(SHIM_FILE),
-        dir.join("deps").join(SHIM_FILE),
-    ];
-    if let Some(found) = newest_file(&candidates) {
-        return found.canonicalize().ok();
-    }
-    warn!(
-        "preload shim {SHIM_FILE} not found next to {} : unmodified servers will not see \
-         dispatched connections (build it with `cargo build --release -p rcluster-shim`, or \
-         pass --no-preload for workers that speak LISTEN_FDS or the channel protocol)",
-        exe.display()
-    );
-    None
-}
-
-/// The most recently modified of the existing regular files among `paths` (the first on a tie),
-/// so a copy an earlier `cargo build` left next to the binary does not shadow the library a later
-/// `cargo test` rebuilt in deps/.
-fn newest_file(paths: &[PathBuf]) -> Option<&PathBuf> {
-    let mut best: Option<(&PathBuf, std::time::SystemTime)> = None;
-    for p in paths {
-        let Ok(meta) = std::fs::metadata(p) else {
-            continue;
-        };
-        if !meta.is_file() {
-            continue;
-        }
-        let mtime = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
-        if best.is_none_or(|(_, t)| mtime > t) {
-            best = Some((p, mtime));
-        }
-    }
-    best.map(|(p, _)| p)
-}
-
 /// Deterministic per-worker jitter in 0..=max (no RNG dependency for one number).
 fn jitter(max: u64, id: WorkerId) -> u64 {
     if max == 0 {
@@ -1169,35 +1231,5 @@ impl Drop for Supervisor {
         if let Some(a) = self.acceptor.take() {
             a.shutdown();
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn newest_shim_copy_wins() {
-        let dir = std::env::temp_dir().join(format!("rcluster-find-shim-{}", std::process::id()));
-        std::fs::create_dir_all(dir.join("deps")).unwrap();
-        let (up, deps, missing) = (dir.join("a.so"), dir.join("deps/a.so"), dir.join("none.so"));
-        std::fs::write(&up, b"old").unwrap();
-        std::fs::write(&deps, b"new").unwrap();
-        let old = std::time::SystemTime::now() - Duration::from_secs(3600);
-        std::fs::File::options()
-            .write(true)
-            .open(&up)
-            .unwrap()
-            .set_modified(old)
-            .unwrap();
-        let all = [up.clone(), missing.clone(), deps.clone()];
-        assert_eq!(newest_file(&all), Some(&deps));
-        assert_eq!(newest_file(&[missing.clone(), up.clone()]), Some(&up));
-        assert_eq!(
-            newest_file(&[missing, dir.join("deps")]),
-            None,
-            "directories are not files"
-        );
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
