@@ -57,6 +57,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rcluster_lb::policy::PolicyKind;
+use rcluster_loadgen::wrk::{WrkReport, WrkSpec};
 use rcluster_loadgen::{ErrorCounts, Load, LoadSpec, Mix, Report};
 
 /// The heavy-tailed CPU-bound mix of DESIGN.md §6.
@@ -580,52 +581,24 @@ impl Running {
         duration: Duration,
         settings: &Settings,
     ) -> Result<Metrics, String> {
-        assert!(self.addr.ip().is_loopback(), "load goes to loopback only");
-        // wrk takes whole seconds.
-        let secs = duration.as_secs().max(1);
-        let mut cmd = Command::new(wrk);
-        cmd.args(["-t1", &format!("-c{clients}"), &format!("-d{secs}s")])
-            .args(["--latency", "--timeout"])
-            .arg(format!("{}s", settings.request_timeout.as_secs().max(1)))
-            .args(["-H", "Connection: close"])
-            .arg(format!("http://{}/", self.addr))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        let spec = WrkSpec {
+            wrk: wrk.to_owned(),
+            target: self.addr,
+            connections: clients,
+            duration,
+            timeout: settings.request_timeout,
+        };
         let cpu_before = cpu_seconds(self.pid(), settings.clk_tck);
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| format!("cannot spawn {cmd:?}: {e}"))?;
-        // wrk stops by itself after -d; the deadline only guards against a hung wrk.
-        let deadline = Instant::now() + Duration::from_secs(secs) + STOP_TIMEOUT;
-        let status = wait_with_deadline(&mut child, deadline);
-        if status.is_none() {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(format!(
-                "wrk did not finish within {secs} s + {STOP_TIMEOUT:?}"
-            ));
-        }
+        let report = spec.run().map_err(|e| e.to_string())?;
         let cpu_after = cpu_seconds(self.pid(), settings.clk_tck);
-        let mut stdout = String::new();
-        let mut stderr = String::new();
-        if let Some(mut o) = child.stdout.take() {
-            let _ = std::io::Read::read_to_string(&mut o, &mut stdout);
-        }
-        if let Some(mut e) = child.stderr.take() {
-            let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
-        }
-        if status.is_some_and(|s| !s.success()) {
+        if let Ok(Some(status)) = self.child.try_wait() {
             return Err(format!(
-                "wrk failed ({}): {}",
-                status.map_or(String::new(), |s| s.to_string()),
-                stderr.trim()
+                "master exited during the wrk run ({status}); stderr: {}",
+                self.tail()
             ));
         }
-        let report = WrkReport::parse(&stdout)
-            .map_err(|e| format!("cannot read wrk's output ({e}): {stdout:?}"))?;
         if report.requests == 0 {
-            return Err(format!("wrk completed no request: {stdout:?}"));
+            return Err(format!("wrk completed no request: {report:?}"));
         }
         let cpu = cpu_before.zip(cpu_after).map(|(b, a)| (a - b).max(0.0));
         Ok(Metrics::from_wrk(&report, cpu))
@@ -770,101 +743,6 @@ fn cpu_seconds(pid: u32, clk_tck: f64) -> Option<f64> {
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
     Some((utime + stime) as f64 / clk_tck)
-}
-
-// ---------------------------------------------------------------------------------------------
-// wrk's report.
-
-/// What one `wrk --latency` run printed.
-#[derive(Debug, Clone, Default, PartialEq)]
-struct WrkReport {
-    requests: u64,
-    duration_s: f64,
-    requests_per_s: f64,
-    p50_us: u64,
-    p90_us: u64,
-    p99_us: u64,
-    max_us: u64,
-    /// wrk's socket errors mapped onto the load generator's kinds: `connect` → refused,
-    /// `read` (a read error or EOF before a complete response) → eof, `write` → reset,
-    /// `timeout` → timeout.
-    errors: ErrorCounts,
-    non_2xx: u64,
-}
-
-/// `3.41ms`, `812.00us`, `1.20s`, `1.00m` → microseconds.
-fn wrk_time_us(s: &str) -> Option<f64> {
-    let split = s.find(|c: char| c.is_ascii_alphabetic())?;
-    let (n, unit) = s.split_at(split);
-    let n: f64 = n.parse().ok()?;
-    let scale = match unit {
-        "us" => 1.0,
-        "ms" => 1e3,
-        "s" => 1e6,
-        "m" => 60e6,
-        "h" => 3600e6,
-        _ => return None,
-    };
-    Some(n * scale)
-}
-
-impl WrkReport {
-    fn parse(out: &str) -> Result<WrkReport, String> {
-        let mut r = WrkReport::default();
-        let (mut have_total, mut have_rate) = (false, false);
-        for line in out.lines() {
-            let words: Vec<&str> = line.split_whitespace().collect();
-            match words.as_slice() {
-                ["Latency", _avg, _stdev, max, ..] => {
-                    r.max_us = wrk_time_us(max).ok_or("bad latency max")? as u64;
-                }
-                [pct, value] if pct.ends_with('%') => {
-                    let us = wrk_time_us(value).ok_or("bad latency percentile")? as u64;
-                    match *pct {
-                        "50%" => r.p50_us = us,
-                        "90%" => r.p90_us = us,
-                        "99%" => r.p99_us = us,
-                        _ => {}
-                    }
-                }
-                [n, "requests", "in", dur, ..] => {
-                    r.requests = n.parse().map_err(|_| "bad request count")?;
-                    r.duration_s =
-                        wrk_time_us(dur.trim_end_matches(',')).ok_or("bad duration")? / 1e6;
-                    have_total = true;
-                }
-                ["Socket", "errors:", rest @ ..] => {
-                    // connect 0, read 0, write 0, timeout 0
-                    for pair in rest.chunks(2) {
-                        let [kind, n] = pair else { continue };
-                        let n: u64 = n
-                            .trim_end_matches(',')
-                            .parse()
-                            .map_err(|_| "bad error count")?;
-                        match *kind {
-                            "connect" => r.errors.refused += n,
-                            "read" => r.errors.eof += n,
-                            "write" => r.errors.reset += n,
-                            "timeout" => r.errors.timeout += n,
-                            _ => r.errors.other += n,
-                        }
-                    }
-                }
-                ["Non-2xx", "or", "3xx", "responses:", n] => {
-                    r.non_2xx = n.parse().map_err(|_| "bad non-2xx count")?;
-                }
-                ["Requests/sec:", n] => {
-                    r.requests_per_s = n.parse().map_err(|_| "bad Requests/sec")?;
-                    have_rate = true;
-                }
-                _ => {}
-            }
-        }
-        if !(have_total && have_rate) {
-            return Err("no `requests in` or `Requests/sec:` line".to_owned());
-        }
-        Ok(r)
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
