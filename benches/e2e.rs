@@ -783,7 +783,7 @@ impl Scenario {
     fn for_system(system: &System, settings: &Settings, round: usize) -> Vec<Scenario> {
         let mut v = Vec::new();
         if settings.wrk.is_some() && system.wrk_checked() {
-            if round % 2 == 0 {
+            if round.is_multiple_of(2) {
                 v.extend([Scenario::Churn, Scenario::ChurnWrk]);
             } else {
                 v.extend([Scenario::ChurnWrk, Scenario::Churn]);
@@ -1644,6 +1644,12 @@ fn csv(results: &Results, systems: &[System]) -> String {
     out
 }
 
+/// The 1-minute load average (`/proc/loadavg`, proc(5)): how busy the shared host was.
+fn load_average() -> Option<String> {
+    let s = std::fs::read_to_string("/proc/loadavg").ok()?;
+    s.split_whitespace().next().map(str::to_owned)
+}
+
 fn node_version(node: &Path) -> String {
     Command::new(node)
         .arg("--version")
@@ -1657,6 +1663,7 @@ fn node_version(node: &Path) -> String {
 fn main() {
     let settings = Settings::from_env();
     let started = Instant::now();
+    let load_before = load_average();
     let node_app = match settings.node {
         Some(_) => match NodeApp::write() {
             Ok(app) => Some(app),
@@ -1720,7 +1727,7 @@ fn main() {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let _ = writeln!(
         out,
-        "{} workers per system, {} round(s){}, Linux {}, {} CPUs; binary {}; node {}. Total {:.0} s.",
+        "{} workers per system, {} round(s){}, Linux {}, {} CPUs; binary {}; node {}; wrk {}. Total {:.0} s; load average (1 min) {} at the start, {} at the end.",
         settings.workers,
         settings.rounds,
         if settings.quick {
@@ -1735,7 +1742,14 @@ fn main() {
             .node
             .as_deref()
             .map_or("absent".to_owned(), node_version),
-        started.elapsed().as_secs_f64()
+        if settings.wrk.is_some() {
+            "cross-check on"
+        } else {
+            "absent"
+        },
+        started.elapsed().as_secs_f64(),
+        load_before.as_deref().unwrap_or("?"),
+        load_average().as_deref().unwrap_or("?"),
     );
     let groups: [(Group, &str, &Option<Capacity>, &str); 2] = [
         (

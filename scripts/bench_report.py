@@ -87,7 +87,13 @@ class Run:
 
 
 def color_of(systems):
-    return {s: PALETTE[i % len(PALETTE)] for i, s in enumerate(systems)}
+    """One colour per policy or peer: `least-conn` and `least-conn+node` share theirs."""
+    bases = []
+    for s in systems:
+        b = s.split("+")[0]
+        if b not in bases:
+            bases.append(b)
+    return {s: PALETTE[bases.index(s.split("+")[0]) % len(PALETTE)] for s in systems}
 
 
 class Svg:
