@@ -13,13 +13,26 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::{SocketAddr as UnixAddr, UnixDatagram};
 use std::time::{Duration, Instant};
 
+use crate::master::lifecycle::{Lifecycle, Phase, SlotState, WorkerState};
 use crate::sys;
 
-/// Where the notifications go, and the watchdog period.
+/// Where the notifications go, the watchdog period, and what was last announced (the
+/// supervisor calls [`ServiceNotifier::observe`] after every lifecycle step; notifications go
+/// out on the edges).
 pub struct ServiceNotifier {
     target: Option<(UnixDatagram, UnixAddr)>,
     watchdog: Option<Duration>,
     next_ping: Option<Instant>,
+    seen: Seen,
+}
+
+/// What the service manager has been told.
+#[derive(Default)]
+struct Seen {
+    ready: bool,
+    reloading: bool,
+    stopping: bool,
+    status: String,
 }
 
 impl ServiceNotifier {
@@ -44,7 +57,50 @@ impl ServiceNotifier {
             target,
             watchdog,
             next_ping: watchdog.map(|_| Instant::now()),
+            seen: Seen::default(),
         }
+    }
+
+    /// Compares the lifecycle with what was last announced and sends what changed: `READY=1`
+    /// the first time every wanted worker is ready, `RELOADING=1` when a reload starts and
+    /// `READY=1` when it ends (completed or aborted), `STOPPING=1` when the stop begins, and
+    /// `STATUS=` whenever the line changes.
+    pub fn observe(&mut self, lifecycle: &Lifecycle, policy: &str) {
+        if self.target.is_none() {
+            return;
+        }
+        let ready = lifecycle
+            .workers()
+            .iter()
+            .filter(|w| w.state == WorkerState::Ready)
+            .count();
+        let wanted = lifecycle
+            .slots()
+            .iter()
+            .filter(|s| s.state != SlotState::Removed)
+            .count();
+        let stopping = matches!(lifecycle.phase(), Phase::Stopping { .. });
+        let status = format!(
+            "{ready}/{wanted} workers ready, policy {policy}, generation {}",
+            lifecycle.generation()
+        );
+        if stopping {
+            if !self.seen.stopping {
+                self.stopping(&status);
+            }
+        } else if lifecycle.reloading() && !self.seen.reloading {
+            self.reloading(&status);
+            self.seen.reloading = true;
+        } else if self.seen.reloading && !lifecycle.reloading() {
+            self.seen.reloading = false;
+            self.ready(&status);
+        } else if !self.seen.ready && ready == wanted && wanted > 0 {
+            self.seen.ready = true;
+            self.ready(&status);
+        } else if status != self.seen.status {
+            self.status(&status);
+        }
+        self.seen.status = status;
     }
 
     /// Sends one notification (newline-separated assignments).
@@ -57,26 +113,28 @@ impl ServiceNotifier {
     }
 
     /// `READY=1` with a status line.
-    pub fn ready(&self, status: &str) {
+    fn ready(&self, status: &str) {
         self.send(&format!("READY=1\nSTATUS={status}"));
     }
 
     /// `RELOADING=1` with the reload's start on the monotonic clock, as `Type=notify-reload`
     /// expects.
-    pub fn reloading(&self, status: &str) {
+    fn reloading(&self, status: &str) {
         self.send(&format!(
             "RELOADING=1\nMONOTONIC_USEC={}\nSTATUS={status}",
             sys::monotonic_usec()
         ));
     }
 
-    /// `STOPPING=1`.
-    pub fn stopping(&self, status: &str) {
-        self.send(&format!("STOPPING=1\nSTATUS={status}"));
+    /// `STOPPING=1` (once).
+    pub fn stopping(&mut self, status: &str) {
+        if !std::mem::replace(&mut self.seen.stopping, true) {
+            self.send(&format!("STOPPING=1\nSTATUS={status}"));
+        }
     }
 
     /// `STATUS=` only.
-    pub fn status(&self, status: &str) {
+    fn status(&self, status: &str) {
         self.send(&format!("STATUS={status}"));
     }
 
