@@ -41,7 +41,8 @@ pub struct Args {
     #[arg(long = "listen", short = 'l', value_name = "ADDR")]
     pub listen: Vec<String>,
 
-    /// Number of workers; 0 = one per CPU this process may run on.
+    /// Number of workers; 0 = one per CPU this process may run on, or fewer under a cgroup CPU
+    /// quota (cpu.max, cpu.cfs_quota_us).
     #[arg(long, short = 'w', value_name = "N", default_value_t = 0)]
     pub workers: usize,
 
@@ -309,7 +310,7 @@ impl Args {
             .map_err(|e| usage(format!("cannot read the allowed CPU set: {e}")))?
             .cpus();
         let workers = match self.workers {
-            0 => allowed.len().max(1),
+            0 => workers_for_cpus(allowed.len(), crate::cgroup::cpu_quota()),
             n if n > MAX_WORKERS => {
                 return Err(usage(format!(
                     "--workers {n} is too many (at most {MAX_WORKERS})"
@@ -425,6 +426,26 @@ impl Args {
     }
 }
 
+/// `--workers 0`: one per allowed CPU, or fewer when the cgroup's CPU quota allows fewer;
+/// logs which limit applied.
+fn workers_for_cpus(allowed: usize, quota: Option<crate::cgroup::CpuQuota>) -> usize {
+    let allowed = allowed.max(1);
+    match quota {
+        Some(q) if q.cpus < allowed => {
+            log::info!(
+                "--workers 0: {} workers, the CPU quota ({}) of {allowed} allowed CPUs",
+                q.cpus,
+                q.source
+            );
+            q.cpus
+        }
+        _ => {
+            log::info!("--workers 0: {allowed} workers, one per allowed CPU (sched_getaffinity)");
+            allowed
+        }
+    }
+}
+
 /// `--policy` values: the names, aliases and help the policies themselves define, so the
 /// policy module needs no CLI derive.
 impl clap::ValueEnum for PolicyKind {
@@ -461,8 +482,24 @@ mod tests {
         assert_eq!(c.stop_signal, libc::SIGTERM);
         assert!(c.credentials.is_none());
         assert!(c.command.builtin);
-        assert_eq!(c.workers, sys::sched_getaffinity().unwrap().cpus().len());
+        let allowed = sys::sched_getaffinity().unwrap().cpus().len();
+        let quota = crate::cgroup::cpu_quota().map_or(allowed, |q| q.cpus);
+        assert_eq!(c.workers, allowed.min(quota));
         assert_eq!(c.policy, PolicyKind::LeastConn);
+    }
+
+    #[test]
+    fn workers_0_takes_the_quota_when_it_is_tighter() {
+        let quota = |cpus| {
+            Some(crate::cgroup::CpuQuota {
+                cpus,
+                source: "fixture".into(),
+            })
+        };
+        assert_eq!(workers_for_cpus(8, quota(2)), 2);
+        assert_eq!(workers_for_cpus(2, quota(4)), 2);
+        assert_eq!(workers_for_cpus(4, None), 4);
+        assert_eq!(workers_for_cpus(0, None), 1);
     }
 
     #[test]

@@ -405,3 +405,76 @@ fn orphans_of_workers_are_reaped_by_the_master() {
         "the worker itself still runs"
     );
 }
+
+/// Every child of `pid`, zombies included.
+fn raw_children(pid: i32) -> std::collections::BTreeSet<i32> {
+    let mut out = std::collections::BTreeSet::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for task in tasks.flatten() {
+            if let Ok(text) = std::fs::read_to_string(task.path().join("children")) {
+                out.extend(
+                    text.split_whitespace()
+                        .filter_map(|p| p.parse::<i32>().ok()),
+                );
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn as_pid_1_in_a_new_pid_namespace_the_master_reaps_orphans() {
+    let permitted = Command::new("unshare")
+        .args(["--pid", "--fork", "true"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !permitted {
+        eprintln!("note: unshare --pid is not permitted here; skipped");
+        return;
+    }
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--pid", "--fork", "--kill-child", BIN])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "1",
+            "--policy",
+            "shared",
+        ])
+        .args([
+            "--no-preload",
+            "--ready-delay",
+            "1ms",
+            "--",
+            "sh",
+            "-c",
+            ORPHAN_MAKER,
+        ])
+        .stdin(std::process::Stdio::null());
+    let cluster = TestCluster::spawn_command(cmd, 1);
+    cluster.wait_for_log("orphan=", DEADLINE);
+    assert!(
+        cluster.log_contains("rcluster-lb[1]:"),
+        "the master is PID 1 in its namespace"
+    );
+    let master = *children_of(cluster.pid())
+        .first()
+        .expect("unshare's child is the master");
+    // The orphan shows up as the master's second child, then is reaped: no zombie stays.
+    let deadline = std::time::Instant::now() + DEADLINE;
+    let mut most = 0;
+    loop {
+        let children = raw_children(master);
+        most = most.max(children.len());
+        if most >= 2 && children.len() == 1 {
+            break;
+        }
+        let zombies: Vec<i32> = children.iter().copied().filter(|&p| !alive(p)).collect();
+        assert!(
+            std::time::Instant::now() < deadline,
+            "children of the master {master}: {children:?}, zombies {zombies:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
