@@ -38,12 +38,12 @@ pub fn cpu_quota_in(membership: &str, root: &Path) -> Option<CpuQuota> {
         let rel = path.trim_start_matches('/');
         let found = if controllers.is_empty() {
             // v2: the unified hierarchy is mounted at root itself.
-            walk(root, rel, |dir| read_v2(dir))
+            walk(root, rel, read_v2)
         } else if controllers.split(',').any(|c| c == "cpu") {
             // v1: mounted at root/<controllers> (e.g. cpu,cpuacct), often also at root/cpu.
             [root.join(controllers), root.join("cpu")]
                 .into_iter()
-                .find_map(|mount| walk(&mount, rel, |dir| read_v1(dir)))
+                .find_map(|mount| walk(&mount, rel, read_v1))
         } else {
             None
         };
