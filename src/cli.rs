@@ -370,6 +370,12 @@ impl Args {
         let credentials = match (&self.user, &self.group) {
             (None, None) => None,
             (user, group) => {
+                if sys::geteuid() != 0 {
+                    return Err(usage(
+                        "--user/--group need the master to run as root (with socket activation, \
+                         run the whole service as the user instead)",
+                    ));
+                }
                 Some(sys::Credentials::resolve(user.as_deref(), group.as_deref()).map_err(usage)?)
             }
         };
@@ -528,8 +534,12 @@ mod tests {
         assert!(not_exec.contains("not executable"), "{not_exec}");
         assert!(msg(&["--drain-signal", "BOGUS"]).contains("BOGUS"));
         assert!(msg(&["--stop-signal", "NOPE"]).contains("NOPE"));
-        assert!(msg(&["--user", "no-such-user-here"]).contains("no-such-user-here"));
-        assert!(msg(&["--group", "no-such-group-here"]).contains("no-such-group-here"));
+        if sys::geteuid() == 0 {
+            assert!(msg(&["--user", "no-such-user-here"]).contains("no-such-user-here"));
+            assert!(msg(&["--group", "no-such-group-here"]).contains("no-such-group-here"));
+        } else {
+            assert!(msg(&["--user", "nobody"]).contains("run as root"));
+        }
         assert!(msg(&["-l", "[::]:7001", "-l", "0.0.0.0:7001"]).contains("dual-stack"));
     }
 }
