@@ -18,7 +18,9 @@
 //! state and what each call does), `dispatch` (accept on a channel), `listener` (one
 //! listener's claim and notifications), `conns` (the lock-free fd table behind CLOSED), `env`
 //! (the contract's variables), `sockaddr`, `wire` (the 16-byte message), `notify`
-//! (sd_notify READY=1), `follow` (what `exec`/`posix_spawn` pass on: the whole contract to the
+//! (sd_notify READY=1), `sockopts` (TCP options set on a dispatch channel: recorded, answered,
+//! applied to each connection), `procs` (open connections per process, shared across `fork`,
+//! so a server's own forked workers are accounted even when one dies), `follow` (what `exec`/`posix_spawn` pass on: the whole contract to the
 //! worker's own next image, none of it to children), `real` (the shadowed libc functions).
 //! docs/PROTOCOL.md describes the contract and the shim's behaviour for master authors,
 //! including what the worker and its children see in their environment.
@@ -32,7 +34,9 @@ mod follow;
 mod interpose;
 mod listener;
 mod notify;
+mod procs;
 mod real;
 mod sockaddr;
+mod sockopts;
 mod state;
 mod wire;

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 
 use libc::c_int;
 
+use crate::sockopts::SockOpts;
 use crate::wire::{self, Kind};
 
 /// Listener i of the worker contract.
@@ -40,6 +41,8 @@ pub struct Listener {
     closed_pending: AtomicU64,
     /// The master closed its end: no connection will ever arrive again.
     orphaned: AtomicBool,
+    /// Dispatch: the TCP options the server set on its listener (sockopts.rs).
+    pub opts: SockOpts,
 }
 
 /// (st_dev, st_ino) of what `fd` refers to.
@@ -73,6 +76,7 @@ impl Listener {
             ready_sent: AtomicBool::new(false),
             closed_pending: AtomicU64::new(0),
             orphaned: AtomicBool::new(false),
+            opts: SockOpts::default(),
         })
     }
 
