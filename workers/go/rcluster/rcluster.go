@@ -101,9 +101,7 @@ func Ready() {
 	if name == "" {
 		return
 	}
-	if name[0] == '@' {
-		name = "\x00" + name[1:]
-	}
+	// A leading '@' names an abstract socket; Go's net package maps it to the NUL byte itself.
 	c, err := net.DialUnix("unixgram", nil, &net.UnixAddr{Name: name, Net: "unixgram"})
 	if err != nil {
 		return
