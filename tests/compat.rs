@@ -378,7 +378,7 @@ fn rows(env: &Env, dir: &Path) -> Vec<Row> {
             env: Vec::new(),
             needs: &[],
             reload: true,
-            notes: "`rcluster_lb::worker`",
+            notes: "the `rcluster-worker` crate",
         },
         Row {
             server: "Node `http`",

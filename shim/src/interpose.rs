@@ -402,12 +402,12 @@ pub unsafe extern "C" fn posix_spawnp(
 /// Tells the shim that `pid` was reaped, when a wait call returned one (a process this worker
 /// forked: its connections were closed by its exit; procs.rs). Keeps errno as the call left it.
 fn reaped(pid: libc::pid_t) {
-    if pid > 0 {
-        if let Some(shim) = state::get() {
-            let e = errno();
-            shim.reaped(pid);
-            set_errno(e);
-        }
+    if pid > 0
+        && let Some(shim) = state::get()
+    {
+        let e = errno();
+        shim.reaped(pid);
+        set_errno(e);
     }
 }
 

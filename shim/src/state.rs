@@ -368,13 +368,13 @@ impl Shim {
         if rc == 0 && self.mode == Mode::Dispatch && room >= 2 {
             // SAFETY: the kernel wrote at least the family (room ≥ 2).
             let family = unsafe { std::ptr::read_unaligned(addr.cast::<libc::sa_family_t>()) };
-            if c_int::from(family) == libc::AF_UNIX {
-                if let Some(l) = self.same_channel(fd) {
-                    // SAFETY: len holds what the kernel wrote; restore the caller's room.
-                    unsafe {
-                        *len = room as socklen_t;
-                        sa::write(&l.addr, addr, len);
-                    }
+            if c_int::from(family) == libc::AF_UNIX
+                && let Some(l) = self.same_channel(fd)
+            {
+                // SAFETY: len holds what the kernel wrote; restore the caller's room.
+                unsafe {
+                    *len = room as socklen_t;
+                    sa::write(&l.addr, addr, len);
                 }
             }
         }
@@ -525,16 +525,16 @@ impl Shim {
     /// real operation. A connection of ours is forgotten before it (conns.rs) and reported
     /// after it; a claimed listener is released and the master told the worker is stopping.
     pub fn closing(&self, fd: c_int, close_fd: impl FnOnce() -> c_int) -> c_int {
-        if self.conns.is_marked(fd) {
-            if let Some(i) = self.conns.take(fd, self.pid()) {
-                let rc = close_fd();
-                let e = errno();
-                // close(2): the fd is released even when an error is reported, so the
-                // connection is finished either way.
-                self.conn_closed(i);
-                set_errno(e);
-                return rc;
-            }
+        if self.conns.is_marked(fd)
+            && let Some(i) = self.conns.take(fd, self.pid())
+        {
+            let rc = close_fd();
+            let e = errno();
+            // close(2): the fd is released even when an error is reported, so the
+            // connection is finished either way.
+            self.conn_closed(i);
+            set_errno(e);
+            return rc;
         }
         if let Some(l) = self.claimed(fd) {
             let pid = self.pid() as c_int;
