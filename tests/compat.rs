@@ -830,3 +830,32 @@ fn compatibility_matrix() {
     }
     eprintln!("compat: {ran} rows ran, {} skipped", skipped.len());
 }
+
+/// A server the shim cannot reach (here: python started by a shell that forks it instead of
+/// `exec`ing it) binds the master's port itself and fails with EADDRINUSE: the master says why
+/// in one line, once, instead of only crash-looping, then gives the slot up and exits 1.
+#[test]
+fn a_server_the_shim_cannot_reach_is_explained_in_one_line() {
+    if output(Command::new("python3").arg("--version")).is_none() {
+        eprintln!("note: python3 absent; skipping");
+        return;
+    }
+    let bind_port =
+        "import os, socket; socket.socket().bind(('127.0.0.1', int(os.environ['PORT'])))";
+    let script = format!("python3 -c \"{bind_port}\"; exit 1");
+    let mut cluster = TestCluster::spawn(&["-w", "1", "--", "sh", "-c", &script]);
+    let status = cluster.wait_exit(DEADLINE);
+    assert_eq!(status.code(), Some(1), "gives up and exits 1");
+    let hints: Vec<String> = cluster
+        .log_lines()
+        .into_iter()
+        .filter(|l| l.contains("exited before it was ready"))
+        .collect();
+    assert_eq!(hints.len(), 1, "said once: {hints:?}");
+    assert!(
+        hints[0].contains("EADDRINUSE") && hints[0].contains("LISTEN_FDS"),
+        "{}",
+        hints[0]
+    );
+    assert!(cluster.log_contains("Address already in use"));
+}

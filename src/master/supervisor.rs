@@ -32,6 +32,7 @@ use socket2::Socket;
 
 use crate::cli::{Config, Pin};
 use crate::master::acceptor::{self, AcceptorHandle, ChannelEnds, Command, Event, WorkerId};
+use crate::master::diagnose;
 use crate::master::listener;
 use crate::sys::spawn::{SpawnSpec, spawn};
 use crate::sys::{self, CpuSet, ExitStatus, Pid};
@@ -148,6 +149,8 @@ struct Supervisor {
     reload_requested: bool,
     /// A reload started and has neither completed nor been aborted.
     reload_running: bool,
+    /// Whether a worker exiting before it was ready has been explained (diagnose.rs; once).
+    early_exit_explained: bool,
 }
 
 impl Supervisor {
@@ -222,6 +225,7 @@ impl Supervisor {
             reload_queue: VecDeque::new(),
             reload_requested: false,
             reload_running: false,
+            early_exit_explained: false,
             config,
         })
     }
@@ -927,6 +931,9 @@ impl Supervisor {
         if !self.slots[w.slot].active {
             return;
         }
+        if w.state == Lifecycle::Starting {
+            self.explain_early_exit(w.slot);
+        }
         let slot = &mut self.slots[w.slot];
         if w.started.elapsed() >= STABLE_UPTIME {
             slot.crashes = 0;
@@ -953,6 +960,24 @@ impl Supervisor {
             w.slot, w.pid
         );
         self.continue_reload();
+    }
+
+    /// A worker that exits before it was ready most often cannot work in this mode (the shim
+    /// did not reach the server, which then bound the port itself): say so in one line, once.
+    fn explain_early_exit(&mut self, slot: usize) {
+        if self.config.command.builtin || std::mem::replace(&mut self.early_exit_explained, true) {
+            return;
+        }
+        let binary = self
+            .config
+            .command
+            .resolve()
+            .map_or(diagnose::Binary::Unknown, |p| diagnose::inspect(&p));
+        let program = self.config.command.program.to_string_lossy();
+        warn!(
+            "worker {slot} exited before it was ready: {}",
+            diagnose::early_exit_hint(self.mode, self.preload.is_some(), binary, &program)
+        );
     }
 
     fn on_timers(&mut self) {
