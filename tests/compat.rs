@@ -859,3 +859,90 @@ fn a_server_the_shim_cannot_reach_is_explained_in_one_line() {
     );
     assert!(cluster.log_contains("Address already in use"));
 }
+
+/// gunicorn forks its workers from its arbiter (the process the master started). A gunicorn
+/// worker SIGKILLed while it holds a connection: its arbiter reaps it, the shim reports the
+/// connection closed (the master's books return to 0 active), the arbiter's replacement worker
+/// takes over the channel, and every later request is answered.
+#[test]
+fn gunicorn_worker_killed_holding_a_connection_is_accounted() {
+    let env = Env::find();
+    if let Some(why) = env.missing(&[Need::Python, Need::PyPkgs]) {
+        let require = std::env::var("RCLUSTER_COMPAT_REQUIRE").is_ok_and(|v| v == "1");
+        assert!(!require, "RCLUSTER_COMPAT_REQUIRE=1 but: {why}");
+        eprintln!("note: skipped: {why}");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("rcluster-compat-kill-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("app.py"), WSGI).unwrap();
+    let d = dir.display().to_string();
+    let py = env.root.join("py").display().to_string();
+    let cluster = TestCluster::spawn_with_env(
+        &[
+            "-w",
+            "1",
+            "--",
+            "python3",
+            "-m",
+            "gunicorn",
+            "--no-control-socket",
+            "-w",
+            "2",
+            "--chdir",
+            &d,
+            "app:app",
+        ],
+        &[("PYTHONPATH", py.as_str())],
+    );
+    cluster.wait_for_log("workers ready", DEADLINE);
+    let addr = cluster.addr();
+
+    // A request that never ends: a sync worker holds the connection, reading.
+    let mut held = std::net::TcpStream::connect(addr).unwrap();
+    held.set_read_timeout(Some(DEADLINE)).unwrap();
+    use std::io::{Read, Write};
+    held.write_all(b"GET / HTTP/1.1\r\nHost: test\r\n").unwrap();
+    let deadline = Instant::now() + DEADLINE;
+    let holder = loop {
+        let arbiter = cluster.worker_pids();
+        let found = server_socket_inode(&held).and_then(|inode| {
+            arbiter
+                .iter()
+                .flat_map(|&a| children_of(a))
+                .find(|&p| holds_socket(p, inode))
+        });
+        if let Some(p) = found {
+            break p;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no gunicorn worker took the connection"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let before = cluster.status();
+    assert_eq!(
+        before.iter().map(|s| s.active).sum::<u64>(),
+        1,
+        "{before:?}"
+    );
+
+    kill(holder, libc::SIGKILL);
+    let mut rest = Vec::new();
+    let _ = held.read_to_end(&mut rest); // EOF or reset: the process serving it died
+    let settled = wait_settled(&cluster);
+    assert_eq!(settled.iter().map(|s| s.dispatched).sum::<u64>(), 1);
+
+    let results = get_many(addr, "/", 20, 2);
+    assert!(
+        results
+            .iter()
+            .all(|r| r.as_ref().is_ok_and(|r| r.status == 200)),
+        "every later request answered"
+    );
+    let settled = wait_settled(&cluster);
+    assert_eq!(settled.iter().map(|s| s.dispatched).sum::<u64>(), 21);
+    drop(cluster);
+    let _ = std::fs::remove_dir_all(&dir);
+}
