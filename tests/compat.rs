@@ -81,6 +81,12 @@ fn output(cmd: &mut Command) -> Option<String> {
 }
 
 impl Env {
+    /// Installs (once per test process: the tests of this file share it) and looks around.
+    fn get() -> &'static Env {
+        static ENV: std::sync::OnceLock<Env> = std::sync::OnceLock::new();
+        ENV.get_or_init(Env::find)
+    }
+
     fn find() -> Env {
         let root = compat_root();
         let install = Command::new("bash")
@@ -753,12 +759,12 @@ fn cell(s: &str) -> String {
 
 #[test]
 fn compatibility_matrix() {
-    let env = Env::find();
+    let env = Env::get();
     let require = std::env::var("RCLUSTER_COMPAT_REQUIRE").is_ok_and(|v| v == "1");
     let only = std::env::var("RCLUSTER_COMPAT_ONLY").ok();
     let dir = std::env::temp_dir().join(format!("rcluster-compat-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let rows = rows(&env, &dir);
+    let rows = rows(env, &dir);
 
     let mut table = String::from(
         "| server | version | mode | result | notes |\n| --- | --- | --- | --- | --- |\n",
@@ -866,7 +872,7 @@ fn a_server_the_shim_cannot_reach_is_explained_in_one_line() {
 /// takes over the channel, and every later request is answered.
 #[test]
 fn gunicorn_worker_killed_holding_a_connection_is_accounted() {
-    let env = Env::find();
+    let env = Env::get();
     if let Some(why) = env.missing(&[Need::Python, Need::PyPkgs]) {
         let require = std::env::var("RCLUSTER_COMPAT_REQUIRE").is_ok_and(|v| v == "1");
         assert!(!require, "RCLUSTER_COMPAT_REQUIRE=1 but: {why}");
