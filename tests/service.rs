@@ -280,9 +280,10 @@ fn shutdown_delay_keeps_serving_until_a_second_signal() {
 
 /// A worker that says which signal stopped it and which PM2 instance it is, on the master's
 /// stderr.
-const SIGNAL_REPORTER: &str = "echo \"instance=$NODE_APP_INSTANCE\" >&2; \
-    trap 'echo stop\"\"ped-by-INT >&2; exit 0' INT; \
+/// The traps are set before it says who it is, so the test signals only a prepared worker.
+const SIGNAL_REPORTER: &str = "trap 'echo stop\"\"ped-by-INT >&2; exit 0' INT; \
     trap 'echo stop\"\"ped-by-TERM >&2; exit 0' TERM; \
+    echo \"instance=$NODE_APP_INSTANCE\" >&2; \
     while :; do sleep 1 & wait $!; done";
 
 #[test]
