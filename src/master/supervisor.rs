@@ -9,6 +9,12 @@
 //! sockets workers inherit. In dispatch mode the acceptor thread owns the listeners and channels;
 //! the supervisor creates each channel pair, hands the worker its end at spawn, and gives both
 //! ends to the acceptor.
+//!
+//! Service hooks, each a call into its own module: listeners passed by socket activation are
+//! taken instead of bound (`activation`); after every lifecycle step the master's own service
+//! manager hears what changed (`notify`); a stop signal waits `--shutdown-delay` before it
+//! becomes [`Input::Stop`]; as a child subreaper (or PID 1) the master reaps on SIGCHLD every
+//! orphan its workers leave, while a worker's exit still goes through the pidfd path's reap.
 
 use std::collections::VecDeque;
 use std::ffi::OsStr;
