@@ -18,6 +18,10 @@ pub use crate::policy::MAX_WORKERS;
 /// At most this many `--listen` addresses (one bit each in the load table, one fd each).
 pub use rcluster_proto::MAX_LISTENERS;
 
+/// The longest duration any option takes: every deadline is `Instant::now() + option`, which
+/// must not overflow (a year is far beyond any sensible grace period or timeout).
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// rcluster-lb runs N copies of a server behind one port, the master handing each connection
 /// to the worker its policy picks.
 #[derive(Debug, Parser)]
@@ -319,6 +323,36 @@ impl Args {
         }
         if self.rss_interval.is_zero() {
             return Err(usage("--rss-interval must be greater than 0"));
+        }
+        if self.stall_timeout.is_zero() {
+            return Err(usage("--stall-timeout must be greater than 0"));
+        }
+        if self.max_rss.is_some_and(|s| s.as_u64() == 0) {
+            return Err(usage("--max-rss must be greater than 0"));
+        }
+        if self.max_conns.is_some() && self.policy.mode() != rcluster_proto::Mode::Dispatch {
+            return Err(usage(format!(
+                "--max-conns needs a dispatch policy: in {} mode the kernel hands out \
+                 connections and the master cannot count them",
+                self.policy.mode().as_str()
+            )));
+        }
+        for (name, value) in [
+            ("--grace", Some(self.grace)),
+            ("--rss-interval", Some(self.rss_interval)),
+            ("--ready-delay", self.ready_delay),
+            ("--ready-timeout", Some(self.ready_timeout)),
+            ("--stall-timeout", Some(self.stall_timeout)),
+        ] {
+            if let Some(d) = value
+                && d > MAX_DURATION
+            {
+                return Err(usage(format!(
+                    "{name} {} is too long (at most {})",
+                    humantime::format_duration(d),
+                    humantime::format_duration(MAX_DURATION)
+                )));
+            }
         }
         let command = match self.command.split_first() {
             None => WorkerCommand {

@@ -14,9 +14,7 @@ use std::ffi::OsStr;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::os::linux::net::SocketAddrExt;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::net::{SocketAddr as UnixAddr, UnixDatagram};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,6 +31,7 @@ use socket2::Socket;
 use crate::cli::{Config, Pin};
 use crate::master::acceptor::{self, AcceptorHandle, ChannelEnds, Command, Event, WorkerId};
 use crate::master::listener;
+use crate::master::notify::{Notice, NotifySocket, RuntimeDir};
 use crate::sys::spawn::{SpawnSpec, spawn};
 use crate::sys::{self, CpuSet, ExitStatus, Pid};
 use rcluster_proto::Mode;
@@ -77,7 +76,7 @@ struct Worker {
     generation: u64,
     pid: Pid,
     pidfd: OwnedFd,
-    notify: Option<UnixDatagram>,
+    notify: Option<NotifySocket>,
     state: Lifecycle,
     started: Instant,
     kill_at: Option<Instant>,
@@ -136,6 +135,9 @@ struct Supervisor {
     generation: u64,
     base_env: Vec<Vec<u8>>,
     preload: Option<PathBuf>,
+    /// The private directory of the workers' NOTIFY_SOCKETs (none if it cannot be created:
+    /// workers then signal readiness on their channel or by --ready-delay).
+    runtime: Option<RuntimeDir>,
     shutdown_deadline: Option<Instant>,
     /// While shutting down in dispatch mode: when to SIGTERM the workers if the acceptor has
     /// not reported the channels drained by then.
@@ -198,7 +200,11 @@ impl Supervisor {
         } else {
             None
         };
+        let runtime = RuntimeDir::create()
+            .map_err(|e| warn!("no NOTIFY_SOCKET for workers: {e}"))
+            .ok();
         Ok(Supervisor {
+            runtime,
             base_env: base_environment(),
             mode,
             poll,
@@ -261,9 +267,18 @@ impl Supervisor {
             self.mode.as_str()
         );
         for slot in 0..self.slots.len() {
-            // A command that cannot start at all (exec fails) is a startup error, not a crash.
-            self.spawn_worker(slot)
-                .with_context(|| format!("failed to start worker {slot}"))?;
+            // A command that cannot start at all (exec fails) is a startup error, not a crash;
+            // one the kernel refuses to execute (no valid format, permission) is a usage error.
+            if let Err(e) = self.spawn_worker(slot) {
+                if let Some(exec) = exec_failure(&e) {
+                    return Err(crate::cli::UsageError(format!(
+                        "cannot run {}: {exec}",
+                        self.config.command.display()
+                    ))
+                    .into());
+                }
+                return Err(e).with_context(|| format!("failed to start worker {slot}"));
+            }
         }
         Ok(())
     }
@@ -304,21 +319,22 @@ impl Supervisor {
             Mode::Shared => self.sockets.iter().map(|s| s.as_fd()).collect(),
         };
 
-        let notify_name = format!("rcluster-lb/{}/{}", sys::getpid(), id);
-        let notify =
-            UnixDatagram::bind_addr(&UnixAddr::from_abstract_name(notify_name.as_bytes())?)
-                .and_then(|s| s.set_nonblocking(true).map(|()| s))
+        let notify = self.runtime.as_ref().and_then(|dir| {
+            NotifySocket::bind(dir, id)
                 .map_err(|e| warn!("worker {slot}: no NOTIFY_SOCKET: {e}"))
-                .ok();
+                .ok()
+        });
 
         let mut env = self.base_env.clone();
-        let notify_value = format!("@{notify_name}");
+        let notify_value = notify
+            .as_ref()
+            .and_then(|n| n.path().to_str().map(str::to_owned));
         let contract = ChildEnv {
             slot,
             generation,
             mode: self.mode,
             listen: &self.addrs,
-            notify_socket: notify.as_ref().map(|_| notify_value.as_str()),
+            notify_socket: notify_value.as_deref(),
         };
         env.extend(contract.entries().into_iter().map(String::into_bytes));
         if let Some(shim) = &self.preload {
@@ -354,7 +370,7 @@ impl Supervisor {
             .register(&mut SourceFd(&raw), pidfd_token(id), Interest::READABLE)
             .and_then(|()| match &notify {
                 Some(n) => self.poll.registry().register(
-                    &mut SourceFd(&n.as_raw_fd()),
+                    &mut SourceFd(&n.raw_fd()),
                     notify_token(id),
                     Interest::READABLE,
                 ),
@@ -375,7 +391,7 @@ impl Supervisor {
             let max_conns = self
                 .config
                 .max_conns
-                .map(|n| n + jitter(self.config.max_conns_jitter, id));
+                .map(|n| n.saturating_add(jitter(self.config.max_conns_jitter, id)));
             self.send(Command::Add {
                 id,
                 slot,
@@ -576,6 +592,9 @@ impl Supervisor {
             }
             Event::Stalled(id) => self.replace(id, Reason::Recycle, "it stopped accepting"),
             Event::MaxConns(id) => self.replace(id, Reason::Recycle, "it reached --max-conns"),
+            Event::Misbehaving(id) => {
+                self.replace(id, Reason::Recycle, "it broke the channel protocol")
+            }
             Event::Reclaimed(..) => {}
             Event::Drained => {
                 if self.shutdown_signal_at.is_some() {
@@ -590,23 +609,17 @@ impl Supervisor {
         let Some(i) = self.index_of(id) else {
             return;
         };
-        let mut lines = Vec::new();
-        if let Some(sock) = &self.workers[i].notify {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = sock.recv(&mut buf) {
-                lines.push(String::from_utf8_lossy(&buf[..n]).into_owned());
-            }
-        }
         let (slot, pid) = (self.workers[i].slot, self.workers[i].pid);
-        for msg in lines {
-            for line in msg.lines() {
-                if line == "READY=1" {
-                    self.mark_ready(id, "READY=1");
-                } else if line == "STOPPING=1" {
+        let notices = match &mut self.workers[i].notify {
+            Some(sock) => sock.read(pid, slot),
+            None => return,
+        };
+        for notice in notices {
+            match notice {
+                Notice::Ready => self.mark_ready(id, "READY=1"),
+                Notice::Stopping => {
                     info!("worker {slot} (pid {pid}) is stopping");
                     self.send(Command::Drain(id));
-                } else if let Some(status) = line.strip_prefix("STATUS=") {
-                    info!("worker {slot} (pid {pid}) status: {status}");
                 }
             }
         }
@@ -886,7 +899,7 @@ impl Supervisor {
         let raw = w.pidfd.as_raw_fd();
         let _ = self.poll.registry().deregister(&mut SourceFd(&raw));
         if let Some(n) = &w.notify {
-            let raw = n.as_raw_fd();
+            let raw = n.raw_fd();
             let _ = self.poll.registry().deregister(&mut SourceFd(&raw));
         }
         // Connections still queued in its channel go to another worker.
@@ -1145,6 +1158,16 @@ fn newest_file(paths: &[PathBuf]) -> Option<&PathBuf> {
     best.map(|(p, _)| p)
 }
 
+/// The `execve` failure inside a spawn error, if that is what it is.
+fn exec_failure(e: &anyhow::Error) -> Option<crate::sys::spawn::SpawnError> {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<io::Error>())
+        .filter_map(|io| io.get_ref())
+        .filter_map(|inner| inner.downcast_ref::<crate::sys::spawn::SpawnError>())
+        .find(|s| s.is_exec())
+        .copied()
+}
+
 /// Deterministic per-worker jitter in 0..=max (no RNG dependency for one number).
 fn jitter(max: u64, id: WorkerId) -> u64 {
     if max == 0 {
@@ -1154,7 +1177,11 @@ fn jitter(max: u64, id: WorkerId) -> u64 {
     x ^= x >> 33;
     x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
     x ^= x >> 33;
-    x % (max + 1)
+    match max.checked_add(1) {
+        Some(modulus) => x % modulus,
+        // 0..=u64::MAX: every value is in range.
+        None => x,
+    }
 }
 
 impl Drop for Supervisor {
@@ -1175,6 +1202,15 @@ impl Drop for Supervisor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn jitter_stays_in_range_up_to_u64_max() {
+        for id in 0..64 {
+            assert!(jitter(3, id) <= 3);
+            assert_eq!(jitter(0, id), 0);
+            let _ = jitter(u64::MAX, id);
+        }
+    }
 
     #[test]
     fn newest_shim_copy_wins() {
