@@ -30,7 +30,7 @@ use socket2::Socket;
 
 use crate::cli::{Config, Pin};
 use crate::master::acceptor::{self, AcceptorHandle, ChannelEnds, Command, Event, WorkerId};
-use crate::master::listener;
+use crate::master::{listener, tree};
 use crate::master::notify::{Notice, NotifySocket, RuntimeDir};
 use crate::sys::spawn::{SpawnSpec, spawn};
 use crate::sys::{self, CpuSet, ExitStatus, Pid};
@@ -508,7 +508,7 @@ impl Supervisor {
                 if self.shutdown_deadline.is_some() {
                     warn!("{} again: killing the workers now", sys::signal_name(sig));
                     for w in &self.workers {
-                        let _ = sys::kill(w.pid, libc::SIGKILL);
+                        let _ = tree::signal(w.pid, libc::SIGKILL);
                     }
                 } else {
                     self.begin_shutdown(sig);
@@ -561,7 +561,7 @@ impl Supervisor {
     fn signal_shutdown(&mut self) {
         self.shutdown_signal_at = None;
         for w in &self.workers {
-            let _ = sys::kill(w.pid, libc::SIGTERM);
+            let _ = tree::signal(w.pid, libc::SIGTERM);
         }
     }
 
@@ -681,7 +681,7 @@ impl Supervisor {
             w.generation,
             sys::signal_name(sig)
         );
-        let _ = sys::kill(w.pid, sig);
+        let _ = tree::signal(w.pid, sig);
     }
 
     /// Starts a replacement for `old` in its slot; `old` is drained once the replacement is
@@ -806,7 +806,7 @@ impl Supervisor {
             if let Some(i) = self.index_of(id) {
                 self.send(Command::Drain(id));
                 self.workers[i].state = Lifecycle::Draining;
-                let _ = sys::kill(self.workers[i].pid, libc::SIGKILL);
+                let _ = tree::signal(self.workers[i].pid, libc::SIGKILL);
             }
         }
     }
@@ -887,6 +887,8 @@ impl Supervisor {
         let Some(i) = self.index_of(id) else {
             return;
         };
+        // Whatever the worker left running in its process group goes with it.
+        tree::kill_leftovers(self.workers[i].pid);
         let status = match sys::waitpid_nohang(self.workers[i].pid) {
             Ok(Some(status)) => status,
             Ok(None) => return,
@@ -981,7 +983,7 @@ impl Supervisor {
                     "worker {} (pid {}) did not exit within {:?}: SIGKILL",
                     w.slot, w.pid, self.config.grace
                 );
-                let _ = sys::kill(w.pid, libc::SIGKILL);
+                let _ = tree::signal(w.pid, libc::SIGKILL);
             }
             // Keep waiting for the pidfds; push the deadline so this fires once.
             self.shutdown_deadline = Some(now + Duration::from_secs(3600));
@@ -994,7 +996,7 @@ impl Supervisor {
                     "worker {} (pid {}) still running {:?} after the drain signal: SIGKILL",
                     w.slot, w.pid, self.config.grace
                 );
-                let _ = sys::kill(w.pid, libc::SIGKILL);
+                let _ = tree::signal(w.pid, libc::SIGKILL);
                 w.kill_at = None;
             }
         }
@@ -1054,7 +1056,7 @@ impl Supervisor {
                 if let Some(i) = self.index_of(new) {
                     error!("recycle replacement not ready in time; keeping the old worker");
                     self.workers[i].state = Lifecycle::Draining;
-                    let _ = sys::kill(self.workers[i].pid, libc::SIGKILL);
+                    let _ = tree::signal(self.workers[i].pid, libc::SIGKILL);
                 }
             }
         }
@@ -1188,7 +1190,7 @@ impl Drop for Supervisor {
     fn drop(&mut self) {
         // On an error return, leave no worker behind.
         for w in &self.workers {
-            let _ = sys::kill(w.pid, libc::SIGKILL);
+            let _ = tree::signal(w.pid, libc::SIGKILL);
         }
         for w in &self.workers {
             let _ = sys::waitpid_blocking(w.pid);

@@ -535,3 +535,20 @@ pub fn geteuid() -> u32 {
     // SAFETY: geteuid cannot fail.
     unsafe { libc::geteuid() }
 }
+
+/// Whether our child `pid` has exited, without reaping it (`waitid(P_PID, WEXITED | WNOHANG |
+/// WNOWAIT)`, waitid(2)): until it is reaped its pid, and the process group it leads, cannot be
+/// reused, so the group can still be signalled safely.
+pub fn has_exited(pid: Pid) -> io::Result<bool> {
+    // SAFETY: siginfo_t is plain data; zeroed is valid and si_pid reads 0 when nothing exited.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: info is valid storage for waitid to fill.
+    syscall!(waitid(
+        libc::P_PID,
+        pid as libc::id_t,
+        &mut info,
+        libc::WEXITED | libc::WNOHANG | libc::WNOWAIT
+    ))?;
+    // SAFETY: waitid filled info (or left it zeroed); si_pid is valid for SIGCHLD infos.
+    Ok(unsafe { info.si_pid() } != 0)
+}
