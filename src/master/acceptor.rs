@@ -29,8 +29,7 @@ use crate::sys::scm::{self, SendBatch};
 use crate::sys::{self, Pid};
 use rcluster_proto::{HEADER_LEN, MAX_FDS_PER_CONN, MAX_LISTENERS, ToMaster, ToWorker};
 
-/// Identifies one worker process for its whole life (slots are reused, ids are not).
-pub type WorkerId = u64;
+pub use crate::master::lifecycle::WorkerId;
 
 /// Messages passed to a channel in one `sendmmsg`.
 pub const SEND_BATCH: usize = 64;
@@ -80,7 +79,7 @@ pub enum Command {
         /// Report [`Event::MaxConns`] once it has been handed this many connections.
         max_conns: Option<u64>,
     },
-    /// The supervisor learned the worker is ready by other means (NOTIFY_SOCKET, delay).
+    /// Dispatch to the worker (it is ready, or ready again after STOPPING).
     Ready(WorkerId),
     /// Stop dispatching to the worker and take back what is queued in its channels.
     Drain(WorkerId),
@@ -102,9 +101,11 @@ pub enum Command {
 /// Acceptor → supervisor.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// READY arrived on the worker's channel.
+    /// READY arrived on the worker's channel (the worker stays closed until the supervisor
+    /// sends [`Command::Ready`]).
     Ready(WorkerId),
-    /// The worker said STOPPING.
+    /// The worker said STOPPING (it stays open until the supervisor sends [`Command::Drain`],
+    /// which also takes back what was queued meanwhile).
     Stopping(WorkerId),
     /// The worker took nothing from a non-empty channel for the stall timeout (its channel
     /// stayed full, or its queue never went down); it gets no more connections and what was
@@ -183,10 +184,15 @@ pub fn spawn(
     })
 }
 
+/// What the supervisor told the acceptor about a worker (the lifecycle decides; the acceptor
+/// only applies it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
+    /// Added ([`Command::Add`]), not yet opened: dispatched to only while no worker is ready.
     Starting,
+    /// Opened ([`Command::Ready`]).
     Ready,
+    /// Closed ([`Command::Drain`]): nothing is dispatched to it.
     Draining,
 }
 
@@ -569,11 +575,9 @@ impl Acceptor {
 
     fn set_state(&mut self, id: WorkerId, state: State) {
         if let Some(i) = self.index_of(id) {
-            let e = &mut self.entries[i];
-            // Draining is final; Ready does not undo it.
-            if e.state != State::Draining {
-                e.state = state;
-            }
+            // The lifecycle decides every transition, including Ready again after a worker's
+            // STOPPING; the acceptor applies it.
+            self.entries[i].state = state;
             self.refresh_open();
         }
     }
@@ -681,17 +685,20 @@ impl Acceptor {
             }
         }
         let active = entry.dispatched.saturating_sub(entry.closed);
-        let state = entry.state;
         self.stats[i].active = active.min(u64::from(u32::MAX)) as u32;
-        if ready && state == State::Starting {
-            self.set_state(id, State::Ready);
+        // Reported to the lifecycle, the single source of truth for the worker's state, which
+        // answers with Ready (open) or Drain (close and reclaim). One shortcut: a worker still
+        // held as Starting is opened at once, because from Starting the lifecycle always
+        // answers READY with Ready; so by the time the master logs "ready", dispatch is on.
+        if ready {
+            if self.entries[i].state == State::Starting {
+                self.set_state(id, State::Ready);
+            }
             self.emit(Event::Ready(id));
         } else if ready {
             self.refresh_open();
         }
-        if stopping && state != State::Draining {
-            self.set_state(id, State::Draining);
-            self.reclaim(id);
+        if stopping {
             self.emit(Event::Stopping(id));
         }
         if misbehaving {
