@@ -70,7 +70,10 @@ mod tests {
         assert!(!w.sample(768, at(t0, 100), T));
         assert!(!w.sample(768, at(t0, 600), T));
         assert!(!w.sample(1536, at(t0, 900), T));
-        assert!(w.sample(1536, at(t0, 1000), T), "1 s since the last progress, at 0");
+        assert!(
+            w.sample(1536, at(t0, 1000), T),
+            "1 s since the last progress, at 0"
+        );
     }
 
     #[test]
@@ -92,8 +95,17 @@ mod tests {
 
     #[test]
     fn period_is_bounded() {
-        assert_eq!(sample_period(Duration::from_secs(10)), Duration::from_secs(1));
-        assert_eq!(sample_period(Duration::from_millis(1)), Duration::from_millis(10));
-        assert_eq!(sample_period(Duration::from_secs(2)), Duration::from_millis(250));
+        assert_eq!(
+            sample_period(Duration::from_secs(10)),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            sample_period(Duration::from_millis(1)),
+            Duration::from_millis(10)
+        );
+        assert_eq!(
+            sample_period(Duration::from_secs(2)),
+            Duration::from_millis(250)
+        );
     }
 }

@@ -482,8 +482,8 @@ impl Supervisor {
                 self.next_queue_sample,
             ]
             .into_iter()
-                .flatten()
-                .min();
+            .flatten()
+            .min();
             let timeout = next.map(|t| t.saturating_duration_since(Instant::now()));
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -633,8 +633,7 @@ impl Supervisor {
             Event::Stopping(id) => Input::Stopping { id },
             Event::Stalled(id) => Input::Stalled { id },
             Event::MaxConns(id) => Input::MaxConns { id },
-            // Replaced like a stalled worker (the acceptor logged why).
-            Event::Misbehaving(id) => Input::Stalled { id },
+            Event::Misbehaving(id) => Input::Misbehaving { id },
             Event::Reclaimed(..) => return,
             Event::Drained => Input::Drained,
         };
