@@ -507,3 +507,48 @@ fn huge_jitter_and_grace_do_not_panic() {
     let status = cluster.wait_exit(DEADLINE);
     assert_eq!(status.code(), Some(0), "{status:?}");
 }
+
+// --- a worker out of fds -----------------------------------------------------------------------
+
+#[test]
+fn a_worker_out_of_fds_says_full_and_loses_no_connection() {
+    if !std::path::Path::new("/usr/bin/prlimit").exists() {
+        eprintln!("skipped: needs prlimit");
+        return;
+    }
+    // Slot 1 runs with 32 fds: room for a few connections only.
+    let script = format!(
+        r#"if [ "$RCLUSTER_WORKER_ID" = 1 ]; then exec /usr/bin/prlimit --nofile=32:32 {BIN} demo-worker; fi; exec {BIN} demo-worker"#
+    );
+    let cluster = TestCluster::start(&[
+        "--workers",
+        "2",
+        "--policy",
+        "round-robin",
+        "--no-preload",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    // 60 connections held open at once (no request yet), then a request on each.
+    let mut held = Vec::new();
+    for _ in 0..60 {
+        held.push(std::net::TcpStream::connect(cluster.addr()).unwrap());
+    }
+    cluster.wait_for_log("is out of file descriptors", DEADLINE);
+    let mut tally = Tally::default();
+    for mut s in held {
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let r = common::send_on(&mut s, "/", false).and_then(|()| common::read_response(s));
+        tally.add(&r);
+    }
+    assert_all_answered("60 connections, one worker at 32 fds", &tally, 60);
+    let lost: u64 = cluster
+        .log_lines()
+        .iter()
+        .filter_map(|l| l.split("file descriptors (").nth(1))
+        .filter_map(|r| r.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(lost, 0, "connections lost on receipt");
+}

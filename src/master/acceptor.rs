@@ -23,6 +23,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::master::accounting::{self, Conduct};
+use crate::master::ratelimit::{LogLimiter, Verdict};
 use crate::master::stall::{self, QueueWatch};
 use crate::policy::{Policy, WorkerStat};
 use crate::sys::scm::{self, SendBatch};
@@ -224,6 +225,10 @@ struct Entry {
     /// Ready by other means than its channels (NOTIFY_SOCKET, delay, timeout): every channel
     /// is open. Otherwise only the channels it sent READY on are.
     ready_all: bool,
+    /// It said FULL (out of fds) and not READY since: closed for dispatch.
+    full: bool,
+    /// Rate limit of the FULL/resume lines.
+    full_log: LogLimiter,
 }
 
 struct Pending {
@@ -550,6 +555,8 @@ impl Acceptor {
             max_fds: 1,
             conduct: Conduct::default(),
             ready_all: false,
+            full: false,
+            full_log: LogLimiter::default(),
         });
         self.stats.push(WorkerStat::default());
         self.refresh_open();
@@ -588,11 +595,12 @@ impl Acceptor {
     fn refresh_open(&mut self) {
         let any_ready = self.entries.iter().any(|e| e.state == State::Ready);
         for (e, s) in self.entries.iter().zip(self.stats.iter_mut()) {
-            let eligible = match e.state {
-                State::Ready => true,
-                State::Starting => !any_ready,
-                State::Draining => false,
-            };
+            let eligible = !e.full
+                && match e.state {
+                    State::Ready => true,
+                    State::Starting => !any_ready,
+                    State::Draining => false,
+                };
             let mut open = 0u64;
             if eligible {
                 for (l, c) in e.channels.iter().enumerate() {
@@ -614,6 +622,8 @@ impl Acceptor {
         };
         let mut buf = [0u8; HEADER_LEN + 1];
         let (mut ready, mut stopping, mut misbehaving) = (false, false, false);
+        // FULL (with the connections it lost) or READY, whichever came last.
+        let (mut full, mut resumed): (Option<u64>, bool) = (None, false);
         let entry = &mut self.entries[i];
         loop {
             let chan = &entry.channels[listener];
@@ -648,6 +658,8 @@ impl Acceptor {
                         }
                         Ok(ToMaster::Ready { max_fds }) => {
                             ready = true;
+                            full = None;
+                            resumed = true;
                             entry.channels[listener].ready = true;
                             entry.max_fds = (max_fds as usize).clamp(1, MAX_FDS_PER_CONN);
                             None
@@ -657,6 +669,11 @@ impl Acceptor {
                             None
                         }
                         Ok(ToMaster::Heartbeat) => None,
+                        Ok(ToMaster::Full { lost }) => {
+                            full = Some(lost);
+                            resumed = false;
+                            None
+                        }
                         Err(e) => Some(format!("bad message on its channel: {e}")),
                     });
                     if let Some(what) = violation {
@@ -690,13 +707,40 @@ impl Acceptor {
         // answers with Ready (open) or Drain (close and reclaim). One shortcut: a worker still
         // held as Starting is opened at once, because from Starting the lifecycle always
         // answers READY with Ready; so by the time the master logs "ready", dispatch is on.
+        let e = &mut self.entries[i];
+        if let Some(lost) = full {
+            // Out of fds: nothing more goes to it until its READY, and what waits in its
+            // channel is served elsewhere.
+            e.full = true;
+            if let Verdict::Log { suppressed } = e.full_log.check(Instant::now()) {
+                warn!(
+                    "worker {} (pid {}) is out of file descriptors ({lost} connections lost \
+                     on receipt): no dispatch to it until it takes again{}",
+                    e.slot,
+                    e.pid,
+                    if suppressed > 0 {
+                        format!(" ({suppressed} similar lines suppressed)")
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+            self.refresh_open();
+            self.reclaim(id);
+        } else if resumed && e.full {
+            e.full = false;
+            if let Verdict::Log { .. } = e.full_log.check(Instant::now()) {
+                info!("worker {} (pid {}) takes connections again", e.slot, e.pid);
+            }
+        }
         if ready {
             if self.entries[i].state == State::Starting {
                 self.set_state(id, State::Ready);
+            } else {
+                // READY on one more channel, or again after FULL: open what it opened.
+                self.refresh_open();
             }
             self.emit(Event::Ready(id));
-        } else if ready {
-            self.refresh_open();
         }
         if stopping {
             self.emit(Event::Stopping(id));

@@ -552,3 +552,30 @@ pub fn has_exited(pid: Pid) -> io::Result<bool> {
     // SAFETY: waitid filled info (or left it zeroed); si_pid is valid for SIGCHLD infos.
     Ok(unsafe { info.si_pid() } != 0)
 }
+
+/// The soft `RLIMIT_NOFILE`: fd numbers at or above it cannot be allocated (getrlimit(2)).
+pub fn nofile_soft_limit() -> io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: lim is valid storage for getrlimit to fill.
+    syscall!(getrlimit(libc::RLIMIT_NOFILE, &mut lim))?;
+    Ok(lim.rlim_cur)
+}
+
+/// Whether this process can open `n` more fds now: duplicates `fd` `n` times
+/// (`F_DUPFD_CLOEXEC`) and closes the copies. Used before receiving fds near the fd limit,
+/// where the kernel would close the ones that do not fit (`MSG_CTRUNC`, unix(7)).
+pub fn fd_room(fd: BorrowedFd<'_>, n: usize) -> bool {
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..n {
+        // SAFETY: F_DUPFD_CLOEXEC returns a new fd we own, or -1.
+        match syscall!(fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0)) {
+            // SAFETY: the fd was just created and nothing else owns it.
+            Ok(dup) => held.push(unsafe { OwnedFd::from_raw_fd(dup) }),
+            Err(_) => return false,
+        }
+    }
+    true
+}
