@@ -452,4 +452,85 @@ mod tests {
         assert!(not_exec.contains("not executable"), "{not_exec}");
         assert!(msg(&["--drain-signal", "BOGUS"]).contains("BOGUS"));
     }
+
+    /// Arbitrary command lines built from every option name and values that stress parsing
+    /// (huge numbers, huge and zero durations, garbage) never panic: they parse and validate,
+    /// or fail with a usage error.
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        const OPTIONS: &[&str] = &[
+            "--listen",
+            "--workers",
+            "--policy",
+            "--pin",
+            "--acceptor-cpu",
+            "--grace",
+            "--rss-interval",
+            "--ready-delay",
+            "--ready-timeout",
+            "--no-preload",
+            "--drain-signal",
+            "--reload-batch",
+            "--max-conns",
+            "--max-conns-jitter",
+            "--max-rss",
+            "--stall-timeout",
+            "-w",
+            "-p",
+            "-l",
+            "--",
+        ];
+        const VALUES: &[&str] = &[
+            "0",
+            "1",
+            "-1",
+            "18446744073709551615",
+            "18446744073709551616",
+            "500000000000years",
+            "0s",
+            "1ns",
+            "10s",
+            "1y",
+            "auto",
+            "none",
+            "0-3",
+            "4000",
+            "rr",
+            "reuseport",
+            "shared",
+            "127.0.0.1:0",
+            "[::1]:0",
+            "nonsense",
+            "TERM",
+            "KILL",
+            "0B",
+            "1EiB",
+            "",
+            "/bin/sh",
+        ];
+
+        fn word() -> impl Strategy<Value = String> {
+            prop_oneof![
+                proptest::sample::select(OPTIONS).prop_map(str::to_string),
+                proptest::sample::select(VALUES).prop_map(str::to_string),
+                any::<u64>().prop_map(|n| n.to_string()),
+                "[ -~]{0,12}",
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2048))]
+
+            #[test]
+            fn arbitrary_command_lines_never_panic(words in proptest::collection::vec(word(), 0..8)) {
+                let mut argv = vec!["rcluster-lb".to_string()];
+                argv.extend(words);
+                if let Ok(args) = Args::try_parse_from(&argv) {
+                    let _ = args.into_config(Path::new("/bin/sh"));
+                }
+            }
+        }
+    }
 }
