@@ -93,7 +93,8 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub reload_batch: usize,
 
-    /// Recycle a worker after it was handed this many connections.
+    /// Recycle a worker after it was handed this many connections (dispatch policies only: in
+    /// the kernel modes the master never sees a connection).
     #[arg(long, value_name = "N")]
     pub max_conns: Option<u64>,
 
@@ -106,7 +107,9 @@ pub struct Args {
     #[arg(long, value_name = "SIZE")]
     pub max_rss: Option<bytesize::ByteSize>,
 
-    /// Replace a worker whose channel stays full (it stopped accepting) this long.
+    /// Replace a worker that takes nothing from a non-empty queue this long (its channel in the
+    /// dispatch modes, its own listener's accept queue in reuseport mode); what is queued for it
+    /// is served by the others.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
     pub stall_timeout: Duration,
 
@@ -238,7 +241,7 @@ pub struct Config {
     pub max_conns_jitter: u64,
     /// Recycle above this RSS, bytes.
     pub max_rss: Option<u64>,
-    /// Replace a worker whose channel stays full this long.
+    /// Replace a worker that takes nothing from a non-empty queue this long.
     pub stall_timeout: Duration,
 }
 
