@@ -995,7 +995,13 @@ impl Acceptor {
         }
         let mut stalled = Vec::new();
         for e in &mut self.entries {
-            if e.stall_reported || e.state != State::Ready {
+            if e.stall_reported || e.state != State::Ready || e.full {
+                // Only time spent ready counts: start afresh when it becomes ready again.
+                if sample {
+                    for c in &mut e.channels {
+                        c.watch.reset(now);
+                    }
+                }
                 continue;
             }
             let full = e

@@ -25,8 +25,8 @@ use crate::sys::{self, Pid};
 
 /// Longest `STATUS=` text logged (the rest is cut).
 pub const STATUS_MAX: usize = 200;
-/// Datagrams read per wake-up; the rest wait for the next one (the socket stays readable), so
-/// a flood cannot hold the supervisor.
+/// Datagrams read per call; if more wait, [`NotifySocket::read`] says so and the supervisor
+/// comes back after its other work, so a flood cannot hold it.
 const READ_BURST: usize = 64;
 /// Longest `sun_path` (unix(7)), including the terminating NUL.
 const SUN_PATH_MAX: usize = 108;
@@ -173,14 +173,20 @@ impl NotifySocket {
 
     /// Reads what is queued (at most a burst), keeping only what the worker `pid` or its
     /// process group sent; logs `STATUS=` lines rate-limited. `slot` is for the log lines.
-    pub fn read(&mut self, pid: Pid, slot: usize) -> Vec<Notice> {
+    /// Returns the notices and whether more datagrams may be waiting (read again soon: the
+    /// poll is edge-triggered).
+    pub fn read(&mut self, pid: Pid, slot: usize) -> (Vec<Notice>, bool) {
         let mut notices = Vec::new();
         let mut buf = [0u8; 4096];
+        let mut more = true;
         for _ in 0..READ_BURST {
             let (n, creds) = match sys::recv_with_credentials(self.sock.as_fd(), &mut buf) {
                 Ok(got) => got,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => break,
+                Err(_) => {
+                    more = false;
+                    break;
+                }
             };
             let sender = creds.map_or(0, |c| c.pid);
             if !from_worker(sender, pid) {
@@ -223,7 +229,7 @@ impl NotifySocket {
                 }
             }
         }
-        notices
+        (notices, more)
     }
 }
 
@@ -262,10 +268,10 @@ mod tests {
         client.send_to(b"READY=1\nSTATUS=x", n.path()).unwrap();
         // This process is the "worker": heard.
         let me = sys::getpid();
-        assert_eq!(n.read(me, 0), vec![Notice::Ready]);
+        assert_eq!(n.read(me, 0), (vec![Notice::Ready], false));
         // The same datagram for a worker that is not us (pid 1's group is not ours): dropped.
         client.send_to(b"STOPPING=1", n.path()).unwrap();
-        assert_eq!(n.read(1, 0), vec![]);
+        assert_eq!(n.read(1, 0), (vec![], false));
         assert_eq!(n.rejected(), 1);
     }
 }

@@ -71,24 +71,6 @@ impl LogLimiter {
     }
 }
 
-/// Logs `$($arg)+` at `$level` if `$limiter` (a [`LogLimiter`]) allows it, adding how many
-/// earlier lines it suppressed.
-#[macro_export]
-#[doc(hidden)]
-macro_rules! log_limited {
-    ($limiter:expr, $level:ident, $($arg:tt)+) => {
-        if let $crate::master::ratelimit::Verdict::Log { suppressed } =
-            $limiter.check(std::time::Instant::now())
-        {
-            if suppressed > 0 {
-                log::$level!("{} ({suppressed} similar lines suppressed)", format_args!($($arg)+));
-            } else {
-                log::$level!($($arg)+);
-            }
-        }
-    };
-}
-
 /// Cuts `text` to at most `max` bytes on a character boundary, for logging text a worker sent.
 pub fn truncate(text: &str, max: usize) -> &str {
     if text.len() <= max {

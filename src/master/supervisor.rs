@@ -102,6 +102,9 @@ struct Supervisor {
     next_rss_sample: Option<Instant>,
     /// Reuseport mode: when the slots' accept queues are sampled next.
     next_queue_sample: Option<Instant>,
+    /// Workers whose notify socket had more datagrams than one read takes: read again after
+    /// the next poll, which then does not wait.
+    notify_backlog: Vec<WorkerId>,
     /// While starting, a worker that cannot be spawned is a startup error, kept here.
     startup_error: Option<anyhow::Error>,
     starting: bool,
@@ -186,6 +189,7 @@ impl Supervisor {
                 .map_err(|e| warn!("no NOTIFY_SOCKET for workers: {e}"))
                 .ok(),
             next_queue_sample: (mode == Mode::Reuseport).then(Instant::now),
+            notify_backlog: Vec::new(),
             config,
         })
     }
@@ -484,7 +488,11 @@ impl Supervisor {
             .into_iter()
             .flatten()
             .min();
-            let timeout = next.map(|t| t.saturating_duration_since(Instant::now()));
+            let timeout = if self.notify_backlog.is_empty() {
+                next.map(|t| t.saturating_duration_since(Instant::now()))
+            } else {
+                Some(std::time::Duration::ZERO)
+            };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -503,6 +511,9 @@ impl Supervisor {
                     Token(t) if t % 2 == 0 => self.reap(((t - 2) / 2) as WorkerId),
                     Token(t) => self.read_notify(((t - 3) / 2) as WorkerId),
                 }
+            }
+            for id in std::mem::take(&mut self.notify_backlog) {
+                self.read_notify(id);
             }
             while let Ok(ev) = self.events.try_recv() {
                 self.on_event(ev);
@@ -533,6 +544,20 @@ impl Supervisor {
         let mut stalled = Vec::new();
         for (slot, io) in self.slots.iter_mut().enumerate() {
             io.watches.resize(io.reuseport.len(), QueueWatch::new(now));
+            let ready = self
+                .lifecycle
+                .workers()
+                .iter()
+                .filter(|w| w.slot == slot && w.state == WorkerState::Ready)
+                .map(|w| (w.id, w.pid.unwrap_or(0)))
+                .collect::<Vec<_>>();
+            if ready.is_empty() {
+                // Only time with a ready worker counts (a slow start is not a stall).
+                for w in &mut io.watches {
+                    w.reset(now);
+                }
+                continue;
+            }
             let mut idle = false;
             for (sock, watch) in io.reuseport.iter().zip(io.watches.iter_mut()) {
                 let queued = sys::listen_queue_len(sock.as_fd()).unwrap_or(0);
@@ -541,13 +566,6 @@ impl Supervisor {
             if !idle {
                 continue;
             }
-            let ready = self
-                .lifecycle
-                .workers()
-                .iter()
-                .filter(|w| w.slot == slot && w.state == WorkerState::Ready)
-                .map(|w| (w.id, w.pid.unwrap_or(0)))
-                .collect::<Vec<_>>();
             for (id, pid) in ready {
                 warn!(
                     "worker {slot} (pid {pid}): its accept queue did not go down for \
@@ -662,10 +680,13 @@ impl Supervisor {
             return;
         };
         let (slot, pid) = (p.slot, p.pid);
-        let notices = match &mut p.notify {
+        let (notices, more) = match &mut p.notify {
             Some(sock) => sock.read(pid, slot),
             None => return,
         };
+        if more && !self.notify_backlog.contains(&id) {
+            self.notify_backlog.push(id);
+        }
         for notice in notices {
             match notice {
                 Notice::Ready => self.feed(Input::Ready { id, how: "READY=1" }),
