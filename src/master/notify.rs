@@ -1,165 +1,277 @@
-//! The master's own notifications to its service manager (sd_notify(3)): `READY=1` once every
-//! worker is ready, `RELOADING=1` with `MONOTONIC_USEC=` when a rolling reload starts and
-//! `READY=1` when it completes or is aborted, `STOPPING=1` on shutdown, `STATUS=` with the
-//! workers and the policy, and `WATCHDOG=1` every half `WATCHDOG_USEC` when systemd asks for it.
+//! Authenticated `NOTIFY_SOCKET`s (supervisor thread). Each worker gets its own `AF_UNIX`
+//! datagram socket, a file in a private runtime directory the master creates for itself
+//! ([`RuntimeDir`]: mode 0700, a fresh unpredictable name, created with `mkdir` so a name
+//! someone else made first is never used), so no other user can send to it or bind its name
+//! first (an abstract-namespace name has no permissions and can be squatted: DESIGN.md §7).
 //!
-//! Read from `NOTIFY_SOCKET` (a path, or `@name` for an abstract socket) at start; without it
-//! every call does nothing. The supervisor (main thread) owns the one unbound datagram socket;
-//! a send that fails is logged once at debug level and otherwise ignored, as sd_notify's are:
-//! the service runs the same with or without a manager listening.
+//! Who may speak for a worker: the socket has `SO_PASSCRED`, so each datagram carries the
+//! sender's pid as the kernel saw it; it is accepted only from the worker's own process or a
+//! process in the worker's process group (every worker leads its own group, so that is the
+//! worker and the children it did not move elsewhere): like systemd's `NotifyAccess=all`
+//! restricted to the service's own processes. Anything else is counted, dropped and logged
+//! rate-limited; `STATUS=` lines are rate-limited and cut to [`STATUS_MAX`] bytes.
 
-use std::os::linux::net::SocketAddrExt;
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::net::{SocketAddr as UnixAddr, UnixDatagram};
-use std::time::{Duration, Instant};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
 
-use crate::master::lifecycle::{Lifecycle, Phase, SlotState, WorkerState};
-use crate::sys;
+use log::{info, warn};
 
-/// Where the notifications go, the watchdog period, and what was last announced (the
-/// supervisor calls [`ServiceNotifier::observe`] after every lifecycle step; notifications go
-/// out on the edges).
-pub struct ServiceNotifier {
-    target: Option<(UnixDatagram, UnixAddr)>,
-    watchdog: Option<Duration>,
-    next_ping: Option<Instant>,
-    seen: Seen,
+use super::ratelimit::{LogLimiter, Verdict, truncate};
+use crate::sys::{self, Pid};
+
+/// Longest `STATUS=` text logged (the rest is cut).
+pub const STATUS_MAX: usize = 200;
+/// Datagrams read per call; if more wait, [`NotifySocket::read`] says so and the supervisor
+/// comes back after its other work, so a flood cannot hold it.
+const READ_BURST: usize = 64;
+/// Longest `sun_path` (unix(7)), including the terminating NUL.
+const SUN_PATH_MAX: usize = 108;
+
+/// The master's private directory for its workers' notify sockets: created 0700 under
+/// `$XDG_RUNTIME_DIR` (if set) or the temporary directory, removed with everything in it when
+/// dropped.
+#[derive(Debug)]
+pub struct RuntimeDir {
+    path: PathBuf,
 }
 
-/// What the service manager has been told.
-#[derive(Default)]
-struct Seen {
-    ready: bool,
-    reloading: bool,
-    stopping: bool,
-    status: String,
-}
-
-impl ServiceNotifier {
-    /// From `NOTIFY_SOCKET`, `WATCHDOG_USEC` and `WATCHDOG_PID` (which, when set, must be this
-    /// process: a watchdog meant for someone else is not ours to feed).
-    pub fn from_env() -> ServiceNotifier {
-        let target = std::env::var_os("NOTIFY_SOCKET").and_then(|v| {
-            let addr = notify_addr(v.as_encoded_bytes())?;
-            let sock = UnixDatagram::unbound().ok()?;
-            sock.set_nonblocking(true).ok()?;
-            Some((sock, addr))
-        });
-        let pid_ok = std::env::var("WATCHDOG_PID")
-            .map(|p| p.trim() == sys::getpid().to_string())
-            .unwrap_or(true);
-        let watchdog = std::env::var("WATCHDOG_USEC")
-            .ok()
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .filter(|&us| us > 0 && pid_ok && target.is_some())
-            .map(Duration::from_micros);
-        ServiceNotifier {
-            target,
-            watchdog,
-            next_ping: watchdog.map(|_| Instant::now()),
-            seen: Seen::default(),
-        }
-    }
-
-    /// Compares the lifecycle with what was last announced and sends what changed: `READY=1`
-    /// the first time every wanted worker is ready, `RELOADING=1` when a reload starts and
-    /// `READY=1` when it ends (completed or aborted), `STOPPING=1` when the stop begins, and
-    /// `STATUS=` whenever the line changes.
-    pub fn observe(&mut self, lifecycle: &Lifecycle, policy: &str) {
-        if self.target.is_none() {
-            return;
-        }
-        let ready = lifecycle
-            .workers()
-            .iter()
-            .filter(|w| w.state == WorkerState::Ready)
-            .count();
-        let wanted = lifecycle
-            .slots()
-            .iter()
-            .filter(|s| s.state != SlotState::Removed)
-            .count();
-        let stopping = matches!(lifecycle.phase(), Phase::Stopping { .. });
-        let status = format!(
-            "{ready}/{wanted} workers ready, policy {policy}, generation {}",
-            lifecycle.generation()
-        );
-        if stopping {
-            if !self.seen.stopping {
-                self.stopping(&status);
+impl RuntimeDir {
+    /// Creates a new, empty directory only this user can enter.
+    pub fn create() -> io::Result<RuntimeDir> {
+        let base = std::env::var_os("XDG_RUNTIME_DIR")
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute() && p.is_dir())
+            .unwrap_or_else(std::env::temp_dir);
+        let mut last = io::Error::from(io::ErrorKind::AlreadyExists);
+        for attempt in 0u32..16 {
+            let path = base.join(format!(
+                "rcluster-lb.{}.{:016x}",
+                sys::getpid(),
+                unpredictable(attempt)
+            ));
+            // mkdir (not create_dir_all): fails if anything, a symlink included, has the name.
+            match std::fs::DirBuilder::new().mode(0o700).create(&path) {
+                Ok(()) => {
+                    let dir = RuntimeDir { path };
+                    dir.check()?;
+                    return Ok(dir);
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last = e,
+                Err(e) => {
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!("cannot create a directory in {}: {e}", base.display()),
+                    ));
+                }
             }
-        } else if lifecycle.reloading() && !self.seen.reloading {
-            self.reloading(&status);
-            self.seen.reloading = true;
-        } else if self.seen.reloading && !lifecycle.reloading() {
-            self.seen.reloading = false;
-            self.ready(&status);
-        } else if !self.seen.ready && ready == wanted && wanted > 0 {
-            self.seen.ready = true;
-            self.ready(&status);
-        } else if status != self.seen.status {
-            self.status(&status);
         }
-        self.seen.status = status;
+        Err(last)
     }
 
-    /// Sends one notification (newline-separated assignments).
-    pub fn send(&self, msg: &str) {
-        if let Some((sock, addr)) = &self.target
-            && let Err(e) = sock.send_to_addr(msg.as_bytes(), addr)
-        {
-            log::debug!("NOTIFY_SOCKET: cannot send {msg:?}: {e}");
+    /// Ours, a real directory, mode exactly 0700 (the umask can only have narrowed it).
+    fn check(&self) -> io::Result<()> {
+        std::fs::set_permissions(&self.path, std::fs::Permissions::from_mode(0o700))?;
+        let meta = std::fs::symlink_metadata(&self.path)?;
+        if !meta.is_dir() || meta.uid() != sys::geteuid() || meta.mode() & 0o777 != 0o700 {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("{} is not a private directory of ours", self.path.display()),
+            ));
         }
+        Ok(())
     }
 
-    /// `READY=1` with a status line.
-    fn ready(&self, status: &str) {
-        self.send(&format!("READY=1\nSTATUS={status}"));
-    }
-
-    /// `RELOADING=1` with the reload's start on the monotonic clock, as `Type=notify-reload`
-    /// expects.
-    fn reloading(&self, status: &str) {
-        self.send(&format!(
-            "RELOADING=1\nMONOTONIC_USEC={}\nSTATUS={status}",
-            sys::monotonic_usec()
-        ));
-    }
-
-    /// `STOPPING=1` (once).
-    pub fn stopping(&mut self, status: &str) {
-        if !std::mem::replace(&mut self.seen.stopping, true) {
-            self.send(&format!("STOPPING=1\nSTATUS={status}"));
-        }
-    }
-
-    /// `STATUS=` only.
-    fn status(&self, status: &str) {
-        self.send(&format!("STATUS={status}"));
-    }
-
-    /// When the watchdog must next be fed (for the supervisor's poll timeout).
-    pub fn next_deadline(&self) -> Option<Instant> {
-        self.next_ping
-    }
-
-    /// Feeds the watchdog if it is due: from the supervisor's loop, so a wedged supervisor stops
-    /// feeding it and systemd restarts the service.
-    pub fn on_timer(&mut self, now: Instant) {
-        if let (Some(period), Some(at)) = (self.watchdog, self.next_ping)
-            && now >= at
-        {
-            self.send("WATCHDOG=1");
-            self.next_ping = Some(now + period / 2);
-        }
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 }
 
-/// `NOTIFY_SOCKET`'s value as an address: `@name` is abstract, anything else a path.
-fn notify_addr(value: &[u8]) -> Option<UnixAddr> {
-    match value {
-        [] => None,
-        [b'@', name @ ..] => UnixAddr::from_abstract_name(name).ok(),
-        path => UnixAddr::from_pathname(std::ffi::OsStr::from_bytes(path)).ok(),
+impl Drop for RuntimeDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// 64 bits no other local user can predict: the kernel's per-boot random `AT_RANDOM`-seeded
+/// hasher state (std's `RandomState` keys come from getrandom(2)), mixed with the time.
+fn unpredictable(attempt: u32) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(attempt);
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
+}
+
+/// What a worker said on its notify socket (sd_notify(3) lines the master acts on).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// `READY=1`.
+    Ready,
+    /// `STOPPING=1`.
+    Stopping,
+}
+
+/// One worker's notify socket.
+#[derive(Debug)]
+pub struct NotifySocket {
+    sock: UnixDatagram,
+    path: PathBuf,
+    rejected: u64,
+    reject_log: LogLimiter,
+    status_log: LogLimiter,
+}
+
+impl NotifySocket {
+    /// Binds `<dir>/w<id>.sock`, non-blocking, with `SO_PASSCRED`.
+    pub fn bind(dir: &RuntimeDir, id: u64) -> io::Result<NotifySocket> {
+        let path = dir.path().join(format!("w{id}.sock"));
+        if path.as_os_str().len() >= SUN_PATH_MAX {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{} is longer than a unix socket path may be (set XDG_RUNTIME_DIR or \
+                     TMPDIR to a shorter directory)",
+                    path.display()
+                ),
+            ));
+        }
+        let sock = UnixDatagram::bind(&path)?;
+        sock.set_nonblocking(true)?;
+        sys::setsockopt_int(sock.as_fd(), libc::SO_PASSCRED, 1)?;
+        Ok(NotifySocket {
+            sock,
+            path,
+            rejected: 0,
+            reject_log: LogLimiter::default(),
+            status_log: LogLimiter::default(),
+        })
+    }
+
+    /// The value of the worker's `NOTIFY_SOCKET`.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// For registering with the supervisor's poll.
+    pub fn raw_fd(&self) -> RawFd {
+        self.sock.as_raw_fd()
+    }
+
+    /// Datagrams dropped because they did not come from the worker's process group.
+    pub fn rejected(&self) -> u64 {
+        self.rejected
+    }
+
+    /// Reads what is queued (at most a burst), keeping only what the worker `pid` or its
+    /// process group sent; logs `STATUS=` lines rate-limited. `slot` is for the log lines.
+    /// Returns the notices and whether more datagrams may be waiting (read again soon: the
+    /// poll is edge-triggered).
+    pub fn read(&mut self, pid: Pid, slot: usize) -> (Vec<Notice>, bool) {
+        let mut notices = Vec::new();
+        let mut buf = [0u8; 4096];
+        let mut more = true;
+        for _ in 0..READ_BURST {
+            let (n, creds) = match sys::recv_with_credentials(self.sock.as_fd(), &mut buf) {
+                Ok(got) => got,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    more = false;
+                    break;
+                }
+            };
+            let sender = creds.map_or(0, |c| c.pid);
+            if !from_worker(sender, pid) {
+                self.rejected += 1;
+                if let Verdict::Log { suppressed } = self.reject_log.check(Instant::now()) {
+                    warn!(
+                        "worker {slot}: dropped a notification from pid {sender}, which is not \
+                         in the worker's process group ({} dropped so far{})",
+                        self.rejected,
+                        if suppressed > 0 {
+                            format!(", {suppressed} lines suppressed")
+                        } else {
+                            String::new()
+                        }
+                    );
+                }
+                continue;
+            }
+            let text = String::from_utf8_lossy(&buf[..n]);
+            for line in text.lines() {
+                match line {
+                    "READY=1" => notices.push(Notice::Ready),
+                    "STOPPING=1" => notices.push(Notice::Stopping),
+                    _ => {
+                        if let Some(status) = line.strip_prefix("STATUS=")
+                            && let Verdict::Log { suppressed } =
+                                self.status_log.check(Instant::now())
+                        {
+                            let more = if suppressed > 0 {
+                                format!(" ({suppressed} status lines suppressed)")
+                            } else {
+                                String::new()
+                            };
+                            info!(
+                                "worker {slot} (pid {pid}) status: {}{more}",
+                                truncate(status, STATUS_MAX).escape_debug()
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        (notices, more)
+    }
+}
+
+impl Drop for NotifySocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// The sender is the worker or in its process group (the worker leads its own group).
+fn from_worker(sender: Pid, worker: Pid) -> bool {
+    sender > 0 && (sender == worker || sys::getpgid(sender).is_ok_and(|g| g == worker))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runtime_dir_is_private_and_removed() {
+        let dir = RuntimeDir::create().unwrap();
+        let meta = std::fs::symlink_metadata(dir.path()).unwrap();
+        assert_eq!(meta.mode() & 0o777, 0o700);
+        let path = dir.path().to_path_buf();
+        let other = RuntimeDir::create().unwrap();
+        assert_ne!(other.path(), dir.path());
+        drop(dir);
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn only_the_workers_group_is_heard() {
+        let dir = RuntimeDir::create().unwrap();
+        let mut n = NotifySocket::bind(&dir, 7).unwrap();
+        let client = UnixDatagram::unbound().unwrap();
+        client.send_to(b"READY=1\nSTATUS=x", n.path()).unwrap();
+        // This process is the "worker": heard.
+        let me = sys::getpid();
+        assert_eq!(n.read(me, 0), (vec![Notice::Ready], false));
+        // The same datagram for a worker that is not us (pid 1's group is not ours): dropped.
+        client.send_to(b"STOPPING=1", n.path()).unwrap();
+        assert_eq!(n.read(1, 0), (vec![], false));
+        assert_eq!(n.rejected(), 1);
     }
 }
