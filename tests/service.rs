@@ -348,6 +348,26 @@ fn user_nobody_runs_the_workers_as_nobody() {
     for _ in 0..10 {
         assert_eq!(get(cluster.addr(), "/").unwrap().status, 200);
     }
+    drop(cluster);
+    if available("node") {
+        // Kernel mode: readiness comes over the worker's NOTIFY_SOCKET, which the worker's
+        // user must be able to reach.
+        let app = path.write("app.js", NODE_APP);
+        let shared = TestCluster::start(&[
+            "--workers",
+            "2",
+            "--policy",
+            "shared",
+            "--user",
+            "nobody",
+            "--",
+            "node",
+            &app,
+        ]);
+        assert_eq!(shared.wait_for_count("(READY=1", 2, DEADLINE).len(), 2);
+        assert!(!shared.log_contains("signalled no readiness"));
+        assert_eq!(get(shared.addr(), "/").unwrap().status, 200);
+    }
     drop(path);
 }
 

@@ -387,6 +387,9 @@ impl Supervisor {
 
         let notify = self.runtime.as_ref().and_then(|dir| {
             NotifySocket::bind(dir, id)
+                .and_then(|n| {
+                    share_with_worker(n.path(), self.config.credentials.as_ref()).map(|()| n)
+                })
                 .map_err(|e| warn!("worker {slot}: no NOTIFY_SOCKET: {e}"))
                 .ok()
         });
@@ -876,6 +879,22 @@ fn exec_failure(e: &anyhow::Error) -> Option<crate::sys::spawn::SpawnError> {
         .filter_map(|inner| inner.downcast_ref::<crate::sys::spawn::SpawnError>())
         .find(|s| s.is_exec())
         .copied()
+}
+
+/// `--user`: a worker that no longer runs as the master's user must still reach its own
+/// NOTIFY_SOCKET. The runtime directory becomes enterable (0711: no listing) and the socket
+/// file belongs to the worker's user, mode 0600, so only that user (and root) may connect; the
+/// sender check on every datagram stays as it is.
+fn share_with_worker(socket: &std::path::Path, run_as: Option<&sys::RunAs>) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(run_as) = run_as else {
+        return Ok(());
+    };
+    if let Some(dir) = socket.parent() {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))?;
+    }
+    std::os::unix::fs::chown(socket, run_as.uid, Some(run_as.gid))?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
 }
 
 /// Deterministic per-worker jitter in 0..=max (no RNG dependency for one number).
