@@ -110,8 +110,9 @@ fn temp_dir(name: &str) -> std::path::PathBuf {
 
 #[test]
 fn another_user_cannot_reach_a_workers_notify_socket() {
-    if !is_root() || !std::path::Path::new("/usr/bin/python3").exists() {
-        eprintln!("skipped: needs root (to act as nobody) and /usr/bin/python3");
+    let setpriv = Command::new("setpriv").arg("--version").output();
+    if !is_root() || !std::path::Path::new("/usr/bin/python3").exists() || setpriv.is_err() {
+        eprintln!("skipped: needs root (to act as nobody), setpriv and /usr/bin/python3");
         return;
     }
     let cluster = TestCluster::start(&["--workers", "2", "--policy", "round-robin"]);
@@ -551,4 +552,49 @@ fn a_worker_out_of_fds_says_full_and_loses_no_connection() {
         .filter_map(|r| r.split_whitespace().next()?.parse::<u64>().ok())
         .sum();
     assert_eq!(lost, 0, "connections lost on receipt");
+}
+
+#[test]
+fn an_unmodified_server_out_of_fds_loses_no_connection_through_the_shim() {
+    let python = "/usr/bin/python3";
+    if !std::path::Path::new("/usr/bin/prlimit").exists() || !std::path::Path::new(python).exists()
+    {
+        eprintln!("skipped: needs prlimit and {python}");
+        return;
+    }
+    // Slot 1's python runs with 24 fds: room for fewer than its share of 60.
+    let serve = format!(r#"{python} -m http.server --bind 127.0.0.1 "$PORT""#);
+    let script = format!(
+        r#"cd /; if [ "$RCLUSTER_WORKER_ID" = 1 ]; then exec /usr/bin/prlimit --nofile=24:24 {serve}; fi; exec {serve}"#
+    );
+    let cluster = TestCluster::start(&[
+        "--workers",
+        "2",
+        "--policy",
+        "round-robin",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    let mut held = Vec::new();
+    for _ in 0..60 {
+        held.push(std::net::TcpStream::connect(cluster.addr()).unwrap());
+    }
+    cluster.wait_for_log("is out of file descriptors", DEADLINE);
+    // Every connection gets an answer. (Python itself may answer 404 to a request it cannot
+    // open a file for at its limit: its own shortage, but no lost connection.)
+    let (mut answered, mut ok, mut failed) = (0, 0, Vec::new());
+    for mut s in held {
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        match common::send_on(&mut s, "/", false).and_then(|()| common::read_response(s)) {
+            Ok(r) => {
+                answered += 1;
+                ok += usize::from(r.status == 200);
+            }
+            Err(e) => failed.push(e.to_string()),
+        }
+    }
+    println!("python at 24 fds: {answered} of 60 answered ({ok} with 200); failures {failed:?}");
+    assert_eq!((answered, failed.len()), (60, 0), "{failed:?}");
 }
