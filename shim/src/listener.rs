@@ -11,6 +11,8 @@ use libc::c_int;
 
 use rcluster_proto::ToMaster;
 
+use crate::sockopts::SockOpts;
+
 /// Listener i of the worker contract.
 pub struct Listener {
     /// Position among the adopted listeners (what the connection table stores).
@@ -45,6 +47,8 @@ pub struct Listener {
     /// Number of the last connection fd received: fds are allocated lowest-first, so it says
     /// how close to `RLIMIT_NOFILE` the process is.
     last_fd: AtomicI32,
+    /// Dispatch: the TCP options the server set on its listener (sockopts.rs).
+    pub opts: SockOpts,
 }
 
 /// (st_dev, st_ino) of what `fd` refers to.
@@ -80,6 +84,7 @@ impl Listener {
             orphaned: AtomicBool::new(false),
             full: AtomicBool::new(false),
             last_fd: AtomicI32::new(0),
+            opts: SockOpts::default(),
         })
     }
 
