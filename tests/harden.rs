@@ -421,13 +421,18 @@ fn ready_on_one_listener_opens_only_that_listener() {
         &script,
     ]);
     cluster.wait_for_log("worker 0 ready", DEADLINE);
-    let workers = cluster.wait_for_workers(2);
-    let silent = *workers
-        .iter()
-        .find(|&&p| {
+    // The worker's sh execs sleep: wait until one worker is sleep.
+    let deadline = Instant::now() + DEADLINE;
+    let silent = loop {
+        let found = cluster.worker_pids().into_iter().find(|&p| {
             std::fs::read_link(format!("/proc/{p}/exe")).is_ok_and(|e| e.ends_with("sleep"))
-        })
-        .expect("the sleeping worker");
+        });
+        if let Some(p) = found {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "no worker became sleep");
+        std::thread::sleep(Duration::from_millis(10));
+    };
     let chan0 = grab_fd(silent, 3);
     send_msg(&chan0, &message(2, 1)).unwrap();
     cluster.wait_for_log("worker 1 ready", DEADLINE);
@@ -562,11 +567,11 @@ fn an_unmodified_server_out_of_fds_loses_no_connection_through_the_shim() {
         eprintln!("skipped: needs prlimit and {python}");
         return;
     }
-    // Slot 1's python runs with 24 fds: room for fewer than its share of 60.
+    // Both pythons run with 24 fds: together they hold fewer than 60 connections, so at least
+    // one says FULL whatever the distribution; what neither can take waits in the master (or
+    // the kernel backlog) until they have room again.
     let serve = format!(r#"{python} -m http.server --bind 127.0.0.1 "$PORT""#);
-    let script = format!(
-        r#"cd /; if [ "$RCLUSTER_WORKER_ID" = 1 ]; then exec /usr/bin/prlimit --nofile=24:24 {serve}; fi; exec {serve}"#
-    );
+    let script = format!(r#"cd /; exec /usr/bin/prlimit --nofile=24:24 {serve}"#);
     let cluster = TestCluster::start(&[
         "--workers",
         "2",
