@@ -599,9 +599,15 @@ impl Lifecycle {
                 info!("all {ready} workers ready");
             }
         }
-        // A replacement that became ready lets its old worker go.
+        // A replacement that became ready lets its old worker go. That old worker may itself
+        // have been a replacement still starting (a recycle that a reload overtook): the worker
+        // it was to replace goes too, since the new one now holds the slot.
         if let Some(r) = self.replacements.iter().position(|r| r.new == id) {
             let r = self.replacements.swap_remove(r);
+            if let Some(inner) = self.replacements.iter().position(|x| x.new == r.old) {
+                let inner = self.replacements.swap_remove(inner);
+                self.drain(now, inner.old);
+            }
             self.drain(now, r.old);
             self.continue_reload(now);
         }
@@ -684,6 +690,8 @@ impl Lifecycle {
             || matches!(w.state, WorkerState::Draining { .. })
         {
             info!("worker {} (pid {pid}) exited: {status}", w.slot);
+            // A drained replacement (aborted, late, overtaken) replaces nothing any more.
+            self.replacements.retain(|r| r.new != id);
             self.continue_reload(now);
             return;
         }
@@ -1562,6 +1570,30 @@ mod tests {
         h.ready(2);
         h.ready(3);
         assert!(!h.lc.reloading());
+    }
+
+    #[test]
+    fn a_reload_that_overtakes_a_recycle_in_progress_completes() {
+        // The interleaving of tests/lifecycle.rs's reloads_while_max_conns_recycles: worker 0
+        // is being recycled (2 starting in its place) when SIGHUP comes; the reload replaces
+        // the starting 2 with 3; once 3 is ready, both 2 and 0 must go.
+        let mut h = Harness::running(1);
+        h.input(Input::MaxConns { id: 0 });
+        assert_eq!(h.live(), [0, 1]);
+        let a = h.input(Input::Reload);
+        assert_eq!(
+            spawns(&a),
+            [(2, 0)],
+            "0 is skipped (being recycled); 1 is replaced"
+        );
+        let a = h.ready(2);
+        assert!(a.contains(&Action::Signal(1, Sig::Drain)), "{a:?}");
+        assert!(a.contains(&Action::Signal(0, Sig::Drain)), "{a:?}");
+        assert!(!h.lc.reloading(), "no generation-0 worker is left serving");
+        assert!(h.lc.replacements().is_empty());
+        h.exit(1, 0);
+        h.exit(0, 0);
+        assert_eq!(h.live(), [2]);
     }
 
     #[test]

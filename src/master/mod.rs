@@ -1,9 +1,11 @@
 //! The master process's parts: the [`acceptor`] thread (dispatch mode's hot path), the
 //! [`supervisor`] on the main thread (the I/O driver of worker processes and signals), the pure
 //! [`lifecycle`] state machine that takes every decision about workers, the [`listener`]
-//! sockets, and the preload [`shim`]'s location.
+//! sockets, the preload [`shim`]'s location, and [`diagnose`], which explains a server that
+//! cannot work in its mode.
 
 pub mod acceptor;
+pub mod diagnose;
 pub mod lifecycle;
 pub mod listener;
 pub mod shim;

@@ -35,7 +35,10 @@ use socket2::Socket;
 
 use crate::cli::{Config, Pin};
 use crate::master::acceptor::{self, AcceptorHandle, ChannelEnds, Command, Event};
-use crate::master::lifecycle::{Action, Input, Lifecycle, Settings, Sig, WorkerId, WorkerState};
+use crate::master::diagnose;
+use crate::master::lifecycle::{
+    Action, Input, Lifecycle, Phase, Settings, Sig, WorkerId, WorkerState,
+};
 use crate::master::listener;
 use crate::master::shim::find_shim;
 use crate::sys::spawn::{SpawnSpec, spawn};
@@ -100,6 +103,8 @@ struct Supervisor {
     starting: bool,
     /// Set by [`Action::Exit`].
     exit: Option<Result<(), String>>,
+    /// Whether a worker exiting before it was ready has been explained (diagnose.rs; once).
+    early_exit_explained: bool,
 }
 
 impl Supervisor {
@@ -174,6 +179,7 @@ impl Supervisor {
             startup_error: None,
             starting: false,
             exit: None,
+            early_exit_explained: false,
             config,
         })
     }
@@ -576,7 +582,34 @@ impl Supervisor {
                 ExitStatus::Exited(-1)
             }
         };
+        let never_ready = self.lifecycle.phase() == Phase::Running
+            && self
+                .lifecycle
+                .worker(id)
+                .is_some_and(|w| w.state == WorkerState::Starting);
+        if never_ready {
+            let slot = p.slot;
+            self.explain_early_exit(slot);
+        }
         self.feed(Input::Exited { id, status });
+    }
+
+    /// A worker that exits before it was ready most often cannot work in this mode (the shim
+    /// did not reach the server, which then bound the port itself): say so in one line, once.
+    fn explain_early_exit(&mut self, slot: usize) {
+        if self.config.command.builtin || std::mem::replace(&mut self.early_exit_explained, true) {
+            return;
+        }
+        let binary = self
+            .config
+            .command
+            .resolve()
+            .map_or(diagnose::Binary::Unknown, |p| diagnose::inspect(&p));
+        let program = self.config.command.program.to_string_lossy();
+        warn!(
+            "worker {slot} exited before it was ready: {}",
+            diagnose::early_exit_hint(self.mode, self.preload.is_some(), binary, &program)
+        );
     }
 
     fn read_notify(&mut self, id: WorkerId) {
