@@ -332,7 +332,11 @@ fn workers_get_the_contract_and_no_other_fd() {
         while fds(pid) != [0, 1, 2, 3, 4] && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
-        assert_eq!(fds(pid), [0, 1, 2, 3, 4], "only stdio and the two listener fds");
+        assert_eq!(
+            fds(pid),
+            [0, 1, 2, 3, 4],
+            "only stdio and the two listener fds"
+        );
         for fd in [3, 4] {
             let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).unwrap();
             assert!(link.to_string_lossy().starts_with("socket:"), "{link:?}");
