@@ -603,3 +603,28 @@ fn an_unmodified_server_out_of_fds_loses_no_connection_through_the_shim() {
     println!("python at 24 fds: {answered} of 60 answered ({ok} with 200); failures {failed:?}");
     assert_eq!((answered, failed.len()), (60, 0), "{failed:?}");
 }
+
+#[test]
+fn workers_running_as_another_user_can_notify_and_a_third_user_cannot() {
+    if !is_root() {
+        eprintln!("skipped: --user needs root");
+        return;
+    }
+    let cluster = TestCluster::start(&["--workers", "2", "--user", "nobody"]);
+    let workers = cluster.wait_for_workers(2);
+    let mut tally = Tally::default();
+    for _ in 0..10 {
+        tally.add(&get(cluster.addr(), "/"));
+    }
+    assert_all_answered("workers as nobody", &tally, 10);
+    for &pid in &workers {
+        let path = notify_socket_of(pid);
+        let meta = std::fs::metadata(&path).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!((meta.uid(), meta.mode() & 0o777), (65534, 0o600), "{path}");
+        let dir = std::fs::metadata(std::path::Path::new(&path).parent().unwrap()).unwrap();
+        assert_eq!((dir.uid(), dir.mode() & 0o777), (0, 0o711));
+    }
+    // The workers' own READY=1 was heard: no rejection logged.
+    assert!(!cluster.log_contains("dropped a notification"));
+}
