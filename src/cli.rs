@@ -266,7 +266,7 @@ pub struct Config {
     /// How long to keep serving after a stop signal before stopping.
     pub shutdown_delay: Duration,
     /// Who the workers run as (`--user`/`--group`), resolved before any fork.
-    pub credentials: Option<sys::RunAs>,
+    pub credentials: Option<sys::Credentials>,
     /// Rolling reload batch size.
     pub reload_batch: usize,
     /// Recycle after this many connections (plus jitter).
@@ -383,7 +383,7 @@ impl Args {
                          run the whole service as the user instead)",
                     ));
                 }
-                Some(sys::RunAs::resolve(user.as_deref(), group.as_deref()).map_err(usage)?)
+                Some(sys::Credentials::resolve(user.as_deref(), group.as_deref()).map_err(usage)?)
             }
         };
         if self.reload_batch == 0 {

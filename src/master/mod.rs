@@ -2,9 +2,9 @@
 //! [`supervisor`] on the main thread (the I/O driver of worker processes and signals), the pure
 //! [`lifecycle`] state machine that takes every decision about workers, the [`listener`]
 //! sockets (bound, or inherited by socket [`activation`]), the preload [`shim`] unmodified
-//! servers get, the sd_notify messages to the master's own service manager
-//! ([`service_notify`]), and [`diagnose`], which explains a server that cannot work in its
-//! mode. The pieces the acceptor and the supervisor call into: [`notify`] (authenticated
+//! servers get, [`diagnose`], which explains a server that cannot work in its mode, and the
+//! sd_notify messages to the master's own service manager ([`service_notify`]). The pieces the
+//! acceptor and the supervisor call into: [`notify`] (the workers' authenticated
 //! `NOTIFY_SOCKET`s), [`stall`] (workers that stop taking connections), [`accounting`]
 //! (per-worker counts a worker cannot lie to), [`tree`] (a worker's process group) and
 //! [`ratelimit`] (bounded logging of what others can trigger).

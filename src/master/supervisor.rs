@@ -122,12 +122,12 @@ struct Supervisor {
     starting: bool,
     /// Set by [`Action::Exit`].
     exit: Option<Result<(), String>>,
+    /// Whether a worker exiting before it was ready has been explained (diagnose.rs; once).
+    early_exit_explained: bool,
     /// The master's own service manager (NOTIFY_SOCKET), if any.
     service: ServiceNotifier,
     /// `--shutdown-delay`: when the deferred stop begins, and the signal that asked for it.
     delayed_stop: Option<(Instant, &'static str)>,
-    /// Whether a worker exiting before it was ready has been explained (diagnose.rs; once).
-    early_exit_explained: bool,
 }
 
 impl Supervisor {
@@ -212,14 +212,14 @@ impl Supervisor {
             startup_error: None,
             starting: false,
             exit: None,
-            service: ServiceNotifier::from_env(),
-            delayed_stop: None,
             early_exit_explained: false,
-            runtime: RuntimeDir::create()
+            runtime: RuntimeDir::create(notify_owner(config.credentials.as_ref()))
                 .map_err(|e| warn!("no NOTIFY_SOCKET for workers: {e}"))
                 .ok(),
             next_queue_sample: (mode == Mode::Reuseport).then(Instant::now),
             notify_backlog: Vec::new(),
+            service: ServiceNotifier::from_env(),
+            delayed_stop: None,
             config,
         })
     }
@@ -387,9 +387,6 @@ impl Supervisor {
 
         let notify = self.runtime.as_ref().and_then(|dir| {
             NotifySocket::bind(dir, id)
-                .and_then(|n| {
-                    share_with_worker(n.path(), self.config.credentials.as_ref()).map(|()| n)
-                })
                 .map_err(|e| warn!("worker {slot}: no NOTIFY_SOCKET: {e}"))
                 .ok()
         });
@@ -522,9 +519,9 @@ impl Supervisor {
             let next = [
                 self.lifecycle.next_deadline(),
                 self.next_rss_sample,
+                self.next_queue_sample,
                 self.service.next_deadline(),
                 self.delayed_stop.map(|(t, _)| t),
-                self.next_queue_sample,
             ]
             .into_iter()
             .flatten()
@@ -871,6 +868,14 @@ fn base_environment() -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// The workers' uid and gid when they run as another user than the master (their notify
+/// sockets must then be theirs).
+fn notify_owner(credentials: Option<&sys::Credentials>) -> Option<(u32, u32)> {
+    let c = credentials?;
+    let uid = c.uid?;
+    (uid != sys::geteuid()).then_some((uid, c.gid))
+}
+
 /// The `execve` failure inside a spawn error, if that is what it is.
 fn exec_failure(e: &anyhow::Error) -> Option<crate::sys::spawn::SpawnError> {
     e.chain()
@@ -879,22 +884,6 @@ fn exec_failure(e: &anyhow::Error) -> Option<crate::sys::spawn::SpawnError> {
         .filter_map(|inner| inner.downcast_ref::<crate::sys::spawn::SpawnError>())
         .find(|s| s.is_exec())
         .copied()
-}
-
-/// `--user`: a worker that no longer runs as the master's user must still reach its own
-/// NOTIFY_SOCKET. The runtime directory becomes enterable (0711: no listing) and the socket
-/// file belongs to the worker's user, mode 0600, so only that user (and root) may connect; the
-/// sender check on every datagram stays as it is.
-fn share_with_worker(socket: &std::path::Path, run_as: Option<&sys::RunAs>) -> io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let Some(run_as) = run_as else {
-        return Ok(());
-    };
-    if let Some(dir) = socket.parent() {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))?;
-    }
-    std::os::unix::fs::chown(socket, run_as.uid, Some(run_as.gid))?;
-    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
 }
 
 /// Deterministic per-worker jitter in 0..=max (no RNG dependency for one number).

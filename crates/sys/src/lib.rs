@@ -6,7 +6,7 @@ pub mod scm;
 pub mod spawn;
 mod user;
 
-pub use user::RunAs;
+pub use user::Credentials;
 
 use std::io;
 use std::mem::MaybeUninit;
@@ -254,6 +254,12 @@ pub fn monotonic_usec() -> u64 {
     (ts.tv_sec as u64) * 1_000_000 + (ts.tv_nsec as u64) / 1_000
 }
 
+/// `geteuid(2)`.
+pub fn geteuid() -> libc::uid_t {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() }
+}
+
 /// Short name of a signal number (`SIGTERM`), for logs.
 pub fn signal_name(sig: libc::c_int) -> &'static str {
     match sig {
@@ -498,7 +504,7 @@ pub fn killpg(pgid: Pid, sig: libc::c_int) -> io::Result<()> {
 /// `SO_PASSCRED` set: the kernel fills in the sender's real pid, uid and gid, which an
 /// unprivileged sender cannot forge.
 #[derive(Debug, Clone, Copy)]
-pub struct Credentials {
+pub struct PeerCredentials {
     /// Sender's process id (0 if the kernel attached none).
     pub pid: Pid,
     /// Sender's user id.
@@ -513,7 +519,7 @@ pub struct Credentials {
 pub fn recv_with_credentials(
     sock: BorrowedFd<'_>,
     buf: &mut [u8],
-) -> io::Result<(usize, Option<Credentials>)> {
+) -> io::Result<(usize, Option<PeerCredentials>)> {
     #[repr(C, align(8))]
     struct Cmsg([u8; 128]);
     let mut iov = libc::iovec {
@@ -547,7 +553,7 @@ pub fn recv_with_credentials(
                     && len >= std::mem::size_of::<libc::ucred>()
                 {
                     let u = std::ptr::read_unaligned(data.cast::<libc::ucred>());
-                    creds = Some(Credentials {
+                    creds = Some(PeerCredentials {
                         pid: u.pid,
                         uid: u.uid,
                         gid: u.gid,
@@ -580,12 +586,6 @@ pub fn listen_queue_len(fd: BorrowedFd<'_>) -> io::Result<u32> {
         &mut len
     ))?;
     Ok(info.tcpi_unacked)
-}
-
-/// `geteuid(2)`.
-pub fn geteuid() -> u32 {
-    // SAFETY: geteuid cannot fail.
-    unsafe { libc::geteuid() }
 }
 
 /// Whether our child `pid` has exited, without reaping it (`waitid(P_PID, WEXITED | WNOHANG |

@@ -95,7 +95,7 @@ pub struct SpawnSpec<'a> {
     /// Deliver SIGKILL to the child when the spawning thread dies.
     pub die_with_parent: bool,
     /// Run the child as this user/group (set before `PR_SET_PDEATHSIG`, which set*id clears).
-    pub credentials: Option<&'a super::RunAs>,
+    pub credentials: Option<&'a super::Credentials>,
 }
 
 /// A spawned child: its pid and a pidfd that becomes readable when it exits.

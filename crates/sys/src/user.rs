@@ -7,7 +7,7 @@ use std::ffi::CString;
 
 /// Who a worker runs as: the ids `setgroups(2)`, `setgid(2)` and `setuid(2)` get in the child.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RunAs {
+pub struct Credentials {
     /// User id; `None` keeps the master's (only `--group` given).
     pub uid: Option<libc::uid_t>,
     /// Primary group id.
@@ -18,10 +18,10 @@ pub struct RunAs {
     pub display: String,
 }
 
-impl RunAs {
+impl Credentials {
     /// Resolves `--user` and `--group` (names or numeric ids). With a user and no group, the
     /// user's primary group and supplementary groups; with a group, exactly that group.
-    pub fn resolve(user: Option<&str>, group: Option<&str>) -> Result<RunAs, String> {
+    pub fn resolve(user: Option<&str>, group: Option<&str>) -> Result<Credentials, String> {
         let user_entry = match user {
             None => None,
             Some(u) => Some(lookup_user(u)?),
@@ -40,7 +40,7 @@ impl RunAs {
             (Some(u), Some(id)) => format!("{u} (uid {id}, gid {gid})"),
             _ => format!("gid {gid}"),
         };
-        Ok(RunAs {
+        Ok(Credentials {
             uid,
             gid,
             groups,
@@ -139,15 +139,15 @@ mod tests {
 
     #[test]
     fn resolves_root_by_name_and_number() {
-        let by_name = RunAs::resolve(Some("root"), None).unwrap();
+        let by_name = Credentials::resolve(Some("root"), None).unwrap();
         assert_eq!((by_name.uid, by_name.gid), (Some(0), 0));
         assert!(by_name.groups.contains(&0));
-        let by_id = RunAs::resolve(Some("0"), Some("0")).unwrap();
+        let by_id = Credentials::resolve(Some("0"), Some("0")).unwrap();
         assert_eq!((by_id.uid, by_id.gid, by_id.groups), (Some(0), 0, vec![0]));
-        let group_only = RunAs::resolve(None, Some("12345")).unwrap();
+        let group_only = Credentials::resolve(None, Some("12345")).unwrap();
         assert_eq!((group_only.uid, group_only.gid), (None, 12345));
         assert!(
-            RunAs::resolve(Some("no-such-user-x"), None)
+            Credentials::resolve(Some("no-such-user-x"), None)
                 .unwrap_err()
                 .contains("no such user")
         );
