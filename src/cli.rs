@@ -106,6 +106,17 @@ pub struct Args {
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
     pub stall_timeout: Duration,
 
+    /// Run CMD (one command line, split into words like a shell does, without a shell) as the
+    /// agent: one process beside the workers that serves no connections. It starts first; the
+    /// workers start once it is ready.
+    #[arg(long, value_name = "CMD")]
+    pub agent: Option<String>,
+
+    /// Replace a worker that sent a heartbeat on the message bus and then sent none for this
+    /// long (workers that never send one are not checked).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub heartbeat_timeout: Option<Duration>,
+
     /// The server to run as each worker, and its arguments.
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
@@ -236,6 +247,10 @@ pub struct Config {
     pub max_rss: Option<u64>,
     /// Replace a worker whose channel stays full this long.
     pub stall_timeout: Duration,
+    /// The agent's command line, split into words.
+    pub agent: Option<WorkerCommand>,
+    /// Replace a worker whose bus heartbeats stop for this long.
+    pub heartbeat_timeout: Option<Duration>,
 }
 
 impl Args {
@@ -333,6 +348,28 @@ impl Args {
             },
         };
         command.resolve().map_err(usage)?;
+        let agent = match &self.agent {
+            None => None,
+            Some(line) => {
+                let words = shell_words::split(line)
+                    .map_err(|e| usage(format!("--agent {line:?}: {e}")))?;
+                let Some((program, args)) = words.split_first() else {
+                    return Err(usage("--agent: empty command"));
+                };
+                let agent = WorkerCommand {
+                    program: program.into(),
+                    args: args.iter().map(OsString::from).collect(),
+                    builtin: false,
+                };
+                agent
+                    .resolve()
+                    .map_err(|e| usage(format!("--agent: {e}")))?;
+                Some(agent)
+            }
+        };
+        if self.heartbeat_timeout.is_some_and(|d| d.is_zero()) {
+            return Err(usage("--heartbeat-timeout must be greater than 0"));
+        }
         Ok(Config {
             listen,
             workers,
@@ -351,6 +388,8 @@ impl Args {
             max_conns_jitter: self.max_conns_jitter,
             max_rss: self.max_rss.map(|s| s.as_u64()),
             stall_timeout: self.stall_timeout,
+            agent,
+            heartbeat_timeout: self.heartbeat_timeout,
         })
     }
 }
@@ -417,5 +456,24 @@ mod tests {
         std::fs::remove_file(&plain).unwrap();
         assert!(not_exec.contains("not executable"), "{not_exec}");
         assert!(msg(&["--drain-signal", "BOGUS"]).contains("BOGUS"));
+        assert!(msg(&["--agent", "sh -c 'unterminated"]).contains("--agent"));
+        assert!(msg(&["--agent", ""]).contains("empty command"));
+        assert!(msg(&["--agent", "/no/such/agent x"]).contains("command not found"));
+        assert!(msg(&["--heartbeat-timeout", "0s"]).contains("greater than 0"));
+    }
+
+    #[test]
+    fn agent_is_split_like_a_shell_without_one() {
+        let c = config(&["--agent", "sh -c 'echo \"a b\"; exit 0' $HOME"]).unwrap();
+        let agent = c.agent.unwrap();
+        assert_eq!(agent.program, "sh");
+        assert_eq!(
+            agent.args,
+            vec![
+                OsString::from("-c"),
+                "echo \"a b\"; exit 0".into(),
+                "$HOME".into()
+            ]
+        );
     }
 }

@@ -3,5 +3,8 @@
 //! [`listener`] sockets both start from.
 
 pub mod acceptor;
+pub mod agent;
+pub mod bus;
+pub mod health;
 pub mod listener;
 pub mod supervisor;

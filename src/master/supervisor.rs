@@ -32,11 +32,14 @@ use socket2::Socket;
 
 use crate::cli::{Config, Pin};
 use crate::master::acceptor::{self, AcceptorHandle, ChannelEnds, Command, Event, WorkerId};
+use crate::master::agent::{self, Agent, AgentEvent};
+use crate::master::bus::{self, BusCommand, BusEvent, BusHandle, Peer};
+use crate::master::health::Heartbeats;
 use crate::master::listener;
 use crate::sys::spawn::{SpawnSpec, spawn};
 use crate::sys::{self, CpuSet, ExitStatus, Pid};
 use rcluster_proto::Mode;
-use rcluster_proto::env::ChildEnv;
+use rcluster_proto::env::{ChildEnv, Role};
 
 /// First restart delay after a crash; doubles per consecutive crash.
 pub const RESTART_BACKOFF_INITIAL: Duration = Duration::from_millis(100);
@@ -48,6 +51,22 @@ pub const STABLE_UPTIME: Duration = Duration::from_secs(10);
 pub const CRASH_LOOP_LIMIT: u32 = 5;
 /// File name of the preload shim, looked for next to the master's binary.
 pub const SHIM_FILE: &str = "librcluster_shim.so";
+
+/// What the agent module needs to spawn and reap, borrowed field by field so the agent
+/// itself (another field) can be borrowed mutably beside it.
+macro_rules! agent_ctx {
+    ($sup:expr) => {
+        agent::SpawnContext {
+            registry: $sup.poll.registry(),
+            base_env: &$sup.base_env,
+            addrs: &$sup.addrs,
+            bus: &$sup.bus,
+            ready_delay: $sup.config.ready_delay,
+            ready_timeout: $sup.config.ready_timeout,
+            grace: $sup.config.grace,
+        }
+    };
+}
 
 const SIGNALS: Token = Token(0);
 const WAKER: Token = Token(1);
@@ -125,6 +144,17 @@ struct Supervisor {
     events: Receiver<Event>,
     events_tx: crossbeam_channel::Sender<Event>,
     acceptor: Option<AcceptorHandle>,
+    /// The message bus (its own thread); `bus_events` brings heartbeats.
+    bus: BusHandle,
+    bus_events: Receiver<BusEvent>,
+    /// `--agent`.
+    agent: Option<Agent>,
+    /// The workers were started (with an agent: once it was first ready).
+    workers_started: bool,
+    /// `--heartbeat-timeout`.
+    heartbeats: Option<Heartbeats>,
+    /// Starting the workers (on the agent's readiness) failed: the loop returns it.
+    startup_failed: Option<anyhow::Error>,
     /// Bound addresses (real ports).
     addrs: Vec<SocketAddr>,
     /// Dispatch mode: the listening sockets until the acceptor takes them. Shared mode: the
@@ -160,6 +190,9 @@ impl Supervisor {
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let (events_tx, events) = crossbeam_channel::unbounded();
+        let (bus_tx, bus_events) = crossbeam_channel::unbounded();
+        let bus =
+            bus::spawn(bus_tx, Arc::clone(&waker)).context("failed to start the message bus")?;
 
         // Bind every listener now, so a port in use fails before any worker starts.
         let mut sockets = Vec::new();
@@ -207,6 +240,12 @@ impl Supervisor {
             events,
             events_tx,
             acceptor: None,
+            bus,
+            bus_events,
+            agent: config.agent.clone().map(Agent::new),
+            workers_started: false,
+            heartbeats: config.heartbeat_timeout.map(Heartbeats::new),
+            startup_failed: None,
             addrs,
             sockets,
             slots,
@@ -253,6 +292,20 @@ impl Supervisor {
         if self.config.policy.needs_rss() || self.config.max_rss.is_some() {
             self.next_rss_sample = Some(Instant::now());
         }
+        if self.agent.is_some() {
+            let ctx = agent_ctx!(self);
+            if let Some(a) = self.agent.as_mut() {
+                a.spawn(&ctx).context("failed to start the agent")?;
+            }
+            info!("the workers start once the agent is ready");
+            return Ok(());
+        }
+        self.start_workers()
+    }
+
+    /// Starts every worker slot (at startup, or once the agent is first ready).
+    fn start_workers(&mut self) -> anyhow::Result<()> {
+        self.workers_started = true;
         info!(
             "starting {} workers: {} (policy {}, mode {})",
             self.config.workers,
@@ -319,6 +372,8 @@ impl Supervisor {
             mode: self.mode,
             listen: &self.addrs,
             notify_socket: notify.as_ref().map(|_| notify_value.as_str()),
+            role: Role::Worker,
+            ipc: self.bus.path().to_str(),
         };
         env.extend(contract.entries().into_iter().map(String::into_bytes));
         if let Some(shim) = &self.preload {
@@ -366,6 +421,11 @@ impl Supervisor {
             let _ = sys::waitpid_blocking(pid);
             return Err(e).context("failed to watch the new worker");
         }
+        self.bus.send(BusCommand::Register {
+            pid,
+            peer: Peer::Worker(slot),
+            id: Some(id),
+        });
         if self.mode == Mode::Dispatch {
             let ends = channels
                 .into_iter()
@@ -426,6 +486,15 @@ impl Supervisor {
                         }
                     }
                     WAKER => {}
+                    agent::PIDFD_TOKEN => {
+                        let ctx = agent_ctx!(self);
+                        let ev = self.agent.as_mut().and_then(|a| a.on_exit(&ctx));
+                        self.on_agent_event(ev)?;
+                    }
+                    agent::NOTIFY_TOKEN => {
+                        let ev = self.agent.as_mut().and_then(Agent::on_notify);
+                        self.on_agent_event(ev)?;
+                    }
                     Token(t) if t % 2 == 0 => self.reap(((t - 2) / 2) as WorkerId),
                     Token(t) => self.read_notify(((t - 3) / 2) as WorkerId),
                 }
@@ -433,8 +502,27 @@ impl Supervisor {
             while let Ok(ev) = self.events.try_recv() {
                 self.on_event(ev);
             }
+            while let Ok(ev) = self.bus_events.try_recv() {
+                self.on_bus_event(ev);
+            }
+            if let Some(e) = self.startup_failed.take() {
+                return Err(e);
+            }
             self.on_timers();
+            {
+                let ctx = agent_ctx!(self);
+                let ev = self
+                    .agent
+                    .as_mut()
+                    .and_then(|a| a.on_timers(Instant::now(), &ctx));
+                self.on_agent_event(ev)?;
+            }
             if self.shutdown_deadline.is_some() {
+                // The agent is stopped last, once every worker exited.
+                let grace = self.config.grace;
+                if self.workers.is_empty() && self.agent.as_mut().is_some_and(|a| a.stop(grace)) {
+                    continue;
+                }
                 if self.workers.is_empty() {
                     if let Some(a) = self.acceptor.take() {
                         a.shutdown();
@@ -442,7 +530,8 @@ impl Supervisor {
                     info!("all workers exited; shutdown complete");
                     return Ok(());
                 }
-            } else if self.workers.is_empty()
+            } else if self.workers_started
+                && self.workers.is_empty()
                 && self
                     .slots
                     .iter()
@@ -466,6 +555,12 @@ impl Supervisor {
         consider(self.shutdown_deadline);
         consider(self.shutdown_signal_at);
         consider(self.next_rss_sample);
+        if let Some(a) = &self.agent {
+            consider(a.next_deadline(self.config.ready_delay, self.config.ready_timeout));
+        }
+        if let Some(h) = &self.heartbeats {
+            consider(h.next_deadline());
+        }
         for s in &self.slots {
             consider(s.restart_at);
         }
@@ -494,8 +589,19 @@ impl Supervisor {
                     for w in &self.workers {
                         let _ = sys::kill(w.pid, libc::SIGKILL);
                     }
+                    if let Some(a) = &mut self.agent {
+                        a.kill();
+                    }
                 } else {
                     self.begin_shutdown(sig);
+                }
+            }
+            SIGHUP if self.agent.is_some() && self.shutdown_deadline.is_none() => {
+                // The agent is reloaded first; the workers' reload starts once it is ready.
+                let (generation, grace) = (self.generation + 1, self.config.grace);
+                let ctx = agent_ctx!(self);
+                if let Some(a) = self.agent.as_mut() {
+                    a.reload(generation, grace, &ctx);
                 }
             }
             SIGHUP => self.request_reload(),
@@ -560,7 +666,11 @@ impl Supervisor {
                 w.started.elapsed()
             );
         }
+        if let Some(a) = &self.agent {
+            a.log_status();
+        }
         self.send(Command::Status);
+        self.bus.send(BusCommand::Status);
     }
 
     fn on_event(&mut self, ev: Event) {
@@ -581,6 +691,59 @@ impl Supervisor {
                 if self.shutdown_signal_at.is_some() {
                     info!("every dispatched connection was taken; stopping the workers");
                     self.signal_shutdown();
+                }
+            }
+        }
+    }
+
+    fn on_agent_event(&mut self, ev: Option<AgentEvent>) -> anyhow::Result<()> {
+        match ev {
+            None | Some(AgentEvent::Stopped) => Ok(()),
+            Some(AgentEvent::GaveUp) => {
+                bail!(
+                    "the agent exited {} times before it was ever ready",
+                    agent::START_CRASH_LIMIT
+                )
+            }
+            Some(AgentEvent::Ready { first, reloaded }) => {
+                if self.shutdown_deadline.is_some() {
+                    return Ok(());
+                }
+                if first && !self.workers_started {
+                    return self.start_workers();
+                }
+                if reloaded {
+                    self.request_reload();
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn on_bus_event(&mut self, ev: BusEvent) {
+        match ev {
+            BusEvent::Heartbeat { id: Some(id), .. } => {
+                let ready = self
+                    .index_of(id)
+                    .is_some_and(|i| self.workers[i].state == Lifecycle::Ready);
+                if let Some(h) = &mut self.heartbeats
+                    && ready
+                    && !self.replacements.iter().any(|r| r.old == id)
+                {
+                    h.beat(id, Instant::now());
+                }
+            }
+            BusEvent::Heartbeat { id: None, .. } => {}
+            BusEvent::Ready { id: Some(id), .. } => self.mark_ready(id, "ready on the bus"),
+            BusEvent::Ready { pid, id: None } => {
+                let ev = self
+                    .agent
+                    .as_mut()
+                    .and_then(|a| a.ready_from(pid, "ready on the bus"));
+                // A failure to start the workers is reported when the loop runs next.
+                if let Err(e) = self.on_agent_event(ev) {
+                    error!("{e:#}");
+                    self.startup_failed = Some(e);
                 }
             }
         }
@@ -661,6 +824,9 @@ impl Supervisor {
         }
         w.state = Lifecycle::Draining;
         w.kill_at = Some(Instant::now() + self.config.grace);
+        if let Some(h) = &mut self.heartbeats {
+            h.forget(id);
+        }
         info!(
             "draining worker {} (pid {}, generation {}) with {}",
             w.slot,
@@ -891,6 +1057,10 @@ impl Supervisor {
         }
         // Connections still queued in its channel go to another worker.
         self.send(Command::Remove(id));
+        self.bus.send(BusCommand::Forget(w.pid));
+        if let Some(h) = &mut self.heartbeats {
+            h.forget(id);
+        }
         // Reuseport mode: a removed slot's listening sockets leave the kernel's group with
         // their last worker, or new connections would keep being hashed to a socket nobody
         // accepts from.
@@ -1043,6 +1213,19 @@ impl Supervisor {
                     self.workers[i].state = Lifecycle::Draining;
                     let _ = sys::kill(self.workers[i].pid, libc::SIGKILL);
                 }
+            }
+        }
+        let silent = self
+            .heartbeats
+            .as_mut()
+            .map(|h| (h.timeout(), h.expired(now)));
+        if let Some((timeout, ids)) = silent {
+            for id in ids {
+                self.replace(
+                    id,
+                    Reason::Recycle,
+                    &format!("it sent no heartbeat for {timeout:?} (--heartbeat-timeout)"),
+                );
             }
         }
         if let Some(t) = self.next_rss_sample
