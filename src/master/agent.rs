@@ -27,7 +27,7 @@ use mio::{Interest, Registry, Token};
 
 use crate::cli::WorkerCommand;
 use crate::master::bus::{BusCommand, BusHandle, Peer};
-use crate::master::supervisor::{RESTART_BACKOFF_INITIAL, RESTART_BACKOFF_MAX, STABLE_UPTIME};
+use crate::master::lifecycle::{STABLE_UPTIME, restart_backoff};
 use crate::sys::spawn::{SpawnSpec, spawn};
 use crate::sys::{self, Pid};
 use rcluster_proto::Mode;
@@ -287,9 +287,7 @@ impl Agent {
             );
             return Some(AgentEvent::GaveUp);
         }
-        let backoff = RESTART_BACKOFF_INITIAL
-            .saturating_mul(1 << (self.crashes - 1).min(16))
-            .min(RESTART_BACKOFF_MAX);
+        let backoff = restart_backoff(self.crashes);
         error!(
             "AGENT EXITED (pid {}): {status}; restarting it in {backoff:?} (exit {} in a row); \
              the workers keep serving",
@@ -302,8 +300,7 @@ impl Agent {
     fn start_or_retry(&mut self, ctx: &SpawnContext<'_>) {
         if let Err(e) = self.spawn(ctx) {
             self.crashes += 1;
-            let backoff = RESTART_BACKOFF_MAX
-                .min(RESTART_BACKOFF_INITIAL.saturating_mul(1 << self.crashes.min(16)));
+            let backoff = restart_backoff(self.crashes);
             error!("AGENT: cannot start it: {e:#}; trying again in {backoff:?}");
             self.restart_at = Some(Instant::now() + backoff);
         }

@@ -24,7 +24,7 @@ use mio::net::{UnixListener, UnixStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use serde_json::{Map, Value};
 
-use crate::master::acceptor::WorkerId;
+use crate::master::lifecycle::WorkerId;
 use crate::sys::{self, Pid};
 
 /// The longest envelope line accepted, newline included; a peer sending a longer one is
@@ -673,7 +673,12 @@ impl Bus {
         }
     }
 
-    fn deliver_to_master(&mut self, from: Peer, sender: Option<Token>, envelope: &Map<String, Value>) {
+    fn deliver_to_master(
+        &mut self,
+        from: Peer,
+        sender: Option<Token>,
+        envelope: &Map<String, Value>,
+    ) {
         let kind = envelope.get("type").and_then(Value::as_str).unwrap_or("");
         let owner = sender.and_then(|t| self.conns.get(&t)).map(|c| c.owner);
         match kind {

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use crate::master::acceptor::WorkerId;
+use crate::master::lifecycle::WorkerId;
 
 /// The last heartbeat of each worker that sent one.
 #[derive(Debug)]

@@ -1,10 +1,14 @@
 //! The master process's parts: the [`acceptor`] thread (dispatch mode's hot path), the
-//! [`supervisor`] on the main thread (worker processes, signals, lifecycle), and the
-//! [`listener`] sockets both start from.
+//! [`supervisor`] on the main thread (the I/O driver of worker processes and signals), the pure
+//! [`lifecycle`] state machine that takes every decision about workers, the [`listener`]
+//! sockets, the preload [`shim`]'s location, the message [`bus`] (its own thread), the
+//! [`agent`] process and the heartbeat [`health`] checks.
 
 pub mod acceptor;
 pub mod agent;
 pub mod bus;
 pub mod health;
+pub mod lifecycle;
 pub mod listener;
+pub mod shim;
 pub mod supervisor;
