@@ -8,7 +8,7 @@
 //   bus.broadcast('config', { v: 2 });      // every worker and the agent but the sender
 //   bus.heartbeat(1000);                    // for --heartbeat-timeout
 //
-// The envelope is one JSON object per line (docs/PROTOCOL.md section 5); the master stamps
+// The envelope is one JSON object per line (docs/PROTOCOL.md section 6); the master stamps
 // `from` (a worker id, 'agent' or 'master') itself from the kernel's peer credentials.
 const net = require('net');
 const { EventEmitter } = require('events');

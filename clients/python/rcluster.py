@@ -8,7 +8,7 @@
     bus.heartbeat(1.0)                      # for --heartbeat-timeout
     msg = bus.recv()                        # or read synchronously (None at end of file)
 
-One JSON object per line (docs/PROTOCOL.md section 5); the master stamps "from" (a worker id,
+One JSON object per line (docs/PROTOCOL.md section 6); the master stamps "from" (a worker id,
 "agent" or "master") itself from the kernel's peer credentials.
 """
 import json

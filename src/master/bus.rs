@@ -1,6 +1,6 @@
 //! The message bus: a unix stream socket in a private (0700) directory over which the workers,
 //! the agent and the master exchange newline-delimited JSON envelopes (docs/PROTOCOL.md
-//! section 5). It runs on its own thread with its own mio poll — never the acceptor's, so a
+//! section 6). It runs on its own thread with its own mio poll — never the acceptor's, so a
 //! flood of messages cannot delay a connection — and owns the listening socket, every peer
 //! connection and the directory (removed when the handle is dropped).
 //!

@@ -1786,6 +1786,16 @@ mod tests {
     }
 
     #[test]
+    fn a_silent_worker_is_replaced_like_a_stalled_one() {
+        let mut h = Harness::running(2);
+        let a = h.input(Input::Silent { id: 1 });
+        assert_eq!(spawns(&a), [(2, 1)]);
+        assert_eq!(h.state(1), Some(WorkerState::Ready));
+        let a = h.ready(2);
+        assert!(a.contains(&Action::Close(1)) && a.contains(&Action::Signal(1, Sig::Drain)));
+    }
+
+    #[test]
     fn a_huge_grace_period_does_not_overflow() {
         let mut s = settings(1);
         s.grace = Duration::MAX;

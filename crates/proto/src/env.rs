@@ -27,7 +27,7 @@ pub const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
 /// `worker` or `agent` ([`Role`]): what this child is for.
 pub const RCLUSTER_ROLE: &str = "RCLUSTER_ROLE";
 /// Path of the master's message bus, an `AF_UNIX` stream socket in a private (0700) directory
-/// (docs/PROTOCOL.md section 5): newline-delimited JSON envelopes.
+/// (docs/PROTOCOL.md section 6): newline-delimited JSON envelopes.
 pub const RCLUSTER_IPC: &str = "RCLUSTER_IPC";
 /// Prefix of every rcluster-lb specific variable.
 pub const RCLUSTER_PREFIX: &str = "RCLUSTER_";

@@ -1,4 +1,4 @@
-//! The message bus from Rust (docs/PROTOCOL.md section 5): connect to `RCLUSTER_IPC`, then
+//! The message bus from Rust (docs/PROTOCOL.md section 6): connect to `RCLUSTER_IPC`, then
 //! [`Bus::send`], [`Bus::broadcast`], [`Bus::recv`] and [`Bus::heartbeat`]. Blocking I/O on a
 //! unix stream socket; [`Bus::sender`] gives a [`BusSender`] to send from other threads while
 //! one thread receives.
