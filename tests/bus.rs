@@ -430,3 +430,57 @@ fn strangers_are_refused() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn the_agent_reloads_before_the_workers_and_stops_after_them() {
+    if !available("python3") {
+        return;
+    }
+    let dir = Scripts::new("order");
+    let agent = dir.write(
+        "agent.py",
+        "import os, socket, signal, sys, time\n\
+         gen = os.environ['RCLUSTER_GENERATION']\n\
+         def term(*_):\n    sys.stderr.write('AGENT %s got SIGTERM\\n' % gen); sys.exit(0)\n\
+         signal.signal(signal.SIGTERM, term)\n\
+         s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n\
+         a = os.environ['NOTIFY_SOCKET']\n\
+         s.sendto(b'READY=1', '\\0' + a[1:] if a.startswith('@') else a)\n\
+         while True: time.sleep(3600)\n",
+    );
+    let agent_cmd = format!("python3 {agent}");
+    let mut cluster = TestCluster::start(&["-w", "2", "--agent", &agent_cmd]);
+    let first = agent_pid(&cluster, 1);
+    cluster.signal(libc::SIGHUP);
+    cluster.wait_for_log("reload to generation 1 complete", DEADLINE);
+    let second = agent_pid(&cluster, 2);
+    assert_ne!(first, second);
+    let lines = cluster.log_lines();
+    let pos = |needle: &str| {
+        lines
+            .iter()
+            .position(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no {needle:?} in\n{}", lines.join("\n")))
+    };
+    assert!(
+        pos("AGENT 0 got SIGTERM") < pos(&format!("agent started: pid {second}")),
+        "one agent at a time: the old one is stopped before the new one starts"
+    );
+    assert!(
+        pos(&format!("agent started: pid {second}")) < pos("SIGHUP: rolling reload"),
+        "the new agent starts before the workers' reload"
+    );
+    cluster.signal(libc::SIGTERM);
+    assert!(cluster.wait_exit(DEADLINE).success());
+    let lines = cluster.log_lines();
+    let last_worker_exit = lines
+        .iter()
+        .rposition(|l| l.contains("worker ") && l.contains(") exited"))
+        .unwrap();
+    let agent_stop = lines
+        .iter()
+        .position(|l| l.contains("AGENT 1 got SIGTERM"))
+        .unwrap();
+    assert!(last_worker_exit < agent_stop, "{}", lines.join("\n"));
+    assert!(!alive(second));
+}
