@@ -10,9 +10,11 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use thiserror::Error;
 
+use crate::master::probe::ProbeSpec;
 use crate::policy::PolicyKind;
 use crate::sys;
 use crate::topology;
+use rcluster_proto::Mode;
 
 pub use crate::policy::MAX_WORKERS;
 /// At most this many `--listen` addresses (one bit each in the load table, one fd each).
@@ -116,6 +118,24 @@ pub struct Args {
     /// long (workers that never send one are not checked).
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub heartbeat_timeout: Option<Duration>,
+
+    /// Active health checks (dispatch mode): every --health-interval send each ready worker a
+    /// probe connection with this request ('METHOD /path'); a worker that fails --health-fails
+    /// in a row (no 2xx within --health-timeout) is replaced.
+    #[arg(long, value_name = "'METHOD /PATH'")]
+    pub health_check: Option<String>,
+
+    /// Period of the active health checks.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub health_interval: Duration,
+
+    /// How long a worker has to answer a health check.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub health_timeout: Duration,
+
+    /// Failed health checks in a row that replace a worker.
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    pub health_fails: u32,
 
     /// The server to run as each worker, and its arguments.
     #[arg(last = true, value_name = "COMMAND")]
@@ -251,6 +271,19 @@ pub struct Config {
     pub agent: Option<WorkerCommand>,
     /// Replace a worker whose bus heartbeats stop for this long.
     pub heartbeat_timeout: Option<Duration>,
+    /// `--health-check` and its settings.
+    pub health_check: Option<HealthCheck>,
+}
+
+/// Active health checks, validated.
+#[derive(Debug, Clone)]
+pub struct HealthCheck {
+    /// The request and the timeout.
+    pub spec: ProbeSpec,
+    /// Probe period.
+    pub interval: Duration,
+    /// Failures in a row that replace a worker.
+    pub fails: u32,
 }
 
 impl Args {
@@ -367,6 +400,33 @@ impl Args {
                 Some(agent)
             }
         };
+        let health_check = match &self.health_check {
+            None => None,
+            Some(check) => {
+                if self.policy.mode() != Mode::Dispatch {
+                    return Err(usage(format!(
+                        "--health-check needs a dispatch policy (the master cannot choose which \
+                         worker a connection reaches in {} mode); use --heartbeat-timeout there",
+                        self.policy.mode()
+                    )));
+                }
+                if self.health_interval.is_zero() || self.health_timeout.is_zero() {
+                    return Err(usage(
+                        "--health-interval and --health-timeout must be greater than 0",
+                    ));
+                }
+                if self.health_fails == 0 {
+                    return Err(usage("--health-fails must be at least 1"));
+                }
+                let spec = ProbeSpec::parse(check, self.health_timeout)
+                    .map_err(|e| usage(format!("--health-check: {e}")))?;
+                Some(HealthCheck {
+                    spec,
+                    interval: self.health_interval,
+                    fails: self.health_fails,
+                })
+            }
+        };
         if self.heartbeat_timeout.is_some_and(|d| d.is_zero()) {
             return Err(usage("--heartbeat-timeout must be greater than 0"));
         }
@@ -390,6 +450,7 @@ impl Args {
             stall_timeout: self.stall_timeout,
             agent,
             heartbeat_timeout: self.heartbeat_timeout,
+            health_check,
         })
     }
 }
@@ -460,6 +521,15 @@ mod tests {
         assert!(msg(&["--agent", ""]).contains("empty command"));
         assert!(msg(&["--agent", "/no/such/agent x"]).contains("command not found"));
         assert!(msg(&["--heartbeat-timeout", "0s"]).contains("greater than 0"));
+        assert!(msg(&["--health-check", "GET /h", "-p", "shared"]).contains("dispatch policy"));
+        assert!(msg(&["--health-check", "nope nope nope"]).contains("--health-check"));
+        assert!(msg(&["--health-check", "/h", "--health-fails", "0"]).contains("at least 1"));
+        assert!(
+            config(&["--health-check", "/healthz"])
+                .unwrap()
+                .health_check
+                .is_some()
+        );
     }
 
     #[test]

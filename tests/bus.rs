@@ -484,3 +484,65 @@ fn the_agent_reloads_before_the_workers_and_stops_after_them() {
     assert!(last_worker_exit < agent_stop, "{}", lines.join("\n"));
     assert!(!alive(second));
 }
+
+#[test]
+fn a_worker_whose_handlers_hang_is_replaced_by_active_health_checks() {
+    if !available("node") {
+        return;
+    }
+    let dir = Scripts::new("probe");
+    let flag = dir.0.join("hung-once");
+    // The first process of slot 0 answers nothing, /healthz included (its event loop runs: a
+    // stuck promise, not a busy loop, so heartbeats would not catch it); its replacement finds
+    // the flag and serves.
+    let worker = dir.write(
+        "worker.js",
+        &format!(
+            "const fs = require('fs');\n\
+             let hang = false;\n\
+             if (process.env.RCLUSTER_WORKER_ID === '0' && !fs.existsSync({flag:?})) {{ fs.writeFileSync({flag:?}, ''); hang = true; }}\n\
+             require('http').createServer((q, s) => {{\n\
+               if (hang) {{ console.error('WORKER hanging ' + q.url + ' pid ' + process.pid); return; }}\n\
+               s.end('pid ' + process.pid + '\\n');\n\
+             }}).listen(process.env.PORT);\n"
+        ),
+    );
+    let cluster = TestCluster::start(&[
+        "-w",
+        "2",
+        "--health-check",
+        "GET /healthz",
+        "--health-interval",
+        "300ms",
+        "--health-timeout",
+        "200ms",
+        "--health-fails",
+        "3",
+        "--grace",
+        "1s",
+        "--",
+        "node",
+        &worker,
+    ]);
+    let line = cluster.wait_for_log("WORKER hanging /healthz pid ", DEADLINE);
+    let first_probe = std::time::Instant::now();
+    let hung: i32 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    let replacing = cluster.wait_for_log("active health checks in a row", DEADLINE);
+    let took = first_probe.elapsed();
+    assert!(replacing.contains(&format!("pid {hung}")), "{replacing}");
+    eprintln!(
+        "hung worker replaced {took:?} after its first failed probe (bound: interval × fails + timeout = 1.1s)"
+    );
+    cluster.wait_for_log(&format!("pid {hung}) exited"), DEADLINE);
+    let results: Vec<_> = (0..20).map(|_| get(cluster.addr(), "/")).collect();
+    assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+    let hung_body = format!("pid {hung}\n");
+    assert!(results.iter().all(|r| r.as_ref().unwrap().status == 200));
+    assert!(
+        results
+            .iter()
+            .all(|r| r.as_ref().unwrap().body != hung_body)
+    );
+    // The other worker passed every probe: it is still the one it was.
+    assert_eq!(cluster.log_count("replacing worker"), 1);
+}

@@ -87,6 +87,15 @@ pub enum Command {
     Rss(Vec<(WorkerId, u32)>),
     /// Log one status line per worker.
     Status,
+    /// A health probe's server end (`--health-check`): send it to this worker, on its first
+    /// listener's channel, at once, outside the policy and the user traffic counts. Dropped
+    /// (the prober then sees end of file) if the worker is not open or its channel is full.
+    Probe {
+        /// The worker.
+        id: WorkerId,
+        /// The probe connection's server end.
+        fd: OwnedFd,
+    },
     /// Stop accepting (the listeners are closed, so new connections are refused), wait up to
     /// `drain_for` until the workers have taken every connection already dispatched, report
     /// [`Event::Drained`], and end the thread.
@@ -129,6 +138,11 @@ impl AcceptorHandle {
         if self.commands.send(cmd).is_ok() {
             let _ = self.waker.wake();
         }
+    }
+
+    /// A sender for other threads (the health prober): commands and the waker to go with them.
+    pub fn commander(&self) -> (Sender<Command>, Arc<Waker>) {
+        (self.commands.clone(), Arc::clone(&self.waker))
     }
 
     /// Tells the thread to stop (at once, if it is not stopping already) and waits for it.
@@ -208,6 +222,9 @@ struct Entry {
     stall_reported: bool,
     /// Connection fds per CONN message this worker takes (its READY's value, at least 1).
     max_fds: usize,
+    /// Health probes sent whose close the worker has not reported yet: its CLOSED counts pay
+    /// these first, so probes never show in `dispatched`/`closed`.
+    probes_open: u64,
 }
 
 struct Pending {
@@ -448,6 +465,7 @@ impl Acceptor {
                     }
                 }
                 Command::Status => self.log_status(),
+                Command::Probe { id, fd } => self.probe(id, fd),
                 Command::Shutdown { drain_for } => {
                     let until = Instant::now() + drain_for;
                     self.shutting_down = Some(self.shutting_down.map_or(until, |t| t.min(until)));
@@ -514,9 +532,27 @@ impl Acceptor {
             max_conns,
             stall_reported: false,
             max_fds: 1,
+            probes_open: 0,
         });
         self.stats.push(WorkerStat::default());
         self.refresh_open();
+    }
+
+    /// Sends a probe connection straight to the worker (never through the policy or the
+    /// pending queue, so it cannot go to another worker).
+    fn probe(&mut self, id: WorkerId, fd: OwnedFd) {
+        let Some(i) = self.index_of(id) else {
+            return;
+        };
+        let entry = &mut self.entries[i];
+        if entry.state != State::Ready || entry.channels.is_empty() {
+            return;
+        }
+        let payload = ToWorker::Conn { seq: u64::MAX }.encode();
+        match scm::sendmsg_fd(entry.channels[0].ends.master.as_fd(), &payload, fd.as_fd()) {
+            Ok(()) => entry.probes_open += 1,
+            Err(e) => debug!("worker {}: probe not sent: {e}", entry.slot),
+        }
     }
 
     fn remove(&mut self, id: WorkerId) {
@@ -587,7 +623,11 @@ impl Acceptor {
                         warn!("worker {}: sent an fd to the master; closed it", entry.slot);
                     }
                     match ToMaster::decode(&buf[..got.len]) {
-                        Ok(ToMaster::Closed { count }) => entry.closed += count,
+                        Ok(ToMaster::Closed { count }) => {
+                            let probes = count.min(entry.probes_open);
+                            entry.probes_open -= probes;
+                            entry.closed += count - probes;
+                        }
                         Ok(ToMaster::Ready { max_fds }) => {
                             ready = true;
                             entry.max_fds = (max_fds as usize).clamp(1, MAX_FDS_PER_CONN);

@@ -238,10 +238,13 @@ pub enum Input {
         /// The worker.
         id: WorkerId,
     },
-    /// The worker sent heartbeats on the message bus and then none for `--heartbeat-timeout`.
-    Silent {
+    /// A health check failed the worker: its heartbeats on the message bus stopped for
+    /// `--heartbeat-timeout`, or it failed `--health-fails` active probes in a row.
+    Unhealthy {
         /// The worker.
         id: WorkerId,
+        /// Which check, for the log.
+        why: &'static str,
     },
     /// The worker was handed its `--max-conns` connections.
     MaxConns {
@@ -415,12 +418,7 @@ impl Lifecycle {
             Input::MaxConns { id } => {
                 self.replace(now, id, Reason::Recycle, "it reached --max-conns")
             }
-            Input::Silent { id } => self.replace(
-                now,
-                id,
-                Reason::Recycle,
-                "it sent no heartbeat within --heartbeat-timeout",
-            ),
+            Input::Unhealthy { id, why } => self.replace(now, id, Reason::Recycle, why),
             Input::Rss { id, bytes } => {
                 let over = self.settings.max_rss.is_some_and(|max| bytes > max);
                 if over
@@ -1786,9 +1784,9 @@ mod tests {
     }
 
     #[test]
-    fn a_silent_worker_is_replaced_like_a_stalled_one() {
+    fn an_unhealthy_worker_is_replaced_like_a_stalled_one() {
         let mut h = Harness::running(2);
-        let a = h.input(Input::Silent { id: 1 });
+        let a = h.input(Input::Unhealthy { id: 1, why: "test" });
         assert_eq!(spawns(&a), [(2, 1)]);
         assert_eq!(h.state(1), Some(WorkerState::Ready));
         let a = h.ready(2);

@@ -2,7 +2,7 @@
 //! [`supervisor`] on the main thread (the I/O driver of worker processes and signals), the pure
 //! [`lifecycle`] state machine that takes every decision about workers, the [`listener`]
 //! sockets, the preload [`shim`]'s location, the message [`bus`] (its own thread), the
-//! [`agent`] process and the heartbeat [`health`] checks.
+//! [`agent`] process, the heartbeat [`health`] checks and the active [`probe`]s.
 
 pub mod acceptor;
 pub mod agent;
@@ -10,5 +10,6 @@ pub mod bus;
 pub mod health;
 pub mod lifecycle;
 pub mod listener;
+pub mod probe;
 pub mod shim;
 pub mod supervisor;

@@ -42,6 +42,7 @@ use crate::master::lifecycle::{
     Action, Input, Lifecycle, Phase, Settings, Sig, WorkerId, WorkerState,
 };
 use crate::master::listener;
+use crate::master::probe::{self, ProbeResult, ProbeSpec, Probes};
 use crate::master::shim::find_shim;
 use crate::sys::spawn::{SpawnSpec, spawn};
 use crate::sys::{self, CpuSet, ExitStatus, Pid};
@@ -132,6 +133,10 @@ struct Supervisor {
     workers_started: bool,
     /// `--heartbeat-timeout`.
     heartbeats: Option<Heartbeats>,
+    /// `--health-check`: the failure counts and the request; results come on `probe_results`.
+    probes: Option<(Probes, Arc<ProbeSpec>)>,
+    probe_results: Receiver<ProbeResult>,
+    probe_tx: crossbeam_channel::Sender<ProbeResult>,
 }
 
 impl Supervisor {
@@ -145,6 +150,7 @@ impl Supervisor {
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let (events_tx, events) = crossbeam_channel::unbounded();
         let (bus_tx, bus_events) = crossbeam_channel::unbounded();
+        let (probe_tx, probe_results) = crossbeam_channel::unbounded();
         let bus =
             bus::spawn(bus_tx, Arc::clone(&waker)).context("failed to start the message bus")?;
 
@@ -215,6 +221,14 @@ impl Supervisor {
             agent: config.agent.clone().map(Agent::new),
             workers_started: false,
             heartbeats: config.heartbeat_timeout.map(Heartbeats::new),
+            probes: config.health_check.as_ref().map(|h| {
+                (
+                    Probes::new(h.interval, h.fails, Instant::now()),
+                    Arc::new(h.spec.clone()),
+                )
+            }),
+            probe_results,
+            probe_tx,
             config,
         })
     }
@@ -324,6 +338,9 @@ impl Supervisor {
                 self.send(Command::Drain(id));
                 if let Some(h) = &mut self.heartbeats {
                     h.forget(id);
+                }
+                if let Some((p, _)) = &mut self.probes {
+                    p.forget(id);
                 }
             }
             Action::Signal(id, sig) => {
@@ -520,6 +537,9 @@ impl Supervisor {
         if let Some(h) = &mut self.heartbeats {
             h.forget(id);
         }
+        if let Some((p, _)) = &mut self.probes {
+            p.forget(id);
+        }
     }
 
     fn run_loop(&mut self) -> anyhow::Result<()> {
@@ -538,6 +558,10 @@ impl Supervisor {
                 self.lifecycle.next_deadline(),
                 self.next_rss_sample,
                 self.heartbeats.as_ref().and_then(Heartbeats::next_deadline),
+                self.probes
+                    .as_ref()
+                    .filter(|_| self.workers_started)
+                    .map(|(p, _)| p.next_round),
                 self.agent.as_ref().and_then(|a| {
                     a.next_deadline(self.config.ready_delay, self.config.ready_timeout)
                 }),
@@ -593,8 +617,12 @@ impl Supervisor {
                 .as_mut()
                 .map_or_else(Vec::new, |h| h.expired(Instant::now()));
             for id in silent {
-                self.feed(Input::Silent { id });
+                self.feed(Input::Unhealthy {
+                    id,
+                    why: "it sent no heartbeat within --heartbeat-timeout",
+                });
             }
+            self.run_probes();
             self.feed(Input::Tick);
             if let Some(t) = self.next_rss_sample
                 && Instant::now() >= t
@@ -683,6 +711,65 @@ impl Supervisor {
         }
         self.send(Command::Status);
         self.bus.send(BusCommand::Status);
+    }
+
+    /// Takes the probes' results (replacing a worker that failed `--health-fails` in a row)
+    /// and starts a round when one is due.
+    fn run_probes(&mut self) {
+        let Some((probes, spec)) = &mut self.probes else {
+            return;
+        };
+        let mut failed = Vec::new();
+        while let Ok(result) = self.probe_results.try_recv() {
+            if let Err(why) = &result.outcome {
+                let pid = self.lifecycle.worker(result.id).and_then(|w| w.pid);
+                warn!(
+                    "health check of worker id {} (pid {}) failed: {why}",
+                    result.id,
+                    pid.unwrap_or(0)
+                );
+            }
+            if probes.record(&result) {
+                failed.push(result.id);
+            }
+        }
+        let now = Instant::now();
+        let mut round = Vec::new();
+        if self.workers_started && now >= probes.next_round {
+            let ready: Vec<WorkerId> = self
+                .lifecycle
+                .workers()
+                .iter()
+                .filter(|w| w.state == WorkerState::Ready)
+                .filter(|w| !self.lifecycle.replacements().iter().any(|r| r.old == w.id))
+                .map(|w| w.id)
+                .collect();
+            round = probes.round(now, &ready);
+        }
+        let spec = Arc::clone(spec);
+        if let Some(acceptor) = &self.acceptor {
+            for id in round {
+                if let Err(e) = probe::spawn_probe(
+                    id,
+                    Arc::clone(&spec),
+                    acceptor.commander(),
+                    self.probe_tx.clone(),
+                    Arc::clone(&self.waker),
+                ) {
+                    warn!("cannot start a health probe: {e}");
+                    let _ = self.probe_tx.send(ProbeResult {
+                        id,
+                        outcome: Ok(()),
+                    });
+                }
+            }
+        }
+        for id in failed {
+            self.feed(Input::Unhealthy {
+                id,
+                why: "it failed --health-fails active health checks in a row",
+            });
+        }
     }
 
     fn on_agent_event(&mut self, ev: Option<AgentEvent>) -> anyhow::Result<()> {
