@@ -1176,4 +1176,35 @@ mod tests {
         rig.say(0, ToMaster::Closed { count: 1 });
         assert_eq!(rig.connect(1), [1, 0]);
     }
+
+    #[test]
+    fn a_probe_goes_to_its_worker_and_never_counts_as_traffic() {
+        let mut rig = Rig::new(2, PolicyKind::LeastConn);
+        rig.command(Command::Ready(0));
+        rig.command(Command::Ready(1));
+        // Probe worker 0 twice: it gets both, whatever the policy would say.
+        for _ in 0..2 {
+            let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+            rig.command(Command::Probe {
+                id: 0,
+                fd: OwnedFd::from(a),
+            });
+        }
+        assert_eq!(rig.take(), [2, 0]);
+        assert_eq!(rig.acceptor.entries[0].dispatched, 0, "not user traffic");
+        // Its CLOSED for the probes pays the probes, not the user counts.
+        rig.say(0, ToMaster::Closed { count: 2 });
+        assert_eq!(rig.acceptor.entries[0].closed, 0);
+        assert_eq!(rig.acceptor.entries[0].probes_open, 0);
+        // A worker that is not open gets no probe.
+        rig.command(Command::Drain(1));
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        rig.command(Command::Probe {
+            id: 1,
+            fd: OwnedFd::from(a),
+        });
+        assert_eq!(rig.take(), [0, 0]);
+        // Least-conn still sees two idle workers' worth of user counts: both at zero.
+        assert_eq!(rig.connect(1), [1, 0]);
+    }
 }
