@@ -37,6 +37,7 @@ use crate::cli::{Config, Pin};
 use crate::master::acceptor::{self, AcceptorHandle, ChannelEnds, Command, Event};
 use crate::master::agent::{self, Agent, AgentEvent};
 use crate::master::bus::{self, BusCommand, BusEvent, BusHandle, Peer};
+use crate::master::diagnose;
 use crate::master::health::Heartbeats;
 use crate::master::lifecycle::{
     Action, Input, Lifecycle, Phase, Settings, Sig, WorkerId, WorkerState,
@@ -137,6 +138,8 @@ struct Supervisor {
     probes: Option<(Probes, Arc<ProbeSpec>)>,
     probe_results: Receiver<ProbeResult>,
     probe_tx: crossbeam_channel::Sender<ProbeResult>,
+    /// Whether a worker exiting before it was ready has been explained (diagnose.rs; once).
+    early_exit_explained: bool,
 }
 
 impl Supervisor {
@@ -229,6 +232,7 @@ impl Supervisor {
             }),
             probe_results,
             probe_tx,
+            early_exit_explained: false,
             config,
         })
     }
@@ -858,7 +862,34 @@ impl Supervisor {
                 ExitStatus::Exited(-1)
             }
         };
+        let never_ready = self.lifecycle.phase() == Phase::Running
+            && self
+                .lifecycle
+                .worker(id)
+                .is_some_and(|w| w.state == WorkerState::Starting);
+        if never_ready {
+            let slot = p.slot;
+            self.explain_early_exit(slot);
+        }
         self.feed(Input::Exited { id, status });
+    }
+
+    /// A worker that exits before it was ready most often cannot work in this mode (the shim
+    /// did not reach the server, which then bound the port itself): say so in one line, once.
+    fn explain_early_exit(&mut self, slot: usize) {
+        if self.config.command.builtin || std::mem::replace(&mut self.early_exit_explained, true) {
+            return;
+        }
+        let binary = self
+            .config
+            .command
+            .resolve()
+            .map_or(diagnose::Binary::Unknown, |p| diagnose::inspect(&p));
+        let program = self.config.command.program.to_string_lossy();
+        warn!(
+            "worker {slot} exited before it was ready: {}",
+            diagnose::early_exit_hint(self.mode, self.preload.is_some(), binary, &program)
+        );
     }
 
     fn read_notify(&mut self, id: WorkerId) {
