@@ -546,3 +546,31 @@ fn a_worker_whose_handlers_hang_is_replaced_by_active_health_checks() {
     // The other worker passed every probe: it is still the one it was.
     assert_eq!(cluster.log_count("replacing worker"), 1);
 }
+
+#[test]
+fn a_rust_worker_whose_loop_blocks_misses_heartbeats_and_is_replaced_without_losing_its_request() {
+    // The demo worker heartbeats through the Rust worker API from its event loop; `?us=` spins
+    // that loop, so its heartbeats stop for the spin.
+    let cluster = TestCluster::start(&["-w", "2", "--heartbeat-timeout", "1s"]);
+    let before = cluster.wait_for_workers(2);
+    let slow = send_request(cluster.addr(), "/?us=3000000").unwrap();
+    let replacing = cluster.wait_for_log("no heartbeat within --heartbeat-timeout", DEADLINE);
+    let pid: i32 = replacing
+        .split("(pid ")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {replacing}"));
+    assert!(before.contains(&pid));
+    // The request it was spinning on is answered: draining lets it finish.
+    let resp = read_response(slow).unwrap();
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.pid(), pid);
+    cluster.wait_for_log(&format!("pid {pid}) exited"), DEADLINE);
+    let results: Vec<_> = (0..20).map(|_| get(cluster.addr(), "/")).collect();
+    assert!(
+        results
+            .iter()
+            .all(|r| r.as_ref().is_ok_and(|r| r.status == 200))
+    );
+}
