@@ -16,8 +16,6 @@
 use std::ffi::OsStr;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::linux::net::SocketAddrExt;
-use std::os::unix::net::{SocketAddr as UnixAddr, UnixDatagram};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -28,6 +26,7 @@ use mio::{Interest, Registry, Token};
 use crate::cli::WorkerCommand;
 use crate::master::bus::{BusCommand, BusHandle, Peer};
 use crate::master::lifecycle::{STABLE_UPTIME, restart_backoff};
+use crate::master::notify::{Notice, NotifySocket, RuntimeDir};
 use crate::sys::spawn::{SpawnSpec, spawn};
 use crate::sys::{self, Pid};
 use rcluster_proto::Mode;
@@ -60,7 +59,7 @@ pub enum AgentEvent {
 struct Running {
     pid: Pid,
     pidfd: OwnedFd,
-    notify: Option<UnixDatagram>,
+    notify: Option<NotifySocket>,
     started: Instant,
     ready: bool,
     kill_at: Option<Instant>,
@@ -79,6 +78,8 @@ pub struct Agent {
     reload_started: bool,
     stopping: bool,
     generation: u64,
+    /// Agent processes started so far (names each one's notify socket).
+    spawns: u64,
 }
 
 /// What spawning needs from the supervisor.
@@ -91,6 +92,8 @@ pub struct SpawnContext<'a> {
     pub addrs: &'a [SocketAddr],
     /// The bus, to register the pid with and to name in `RCLUSTER_IPC`.
     pub bus: &'a BusHandle,
+    /// The private directory of the notify sockets.
+    pub runtime: Option<&'a RuntimeDir>,
     /// Readiness by delay.
     pub ready_delay: Option<Duration>,
     /// Limit for readiness.
@@ -112,6 +115,7 @@ impl Agent {
             reload_started: false,
             stopping: false,
             generation: 0,
+            spawns: 0,
         }
     }
 
@@ -128,13 +132,16 @@ impl Agent {
     /// Starts the agent process.
     pub fn spawn(&mut self, ctx: &SpawnContext<'_>) -> anyhow::Result<()> {
         let program = self.command.resolve().map_err(|e| anyhow::anyhow!(e))?;
-        let notify_name = format!("rcluster-lb/{}/agent/{}", sys::getpid(), self.generation);
-        let notify =
-            UnixDatagram::bind_addr(&UnixAddr::from_abstract_name(notify_name.as_bytes())?)
-                .and_then(|s| s.set_nonblocking(true).map(|()| s))
+        // Named apart from the workers' (whose ids count up from 0), and fresh per start.
+        self.spawns += 1;
+        let notify = ctx.runtime.and_then(|dir| {
+            NotifySocket::bind(dir, u64::MAX - self.spawns)
                 .map_err(|e| warn!("agent: no NOTIFY_SOCKET: {e}"))
-                .ok();
-        let notify_value = format!("@{notify_name}");
+                .ok()
+        });
+        let notify_value = notify
+            .as_ref()
+            .and_then(|n| n.path().to_str().map(str::to_owned));
         let mut env = ctx.base_env.to_vec();
         env.extend(
             ChildEnv {
@@ -142,7 +149,7 @@ impl Agent {
                 generation: self.generation,
                 mode: Mode::Dispatch,
                 listen: ctx.addrs,
-                notify_socket: notify.as_ref().map(|_| notify_value.as_str()),
+                notify_socket: notify_value.as_deref(),
                 role: Role::Agent,
                 ipc: ctx.bus.path().to_str(),
             }
@@ -172,7 +179,7 @@ impl Agent {
             )
             .and_then(|()| match &notify {
                 Some(n) => ctx.registry.register(
-                    &mut SourceFd(&n.as_raw_fd()),
+                    &mut SourceFd(&n.raw_fd()),
                     NOTIFY_TOKEN,
                     Interest::READABLE,
                 ),
@@ -204,16 +211,14 @@ impl Agent {
     pub fn on_notify(&mut self) -> Option<AgentEvent> {
         let r = self.running.as_mut()?;
         let mut ready = false;
-        if let Some(sock) = &r.notify {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = sock.recv(&mut buf) {
-                let msg = String::from_utf8_lossy(&buf[..n]);
-                for line in msg.lines() {
-                    if line == "READY=1" {
-                        ready = true;
-                    } else if let Some(status) = line.strip_prefix("STATUS=") {
-                        info!("agent (pid {}) status: {status}", r.pid);
-                    }
+        if let Some(sock) = &mut r.notify {
+            // Only the agent's process group is believed (notify.rs); a few bursts at most per
+            // wake, so a flood cannot hold the supervisor.
+            for _ in 0..4 {
+                let (notices, more) = sock.read(r.pid, 0);
+                ready |= notices.contains(&Notice::Ready);
+                if !more {
+                    break;
                 }
             }
         }
@@ -263,7 +268,7 @@ impl Agent {
         let r = self.running.take().expect("checked above");
         let _ = ctx.registry.deregister(&mut SourceFd(&r.pidfd.as_raw_fd()));
         if let Some(n) = &r.notify {
-            let _ = ctx.registry.deregister(&mut SourceFd(&n.as_raw_fd()));
+            let _ = ctx.registry.deregister(&mut SourceFd(&n.raw_fd()));
         }
         ctx.bus.send(BusCommand::Forget(r.pid));
         if self.stopping {

@@ -251,6 +251,11 @@ pub enum Input {
         /// The worker.
         id: WorkerId,
     },
+    /// The worker broke the channel protocol repeatedly (accounting's violation limit).
+    Misbehaving {
+        /// The worker.
+        id: WorkerId,
+    },
     /// A resident-memory sample.
     Rss {
         /// The worker.
@@ -419,6 +424,9 @@ impl Lifecycle {
                 self.replace(now, id, Reason::Recycle, "it reached --max-conns")
             }
             Input::Unhealthy { id, why } => self.replace(now, id, Reason::Recycle, why),
+            Input::Misbehaving { id } => {
+                self.replace(now, id, Reason::Recycle, "it broke the channel protocol")
+            }
             Input::Rss { id, bytes } => {
                 let over = self.settings.max_rss.is_some_and(|max| bytes > max);
                 if over

@@ -15,9 +15,7 @@ use std::ffi::OsStr;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::os::linux::net::SocketAddrExt;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::net::{SocketAddr as UnixAddr, UnixDatagram};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -42,9 +40,11 @@ use crate::master::health::Heartbeats;
 use crate::master::lifecycle::{
     Action, Input, Lifecycle, Phase, Settings, Sig, WorkerId, WorkerState,
 };
-use crate::master::listener;
+use crate::master::notify::{Notice, NotifySocket, RuntimeDir};
 use crate::master::probe::{self, ProbeResult, ProbeSpec, Probes};
 use crate::master::shim::find_shim;
+use crate::master::stall::{self, QueueWatch};
+use crate::master::{listener, tree};
 use crate::sys::spawn::{SpawnSpec, spawn};
 use crate::sys::{self, CpuSet, ExitStatus, Pid};
 
@@ -57,6 +57,7 @@ macro_rules! agent_ctx {
             base_env: &$sup.base_env,
             addrs: &$sup.addrs,
             bus: &$sup.bus,
+            runtime: $sup.runtime.as_ref(),
             ready_delay: $sup.config.ready_delay,
             ready_timeout: $sup.config.ready_timeout,
             grace: $sup.config.grace,
@@ -80,7 +81,7 @@ struct Proc {
     slot: usize,
     pid: Pid,
     pidfd: OwnedFd,
-    notify: Option<UnixDatagram>,
+    notify: Option<NotifySocket>,
 }
 
 /// What a slot needs besides its worker.
@@ -88,6 +89,8 @@ struct SlotIo {
     cpus: Option<CpuSet>,
     /// Reuseport mode: this slot's listening sockets, one per listener, kept across restarts.
     reuseport: Vec<Socket>,
+    /// Reuseport mode: progress of each of those sockets' accept queues (see [`stall`]).
+    watches: Vec<QueueWatch>,
 }
 
 /// Runs the cluster until shutdown. Returns an error (exit code 1) if it cannot start or if no
@@ -117,7 +120,15 @@ struct Supervisor {
     lifecycle: Lifecycle,
     base_env: Vec<Vec<u8>>,
     preload: Option<PathBuf>,
+    /// The private directory of the workers' NOTIFY_SOCKETs (none if it cannot be created:
+    /// workers then signal readiness on their channel or by --ready-delay).
+    runtime: Option<RuntimeDir>,
     next_rss_sample: Option<Instant>,
+    /// Reuseport mode: when the slots' accept queues are sampled next.
+    next_queue_sample: Option<Instant>,
+    /// Workers whose notify socket had more datagrams than one read takes: read again after
+    /// the next poll, which then does not wait.
+    notify_backlog: Vec<WorkerId>,
     /// While starting, a worker that cannot be spawned is a startup error, kept here.
     startup_error: Option<anyhow::Error>,
     starting: bool,
@@ -173,6 +184,7 @@ impl Supervisor {
             .map(|i| SlotIo {
                 cpus: slot_cpus(&config.pin, i),
                 reuseport: Vec::new(),
+                watches: Vec::new(),
             })
             .collect();
         if mode == Mode::Reuseport {
@@ -233,6 +245,11 @@ impl Supervisor {
             probe_results,
             probe_tx,
             early_exit_explained: false,
+            runtime: RuntimeDir::create()
+                .map_err(|e| warn!("no NOTIFY_SOCKET for workers: {e}"))
+                .ok(),
+            next_queue_sample: (mode == Mode::Reuseport).then(Instant::now),
+            notify_backlog: Vec::new(),
             config,
         })
     }
@@ -326,8 +343,16 @@ impl Supervisor {
                 match self.spawn_worker(id, slot, generation) {
                     Ok(pid) => return Some(Input::Spawned { id, pid }),
                     Err(e) if self.starting => {
-                        self.startup_error =
-                            Some(e.context(format!("failed to start worker {slot}")));
+                        // A program the kernel refuses to execute (no valid format, no
+                        // permission) is a usage error: no retry fixes it.
+                        self.startup_error = Some(match exec_failure(&e) {
+                            Some(exec) => crate::cli::UsageError(format!(
+                                "cannot run {}: {exec}",
+                                self.config.command.display()
+                            ))
+                            .into(),
+                            None => e.context(format!("failed to start worker {slot}")),
+                        });
                     }
                     Err(e) => {
                         return Some(Input::SpawnFailed {
@@ -354,7 +379,7 @@ impl Supervisor {
                     Sig::Kill => libc::SIGKILL,
                 };
                 if let Some(p) = self.procs.iter().find(|p| p.id == id) {
-                    let _ = sys::kill(p.pid, signal);
+                    tree::signal(p.pid, signal);
                 }
             }
             Action::Forget(id) => self.forget(id),
@@ -418,21 +443,22 @@ impl Supervisor {
             Mode::Shared => self.sockets.iter().map(|s| s.as_fd()).collect(),
         };
 
-        let notify_name = format!("rcluster-lb/{}/{}", sys::getpid(), id);
-        let notify =
-            UnixDatagram::bind_addr(&UnixAddr::from_abstract_name(notify_name.as_bytes())?)
-                .and_then(|s| s.set_nonblocking(true).map(|()| s))
+        let notify = self.runtime.as_ref().and_then(|dir| {
+            NotifySocket::bind(dir, id)
                 .map_err(|e| warn!("worker {slot}: no NOTIFY_SOCKET: {e}"))
-                .ok();
+                .ok()
+        });
 
         let mut env = self.base_env.clone();
-        let notify_value = format!("@{notify_name}");
+        let notify_value = notify
+            .as_ref()
+            .and_then(|n| n.path().to_str().map(str::to_owned));
         let contract = ChildEnv {
             slot,
             generation,
             mode: self.mode,
             listen: &self.addrs,
-            notify_socket: notify.as_ref().map(|_| notify_value.as_str()),
+            notify_socket: notify_value.as_deref(),
             role: Role::Worker,
             ipc: self.bus.path().to_str(),
         };
@@ -470,7 +496,7 @@ impl Supervisor {
             .register(&mut SourceFd(&raw), pidfd_token(id), Interest::READABLE)
             .and_then(|()| match &notify {
                 Some(n) => self.poll.registry().register(
-                    &mut SourceFd(&n.as_raw_fd()),
+                    &mut SourceFd(&n.raw_fd()),
                     notify_token(id),
                     Interest::READABLE,
                 ),
@@ -533,7 +559,7 @@ impl Supervisor {
         let raw = p.pidfd.as_raw_fd();
         let _ = self.poll.registry().deregister(&mut SourceFd(&raw));
         if let Some(n) = &p.notify {
-            let raw = n.as_raw_fd();
+            let raw = n.raw_fd();
             let _ = self.poll.registry().deregister(&mut SourceFd(&raw));
         }
         self.send(Command::Remove(id));
@@ -569,11 +595,16 @@ impl Supervisor {
                 self.agent.as_ref().and_then(|a| {
                     a.next_deadline(self.config.ready_delay, self.config.ready_timeout)
                 }),
+                self.next_queue_sample,
             ]
             .into_iter()
             .flatten()
             .min();
-            let timeout = next.map(|t| t.saturating_duration_since(Instant::now()));
+            let timeout = if self.notify_backlog.is_empty() {
+                next.map(|t| t.saturating_duration_since(Instant::now()))
+            } else {
+                Some(std::time::Duration::ZERO)
+            };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -601,6 +632,9 @@ impl Supervisor {
                     Token(t) if t % 2 == 0 => self.reap(((t - 2) / 2) as WorkerId),
                     Token(t) => self.read_notify(((t - 3) / 2) as WorkerId),
                 }
+            }
+            for id in std::mem::take(&mut self.notify_backlog) {
+                self.read_notify(id);
             }
             while let Ok(ev) = self.events.try_recv() {
                 self.on_event(ev);
@@ -634,6 +668,60 @@ impl Supervisor {
                 self.sample_rss();
                 self.next_rss_sample = Some(Instant::now() + self.config.rss_interval);
             }
+            if let Some(t) = self.next_queue_sample
+                && Instant::now() >= t
+            {
+                self.sample_accept_queues();
+                self.next_queue_sample =
+                    Some(Instant::now() + stall::sample_period(self.config.stall_timeout));
+            }
+        }
+    }
+
+    /// Reuseport mode: a slot whose own listeners' accept queues do not go down for the stall
+    /// timeout has a worker that stopped accepting; it is replaced, and the replacement, which
+    /// inherits the same sockets, takes the queue over.
+    fn sample_accept_queues(&mut self) {
+        let now = Instant::now();
+        let timeout = self.config.stall_timeout;
+        let mut stalled = Vec::new();
+        for (slot, io) in self.slots.iter_mut().enumerate() {
+            io.watches.resize(io.reuseport.len(), QueueWatch::new(now));
+            let ready = self
+                .lifecycle
+                .workers()
+                .iter()
+                .filter(|w| w.slot == slot && w.state == WorkerState::Ready)
+                .map(|w| (w.id, w.pid.unwrap_or(0)))
+                .collect::<Vec<_>>();
+            if ready.is_empty() {
+                // Only time with a ready worker counts (a slow start is not a stall).
+                for w in &mut io.watches {
+                    w.reset(now);
+                }
+                continue;
+            }
+            let mut idle = false;
+            for (sock, watch) in io.reuseport.iter().zip(io.watches.iter_mut()) {
+                let queued = sys::listen_queue_len(sock.as_fd()).unwrap_or(0);
+                idle |= watch.sample(u64::from(queued), now, timeout);
+            }
+            if !idle {
+                continue;
+            }
+            for (id, pid) in ready {
+                warn!(
+                    "worker {slot} (pid {pid}): its accept queue did not go down for \
+                     {timeout:?}; it stopped accepting"
+                );
+                stalled.push(id);
+            }
+            for w in &mut io.watches {
+                w.reset(now);
+            }
+        }
+        for id in stalled {
+            self.feed(Input::Stalled { id });
         }
     }
 
@@ -689,11 +777,14 @@ impl Supervisor {
         self.slots.push(SlotIo {
             cpus: slot_cpus(&self.config.pin, slot),
             reuseport,
+            watches: Vec::new(),
         });
         self.feed(Input::ScaleUp);
     }
 
-    fn log_status(&self) {
+    fn log_status(&mut self) {
+        // The acceptor's status lines show RSS: sample it now, whatever the policy.
+        self.sample_rss();
         let now = Instant::now();
         for w in self.lifecycle.workers() {
             let state = match w.state {
@@ -844,6 +935,7 @@ impl Supervisor {
             Event::Stopping(id) => Input::Stopping { id },
             Event::Stalled(id) => Input::Stalled { id },
             Event::MaxConns(id) => Input::MaxConns { id },
+            Event::Misbehaving(id) => Input::Misbehaving { id },
             Event::Reclaimed(..) => return,
             Event::Drained => Input::Drained,
         };
@@ -854,6 +946,8 @@ impl Supervisor {
         let Some(p) = self.procs.iter().find(|p| p.id == id) else {
             return;
         };
+        // Whatever the worker left running in its process group goes with it.
+        tree::kill_leftovers(p.pid);
         let status = match sys::waitpid_nohang(p.pid) {
             Ok(Some(status)) => status,
             Ok(None) => return,
@@ -893,26 +987,21 @@ impl Supervisor {
     }
 
     fn read_notify(&mut self, id: WorkerId) {
-        let Some(p) = self.procs.iter().find(|p| p.id == id) else {
+        let Some(p) = self.procs.iter_mut().find(|p| p.id == id) else {
             return;
         };
-        let mut lines = Vec::new();
-        if let Some(sock) = &p.notify {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = sock.recv(&mut buf) {
-                lines.push(String::from_utf8_lossy(&buf[..n]).into_owned());
-            }
-        }
         let (slot, pid) = (p.slot, p.pid);
-        for msg in lines {
-            for line in msg.lines() {
-                if line == "READY=1" {
-                    self.feed(Input::Ready { id, how: "READY=1" });
-                } else if line == "STOPPING=1" {
-                    self.feed(Input::Stopping { id });
-                } else if let Some(status) = line.strip_prefix("STATUS=") {
-                    info!("worker {slot} (pid {pid}) status: {status}");
-                }
+        let (notices, more) = match &mut p.notify {
+            Some(sock) => sock.read(pid, slot),
+            None => return,
+        };
+        if more && !self.notify_backlog.contains(&id) {
+            self.notify_backlog.push(id);
+        }
+        for notice in notices {
+            match notice {
+                Notice::Ready => self.feed(Input::Ready { id, how: "READY=1" }),
+                Notice::Stopping => self.feed(Input::Stopping { id }),
             }
         }
     }
@@ -964,6 +1053,16 @@ fn base_environment() -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// The `execve` failure inside a spawn error, if that is what it is.
+fn exec_failure(e: &anyhow::Error) -> Option<crate::sys::spawn::SpawnError> {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<io::Error>())
+        .filter_map(|io| io.get_ref())
+        .filter_map(|inner| inner.downcast_ref::<crate::sys::spawn::SpawnError>())
+        .find(|s| s.is_exec())
+        .copied()
+}
+
 /// Deterministic per-worker jitter in 0..=max (no RNG dependency for one number).
 fn jitter(max: u64, id: WorkerId) -> u64 {
     if max == 0 {
@@ -973,20 +1072,38 @@ fn jitter(max: u64, id: WorkerId) -> u64 {
     x ^= x >> 33;
     x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
     x ^= x >> 33;
-    x % (max + 1)
+    match max.checked_add(1) {
+        Some(modulus) => x % modulus,
+        // 0..=u64::MAX: every value is in range.
+        None => x,
+    }
 }
 
 impl Drop for Supervisor {
     fn drop(&mut self) {
         // On an error return, leave no worker behind.
         for p in &self.procs {
-            let _ = sys::kill(p.pid, libc::SIGKILL);
+            tree::signal(p.pid, libc::SIGKILL);
         }
         for p in &self.procs {
             let _ = sys::waitpid_blocking(p.pid);
         }
         if let Some(a) = self.acceptor.take() {
             a.shutdown();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_in_range_up_to_u64_max() {
+        for id in 0..64 {
+            assert!(jitter(3, id) <= 3);
+            assert_eq!(jitter(0, id), 0);
+            let _ = jitter(u64::MAX, id);
         }
     }
 }
