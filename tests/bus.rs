@@ -574,3 +574,20 @@ fn a_rust_worker_whose_loop_blocks_misses_heartbeats_and_is_replaced_without_los
             .all(|r| r.as_ref().is_ok_and(|r| r.status == 200))
     );
 }
+
+#[test]
+fn an_agent_that_never_gets_ready_fails_the_start_with_exit_1() {
+    let mut cluster = TestCluster::spawn(&["-w", "2", "--agent", "sh -c 'exit 3'"]);
+    let status = cluster.wait_exit(DEADLINE);
+    assert_eq!(status.code(), Some(1), "{}", cluster.log_lines().join("\n"));
+    assert_eq!(
+        cluster.log_count("AGENT EXITED"),
+        4,
+        "restarted with backoff"
+    );
+    assert!(cluster.log_contains("AGENT FAILED: it exited 5 times"));
+    assert!(
+        !cluster.log_contains("worker 0 started"),
+        "no worker without an agent"
+    );
+}
