@@ -94,6 +94,8 @@ pub struct SpawnContext<'a> {
     pub bus: &'a BusHandle,
     /// The private directory of the notify sockets.
     pub runtime: Option<&'a RuntimeDir>,
+    /// `--user`/`--group`: the agent drops privileges like the workers.
+    pub credentials: Option<&'a crate::sys::Credentials>,
     /// Readiness by delay.
     pub ready_delay: Option<Duration>,
     /// Limit for readiness.
@@ -167,6 +169,7 @@ impl Agent {
             fds: &[],
             cpus: None,
             die_with_parent: true,
+            credentials: ctx.credentials,
         })
         .with_context(|| format!("failed to run the agent {}", program.display()))?;
         let pid = spawned.pid;

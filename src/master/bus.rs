@@ -238,13 +238,31 @@ fn private_dir() -> io::Result<PathBuf> {
 }
 
 /// Binds the bus in a new private directory and starts its thread. Events go to `events`,
-/// followed by a wake of `supervisor_waker`.
-pub fn spawn(events: Sender<BusEvent>, supervisor_waker: Arc<Waker>) -> io::Result<BusHandle> {
+/// followed by a wake of `supervisor_waker`. `children`: the uid and gid the workers and the
+/// agent run as when the master drops privileges for them (`--user`/`--group`): the directory
+/// becomes searchable and the socket writable by that group only (0710 and 0660, group
+/// `gid`), and connections from that uid are accepted besides ours and root's.
+pub fn spawn(
+    events: Sender<BusEvent>,
+    supervisor_waker: Arc<Waker>,
+    children: Option<(Option<u32>, u32)>,
+) -> io::Result<BusHandle> {
+    use std::os::unix::fs::PermissionsExt;
     let dir = private_dir()?;
     let path = dir.join(SOCKET_FILE);
-    let listener = match UnixListener::bind(&path) {
+    let bound = UnixListener::bind(&path).and_then(|l| {
+        if let Some((_, gid)) = children {
+            std::os::unix::fs::chown(&dir, None, Some(gid))?;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o710))?;
+            std::os::unix::fs::chown(&path, None, Some(gid))?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660))?;
+        }
+        Ok(l)
+    });
+    let listener = match bound {
         Ok(l) => l,
         Err(e) => {
+            let _ = std::fs::remove_file(&path);
             let _ = std::fs::remove_dir(&dir);
             return Err(e);
         }
@@ -259,6 +277,7 @@ pub fn spawn(events: Sender<BusEvent>, supervisor_waker: Arc<Waker>) -> io::Resu
         events,
         supervisor_waker,
         uid: sys::geteuid(),
+        child_uid: children.and_then(|(uid, _)| uid),
         registered: HashMap::new(),
         current: HashMap::new(),
         conns: HashMap::new(),
@@ -318,6 +337,8 @@ struct Bus {
     events: Sender<BusEvent>,
     supervisor_waker: Arc<Waker>,
     uid: u32,
+    /// The uid the children run as, if the master drops privileges for them.
+    child_uid: Option<u32>,
     registered: HashMap<Pid, Registered>,
     /// Slot → the pid of its current (latest registered) worker.
     current: HashMap<usize, Pid>,
@@ -429,8 +450,11 @@ impl Bus {
 
     /// Which registered child `pid` speaks for: itself or its nearest registered ancestor.
     fn authenticate(&self, pid: Pid, uid: u32) -> Auth {
-        if uid != self.uid && uid != 0 {
-            return Auth::Refused(format!("uid {uid} is neither ours ({}) nor root", self.uid));
+        if uid != self.uid && uid != 0 && Some(uid) != self.child_uid {
+            return Auth::Refused(format!(
+                "uid {uid} is neither ours ({}), the workers' nor root",
+                self.uid
+            ));
         }
         let mut p = pid;
         for _ in 0..MAX_ANCESTRY {
@@ -828,7 +852,7 @@ mod tests {
         let poll = Poll::new().unwrap();
         let sup_waker = Arc::new(Waker::new(poll.registry(), Token(0)).unwrap());
         let (tx, rx) = crossbeam_channel::unbounded();
-        let bus = spawn(tx, sup_waker).unwrap();
+        let bus = spawn(tx, sup_waker, None).unwrap();
         let me = sys::getpid();
         let mode = std::fs::metadata(bus.path().parent().unwrap()).unwrap();
         assert_eq!(

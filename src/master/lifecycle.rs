@@ -64,6 +64,8 @@ pub struct Settings {
     pub drain_channels_on_stop: bool,
     /// The drain signal's name, for logs.
     pub drain_signal: &'static str,
+    /// The stop signal's name (`--stop-signal`), for logs.
+    pub stop_signal: &'static str,
 }
 
 /// Where a worker process is in its life.
@@ -189,7 +191,8 @@ struct ReloadRun {
 pub enum Sig {
     /// `--drain-signal`: finish what you have, take nothing new, exit.
     Drain,
-    /// The stop signal (SIGTERM), sent to every worker when the master stops.
+    /// The stop signal (`--stop-signal`, SIGTERM by default), sent to every worker when the
+    /// master stops.
     Stop,
     /// SIGKILL.
     Kill,
@@ -269,7 +272,7 @@ pub enum Input {
     ScaleUp,
     /// SIGTTOU: one slot fewer.
     ScaleDown,
-    /// SIGTERM/SIGINT: stop (a second one kills at once).
+    /// SIGTERM/SIGINT/SIGQUIT: stop (a second one kills at once).
     Stop {
         /// The signal's name, for the log.
         signal: &'static str,
@@ -929,6 +932,7 @@ impl Lifecycle {
             return;
         }
         let grace = self.settings.grace;
+        let stop_signal = self.settings.stop_signal;
         self.reload = None;
         self.replacements.clear();
         for w in &mut self.workers {
@@ -943,7 +947,7 @@ impl Lifecycle {
             let drain_for = grace / 2;
             info!(
                 "{signal}: stopping; no new connections; workers get up to {drain_for:?} to take \
-                 what is queued for them, then SIGTERM, and SIGKILL after {grace:?}"
+                 what is queued for them, then {stop_signal}, and SIGKILL after {grace:?}"
             );
             self.out.push(Action::StopAccepting { drain_for });
             self.phase = Phase::Stopping {
@@ -951,7 +955,7 @@ impl Lifecycle {
                 kill_at,
             };
         } else {
-            info!("{signal}: stopping; workers get SIGTERM and {grace:?} to exit");
+            info!("{signal}: stopping; workers get {stop_signal} and {grace:?} to exit");
             self.phase = Phase::Stopping {
                 signal_at: Some(now),
                 kill_at,
@@ -1139,6 +1143,7 @@ mod tests {
             max_rss: None,
             drain_channels_on_stop: true,
             drain_signal: "SIGTERM",
+            stop_signal: "SIGTERM",
         }
     }
 

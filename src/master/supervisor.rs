@@ -27,12 +27,15 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use rcluster_proto::Mode;
 use rcluster_proto::env::{ChildEnv, Role};
-use signal_hook::consts::signal::{SIGHUP, SIGINT, SIGTERM, SIGTTIN, SIGTTOU, SIGUSR1};
+use signal_hook::consts::signal::{
+    SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGTTIN, SIGTTOU, SIGUSR1,
+};
 use signal_hook_mio::v1_0::Signals;
 use socket2::Socket;
 
 use crate::cli::{Config, Pin};
 use crate::master::acceptor::{self, AcceptorHandle, ChannelEnds, Command, Event};
+use crate::master::activation::{Activated, ListenerSource};
 use crate::master::agent::{self, Agent, AgentEvent};
 use crate::master::bus::{self, BusCommand, BusEvent, BusHandle, Peer};
 use crate::master::diagnose;
@@ -42,7 +45,7 @@ use crate::master::lifecycle::{
 };
 use crate::master::notify::{Notice, NotifySocket, RuntimeDir};
 use crate::master::probe::{self, ProbeResult, ProbeSpec, Probes};
-use crate::master::shim::find_shim;
+use crate::master::service_notify::ServiceNotifier;
 use crate::master::stall::{self, QueueWatch};
 use crate::master::{listener, tree};
 use crate::sys::spawn::{SpawnSpec, spawn};
@@ -58,6 +61,7 @@ macro_rules! agent_ctx {
             addrs: &$sup.addrs,
             bus: &$sup.bus,
             runtime: $sup.runtime.as_ref(),
+            credentials: $sup.config.credentials.as_ref(),
             ready_delay: $sup.config.ready_delay,
             ready_timeout: $sup.config.ready_timeout,
             grace: $sup.config.grace,
@@ -93,10 +97,10 @@ struct SlotIo {
     watches: Vec<QueueWatch>,
 }
 
-/// Runs the cluster until shutdown. Returns an error (exit code 1) if it cannot start or if no
-/// worker can run at all.
-pub fn run(config: Config) -> anyhow::Result<()> {
-    let mut sup = Supervisor::new(config)?;
+/// Runs the cluster until shutdown, with the listeners socket activation passed (if any).
+/// Returns an error (exit code 1) if it cannot start or if no worker can run at all.
+pub fn run(config: Config, activated: Activated) -> anyhow::Result<()> {
+    let mut sup = Supervisor::new(config, activated)?;
     sup.start()?;
     sup.run_loop()
 }
@@ -141,6 +145,8 @@ struct Supervisor {
     bus_events: Receiver<BusEvent>,
     /// `--agent`.
     agent: Option<Agent>,
+    /// What the agent module answered where no error can be returned (SIGCHLD reaping).
+    pending_agent_event: Option<AgentEvent>,
     /// [`Input::Start`] was fed (with an agent: once it was first ready).
     workers_started: bool,
     /// `--heartbeat-timeout`.
@@ -151,29 +157,46 @@ struct Supervisor {
     probe_tx: crossbeam_channel::Sender<ProbeResult>,
     /// Whether a worker exiting before it was ready has been explained (diagnose.rs; once).
     early_exit_explained: bool,
+    /// The master's own service manager (NOTIFY_SOCKET), if any.
+    service: ServiceNotifier,
+    /// `--shutdown-delay`: when the deferred stop begins, and the signal that asked for it.
+    delayed_stop: Option<(Instant, &'static str)>,
 }
 
 impl Supervisor {
-    fn new(config: Config) -> anyhow::Result<Self> {
+    fn new(config: Config, activated: Activated) -> anyhow::Result<Self> {
         let mode = config.policy.mode();
         let poll = Poll::new().context("failed to create the supervisor's poll")?;
-        let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP, SIGTTIN, SIGTTOU, SIGUSR1])
-            .context("failed to install signal handlers")?;
+        let mut signals = Signals::new([
+            SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGTTIN, SIGTTOU, SIGUSR1, SIGCHLD,
+        ])
+        .context("failed to install signal handlers")?;
+        // Orphaned descendants of the workers come to the master, which reaps them (as PID 1
+        // in a container it gets every orphan anyway).
+        if let Err(e) = sys::set_child_subreaper() {
+            warn!("cannot become a child subreaper: {e}");
+        }
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let (events_tx, events) = crossbeam_channel::unbounded();
         let (bus_tx, bus_events) = crossbeam_channel::unbounded();
         let (probe_tx, probe_results) = crossbeam_channel::unbounded();
-        let bus =
-            bus::spawn(bus_tx, Arc::clone(&waker)).context("failed to start the message bus")?;
+        let children = config.credentials.as_ref().map(|c| (c.uid, c.gid));
+        let bus = bus::spawn(bus_tx, Arc::clone(&waker), children)
+            .context("failed to start the message bus")?;
 
         // Bind every listener now, so a port in use fails before any worker starts.
         let mut sockets = Vec::new();
         let mut addrs = Vec::new();
-        for &addr in &config.listen {
-            let socket = listener::bind_listener(addr, mode == Mode::Reuseport)
-                .with_context(|| format!("failed to bind {addr}"))?;
+        for source in activated.assign(&config.listen, config.listen_explicit) {
+            let socket = match source {
+                ListenerSource::Inherited(socket) => socket,
+                ListenerSource::Bind(addr) => {
+                    listener::bind_listener(addr, mode == Mode::Reuseport)
+                        .with_context(|| format!("failed to bind {addr}"))?
+                }
+            };
             let bound = listener::local_addr(&socket)?;
             info!("listening on {bound}");
             addrs.push(bound);
@@ -196,11 +219,7 @@ impl Supervisor {
             }
         }
 
-        let preload = if config.preload && !config.command.builtin {
-            find_shim()
-        } else {
-            None
-        };
+        let preload = config.preload.clone();
         let lifecycle = Lifecycle::new(Settings {
             workers: config.workers,
             grace: config.grace,
@@ -210,6 +229,7 @@ impl Supervisor {
             max_rss: config.max_rss,
             drain_channels_on_stop: mode == Mode::Dispatch,
             drain_signal: sys::signal_name(config.drain_signal),
+            stop_signal: sys::signal_name(config.stop_signal),
         });
         Ok(Supervisor {
             base_env: base_environment(),
@@ -234,6 +254,7 @@ impl Supervisor {
             bus,
             bus_events,
             agent: config.agent.clone().map(Agent::new),
+            pending_agent_event: None,
             workers_started: false,
             heartbeats: config.heartbeat_timeout.map(Heartbeats::new),
             probes: config.health_check.as_ref().map(|h| {
@@ -250,6 +271,8 @@ impl Supervisor {
                 .ok(),
             next_queue_sample: (mode == Mode::Reuseport).then(Instant::now),
             notify_backlog: Vec::new(),
+            service: ServiceNotifier::from_env(),
+            delayed_stop: None,
             config,
         })
     }
@@ -327,6 +350,8 @@ impl Supervisor {
                 todo.extend(self.lifecycle.handle(Instant::now(), more));
             }
         }
+        self.service
+            .observe(&self.lifecycle, &self.config.policy.to_string());
     }
 
     /// Carries out one action; returns the input it produces, if any.
@@ -375,7 +400,7 @@ impl Supervisor {
             Action::Signal(id, sig) => {
                 let signal = match sig {
                     Sig::Drain => self.config.drain_signal,
-                    Sig::Stop => libc::SIGTERM,
+                    Sig::Stop => self.config.stop_signal,
                     Sig::Kill => libc::SIGKILL,
                 };
                 if let Some(p) = self.procs.iter().find(|p| p.id == id) {
@@ -463,6 +488,9 @@ impl Supervisor {
             ipc: self.bus.path().to_str(),
         };
         env.extend(contract.entries().into_iter().map(String::into_bytes));
+        // PM2 apps read their instance number here.
+        env.retain(|e| !e.starts_with(b"NODE_APP_INSTANCE="));
+        env.push(format!("NODE_APP_INSTANCE={slot}").into_bytes());
         if let Some(shim) = &self.preload {
             let mut v = b"LD_PRELOAD=".to_vec();
             v.extend_from_slice(shim.as_os_str().as_bytes());
@@ -484,6 +512,7 @@ impl Supervisor {
             fds: &fds,
             cpus: self.slots[slot].cpus,
             die_with_parent: true,
+            credentials: self.config.credentials.as_ref(),
         })
         .with_context(|| format!("failed to run {}", program.display()))?;
         drop(fds);
@@ -596,6 +625,8 @@ impl Supervisor {
                     a.next_deadline(self.config.ready_delay, self.config.ready_timeout)
                 }),
                 self.next_queue_sample,
+                self.service.next_deadline(),
+                self.delayed_stop.map(|(t, _)| t),
             ]
             .into_iter()
             .flatten()
@@ -639,9 +670,18 @@ impl Supervisor {
             while let Ok(ev) = self.events.try_recv() {
                 self.on_event(ev);
             }
+            self.service.on_timer(Instant::now());
+            if let Some((at, signal)) = self.delayed_stop
+                && Instant::now() >= at
+            {
+                self.delayed_stop = None;
+                self.feed(Input::Stop { signal });
+            }
             while let Ok(ev) = self.bus_events.try_recv() {
                 self.on_bus_event(ev)?;
             }
+            let ev = self.pending_agent_event.take();
+            self.on_agent_event(ev)?;
             {
                 let ctx = agent_ctx!(self);
                 let ev = self
@@ -727,17 +767,20 @@ impl Supervisor {
 
     fn on_signal(&mut self, sig: i32) {
         match sig {
-            SIGTERM | SIGINT => {
+            SIGTERM | SIGINT | SIGQUIT => {
                 if self.lifecycle.phase() != Phase::Running
                     && let Some(a) = &mut self.agent
                 {
                     // A second stop signal kills at once, the agent too.
                     a.kill();
                 }
-                self.feed(Input::Stop {
-                    signal: sys::signal_name(sig),
-                });
+                let signal = sys::signal_name(sig);
+                if !self.delay_stop(signal) {
+                    self.delayed_stop = None;
+                    self.feed(Input::Stop { signal });
+                }
             }
+            SIGCHLD => self.reap_exited(),
             SIGHUP if self.agent.is_some() && self.lifecycle.phase() == Phase::Running => {
                 // The agent is reloaded first; the workers' reload starts once it is ready.
                 let generation = self.lifecycle.generation() + 1;
@@ -754,6 +797,65 @@ impl Supervisor {
             SIGTTOU => self.feed(Input::ScaleDown),
             SIGUSR1 => self.log_status(),
             _ => {}
+        }
+    }
+
+    /// `--shutdown-delay`: the first stop signal only schedules the stop (everything keeps
+    /// serving meanwhile); a second one during the delay starts it at once. Returns whether
+    /// the stop was deferred.
+    fn delay_stop(&mut self, signal: &'static str) -> bool {
+        let delay = self.config.shutdown_delay;
+        let running = self.lifecycle.phase() == crate::master::lifecycle::Phase::Running;
+        if delay.is_zero() || self.delayed_stop.is_some() || !running {
+            return false;
+        }
+        info!("{signal}: still serving for --shutdown-delay {delay:?}, then stopping");
+        self.service.stopping(&format!("stopping in {delay:?}"));
+        self.delayed_stop = Some((Instant::now() + delay, signal));
+        true
+    }
+
+    /// Reaps every exited child: a worker through [`Self::reap`] (so its exit is handled like
+    /// one its pidfd reported), anything else — an orphan re-parented to the master as PID 1
+    /// or subreaper — directly, so no zombie is left.
+    fn reap_exited(&mut self) {
+        // Bounded: each pass reaps the child it peeked.
+        for _ in 0..4096 {
+            let pid = match sys::waitid_peek_exited() {
+                Ok(Some(pid)) => pid,
+                Ok(None) => return,
+                Err(e) => {
+                    warn!("waitid failed: {e}");
+                    return;
+                }
+            };
+            if self.agent.as_ref().and_then(Agent::pid) == Some(pid) {
+                // The agent: reaped by its own module, which decides what comes next.
+                let ctx = agent_ctx!(self);
+                let ev = self.agent.as_mut().and_then(|a| a.on_exit(&ctx));
+                self.pending_agent_event = ev.or(self.pending_agent_event);
+                if self.agent.as_ref().and_then(Agent::pid) == Some(pid) {
+                    let _ = sys::waitpid_nohang(pid);
+                }
+                continue;
+            }
+            if let Some(id) = self.procs.iter().find(|p| p.pid == pid).map(|p| p.id) {
+                self.reap(id);
+                if self.procs.iter().any(|p| p.pid == pid) {
+                    // Not collected by reap() (its waitpid failed): take it here so the loop
+                    // moves on.
+                    let _ = sys::waitpid_nohang(pid);
+                }
+                continue;
+            }
+            match sys::waitpid_nohang(pid) {
+                Ok(Some(status)) => log::debug!("reaped orphan {pid}: {status}"),
+                Ok(None) => return,
+                Err(e) => {
+                    warn!("waitpid({pid}) failed: {e}");
+                    return;
+                }
+            }
         }
     }
 

@@ -4,6 +4,9 @@
 
 pub mod scm;
 pub mod spawn;
+mod user;
+
+pub use user::Credentials;
 
 use std::io;
 use std::mem::MaybeUninit;
@@ -218,6 +221,43 @@ pub fn waitpid_blocking(pid: Pid) -> io::Result<ExitStatus> {
     }
 }
 
+/// The pid of some exited, not yet reaped child, left unreaped (`waitid(P_ALL, WEXITED |
+/// WNOHANG | WNOWAIT)`): the caller decides who reaps it, so a worker's exit is never taken
+/// from the code that reaps workers. `Ok(None)` when no child has exited (or there is none).
+pub fn waitid_peek_exited() -> io::Result<Option<Pid>> {
+    // SAFETY: siginfo_t is plain data for waitid to fill; zeroed, si_pid reads 0 if nothing
+    // has exited (waitid(2): WNOHANG).
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: info is valid storage.
+    match syscall!(waitid(
+        libc::P_ALL,
+        0,
+        &mut info,
+        libc::WEXITED | libc::WNOHANG | libc::WNOWAIT
+    )) {
+        Ok(_) => {}
+        Err(e) if e.raw_os_error() == Some(libc::ECHILD) => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    // SAFETY: waitid filled info for a child state change (or left it zeroed).
+    let pid = unsafe { info.si_pid() };
+    Ok((pid != 0).then_some(pid))
+}
+
+/// `prctl(PR_SET_CHILD_SUBREAPER)`: orphaned descendants are re-parented to this process
+/// instead of to init, so it can reap them (what PID 1 in a container must do anyway).
+pub fn set_child_subreaper() -> io::Result<()> {
+    // SAFETY: prctl with integer arguments.
+    syscall!(prctl(
+        libc::PR_SET_CHILD_SUBREAPER,
+        1 as libc::c_ulong,
+        0,
+        0,
+        0
+    ))?;
+    Ok(())
+}
+
 fn decode_wait_status(status: libc::c_int) -> ExitStatus {
     if libc::WIFSIGNALED(status) {
         ExitStatus::Signaled(libc::WTERMSIG(status))
@@ -237,6 +277,24 @@ pub fn kill(pid: Pid, sig: libc::c_int) -> io::Result<()> {
 pub fn getpid() -> Pid {
     // SAFETY: getpid cannot fail.
     unsafe { libc::getpid() }
+}
+
+/// `CLOCK_MONOTONIC` in microseconds (`clock_gettime(2)`): the clock sd_notify's
+/// `MONOTONIC_USEC=` is read against.
+pub fn monotonic_usec() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is valid storage; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000 + (ts.tv_nsec as u64) / 1_000
+}
+
+/// `geteuid(2)`.
+pub fn geteuid() -> libc::uid_t {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() }
 }
 
 /// Short name of a signal number (`SIGTERM`), for logs.
@@ -498,7 +556,7 @@ pub fn killpg(pgid: Pid, sig: libc::c_int) -> io::Result<()> {
 /// `SO_PASSCRED` set: the kernel fills in the sender's real pid, uid and gid, which an
 /// unprivileged sender cannot forge.
 #[derive(Debug, Clone, Copy)]
-pub struct Credentials {
+pub struct PeerCredentials {
     /// Sender's process id (0 if the kernel attached none).
     pub pid: Pid,
     /// Sender's user id.
@@ -513,7 +571,7 @@ pub struct Credentials {
 pub fn recv_with_credentials(
     sock: BorrowedFd<'_>,
     buf: &mut [u8],
-) -> io::Result<(usize, Option<Credentials>)> {
+) -> io::Result<(usize, Option<PeerCredentials>)> {
     #[repr(C, align(8))]
     struct Cmsg([u8; 128]);
     let mut iov = libc::iovec {
@@ -547,7 +605,7 @@ pub fn recv_with_credentials(
                     && len >= std::mem::size_of::<libc::ucred>()
                 {
                     let u = std::ptr::read_unaligned(data.cast::<libc::ucred>());
-                    creds = Some(Credentials {
+                    creds = Some(PeerCredentials {
                         pid: u.pid,
                         uid: u.uid,
                         gid: u.gid,
@@ -580,12 +638,6 @@ pub fn listen_queue_len(fd: BorrowedFd<'_>) -> io::Result<u32> {
         &mut len
     ))?;
     Ok(info.tcpi_unacked)
-}
-
-/// `geteuid(2)`.
-pub fn geteuid() -> u32 {
-    // SAFETY: geteuid cannot fail.
-    unsafe { libc::geteuid() }
 }
 
 /// Whether our child `pid` has exited, without reaping it (`waitid(P_PID, WEXITED | WNOHANG |
