@@ -10,9 +10,11 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use thiserror::Error;
 
+use crate::master::probe::ProbeSpec;
 use crate::policy::PolicyKind;
 use crate::sys;
 use crate::topology;
+use rcluster_proto::Mode;
 
 pub use crate::policy::MAX_WORKERS;
 /// At most this many `--listen` addresses (one bit each in the load table, one fd each).
@@ -137,6 +139,35 @@ pub struct Args {
     /// is served by the others.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
     pub stall_timeout: Duration,
+
+    /// Run CMD (one command line, split into words like a shell does, without a shell) as the
+    /// agent: one process beside the workers that serves no connections. It starts first; the
+    /// workers start once it is ready.
+    #[arg(long, value_name = "CMD")]
+    pub agent: Option<String>,
+
+    /// Replace a worker that sent a heartbeat on the message bus and then sent none for this
+    /// long (workers that never send one are not checked).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub heartbeat_timeout: Option<Duration>,
+
+    /// Active health checks (dispatch mode): every --health-interval send each ready worker a
+    /// probe connection with this request ('METHOD /path'); a worker that fails --health-fails
+    /// in a row (no 2xx within --health-timeout) is replaced.
+    #[arg(long, value_name = "'METHOD /PATH'")]
+    pub health_check: Option<String>,
+
+    /// Period of the active health checks.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub health_interval: Duration,
+
+    /// How long a worker has to answer a health check.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub health_timeout: Duration,
+
+    /// Failed health checks in a row that replace a worker.
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    pub health_fails: u32,
 
     /// The server to run as each worker, and its arguments.
     #[arg(last = true, value_name = "COMMAND")]
@@ -277,6 +308,23 @@ pub struct Config {
     pub max_rss: Option<u64>,
     /// Replace a worker that takes nothing from a non-empty queue this long.
     pub stall_timeout: Duration,
+    /// The agent's command line, split into words.
+    pub agent: Option<WorkerCommand>,
+    /// Replace a worker whose bus heartbeats stop for this long.
+    pub heartbeat_timeout: Option<Duration>,
+    /// `--health-check` and its settings.
+    pub health_check: Option<HealthCheck>,
+}
+
+/// Active health checks, validated.
+#[derive(Debug, Clone)]
+pub struct HealthCheck {
+    /// The request and the timeout.
+    pub spec: ProbeSpec,
+    /// Probe period.
+    pub interval: Duration,
+    /// Failures in a row that replace a worker.
+    pub fails: u32,
 }
 
 impl Args {
@@ -438,6 +486,55 @@ impl Args {
             },
         };
         command.resolve().map_err(usage)?;
+        let agent = match &self.agent {
+            None => None,
+            Some(line) => {
+                let words = shell_words::split(line)
+                    .map_err(|e| usage(format!("--agent {line:?}: {e}")))?;
+                let Some((program, args)) = words.split_first() else {
+                    return Err(usage("--agent: empty command"));
+                };
+                let agent = WorkerCommand {
+                    program: program.into(),
+                    args: args.iter().map(OsString::from).collect(),
+                    builtin: false,
+                };
+                agent
+                    .resolve()
+                    .map_err(|e| usage(format!("--agent: {e}")))?;
+                Some(agent)
+            }
+        };
+        let health_check = match &self.health_check {
+            None => None,
+            Some(check) => {
+                if self.policy.mode() != Mode::Dispatch {
+                    return Err(usage(format!(
+                        "--health-check needs a dispatch policy (the master cannot choose which \
+                         worker a connection reaches in {} mode); use --heartbeat-timeout there",
+                        self.policy.mode()
+                    )));
+                }
+                if self.health_interval.is_zero() || self.health_timeout.is_zero() {
+                    return Err(usage(
+                        "--health-interval and --health-timeout must be greater than 0",
+                    ));
+                }
+                if self.health_fails == 0 {
+                    return Err(usage("--health-fails must be at least 1"));
+                }
+                let spec = ProbeSpec::parse(check, self.health_timeout)
+                    .map_err(|e| usage(format!("--health-check: {e}")))?;
+                Some(HealthCheck {
+                    spec,
+                    interval: self.health_interval,
+                    fails: self.health_fails,
+                })
+            }
+        };
+        if self.heartbeat_timeout.is_some_and(|d| d.is_zero()) {
+            return Err(usage("--heartbeat-timeout must be greater than 0"));
+        }
         let preload = if self.no_preload || command.builtin {
             None
         } else {
@@ -465,6 +562,9 @@ impl Args {
             max_conns_jitter: self.max_conns_jitter,
             max_rss: self.max_rss.map(|s| s.as_u64()),
             stall_timeout: self.stall_timeout,
+            agent,
+            heartbeat_timeout: self.heartbeat_timeout,
+            health_check,
         })
     }
 }
@@ -570,6 +670,19 @@ mod tests {
         std::fs::remove_file(&plain).unwrap();
         assert!(not_exec.contains("not executable"), "{not_exec}");
         assert!(msg(&["--drain-signal", "BOGUS"]).contains("BOGUS"));
+        assert!(msg(&["--agent", "sh -c 'unterminated"]).contains("--agent"));
+        assert!(msg(&["--agent", ""]).contains("empty command"));
+        assert!(msg(&["--agent", "/no/such/agent x"]).contains("command not found"));
+        assert!(msg(&["--heartbeat-timeout", "0s"]).contains("greater than 0"));
+        assert!(msg(&["--health-check", "GET /h", "-p", "shared"]).contains("dispatch policy"));
+        assert!(msg(&["--health-check", "nope nope nope"]).contains("--health-check"));
+        assert!(msg(&["--health-check", "/h", "--health-fails", "0"]).contains("at least 1"));
+        assert!(
+            config(&["--health-check", "/healthz"])
+                .unwrap()
+                .health_check
+                .is_some()
+        );
         assert!(msg(&["--stop-signal", "NOPE"]).contains("NOPE"));
         if sys::geteuid() == 0 {
             assert!(msg(&["--user", "no-such-user-here"]).contains("no-such-user-here"));
@@ -578,6 +691,21 @@ mod tests {
             assert!(msg(&["--user", "nobody"]).contains("run as root"));
         }
         assert!(msg(&["-l", "[::]:7001", "-l", "0.0.0.0:7001"]).contains("dual-stack"));
+    }
+
+    #[test]
+    fn agent_is_split_like_a_shell_without_one() {
+        let c = config(&["--agent", "sh -c 'echo \"a b\"; exit 0' $HOME"]).unwrap();
+        let agent = c.agent.unwrap();
+        assert_eq!(agent.program, "sh");
+        assert_eq!(
+            agent.args,
+            vec![
+                OsString::from("-c"),
+                "echo \"a b\"; exit 0".into(),
+                "$HOME".into()
+            ]
+        );
     }
 
     /// Arbitrary command lines built from every option name and values that stress parsing

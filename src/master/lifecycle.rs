@@ -241,6 +241,14 @@ pub enum Input {
         /// The worker.
         id: WorkerId,
     },
+    /// A health check failed the worker: its heartbeats on the message bus stopped for
+    /// `--heartbeat-timeout`, or it failed `--health-fails` active probes in a row.
+    Unhealthy {
+        /// The worker.
+        id: WorkerId,
+        /// Which check, for the log.
+        why: &'static str,
+    },
     /// The worker was handed its `--max-conns` connections.
     MaxConns {
         /// The worker.
@@ -418,6 +426,7 @@ impl Lifecycle {
             Input::MaxConns { id } => {
                 self.replace(now, id, Reason::Recycle, "it reached --max-conns")
             }
+            Input::Unhealthy { id, why } => self.replace(now, id, Reason::Recycle, why),
             Input::Misbehaving { id } => {
                 self.replace(now, id, Reason::Recycle, "it broke the channel protocol")
             }
@@ -1785,6 +1794,16 @@ mod tests {
             h.input(Input::Stalled { id: 1 }).is_empty(),
             "draining: nothing more"
         );
+    }
+
+    #[test]
+    fn an_unhealthy_worker_is_replaced_like_a_stalled_one() {
+        let mut h = Harness::running(2);
+        let a = h.input(Input::Unhealthy { id: 1, why: "test" });
+        assert_eq!(spawns(&a), [(2, 1)]);
+        assert_eq!(h.state(1), Some(WorkerState::Ready));
+        let a = h.ready(2);
+        assert!(a.contains(&Action::Close(1)) && a.contains(&Action::Signal(1, Sig::Drain)));
     }
 
     #[test]

@@ -7,15 +7,21 @@
 //! acceptor and the supervisor call into: [`notify`] (the workers' authenticated
 //! `NOTIFY_SOCKET`s), [`stall`] (workers that stop taking connections), [`accounting`]
 //! (per-worker counts a worker cannot lie to), [`tree`] (a worker's process group) and
-//! [`ratelimit`] (bounded logging of what others can trigger).
+//! [`ratelimit`] (bounded logging of what others can trigger). Beside the workers: the message
+//! [`bus`] (its own thread), the [`agent`] process, the heartbeat [`health`] checks and the
+//! active [`probe`]s.
 
 pub mod acceptor;
 pub mod accounting;
 pub mod activation;
+pub mod agent;
+pub mod bus;
 pub mod diagnose;
+pub mod health;
 pub mod lifecycle;
 pub mod listener;
 pub mod notify;
+pub mod probe;
 pub mod ratelimit;
 pub mod service_notify;
 pub mod shim;

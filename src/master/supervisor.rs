@@ -32,7 +32,7 @@ use log::{error, info, warn};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use rcluster_proto::Mode;
-use rcluster_proto::env::ChildEnv;
+use rcluster_proto::env::{ChildEnv, Role};
 use signal_hook::consts::signal::{
     SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGTTIN, SIGTTOU, SIGUSR1,
 };
@@ -42,16 +42,38 @@ use socket2::Socket;
 use crate::cli::{Config, Pin};
 use crate::master::acceptor::{self, AcceptorHandle, ChannelEnds, Command, Event};
 use crate::master::activation::{Activated, ListenerSource};
+use crate::master::agent::{self, Agent, AgentEvent};
+use crate::master::bus::{self, BusCommand, BusEvent, BusHandle, Peer};
 use crate::master::diagnose;
+use crate::master::health::Heartbeats;
 use crate::master::lifecycle::{
     Action, Input, Lifecycle, Phase, Settings, Sig, WorkerId, WorkerState,
 };
 use crate::master::notify::{Notice, NotifySocket, RuntimeDir};
+use crate::master::probe::{self, ProbeResult, ProbeSpec, Probes};
 use crate::master::service_notify::ServiceNotifier;
 use crate::master::stall::{self, QueueWatch};
 use crate::master::{listener, tree};
 use crate::sys::spawn::{SpawnSpec, spawn};
 use crate::sys::{self, CpuSet, ExitStatus, Pid};
+
+/// What the agent module needs to spawn and reap, borrowed field by field so the agent
+/// itself (another field) can be borrowed mutably beside it.
+macro_rules! agent_ctx {
+    ($sup:expr) => {
+        agent::SpawnContext {
+            registry: $sup.poll.registry(),
+            base_env: &$sup.base_env,
+            addrs: &$sup.addrs,
+            bus: &$sup.bus,
+            runtime: $sup.runtime.as_ref(),
+            credentials: $sup.config.credentials.as_ref(),
+            ready_delay: $sup.config.ready_delay,
+            ready_timeout: $sup.config.ready_timeout,
+            grace: $sup.config.grace,
+        }
+    };
+}
 
 const SIGNALS: Token = Token(0);
 const WAKER: Token = Token(1);
@@ -120,8 +142,25 @@ struct Supervisor {
     /// While starting, a worker that cannot be spawned is a startup error, kept here.
     startup_error: Option<anyhow::Error>,
     starting: bool,
-    /// Set by [`Action::Exit`].
+    /// Set by [`Action::Exit`] (once the agent, if any, has exited too).
     exit: Option<Result<(), String>>,
+    /// [`Action::Exit`] came while the agent still runs: it is being stopped, last.
+    exit_after_agent: Option<Result<(), String>>,
+    /// The message bus (its own thread); `bus_events` brings heartbeats and `ready`s.
+    bus: BusHandle,
+    bus_events: Receiver<BusEvent>,
+    /// `--agent`.
+    agent: Option<Agent>,
+    /// What the agent module answered where no error can be returned (SIGCHLD reaping).
+    pending_agent_event: Option<AgentEvent>,
+    /// [`Input::Start`] was fed (with an agent: once it was first ready).
+    workers_started: bool,
+    /// `--heartbeat-timeout`.
+    heartbeats: Option<Heartbeats>,
+    /// `--health-check`: the failure counts and the request; results come on `probe_results`.
+    probes: Option<(Probes, Arc<ProbeSpec>)>,
+    probe_results: Receiver<ProbeResult>,
+    probe_tx: crossbeam_channel::Sender<ProbeResult>,
     /// Whether a worker exiting before it was ready has been explained (diagnose.rs; once).
     early_exit_explained: bool,
     /// The master's own service manager (NOTIFY_SOCKET), if any.
@@ -147,6 +186,11 @@ impl Supervisor {
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let (events_tx, events) = crossbeam_channel::unbounded();
+        let (bus_tx, bus_events) = crossbeam_channel::unbounded();
+        let (probe_tx, probe_results) = crossbeam_channel::unbounded();
+        let children = config.credentials.as_ref().map(|c| (c.uid, c.gid));
+        let bus = bus::spawn(bus_tx, Arc::clone(&waker), children)
+            .context("failed to start the message bus")?;
 
         // Bind every listener now, so a port in use fails before any worker starts.
         let mut sockets = Vec::new();
@@ -212,6 +256,21 @@ impl Supervisor {
             startup_error: None,
             starting: false,
             exit: None,
+            exit_after_agent: None,
+            bus,
+            bus_events,
+            agent: config.agent.clone().map(Agent::new),
+            pending_agent_event: None,
+            workers_started: false,
+            heartbeats: config.heartbeat_timeout.map(Heartbeats::new),
+            probes: config.health_check.as_ref().map(|h| {
+                (
+                    Probes::new(h.interval, h.fails, Instant::now()),
+                    Arc::new(h.spec.clone()),
+                )
+            }),
+            probe_results,
+            probe_tx,
             early_exit_explained: false,
             runtime: RuntimeDir::create(notify_owner(config.credentials.as_ref()))
                 .map_err(|e| warn!("no NOTIFY_SOCKET for workers: {e}"))
@@ -251,6 +310,20 @@ impl Supervisor {
         if self.config.policy.needs_rss() || self.config.max_rss.is_some() {
             self.next_rss_sample = Some(Instant::now());
         }
+        if self.agent.is_some() {
+            let ctx = agent_ctx!(self);
+            if let Some(a) = self.agent.as_mut() {
+                a.spawn(&ctx).context("failed to start the agent")?;
+            }
+            info!("the workers start once the agent is ready");
+            return Ok(());
+        }
+        self.start_workers()
+    }
+
+    /// Starts every worker slot (at startup, or once the agent is first ready).
+    fn start_workers(&mut self) -> anyhow::Result<()> {
+        self.workers_started = true;
         info!(
             "starting {} workers: {} (policy {}, mode {})",
             self.config.workers,
@@ -321,7 +394,15 @@ impl Supervisor {
                 }
             }
             Action::Open(id) => self.send(Command::Ready(id)),
-            Action::Close(id) => self.send(Command::Drain(id)),
+            Action::Close(id) => {
+                self.send(Command::Drain(id));
+                if let Some(h) = &mut self.heartbeats {
+                    h.forget(id);
+                }
+                if let Some((p, _)) = &mut self.probes {
+                    p.forget(id);
+                }
+            }
             Action::Signal(id, sig) => {
                 let signal = match sig {
                     Sig::Drain => self.config.drain_signal,
@@ -353,7 +434,15 @@ impl Supervisor {
                 }
             }
             Action::StopAccepting { drain_for } => self.send(Command::Shutdown { drain_for }),
-            Action::Exit(result) => self.exit = Some(result),
+            Action::Exit(result) => {
+                // The agent is stopped last, once every worker exited.
+                let grace = self.config.grace;
+                if self.agent.as_mut().is_some_and(|a| a.stop(grace)) {
+                    self.exit_after_agent = Some(result);
+                } else {
+                    self.exit = Some(result);
+                }
+            }
         }
         None
     }
@@ -401,6 +490,8 @@ impl Supervisor {
             mode: self.mode,
             listen: &self.addrs,
             notify_socket: notify_value.as_deref(),
+            role: Role::Worker,
+            ipc: self.bus.path().to_str(),
         };
         env.extend(contract.entries().into_iter().map(String::into_bytes));
         // PM2 apps read their instance number here.
@@ -453,6 +544,11 @@ impl Supervisor {
             let _ = sys::waitpid_blocking(pid);
             return Err(e).context("failed to watch the new worker");
         }
+        self.bus.send(BusCommand::Register {
+            pid,
+            peer: Peer::Worker(slot),
+            id: Some(id),
+        });
         if self.mode == Mode::Dispatch {
             let ends = channels
                 .into_iter()
@@ -502,6 +598,13 @@ impl Supervisor {
             let _ = self.poll.registry().deregister(&mut SourceFd(&raw));
         }
         self.send(Command::Remove(id));
+        self.bus.send(BusCommand::Forget(p.pid));
+        if let Some(h) = &mut self.heartbeats {
+            h.forget(id);
+        }
+        if let Some((p, _)) = &mut self.probes {
+            p.forget(id);
+        }
     }
 
     fn run_loop(&mut self) -> anyhow::Result<()> {
@@ -519,6 +622,14 @@ impl Supervisor {
             let next = [
                 self.lifecycle.next_deadline(),
                 self.next_rss_sample,
+                self.heartbeats.as_ref().and_then(Heartbeats::next_deadline),
+                self.probes
+                    .as_ref()
+                    .filter(|_| self.workers_started)
+                    .map(|(p, _)| p.next_round),
+                self.agent.as_ref().and_then(|a| {
+                    a.next_deadline(self.config.ready_delay, self.config.ready_timeout)
+                }),
                 self.next_queue_sample,
                 self.service.next_deadline(),
                 self.delayed_stop.map(|(t, _)| t),
@@ -546,6 +657,15 @@ impl Supervisor {
                         }
                     }
                     WAKER => {}
+                    agent::PIDFD_TOKEN => {
+                        let ctx = agent_ctx!(self);
+                        let ev = self.agent.as_mut().and_then(|a| a.on_exit(&ctx));
+                        self.on_agent_event(ev)?;
+                    }
+                    agent::NOTIFY_TOKEN => {
+                        let ev = self.agent.as_mut().and_then(Agent::on_notify);
+                        self.on_agent_event(ev)?;
+                    }
                     Token(t) if t % 2 == 0 => self.reap(((t - 2) / 2) as WorkerId),
                     Token(t) => self.read_notify(((t - 3) / 2) as WorkerId),
                 }
@@ -563,6 +683,30 @@ impl Supervisor {
                 self.delayed_stop = None;
                 self.feed(Input::Stop { signal });
             }
+            while let Ok(ev) = self.bus_events.try_recv() {
+                self.on_bus_event(ev)?;
+            }
+            let ev = self.pending_agent_event.take();
+            self.on_agent_event(ev)?;
+            {
+                let ctx = agent_ctx!(self);
+                let ev = self
+                    .agent
+                    .as_mut()
+                    .and_then(|a| a.on_timers(Instant::now(), &ctx));
+                self.on_agent_event(ev)?;
+            }
+            let silent = self
+                .heartbeats
+                .as_mut()
+                .map_or_else(Vec::new, |h| h.expired(Instant::now()));
+            for id in silent {
+                self.feed(Input::Unhealthy {
+                    id,
+                    why: "it sent no heartbeat within --heartbeat-timeout",
+                });
+            }
+            self.run_probes();
             self.feed(Input::Tick);
             if let Some(t) = self.next_rss_sample
                 && Instant::now() >= t
@@ -630,6 +774,12 @@ impl Supervisor {
     fn on_signal(&mut self, sig: i32) {
         match sig {
             SIGTERM | SIGINT | SIGQUIT => {
+                if self.lifecycle.phase() != Phase::Running
+                    && let Some(a) = &mut self.agent
+                {
+                    // A second stop signal kills at once, the agent too.
+                    a.kill();
+                }
                 let signal = sys::signal_name(sig);
                 if !self.delay_stop(signal) {
                     self.delayed_stop = None;
@@ -637,7 +787,18 @@ impl Supervisor {
                 }
             }
             SIGCHLD => self.reap_exited(),
+            SIGHUP if self.agent.is_some() && self.lifecycle.phase() == Phase::Running => {
+                // The agent is reloaded first; the workers' reload starts once it is ready.
+                let generation = self.lifecycle.generation() + 1;
+                let grace = self.config.grace;
+                let ctx = agent_ctx!(self);
+                if let Some(a) = self.agent.as_mut() {
+                    a.reload(generation, grace, &ctx);
+                }
+            }
             SIGHUP => self.feed(Input::Reload),
+            // Before the agent is first ready there are no workers to scale.
+            SIGTTIN | SIGTTOU if !self.workers_started => {}
             SIGTTIN => self.scale_up(),
             SIGTTOU => self.feed(Input::ScaleDown),
             SIGUSR1 => self.log_status(),
@@ -674,6 +835,16 @@ impl Supervisor {
                     return;
                 }
             };
+            if self.agent.as_ref().and_then(Agent::pid) == Some(pid) {
+                // The agent: reaped by its own module, which decides what comes next.
+                let ctx = agent_ctx!(self);
+                let ev = self.agent.as_mut().and_then(|a| a.on_exit(&ctx));
+                self.pending_agent_event = ev.or(self.pending_agent_event);
+                if self.agent.as_ref().and_then(Agent::pid) == Some(pid) {
+                    let _ = sys::waitpid_nohang(pid);
+                }
+                continue;
+            }
             if let Some(id) = self.procs.iter().find(|p| p.pid == pid).map(|p| p.id) {
                 self.reap(id);
                 if self.procs.iter().any(|p| p.pid == pid) {
@@ -738,7 +909,129 @@ impl Supervisor {
                 now.saturating_duration_since(w.started)
             );
         }
+        if let Some(a) = &self.agent {
+            a.log_status();
+        }
         self.send(Command::Status);
+        self.bus.send(BusCommand::Status);
+    }
+
+    /// Takes the probes' results (replacing a worker that failed `--health-fails` in a row)
+    /// and starts a round when one is due.
+    fn run_probes(&mut self) {
+        let Some((probes, spec)) = &mut self.probes else {
+            return;
+        };
+        let mut failed = Vec::new();
+        while let Ok(result) = self.probe_results.try_recv() {
+            if let Err(why) = &result.outcome {
+                let pid = self.lifecycle.worker(result.id).and_then(|w| w.pid);
+                warn!(
+                    "health check of worker id {} (pid {}) failed: {why}",
+                    result.id,
+                    pid.unwrap_or(0)
+                );
+            }
+            if probes.record(&result) {
+                failed.push(result.id);
+            }
+        }
+        let now = Instant::now();
+        let mut round = Vec::new();
+        if self.workers_started && now >= probes.next_round {
+            let ready: Vec<WorkerId> = self
+                .lifecycle
+                .workers()
+                .iter()
+                .filter(|w| w.state == WorkerState::Ready)
+                .filter(|w| !self.lifecycle.replacements().iter().any(|r| r.old == w.id))
+                .map(|w| w.id)
+                .collect();
+            round = probes.round(now, &ready);
+        }
+        let spec = Arc::clone(spec);
+        if let Some(acceptor) = &self.acceptor {
+            for id in round {
+                if let Err(e) = probe::spawn_probe(
+                    id,
+                    Arc::clone(&spec),
+                    acceptor.commander(),
+                    self.probe_tx.clone(),
+                    Arc::clone(&self.waker),
+                ) {
+                    warn!("cannot start a health probe: {e}");
+                    let _ = self.probe_tx.send(ProbeResult {
+                        id,
+                        outcome: Ok(()),
+                    });
+                }
+            }
+        }
+        for id in failed {
+            self.feed(Input::Unhealthy {
+                id,
+                why: "it failed --health-fails active health checks in a row",
+            });
+        }
+    }
+
+    fn on_agent_event(&mut self, ev: Option<AgentEvent>) -> anyhow::Result<()> {
+        match ev {
+            None => Ok(()),
+            Some(AgentEvent::Stopped) => {
+                if let Some(result) = self.exit_after_agent.take() {
+                    self.exit = Some(result);
+                }
+                Ok(())
+            }
+            Some(AgentEvent::GaveUp) => bail!(
+                "the agent exited {} times before it was ever ready",
+                agent::START_CRASH_LIMIT
+            ),
+            Some(AgentEvent::Ready { first, reloaded }) => {
+                if self.lifecycle.phase() != Phase::Running {
+                    return Ok(());
+                }
+                if first && !self.workers_started {
+                    return self.start_workers();
+                }
+                if reloaded {
+                    self.feed(Input::Reload);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn on_bus_event(&mut self, ev: BusEvent) -> anyhow::Result<()> {
+        match ev {
+            BusEvent::Heartbeat { id: Some(id), .. } => {
+                // Checked while it serves and nobody replaces it already.
+                let ready = self
+                    .lifecycle
+                    .worker(id)
+                    .is_some_and(|w| w.state == WorkerState::Ready)
+                    && !self.lifecycle.replacements().iter().any(|r| r.old == id);
+                if let Some(h) = &mut self.heartbeats
+                    && ready
+                {
+                    h.beat(id, Instant::now());
+                }
+            }
+            BusEvent::Heartbeat { id: None, .. } => {}
+            BusEvent::Ready { id: Some(id), .. } => self.feed(Input::Ready {
+                id,
+                how: "ready on the bus",
+            }),
+            BusEvent::Ready { pid, id: None } => {
+                let ev = self
+                    .agent
+                    .as_mut()
+                    .and_then(|a| a.ready_from(pid, "ready on the bus"));
+                self.on_agent_event(ev)?;
+            }
+        }
+        Ok(())
     }
 
     fn on_event(&mut self, ev: Event) {

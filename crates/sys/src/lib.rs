@@ -121,6 +121,43 @@ pub fn setsockopt_int(fd: BorrowedFd<'_>, opt: libc::c_int, val: libc::c_int) ->
     Ok(())
 }
 
+/// The credentials of a unix socket's peer as the kernel recorded them at `connect(2)`
+/// (`SO_PEERCRED`, unix(7)): pid, uid, gid. The master's message bus authenticates by them.
+pub fn peer_cred(fd: BorrowedFd<'_>) -> io::Result<(Pid, u32, u32)> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: cred and len point to valid storage of the advertised size.
+    syscall!(getsockopt(
+        fd.as_raw_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_PEERCRED,
+        (&mut cred as *mut libc::ucred).cast(),
+        &mut len
+    ))?;
+    Ok((cred.pid, cred.uid, cred.gid))
+}
+
+/// The parent of process `pid`, from `/proc/PID/stat` (proc(5): the field after the
+/// parenthesised command name, which may itself contain spaces and parentheses).
+pub fn parent_pid(pid: Pid) -> io::Result<Pid> {
+    let stat = std::fs::read(format!("/proc/{pid}/stat"))?;
+    let bad = || {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            "unexpected /proc/PID/stat format",
+        )
+    };
+    let close = stat.iter().rposition(|&b| b == b')').ok_or_else(bad)?;
+    let rest = std::str::from_utf8(&stat[close + 1..]).map_err(|_| bad())?;
+    let mut fields = rest.split_ascii_whitespace();
+    let _state = fields.next().ok_or_else(bad)?;
+    fields.next().and_then(|p| p.parse().ok()).ok_or_else(bad)
+}
+
 /// Bytes queued in a unix socket's send direction and not yet read by the peer: `SIOCOUTQ`
 /// (unix(7)). For a dispatch channel this is the backlog the worker has not accepted yet.
 pub fn siocoutq(fd: BorrowedFd<'_>) -> io::Result<usize> {
@@ -481,6 +518,21 @@ mod tests {
         let n = unsafe { libc::send(a.as_raw_fd(), b"ping".as_ptr().cast(), 4, 0) };
         assert_eq!(n, 4);
         assert!(siocoutq(a.as_fd()).unwrap() > 0);
+    }
+
+    #[test]
+    fn peer_cred_names_this_process() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (pid, uid, _) = peer_cred(a.as_fd()).unwrap();
+        assert_eq!((pid, uid), (getpid(), geteuid()));
+    }
+
+    #[test]
+    fn parent_pid_of_self_is_std_parent() {
+        assert_eq!(
+            parent_pid(getpid()).unwrap(),
+            std::os::unix::process::parent_id() as Pid
+        );
     }
 }
 

@@ -33,6 +33,8 @@
 //! also flushes first, and dropping a `Listener` switches its channel back to immediate
 //! reporting, so deferred counts are not stranded when nothing flushes any more.
 
+pub mod bus;
+
 use std::collections::VecDeque;
 use std::fmt;
 use std::io::{self, Read, Write};
