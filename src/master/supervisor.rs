@@ -12,7 +12,7 @@
 //!
 //! Service hooks, each a call into its own module: listeners passed by socket activation are
 //! taken instead of bound (`activation`); after every lifecycle step the master's own service
-//! manager hears what changed (`notify`); a stop signal waits `--shutdown-delay` before it
+//! manager hears what changed (`service_notify`); a stop signal waits `--shutdown-delay` before it
 //! becomes [`Input::Stop`]; as a child subreaper (or PID 1) the master reaps on SIGCHLD every
 //! orphan its workers leave, while a worker's exit still goes through the pidfd path's reap.
 
