@@ -591,3 +591,29 @@ fn an_agent_that_never_gets_ready_fails_the_start_with_exit_1() {
         "no worker without an agent"
     );
 }
+
+#[test]
+fn workers_running_as_another_user_speak_on_the_bus() {
+    // SAFETY: geteuid takes no arguments.
+    #[allow(unsafe_code)]
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root || !available("node") {
+        eprintln!("note: needs root (for --user) and node; skipping");
+        return;
+    }
+    let dir = Scripts::new("user");
+    let worker = dir.write(
+        "worker.js",
+        &format!(
+            "const bus = require({client:?}).connect();\n\
+             bus.send('master', 'ping', {{ uid: process.getuid() }});\n\
+             bus.on('message', (m) => console.error('WORKER ' + bus.id + ' got ' + m.type + ' ' + JSON.stringify(m.data)));\n\
+             require('http').createServer((q, s) => s.end('ok')).listen(process.env.PORT);\n",
+            client = node_client()
+        ),
+    );
+    let cluster = TestCluster::start(&["-w", "2", "--user", "nobody", "--", "node", &worker]);
+    for i in 0..2 {
+        cluster.wait_for_log(&format!("WORKER {i} got pong {{\"uid\":65534}}"), DEADLINE);
+    }
+}
