@@ -165,13 +165,13 @@ fn workers_wait_for_the_agent_to_be_ready() {
         "agent.py",
         &format!(
             "import os, socket, time, sys\n\
-             print('AGENT waiting', file=sys.stderr, flush=True)\n\
+             sys.stderr.write('AGENT waiting\\n'); sys.stderr.flush()\n\
              while not os.path.exists({gate:?}): time.sleep(0.02)\n\
              s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n\
              a = os.environ['NOTIFY_SOCKET']\n\
              s.sendto(b'READY=1', '\\0' + a[1:] if a.startswith('@') else a)\n\
              assert 'LISTEN_FDS' not in os.environ and 'PORT' not in os.environ\n\
-             print('AGENT role', os.environ['RCLUSTER_ROLE'], file=sys.stderr, flush=True)\n\
+             sys.stderr.write('AGENT role ' + os.environ['RCLUSTER_ROLE'] + '\\n'); sys.stderr.flush()\n\
              time.sleep(3600)\n"
         ),
     );
