@@ -266,7 +266,7 @@ impl Supervisor {
             probe_results,
             probe_tx,
             early_exit_explained: false,
-            runtime: RuntimeDir::create()
+            runtime: RuntimeDir::create(notify_owner(config.credentials.as_ref()))
                 .map_err(|e| warn!("no NOTIFY_SOCKET for workers: {e}"))
                 .ok(),
             next_queue_sample: (mode == Mode::Reuseport).then(Instant::now),
@@ -1153,6 +1153,14 @@ fn base_environment() -> Vec<Vec<u8>> {
             e
         })
         .collect()
+}
+
+/// The workers' uid and gid when they run as another user than the master (their notify
+/// sockets must then be theirs).
+fn notify_owner(credentials: Option<&sys::Credentials>) -> Option<(u32, u32)> {
+    let c = credentials?;
+    let uid = c.uid?;
+    (uid != sys::geteuid()).then_some((uid, c.gid))
 }
 
 /// The `execve` failure inside a spawn error, if that is what it is.

@@ -836,6 +836,11 @@ impl Channel {
             // Errors keep the count for the next flush; a destructor cannot report them.
             let _ = self.flush_closed();
         }
+        // After FULL, a close may be what makes room: resume (READY) without waiting for the
+        // server to call accept, which it may only do once the channel is readable.
+        if self.full.load(Ordering::Relaxed) {
+            let _ = self.make_room();
+        }
     }
 
     /// Sends all unreported closes in one CLOSED; on failure puts them back (module docs).
