@@ -3,6 +3,9 @@
 //! and kills and reaps the master and every worker on drop, also when a test fails.
 #![allow(dead_code)]
 
+mod busy;
+pub use busy::*;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
