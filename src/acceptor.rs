@@ -954,13 +954,11 @@ impl Acceptor {
         if let Some(j) = runner_up {
             changed |= self.refresh(j);
         }
-        let out = if changed {
+        if changed {
             self.policy.pick(&self.stats, listener)
         } else {
             Some(i)
-        };
-        debug!("DBGPICK seq {} i {i} runner {runner_up:?} changed {changed} out {out:?} stats {:?}", self.seq, self.stats);
-        out
+        }
     }
 
     /// Re-reads how many of worker `i`'s connections are still untaken; `true` if its

@@ -782,7 +782,15 @@ fn node_least_conn_never_ties_onto_a_busy_worker() {
     }
     let dir = TempDir::new("node-spin");
     let app = dir.write("app.js", NODE_SPIN_APP);
-    let cluster = TestCluster::start(&["--workers", "2", "--policy", "least-conn", "--", "node", &app]);
+    let cluster = TestCluster::start(&[
+        "--workers",
+        "2",
+        "--policy",
+        "least-conn",
+        "--",
+        "node",
+        &app,
+    ]);
     cluster.wait_for_workers(2);
     // Both node processes listen before the trials start.
     for _ in 0..4 {

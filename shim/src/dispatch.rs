@@ -101,7 +101,8 @@ fn receive(l: &Listener, fd: c_int) -> Received {
         Some((Kind::Conn, _)) => {
             // The master counted a connection we will never see: balance its books.
             warn("CONN message without an fd; reported closed");
-            l.conn_closed(1);
+            // SAFETY: getpid cannot fail.
+            l.conn_closed(1, unsafe { libc::getpid() } as u32, false);
             Received::Skip
         }
         Some(_) => {
@@ -173,11 +174,11 @@ pub unsafe fn accept(
             Marked::Fresh => {}
             Marked::Stale(i) => {
                 if let Some(stale) = shim.listener(i) {
-                    stale.conn_closed(1);
+                    stale.conn_closed(1, shim.pid(), false);
                 }
             }
             // Cannot watch its close: report it finished now rather than never.
-            Marked::Untracked => l.conn_closed(1),
+            Marked::Untracked => l.conn_closed(1, shim.pid(), false),
         }
         apply_accept_flags(conn, flags);
         if !addr.is_null() && !len.is_null() {

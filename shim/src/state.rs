@@ -33,6 +33,17 @@ pub fn get() -> Option<&'static Shim> {
     SHIM.get()
 }
 
+thread_local! {
+    /// This thread waits in `epoll_wait`/`poll`/`select` (it called one through the shim), so
+    /// it will flush the CLOSED count before it blocks: its closes are only counted.
+    static EVENT_LOOP: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the calling thread runs an event loop (see [`Shim::before_wait`]).
+pub fn in_event_loop() -> bool {
+    EVENT_LOOP.with(|f| f.get())
+}
+
 /// This thread's errno.
 pub fn errno() -> c_int {
     // SAFETY: __errno_location returns this thread's errno slot, always valid.
@@ -204,6 +215,22 @@ impl Shim {
             return None;
         }
         self.listeners.iter().find(|l| l.is_same_file(fd))
+    }
+
+    /// The calling thread is about to wait for events (`epoll_wait`, `poll`, `select` and
+    /// their variants): from now on its closes are coalesced, and what it counted so far goes
+    /// out now, one CLOSED per listener at most. An atomic load per listener when nothing is
+    /// owed.
+    pub fn before_wait(&self) {
+        EVENT_LOOP.with(|f| f.set(true));
+        self.flush_closed();
+    }
+
+    /// Sends every CLOSED count owed (all listeners).
+    pub fn flush_closed(&self) {
+        for l in &self.listeners {
+            l.flush_closed();
+        }
     }
 
     /// Sends `READY=1` on NOTIFY_SOCKET once every listener is listening.
@@ -411,13 +438,14 @@ impl Shim {
     /// after it; a claimed listener is released and the master told the worker is stopping.
     pub fn closing(&self, fd: c_int, close_fd: impl FnOnce() -> c_int) -> c_int {
         if self.conns.is_marked(fd) {
-            if let Some(i) = self.conns.take(fd, self.pid()) {
+            let pid = self.pid();
+            if let Some(i) = self.conns.take(fd, pid) {
                 let rc = close_fd();
                 let e = errno();
                 // close(2): the fd is released even when an error is reported, so the
                 // connection is finished either way.
                 if let Some(l) = self.listener(i) {
-                    l.conn_closed(1);
+                    l.conn_closed(1, pid, in_event_loop());
                 }
                 set_errno(e);
                 return rc;
