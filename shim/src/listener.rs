@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 
 use libc::c_int;
 
-use crate::wire::{self, Kind};
+use rcluster_proto::ToMaster;
 
 /// Listener i of the worker contract.
 pub struct Listener {
@@ -133,8 +133,8 @@ impl Listener {
 
     /// Sends one message without blocking whatever the file's O_NONBLOCK state (the server owns
     /// that flag), and without SIGPIPE if the master is gone. Returns the errno on failure.
-    fn send(&self, kind: Kind, value: u64) -> Result<(), c_int> {
-        let msg = wire::encode(kind, value);
+    fn send(&self, msg: ToMaster) -> Result<(), c_int> {
+        let msg = msg.encode();
         // SAFETY: msg is a valid buffer of its length; chan is open for the process's life.
         let n = unsafe {
             libc::send(
@@ -162,7 +162,9 @@ impl Listener {
         if self.is_listening()
             && !self.ready_sent.load(Ordering::Acquire)
             && !self.ready_sent.swap(true, Ordering::AcqRel)
-            && self.send(Kind::Ready, 0).is_err_and(transient)
+            && self
+                .send(ToMaster::Ready { max_fds: 0 })
+                .is_err_and(transient)
         {
             self.ready_sent.store(false, Ordering::Release);
         }
@@ -202,7 +204,10 @@ impl Listener {
         if owner != pid || n == 0 {
             return;
         }
-        if self.send(Kind::Closed, n).is_err_and(transient) {
+        if self
+            .send(ToMaster::Closed { count: n })
+            .is_err_and(transient)
+        {
             // Keep the count for the next flush: never lost, and the exchange above means
             // never sent twice. A hard error means the master is gone.
             self.add_closed(pid, n);
@@ -262,7 +267,7 @@ impl Listener {
         if self.dispatch {
             self.flush();
             // Best effort: if this fails the master is gone or will see the exit anyway.
-            let _ = self.send(Kind::Stopping, 0);
+            let _ = self.send(ToMaster::Stopping);
             self.ready_sent.store(false, Ordering::Release);
         }
     }
@@ -313,7 +318,7 @@ mod tests {
     }
 
     /// Every message waiting at the master's end.
-    fn received(master: &OwnedFd) -> Vec<(Kind, u64)> {
+    fn received(master: &OwnedFd) -> Vec<ToMaster> {
         let mut out = Vec::new();
         loop {
             let mut buf = [0u8; 32];
@@ -329,7 +334,7 @@ mod tests {
             if n <= 0 {
                 return out;
             }
-            out.push(wire::decode(&buf[..n as usize]).unwrap());
+            out.push(ToMaster::decode(&buf[..n as usize]).unwrap());
         }
     }
 
@@ -342,13 +347,16 @@ mod tests {
         assert!(received(&master).is_empty(), "only counted");
         assert_eq!(l.closed_pending(100), 5);
         l.flush_closed_as(100);
-        assert_eq!(received(&master), [(Kind::Closed, 5)]);
+        assert_eq!(received(&master), [ToMaster::Closed { count: 5 }]);
         l.flush_closed_as(100);
         assert!(received(&master).is_empty(), "never sent twice");
         // Not deferred: sent at once, one message per close.
         l.conn_closed(1, 100, false);
         l.conn_closed(2, 100, false);
-        assert_eq!(received(&master), [(Kind::Closed, 1), (Kind::Closed, 2)]);
+        assert_eq!(
+            received(&master),
+            [ToMaster::Closed { count: 1 }, ToMaster::Closed { count: 2 }]
+        );
     }
 
     #[test]
@@ -363,14 +371,14 @@ mod tests {
         l.conn_closed(1, 200, true);
         assert_eq!(l.closed_pending(200), 1);
         l.flush_closed_as(200);
-        assert_eq!(received(&master), [(Kind::Closed, 1)]);
+        assert_eq!(received(&master), [ToMaster::Closed { count: 1 }]);
     }
 
     #[test]
     fn a_full_channel_keeps_the_count_until_it_drains() {
         let (l, master) = pair();
         // Fill the channel until a send would block.
-        let filler = wire::encode(Kind::Heartbeat, 0);
+        let filler = ToMaster::Heartbeat.encode();
         let mut queued = 0;
         // SAFETY: filler is valid for its length.
         while unsafe {
@@ -393,7 +401,7 @@ mod tests {
         l.flush_closed_as(100);
         assert_eq!(
             received(&master),
-            [(Kind::Closed, 5)],
+            [ToMaster::Closed { count: 5 }],
             "sent once, nothing lost"
         );
     }

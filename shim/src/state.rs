@@ -374,13 +374,13 @@ impl Shim {
         if rc == 0 && self.mode == Mode::Dispatch && room >= 2 {
             // SAFETY: the kernel wrote at least the family (room ≥ 2).
             let family = unsafe { std::ptr::read_unaligned(addr.cast::<libc::sa_family_t>()) };
-            if c_int::from(family) == libc::AF_UNIX {
-                if let Some(l) = self.same_channel(fd) {
-                    // SAFETY: len holds what the kernel wrote; restore the caller's room.
-                    unsafe {
-                        *len = room as socklen_t;
-                        sa::write(&l.addr, addr, len);
-                    }
+            if c_int::from(family) == libc::AF_UNIX
+                && let Some(l) = self.same_channel(fd)
+            {
+                // SAFETY: len holds what the kernel wrote; restore the caller's room.
+                unsafe {
+                    *len = room as socklen_t;
+                    sa::write(&l.addr, addr, len);
                 }
             }
         }
@@ -400,11 +400,11 @@ impl Shim {
         val: *mut c_void,
         len: *mut socklen_t,
     ) -> c_int {
-        if let Some(l) = self.claimed(fd).filter(|l| l.dispatch) {
-            if let Some(v) = synthesized_opt(l, l.is_listening(), level, name) {
-                // SAFETY: caller contract.
-                return unsafe { write_int_opt(v, val, len) };
-            }
+        if let Some(l) = self.claimed(fd).filter(|l| l.dispatch)
+            && let Some(v) = synthesized_opt(l, l.is_listening(), level, name)
+        {
+            // SAFETY: caller contract.
+            return unsafe { write_int_opt(v, val, len) };
         }
         // SAFETY: forwarded under the caller's contract.
         let rc = unsafe { real::getsockopt(fd, level, name, val, len) };
@@ -413,13 +413,14 @@ impl Shim {
                 name,
                 libc::SO_TYPE | libc::SO_DOMAIN | libc::SO_ACCEPTCONN | libc::SO_PROTOCOL
             );
-        if rc == 0 && identity_question && self.mode == Mode::Dispatch {
-            if let Some(l) = self.same_channel(fd) {
-                if let Some(v) = synthesized_opt(l, true, level, name) {
-                    // SAFETY: caller contract; the real call succeeded with these pointers.
-                    return unsafe { write_int_opt(v, val, len) };
-                }
-            }
+        if rc == 0
+            && identity_question
+            && self.mode == Mode::Dispatch
+            && let Some(l) = self.same_channel(fd)
+            && let Some(v) = synthesized_opt(l, true, level, name)
+        {
+            // SAFETY: caller contract; the real call succeeded with these pointers.
+            return unsafe { write_int_opt(v, val, len) };
         }
         rc
     }

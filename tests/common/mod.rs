@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 mod busy;
+#[allow(unused_imports)]
 pub use busy::*;
 
 use std::collections::HashMap;
