@@ -11,16 +11,17 @@
 //! Guarantee: a connection the master accepted is never dropped by the master. It goes to a
 //! worker's channel, or waits in `pending` (and accepting stops) until some channel can take it.
 //!
-//! Fresh load signals: for the policies that read the load table, a pick is checked before it
-//! is committed. The acceptor re-reads, for the policy's choice and for the runner-up (the
-//! choice with the first one closed), how many connections are still untaken in the channel:
-//! `ioctl(SIOCOUTQ)` on its own end counts the bytes the worker has not received yet, which are
-//! charged to the sender at a fixed size per message (calibrated at start, see
-//! [`outq_unit`]). Only workers whose `queued` figure can be stale pay the system call (something
-//! was sent to them since it was last read as 0), so at most two calls per connection. If either
-//! figure changed, the policy picks again on the fresh table. Channel empty after a dispatch, or a
-//! CLOSED report, stamps the worker's `progress` (see [`crate::policy`] for how the policies use
-//! both).
+//! Fresh load signals: for the policies that read the load table, a pick that is a tie is
+//! checked before it is committed. When the policy's choice and the runner-up (its choice with
+//! the first one closed) have the same active count, the acceptor re-reads for both how many
+//! connections are still untaken in the channel: `ioctl(SIOCOUTQ)` on its own end counts the
+//! bytes the worker has not received yet, which stay charged to the sender at a fixed size per
+//! message (calibrated at start, see [`outq_unit`]). Only workers whose `queued` figure can be
+//! stale pay the system call (something was sent to them since it was last read as 0), so at
+//! most two calls per connection, and none when the pick is not a tie. If either figure
+//! changed, the policy picks again on the fresh table. Channel seen empty after a dispatch, or
+//! a CLOSED report, stamps the worker's `progress` (see [`crate::policy`] for how the policies
+//! use both).
 
 use std::collections::VecDeque;
 use std::io;
@@ -930,24 +931,24 @@ impl Acceptor {
 
 /// Fresh load signals at pick time (see the module docs).
 impl Acceptor {
-    /// The policy's choice for a connection from `listener`, checked against fresh figures for
-    /// itself and the runner-up; `None` if no worker is open for it.
+    /// The policy's choice for a connection from `listener`, checked against fresh figures
+    /// when it was a tie with the runner-up; `None` if no worker is open for it.
     fn choose(&mut self, listener: usize) -> Option<usize> {
         let i = self.policy.pick(&self.stats, listener)?;
         if !self.fresh_signals || self.stats.len() < 2 {
             return Some(i);
         }
-        let mut changed = self.refresh(i);
-        // The runner-up: what the policy picks with `i` closed for a moment. Fresh figures can
-        // only make a worker look better (its queue drained, it took what it was sent), so the
-        // runner-up is the one that could overtake `i`.
+        // The runner-up: what the policy picks with `i` closed for a moment.
         let open = self.stats[i].open;
         self.stats[i].open = open & !(1u64 << listener);
         let runner_up = self.policy.pick(&self.stats, listener);
         self.stats[i].open = open;
-        if let Some(j) = runner_up {
-            changed |= self.refresh(j);
-        }
+        // The fresh fields only order workers with equal active counts (crate::policy's load
+        // key), so they can change the answer only when the two tie on it.
+        let Some(j) = runner_up.filter(|&j| self.stats[j].active == self.stats[i].active) else {
+            return Some(i);
+        };
+        let changed = self.refresh(i) | self.refresh(j);
         if changed {
             self.policy.pick(&self.stats, listener)
         } else {
