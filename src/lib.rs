@@ -26,12 +26,14 @@
 //!   [`master::supervisor`] (worker processes on the main thread), [`master::listener`]
 //!   (binding listening sockets).
 //! - [`policy`]: the dispatch policies.
-//! - [`topology`]: the host's CPUs and the `--pin auto` plan.
+//! - [`topology`]: the host's CPUs and the `--pin auto` plan; [`cgroup`]: the CPU quota
+//!   `--workers 0` honours.
 //!
 //! Its public surface is what the binary, the benchmarks and the tests drive: [`cli::Args`] →
 //! [`cli::Config`] → [`master::supervisor::run`]; the acceptor and the policies for the
 //! criterion benchmarks.
 
+pub mod cgroup;
 pub mod cli;
 pub mod master;
 pub mod policy;

@@ -33,6 +33,8 @@
 //! also flushes first, and dropping a `Listener` switches its channel back to immediate
 //! reporting, so deferred counts are not stranded when nothing flushes any more.
 
+pub mod bus;
+
 use std::collections::VecDeque;
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -833,6 +835,11 @@ impl Channel {
         if !self.deferred.load(Ordering::Relaxed) {
             // Errors keep the count for the next flush; a destructor cannot report them.
             let _ = self.flush_closed();
+        }
+        // After FULL, a close may be what makes room: resume (READY) without waiting for the
+        // server to call accept, which it may only do once the channel is readable.
+        if self.full.load(Ordering::Relaxed) {
+            let _ = self.make_room();
         }
     }
 
