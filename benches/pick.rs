@@ -12,6 +12,8 @@ fn table(n: usize) -> Vec<WorkerStat> {
             active: ((i * 7919) % 13) as u32,
             rss_kib: 40_000 + ((i * 104_729) % 5_000) as u32,
             open: 1,
+            queued: (i % 3 == 0) as u32,
+            progress: (i * 31) as u32,
         })
         .collect()
 }

@@ -96,6 +96,15 @@ fn least_conn_avoids_a_busy_worker() {
     assert!(short > 0, "no short request ran while the long one did");
 }
 
+/// Issue 9's busy-worker scenario with the demo worker: 2 workers, a 2 s request on one, 20
+/// sequential short requests, 0 of them to the busy worker, in each of 20 trials.
+#[test]
+fn least_conn_never_ties_onto_a_busy_worker() {
+    let cluster = TestCluster::start(&["--workers", "2", "--policy", "least-conn"]);
+    cluster.wait_for_workers(2);
+    busy_worker_trials(&cluster, "/", Response::pid);
+}
+
 #[test]
 fn least_mem_avoids_the_biggest_worker() {
     let cluster = TestCluster::start(&[

@@ -24,6 +24,11 @@ const WORKERS: usize = 4;
 /// The issue's node app, verbatim: the pid of the serving process in the body.
 const NODE_APP: &str = "require('http').createServer((q,s)=>s.end('pid '+process.pid+'\\n')).listen(process.env.PORT)\n";
 
+/// The node app with a CPU spin: `?us=N` busy-loops N µs before answering `pid P`.
+const NODE_SPIN_APP: &str = "const us=u=>{const m=/[?&]us=(\\d+)/.exec(u);return m?BigInt(m[1]):0n};\
+require('http').createServer((q,s)=>{const end=process.hrtime.bigint()+us(q.url)*1000n;\
+while(process.hrtime.bigint()<end);s.end('pid '+process.pid+'\\n')}).listen(process.env.PORT)\n";
+
 /// How to run one server and how to tell, from a response, which process served it.
 struct Server {
     name: &'static str,
@@ -711,4 +716,33 @@ fn notify_socket_ready_and_status_or_ready_delay() {
     }
     assert!(!quiet.log_contains(" status: "), "no STATUS= was sent");
     tally(&get_many(quiet.addr(), "/", 20, 2), true);
+}
+
+// --- issue 9: least-conn never ties onto a busy worker ----------------------------------------
+
+/// The busy-worker scenario with an unmodified node server through the shim: 2 workers, a 2 s
+/// request on one, 20 sequential short requests, 0 of them to the busy worker, in each of 20
+/// trials.
+#[test]
+fn node_least_conn_never_ties_onto_a_busy_worker() {
+    if !available("node") {
+        return;
+    }
+    let dir = TempDir::new("node-spin");
+    let app = dir.write("app.js", NODE_SPIN_APP);
+    let cluster = TestCluster::start(&[
+        "--workers",
+        "2",
+        "--policy",
+        "least-conn",
+        "--",
+        "node",
+        &app,
+    ]);
+    cluster.wait_for_workers(2);
+    // Both node processes listen before the trials start.
+    for _ in 0..4 {
+        assert_eq!(get(cluster.addr(), "/").unwrap().status, 200);
+    }
+    busy_worker_trials(&cluster, "/", body_pid);
 }

@@ -101,7 +101,8 @@ fn receive(l: &Listener, fd: c_int) -> Received {
         Some(ToWorker::Conn { .. }) => {
             // The master counted a connection we will never see: balance its books.
             warn("CONN message without an fd; reported closed");
-            l.conn_closed(1);
+            // SAFETY: getpid cannot fail.
+            l.conn_closed(1, unsafe { libc::getpid() } as u32, false);
             Received::Skip
         }
         None => {
@@ -175,11 +176,11 @@ pub unsafe fn accept(
         match shim.conns.mark(conn, l.index, shim.pid()) {
             Marked::Fresh => shim.opened(l),
             Marked::Stale(i) => {
-                shim.conn_closed(i);
+                shim.conn_closed(i, shim.pid(), false);
                 shim.opened(l);
             }
             // Cannot watch its close: report it finished now rather than never.
-            Marked::Untracked => l.conn_closed(1),
+            Marked::Untracked => l.conn_closed(1, shim.pid(), false),
         }
         // What a connection accepted from a TCP listener would have inherited from it.
         l.opts.apply(conn);

@@ -186,6 +186,172 @@ pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
     }
 }
 
+/// Before the process may block waiting for events: flush the coalesced CLOSED counts.
+#[inline]
+fn before_wait() {
+    if let Some(shim) = state::get() {
+        let e = errno();
+        shim.before_wait();
+        set_errno(e);
+    }
+}
+
+/// epoll_wait(2): flushes coalesced CLOSED counts first (state.rs `before_wait`).
+///
+/// # Safety
+/// As epoll_wait(2).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn epoll_wait(
+    epfd: c_int,
+    events: *mut libc::epoll_event,
+    max: c_int,
+    timeout: c_int,
+) -> c_int {
+    before_wait();
+    // SAFETY: caller contract.
+    unsafe { real::epoll_wait(epfd, events, max, timeout) }
+}
+
+/// epoll_pwait(2): as [`epoll_wait`].
+///
+/// # Safety
+/// As epoll_pwait(2).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn epoll_pwait(
+    epfd: c_int,
+    events: *mut libc::epoll_event,
+    max: c_int,
+    timeout: c_int,
+    sigmask: *const libc::sigset_t,
+) -> c_int {
+    before_wait();
+    // SAFETY: caller contract.
+    unsafe { real::epoll_pwait(epfd, events, max, timeout, sigmask) }
+}
+
+/// epoll_pwait2(2): as [`epoll_wait`].
+///
+/// # Safety
+/// As epoll_pwait2(2).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn epoll_pwait2(
+    epfd: c_int,
+    events: *mut libc::epoll_event,
+    max: c_int,
+    timeout: *const libc::timespec,
+    sigmask: *const libc::sigset_t,
+) -> c_int {
+    before_wait();
+    // SAFETY: caller contract.
+    unsafe { real::epoll_pwait2(epfd, events, max, timeout, sigmask) }
+}
+
+/// poll(2): as [`epoll_wait`].
+///
+/// # Safety
+/// As poll(2).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn poll(fds: *mut libc::pollfd, nfds: libc::nfds_t, timeout: c_int) -> c_int {
+    before_wait();
+    // SAFETY: caller contract.
+    unsafe { real::poll(fds, nfds, timeout) }
+}
+
+/// glibc's fortified poll: as [`epoll_wait`].
+///
+/// # Safety
+/// As poll(2), with `fdslen` the size of `fds` in bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn __poll_chk(
+    fds: *mut libc::pollfd,
+    nfds: libc::nfds_t,
+    timeout: c_int,
+    fdslen: libc::size_t,
+) -> c_int {
+    before_wait();
+    // SAFETY: caller contract.
+    unsafe { real::__poll_chk(fds, nfds, timeout, fdslen) }
+}
+
+/// ppoll(2): as [`epoll_wait`].
+///
+/// # Safety
+/// As ppoll(2).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ppoll(
+    fds: *mut libc::pollfd,
+    nfds: libc::nfds_t,
+    timeout: *const libc::timespec,
+    sigmask: *const libc::sigset_t,
+) -> c_int {
+    before_wait();
+    // SAFETY: caller contract.
+    unsafe { real::ppoll(fds, nfds, timeout, sigmask) }
+}
+
+/// glibc's fortified ppoll: as [`epoll_wait`].
+///
+/// # Safety
+/// As ppoll(2), with `fdslen` the size of `fds` in bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn __ppoll_chk(
+    fds: *mut libc::pollfd,
+    nfds: libc::nfds_t,
+    timeout: *const libc::timespec,
+    sigmask: *const libc::sigset_t,
+    fdslen: libc::size_t,
+) -> c_int {
+    before_wait();
+    // SAFETY: caller contract.
+    unsafe { real::__ppoll_chk(fds, nfds, timeout, sigmask, fdslen) }
+}
+
+/// select(2): as [`epoll_wait`].
+///
+/// # Safety
+/// As select(2).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn select(
+    nfds: c_int,
+    readfds: *mut libc::fd_set,
+    writefds: *mut libc::fd_set,
+    exceptfds: *mut libc::fd_set,
+    timeout: *mut libc::timeval,
+) -> c_int {
+    before_wait();
+    // SAFETY: caller contract.
+    unsafe { real::select(nfds, readfds, writefds, exceptfds, timeout) }
+}
+
+/// pselect(2): as [`epoll_wait`].
+///
+/// # Safety
+/// As pselect(2).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn pselect(
+    nfds: c_int,
+    readfds: *mut libc::fd_set,
+    writefds: *mut libc::fd_set,
+    exceptfds: *mut libc::fd_set,
+    timeout: *const libc::timespec,
+    sigmask: *const libc::sigset_t,
+) -> c_int {
+    before_wait();
+    // SAFETY: caller contract.
+    unsafe { real::pselect(nfds, readfds, writefds, exceptfds, timeout, sigmask) }
+}
+
+/// Flushes what is still counted when the process exits normally (ELF `.fini_array`).
+#[used]
+#[unsafe(link_section = ".fini_array")]
+static DESTRUCTOR: extern "C" fn() = destructor;
+
+extern "C" fn destructor() {
+    if let Some(shim) = state::get() {
+        shim.flush_closed();
+    }
+}
+
 /// syscall(2). libuv (node) closes fds with `syscall(SYS_close, fd)`, bypassing `close`, so
 /// the shim must see that path to report closed connections; `accept`/`accept4` made the same
 /// way are routed too. glibc's `syscall` is variadic; on x86-64 and AArch64 Linux variadic

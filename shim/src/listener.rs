@@ -1,6 +1,14 @@
 //! One rcluster listener as the shim sees it: the private copy of fd 3+i, which server fd stands
 //! for it after `bind`, and the notifications (READY, CLOSED, STOPPING) owed to the master on its
 //! dispatch channel. Shared by all threads of the process; every field is an atomic, no locks.
+//!
+//! CLOSED is coalesced: a close on an event-loop thread (one that waits in `epoll_wait`, `poll`
+//! or `select`, see interpose.rs) only counts, and the count goes out in one message when that
+//! thread next waits, or accepts, or the listener closes: at most one CLOSED per loop iteration,
+//! sent before the process can block, so never delayed while it idles. Closes on other threads
+//! (a blocking accept loop with a thread per connection) are sent at once. The count is tagged
+//! with the pid that owes it: a forked child inherits a copy of the parent's unsent count, and
+//! must neither send it (the parent will: double-counted) nor add its own to it.
 
 use std::io;
 use std::net::SocketAddr;
@@ -38,7 +46,7 @@ pub struct Listener {
     claimer: AtomicI32,
     listening: AtomicBool,
     ready_sent: AtomicBool,
-    /// Closed connections not yet reported (a send that found the channel full).
+    /// Closed connections not yet reported: `pid << 32 | count` (see the module docs).
     closed_pending: AtomicU64,
     /// The master closed its end: no connection will ever arrive again.
     orphaned: AtomicBool,
@@ -172,30 +180,97 @@ impl Listener {
         {
             self.ready_sent.store(false, Ordering::Release);
         }
+        self.flush_closed();
+    }
+
+    /// Sends the closes counted so far, in one CLOSED. Cheap when there are none (one atomic
+    /// load); otherwise a `getpid` and a `send`.
+    pub fn flush_closed(&self) {
         if self.closed_pending.load(Ordering::Acquire) == 0 {
             return;
         }
-        let n = self.closed_pending.swap(0, Ordering::AcqRel);
-        if n != 0
-            && self
-                .send(ToMaster::Closed { count: n })
-                .is_err_and(transient)
+        // SAFETY: getpid cannot fail.
+        let pid = unsafe { libc::getpid() } as u32;
+        self.flush_closed_as(pid);
+    }
+
+    /// [`Listener::flush_closed`] for process `pid`.
+    pub fn flush_closed_as(&self, pid: u32) {
+        let mut cur = self.closed_pending.load(Ordering::Acquire);
+        loop {
+            if cur == 0 {
+                return;
+            }
+            // Take the whole count if it is ours; drop an inherited one (the parent sends it).
+            match self.closed_pending.compare_exchange_weak(
+                cur,
+                0,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => break,
+                Err(now) => cur = now,
+            }
+        }
+        let (owner, n) = ((cur >> 32) as u32, cur & u64::from(u32::MAX));
+        if owner != pid || n == 0 {
+            return;
+        }
+        if self
+            .send(ToMaster::Closed { count: n })
+            .is_err_and(transient)
         {
-            // Keep the count for the next flush (next close or accept): never lost, and the
-            // swap above means never sent twice. A hard error means the master is gone.
-            self.closed_pending.fetch_add(n, Ordering::AcqRel);
+            // Keep the count for the next flush: never lost, and the exchange above means
+            // never sent twice. A hard error means the master is gone.
+            self.add_closed(pid, n);
         }
     }
 
-    /// `n` connections handed out from this listener are closed: tell the master (and, if it
-    /// was told FULL, READY again once there is room).
-    pub fn conn_closed(&self, n: u64) {
+    /// Adds `n` to the count process `pid` owes, replacing a count inherited from another.
+    fn add_closed(&self, pid: u32, n: u64) {
+        let mut cur = self.closed_pending.load(Ordering::Acquire);
+        loop {
+            let count = if (cur >> 32) as u32 == pid {
+                cur & u64::from(u32::MAX)
+            } else {
+                0
+            };
+            let next = (u64::from(pid) << 32) | (count + n).min(u64::from(u32::MAX));
+            match self.closed_pending.compare_exchange_weak(
+                cur,
+                next,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return,
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// `n` connections handed out from this listener were closed by process `pid`: tell the
+    /// master now, or, with `defer`, with the next flush (the caller's event loop flushes
+    /// before it waits again); and, if it was told FULL, READY again once there is room.
+    pub fn conn_closed(&self, n: u64, pid: u32, defer: bool) {
         if self.dispatch {
-            self.closed_pending.fetch_add(n, Ordering::AcqRel);
-            self.flush();
+            self.add_closed(pid, n);
+            if !defer {
+                self.flush_closed_as(pid);
+            }
             if self.full.load(Ordering::Acquire) {
                 self.has_room();
             }
+        }
+    }
+
+    /// Closes counted and not yet sent by process `pid`.
+    #[cfg(test)]
+    pub fn closed_pending(&self, pid: u32) -> u64 {
+        let cur = self.closed_pending.load(Ordering::Acquire);
+        if (cur >> 32) as u32 == pid {
+            cur & u64::from(u32::MAX)
+        } else {
+            0
         }
     }
 
@@ -275,4 +350,119 @@ fn transient(errno: c_int) -> bool {
         errno,
         libc::EAGAIN | libc::ENOBUFS | libc::ENOMEM | libc::EINTR
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::FromRawFd;
+
+    /// A dispatch listener on one end of a socketpair; the other end plays the master.
+    fn pair() -> (Listener, OwnedFd) {
+        let mut fds = [0 as c_int; 2];
+        // SAFETY: fds is valid storage for two fds.
+        let rc = unsafe {
+            libc::socketpair(
+                libc::AF_UNIX,
+                libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+                0,
+                fds.as_mut_ptr(),
+            )
+        };
+        assert_eq!(rc, 0);
+        // SAFETY: both fds were just created and are owned by nobody else.
+        let (worker, master) =
+            unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let l = Listener::new(0, -1, "127.0.0.1:80".parse().unwrap(), worker, true).unwrap();
+        (l, master)
+    }
+
+    /// Every message waiting at the master's end.
+    fn received(master: &OwnedFd) -> Vec<ToMaster> {
+        let mut out = Vec::new();
+        loop {
+            let mut buf = [0u8; 32];
+            // SAFETY: buf is valid for its length.
+            let n = unsafe {
+                libc::recv(
+                    master.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n <= 0 {
+                return out;
+            }
+            out.push(ToMaster::decode(&buf[..n as usize]).unwrap());
+        }
+    }
+
+    #[test]
+    fn deferred_closes_go_out_as_one_message_once() {
+        let (l, master) = pair();
+        for _ in 0..5 {
+            l.conn_closed(1, 100, true);
+        }
+        assert!(received(&master).is_empty(), "only counted");
+        assert_eq!(l.closed_pending(100), 5);
+        l.flush_closed_as(100);
+        assert_eq!(received(&master), [ToMaster::Closed { count: 5 }]);
+        l.flush_closed_as(100);
+        assert!(received(&master).is_empty(), "never sent twice");
+        // Not deferred: sent at once, one message per close.
+        l.conn_closed(1, 100, false);
+        l.conn_closed(2, 100, false);
+        assert_eq!(
+            received(&master),
+            [ToMaster::Closed { count: 1 }, ToMaster::Closed { count: 2 }]
+        );
+    }
+
+    #[test]
+    fn an_inherited_count_is_never_sent_by_the_child() {
+        let (l, master) = pair();
+        l.conn_closed(3, 100, true);
+        // A forked child (pid 200) sees the parent's unsent count: it does not send it...
+        l.flush_closed_as(200);
+        assert!(received(&master).is_empty());
+        // ...and its own closes replace it rather than add to it.
+        l.conn_closed(3, 100, true);
+        l.conn_closed(1, 200, true);
+        assert_eq!(l.closed_pending(200), 1);
+        l.flush_closed_as(200);
+        assert_eq!(received(&master), [ToMaster::Closed { count: 1 }]);
+    }
+
+    #[test]
+    fn a_full_channel_keeps_the_count_until_it_drains() {
+        let (l, master) = pair();
+        // Fill the channel until a send would block.
+        let filler = ToMaster::Heartbeat.encode();
+        let mut queued = 0;
+        // SAFETY: filler is valid for its length.
+        while unsafe {
+            libc::send(
+                l.chan.as_raw_fd(),
+                filler.as_ptr().cast(),
+                filler.len(),
+                libc::MSG_DONTWAIT,
+            )
+        } > 0
+        {
+            queued += 1;
+        }
+        assert!(queued > 0);
+        l.conn_closed(4, 100, false);
+        assert_eq!(l.closed_pending(100), 4, "kept when the send failed");
+        let got = received(&master);
+        assert_eq!(got.len(), queued);
+        l.conn_closed(1, 100, true);
+        l.flush_closed_as(100);
+        assert_eq!(
+            received(&master),
+            [ToMaster::Closed { count: 5 }],
+            "sent once, nothing lost"
+        );
+    }
 }

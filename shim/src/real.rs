@@ -150,6 +150,78 @@ real_fn!(
         envp: *const *mut c_char
     ) -> c_int
 );
+real_fn!(
+    /// libc `epoll_wait(2)`.
+    epoll_wait(epfd: c_int, events: *mut libc::epoll_event, max: c_int, timeout: c_int) -> c_int
+);
+real_fn!(
+    /// libc `epoll_pwait(2)`.
+    epoll_pwait(
+        epfd: c_int,
+        events: *mut libc::epoll_event,
+        max: c_int,
+        timeout: c_int,
+        sigmask: *const libc::sigset_t
+    ) -> c_int
+);
+real_fn!(
+    /// libc `epoll_pwait2(2)` (glibc 2.35+; ENOSYS through here where libc lacks it).
+    epoll_pwait2(
+        epfd: c_int,
+        events: *mut libc::epoll_event,
+        max: c_int,
+        timeout: *const libc::timespec,
+        sigmask: *const libc::sigset_t
+    ) -> c_int
+);
+real_fn!(
+    /// libc `poll(2)`.
+    poll(fds: *mut libc::pollfd, nfds: libc::nfds_t, timeout: c_int) -> c_int
+);
+real_fn!(
+    /// glibc's `_FORTIFY_SOURCE` `poll`.
+    __poll_chk(fds: *mut libc::pollfd, nfds: libc::nfds_t, timeout: c_int, fdslen: libc::size_t) -> c_int
+);
+real_fn!(
+    /// libc `ppoll(2)`.
+    ppoll(
+        fds: *mut libc::pollfd,
+        nfds: libc::nfds_t,
+        timeout: *const libc::timespec,
+        sigmask: *const libc::sigset_t
+    ) -> c_int
+);
+real_fn!(
+    /// glibc's `_FORTIFY_SOURCE` `ppoll`.
+    __ppoll_chk(
+        fds: *mut libc::pollfd,
+        nfds: libc::nfds_t,
+        timeout: *const libc::timespec,
+        sigmask: *const libc::sigset_t,
+        fdslen: libc::size_t
+    ) -> c_int
+);
+real_fn!(
+    /// libc `select(2)`.
+    select(
+        nfds: c_int,
+        readfds: *mut libc::fd_set,
+        writefds: *mut libc::fd_set,
+        exceptfds: *mut libc::fd_set,
+        timeout: *mut libc::timeval
+    ) -> c_int
+);
+real_fn!(
+    /// libc `pselect(2)`.
+    pselect(
+        nfds: c_int,
+        readfds: *mut libc::fd_set,
+        writefds: *mut libc::fd_set,
+        exceptfds: *mut libc::fd_set,
+        timeout: *const libc::timespec,
+        sigmask: *const libc::sigset_t
+    ) -> c_int
+);
 
 real_fn!(
     /// libc `wait(2)`.
@@ -196,6 +268,15 @@ pub fn resolve_all() {
         (&fexecve::SLOT, fexecve::NAME),
         (&posix_spawn::SLOT, posix_spawn::NAME),
         (&posix_spawnp::SLOT, posix_spawnp::NAME),
+        (&epoll_wait::SLOT, epoll_wait::NAME),
+        (&epoll_pwait::SLOT, epoll_pwait::NAME),
+        (&epoll_pwait2::SLOT, epoll_pwait2::NAME),
+        (&poll::SLOT, poll::NAME),
+        (&__poll_chk::SLOT, __poll_chk::NAME),
+        (&ppoll::SLOT, ppoll::NAME),
+        (&__ppoll_chk::SLOT, __ppoll_chk::NAME),
+        (&select::SLOT, select::NAME),
+        (&pselect::SLOT, pselect::NAME),
         (&wait::SLOT, wait::NAME),
         (&waitpid::SLOT, waitpid::NAME),
         (&wait3::SLOT, wait3::NAME),

@@ -37,6 +37,17 @@ pub fn get() -> Option<&'static Shim> {
     SHIM.get()
 }
 
+thread_local! {
+    /// This thread waits in `epoll_wait`/`poll`/`select` (it called one through the shim), so
+    /// it will flush the CLOSED count before it blocks: its closes are only counted.
+    static EVENT_LOOP: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the calling thread runs an event loop (see [`Shim::before_wait`]).
+pub fn in_event_loop() -> bool {
+    EVENT_LOOP.with(|f| f.get())
+}
+
 /// This thread's errno.
 pub fn errno() -> c_int {
     // SAFETY: __errno_location returns this thread's errno slot, always valid.
@@ -209,6 +220,22 @@ impl Shim {
             return None;
         }
         self.listeners.iter().find(|l| l.is_same_file(fd))
+    }
+
+    /// The calling thread is about to wait for events (`epoll_wait`, `poll`, `select` and
+    /// their variants): from now on its closes are coalesced, and what it counted so far goes
+    /// out now, one CLOSED per listener at most. An atomic load per listener when nothing is
+    /// owed.
+    pub fn before_wait(&self) {
+        EVENT_LOOP.with(|f| f.set(true));
+        self.flush_closed();
+    }
+
+    /// Sends every CLOSED count owed (all listeners).
+    pub fn flush_closed(&self) {
+        for l in &self.listeners {
+            l.flush_closed();
+        }
     }
 
     /// Sends `READY=1` on NOTIFY_SOCKET once every listener is listening.
@@ -493,9 +520,10 @@ impl Shim {
         if pid == 0 || self.mode != Mode::Dispatch {
             return;
         }
+        let me = self.pid();
         self.procs.exited(pid, |i, n| {
             if let Some(l) = self.listener(i) {
-                l.conn_closed(n);
+                l.conn_closed(n, me, false);
             }
         });
     }
@@ -503,21 +531,23 @@ impl Shim {
     /// Records a connection handed out from listener `l` to this process (procs.rs); when it
     /// cannot be accounted, it is reported closed at once.
     pub fn opened(&self, l: &Listener) {
-        let counted = self.procs.opened(self.pid(), l.index, |i, n| {
+        let pid = self.pid();
+        let counted = self.procs.opened(pid, l.index, |i, n| {
             if let Some(dead) = self.listener(i) {
-                dead.conn_closed(n);
+                dead.conn_closed(n, pid, false);
             }
         });
         if !counted {
-            l.conn_closed(1);
+            l.conn_closed(1, pid, false);
         }
     }
 
-    /// A connection from listener `i` that this process held is closed: report it.
-    pub fn conn_closed(&self, i: usize) {
-        self.procs.closed(self.pid(), i);
+    /// A connection from listener `i` that process `pid` (this one) held is closed: report it,
+    /// or with `defer` count it for the next flush (listener.rs).
+    pub fn conn_closed(&self, i: usize, pid: u32, defer: bool) {
+        self.procs.closed(pid, i);
         if let Some(l) = self.listener(i) {
-            l.conn_closed(1);
+            l.conn_closed(1, pid, defer);
         }
     }
 
@@ -525,16 +555,17 @@ impl Shim {
     /// real operation. A connection of ours is forgotten before it (conns.rs) and reported
     /// after it; a claimed listener is released and the master told the worker is stopping.
     pub fn closing(&self, fd: c_int, close_fd: impl FnOnce() -> c_int) -> c_int {
-        if self.conns.is_marked(fd)
-            && let Some(i) = self.conns.take(fd, self.pid())
-        {
-            let rc = close_fd();
-            let e = errno();
-            // close(2): the fd is released even when an error is reported, so the
-            // connection is finished either way.
-            self.conn_closed(i);
-            set_errno(e);
-            return rc;
+        if self.conns.is_marked(fd) {
+            let pid = self.pid();
+            if let Some(i) = self.conns.take(fd, pid) {
+                let rc = close_fd();
+                let e = errno();
+                // close(2): the fd is released even when an error is reported, so the
+                // connection is finished either way.
+                self.conn_closed(i, pid, in_event_loop());
+                set_errno(e);
+                return rc;
+            }
         }
         if let Some(l) = self.claimed(fd) {
             let pid = self.pid() as c_int;

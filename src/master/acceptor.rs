@@ -10,6 +10,18 @@
 //!
 //! Guarantee: a connection the master accepted is never dropped by the master. It goes to a
 //! worker's channel, or waits in `pending` (and accepting stops) until some channel can take it.
+//!
+//! Fresh load signals: for the policies that read the load table, a pick that is a tie is
+//! checked before it is committed. When the policy's choice and the runner-up (its choice with
+//! the first one closed) have the same active count, the acceptor re-reads for both how many
+//! connections are still untaken in the channel: `ioctl(SIOCOUTQ)` on its own end counts the
+//! bytes the worker has not received yet, which stay charged to the sender at a fixed size per
+//! message (calibrated at start, see [`outq_unit`]). Only workers whose `queued` figure can be
+//! stale pay the system call (something was sent to them since it was last read as 0), so at
+//! most two calls per connection, and none when the pick is not a tie. If either figure
+//! changed, the policy picks again on the fresh table. Channel seen empty after a dispatch, or
+//! a CLOSED report, stamps the worker's `progress` (see [`crate::policy`] for how the policies
+//! use both).
 
 use std::collections::VecDeque;
 use std::io;
@@ -223,6 +235,10 @@ struct Channel {
 }
 
 struct Entry {
+    /// Sequence number of the last connection placed in this worker's batch, and of the last
+    /// one sent down its channel (its progress stamp once the channel is seen empty).
+    last_placed: u64,
+    last_sent: u64,
     id: WorkerId,
     slot: usize,
     pid: Pid,
@@ -282,6 +298,10 @@ pub struct Acceptor {
     /// and read every [`CHANNEL_SWEEP`] (`next_sweep`).
     sweep_channels: bool,
     next_sweep: Instant,
+    /// The policy reads the load: picks are checked against fresh channel figures.
+    fresh_signals: bool,
+    /// Bytes `SIOCOUTQ` reports per queued message; 0 when unknown (then only "empty or not").
+    outq_unit: usize,
 }
 
 impl Acceptor {
@@ -304,6 +324,8 @@ impl Acceptor {
         }
         let sweep_channels = !config.policy.reads_active();
         let acceptor = Acceptor {
+            fresh_signals: !sweep_channels,
+            outq_unit: outq_unit(),
             sweep_channels,
             next_sweep: Instant::now(),
             poll,
@@ -576,6 +598,8 @@ impl Acceptor {
             ready_all: false,
             full: false,
             full_log: LogLimiter::default(),
+            last_placed: 0,
+            last_sent: 0,
         });
         self.stats.push(WorkerStat::default());
         self.refresh_open();
@@ -658,6 +682,8 @@ impl Acceptor {
         };
         let mut buf = [0u8; HEADER_LEN + 1];
         let (mut ready, mut stopping, mut misbehaving) = (false, false, false);
+        let mut closed_any = false;
+        let stamp = self.stamp(self.seq);
         // FULL (with the connections it lost) or READY, whichever came last.
         let (mut full, mut resumed): (Option<u64>, bool) = (None, false);
         let entry = &mut self.entries[i];
@@ -682,6 +708,7 @@ impl Acceptor {
                             match accounting::add_closed(entry.dispatched, entry.closed, count) {
                                 Ok(closed) => {
                                     entry.closed = closed;
+                                    closed_any = true;
                                     None
                                 }
                                 Err(clamped) => {
@@ -743,6 +770,9 @@ impl Acceptor {
         }
         let active = entry.dispatched.saturating_sub(entry.closed);
         self.stats[i].active = active.min(u64::from(u32::MAX)) as u32;
+        if closed_any {
+            self.stats[i].progress = stamp;
+        }
         // Reported to the lifecycle, the single source of truth for the worker's state, which
         // answers with Ready (open) or Drain (close and reclaim). One shortcut: a worker still
         // held as Starting is opened at once, because from Starting the lifecycle always
@@ -864,6 +894,7 @@ impl Acceptor {
         let entry = &mut self.entries[i];
         entry.dispatched = entry.dispatched.saturating_sub(taken.len() as u64);
         self.stats[i].active = entry.dispatched.saturating_sub(entry.closed) as u32;
+        self.stats[i].queued = 0;
         info!(
             "reclaimed {} queued connections from worker {} (pid {})",
             taken.len(),
@@ -898,13 +929,15 @@ impl Acceptor {
     /// Picks a worker for `p` and queues it in that worker's batch. Gives `p` back if no worker
     /// is open for its listener.
     fn place(&mut self, p: Pending) -> Result<(), Pending> {
-        let Some(i) = self.policy.pick(&self.stats, p.listener) else {
+        let Some(i) = self.choose(p.listener) else {
             return Err(p);
         };
         let listener = p.listener;
         let entry = &mut self.entries[i];
         entry.dispatched += 1;
+        entry.last_placed = p.seq;
         self.stats[i].active = self.stats[i].active.saturating_add(1);
+        self.stats[i].queued = self.stats[i].queued.saturating_add(1);
         let chan = &mut entry.channels[listener];
         let payload = ToWorker::Conn { seq: p.seq }.encode();
         if let Err((_, fd)) = chan.batch.push(payload, p.fd) {
@@ -933,6 +966,7 @@ impl Acceptor {
         }
         let result = chan.batch.send(chan.ends.master.as_fd(), entry.max_fds);
         if chan.batch.is_empty() {
+            entry.last_sent = entry.last_placed;
             return;
         }
         match result {
@@ -952,6 +986,7 @@ impl Acceptor {
         }
         entry.dispatched -= unsent.len() as u64;
         self.stats[i].active = self.stats[i].active.saturating_sub(unsent.len() as u32);
+        self.stats[i].queued = self.stats[i].queued.saturating_sub(unsent.len() as u32);
         for p in unsent.into_iter().rev() {
             self.pending.push_front(p);
         }
@@ -989,6 +1024,12 @@ impl Acceptor {
                     Ok(fd) => {
                         burst += 1;
                         self.seq += 1;
+                        if self.seq as u32 == 0 {
+                            // Progress stamps are the counter's low 32 bits: restart them all.
+                            for s in &mut self.stats {
+                                s.progress = 0;
+                            }
+                        }
                         let p = Pending {
                             listener: l,
                             seq: self.seq,
@@ -1088,6 +1129,107 @@ impl Acceptor {
             self.entries.len(),
             self.pending.len()
         );
+    }
+}
+
+/// Fresh load signals at pick time (see the module docs).
+impl Acceptor {
+    /// The policy's choice for a connection from `listener`, checked against fresh figures
+    /// when it was a tie with the runner-up; `None` if no worker is open for it.
+    fn choose(&mut self, listener: usize) -> Option<usize> {
+        let i = self.policy.pick(&self.stats, listener)?;
+        if !self.fresh_signals || self.stats.len() < 2 {
+            return Some(i);
+        }
+        // The runner-up: what the policy picks with `i` closed for a moment.
+        let open = self.stats[i].open;
+        self.stats[i].open = open & !(1u64 << listener);
+        let runner_up = self.policy.pick(&self.stats, listener);
+        self.stats[i].open = open;
+        // The fresh fields only order workers with equal active counts (crate::policy's load
+        // key), so they can change the answer only when the two tie on it.
+        let Some(j) = runner_up.filter(|&j| self.stats[j].active == self.stats[i].active) else {
+            return Some(i);
+        };
+        let changed = self.refresh(i) | self.refresh(j);
+        if changed {
+            self.policy.pick(&self.stats, listener)
+        } else {
+            Some(i)
+        }
+    }
+
+    /// Re-reads how many of worker `i`'s connections are still untaken; `true` if its
+    /// `queued` or `progress` changed. No system call when nothing was sent since the figure
+    /// was last known (it is 0, or everything counted is still in the master's batch).
+    fn refresh(&mut self, i: usize) -> bool {
+        let (Some(entry), Some(stat)) = (self.entries.get(i), self.stats.get(i)) else {
+            return false;
+        };
+        let batched: usize = entry.channels.iter().map(|c| c.batch.len()).sum();
+        let queued = stat.queued as usize;
+        if queued <= batched {
+            return false;
+        }
+        let mut messages = 0usize;
+        for c in &entry.channels {
+            match sys::siocoutq(c.ends.master.as_fd()) {
+                Ok(0) => {}
+                // Unknown size per message: only "not empty", so the estimate stands.
+                Ok(_) if self.outq_unit == 0 => return false,
+                Ok(bytes) => messages += bytes.div_ceil(self.outq_unit),
+                Err(_) => return false,
+            }
+        }
+        let sent = queued - batched;
+        let untaken = sent.min(messages.saturating_mul(entry.max_fds));
+        let fresh = (batched + untaken).min(u32::MAX as usize) as u32;
+        let progress = if untaken == 0 {
+            self.stamp(entry.last_sent)
+        } else {
+            stat.progress
+        };
+        let stat = &mut self.stats[i];
+        let changed = fresh != stat.queued || progress != stat.progress;
+        stat.queued = fresh;
+        stat.progress = progress;
+        changed
+    }
+
+    /// The progress stamp of connection number `seq`: its low 32 bits, or 0 if it is from
+    /// before the counter last wrapped them.
+    fn stamp(&self, seq: u64) -> u32 {
+        if seq >> 32 == self.seq >> 32 {
+            seq as u32
+        } else {
+            0
+        }
+    }
+}
+
+/// Bytes `SIOCOUTQ` reports on a `SOCK_SEQPACKET` channel for one queued CONN message (its
+/// kernel truesize: the same whatever the number of fds attached), measured once on a private
+/// socketpair; 0 if it cannot be measured.
+pub fn outq_unit() -> usize {
+    let measure = || -> io::Result<usize> {
+        let (a, b) = sys::socketpair_seqpacket()?;
+        let payload = ToWorker::Conn { seq: 1 }.encode();
+        scm::sendmsg_fd(a.as_fd(), &payload, b.as_fd())?;
+        let one = sys::siocoutq(a.as_fd())?;
+        scm::sendmsg_fd(a.as_fd(), &payload, b.as_fd())?;
+        let two = sys::siocoutq(a.as_fd())?;
+        // Two messages must cost twice one, or the figure is not a per-message size.
+        Ok(if one > 0 && two == 2 * one { one } else { 0 })
+    };
+    match measure() {
+        Ok(unit) => {
+            debug!("channel queue: {unit} bytes per message");
+            unit
+        }
+        Err(e) => {
+            warn!("cannot measure the channel queue's size per message: {e}");
+            0
+        }
     }
 }
 

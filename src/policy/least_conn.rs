@@ -1,9 +1,12 @@
-//! `least-conn`: the open worker with the fewest active connections (dispatched minus closed,
-//! which includes those still queued in its channel). Ties go round-robin.
+//! `least-conn`: the open worker with the smallest [`load_key`]: fewest active connections
+//! (dispatched minus closed, which includes those still queued in its channel); among equals, one
+//! with nothing untaken in its channel; then the one that most recently proved progress (a CLOSED
+//! arrived, or it took what it was sent); remaining ties rotate. The module docs of
+//! [`crate::policy`] say why.
 
-use super::{Policy, WorkerStat, active_key, min_open_from};
+use super::{Policy, WorkerStat, load_key, min_open_from};
 
-/// Fewest active connections; O(workers) scan of a dense table.
+/// Smallest load key; O(workers) scan of a dense table.
 #[derive(Debug, Default)]
 pub struct LeastConn {
     next: usize,
@@ -11,7 +14,7 @@ pub struct LeastConn {
 
 impl Policy for LeastConn {
     fn pick(&mut self, workers: &[WorkerStat], listener: usize) -> Option<usize> {
-        let i = min_open_from(workers, listener, self.next, active_key)?;
+        let i = min_open_from(workers, listener, self.next, load_key)?;
         self.next = i + 1;
         Some(i)
     }
@@ -38,5 +41,25 @@ mod tests {
         let mut lc = LeastConn::default();
         let picks: Vec<_> = (0..6).map(|_| lc.pick(&w, 0).unwrap()).collect();
         assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
+    }
+
+    /// The busy-worker tie: worker 0 serves a long request (1 active, nothing since),
+    /// worker 1 is idle but its last CLOSED has not arrived (1 active). The tie never rotates
+    /// onto worker 0, however often it is asked.
+    #[test]
+    fn a_tie_never_goes_to_the_worker_without_progress() {
+        let mut w = open_with_active(&[1, 1]);
+        w[0].progress = 10;
+        w[1].progress = 11;
+        let mut lc = LeastConn::default();
+        for _ in 0..20 {
+            assert_eq!(lc.pick(&w, 0), Some(1));
+        }
+        // Something untaken in worker 1's channel outweighs its progress...
+        w[1].queued = 1;
+        assert_eq!(lc.pick(&w, 0), Some(0));
+        // ...but not an active count: fewer connections always win.
+        w[0].active = 2;
+        assert_eq!(lc.pick(&w, 0), Some(1));
     }
 }

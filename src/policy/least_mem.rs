@@ -1,9 +1,10 @@
 //! `least-mem`: the open worker with the smallest resident memory (sampled RSS). Workers within
 //! [`rss_tolerance_kib`] of the smallest count as tied, and ties go by fewest active
-//! connections, then round-robin: without the tolerance the worker a few hundred KiB smaller
-//! than its peers would take every connection until its next sample.
+//! connections, then by the rest of [`load_key`] (busy, progress), then round-robin: without the
+//! tolerance the worker a few hundred KiB smaller than its peers would take every connection
+//! until its next sample.
 
-use super::{Policy, ROTATION_BITS, WorkerStat, min_open_from};
+use super::{Policy, WorkerStat, load_key, min_open_from};
 
 /// Workers whose RSS is within this much of the smallest open worker's are treated as equal:
 /// 1/8 of the smallest, and at least 16 MiB, so equal servers share by least-conn while one that
@@ -12,10 +13,7 @@ pub fn rss_tolerance_kib(smallest_kib: u32) -> u32 {
     (smallest_kib / 8).max(16 * 1024)
 }
 
-/// Largest active count least-mem distinguishes (21 bits between RSS and the rotation bits).
-const ACTIVE_MAX: u32 = (1 << (32 - ROTATION_BITS)) - 1;
-
-/// Smallest RSS, then fewest active connections; O(workers).
+/// Smallest RSS (within a tolerance), then the least-conn key; O(workers).
 #[derive(Debug, Default)]
 pub struct LeastMem {
     next: usize,
@@ -32,12 +30,11 @@ impl Policy for LeastMem {
             .map(|w| w.rss_kib)
             .min()?;
         let near = smallest.saturating_add(rss_tolerance_kib(smallest));
+        // One u64 key: the top bit set when the RSS is beyond the tolerance (the smallest is
+        // always within it, so a worker beyond never beats one within), then the least-conn
+        // load key (63 bits), whose low bits the scan fills with the rotation.
         let i = min_open_from(workers, listener, self.next, |w| {
-            // One u64 key: RSS (KiB, 0 when near the smallest) in the high half, then active
-            // connections (saturating at 2^21, far beyond a tie-breaker's use), then the
-            // rotation bits.
-            let rss = if w.rss_kib <= near { 0 } else { w.rss_kib };
-            (u64::from(rss) << 32) | (u64::from(w.active.min(ACTIVE_MAX)) << ROTATION_BITS)
+            (u64::from(w.rss_kib > near) << 63) | load_key(w)
         })?;
         self.next = i + 1;
         Some(i)

@@ -1,6 +1,34 @@
 //! Load-balancing policies: which worker gets the next connection. Run by the acceptor thread on
 //! every connection, so `pick` allocates nothing and costs O(1) or O(workers) over a dense,
 //! `Copy` table the acceptor owns (no atomics or pointers to chase on the hot path).
+//!
+//! # The load key
+//!
+//! `least-conn`, `least-mem` and `p2c` compare workers by one `u64`, [`load_key`], smallest
+//! first; its fields, most significant first:
+//!
+//! | field | bits | meaning |
+//! |---|---|---|
+//! | `active` | 19 | dispatched − closed (saturating at 2^19 − 1): join-the-shortest-queue |
+//! | `busy` | 1 | `queued > 0`: connections sit untaken in its channel (or the master's batch) |
+//! | staleness | 32 | `!progress`: the worker that most recently proved it makes progress wins |
+//! | rotation | 11 | position after the policy's cursor (least-conn), so remaining ties rotate |
+//!
+//! `least-mem` puts one more bit on top (RSS beyond the tolerance of the smallest).
+//!
+//! Why this order: `active` is what least-connections means, and it is exact up to the lag of
+//! CLOSED reports (a worker closes, the client reconnects, the master accepts before the CLOSED
+//! arrives: the idle worker still counts 1). That lag only ever overstates a worker by the
+//! connections it finished in the last moment, so it produces *ties* between an idle worker
+//! and a busy one rather than wrong orders, and the two lower fields decide those ties on
+//! signals that are fresh when the pick is made: the acceptor re-reads `queued` of the
+//! candidates from the kernel (`SIOCOUTQ` on its own end of the channel) before it commits a
+//! pick, and `progress` moves only when a worker demonstrably took or closed something. A
+//! worker stuck in a long request takes nothing and closes nothing: its stamp stays where it
+//! was, so it loses every tie to a worker that keeps serving, and once anything is queued to it,
+//! `busy` is set too. Among workers that all progress, the most recent wins: the same
+//! last-in-first-out choice the kernel makes when it wakes the most recently idle waiter on a
+//! shared accept queue, which keeps a cache-warm worker serving at low load.
 
 mod least_conn;
 mod least_mem;
@@ -23,6 +51,14 @@ pub struct WorkerStat {
     /// Bit `i` is set when listener `i`'s channel to this worker can take a connection now
     /// (worker ready, not draining, channel not full).
     pub open: u64,
+    /// Connections dispatched to the worker that it has not been seen to take: still in its
+    /// channel or in the master's send batch. An upper bound (the worker may have taken them
+    /// since); exact when 0 and right after the acceptor re-read it from the kernel.
+    pub queued: u32,
+    /// When the worker last proved it makes progress (a CLOSED report arrived, or its channel
+    /// was seen empty after a dispatch), as the acceptor's connection counter; larger is more
+    /// recent. Restarts at 0 for every worker when the counter's low 32 bits wrap.
+    pub progress: u32,
 }
 
 impl WorkerStat {
@@ -210,10 +246,17 @@ fn min_open_from(
     Some(if i >= n { i - n } else { i })
 }
 
-/// `active` shifted above the rotation bits: a least-connections key.
+/// Largest `active` count the load key distinguishes.
+pub const ACTIVE_MAX: u32 = (1 << 19) - 1;
+
+/// The load key of the module docs without the rotation bits (they are zero): active
+/// connections, then busy, then staleness of progress. Uses the low 63 bits.
 #[inline]
-fn active_key(w: &WorkerStat) -> u64 {
-    u64::from(w.active) << ROTATION_BITS
+pub fn load_key(w: &WorkerStat) -> u64 {
+    let active = u64::from(w.active.min(ACTIVE_MAX));
+    let busy = u64::from(w.queued != 0);
+    let stale = u64::from(!w.progress);
+    ((active << 33) | (busy << 32) | stale) << ROTATION_BITS
 }
 
 #[cfg(test)]
@@ -226,8 +269,8 @@ pub(crate) mod testutil {
             .iter()
             .map(|&a| WorkerStat {
                 active: a,
-                rss_kib: 0,
                 open: 1,
+                ..WorkerStat::default()
             })
             .collect()
     }
@@ -241,19 +284,41 @@ mod tests {
     #[test]
     fn min_scan_rotates_ties_and_skips_closed() {
         let mut w = open_with_active(&[0, 0, 0, 0]);
-        assert_eq!(min_open_from(&w, 0, 0, active_key), Some(0));
-        assert_eq!(min_open_from(&w, 0, 2, active_key), Some(2));
-        assert_eq!(min_open_from(&w, 0, 3, active_key), Some(3));
+        assert_eq!(min_open_from(&w, 0, 0, load_key), Some(0));
+        assert_eq!(min_open_from(&w, 0, 2, load_key), Some(2));
+        assert_eq!(min_open_from(&w, 0, 3, load_key), Some(3));
         w[3].open = 0;
-        assert_eq!(min_open_from(&w, 0, 3, active_key), Some(0));
+        assert_eq!(min_open_from(&w, 0, 3, load_key), Some(0));
         w[1].active = 5;
         w[0].active = 3;
         w[2].active = 4;
-        assert_eq!(min_open_from(&w, 0, 1, active_key), Some(0));
-        assert_eq!(min_open_from(&w, 1, 0, active_key), None);
-        assert_eq!(min_open_from(&[], 0, 0, active_key), None);
+        assert_eq!(min_open_from(&w, 0, 1, load_key), Some(0));
+        assert_eq!(min_open_from(&w, 1, 0, load_key), None);
+        assert_eq!(min_open_from(&[], 0, 0, load_key), None);
         // Out-of-range start and a single worker.
-        assert_eq!(min_open_from(&w[..1], 0, 7, active_key), Some(0));
+        assert_eq!(min_open_from(&w[..1], 0, 7, load_key), Some(0));
+    }
+
+    #[test]
+    fn load_key_orders_active_then_busy_then_progress() {
+        let w = |active, queued, progress| WorkerStat {
+            active,
+            queued,
+            progress,
+            open: 1,
+            rss_kib: 0,
+        };
+        // Fewer active connections win over everything below.
+        assert!(load_key(&w(1, 5, 0)) < load_key(&w(2, 0, u32::MAX)));
+        // Among equals, nothing untaken wins over progress.
+        assert!(load_key(&w(1, 0, 0)) < load_key(&w(1, 1, u32::MAX)));
+        // Then the more recent progress.
+        assert!(load_key(&w(1, 0, 9)) < load_key(&w(1, 0, 8)));
+        // Saturation keeps the order total and the rotation bits and the top bit free.
+        let max = load_key(&w(u32::MAX, u32::MAX, 0));
+        assert_eq!(max & ((1 << ROTATION_BITS) - 1), 0);
+        assert_eq!(max >> 63, 0);
+        assert!(load_key(&w(ACTIVE_MAX - 1, 1, 0)) < max);
     }
 
     #[test]

@@ -1,9 +1,10 @@
-//! `p2c`: power of two choices: two distinct open workers at random, the one with fewer active
-//! connections wins. O(1) when both draws hit open workers.
+//! `p2c`: power of two choices: two distinct open workers at random, the one with the smaller
+//! [`load_key`] wins (fewer active connections; among equals, nothing untaken in its channel,
+//! then the more recent progress). O(1) when both draws hit open workers.
 
-use super::{Policy, WorkerStat, active_key, min_open_from};
+use super::{Policy, WorkerStat, load_key, min_open_from};
 
-/// Two random choices by active connections, from a xorshift generator (no syscalls, no locks).
+/// Two random choices by load key, from a xorshift generator (no syscalls, no locks).
 #[derive(Debug)]
 pub struct P2c {
     state: u64,
@@ -43,7 +44,7 @@ impl Policy for P2c {
             a
         };
         match (workers[a].is_open(listener), workers[b].is_open(listener)) {
-            (true, true) => Some(if workers[b].active < workers[a].active {
+            (true, true) => Some(if load_key(&workers[b]) < load_key(&workers[a]) {
                 b
             } else {
                 a
@@ -51,7 +52,7 @@ impl Policy for P2c {
             (true, false) => Some(a),
             (false, true) => Some(b),
             // Both draws closed: fall back to least-conn among the open ones.
-            (false, false) => min_open_from(workers, listener, a, active_key),
+            (false, false) => min_open_from(workers, listener, a, load_key),
         }
     }
 }
@@ -67,6 +68,17 @@ mod tests {
         let mut p = P2c::default();
         for _ in 0..100 {
             assert_eq!(p.pick(&w, 0), Some(1));
+        }
+    }
+
+    #[test]
+    fn ties_go_to_the_worker_with_progress() {
+        let mut w = open_with_active(&[1, 1]);
+        w[0].progress = 7;
+        w[1].progress = 3;
+        let mut p = P2c::default();
+        for _ in 0..100 {
+            assert_eq!(p.pick(&w, 0), Some(0));
         }
     }
 

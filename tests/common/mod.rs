@@ -3,6 +3,10 @@
 //! and kills and reaps the master and every worker on drop, also when a test fails.
 #![allow(dead_code)]
 
+mod busy;
+#[allow(unused_imports)]
+pub use busy::*;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};

@@ -1,0 +1,114 @@
+//! The busy-worker scenario of issue 9, shared by the demo-worker and node tests: two workers,
+//! one long request (`?us=2000000`, 2 s of CPU) in flight on worker A, then sequential
+//! `Connection: close` requests from one client. None of them may go to A: A has taken nothing
+//! and closed nothing since its long request, so it must never win a tie against the worker
+//! that keeps serving, however the CLOSED reports lag the client's reconnects.
+
+use super::{DEADLINE, Response, TestCluster, get};
+use std::time::{Duration, Instant};
+
+/// Trials per test, and short requests per trial: the issue's numbers.
+pub const BUSY_TRIALS: usize = 20;
+pub const BUSY_SHORT: usize = 20;
+
+/// Runs [`BUSY_TRIALS`] trials on a 2-worker least-conn `cluster`; `pid_of` says which worker
+/// process served a response. Panics with every trial's count if any short request went to the
+/// busy worker.
+pub fn busy_worker_trials(cluster: &TestCluster, short_path: &str, pid_of: fn(&Response) -> i32) {
+    let addr = cluster.addr();
+    let mut to_busy = Vec::with_capacity(BUSY_TRIALS);
+    for trial in 0..BUSY_TRIALS {
+        let before: Vec<(i32, u64)> = cluster
+            .status()
+            .iter()
+            .map(|s| (s.pid, s.dispatched))
+            .collect();
+        let long = std::thread::spawn(move || get(addr, "/?us=2000000"));
+        // The busy worker: the one the master handed the long request to.
+        let deadline = Instant::now() + DEADLINE;
+        let busy = loop {
+            let now = cluster.status();
+            let grown: Vec<i32> = now
+                .iter()
+                .filter(|s| {
+                    before
+                        .iter()
+                        .find(|(pid, _)| *pid == s.pid)
+                        .is_none_or(|(_, d)| s.dispatched > *d)
+                })
+                .map(|s| s.pid)
+                .collect();
+            if let [pid] = grown[..] {
+                break pid;
+            }
+            assert!(grown.len() < 2, "trial {trial}: nothing else is running");
+            assert!(
+                Instant::now() < deadline,
+                "trial {trial}: the long request was never dispatched"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        // In flight means running: the request may reach the worker some time after the
+        // connection did (a client thread descheduled between connect and write), and until it
+        // does the worker is idle and rightly takes short requests. Wait until the worker has
+        // burnt 30 ms of CPU on it (the spin is 2 s of wall time, so a loaded machine gives it
+        // less CPU than that, but not this little).
+        let start = cpu_ticks(busy);
+        while cpu_ticks(busy) < start + ticks_per_second() * 3 / 100 {
+            assert!(
+                !long.is_finished(),
+                "trial {trial}: the long request ended before it was seen running"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let (mut count, mut checked) = (0, 0);
+        for _ in 0..BUSY_SHORT {
+            let r = get(addr, short_path).expect("short request");
+            assert_eq!(r.status, 200, "{r:?}");
+            // Once the long request is over its worker is idle and may take anything: only
+            // requests answered while it ran count (all 20 but on a badly overloaded machine).
+            if long.is_finished() {
+                break;
+            }
+            checked += 1;
+            if pid_of(&r) == busy {
+                count += 1;
+            }
+        }
+        let long = long.join().unwrap().expect("long request");
+        assert_eq!(long.status, 200);
+        assert_eq!(pid_of(&long), busy, "the long request's worker");
+        to_busy.push((count, checked));
+    }
+    eprintln!("(to the busy worker, requests checked) per trial: {to_busy:?}");
+    assert!(
+        to_busy.iter().all(|&(c, _)| c == 0),
+        "short requests that went to the busy worker, per trial: {to_busy:?}"
+    );
+    let checked: usize = to_busy.iter().map(|&(_, n)| n).sum();
+    assert!(
+        checked >= BUSY_TRIALS,
+        "too few short requests ran while a long one did: {to_busy:?}"
+    );
+}
+
+/// CPU time (user + system) of process `pid`, in clock ticks; 0 if it cannot be read.
+pub fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at the state, field 3;
+    // utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    f.iter().sum()
+}
+
+/// Clock ticks per second in `/proc/PID/stat`: USER_HZ, 100 on every Linux architecture this
+/// project builds for (x86-64, AArch64).
+pub fn ticks_per_second() -> u64 {
+    100
+}
