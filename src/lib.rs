@@ -38,6 +38,7 @@ pub mod listener;
 pub mod loadgen;
 pub mod policy;
 pub mod protocol;
+pub mod steer;
 pub mod supervisor;
 pub mod sys;
 pub mod topology;

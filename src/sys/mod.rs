@@ -3,6 +3,7 @@
 //! an `OwnedFd` from the line it is created on.
 #![allow(unsafe_code)]
 
+pub mod bpf;
 pub mod scm;
 pub mod spawn;
 
