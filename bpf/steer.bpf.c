@@ -7,6 +7,8 @@
 //
 //     load = assigned - closed - forgiven            (signed; see docs/PROTOCOL.md)
 //
+// or, for round-robin, assigned - forgiven (equal shares, each slot in turn).
+//
 // `assigned` is counted here, atomically, after a successful bpf_sk_select_reuseport; workers
 // add `accepted` and `closed` through the mmapped page; the master writes `eligible`, `nslots`
 // and `forgiven` (its reconciliation of handshakes that never completed). Ties rotate by the
@@ -37,9 +39,13 @@ struct steer_slot {
     __u64 reserved[3];
 };
 
+// What the load of a slot is (steer_meta.policy).
+#define STEER_LEAST_CONN 0   // assigned - closed - forgiven: connections still open
+#define STEER_ROUND_ROBIN 1  // assigned - forgiven: placements, so equal shares in turn
+
 struct steer_meta {
     __u32 nslots;    // master: slots in use, 0..nslots are scanned
-    __u32 reserved;
+    __u32 policy;    // master: STEER_LEAST_CONN or STEER_ROUND_ROBIN
 };
 
 struct {
@@ -66,6 +72,7 @@ struct {
 
 struct scan {
     __u32 nslots;
+    __u32 policy;
     __u32 rotate;    // hash % nslots: the slot that wins a tie first
     __u32 best;      // STEER_MAX_SLOTS = none yet
     __u32 best_rank; // (slot - rotate) mod nslots of the best so far
@@ -82,7 +89,8 @@ static __attribute__((noinline)) long visit(struct bpf_map *map, __u32 *key,
         return 1; // past the slots in use: stop
     if (!slot->eligible)
         return 0;
-    __s64 load = (__s64)(slot->assigned - slot->closed) - slot->forgiven;
+    __u64 done = scan->policy == STEER_ROUND_ROBIN ? 0 : slot->closed;
+    __s64 load = (__s64)(slot->assigned - done) - slot->forgiven;
     __u32 rank = idx >= scan->rotate ? idx - scan->rotate : idx + scan->nslots - scan->rotate;
     if (scan->best >= STEER_MAX_SLOTS || load < scan->best_load ||
         (load == scan->best_load && rank < scan->best_rank)) {
@@ -105,6 +113,7 @@ int steer(struct sk_reuseport_md *md)
         return SK_PASS;
     struct scan scan = {
         .nslots = n,
+        .policy = meta->policy,
         .rotate = md->hash % n,
         .best = STEER_MAX_SLOTS,
         .best_rank = 0,

@@ -84,6 +84,15 @@ impl SlotCounts {
     }
 }
 
+/// What the program minimises (`steer_meta.policy` in bpf/steer.bpf.c).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SteerPolicy {
+    /// `assigned - closed - forgiven`: connections still open.
+    LeastConn = 0,
+    /// `assigned - forgiven`: placements, so each slot gets an equal share in turn.
+    RoundRobin = 1,
+}
+
 /// Per-listener program and socket array.
 struct Group {
     socks: OwnedFd,
@@ -238,15 +247,13 @@ impl Steering {
         }
     }
 
-    /// How many slots the program scans (slots `0..n`).
-    pub fn set_slot_count(&self, n: usize) -> io::Result<()> {
-        let n = n.min(page::MAX_SLOTS) as u64;
-        bpf::map_update_elem(
-            self.meta.as_fd(),
-            &0u32.to_ne_bytes(),
-            &n.to_ne_bytes(),
-            bpf::ANY,
-        )
+    /// How many slots the program scans (slots `0..n`) and what it minimises.
+    pub fn configure(&self, n: usize, policy: SteerPolicy) -> io::Result<()> {
+        let n = n.min(page::MAX_SLOTS) as u32;
+        let mut meta = [0u8; 8];
+        meta[..4].copy_from_slice(&n.to_ne_bytes());
+        meta[4..].copy_from_slice(&(policy as u32).to_ne_bytes());
+        bpf::map_update_elem(self.meta.as_fd(), &0u32.to_ne_bytes(), &meta, bpf::ANY)
     }
 
     /// Marks `slot` eligible or not. Returns whether it changed.
@@ -478,7 +485,7 @@ mod kernel_tests {
             steer.insert(slot, 0, s.as_fd()).unwrap();
         }
         steer.attach(0, socks[0].as_fd()).unwrap();
-        steer.set_slot_count(n).unwrap();
+        steer.configure(n, SteerPolicy::LeastConn).unwrap();
         (socks, addr)
     }
 
@@ -521,5 +528,9 @@ mod kernel_tests {
         let closed = steer.table.u64_at(page::offset(1, page::CLOSED)).unwrap();
         closed.fetch_add(10, Ordering::SeqCst);
         assert_eq!(spread(&socks, addr, 10), vec![0, 10, 0, 0]);
+        // Round-robin ignores closes: equal placements, in turn.
+        steer.configure(4, SteerPolicy::RoundRobin).unwrap();
+        assert_eq!(spread(&socks, addr, 30), vec![10, 0, 10, 10]);
+        assert_eq!(spread(&socks, addr, 8), vec![2, 2, 2, 2]);
     }
 }
