@@ -49,6 +49,14 @@ pub struct Args {
     #[arg(long, short = 'p', value_enum, default_value_t = PolicyKind::LeastConn)]
     pub policy: PolicyKind,
 
+    /// Who places connections for round-robin and least-conn: kernel (an SK_REUSEPORT BPF
+    /// program picks from the master's load table at SYN time; workers get their own
+    /// listening sockets as in reuseport mode; needs CAP_BPF and Linux 5.13), dispatch (the
+    /// master accepts and passes each connection), or auto (kernel when the program loads,
+    /// dispatch otherwise).
+    #[arg(long, value_enum, default_value_t = Steer::Auto)]
+    pub steer: Steer,
+
     /// Worker CPU pinning: none, auto (one per physical core first; see `rcluster-lb
     /// topology`), or a CPU list such as 0-3,6 (worker i gets the i-th CPU, wrapping).
     #[arg(long, value_name = "none|auto|CPU-LIST", default_value = "none")]
@@ -110,6 +118,28 @@ pub struct Args {
     /// The server to run as each worker, and its arguments.
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
+}
+
+/// `--steer`: who places connections for the policies the kernel program can carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Steer {
+    /// The kernel when the program loads here, the master otherwise.
+    Auto,
+    /// The kernel, or fail to start.
+    Kernel,
+    /// The master's acceptor.
+    Dispatch,
+}
+
+impl Steer {
+    /// The CLI name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Steer::Auto => "auto",
+            Steer::Kernel => "kernel",
+            Steer::Dispatch => "dispatch",
+        }
+    }
 }
 
 /// Subcommands besides running the cluster.
@@ -209,6 +239,9 @@ pub struct Config {
     pub workers: usize,
     /// The policy.
     pub policy: PolicyKind,
+    /// Who places connections (`Kernel` only for a policy the program carries; `Auto` is
+    /// resolved at startup by loading the program).
+    pub steer: Steer,
     /// Worker pinning.
     pub pin: Pin,
     /// CPU for the acceptor thread.
@@ -334,10 +367,26 @@ impl Args {
             },
         };
         command.resolve().map_err(usage)?;
+        let steer = match (
+            self.steer,
+            crate::steer::SteerPolicy::for_policy(self.policy),
+        ) {
+            (Steer::Kernel, None) => {
+                return Err(usage(format!(
+                    "--steer kernel: the kernel program places connections for least-conn and \
+                     round-robin, not {}",
+                    self.policy
+                )));
+            }
+            // Nothing to steer: the kernel modes have their own placement, the others dispatch.
+            (Steer::Auto, None) => Steer::Dispatch,
+            (steer, _) => steer,
+        };
         Ok(Config {
             listen,
             workers,
             policy: self.policy,
+            steer,
             pin,
             acceptor_cpu,
             command,
@@ -402,5 +451,19 @@ mod tests {
         std::fs::remove_file(&plain).unwrap();
         assert!(not_exec.contains("not executable"), "{not_exec}");
         assert!(msg(&["--drain-signal", "BOGUS"]).contains("BOGUS"));
+        assert!(msg(&["--steer", "kernel", "-p", "p2c"]).contains("not p2c"));
+        assert!(msg(&["--steer", "kernel", "-p", "shared"]).contains("not shared"));
+    }
+
+    #[test]
+    fn steer_defaults_to_auto_where_the_program_applies() {
+        assert_eq!(config(&[]).unwrap().steer, Steer::Auto);
+        assert_eq!(config(&["-p", "rr"]).unwrap().steer, Steer::Auto);
+        assert_eq!(config(&["-p", "p2c"]).unwrap().steer, Steer::Dispatch);
+        assert_eq!(
+            config(&["-p", "lc", "--steer", "dispatch"]).unwrap().steer,
+            Steer::Dispatch
+        );
+        assert_eq!(config(&["--steer", "kernel"]).unwrap().steer, Steer::Kernel);
     }
 }

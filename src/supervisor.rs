@@ -34,6 +34,8 @@ use crate::acceptor::{self, AcceptorHandle, ChannelEnds, Command, Event, WorkerI
 use crate::cli::{Config, Pin};
 use crate::listener;
 use crate::policy::Mode;
+use crate::steer::control::{self as steer, SteerControl};
+use crate::steer::page::ENV_STEER_FD;
 use crate::sys::spawn::{SpawnSpec, spawn};
 use crate::sys::{self, CpuSet, ExitStatus, Pid};
 
@@ -124,6 +126,8 @@ struct Supervisor {
     events: Receiver<Event>,
     events_tx: crossbeam_channel::Sender<Event>,
     acceptor: Option<AcceptorHandle>,
+    /// Kernel steering (`--steer`): the program places connections on the slots' listeners.
+    steer: Option<SteerControl>,
     /// Bound addresses (real ports).
     addrs: Vec<SocketAddr>,
     /// Dispatch mode: the listening sockets until the acceptor takes them. Shared mode: the
@@ -151,7 +155,12 @@ struct Supervisor {
 
 impl Supervisor {
     fn new(config: Config) -> anyhow::Result<Self> {
-        let mode = config.policy.mode();
+        // Kernel steering gives the workers their own listeners, as in reuseport mode.
+        let steer = steer::start(&config)?;
+        let mode = match steer {
+            Some(_) => Mode::Reuseport,
+            None => config.policy.mode(),
+        };
         let poll = Poll::new().context("failed to create the supervisor's poll")?;
         let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP, SIGTTIN, SIGTTOU, SIGUSR1])
             .context("failed to install signal handlers")?;
@@ -191,6 +200,12 @@ impl Supervisor {
                 slot.reuseport = bind_reuseport_group(&addrs)?;
             }
         }
+        let mut steer = steer;
+        if let Some(st) = &mut steer {
+            for (i, slot) in slots.iter().enumerate() {
+                st.add_slot(i, &slot.reuseport)?;
+            }
+        }
 
         let preload = if config.preload && !config.command.builtin {
             find_shim()
@@ -206,6 +221,7 @@ impl Supervisor {
             events,
             events_tx,
             acceptor: None,
+            steer,
             addrs,
             sockets,
             slots,
@@ -257,7 +273,11 @@ impl Supervisor {
             self.config.workers,
             self.config.command.display(),
             self.config.policy,
-            self.mode.as_str()
+            if self.steer.is_some() {
+                "kernel-steered reuseport"
+            } else {
+                self.mode.as_str()
+            }
         );
         for slot in 0..self.slots.len() {
             // A command that cannot start at all (exec fails) is a startup error, not a crash.
@@ -295,11 +315,18 @@ impl Supervisor {
                 }
                 worker_fds.iter().map(|f| f.as_fd()).collect()
             }
-            Mode::Reuseport => self.slots[slot]
-                .reuseport
-                .iter()
-                .map(|s| s.as_fd())
-                .collect(),
+            Mode::Reuseport => {
+                let mut fds: Vec<BorrowedFd<'_>> = self.slots[slot]
+                    .reuseport
+                    .iter()
+                    .map(|s| s.as_fd())
+                    .collect();
+                // Kernel steering: the table follows the listeners (RCLUSTER_STEER_FD).
+                if let Some(st) = &self.steer {
+                    fds.push(st.table_fd());
+                }
+                fds
+            }
             Mode::Shared => self.sockets.iter().map(|s| s.as_fd()).collect(),
         };
 
@@ -325,6 +352,9 @@ impl Supervisor {
         push("RCLUSTER_LISTEN", &listen_list.join(","));
         if notify.is_some() {
             push("NOTIFY_SOCKET", &format!("@{notify_name}"));
+        }
+        if self.steer.is_some() {
+            push(ENV_STEER_FD, &(3 + self.addrs.len()).to_string());
         }
         if let Some(shim) = &self.preload {
             let mut v = b"LD_PRELOAD=".to_vec();
@@ -439,6 +469,7 @@ impl Supervisor {
                 self.on_event(ev);
             }
             self.on_timers();
+            self.steer_sync();
             if self.shutdown_deadline.is_some() {
                 if self.workers.is_empty() {
                     if let Some(a) = self.acceptor.take() {
@@ -471,6 +502,7 @@ impl Supervisor {
         consider(self.shutdown_deadline);
         consider(self.shutdown_signal_at);
         consider(self.next_rss_sample);
+        consider(self.steer.as_ref().map(|s| s.next_deadline()));
         for s in &self.slots {
             consider(s.restart_at);
         }
@@ -524,6 +556,7 @@ impl Supervisor {
             w.state = Lifecycle::Draining;
             w.kill_at = None;
         }
+        self.steer_sync();
         if self.acceptor.is_some() {
             // Stop accepting first, and let the workers take what is already in their channels
             // (up to half the grace period) before they are told to stop: a connection the
@@ -564,6 +597,9 @@ impl Supervisor {
                 w.state,
                 w.started.elapsed()
             );
+        }
+        if let Some(st) = &self.steer {
+            st.log_status();
         }
         self.send(Command::Status);
     }
@@ -626,6 +662,8 @@ impl Supervisor {
             return;
         }
         w.state = Lifecycle::Ready;
+        self.steer_sync();
+        let w = &self.workers[i];
         info!(
             "worker {} ready: pid {} ({how}, after {:.0?})",
             w.slot,
@@ -666,6 +704,9 @@ impl Supervisor {
         }
         w.state = Lifecycle::Draining;
         w.kill_at = Some(Instant::now() + self.config.grace);
+        // Out of the steering table before the worker hears of it.
+        self.steer_sync();
+        let w = &self.workers[i];
         info!(
             "draining worker {} (pid {}, generation {}) with {}",
             w.slot,
@@ -819,6 +860,12 @@ impl Supervisor {
         } else {
             Vec::new()
         };
+        if let Some(st) = &mut self.steer
+            && let Err(e) = st.add_slot(slot, &reuseport)
+        {
+            error!("SIGTTIN: cannot add a worker: {e:#}");
+            return;
+        }
         self.slots.push(Slot {
             cpus: slot_cpus(&self.config.pin, slot),
             reuseport,
@@ -887,6 +934,7 @@ impl Supervisor {
             }
         };
         let w = self.workers.swap_remove(i);
+        self.steer_sync();
         let raw = w.pidfd.as_raw_fd();
         let _ = self.poll.registry().deregister(&mut SourceFd(&raw));
         if let Some(n) = &w.notify {
@@ -1054,6 +1102,23 @@ impl Supervisor {
         {
             self.sample_rss();
             self.next_rss_sample = Some(now + self.config.rss_interval);
+        }
+        if let Some(st) = &mut self.steer {
+            let slots = &self.slots;
+            st.tick(now, |s| &slots[s].reuseport);
+        }
+    }
+
+    /// Kernel steering: a slot is eligible exactly while a ready worker serves it.
+    fn steer_sync(&mut self) {
+        if let Some(st) = &mut self.steer {
+            let (slots, workers) = (&self.slots, &self.workers);
+            st.sync(|slot| {
+                slots[slot].active
+                    && workers
+                        .iter()
+                        .any(|w| w.slot == slot && w.state == Lifecycle::Ready)
+            });
         }
     }
 

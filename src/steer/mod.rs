@@ -10,6 +10,7 @@
 //! The instructions come from `bpf/steer.bpf.c` through `scripts/gen-bpf.sh` ([`prog`]), so
 //! neither users nor `cargo build` need clang.
 
+pub mod control;
 pub mod page;
 pub mod prog;
 
@@ -91,6 +92,18 @@ pub enum SteerPolicy {
     LeastConn = 0,
     /// `assigned - forgiven`: placements, so each slot gets an equal share in turn.
     RoundRobin = 1,
+}
+
+impl SteerPolicy {
+    /// The program's form of a `--policy`, if it carries it (least-mem and p2c would need RSS
+    /// or random draws in the table: not built).
+    pub fn for_policy(policy: crate::policy::PolicyKind) -> Option<SteerPolicy> {
+        match policy {
+            crate::policy::PolicyKind::LeastConn => Some(SteerPolicy::LeastConn),
+            crate::policy::PolicyKind::RoundRobin => Some(SteerPolicy::RoundRobin),
+            _ => None,
+        }
+    }
 }
 
 /// Per-listener program and socket array.

@@ -1,0 +1,194 @@
+//! The supervisor's side of kernel steering: deciding at startup whether the kernel steers
+//! (`--steer`), registering each worker slot's listeners with the program, keeping the table's
+//! eligibility equal to "a ready worker serves this slot", and reconciling placements that never
+//! reached a worker. Owned and called by the supervisor on the main thread; it holds the
+//! [`Steering`] (maps, programs), never the listening sockets (the supervisor's slots do).
+
+use std::os::fd::{AsFd, BorrowedFd};
+use std::time::{Duration, Instant};
+
+use log::{info, warn};
+use socket2::Socket;
+
+use super::{SteerPolicy, Steering, page};
+use crate::cli::{Config, Steer};
+use crate::sys;
+
+/// How often placements are reconciled with the listeners' accept queues.
+pub const RECONCILE_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Kernel steering as the supervisor runs it.
+#[derive(Debug)]
+pub struct SteerControl {
+    steering: Steering,
+    policy: SteerPolicy,
+    /// Slots the program scans (the supervisor's slot count).
+    slots: usize,
+    /// What the table says, so a change is logged once.
+    eligible: Vec<bool>,
+    next_reconcile: Instant,
+    /// Placements written off (+) or taken back (-) since start, for the status line.
+    forgiven_total: i64,
+}
+
+/// Decides who places connections. `Ok(None)`: the master dispatches (`--steer dispatch`, a
+/// policy the program cannot carry, or `auto` where the program does not load: logged with the
+/// reason). `Err`: `--steer kernel` and the program does not load.
+pub fn start(config: &Config) -> anyhow::Result<Option<SteerControl>> {
+    let Some(policy) = SteerPolicy::for_policy(config.policy) else {
+        return Ok(None);
+    };
+    if config.steer == Steer::Dispatch {
+        info!("steering: dispatch (--steer dispatch): the master accepts and passes connections");
+        return Ok(None);
+    }
+    if config.workers > page::MAX_SLOTS {
+        let why = format!(
+            "{} workers exceed the steering table's {} slots",
+            config.workers,
+            page::MAX_SLOTS
+        );
+        return fallback(config.steer, &why);
+    }
+    match Steering::load(config.listen.len()) {
+        Ok(steering) => {
+            info!(
+                "steering: kernel: an SK_REUSEPORT program places each connection on the {} \
+                 worker's own listener{} (--steer {})",
+                config.policy,
+                if steering.migrates() {
+                    "; a closed listener's queue is re-placed the same way"
+                } else {
+                    "; this kernel cannot migrate a closed listener's queue (5.14+)"
+                },
+                config.steer.name()
+            );
+            Ok(Some(SteerControl {
+                steering,
+                policy,
+                slots: 0,
+                eligible: Vec::new(),
+                next_reconcile: Instant::now() + RECONCILE_INTERVAL,
+                forgiven_total: 0,
+            }))
+        }
+        Err(e) => fallback(config.steer, &e.to_string()),
+    }
+}
+
+fn fallback(steer: Steer, why: &str) -> anyhow::Result<Option<SteerControl>> {
+    if steer == Steer::Kernel {
+        anyhow::bail!("--steer kernel: {why}");
+    }
+    warn!("steering: dispatch, kernel steering unavailable: {why}");
+    Ok(None)
+}
+
+impl SteerControl {
+    /// The table's fd for workers to map, and the variable naming where they find it.
+    pub fn table_fd(&self) -> BorrowedFd<'_> {
+        self.steering.table_fd()
+    }
+
+    /// Registers slot `slot`'s listeners (one per `--listen` address, in order), new or taken
+    /// over from an earlier use of the slot: zeroes its counters, puts each listener in its
+    /// address's socket array, attaches the program to each group (once is enough, again is
+    /// harmless) and widens the scan. The slot stays ineligible until a worker is ready.
+    pub fn add_slot(&mut self, slot: usize, listeners: &[Socket]) -> anyhow::Result<()> {
+        use anyhow::Context;
+        self.steering.set_eligible(slot, false);
+        self.steering.reset(slot);
+        for (i, socket) in listeners.iter().enumerate() {
+            self.steering
+                .insert(slot, i, socket.as_fd())
+                .with_context(|| {
+                    format!("cannot give worker slot {slot}'s listener to the program")
+                })?;
+            if slot == 0 {
+                self.steering
+                    .attach(i, socket.as_fd())
+                    .context("cannot attach the steering program to the listeners")?;
+            }
+        }
+        if slot >= self.eligible.len() {
+            self.eligible.resize(slot + 1, false);
+        }
+        self.slots = self.slots.max(slot + 1);
+        self.steering
+            .configure(self.slots, self.policy)
+            .context("cannot update the steering program's slot count")
+    }
+
+    /// Makes the table's eligibility what the supervisor says: `serving(slot)` is true while a
+    /// ready, not draining worker serves the slot. Called after every lifecycle change, before
+    /// any signal is sent, so a draining or dead worker's slot gets no new connection first.
+    pub fn sync(&mut self, serving: impl Fn(usize) -> bool) {
+        for slot in 0..self.slots {
+            let want = serving(slot);
+            if self.eligible[slot] != want {
+                self.eligible[slot] = want;
+                self.steering.set_eligible(slot, want);
+                log::debug!(
+                    "steering: slot {slot} {}",
+                    if want { "eligible" } else { "ineligible" }
+                );
+            }
+        }
+    }
+
+    /// When [`SteerControl::tick`] wants to run next.
+    pub fn next_deadline(&self) -> Instant {
+        self.next_reconcile
+    }
+
+    /// Reconciles placements with what reached the workers, every [`RECONCILE_INTERVAL`]:
+    /// `listeners(slot)` gives the slot's listening sockets (empty for a slot gone).
+    pub fn tick<'a>(&mut self, now: Instant, listeners: impl Fn(usize) -> &'a [Socket]) {
+        if now < self.next_reconcile {
+            return;
+        }
+        self.next_reconcile = now + RECONCILE_INTERVAL;
+        for slot in 0..self.slots {
+            let socks = listeners(slot);
+            if socks.is_empty() {
+                continue;
+            }
+            let queued: u64 = socks
+                .iter()
+                .filter_map(|s| sys::bpf::tcp_listen_queue(s.as_fd()).ok())
+                .map(|(q, _)| u64::from(q))
+                .sum();
+            self.forgiven_total += self.steering.reconcile(slot, queued);
+        }
+    }
+
+    /// One status line per slot in use (SIGUSR1), plus the programs' cost when
+    /// `kernel.bpf_stats_enabled` is on.
+    pub fn log_status(&self) {
+        for slot in 0..self.slots {
+            let c = self.steering.counts(slot);
+            info!(
+                "status: steering slot {slot}: {} load {} assigned {} accepted {} closed {} \
+                 forgiven {}{}",
+                if c.eligible { "eligible" } else { "ineligible" },
+                c.load(),
+                c.assigned,
+                c.accepted,
+                c.closed,
+                c.forgiven,
+                if c.reporting {
+                    ""
+                } else {
+                    " (worker does not report)"
+                }
+            );
+        }
+        let (ns, runs) = self.steering.run_stats();
+        if let Some(per_run) = ns.checked_div(runs) {
+            info!(
+                "status: steering program: {runs} runs, {per_run} ns per run \
+                 (kernel.bpf_stats_enabled)"
+            );
+        }
+    }
+}
