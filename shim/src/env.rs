@@ -32,6 +32,9 @@ pub struct Contract {
     pub listen: Vec<SocketAddr>,
     /// `NOTIFY_SOCKET`, if set.
     pub notify_socket: Option<Vec<u8>>,
+    /// `RCLUSTER_STEER_FD` and `RCLUSTER_WORKER_ID`: the steering table's fd and this
+    /// worker's slot in it (kernel steering only).
+    pub steer: Option<(libc::c_int, usize)>,
 }
 
 fn getenv(name: &CStr) -> Option<Vec<u8>> {
@@ -115,7 +118,20 @@ pub fn read() -> Result<Option<Contract>, String> {
         mode,
         listen,
         notify_socket: getenv(c"NOTIFY_SOCKET").filter(|v| !v.is_empty()),
+        steer: steer_vars(
+            getenv(c"RCLUSTER_STEER_FD").as_deref(),
+            getenv(c"RCLUSTER_WORKER_ID").as_deref(),
+        ),
     }))
+}
+
+/// The steering table's fd and slot, when both variables are numbers (a fd above 2).
+pub fn steer_vars(fd: Option<&[u8]>, slot: Option<&[u8]>) -> Option<(libc::c_int, usize)> {
+    let fd = libc::c_int::try_from(parse_number(fd?)?)
+        .ok()
+        .filter(|&fd| fd > 2)?;
+    let slot = usize::try_from(parse_number(slot?)?).ok()?;
+    Some((fd, slot))
 }
 
 fn base_name(path: &[u8]) -> &[u8] {
@@ -243,6 +259,19 @@ mod tests {
         assert!(parse_listen(b"localhost:80").is_err());
         assert_eq!(parse_number(b"00000000000000012345"), Some(12345));
         assert_eq!(parse_number(b"x"), None);
+    }
+
+    #[test]
+    fn reads_the_steering_variables() {
+        assert_eq!(steer_vars(Some(b"4"), Some(b"1")), Some((4, 1)));
+        assert_eq!(
+            steer_vars(Some(b"1"), Some(b"1")),
+            None,
+            "stdio is never the table"
+        );
+        assert_eq!(steer_vars(Some(b"x"), Some(b"1")), None);
+        assert_eq!(steer_vars(None, Some(b"1")), None);
+        assert_eq!(steer_vars(Some(b"4"), None), None);
     }
 
     #[test]

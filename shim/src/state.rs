@@ -13,6 +13,7 @@ use crate::conns::ConnTable;
 use crate::env::{self, Mode};
 use crate::listener::Listener;
 use crate::notify::NotifyTarget;
+use crate::steer::SteerSlot;
 use crate::{dispatch, follow, real, sockaddr as sa};
 
 /// Everything the shim knows, once the constructor found the worker contract.
@@ -23,6 +24,8 @@ pub struct Shim {
     pub conns: ConnTable,
     notify: Option<NotifyTarget>,
     notified: AtomicBool,
+    /// Kernel steering: this worker's line of the table, counted on per accept and close.
+    steer: Option<SteerSlot>,
 }
 
 static SHIM: OnceLock<Shim> = OnceLock::new();
@@ -166,7 +169,18 @@ pub unsafe fn init() {
         .notify_socket
         .as_deref()
         .and_then(NotifyTarget::parse);
+    let steer = match contract.steer {
+        Some((fd, slot)) if contract.mode == Mode::Reuseport => {
+            let mapped = SteerSlot::map(fd, slot);
+            if mapped.is_none() {
+                warn("RCLUSTER_STEER_FD is not a mappable steering table; not counting");
+            }
+            mapped
+        }
+        _ => None,
+    };
     let _ = SHIM.set(Shim {
+        steer,
         mode: contract.mode,
         listeners,
         conns: ConnTable::new(),
@@ -195,6 +209,14 @@ impl Shim {
     /// The listener the server's `fd` was claimed as, if any: a few atomic loads.
     fn claimed(&self, fd: c_int) -> Option<&Listener> {
         self.listeners.iter().find(|l| l.is_claimed_as(fd))
+    }
+
+    /// The listener whose inherited fd 3+i `fd` still is (a socket-activated server accepting
+    /// from it directly): the number matches and so does the file (an fstat, paid only then).
+    fn inherited_listener(&self, fd: c_int) -> Option<&Listener> {
+        self.listeners
+            .iter()
+            .find(|l| l.inherited_fd == fd && l.is_same_file(fd))
     }
 
     /// The dispatch listener whose channel `fd` refers to without having been claimed (fd 3+i
@@ -313,6 +335,19 @@ impl Shim {
             return unsafe { dispatch::accept(self, l, fd, addr, len, flags) };
         }
         let rc = real_accept();
+        if rc >= 0
+            && let Some(steer) = &self.steer
+            && let Some(l) = self.claimed(fd).or_else(|| self.inherited_listener(fd))
+        {
+            // Kernel steering: count it and watch its close (conns.rs).
+            steer.accepted();
+            match self.conns.mark(rc, l.index, self.pid()) {
+                crate::conns::Marked::Fresh => {}
+                crate::conns::Marked::Stale(_) => steer.closed(),
+                crate::conns::Marked::Untracked => steer.closed(),
+            }
+            return rc;
+        }
         // accept on a socketpair end fails with EINVAL (not listening) or EOPNOTSUPP: only then
         // pay an fstat to see whether it is one of our channels under another number.
         if rc < 0 && matches!(errno(), libc::EINVAL | libc::EOPNOTSUPP) {
@@ -412,6 +447,13 @@ impl Shim {
     pub fn closing(&self, fd: c_int, close_fd: impl FnOnce() -> c_int) -> c_int {
         if self.conns.is_marked(fd) {
             if let Some(i) = self.conns.take(fd, self.pid()) {
+                // Kernel steering: counted before the FIN leaves, so a client that reconnects
+                // at once finds the load already lower.
+                if let Some(steer) = &self.steer
+                    && self.listener(i).is_some_and(|l| !l.dispatch)
+                {
+                    steer.closed();
+                }
                 let rc = close_fd();
                 let e = errno();
                 // close(2): the fd is released even when an error is reported, so the
