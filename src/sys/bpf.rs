@@ -371,6 +371,13 @@ impl Drop for MapMmap {
     }
 }
 
+/// Whether `fd` is a BPF map (`/proc/self/fd/N` reads `anon_inode:bpf-map`): a number taken
+/// from the environment is checked before it is mapped writable.
+pub fn is_bpf_map(fd: BorrowedFd<'_>) -> bool {
+    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .is_ok_and(|target| target.as_os_str() == "anon_inode:bpf-map")
+}
+
 /// `getsockopt(TCP_INFO)` on a listening socket: `(tcpi_unacked, tcpi_sacked)`, which for a
 /// listener are its accept-queue length and its backlog limit (tcp_get_info in the kernel).
 pub fn tcp_listen_queue(socket: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
