@@ -894,7 +894,7 @@ impl Supervisor {
         }
         let slot = *active.last().expect("two or more");
         info!("SIGTTOU: removing worker {slot}");
-        if self.mode == Mode::Reuseport {
+        if self.mode == Mode::Reuseport && !self.steer.as_ref().is_some_and(|s| s.migrates()) {
             // Closing a SO_REUSEPORT listener resets what is queued on it unless the host has
             // net.ipv4.tcp_migrate_req=1 (which moves them to another socket of the group).
             warn!(

@@ -85,6 +85,12 @@ fn fallback(steer: Steer, why: &str) -> anyhow::Result<Option<SteerControl>> {
 }
 
 impl SteerControl {
+    /// Whether the program re-places a closed listener's queue (`SELECT_OR_MIGRATE`), so
+    /// closing a slot's listener resets nothing.
+    pub fn migrates(&self) -> bool {
+        self.steering.migrates()
+    }
+
     /// The table's fd for workers to map, and the variable naming where they find it.
     pub fn table_fd(&self) -> BorrowedFd<'_> {
         self.steering.table_fd()

@@ -26,7 +26,10 @@ use crate::sys::bpf::{self, MapMmap, MapSpec, ProgLoadError, ProgSpec};
 #[derive(Debug, Error)]
 pub enum SteerError {
     /// `bpf(2)` refused: no CAP_BPF (or CAP_SYS_ADMIN), or a seccomp profile.
-    #[error("bpf(2) not permitted ({0}): needs CAP_BPF, and no seccomp profile forbidding bpf")]
+    #[error(
+        "bpf(2) not permitted ({0}): loading the program needs CAP_BPF (or CAP_SYS_ADMIN) and \
+         no seccomp profile that forbids bpf(2)"
+    )]
     NotPermitted(io::Error),
     /// `bpf(2)` does not exist (ENOSYS: a kernel without it, or seccomp answering ENOSYS).
     #[error("bpf(2) unavailable ({0}): kernel without BPF, or a seccomp profile")]

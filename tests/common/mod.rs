@@ -49,21 +49,27 @@ impl TestCluster {
 
     /// As [`TestCluster::spawn`] with extra environment variables for the master.
     pub fn spawn_with_env(args: &[&str], env: &[(&str, &str)]) -> TestCluster {
+        let mut cmd = Command::new(BIN);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Self::spawn_with_command(cmd, args)
+    }
+
+    /// As [`TestCluster::spawn`], running the master through `cmd` (the binary itself, or a
+    /// wrapper such as `setpriv ... -- BIN`), to which the arguments are added.
+    pub fn spawn_with_command(mut cmd: Command, args: &[&str]) -> TestCluster {
         let mut argv: Vec<&str> = Vec::new();
         let listeners = args.iter().filter(|a| **a == "--listen").count();
         if listeners == 0 {
             argv.extend(["--listen", "127.0.0.1:0"]);
         }
         argv.extend_from_slice(args);
-        let mut cmd = Command::new(BIN);
         cmd.args(&argv)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .env("RCLUSTER_LOG", "info");
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
         let mut child = cmd.spawn().expect("spawn rcluster-lb");
         let stderr = child.stderr.take().expect("piped stderr");
         let log = Arc::new(Log::default());
