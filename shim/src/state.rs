@@ -196,6 +196,11 @@ impl Shim {
         unsafe { libc::getpid() as u32 }
     }
 
+    /// Kernel steering: this worker's line of the table, if mapped.
+    pub fn steer(&self) -> Option<&SteerSlot> {
+        self.steer.as_ref()
+    }
+
     /// All adopted listeners.
     pub fn listeners(&self) -> &[Listener] {
         &self.listeners

@@ -26,6 +26,10 @@ const REPORTING: usize = 36;
 pub struct SteerSlot {
     accepted: &'static AtomicU64,
     closed: &'static AtomicU64,
+    /// The inherited fd number and the identity of the map behind it, so a same-process exec
+    /// can hand the table on (follow.rs) only while the number is still ours.
+    fd: c_int,
+    ident: Option<(u64, u64)>,
 }
 
 /// Whether `fd` is a BPF map (`anon_inode:bpf-map`): a number from the environment is checked
@@ -83,7 +87,22 @@ impl SteerSlot {
             )
         };
         reporting.store(1, Ordering::SeqCst);
-        Some(SteerSlot { accepted, closed })
+        Some(SteerSlot {
+            accepted,
+            closed,
+            fd,
+            ident: crate::listener::ident_of(fd),
+        })
+    }
+
+    /// Makes the table's fd survive an exec of this same process (`inherit = true`: the next
+    /// image's shim maps it again) or not (after a failed exec), if the number is still ours.
+    pub fn set_inheritable(&self, inherit: bool) {
+        if self.ident.is_some() && crate::listener::ident_of(self.fd) == self.ident {
+            let flags = if inherit { 0 } else { libc::FD_CLOEXEC };
+            // SAFETY: fcntl on an fd verified to be the table we mapped.
+            unsafe { libc::fcntl(self.fd, libc::F_SETFD, flags) };
+        }
     }
 
     /// The server accepted a connection from a listener.

@@ -64,6 +64,12 @@ impl TestCluster {
         if listeners == 0 {
             argv.extend(["--listen", "127.0.0.1:0"]);
         }
+        // The suites were written for the master's own dispatch; RCLUSTER_TEST_STEER=auto runs
+        // them with kernel steering where it applies (tests/steer.rs always chooses itself).
+        let steer = std::env::var("RCLUSTER_TEST_STEER").unwrap_or_else(|_| "dispatch".into());
+        if !args.contains(&"--steer") {
+            argv.extend(["--steer", steer.as_str()]);
+        }
         argv.extend_from_slice(args);
         cmd.args(&argv)
             .stdin(Stdio::null())
