@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use mio::{Poll, Token, Waker};
-use rcluster_lb::acceptor::{Acceptor, AcceptorConfig, ChannelEnds, Command};
+use rcluster_lb::master::acceptor::{Acceptor, AcceptorConfig, ChannelEnds, Command};
 use rcluster_lb::policy::PolicyKind;
-use rcluster_lb::protocol::HEADER_LEN;
-use rcluster_lb::sys::{self, scm};
+use rcluster_proto::{HEADER_LEN, MAX_FDS_PER_CONN, ToMaster};
+use rcluster_sys::{self as sys, scm};
 
 /// Connections per timed round.
 const ROUND: usize = 64;
@@ -99,8 +99,8 @@ fn bench_dispatch(c: &mut Criterion) {
                     .unwrap();
                 // The fake worker announces itself as the Rust worker API does: READY, taking
                 // up to MAX_FDS_PER_CONN connections per message.
-                let ready = rcluster_lb::protocol::Message::Ready {
-                    max_fds: rcluster_lb::protocol::MAX_FDS_PER_CONN as u64,
+                let ready = ToMaster::Ready {
+                    max_fds: MAX_FDS_PER_CONN as u64,
                 };
                 scm::send(worker_ends[id as usize].as_fd(), &ready.encode(), 0).unwrap();
             }
@@ -131,8 +131,7 @@ fn bench_dispatch(c: &mut Criterion) {
                             fds.clear();
                         }
                         if taken > 0 {
-                            let closed =
-                                rcluster_lb::protocol::Message::Closed { count: taken }.encode();
+                            let closed = ToMaster::Closed { count: taken }.encode();
                             scm::send(end.as_fd(), &closed, 0).unwrap();
                         }
                         got += taken as usize;

@@ -45,8 +45,8 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rcluster_lb::loadgen::{ErrorCounts, Load, LoadSpec, Mix, Report};
 use rcluster_lb::policy::PolicyKind;
+use rcluster_loadgen::{ErrorCounts, Load, LoadSpec, Mix, Report};
 
 /// The heavy-tailed CPU-bound mix of DESIGN.md §6.
 const HEAVY_MIX: &str = "98% us=200, 2% us=20000";
@@ -975,7 +975,7 @@ fn errors_cell(results: &Results, system: &str, scenario: Scenario) -> String {
         total.other += m.errors.other;
         non_200 += m.non_200;
     }
-    let mut parts: Vec<String> = rcluster_lb::loadgen::ErrorKind::ALL
+    let mut parts: Vec<String> = rcluster_loadgen::ErrorKind::ALL
         .iter()
         .filter(|&&k| total.get(k) > 0)
         .map(|&k| format!("{} {}", k.name(), total.get(k)))

@@ -4,9 +4,9 @@
 //! receiving end takes all 64 back.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use rcluster_lb::protocol::{HEADER_LEN, MAX_FDS_PER_CONN, Message};
-use rcluster_lb::sys::scm::{self, SendBatch};
-use rcluster_lb::sys::socketpair_seqpacket;
+use rcluster_proto::{HEADER_LEN, MAX_FDS_PER_CONN, ToWorker};
+use rcluster_sys::scm::{self, SendBatch};
+use rcluster_sys::socketpair_seqpacket;
 use std::os::fd::{AsFd, OwnedFd};
 
 const BATCH: usize = 64;
@@ -23,7 +23,7 @@ fn bench_fd_passing(c: &mut Criterion) {
     let (master, worker) = socketpair_seqpacket().unwrap();
     // Any fd will do as the passenger; a socket is what the acceptor passes.
     let passenger: OwnedFd = socketpair_seqpacket().unwrap().0;
-    let payload = Message::Conn { seq: 1 }.encode();
+    let payload = ToWorker::Conn { seq: 1 }.encode();
     let mut group = c.benchmark_group("fd_passing");
     group.throughput(Throughput::Elements(BATCH as u64));
     group.bench_function("sendmsg_one_per_syscall_x64", |b| {

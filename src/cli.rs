@@ -14,10 +14,9 @@ use crate::policy::PolicyKind;
 use crate::sys;
 use crate::topology;
 
-/// At most this many workers: beyond it `--workers` is a typo, not a plan.
-pub const MAX_WORKERS: usize = 1024;
+pub use crate::policy::MAX_WORKERS;
 /// At most this many `--listen` addresses (one bit each in the load table, one fd each).
-pub const MAX_LISTENERS: usize = 64;
+pub use rcluster_proto::MAX_LISTENERS;
 
 /// rcluster-lb runs N copies of a server behind one port, the master handing each connection
 /// to the worker its policy picks.
@@ -284,7 +283,7 @@ impl Args {
         }
         let mut listen = Vec::with_capacity(self.listen.len());
         for text in &self.listen {
-            let addr = crate::listener::parse_listen_addr(text).map_err(usage)?;
+            let addr = crate::master::listener::parse_listen_addr(text).map_err(usage)?;
             if listen.contains(&addr) && addr.port() != 0 {
                 return Err(usage(format!("--listen {addr} given twice")));
             }
@@ -319,7 +318,7 @@ impl Args {
                 let topo = topology::Topology::detect(&allowed)
                     .map_err(|e| usage(format!("cannot read the CPU topology: {e}")))?;
                 let plan = topo.plan(workers);
-                if acceptor_cpu.is_none() && self.policy.mode() == crate::policy::Mode::Dispatch {
+                if acceptor_cpu.is_none() && self.policy.mode() == rcluster_proto::Mode::Dispatch {
                     acceptor_cpu = plan.acceptor;
                 }
                 Pin::Cpus(plan.workers)
@@ -402,6 +401,22 @@ impl Args {
             max_rss: self.max_rss.map(|s| s.as_u64()),
             stall_timeout: self.stall_timeout,
         })
+    }
+}
+
+/// `--policy` values: the names, aliases and help the policies themselves define, so the
+/// policy module needs no CLI derive.
+impl clap::ValueEnum for PolicyKind {
+    fn value_variants<'a>() -> &'a [Self] {
+        &PolicyKind::ALL
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(
+            clap::builder::PossibleValue::new(self.name())
+                .aliases(self.aliases().iter().copied())
+                .help(self.about()),
+        )
     }
 }
 

@@ -1,6 +1,6 @@
 //! The built-in demo HTTP worker (`rcluster-lb` with no command runs it through a hidden
 //! subcommand): a single-threaded HTTP/1.1 keep-alive server on mio, built on the
-//! [`crate::worker`] API, whose every response names the worker that served it.
+//! `rcluster_worker` API, whose every response names the worker that served it.
 //!
 //! Thread and fds: [`Server::run`] runs on the worker process's main thread (a test's thread in
 //! tests) and owns the [`Worker`] (its listener fds) and every accepted connection; a
@@ -29,8 +29,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use mio::{Events, Interest, Poll, Token, Waker};
 
-use crate::sys;
-use crate::worker::{MioConnection, Worker, is_master_gone};
+use rcluster_sys as sys;
+use rcluster_worker::{MioConnection, Worker, is_master_gone};
 
 /// The longest request head (request line and headers) accepted; longer gets 431.
 pub const MAX_HEAD_BYTES: usize = 16 * 1024;
@@ -89,13 +89,16 @@ fn init_logging(worker: &Worker) {
         .try_init();
 }
 
-/// Asks a running [`Server`] to drain and return; cheap to clone, usable from any thread.
+/// Asks a running [`Server`] to drain and return; cheap to clone, usable from any thread. The
+/// worker process itself stops on signals; the handle is how tests stop a server in-process.
 #[derive(Clone, Debug)]
+#[cfg_attr(not(test), allow(dead_code))]
 pub struct StopHandle {
     requested: Arc<AtomicBool>,
     waker: Arc<Waker>,
 }
 
+#[cfg_attr(not(test), allow(dead_code))]
 impl StopHandle {
     /// Starts the drain (as SIGTERM would). Idempotent.
     pub fn stop(&self) {
@@ -144,6 +147,7 @@ impl Server {
     }
 
     /// A handle that makes [`Server::run`] drain and return.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub fn stop_handle(&self) -> StopHandle {
         self.stop.clone()
     }
@@ -310,7 +314,7 @@ impl Server {
         }
     }
 
-    fn add_client(&mut self, conn: crate::worker::Connection) -> io::Result<()> {
+    fn add_client(&mut self, conn: rcluster_worker::Connection) -> io::Result<()> {
         let conn = conn.into_mio()?;
         let idx = self.clients.insert(Client::new(conn));
         let client = self.clients.get_mut(idx).expect("just inserted");
@@ -913,9 +917,9 @@ fn parse_query(target: &str) -> Result<Query, &'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{HEADER_LEN, Message};
-    use crate::sys::scm;
-    use crate::worker::{Contract, Mode};
+    use rcluster_proto::{HEADER_LEN, ToMaster, ToWorker};
+    use rcluster_sys::scm;
+    use rcluster_worker::{Contract, Mode};
     use std::collections::HashMap;
     use std::io::{BufRead, BufReader};
     use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -1107,17 +1111,17 @@ mod tests {
         fn dispatch(&self, seq: u64) -> HttpClient {
             let client = TcpStream::connect(self.tcp.local_addr().unwrap()).unwrap();
             let (server_side, _) = self.tcp.accept().unwrap();
-            let msg = Message::Conn { seq }.encode();
+            let msg = ToWorker::Conn { seq }.encode();
             scm::sendmsg_fd(self.end.as_fd(), &msg, server_side.as_fd()).unwrap();
             HttpClient::new(client)
         }
 
         /// The next message from the worker, waiting for it until [`DEADLINE`].
-        fn next_message(&self) -> Message {
+        fn next_message(&self) -> ToMaster {
             loop {
                 let mut buf = [0u8; HEADER_LEN];
                 match scm::recvmsg_fd(self.end.as_fd(), &mut buf, libc::MSG_DONTWAIT) {
-                    Ok(got) => return Message::decode(&buf[..got.len]).unwrap(),
+                    Ok(got) => return ToMaster::decode(&buf[..got.len]).unwrap(),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         wait_readable(self.end.as_fd())
                     }
@@ -1127,11 +1131,11 @@ mod tests {
         }
 
         /// Reads messages until CLOSED reports add up to `total`; returns the others.
-        fn await_closed(&self, total: u64) -> Vec<Message> {
+        fn await_closed(&self, total: u64) -> Vec<ToMaster> {
             let (mut closed, mut others) = (0, Vec::new());
             while closed < total {
                 match self.next_message() {
-                    Message::Closed { count } => closed += count,
+                    ToMaster::Closed { count } => closed += count,
                     other => others.push(other),
                 }
             }
@@ -1169,8 +1173,8 @@ mod tests {
         let running = Running::start(worker);
         assert_eq!(
             master.next_message(),
-            Message::Ready {
-                max_fds: crate::protocol::MAX_FDS_PER_CONN as u64
+            ToMaster::Ready {
+                max_fds: rcluster_proto::MAX_FDS_PER_CONN as u64
             }
         );
         (running, master, reclaim)
@@ -1295,7 +1299,7 @@ mod tests {
         assert!(master.await_closed(1).is_empty());
 
         running.finish().unwrap();
-        assert_eq!(master.next_message(), Message::Stopping);
+        assert_eq!(master.next_message(), ToMaster::Stopping);
     }
 
     #[test]
@@ -1310,7 +1314,7 @@ mod tests {
         assert_eq!(busy.response(false).status, 200);
 
         running.stop.stop();
-        assert_eq!(master.next_message(), Message::Stopping);
+        assert_eq!(master.next_message(), ToMaster::Stopping);
         idle.assert_closed();
         // Dispatched after STOPPING: must stay queued for the master to take back.
         let _late = master.dispatch(3);
@@ -1324,7 +1328,7 @@ mod tests {
 
         let mut buf = [0u8; HEADER_LEN];
         let got = scm::recvmsg_fd(reclaim.as_fd(), &mut buf, libc::MSG_DONTWAIT).unwrap();
-        assert_eq!(Message::decode(&buf).unwrap(), Message::Conn { seq: 3 });
+        assert_eq!(ToWorker::decode(&buf).unwrap(), ToWorker::Conn { seq: 3 });
         assert!(got.fd.is_some());
     }
 

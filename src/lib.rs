@@ -1,5 +1,6 @@
 //! rcluster-lb: one master, N pre-forked worker processes in any language, the master choosing
-//! which worker gets each connection.
+//! which worker gets each connection. This crate is the master; the worker contract, the system
+//! calls and the Rust worker API are crates of their own (see the README's source map).
 //!
 //! ```text
 //! client ──SYN──▶ kernel backlog ──▶ [master: acceptor thread (mio/epoll, optionally pinned)]
@@ -19,27 +20,23 @@
 //! In `reuseport` and `shared` modes fd 3+i is a real listening socket the master created and
 //! keeps open (so a worker's death never resets its queued connections); the acceptor is idle.
 //!
-//! Map of the source:
+//! Map of this crate:
 //! - [`cli`]: command line → validated [`cli::Config`].
-//! - [`listener`]: binding listening sockets (backlog = somaxconn, SO_REUSEPORT sets).
-//! - [`acceptor`]: the acceptor thread: accept, pick, send, reclaim.
-//! - [`supervisor`]: worker lifecycle on the main thread.
+//! - [`master`]: the master's parts — [`master::acceptor`] (accept, pick, send, reclaim),
+//!   [`master::supervisor`] (worker processes on the main thread), [`master::listener`]
+//!   (binding listening sockets).
 //! - [`policy`]: the dispatch policies.
-//! - [`protocol`]: the channel's wire format (docs/PROTOCOL.md).
-//! - [`worker`]: the Rust worker API; [`demo`]: the built-in demo HTTP worker.
 //! - [`topology`]: the host's CPUs and the `--pin auto` plan.
-//! - [`loadgen`]: the load generator the end-to-end benchmarks drive.
-//! - [`sys`]: every libc call.
+//!
+//! Its public surface is what the binary, the benchmarks and the tests drive: [`cli::Args`] →
+//! [`cli::Config`] → [`master::supervisor::run`]; the acceptor and the policies for the
+//! criterion benchmarks.
 
-pub mod acceptor;
 pub mod cli;
-pub mod demo;
-pub mod listener;
-pub mod loadgen;
+pub mod master;
 pub mod policy;
-pub mod protocol;
 pub mod steer;
-pub mod supervisor;
-pub mod sys;
 pub mod topology;
-pub mod worker;
+
+/// Every libc call goes through the sys crate; `crate::sys` names it inside the master.
+use rcluster_sys as sys;

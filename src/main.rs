@@ -6,7 +6,11 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use rcluster_lb::cli::{Args, Sub, UsageError};
-use rcluster_lb::{demo, supervisor, sys, topology};
+use rcluster_lb::master::supervisor;
+use rcluster_lb::topology;
+use rcluster_sys as sys;
+
+mod demo;
 
 fn main() -> ExitCode {
     let args = Args::parse();

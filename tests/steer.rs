@@ -273,7 +273,7 @@ fn without_cap_bpf_auto_falls_back_and_kernel_fails() {
     // auto: one line says why, and dispatch serves.
     let cluster = TestCluster::spawn_with_command(
         without_cap_bpf().unwrap(),
-        &["-w", "2", "--listen", "127.0.0.1:0"],
+        &["--steer", "auto", "-w", "2", "--listen", "127.0.0.1:0"],
     );
     cluster.wait_for_log("workers ready", DEADLINE);
     assert!(cluster.log_contains("steering: dispatch, kernel steering unavailable"));

@@ -8,8 +8,8 @@ use libc::{c_int, sockaddr, socklen_t};
 use crate::conns::Marked;
 use crate::listener::Listener;
 use crate::state::{Shim, errno, set_errno, warn};
-use crate::wire::{self, HEADER_LEN, Kind};
 use crate::{real, sockaddr as sa};
+use rcluster_proto::{HEADER_LEN, ToWorker};
 
 /// Room for this many fds per message, so a misbehaving master that attaches several is
 /// detected (and the extras closed) rather than truncated silently by the kernel.
@@ -82,7 +82,7 @@ fn receive(l: &Listener, fd: c_int) -> Received {
     let decoded = if truncated {
         None
     } else {
-        wire::decode(&data[..n as usize])
+        ToWorker::decode(&data[..n as usize]).ok()
     };
     let close_all = |fds: &[c_int]| {
         for &fd in fds {
@@ -91,21 +91,17 @@ fn receive(l: &Listener, fd: c_int) -> Received {
         }
     };
     match decoded {
-        Some((Kind::Conn, _)) if !fds.is_empty() => {
+        Some(ToWorker::Conn { .. }) if !fds.is_empty() => {
             if fds.len() > 1 {
                 warn("CONN message carried more than one fd; extra fds closed");
                 close_all(&fds[1..]);
             }
             Received::Conn(fds[0])
         }
-        Some((Kind::Conn, _)) => {
+        Some(ToWorker::Conn { .. }) => {
             // The master counted a connection we will never see: balance its books.
             warn("CONN message without an fd; reported closed");
             l.conn_closed(1);
-            Received::Skip
-        }
-        Some(_) => {
-            close_all(fds);
             Received::Skip
         }
         None => {

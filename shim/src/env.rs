@@ -8,20 +8,7 @@
 use std::ffi::{CStr, CString};
 use std::net::SocketAddr;
 
-/// How fd 3+i was set up by the master.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// fd 3+i is a SOCK_SEQPACKET channel; connections arrive as CONN messages.
-    Dispatch,
-    /// fd 3+i is this worker's own SO_REUSEPORT listening socket.
-    Reuseport,
-    /// fd 3+i is a listening socket shared by all workers.
-    Shared,
-}
-
-/// At most this many listeners (the connection table stores the index in 8 bits; the master's
-/// spawner passes at most 64 fds).
-pub const MAX_LISTENERS: usize = 64;
+pub use rcluster_proto::Mode;
 
 /// What the master told this worker.
 #[derive(Debug)]
@@ -46,92 +33,40 @@ fn getenv(name: &CStr) -> Option<Vec<u8>> {
     }
 }
 
-/// Parses `RCLUSTER_MODE`.
-pub fn parse_mode(v: &[u8]) -> Option<Mode> {
-    match v {
-        b"dispatch" => Some(Mode::Dispatch),
-        b"reuseport" => Some(Mode::Reuseport),
-        b"shared" => Some(Mode::Shared),
-        _ => None,
-    }
-}
-
-/// Parses `RCLUSTER_LISTEN`: `addr0,addr1,…` with IPv6 in brackets (`127.0.0.1:8080,[::1]:9000`).
-pub fn parse_listen(v: &[u8]) -> Result<Vec<SocketAddr>, String> {
-    let s = std::str::from_utf8(v).map_err(|_| "RCLUSTER_LISTEN is not UTF-8".to_string())?;
-    let addrs = s
-        .split(',')
-        .map(str::trim)
-        .filter(|a| !a.is_empty())
-        .map(|a| {
-            a.parse::<SocketAddr>()
-                .map_err(|_| format!("RCLUSTER_LISTEN entry {a:?} is not ip:port"))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    if addrs.is_empty() {
-        return Err("RCLUSTER_LISTEN names no address".into());
-    }
-    if addrs.len() > MAX_LISTENERS {
-        return Err(format!("more than {MAX_LISTENERS} listeners"));
-    }
-    Ok(addrs)
-}
-
-/// Parses a decimal number such as `LISTEN_PID` (the master writes it zero-padded).
-pub fn parse_number(v: &[u8]) -> Option<u64> {
-    std::str::from_utf8(v).ok()?.trim().parse().ok()
-}
-
-/// Reads the contract. `Ok(None)`: not started by rcluster-lb (no `RCLUSTER_MODE`), so the shim
-/// stays out of the way. `Err`: started by it, but the environment is inconsistent.
+/// Reads the contract (rcluster-proto's definition, the same the master writes). `Ok(None)`:
+/// not started by rcluster-lb (no `RCLUSTER_MODE`), or started for another process
+/// (`LISTEN_PID` is not ours), so the shim stays out of the way. `Err`: started by it, but the
+/// environment is inconsistent.
 pub fn read() -> Result<Option<Contract>, String> {
-    let Some(mode) = getenv(c"RCLUSTER_MODE") else {
+    if getenv(c"RCLUSTER_MODE").is_none() {
         return Ok(None);
-    };
-    let mode = parse_mode(&mode).ok_or_else(|| {
-        format!(
-            "RCLUSTER_MODE={:?} is not dispatch|reuseport|shared",
-            String::from_utf8_lossy(&mode)
-        )
-    })?;
-    let listen = parse_listen(&getenv(c"RCLUSTER_LISTEN").unwrap_or_default())?;
-    if let Some(k) = getenv(c"LISTEN_FDS") {
-        let k = parse_number(&k).ok_or("LISTEN_FDS is not a number")?;
-        if k != listen.len() as u64 {
-            return Err(format!(
-                "LISTEN_FDS={k} but RCLUSTER_LISTEN names {} addresses",
-                listen.len()
-            ));
-        }
     }
-    if let Some(pid) = getenv(c"LISTEN_PID") {
-        // SAFETY: getpid cannot fail.
-        let me = unsafe { libc::getpid() };
-        // sd_listen_fds(3): the fds are for the process whose pid this is, not for a child
-        // that inherited the environment (a wrapper script's helpers, say): such a process is
-        // simply not a worker, so stay out of the way without a word.
-        if parse_number(&pid) != u64::try_from(me).ok() {
-            return Ok(None);
-        }
+    let contract = rcluster_proto::Contract::from_vars(|name| {
+        let name = CString::new(name).ok()?;
+        getenv(&name).map(|v| String::from_utf8_lossy(&v).into_owned())
+    })
+    .map_err(|e| e.to_string())?;
+    // SAFETY: getpid cannot fail.
+    let me = unsafe { libc::getpid() };
+    // sd_listen_fds(3): the fds are for the process whose pid this is, not for a child that
+    // inherited the environment (a wrapper script's helpers, say): such a process is simply not
+    // a worker, so stay out of the way without a word.
+    if contract.check_pid(me).is_err() {
+        return Ok(None);
+    }
+    let listen = contract.listen_addrs().map_err(|e| e.to_string())?;
+    if listen.is_empty() {
+        return Err(format!(
+            "{} names no address",
+            rcluster_proto::env::RCLUSTER_LISTEN
+        ));
     }
     Ok(Some(Contract {
-        mode,
+        mode: contract.mode,
         listen,
         notify_socket: getenv(c"NOTIFY_SOCKET").filter(|v| !v.is_empty()),
-        steer: steer_vars(
-            getenv(c"RCLUSTER_STEER_FD").as_deref(),
-            getenv(c"RCLUSTER_WORKER_ID").as_deref(),
-        ),
+        steer: contract.steer_fd.map(|fd| (fd, contract.id as usize)),
     }))
-}
-
-/// The steering table's fd and slot, when both variables are numbers (a fd above 2).
-pub fn steer_vars(fd: Option<&[u8]>, slot: Option<&[u8]>) -> Option<(libc::c_int, usize)> {
-    let fd = libc::c_int::try_from(parse_number(fd?)?)
-        .ok()
-        .filter(|&fd| fd > 2)?;
-    let slot = usize::try_from(parse_number(slot?)?).ok()?;
-    Some((fd, slot))
 }
 
 fn base_name(path: &[u8]) -> &[u8] {
@@ -241,38 +176,6 @@ pub unsafe fn scrub() -> Scrubbed {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_the_contract_values() {
-        assert_eq!(parse_mode(b"dispatch"), Some(Mode::Dispatch));
-        assert_eq!(parse_mode(b"shared"), Some(Mode::Shared));
-        assert_eq!(parse_mode(b"Dispatch"), None);
-        let l = parse_listen(b"127.0.0.1:8080,[::1]:9000").unwrap();
-        assert_eq!(
-            l,
-            [
-                "127.0.0.1:8080".parse().unwrap(),
-                "[::1]:9000".parse().unwrap()
-            ]
-        );
-        assert!(parse_listen(b"").is_err());
-        assert!(parse_listen(b"localhost:80").is_err());
-        assert_eq!(parse_number(b"00000000000000012345"), Some(12345));
-        assert_eq!(parse_number(b"x"), None);
-    }
-
-    #[test]
-    fn reads_the_steering_variables() {
-        assert_eq!(steer_vars(Some(b"4"), Some(b"1")), Some((4, 1)));
-        assert_eq!(
-            steer_vars(Some(b"1"), Some(b"1")),
-            None,
-            "stdio is never the table"
-        );
-        assert_eq!(steer_vars(Some(b"x"), Some(b"1")), None);
-        assert_eq!(steer_vars(None, Some(b"1")), None);
-        assert_eq!(steer_vars(Some(b"4"), None), None);
-    }
 
     #[test]
     fn removes_only_our_preload_entry() {

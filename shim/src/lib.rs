@@ -17,8 +17,9 @@
 //! Modules: `interpose` (the exported symbols and the constructor), `state` (the process-wide
 //! state and what each call does), `dispatch` (accept on a channel), `listener` (one
 //! listener's claim and notifications), `conns` (the lock-free fd table behind CLOSED), `env`
-//! (the contract's variables), `sockaddr`, `wire` (the 16-byte message), `notify`
-//! (sd_notify READY=1), `steer` (accept/close counts on the kernel-steering table), `follow` (what `exec`/`posix_spawn` pass on: the whole contract to the
+//! (reading the contract, whose one definition — wire format, variables, limits — is the
+//! `rcluster-proto` crate; and the `LD_PRELOAD` scrub), `sockaddr`, `notify` (sd_notify
+//! READY=1), `steer` (accept/close counts on the kernel-steering table), `follow` (what `exec`/`posix_spawn` pass on: the whole contract to the
 //! worker's own next image, none of it to children), `real` (the shadowed libc functions).
 //! docs/PROTOCOL.md describes the contract and the shim's behaviour for master authors,
 //! including what the worker and its children see in their environment.
@@ -36,4 +37,3 @@ mod real;
 mod sockaddr;
 mod state;
 mod steer;
-mod wire;

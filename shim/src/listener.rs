@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 
 use libc::c_int;
 
-use crate::wire::{self, Kind};
+use rcluster_proto::ToMaster;
 
 /// Listener i of the worker contract.
 pub struct Listener {
@@ -125,8 +125,8 @@ impl Listener {
 
     /// Sends one message without blocking whatever the file's O_NONBLOCK state (the server owns
     /// that flag), and without SIGPIPE if the master is gone. Returns the errno on failure.
-    fn send(&self, kind: Kind, value: u64) -> Result<(), c_int> {
-        let msg = wire::encode(kind, value);
+    fn send(&self, msg: ToMaster) -> Result<(), c_int> {
+        let msg = msg.encode();
         // SAFETY: msg is a valid buffer of its length; chan is open for the process's life.
         let n = unsafe {
             libc::send(
@@ -154,7 +154,9 @@ impl Listener {
         if self.is_listening()
             && !self.ready_sent.load(Ordering::Acquire)
             && !self.ready_sent.swap(true, Ordering::AcqRel)
-            && self.send(Kind::Ready, 0).is_err_and(transient)
+            && self
+                .send(ToMaster::Ready { max_fds: 0 })
+                .is_err_and(transient)
         {
             self.ready_sent.store(false, Ordering::Release);
         }
@@ -162,7 +164,11 @@ impl Listener {
             return;
         }
         let n = self.closed_pending.swap(0, Ordering::AcqRel);
-        if n != 0 && self.send(Kind::Closed, n).is_err_and(transient) {
+        if n != 0
+            && self
+                .send(ToMaster::Closed { count: n })
+                .is_err_and(transient)
+        {
             // Keep the count for the next flush (next close or accept): never lost, and the
             // swap above means never sent twice. A hard error means the master is gone.
             self.closed_pending.fetch_add(n, Ordering::AcqRel);
@@ -185,7 +191,7 @@ impl Listener {
         if self.dispatch {
             self.flush();
             // Best effort: if this fails the master is gone or will see the exit anyway.
-            let _ = self.send(Kind::Stopping, 0);
+            let _ = self.send(ToMaster::Stopping);
             self.ready_sent.store(false, Ordering::Release);
         }
     }

@@ -387,13 +387,13 @@ impl Shim {
         if rc == 0 && self.mode == Mode::Dispatch && room >= 2 {
             // SAFETY: the kernel wrote at least the family (room ≥ 2).
             let family = unsafe { std::ptr::read_unaligned(addr.cast::<libc::sa_family_t>()) };
-            if c_int::from(family) == libc::AF_UNIX {
-                if let Some(l) = self.same_channel(fd) {
-                    // SAFETY: len holds what the kernel wrote; restore the caller's room.
-                    unsafe {
-                        *len = room as socklen_t;
-                        sa::write(&l.addr, addr, len);
-                    }
+            if c_int::from(family) == libc::AF_UNIX
+                && let Some(l) = self.same_channel(fd)
+            {
+                // SAFETY: len holds what the kernel wrote; restore the caller's room.
+                unsafe {
+                    *len = room as socklen_t;
+                    sa::write(&l.addr, addr, len);
                 }
             }
         }
@@ -413,11 +413,11 @@ impl Shim {
         val: *mut c_void,
         len: *mut socklen_t,
     ) -> c_int {
-        if let Some(l) = self.claimed(fd).filter(|l| l.dispatch) {
-            if let Some(v) = synthesized_opt(l, l.is_listening(), level, name) {
-                // SAFETY: caller contract.
-                return unsafe { write_int_opt(v, val, len) };
-            }
+        if let Some(l) = self.claimed(fd).filter(|l| l.dispatch)
+            && let Some(v) = synthesized_opt(l, l.is_listening(), level, name)
+        {
+            // SAFETY: caller contract.
+            return unsafe { write_int_opt(v, val, len) };
         }
         // SAFETY: forwarded under the caller's contract.
         let rc = unsafe { real::getsockopt(fd, level, name, val, len) };
@@ -426,13 +426,14 @@ impl Shim {
                 name,
                 libc::SO_TYPE | libc::SO_DOMAIN | libc::SO_ACCEPTCONN | libc::SO_PROTOCOL
             );
-        if rc == 0 && identity_question && self.mode == Mode::Dispatch {
-            if let Some(l) = self.same_channel(fd) {
-                if let Some(v) = synthesized_opt(l, true, level, name) {
-                    // SAFETY: caller contract; the real call succeeded with these pointers.
-                    return unsafe { write_int_opt(v, val, len) };
-                }
-            }
+        if rc == 0
+            && identity_question
+            && self.mode == Mode::Dispatch
+            && let Some(l) = self.same_channel(fd)
+            && let Some(v) = synthesized_opt(l, true, level, name)
+        {
+            // SAFETY: caller contract; the real call succeeded with these pointers.
+            return unsafe { write_int_opt(v, val, len) };
         }
         rc
     }
@@ -450,25 +451,25 @@ impl Shim {
     /// real operation. A connection of ours is forgotten before it (conns.rs) and reported
     /// after it; a claimed listener is released and the master told the worker is stopping.
     pub fn closing(&self, fd: c_int, close_fd: impl FnOnce() -> c_int) -> c_int {
-        if self.conns.is_marked(fd) {
-            if let Some(i) = self.conns.take(fd, self.pid()) {
-                // Kernel steering: counted before the FIN leaves, so a client that reconnects
-                // at once finds the load already lower.
-                if let Some(steer) = &self.steer
-                    && self.listener(i).is_some_and(|l| !l.dispatch)
-                {
-                    steer.closed();
-                }
-                let rc = close_fd();
-                let e = errno();
-                // close(2): the fd is released even when an error is reported, so the
-                // connection is finished either way.
-                if let Some(l) = self.listener(i) {
-                    l.conn_closed(1);
-                }
-                set_errno(e);
-                return rc;
+        if self.conns.is_marked(fd)
+            && let Some(i) = self.conns.take(fd, self.pid())
+        {
+            // Kernel steering: counted before the FIN leaves, so a client that reconnects at
+            // once finds the load already lower.
+            if let Some(steer) = &self.steer
+                && self.listener(i).is_some_and(|l| !l.dispatch)
+            {
+                steer.closed();
             }
+            let rc = close_fd();
+            let e = errno();
+            // close(2): the fd is released even when an error is reported, so the
+            // connection is finished either way.
+            if let Some(l) = self.listener(i) {
+                l.conn_closed(1);
+            }
+            set_errno(e);
+            return rc;
         }
         if let Some(l) = self.claimed(fd) {
             let pid = self.pid() as c_int;

@@ -5,22 +5,13 @@
 //! such connection it closes — before the real close, so a client that sees the FIN and
 //! reconnects finds the slot's load already lower. Atomic adds on shared memory: no system call.
 //!
-//! The layout is copied from the master's `src/steer/page.rs` (this crate depends on nothing
-//! of the master's); docs/PROTOCOL.md is the reference both follow.
+//! The layout is `rcluster_proto::steer`, the one the master and the Rust worker API use.
 
 use std::ffi::CStr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use libc::c_int;
-
-/// Slots in the table; bytes per slot; the whole mapping.
-const MAX_SLOTS: usize = 1024;
-const SLOT_SIZE: usize = 64;
-const TABLE_SIZE: usize = MAX_SLOTS * SLOT_SIZE;
-/// Field offsets in a slot's line.
-const ACCEPTED: usize = 8;
-const CLOSED: usize = 16;
-const REPORTING: usize = 36;
+use rcluster_proto::steer::{ACCEPTED, CLOSED, MAX_SLOTS, REPORTING, SLOT_SIZE, TABLE_SIZE};
 
 /// This worker's line of the table.
 pub struct SteerSlot {

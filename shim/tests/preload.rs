@@ -16,13 +16,10 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use std::{fs, io, mem, thread};
 
+use rcluster_proto::{ToMaster, ToWorker};
+
 /// Generous: node starting on a loaded 2-core machine. Only an upper bound, never a sleep.
 const DEADLINE: Duration = Duration::from_secs(30);
-
-const KIND_CONN: u8 = 1;
-const KIND_READY: u8 = 2;
-const KIND_CLOSED: u8 = 3;
-const KIND_STOPPING: u8 = 5;
 
 fn shim_path() -> PathBuf {
     // The test binary is target/<profile>/deps/preload-<hash>; `cargo test` builds the library
@@ -75,19 +72,12 @@ fn socketpair_seqpacket() -> (OwnedFd, OwnedFd) {
     unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
 }
 
-fn encode(kind: u8, value: u64) -> [u8; 16] {
-    let mut m = [0u8; 16];
-    m[..4].copy_from_slice(&[b'R', b'C', 1, kind]);
-    m[8..].copy_from_slice(&value.to_le_bytes());
-    m
-}
-
 #[repr(C, align(8))]
 struct Cmsg([u8; 32]);
 
 /// Master → worker: CONN carrying `conn` (SCM_RIGHTS, one fd).
 fn send_conn(chan: BorrowedFd<'_>, seq: u64, conn: BorrowedFd<'_>) {
-    let msg = encode(KIND_CONN, seq);
+    let msg = ToWorker::Conn { seq }.encode();
     let mut iov = libc::iovec {
         iov_base: msg.as_ptr() as *mut _,
         iov_len: msg.len(),
@@ -114,7 +104,7 @@ fn send_conn(chan: BorrowedFd<'_>, seq: u64, conn: BorrowedFd<'_>) {
 }
 
 /// Worker → master: the next message, or `None` at the deadline or on EOF.
-fn recv_msg(chan: BorrowedFd<'_>, deadline: Instant) -> Option<(u8, u64)> {
+fn recv_msg(chan: BorrowedFd<'_>, deadline: Instant) -> Option<ToMaster> {
     loop {
         let left = deadline.checked_duration_since(Instant::now())?;
         let mut pfd = libc::pollfd {
@@ -133,10 +123,8 @@ fn recv_msg(chan: BorrowedFd<'_>, deadline: Instant) -> Option<(u8, u64)> {
         if n <= 0 {
             return None;
         }
-        assert_eq!(n, 16, "message length");
-        assert_eq!(&buf[..3], b"RC\x01", "magic and version");
-        assert_eq!(&buf[4..8], &[0; 4], "reserved");
-        return Some((buf[3], u64::from_le_bytes(buf[8..16].try_into().unwrap())));
+        let msg = ToMaster::decode(&buf[..n as usize]);
+        return Some(msg.unwrap_or_else(|e| panic!("bad message from the worker: {e}")));
     }
 }
 
@@ -147,9 +135,9 @@ fn collect_closed(chan: BorrowedFd<'_>, want_closed: u64) -> (u64, u32, u32) {
     let (mut closed, mut ready, mut stopping) = (0, 0, 0);
     while closed < want_closed {
         match recv_msg(chan, deadline) {
-            Some((KIND_CLOSED, n)) => closed += n,
-            Some((KIND_READY, _)) => ready += 1,
-            Some((KIND_STOPPING, _)) => stopping += 1,
+            Some(ToMaster::Closed { count }) => closed += count,
+            Some(ToMaster::Ready { .. }) => ready += 1,
+            Some(ToMaster::Stopping) => stopping += 1,
             Some(other) => panic!("unexpected message {other:?}"),
             None => break,
         }
@@ -159,7 +147,11 @@ fn collect_closed(chan: BorrowedFd<'_>, want_closed: u64) -> (u64, u32, u32) {
 
 fn wait_ready(chan: BorrowedFd<'_>) {
     let got = recv_msg(chan, Instant::now() + DEADLINE);
-    assert_eq!(got, Some((KIND_READY, 0)), "worker did not send READY");
+    assert_eq!(
+        got,
+        Some(ToMaster::Ready { max_fds: 0 }),
+        "worker did not send READY"
+    );
 }
 
 /// A spawned worker, killed and reaped on drop (also when the test fails).
@@ -667,11 +659,13 @@ fn fork_children_do_not_count_and_listener_close_sends_stopping() {
     }
     let closed: u64 = msgs
         .iter()
-        .filter(|m| m.0 == KIND_CLOSED)
-        .map(|m| m.1)
+        .map(|m| match m {
+            ToMaster::Closed { count } => *count,
+            _ => 0,
+        })
         .sum();
     assert_eq!(closed, 3, "{msgs:?}");
-    assert_eq!(msgs.last(), Some(&(KIND_STOPPING, 0)), "{msgs:?}");
+    assert_eq!(msgs.last(), Some(&ToMaster::Stopping), "{msgs:?}");
 }
 
 /// reuseport mode: fd 3 is a real listening socket; node binds "::" on its port, makes it

@@ -46,46 +46,25 @@ pub trait Policy: Send {
     }
 }
 
-/// How connections reach workers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// The master accepts and passes each connection over a channel (fd 3+i is a channel).
-    Dispatch,
-    /// Each worker gets its own `SO_REUSEPORT` listening socket; the kernel hashes connections.
-    Reuseport,
-    /// Every worker inherits the same listening socket; the kernel's one accept queue.
-    Shared,
-}
+pub use rcluster_proto::Mode;
 
-impl Mode {
-    /// The value of `RCLUSTER_MODE` for workers.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::Dispatch => "dispatch",
-            Mode::Reuseport => "reuseport",
-            Mode::Shared => "shared",
-        }
-    }
-}
+/// At most this many workers: beyond it `--workers` is a typo, not a plan (and a scan key keeps
+/// a worker's position in 11 bits).
+pub const MAX_WORKERS: usize = 1024;
 
 /// The policies selectable with `--policy`. The CLI name, the module and the type agree.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PolicyKind {
     /// Each worker in turn.
-    #[value(alias = "rr")]
     RoundRobin,
     /// Fewest active connections (dispatched, not yet closed); ties rotate.
-    #[value(alias = "lc", alias = "leastconn")]
     LeastConn,
     /// Smallest resident memory (within 1/8, at least 16 MiB, counts as equal); ties broken by
     /// fewest active connections.
-    #[value(alias = "lm")]
     LeastMem,
     /// The less loaded of two workers chosen at random.
-    #[value(alias = "power-of-two")]
     P2c,
     /// The kernel picks: one SO_REUSEPORT listening socket per worker.
-    #[value(alias = "rp", alias = "so-reuseport")]
     Reuseport,
     /// The kernel picks: all workers accept from one shared listening socket.
     Shared,
@@ -101,6 +80,39 @@ impl PolicyKind {
         PolicyKind::Reuseport,
         PolicyKind::Shared,
     ];
+
+    /// Other names the CLI accepts for this policy.
+    pub fn aliases(self) -> &'static [&'static str] {
+        match self {
+            PolicyKind::RoundRobin => &["rr"],
+            PolicyKind::LeastConn => &["lc", "leastconn"],
+            PolicyKind::LeastMem => &["lm"],
+            PolicyKind::P2c => &["power-of-two"],
+            PolicyKind::Reuseport => &["rp", "so-reuseport"],
+            PolicyKind::Shared => &[],
+        }
+    }
+
+    /// One line on what the policy picks (the CLI's help).
+    pub fn about(self) -> &'static str {
+        match self {
+            PolicyKind::RoundRobin => "Each worker in turn",
+            PolicyKind::LeastConn => {
+                "Fewest active connections (dispatched, not yet closed); ties rotate"
+            }
+            PolicyKind::LeastMem => {
+                "Smallest resident memory (within 1/8, at least 16 MiB, counts as equal); ties \
+                 broken by fewest active connections"
+            }
+            PolicyKind::P2c => "The less loaded of two workers chosen at random",
+            PolicyKind::Reuseport => {
+                "The kernel picks: one SO_REUSEPORT listening socket per worker"
+            }
+            PolicyKind::Shared => {
+                "The kernel picks: all workers accept from one shared listening socket"
+            }
+        }
+    }
 
     /// The CLI name (`least-conn`).
     pub fn name(self) -> &'static str {
@@ -148,7 +160,7 @@ impl std::fmt::Display for PolicyKind {
 
 /// Bits at the bottom of a scan key that hold the worker's position after `start`.
 const ROTATION_BITS: u32 = 11;
-const _: () = assert!(crate::cli::MAX_WORKERS < 1 << ROTATION_BITS);
+const _: () = assert!(MAX_WORKERS < 1 << ROTATION_BITS);
 
 /// Index of the open worker with the smallest `key`, ties going to the first at or after
 /// `start` (so equal loads rotate). `key` must leave the low [`ROTATION_BITS`] bits zero.

@@ -1,17 +1,15 @@
 //! Kernel steering (`--steer kernel`): a `BPF_PROG_TYPE_SK_REUSEPORT` program, attached to the
 //! reuseport group of each listening address, places every new connection on the listener of
 //! the eligible worker slot with the least load, read from a table in a `BPF_F_MMAPABLE` array
-//! (layout: [`page`]). The master leaves the per-connection path; workers count what they accept
+//! (layout: [`rcluster_proto::steer`]). The master leaves the per-connection path; workers count what they accept
 //! and close on the same memory, without a system call.
 //!
-//! [`Steering`] is owned by the supervisor (main thread). It holds the maps, one program and one
+//! [`Steering`] is owned by the supervisor's [`crate::master::steer`] (main thread). It holds the maps, one program and one
 //! `REUSEPORT_SOCKARRAY` per listening address, and the master's own mapping of the table; it
 //! writes eligibility, the slot count and the reconciliation of handshakes that never completed.
 //! The instructions come from `bpf/steer.bpf.c` through `scripts/gen-bpf.sh` ([`prog`]), so
 //! neither users nor `cargo build` need clang.
 
-pub mod control;
-pub mod page;
 pub mod prog;
 
 use std::io;
@@ -21,6 +19,7 @@ use std::sync::atomic::Ordering;
 use thiserror::Error;
 
 use crate::sys::bpf::{self, MapMmap, MapSpec, ProgLoadError, ProgSpec};
+use rcluster_proto::steer as page;
 
 /// Why kernel steering is not available here (the master falls back to dispatch).
 #[derive(Debug, Error)]
@@ -235,7 +234,7 @@ impl Steering {
         self.migrate
     }
 
-    /// The table's map fd, inherited by workers so they can map it ([`page::ENV_STEER_FD`]).
+    /// The table's map fd, inherited by workers so they can map it (`RCLUSTER_STEER_FD`).
     pub fn table_fd(&self) -> BorrowedFd<'_> {
         self.slots.as_fd()
     }
@@ -475,7 +474,7 @@ mod tests {
 #[cfg(test)]
 mod kernel_tests {
     use super::*;
-    use crate::listener;
+    use crate::master::listener;
     use socket2::Socket;
     use std::net::{SocketAddr, TcpStream};
 

@@ -183,6 +183,9 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
             _ => {
                 let e = io::Error::last_os_error();
                 if e.kind() != io::ErrorKind::Interrupted {
+                    // Whether the exec worked is unknown: a child nobody can account for must
+                    // not run on.
+                    kill_and_reap(pid);
                     return Err(e);
                 }
             }
@@ -198,8 +201,21 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
             format!("{} failed: {e}", Stage::from_u8(report[0])),
         ));
     }
-    let pidfd = super::pidfd_open(pid)?;
-    Ok(Spawned { pid, pidfd })
+    match super::pidfd_open(pid) {
+        Ok(pidfd) => Ok(Spawned { pid, pidfd }),
+        Err(e) => {
+            // A worker the caller cannot watch must not run: the exec succeeded, so the child
+            // is ours to kill and reap here (until reaped, `pid` cannot be reused).
+            kill_and_reap(pid);
+            Err(e)
+        }
+    }
+}
+
+/// SIGKILLs our own, not yet reaped child `pid` and reaps it.
+fn kill_and_reap(pid: Pid) {
+    let _ = super::kill(pid, libc::SIGKILL);
+    let _ = super::waitpid_blocking(pid);
 }
 
 struct ChildArgs<'a> {
@@ -334,7 +350,7 @@ mod tests {
 
     #[test]
     fn child_sees_fds_at_3_and_its_own_listen_pid() {
-        let (master, worker_end) = crate::sys::socketpair_seqpacket().unwrap();
+        let (master, worker_end) = crate::socketpair_seqpacket().unwrap();
         // The shell reports LISTEN_PID and its own pid, and whether fd 3 is open, on fd 3.
         let script = "echo \"$LISTEN_PID $$ $(test -e /proc/self/fd/3 && echo open)\" >&3";
         let args: Vec<&OsStr> = vec![OsStr::new("sh"), OsStr::new("-c"), OsStr::new(script)];
@@ -350,11 +366,10 @@ mod tests {
             die_with_parent: true,
         })
         .unwrap();
-        let status = crate::sys::waitpid_blocking(child.pid).unwrap();
-        assert_eq!(status, crate::sys::ExitStatus::Exited(0));
+        let status = crate::waitpid_blocking(child.pid).unwrap();
+        assert_eq!(status, crate::ExitStatus::Exited(0));
         let mut buf = [0u8; 128];
-        let got =
-            crate::sys::scm::recvmsg_fd(master.as_fd(), &mut buf, libc::MSG_DONTWAIT).unwrap();
+        let got = crate::scm::recvmsg_fd(master.as_fd(), &mut buf, libc::MSG_DONTWAIT).unwrap();
         let text = std::str::from_utf8(&buf[..got.len]).unwrap();
         let fields: Vec<&str> = text.split_whitespace().collect();
         assert_eq!(

@@ -1,7 +1,6 @@
-//! The one place the master and the worker library call libc: every `unsafe` of the crate lives
-//! under `sys/`, each wrapper keeps its syscall's name and returns `io::Result`, and every fd is
-//! an `OwnedFd` from the line it is created on.
-#![allow(unsafe_code)]
+//! rcluster-sys: the one place rcluster-lb calls libc. Every `unsafe` of the master and the
+//! Rust worker API lives in this crate; each wrapper keeps its syscall's name and returns
+//! `io::Result`, and every fd is an `OwnedFd` from the line it is created on.
 
 pub mod bpf;
 pub mod scm;

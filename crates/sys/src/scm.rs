@@ -1,5 +1,6 @@
-//! Passing one fd per message over a unix socket with `SCM_RIGHTS` (unix(7), cmsg(3)): single
-//! `sendmsg`/`recvmsg`, and a `sendmmsg(2)` batch for the acceptor's hot path.
+//! Passing fds over a unix socket with `SCM_RIGHTS` (unix(7), cmsg(3)): up to
+//! [`SEND_MAX_FDS`] fds per message, single `sendmsg`/`recvmsg` (one fd, or several into a
+//! caller's vector), and a `sendmmsg(2)` batch for the acceptor's hot path.
 //!
 //! Pitfalls handled here, measured on the target kernel: a control buffer too small for what
 //! arrives sets `MSG_CTRUNC` and the kernel closes the fds that did not fit, so the receive
@@ -12,8 +13,8 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use super::syscall;
 
-/// Most fds one sent message carries ([`crate::protocol::MAX_FDS_PER_CONN`]).
-pub const SEND_MAX_FDS: usize = crate::protocol::MAX_FDS_PER_CONN;
+/// Most fds one sent message carries ([`rcluster_proto::MAX_FDS_PER_CONN`]).
+pub const SEND_MAX_FDS: usize = rcluster_proto::MAX_FDS_PER_CONN;
 /// Bytes of control buffer for one `SCM_RIGHTS` message with up to [`SEND_MAX_FDS`] fds: a
 /// 16-byte `cmsghdr` plus 4 bytes per fd, 8-aligned (`CMSG_SPACE`, cmsg(3)).
 const CMSG_SEND_LEN: usize = 16 + 4 * SEND_MAX_FDS;
@@ -314,7 +315,7 @@ impl<const N: usize> SendBatch<N> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sys::socketpair_seqpacket;
+    use crate::socketpair_seqpacket;
     use std::os::fd::AsFd;
 
     fn pipe() -> (OwnedFd, OwnedFd) {
@@ -364,7 +365,7 @@ mod tests {
     fn batch_sends_in_order_and_reports_would_block() {
         let (a, b) = socketpair_seqpacket().unwrap();
         // A small send buffer makes the channel fill up after a few messages.
-        crate::sys::setsockopt_int(a.as_fd(), libc::SO_SNDBUF, 4096).unwrap();
+        crate::setsockopt_int(a.as_fd(), libc::SO_SNDBUF, 4096).unwrap();
         let mut batch = SendBatch::<4>::with_capacity(256);
         let mut readers = Vec::new();
         for i in 0..256u32 {

@@ -343,7 +343,7 @@ impl MapMmap {
 
     /// The 8-aligned 64-bit word at byte `offset`, if inside the mapping.
     pub fn u64_at(&self, offset: usize) -> Option<&AtomicU64> {
-        if offset % 8 != 0 || offset.checked_add(8)? > self.len {
+        if !offset.is_multiple_of(8) || offset.checked_add(8)? > self.len {
             return None;
         }
         // SAFETY: offset is in bounds and 8-aligned (mmap returns a page-aligned address); the
@@ -353,7 +353,7 @@ impl MapMmap {
 
     /// The 4-aligned 32-bit word at byte `offset`, if inside the mapping.
     pub fn u32_at(&self, offset: usize) -> Option<&AtomicU32> {
-        if offset % 4 != 0 || offset.checked_add(4)? > self.len {
+        if !offset.is_multiple_of(4) || offset.checked_add(4)? > self.len {
             return None;
         }
         // SAFETY: in bounds, 4-aligned, lives as long as &self, accessed atomically only.

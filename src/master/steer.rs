@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 use log::{info, warn};
 use socket2::Socket;
 
-use super::{SteerPolicy, Steering, page};
 use crate::cli::{Config, Steer};
+use crate::steer::{SteerPolicy, Steering};
 use crate::sys;
+use rcluster_proto::steer as page;
 
 /// How often placements are reconciled with the listeners' accept queues.
 pub const RECONCILE_INTERVAL: Duration = Duration::from_millis(100);

@@ -30,14 +30,14 @@ use signal_hook::consts::signal::{SIGHUP, SIGINT, SIGTERM, SIGTTIN, SIGTTOU, SIG
 use signal_hook_mio::v1_0::Signals;
 use socket2::Socket;
 
-use crate::acceptor::{self, AcceptorHandle, ChannelEnds, Command, Event, WorkerId};
 use crate::cli::{Config, Pin};
-use crate::listener;
-use crate::policy::Mode;
-use crate::steer::control::{self as steer, SteerControl};
-use crate::steer::page::ENV_STEER_FD;
+use crate::master::acceptor::{self, AcceptorHandle, ChannelEnds, Command, Event, WorkerId};
+use crate::master::listener;
+use crate::master::steer::{self as steer, SteerControl};
 use crate::sys::spawn::{SpawnSpec, spawn};
 use crate::sys::{self, CpuSet, ExitStatus, Pid};
+use rcluster_proto::Mode;
+use rcluster_proto::env::ChildEnv;
 
 /// First restart delay after a crash; doubles per consecutive crash.
 pub const RESTART_BACKOFF_INITIAL: Duration = Duration::from_millis(100);
@@ -338,24 +338,20 @@ impl Supervisor {
                 .ok();
 
         let mut env = self.base_env.clone();
-        let listen_list: Vec<String> = self.addrs.iter().map(|a| a.to_string()).collect();
-        let names: Vec<String> = (0..self.addrs.len())
-            .map(|i| format!("listener{i}"))
-            .collect();
-        let mut push = |k: &str, v: &str| env.push(format!("{k}={v}").into_bytes());
-        push("LISTEN_FDS", &self.addrs.len().to_string());
-        push("LISTEN_FDNAMES", &names.join(":"));
-        push("PORT", &self.addrs[0].port().to_string());
-        push("RCLUSTER_WORKER_ID", &slot.to_string());
-        push("RCLUSTER_GENERATION", &generation.to_string());
-        push("RCLUSTER_MODE", self.mode.as_str());
-        push("RCLUSTER_LISTEN", &listen_list.join(","));
-        if notify.is_some() {
-            push("NOTIFY_SOCKET", &format!("@{notify_name}"));
-        }
-        if self.steer.is_some() {
-            push(ENV_STEER_FD, &(3 + self.addrs.len()).to_string());
-        }
+        let notify_value = format!("@{notify_name}");
+        let contract = ChildEnv {
+            slot,
+            generation,
+            mode: self.mode,
+            listen: &self.addrs,
+            notify_socket: notify.as_ref().map(|_| notify_value.as_str()),
+            // Kernel steering: the table's fd follows the listeners.
+            steer_fd: self
+                .steer
+                .as_ref()
+                .map(|_| rcluster_proto::LISTEN_FDS_START + self.addrs.len() as i32),
+        };
+        env.extend(contract.entries().into_iter().map(String::into_bytes));
         if let Some(shim) = &self.preload {
             let mut v = b"LD_PRELOAD=".to_vec();
             v.extend_from_slice(shim.as_os_str().as_bytes());
@@ -898,7 +894,8 @@ impl Supervisor {
             // Closing a SO_REUSEPORT listener resets what is queued on it unless the host has
             // net.ipv4.tcp_migrate_req=1 (which moves them to another socket of the group).
             warn!(
-                "reuseport mode: connections still queued on worker {slot}'s own socket when it                  exits are reset unless net.ipv4.tcp_migrate_req=1"
+                "reuseport mode: connections still queued on worker {slot}'s own socket when it \
+                 exits are reset unless net.ipv4.tcp_migrate_req=1"
             );
         }
         self.slots[slot].active = false;
@@ -1159,10 +1156,7 @@ fn bind_reuseport_group(addrs: &[SocketAddr]) -> anyhow::Result<Vec<Socket>> {
 /// NOTIFY_SOCKET) or is set per worker (RCLUSTER_*).
 fn base_environment() -> Vec<Vec<u8>> {
     std::env::vars_os()
-        .filter(|(k, _)| {
-            let k = k.as_bytes();
-            !(k.starts_with(b"LISTEN_") || k == b"NOTIFY_SOCKET" || k.starts_with(b"RCLUSTER_"))
-        })
+        .filter(|(k, _)| !rcluster_proto::env::is_master_owned(k.as_bytes()))
         .map(|(k, v)| {
             let mut e = k.as_bytes().to_vec();
             e.push(b'=');

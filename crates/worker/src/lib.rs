@@ -36,7 +36,7 @@
 //! # Kernel steering
 //!
 //! Under `--steer kernel` the worker is in reuseport mode and `RCLUSTER_STEER_FD` names the
-//! steering table ([`crate::steer::page`]). [`Worker::from_env`] maps it; each accept from a
+//! steering table ([`rcluster_proto::steer`]). [`Worker::from_env`] maps it; each accept from a
 //! listener adds one to the slot's `accepted` and dropping the [`Connection`] adds one to
 //! `closed` *before* the socket closes (so a client that sees the FIN and reconnects finds the
 //! load already lower). Atomic adds on shared memory, no system call. Without the table (or if
@@ -49,22 +49,20 @@ use std::net::{TcpListener, TcpStream};
 use std::ops::{Deref, DerefMut};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixDatagram;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
 
-use crate::protocol::{HEADER_LEN, MAX_FDS_PER_CONN, Message, ProtocolError};
-use crate::steer::page;
-use crate::sys::{self, Pid, bpf::MapMmap, scm};
+use rcluster_proto::env::RCLUSTER_STEER_FD;
+use rcluster_proto::steer as page;
+use rcluster_proto::{HEADER_LEN, MAX_FDS_PER_CONN, ProtocolError, ToMaster, ToWorker};
+use rcluster_sys::bpf::MapMmap;
+use rcluster_sys::{self as sys, scm};
 
-pub use crate::policy::Mode;
-
-/// The first inherited fd (`SD_LISTEN_FDS_START`): listener `i` is fd `3 + i`.
-pub const LISTEN_FDS_START: i32 = 3;
-/// The most listeners a worker accepts (the master's per-worker open mask is a `u64`).
-pub const MAX_LISTENERS: usize = 64;
+pub use rcluster_proto::{
+    Contract, ContractError, LISTEN_FDS_START, MAX_LISTENERS, Mode, NotifyAddr,
+};
 
 /// Set once [`Worker::from_env`] has adopted the inherited fds, so a second call cannot take
 /// ownership of (and later double-close) the same fd numbers.
@@ -73,40 +71,10 @@ static INHERITED_FDS_ADOPTED: AtomicBool = AtomicBool::new(false);
 /// Why a worker could not start or could not talk to its master.
 #[derive(Debug, Error)]
 pub enum WorkerError {
-    /// A variable of the worker contract is not set.
-    #[error("environment variable {var} is not set (is this process started by rcluster-lb?)")]
-    MissingVar {
-        /// The variable's name.
-        var: &'static str,
-    },
-    /// A variable of the worker contract has a value that does not parse.
-    #[error("environment variable {var}={value:?} is invalid: {reason}")]
-    InvalidVar {
-        /// The variable's name.
-        var: &'static str,
-        /// Its value.
-        value: String,
-        /// What is wrong with it.
-        reason: &'static str,
-    },
-    /// A list variable does not have one entry per inherited fd.
-    #[error("environment variable {var} has {entries} entries but LISTEN_FDS={fds}")]
-    ListLength {
-        /// The variable's name.
-        var: &'static str,
-        /// Entries in it.
-        entries: usize,
-        /// `LISTEN_FDS`.
-        fds: usize,
-    },
-    /// `LISTEN_PID` names another process: the fds were meant for a parent, not for us.
-    #[error("LISTEN_PID={listen_pid} but this process is {pid}: the inherited fds are not ours")]
-    ForeignFds {
-        /// The value of `LISTEN_PID`.
-        listen_pid: Pid,
-        /// This process.
-        pid: Pid,
-    },
+    /// The environment is not a usable worker contract (a variable missing or invalid, or
+    /// `LISTEN_PID` naming another process).
+    #[error(transparent)]
+    Contract(#[from] ContractError),
     /// [`Worker::from_env`] was called before in this process.
     #[error("the inherited listener fds were already adopted by an earlier Worker::from_env")]
     AlreadyAdopted,
@@ -181,230 +149,19 @@ pub fn is_master_gone(err: &io::Error) -> bool {
         && err.get_ref().is_some_and(|inner| inner.is::<MasterGone>())
 }
 
-/// Where `NOTIFY_SOCKET` points (sd_notify(3)): a filesystem path or, for a value starting with
-/// `@`, an abstract socket name.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum NotifyAddr {
-    /// An `AF_UNIX` datagram socket bound to this path.
-    Path(PathBuf),
-    /// An abstract `AF_UNIX` name (the bytes after the `@`).
-    Abstract(Vec<u8>),
-}
-
-impl NotifyAddr {
-    /// Parses a `NOTIFY_SOCKET` value: an absolute path, or `@name`.
-    pub fn parse(value: &str) -> Option<NotifyAddr> {
-        if let Some(name) = value.strip_prefix('@') {
-            return (!name.is_empty()).then(|| NotifyAddr::Abstract(name.as_bytes().to_vec()));
+/// Sends one datagram to `addr` from an unbound socket (sd_notify(3) semantics: fire and
+/// forget).
+fn notify(addr: &NotifyAddr, datagram: &[u8]) -> io::Result<()> {
+    let sock = UnixDatagram::unbound()?;
+    match addr {
+        NotifyAddr::Path(path) => sock.send_to(datagram, path)?,
+        NotifyAddr::Abstract(name) => {
+            use std::os::linux::net::SocketAddrExt;
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+            sock.send_to_addr(datagram, &addr)?
         }
-        value
-            .starts_with('/')
-            .then(|| NotifyAddr::Path(PathBuf::from(value)))
-    }
-
-    /// Sends one datagram from an unbound socket (sd_notify(3) semantics: fire and forget).
-    fn send(&self, datagram: &[u8]) -> io::Result<()> {
-        let sock = UnixDatagram::unbound()?;
-        match self {
-            NotifyAddr::Path(path) => sock.send_to(datagram, path)?,
-            NotifyAddr::Abstract(name) => {
-                use std::os::linux::net::SocketAddrExt;
-                let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
-                sock.send_to_addr(datagram, &addr)?
-            }
-        };
-        Ok(())
-    }
-}
-
-impl fmt::Display for NotifyAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            NotifyAddr::Path(path) => write!(f, "{}", path.display()),
-            NotifyAddr::Abstract(name) => write!(f, "@{}", String::from_utf8_lossy(name)),
-        }
-    }
-}
-
-/// The worker contract as read from the environment (everything but the fds themselves).
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Contract {
-    /// `RCLUSTER_WORKER_ID`: the stable slot, `0..N`.
-    pub id: u32,
-    /// `RCLUSTER_GENERATION`: how many reloads the master has done.
-    pub generation: u64,
-    /// `RCLUSTER_MODE`.
-    pub mode: Mode,
-    /// `LISTEN_FDS`: how many listeners, at fds `3..3+listen_fds`.
-    pub listen_fds: usize,
-    /// `LISTEN_PID`, if set: the process the fds are for.
-    pub listen_pid: Option<Pid>,
-    /// `RCLUSTER_LISTEN`: the listen addresses in fd order (empty if unset).
-    pub addresses: Vec<String>,
-    /// `LISTEN_FDNAMES`: a name per fd (empty if unset).
-    pub fd_names: Vec<String>,
-    /// `PORT`: the first listener's port.
-    pub port: Option<u16>,
-    /// `NOTIFY_SOCKET`, if set.
-    pub notify_socket: Option<NotifyAddr>,
-    /// `RCLUSTER_STEER_FD`: the fd number of the kernel-steering table, if the kernel steers.
-    pub steer_fd: Option<i32>,
-}
-
-impl Contract {
-    /// A contract for `listen_fds` listeners in `mode`, slot 0, generation 0, nothing else
-    /// set; for building a [`Worker`] around fds made in-process (tests, embedding).
-    pub fn new(mode: Mode, listen_fds: usize) -> Contract {
-        Contract {
-            id: 0,
-            generation: 0,
-            mode,
-            listen_fds,
-            listen_pid: None,
-            addresses: Vec::new(),
-            fd_names: Vec::new(),
-            port: None,
-            notify_socket: None,
-            steer_fd: None,
-        }
-    }
-
-    /// Reads the contract from this process's environment.
-    pub fn from_env() -> Result<Contract, WorkerError> {
-        Contract::from_vars(|name| std::env::var(name).ok())
-    }
-
-    /// Reads the contract through `var`, which returns a variable's value (`None` if unset).
-    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Contract, WorkerError> {
-        fn required(
-            var: &impl Fn(&str) -> Option<String>,
-            name: &'static str,
-        ) -> Result<String, WorkerError> {
-            var(name).ok_or(WorkerError::MissingVar { var: name })
-        }
-        fn invalid(var: &'static str, value: &str, reason: &'static str) -> WorkerError {
-            WorkerError::InvalidVar {
-                var,
-                value: value.to_owned(),
-                reason,
-            }
-        }
-        fn list(
-            var: &impl Fn(&str) -> Option<String>,
-            name: &'static str,
-            sep: char,
-            fds: usize,
-        ) -> Result<Vec<String>, WorkerError> {
-            let Some(value) = var(name) else {
-                return Ok(Vec::new());
-            };
-            let entries: Vec<String> = value.split(sep).map(str::to_owned).collect();
-            if entries.len() != fds {
-                return Err(WorkerError::ListLength {
-                    var: name,
-                    entries: entries.len(),
-                    fds,
-                });
-            }
-            Ok(entries)
-        }
-
-        let value = required(&var, "LISTEN_FDS")?;
-        let listen_fds: usize = value
-            .parse()
-            .map_err(|_| invalid("LISTEN_FDS", &value, "not a number"))?;
-        if listen_fds == 0 {
-            return Err(invalid("LISTEN_FDS", &value, "a worker needs a listener"));
-        }
-        if listen_fds > MAX_LISTENERS {
-            return Err(invalid("LISTEN_FDS", &value, "more than 64 listeners"));
-        }
-        let listen_pid = match var("LISTEN_PID") {
-            None => None,
-            Some(value) => Some(
-                value
-                    .parse::<Pid>()
-                    .ok()
-                    .filter(|&pid| pid > 0)
-                    .ok_or_else(|| invalid("LISTEN_PID", &value, "not a process id"))?,
-            ),
-        };
-        let value = required(&var, "RCLUSTER_MODE")?;
-        let mode = parse_mode(&value).ok_or_else(|| {
-            invalid(
-                "RCLUSTER_MODE",
-                &value,
-                "expected dispatch, reuseport or shared",
-            )
-        })?;
-        let value = required(&var, "RCLUSTER_WORKER_ID")?;
-        let id = value
-            .parse()
-            .map_err(|_| invalid("RCLUSTER_WORKER_ID", &value, "not a slot number"))?;
-        let value = required(&var, "RCLUSTER_GENERATION")?;
-        let generation = value
-            .parse()
-            .map_err(|_| invalid("RCLUSTER_GENERATION", &value, "not a number"))?;
-        let port = match var("PORT") {
-            None => None,
-            Some(value) => Some(
-                value
-                    .parse()
-                    .map_err(|_| invalid("PORT", &value, "not a port number"))?,
-            ),
-        };
-        let notify_socket = match var("NOTIFY_SOCKET") {
-            None => None,
-            Some(value) => Some(NotifyAddr::parse(&value).ok_or_else(|| {
-                invalid(
-                    "NOTIFY_SOCKET",
-                    &value,
-                    "expected an absolute path or @abstract-name",
-                )
-            })?),
-        };
-        let steer_fd = match var(page::ENV_STEER_FD) {
-            None => None,
-            Some(value) => Some(
-                value
-                    .parse::<i32>()
-                    .ok()
-                    .filter(|&fd| fd > 2)
-                    .ok_or_else(|| invalid(page::ENV_STEER_FD, &value, "not an fd number"))?,
-            ),
-        };
-        Ok(Contract {
-            steer_fd,
-            id,
-            generation,
-            mode,
-            listen_fds,
-            listen_pid,
-            addresses: list(&var, "RCLUSTER_LISTEN", ',', listen_fds)?,
-            fd_names: list(&var, "LISTEN_FDNAMES", ':', listen_fds)?,
-            port,
-            notify_socket,
-        })
-    }
-
-    /// Fails unless `LISTEN_PID` is unset or names `pid` (sd_listen_fds(3): fds inherited
-    /// through a process that did not consume them are not ours).
-    fn check_pid(&self, pid: Pid) -> Result<(), WorkerError> {
-        match self.listen_pid {
-            Some(listen_pid) if listen_pid != pid => {
-                Err(WorkerError::ForeignFds { listen_pid, pid })
-            }
-            _ => Ok(()),
-        }
-    }
-}
-
-/// `RCLUSTER_MODE`'s values, the inverse of [`Mode::as_str`].
-fn parse_mode(value: &str) -> Option<Mode> {
-    [Mode::Dispatch, Mode::Reuseport, Mode::Shared]
-        .into_iter()
-        .find(|mode| mode.as_str() == value)
+    };
+    Ok(())
 }
 
 /// A worker process's side of the contract: who it is and where its connections come from.
@@ -520,7 +277,7 @@ impl Worker {
         }
         // The master may then put up to MAX_FDS_PER_CONN connections in one message (much
         // cheaper per connection for both sides); `accept` hands them out one at a time.
-        let ready = Message::Ready {
+        let ready = ToMaster::Ready {
             max_fds: MAX_FDS_PER_CONN as u64,
         };
         self.announce(ready, "READY", b"READY=1", "READY=1")?;
@@ -536,7 +293,7 @@ impl Worker {
         if self.stopping_sent.load(Ordering::Acquire) {
             return Ok(());
         }
-        self.announce(Message::Stopping, "STOPPING", b"STOPPING=1", "STOPPING=1")?;
+        self.announce(ToMaster::Stopping, "STOPPING", b"STOPPING=1", "STOPPING=1")?;
         self.stopping_sent.store(true, Ordering::Release);
         Ok(())
     }
@@ -545,7 +302,7 @@ impl Worker {
     pub fn heartbeat(&self) -> Result<(), WorkerError> {
         for listener in &self.listeners {
             if let ListenerKind::Channel(chan) = &listener.kind {
-                match chan.send(Message::Heartbeat, libc::MSG_DONTWAIT) {
+                match chan.send(ToMaster::Heartbeat, libc::MSG_DONTWAIT) {
                     Err(e) if e.kind() != io::ErrorKind::WouldBlock => {
                         return Err(WorkerError::Channel {
                             what: "HEARTBEAT",
@@ -591,7 +348,7 @@ impl Worker {
 
     fn announce(
         &self,
-        msg: Message,
+        msg: ToMaster,
         what: &'static str,
         datagram: &[u8],
         notify_what: &'static str,
@@ -606,7 +363,7 @@ impl Worker {
             }
         }
         if let Some(addr) = &self.contract.notify_socket {
-            addr.send(datagram).map_err(|source| WorkerError::Notify {
+            notify(addr, datagram).map_err(|source| WorkerError::Notify {
                 what: notify_what,
                 addr: addr.clone(),
                 source,
@@ -629,7 +386,7 @@ pub struct Listener {
     steer: Option<Arc<SteerTable>>,
 }
 
-/// This worker's line of the kernel-steering table (module docs, [`crate::steer::page`]).
+/// This worker's line of the kernel-steering table (module docs, [`rcluster_proto::steer`]).
 #[derive(Debug)]
 struct SteerTable {
     map: MapMmap,
@@ -658,7 +415,7 @@ impl SteerTable {
             .map_err(|e| {
                 log::warn!(
                     "{}={fd}: not counting for kernel steering: {e}",
-                    page::ENV_STEER_FD
+                    RCLUSTER_STEER_FD
                 )
             })
             .ok()?;
@@ -965,8 +722,6 @@ enum Rejected {
     Protocol(#[from] ProtocolError),
     #[error("message longer than {HEADER_LEN} bytes")]
     Truncated,
-    #[error("{0:?} is not a message the master sends")]
-    NotConn(Message),
     #[error("CONN without an fd")]
     MissingFd,
     #[error("control data truncated: its fd was closed by the kernel (out of fds?)")]
@@ -998,7 +753,7 @@ impl Channel {
         }
     }
 
-    fn send(&self, msg: Message, flags: libc::c_int) -> io::Result<()> {
+    fn send(&self, msg: ToMaster, flags: libc::c_int) -> io::Result<()> {
         loop {
             match scm::send(self.fd.as_fd(), &msg.encode(), flags) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -1037,15 +792,15 @@ impl Channel {
                     MasterGone { index: self.index },
                 ));
             }
-            let decoded = Message::decode(&buf[..got.len]);
+            let decoded = ToWorker::decode(&buf[..got.len]);
             // The master counts every fd it sends as an active connection; one we drop must be
             // reported closed or the master's count never comes back down.
             let conns =
-                (fds.len() as u64).max(u64::from(matches!(decoded, Ok(Message::Conn { .. }))));
+                (fds.len() as u64).max(u64::from(matches!(decoded, Ok(ToWorker::Conn { .. }))));
             let rejected = match decoded {
                 _ if got.truncated => Rejected::Truncated,
                 Err(e) => Rejected::Protocol(e),
-                Ok(Message::Conn { seq }) if !fds.is_empty() => {
+                Ok(ToWorker::Conn { seq }) if !fds.is_empty() => {
                     let mut rest = fds.drain(..);
                     let first = rest.next().expect("not empty");
                     if rest.len() > 0 {
@@ -1054,8 +809,7 @@ impl Channel {
                     }
                     return self.connection(first, seq, nonblocking);
                 }
-                Ok(Message::Conn { .. }) => Rejected::MissingFd,
-                Ok(other) => Rejected::NotConn(other),
+                Ok(ToWorker::Conn { .. }) => Rejected::MissingFd,
             };
             // Close whatever came with it before reporting the close.
             fds.clear();
@@ -1126,7 +880,7 @@ impl Channel {
         if count == 0 {
             return Ok(0);
         }
-        match self.send(Message::Closed { count }, libc::MSG_DONTWAIT) {
+        match self.send(ToMaster::Closed { count }, libc::MSG_DONTWAIT) {
             Ok(()) => Ok(self.unreported.load(Ordering::Relaxed)),
             Err(e) => {
                 let pending = self.unreported.fetch_add(count, Ordering::Relaxed) + count;
@@ -1331,7 +1085,6 @@ impl mio::event::Source for MioConnection {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
     use std::net::Shutdown;
     use std::time::Duration;
 
@@ -1350,7 +1103,7 @@ mod tests {
         fn dispatch(&self, seq: u64) -> TcpStream {
             let client = TcpStream::connect(self.tcp.local_addr().unwrap()).unwrap();
             let (server_side, _) = self.tcp.accept().unwrap();
-            let msg = Message::Conn { seq }.encode();
+            let msg = ToWorker::Conn { seq }.encode();
             scm::sendmsg_fd(self.end.as_fd(), &msg, server_side.as_fd()).unwrap();
             // A deadline, so a bug fails the test instead of hanging it.
             client.set_read_timeout(Some(DEADLINE)).unwrap();
@@ -1358,7 +1111,7 @@ mod tests {
         }
 
         /// Everything the worker has sent so far (the sends under test are synchronous).
-        fn received(&self) -> Vec<Message> {
+        fn received(&self) -> Vec<ToMaster> {
             let mut out = Vec::new();
             loop {
                 let mut buf = [0u8; HEADER_LEN];
@@ -1367,7 +1120,7 @@ mod tests {
                     Ok(got) if got.len == 0 && got.fd.is_none() => return out,
                     Ok(got) => {
                         assert!(got.fd.is_none(), "the worker sends no fds");
-                        out.push(Message::decode(&buf[..got.len]).unwrap());
+                        out.push(ToMaster::decode(&buf[..got.len]).unwrap());
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => return out,
                     Err(e) => panic!("recv from worker: {e}"),
@@ -1379,7 +1132,7 @@ mod tests {
             self.received()
                 .into_iter()
                 .map(|msg| match msg {
-                    Message::Closed { count } => count,
+                    ToMaster::Closed { count } => count,
                     other => panic!("expected only CLOSED, got {other:?}"),
                 })
                 .sum()
@@ -1429,7 +1182,7 @@ mod tests {
             let client = TcpStream::connect(master.tcp.local_addr().unwrap()).unwrap();
             let (server_side, _) = master.tcp.accept().unwrap();
             batch
-                .push(Message::Conn { seq }.encode(), OwnedFd::from(server_side))
+                .push(ToWorker::Conn { seq }.encode(), OwnedFd::from(server_side))
                 .map_err(|_| ())
                 .unwrap();
             clients.push(client);
@@ -1454,7 +1207,7 @@ mod tests {
             clients.push(TcpStream::connect(master.tcp.local_addr().unwrap()).unwrap());
             let (server_side, _) = master.tcp.accept().unwrap();
             batch
-                .push(Message::Conn { seq }.encode(), OwnedFd::from(server_side))
+                .push(ToWorker::Conn { seq }.encode(), OwnedFd::from(server_side))
                 .map_err(|_| ())
                 .unwrap();
         }
@@ -1483,7 +1236,7 @@ mod tests {
         assert_eq!(&buf, b"hi");
         assert!(master.received().is_empty(), "nothing reported while open");
         drop(conn);
-        assert_eq!(master.received(), vec![Message::Closed { count: 1 }]);
+        assert_eq!(master.received(), vec![ToMaster::Closed { count: 1 }]);
         assert_eq!(client.read(&mut buf).unwrap(), 0, "the socket was closed");
     }
 
@@ -1526,7 +1279,7 @@ mod tests {
         drop(conns);
         assert!(master.received().is_empty());
         assert_eq!(worker.flush_closed().unwrap(), 0);
-        assert_eq!(master.received(), vec![Message::Closed { count: 5 }]);
+        assert_eq!(master.received(), vec![ToMaster::Closed { count: 5 }]);
         assert_eq!(worker.flush_closed().unwrap(), 0);
         assert!(master.received().is_empty(), "nothing sent twice");
     }
@@ -1538,7 +1291,7 @@ mod tests {
         let _clients: Vec<_> = (0..3).map(|seq| master.dispatch(seq)).collect();
         let conns: Vec<_> = (0..3).map(|_| listener.accept().unwrap()).collect();
         sys::setsockopt_int(listener.as_fd(), libc::SO_SNDBUF, 4096).unwrap();
-        let beat = Message::Heartbeat.encode();
+        let beat = ToMaster::Heartbeat.encode();
         let mut beats = 0;
         while scm::send(listener.as_fd(), &beat, libc::MSG_DONTWAIT).is_ok() {
             beats += 1;
@@ -1551,9 +1304,9 @@ mod tests {
         );
         let got = master.received();
         assert_eq!(got.len(), beats);
-        assert!(got.iter().all(|m| *m == Message::Heartbeat));
+        assert!(got.iter().all(|m| *m == ToMaster::Heartbeat));
         assert_eq!(worker.flush_closed().unwrap(), 0);
-        assert_eq!(master.received(), vec![Message::Closed { count: 3 }]);
+        assert_eq!(master.received(), vec![ToMaster::Closed { count: 3 }]);
     }
 
     #[test]
@@ -1564,23 +1317,23 @@ mod tests {
             let (server_side, _) = master.tcp.accept().unwrap();
             (client, server_side)
         };
-        let mut bad = Message::Conn { seq: 1 }.encode();
+        let mut bad = ToWorker::Conn { seq: 1 }.encode();
         bad[0] = b'X';
         let (_c1, s1) = tcp_fd();
         scm::sendmsg_fd(master.end.as_fd(), &bad, s1.as_fd()).unwrap();
         // CONN without its fd.
-        scm::send(master.end.as_fd(), &Message::Conn { seq: 2 }.encode(), 0).unwrap();
+        scm::send(master.end.as_fd(), &ToWorker::Conn { seq: 2 }.encode(), 0).unwrap();
         // Too short, no fd.
         scm::send(master.end.as_fd(), &[b'R', b'C', 1, 1], 0).unwrap();
         // Too long, with an fd.
         let mut long = [0u8; 2 * HEADER_LEN];
-        long[..HEADER_LEN].copy_from_slice(&Message::Conn { seq: 3 }.encode());
+        long[..HEADER_LEN].copy_from_slice(&ToWorker::Conn { seq: 3 }.encode());
         let (_c2, s2) = tcp_fd();
         scm::sendmsg_fd(master.end.as_fd(), &long, s2.as_fd()).unwrap();
         // A kind only workers send.
         scm::send(
             master.end.as_fd(),
-            &Message::Ready { max_fds: 1 }.encode(),
+            &ToMaster::Ready { max_fds: 1 }.encode(),
             0,
         )
         .unwrap();
@@ -1647,7 +1400,7 @@ mod tests {
         worker.ready().unwrap();
         assert_eq!(
             master.received(),
-            vec![Message::Ready {
+            vec![ToMaster::Ready {
                 max_fds: MAX_FDS_PER_CONN as u64
             }]
         );
@@ -1660,7 +1413,7 @@ mod tests {
         worker.stopping().unwrap();
         assert_eq!(
             master.received(),
-            vec![Message::Heartbeat, Message::Stopping]
+            vec![ToMaster::Heartbeat, ToMaster::Stopping]
         );
         let n = notify.recv(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"STOPPING=1");
@@ -1745,148 +1498,5 @@ mod tests {
             err.to_string(),
             "0 listener fds given but the contract names 2"
         );
-    }
-
-    fn vars(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> + use<> {
-        let map: HashMap<String, String> = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        move |name| map.get(name).cloned()
-    }
-
-    const FULL: &[(&str, &str)] = &[
-        ("LISTEN_FDS", "2"),
-        ("LISTEN_PID", "4242"),
-        ("LISTEN_FDNAMES", "http:admin"),
-        ("PORT", "8080"),
-        ("RCLUSTER_WORKER_ID", "1"),
-        ("RCLUSTER_GENERATION", "5"),
-        ("RCLUSTER_MODE", "reuseport"),
-        ("RCLUSTER_LISTEN", "127.0.0.1:8080,[::1]:9090"),
-        ("NOTIFY_SOCKET", "@rcluster/7"),
-    ];
-
-    /// Variables to replace (`Some`) or unset (`None`) in [`FULL`].
-    type Overrides = &'static [(&'static str, Option<&'static str>)];
-
-    fn with(
-        overrides: &[(&'static str, Option<&'static str>)],
-    ) -> Vec<(&'static str, &'static str)> {
-        let mut out: Vec<_> = FULL.to_vec();
-        for (name, value) in overrides {
-            out.retain(|(k, _)| k != name);
-            if let Some(value) = value {
-                out.push((name, value));
-            }
-        }
-        out
-    }
-
-    #[test]
-    fn contract_reads_every_variable() {
-        let c = Contract::from_vars(vars(FULL)).unwrap();
-        assert_eq!(c.listen_fds, 2);
-        assert_eq!(c.listen_pid, Some(4242));
-        assert_eq!(c.fd_names, ["http", "admin"]);
-        assert_eq!(c.port, Some(8080));
-        assert_eq!((c.id, c.generation, c.mode), (1, 5, Mode::Reuseport));
-        assert_eq!(c.addresses, ["127.0.0.1:8080", "[::1]:9090"]);
-        assert_eq!(
-            c.notify_socket,
-            Some(NotifyAddr::Abstract(b"rcluster/7".to_vec()))
-        );
-        assert!(c.check_pid(4242).is_ok());
-        assert_eq!(
-            c.check_pid(1).unwrap_err().to_string(),
-            "LISTEN_PID=4242 but this process is 1: the inherited fds are not ours"
-        );
-
-        let minimal = with(&[
-            ("LISTEN_PID", None),
-            ("LISTEN_FDNAMES", None),
-            ("PORT", None),
-            ("RCLUSTER_LISTEN", None),
-            ("NOTIFY_SOCKET", None),
-        ]);
-        let c = Contract::from_vars(vars(&minimal)).unwrap();
-        assert_eq!(c.listen_pid, None);
-        assert!(c.addresses.is_empty() && c.fd_names.is_empty());
-        assert!(c.check_pid(1).is_ok());
-    }
-
-    #[test]
-    fn contract_errors_name_the_variable() {
-        let cases: &[(Overrides, &str)] = &[
-            (
-                &[("LISTEN_FDS", None)],
-                "environment variable LISTEN_FDS is not set",
-            ),
-            (
-                &[("LISTEN_FDS", Some("0"))],
-                "LISTEN_FDS=\"0\" is invalid: a worker needs a listener",
-            ),
-            (&[("LISTEN_FDS", Some("x"))], "LISTEN_FDS=\"x\" is invalid"),
-            (&[("LISTEN_FDS", Some("65"))], "more than 64 listeners"),
-            (
-                &[("LISTEN_PID", Some("-3"))],
-                "LISTEN_PID=\"-3\" is invalid",
-            ),
-            (
-                &[("RCLUSTER_MODE", Some("fast"))],
-                "RCLUSTER_MODE=\"fast\" is invalid: expected dispatch, reuseport or shared",
-            ),
-            (&[("RCLUSTER_MODE", None)], "RCLUSTER_MODE is not set"),
-            (
-                &[("RCLUSTER_WORKER_ID", None)],
-                "RCLUSTER_WORKER_ID is not set",
-            ),
-            (
-                &[("RCLUSTER_GENERATION", Some("-1"))],
-                "RCLUSTER_GENERATION=\"-1\"",
-            ),
-            (&[("PORT", Some("70000"))], "PORT=\"70000\" is invalid"),
-            (
-                &[("NOTIFY_SOCKET", Some("relative"))],
-                "NOTIFY_SOCKET=\"relative\" is invalid",
-            ),
-            (
-                &[("NOTIFY_SOCKET", Some("@"))],
-                "NOTIFY_SOCKET=\"@\" is invalid",
-            ),
-            (
-                &[("RCLUSTER_LISTEN", Some("127.0.0.1:1"))],
-                "RCLUSTER_LISTEN has 1 entries but LISTEN_FDS=2",
-            ),
-            (
-                &[("LISTEN_FDNAMES", Some("a:b:c"))],
-                "LISTEN_FDNAMES has 3 entries but LISTEN_FDS=2",
-            ),
-        ];
-        for (overrides, expected) in cases {
-            let err = Contract::from_vars(vars(&with(overrides))).unwrap_err();
-            assert!(
-                err.to_string().contains(expected),
-                "{overrides:?}: {err} does not contain {expected:?}"
-            );
-        }
-    }
-
-    #[test]
-    fn notify_addresses_parse() {
-        assert_eq!(
-            NotifyAddr::parse("/run/notify"),
-            Some(NotifyAddr::Path("/run/notify".into()))
-        );
-        assert_eq!(NotifyAddr::parse("@x").unwrap().to_string(), "@x");
-        assert_eq!(NotifyAddr::parse(""), None);
-    }
-
-    #[test]
-    fn modes_parse_as_the_master_writes_them() {
-        for mode in [Mode::Dispatch, Mode::Reuseport, Mode::Shared] {
-            assert_eq!(parse_mode(mode.as_str()), Some(mode));
-        }
-        assert_eq!(parse_mode("Dispatch"), None);
     }
 }

@@ -1,6 +1,7 @@
-//! The steering table's memory layout and the worker contract's variables for it, shared by the
-//! master ([`super::Steering`]), the Rust worker API and (copied) the preload shim; documented
-//! in docs/PROTOCOL.md. Pure constants, no I/O.
+//! The kernel-steering table's memory layout (docs/PROTOCOL.md §6), shared by the master (which
+//! creates the table and reads it), the Rust worker API and the preload shim (which count on it).
+//! The worker finds the table at the fd named by [`crate::env::RCLUSTER_STEER_FD`]. Pure
+//! constants.
 //!
 //! The table is a `BPF_F_MMAPABLE` array of [`MAX_SLOTS`] lines of [`SLOT_SIZE`] bytes, one per
 //! worker slot, little-endian (the host's order), every field updated with atomics:
@@ -35,9 +36,9 @@ pub const ELIGIBLE: usize = 32;
 /// Offset of `reporting` in a slot.
 pub const REPORTING: usize = 36;
 
-/// Environment variable naming the inherited fd of the table (a BPF map fd to `mmap`), set only
-/// when the kernel steers. The worker's slot is `RCLUSTER_WORKER_ID`.
-pub const ENV_STEER_FD: &str = "RCLUSTER_STEER_FD";
+/// The BPF program's C source (`bpf/steer.bpf.c`) mirrors this layout; this checks the part the
+/// Rust side can.
+const _: () = assert!(MAX_SLOTS.is_power_of_two() && SLOT_SIZE == 64 && REPORTING + 4 <= 40);
 
 /// Byte offset of `field` in `slot`'s line.
 pub const fn offset(slot: usize, field: usize) -> usize {

@@ -23,9 +23,9 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::policy::{Policy, WorkerStat};
-use crate::protocol::{HEADER_LEN, MAX_FDS_PER_CONN, Message};
 use crate::sys::scm::{self, SendBatch};
 use crate::sys::{self, Pid};
+use rcluster_proto::{HEADER_LEN, MAX_FDS_PER_CONN, MAX_LISTENERS, ToMaster, ToWorker};
 
 /// Identifies one worker process for its whole life (slots are reused, ids are not).
 pub type WorkerId = u64;
@@ -47,15 +47,12 @@ const WAKER: Token = Token(usize::MAX);
 const CHANNEL_BASE: usize = 1 << 16;
 
 fn channel_token(id: WorkerId, listener: usize) -> Token {
-    Token(CHANNEL_BASE + (id as usize) * crate::cli::MAX_LISTENERS + listener)
+    Token(CHANNEL_BASE + (id as usize) * MAX_LISTENERS + listener)
 }
 
 fn split_channel_token(token: Token) -> (WorkerId, usize) {
     let v = token.0 - CHANNEL_BASE;
-    (
-        (v / crate::cli::MAX_LISTENERS) as WorkerId,
-        v % crate::cli::MAX_LISTENERS,
-    )
+    ((v / MAX_LISTENERS) as WorkerId, v % MAX_LISTENERS)
 }
 
 /// One end-pair of a dispatch channel as the master keeps it.
@@ -585,17 +582,14 @@ impl Acceptor {
                     if got.fd.is_some() {
                         warn!("worker {}: sent an fd to the master; closed it", entry.slot);
                     }
-                    match Message::decode(&buf[..got.len]) {
-                        Ok(Message::Closed { count }) => entry.closed += count,
-                        Ok(Message::Ready { max_fds }) => {
+                    match ToMaster::decode(&buf[..got.len]) {
+                        Ok(ToMaster::Closed { count }) => entry.closed += count,
+                        Ok(ToMaster::Ready { max_fds }) => {
                             ready = true;
                             entry.max_fds = (max_fds as usize).clamp(1, MAX_FDS_PER_CONN);
                         }
-                        Ok(Message::Stopping) => stopping = true,
-                        Ok(Message::Heartbeat) => {}
-                        Ok(Message::Conn { .. }) => {
-                            warn!("worker {}: sent CONN to the master; ignored", entry.slot)
-                        }
+                        Ok(ToMaster::Stopping) => stopping = true,
+                        Ok(ToMaster::Heartbeat) => {}
                         Err(e) => warn!("worker {}: bad message on its channel: {e}", entry.slot),
                     }
                 }
@@ -646,8 +640,8 @@ impl Acceptor {
         for (listener, chan) in self.entries[i].channels.iter_mut().enumerate() {
             // Anything still batched was never sent: take it back first, in order.
             while let Some((payload, fd)) = chan.batch.pop_unsent() {
-                let seq = match Message::decode(&payload) {
-                    Ok(Message::Conn { seq }) => seq,
+                let seq = match ToWorker::decode(&payload) {
+                    Ok(ToWorker::Conn { seq }) => seq,
                     _ => 0,
                 };
                 taken.push(Pending { listener, seq, fd });
@@ -664,8 +658,8 @@ impl Acceptor {
                 ) {
                     Ok(got) if got.len == 0 && fds.is_empty() => break,
                     Ok(got) => {
-                        let first = match Message::decode(&buf[..got.len]) {
-                            Ok(Message::Conn { seq }) => seq,
+                        let first = match ToWorker::decode(&buf[..got.len]) {
+                            Ok(ToWorker::Conn { seq }) => seq,
                             _ => 0,
                         };
                         for (i, fd) in fds.drain(..).enumerate() {
@@ -733,7 +727,7 @@ impl Acceptor {
         entry.dispatched += 1;
         self.stats[i].active = self.stats[i].active.saturating_add(1);
         let chan = &mut entry.channels[listener];
-        let payload = Message::Conn { seq: p.seq }.encode();
+        let payload = ToWorker::Conn { seq: p.seq }.encode();
         if let Err((_, fd)) = chan.batch.push(payload, p.fd) {
             // Cannot happen: a full batch is flushed right after the push that filled it.
             unreachable!("batch full with fd {}", fd.as_raw_fd());
@@ -771,8 +765,8 @@ impl Acceptor {
         chan.full_since.get_or_insert_with(Instant::now);
         let mut unsent = Vec::new();
         while let Some((payload, fd)) = chan.batch.pop_unsent() {
-            let seq = match Message::decode(&payload) {
-                Ok(Message::Conn { seq }) => seq,
+            let seq = match ToWorker::decode(&payload) {
+                Ok(ToWorker::Conn { seq }) => seq,
                 _ => 0,
             };
             unsent.push(Pending { listener, seq, fd });
