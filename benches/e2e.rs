@@ -185,9 +185,18 @@ enum Group {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Launch {
-    Rcluster(PolicyKind),
-    NodeCluster { round_robin: bool },
-    RclusterNode,
+    /// The demo worker under a policy; `kernel`: `--steer kernel`, else `--steer dispatch`.
+    Rcluster {
+        policy: PolicyKind,
+        kernel: bool,
+    },
+    NodeCluster {
+        round_robin: bool,
+    },
+    /// The node app through the shim under least-conn, dispatched or kernel-steered.
+    RclusterNode {
+        kernel: bool,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -200,6 +209,20 @@ struct System {
 const NODE_RR: &str = "node-cluster-rr";
 const NODE_NONE: &str = "node-cluster-none";
 const RCLUSTER_NODE: &str = "rcluster-lb+node";
+const RCLUSTER_NODE_KERNEL: &str = "rcluster-lb+node kernel";
+/// Row-name suffix of a kernel-steered policy (`--steer kernel`).
+const KERNEL: &str = " kernel";
+
+/// Whether the steering program loads here (the kernel rows run only then).
+fn kernel_steering() -> bool {
+    match rcluster_lb::steer::Steering::load(1) {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("kernel steering unavailable ({e}): no kernel rows");
+            false
+        }
+    }
+}
 
 fn systems(settings: &Settings) -> Vec<System> {
     let mut v: Vec<System> = PolicyKind::ALL
@@ -207,15 +230,35 @@ fn systems(settings: &Settings) -> Vec<System> {
         .map(|&p| System {
             name: p.name().to_owned(),
             group: Group::Demo,
-            launch: Launch::Rcluster(p),
+            launch: Launch::Rcluster {
+                policy: p,
+                kernel: false,
+            },
         })
         .collect();
+    let kernel = kernel_steering();
+    if kernel {
+        for p in [PolicyKind::LeastConn, PolicyKind::RoundRobin] {
+            v.push(System {
+                name: format!("{}{KERNEL}", p.name()),
+                group: Group::Demo,
+                launch: Launch::Rcluster {
+                    policy: p,
+                    kernel: true,
+                },
+            });
+        }
+    }
     if settings.node.is_some() {
-        for (name, launch) in [
+        let mut node = vec![
             (NODE_RR, Launch::NodeCluster { round_robin: true }),
             (NODE_NONE, Launch::NodeCluster { round_robin: false }),
-            (RCLUSTER_NODE, Launch::RclusterNode),
-        ] {
+            (RCLUSTER_NODE, Launch::RclusterNode { kernel: false }),
+        ];
+        if kernel {
+            node.push((RCLUSTER_NODE_KERNEL, Launch::RclusterNode { kernel: true }));
+        }
+        for (name, launch) in node {
             v.push(System {
                 name: name.to_owned(),
                 group: Group::Node,
@@ -333,11 +376,15 @@ impl Running {
         node: Option<&NodeApp>,
     ) -> Result<Running, String> {
         let workers = settings.workers.to_string();
-        let rcluster = |policy: PolicyKind| {
+        let rcluster = |policy: PolicyKind, kernel: bool| {
             let mut c = Command::new(&settings.bin);
             c.args(["--listen", "127.0.0.1:0", "--workers", &workers])
                 .args(["--policy", policy.name()])
                 .env("RCLUSTER_LOG", "info");
+            // Explicit either way: the default (auto) would steer in the kernel where it can.
+            if PolicyKind::LeastConn == policy || PolicyKind::RoundRobin == policy {
+                c.args(["--steer", if kernel { "kernel" } else { "dispatch" }]);
+            }
             if let Some(pin) = &settings.pin {
                 c.args(["--pin", pin]);
             }
@@ -353,7 +400,7 @@ impl Running {
             }
         };
         let mut cmd = match system.launch {
-            Launch::Rcluster(policy) => rcluster(policy),
+            Launch::Rcluster { policy, kernel } => rcluster(policy, kernel),
             Launch::NodeCluster { round_robin } => {
                 let (node, app) = node_paths()?;
                 let mut c = Command::new(node);
@@ -362,9 +409,9 @@ impl Running {
                     .env("SCHED", if round_robin { "rr" } else { "none" });
                 c
             }
-            Launch::RclusterNode => {
+            Launch::RclusterNode { kernel } => {
                 let (node, app) = node_paths()?;
-                let mut c = rcluster(PolicyKind::LeastConn);
+                let mut c = rcluster(PolicyKind::LeastConn, kernel);
                 c.arg("--").arg(node).arg(app.app_js());
                 c
             }
@@ -1213,6 +1260,58 @@ fn render_checks(out: &mut String, r: &Results) {
     );
 }
 
+/// The kernel-steering targets (issue #14), checked only when the kernel rows ran.
+fn render_kernel_checks(out: &mut String, r: &Results) {
+    let lc = &format!("least-conn{KERNEL}");
+    if r.runs(lc, Scenario::Churn) == 0 {
+        return;
+    }
+    let churn = Scenario::Churn;
+    let conn = |name: &str| r.median_of(name, churn, |m| Some(m.throughput));
+    let per_s = |v: Option<f64>| num(v, 0);
+    for (sys, base, min) in [
+        (lc.as_str(), "shared", 0.95),
+        (lc.as_str(), "least-conn", 1.0),
+        (RCLUSTER_NODE_KERNEL, NODE_NONE, 0.95),
+        (RCLUSTER_NODE_KERNEL, RCLUSTER_NODE, 1.0),
+    ] {
+        check(
+            out,
+            &format!("{sys} conn rate ≥ {min}× {base}"),
+            r.paired_ratio(sys, base, churn, |m| m.throughput),
+            |v| v >= min,
+            format!("{}/s vs {}/s", per_s(conn(sys)), per_s(conn(base))),
+        );
+    }
+    for percent in HEAVY_LEVELS_PERCENT {
+        let sc = Scenario::Heavy(percent);
+        let p99 = |name: &str| r.median_of(name, sc, |m| Some(m.p99_us as f64));
+        for (base, max) in [("shared", 1.0), ("least-conn", 1.05)] {
+            check(
+                out,
+                &format!("{lc} p99 at {percent} % ≤ {max}× {base}"),
+                r.paired_ratio(lc, base, sc, |m| m.p99_us as f64),
+                |v| v <= max,
+                format!("{} ms vs {} ms", ms(p99(lc)), ms(p99(base))),
+            );
+        }
+    }
+    check(
+        out,
+        &format!("{lc} keep-alive connection spread ≤ 1"),
+        r.max_of(lc, Scenario::KeepAlive, |m| m.conn_spread as f64),
+        |v| v <= 1.0,
+        "worst round, max−min connections per worker".to_owned(),
+    );
+    check(
+        out,
+        &format!("{lc} master CPU per 1k connections ≈ 0 (< 0.001 s)"),
+        r.median_of(lc, churn, Metrics::master_cpu_per_1k),
+        |v| v < 0.001,
+        "churn, median".to_owned(),
+    );
+}
+
 fn csv(results: &Results) -> String {
     let mut out = String::from(
         "round,system,scenario,offered_per_s,ok,sent,completed,non_200,refused,reset,timeout,eof,other,duration_s,throughput_per_s,p50_us,p90_us,p99_us,p999_us,max_us,share_max_over_mean,share_cv,per_worker,conns_per_worker,conn_spread,connections,master_cpu_s,master_cpu_s_per_1k_conn,loadgen_cpu_s,max_start_lag_ms,failure\n",
@@ -1390,6 +1489,7 @@ fn main() {
         render_group(&mut out, &results, &members, base, cap, &settings);
     }
     render_checks(&mut out, &results);
+    render_kernel_checks(&mut out, &results);
     // One line per distinct failure: a system that did not start fails every scenario of its
     // round with the same message.
     /// (round, system, message) and the scenarios that failed with it.

@@ -1,5 +1,5 @@
 //! Kernel steering (`--steer`), against the real binary: the program places connections by the
-//! load table, a busy worker is passed over, a closed listener's queue migrates, abandoned
+//! load table, a busy or stalled worker is passed over, a closed listener's queue migrates, abandoned
 //! handshakes do not inflate a slot's load for long, and without CAP_BPF the master falls back
 //! to dispatch. Each test that needs the program skips with a note where it cannot load here.
 
@@ -157,6 +157,39 @@ fn closed_listener_queue_migrates_without_resets() {
     let results: Vec<_> = pending.into_iter().map(read_response).collect();
     let counts = per_worker(&results);
     assert_eq!(counts.get(&0), Some(&20), "{counts:?}");
+}
+
+#[test]
+fn a_stalled_worker_is_passed_over_and_replaced() {
+    if !steering_available() {
+        return;
+    }
+    let cluster = TestCluster::start(&[
+        "--steer",
+        "kernel",
+        "-w",
+        "2",
+        "--stall-timeout",
+        "500ms",
+        "--grace",
+        "1s",
+    ]);
+    let stopped = (0..40)
+        .map(|_| get(cluster.addr(), "/").unwrap())
+        .find(|r| r.worker() == 1)
+        .expect("worker 1 answered one of 40")
+        .pid();
+    common::kill(stopped, libc::SIGSTOP);
+    // Some of these wait in the stopped worker's queue (until its load shows them).
+    let pending: Vec<TcpStream> = (0..20)
+        .map(|_| send_request(cluster.addr(), "/").unwrap())
+        .collect();
+    cluster.wait_for_log("accepted nothing for", DEADLINE);
+    cluster.wait_for_log(&format!("replacing worker 1 (pid {stopped})"), DEADLINE);
+    // Every request is answered: the replacement takes the queue the master kept.
+    let results: Vec<_> = pending.into_iter().map(read_response).collect();
+    assert_eq!(per_worker(&results).values().sum::<usize>(), 20);
+    cluster.wait_for_log(&format!("(pid {stopped}) exited"), DEADLINE);
 }
 
 /// Sends one TCP SYN from a raw socket, from a port nobody listens on: the SYN-ACK is answered

@@ -27,6 +27,13 @@ pub struct SteerControl {
     slots: usize,
     /// What the table says, so a change is logged once.
     eligible: Vec<bool>,
+    /// Per slot: since when its queue has been non-empty while its worker accepted nothing,
+    /// and the `accepted` count then.
+    stall: Vec<Option<(Instant, u64)>>,
+    /// Slots found stalled: ineligible until their worker (or its replacement) accepts again.
+    stalled: Vec<bool>,
+    /// `--stall-timeout`.
+    stall_timeout: Duration,
     next_reconcile: Instant,
     /// Placements written off (+) or taken back (-) since start, for the status line.
     forgiven_total: i64,
@@ -69,11 +76,43 @@ pub fn start(config: &Config) -> anyhow::Result<Option<SteerControl>> {
                 policy,
                 slots: 0,
                 eligible: Vec::new(),
+                stall: Vec::new(),
+                stalled: Vec::new(),
+                stall_timeout: config.stall_timeout,
                 next_reconcile: Instant::now() + RECONCILE_INTERVAL,
                 forgiven_total: 0,
             }))
         }
         Err(e) => fallback(config.steer, &e.to_string()),
+    }
+}
+
+/// What one sample says about a slot's stall watch.
+#[derive(Debug, PartialEq, Eq)]
+enum StallStep {
+    /// Nothing waits, or the worker accepted since the watch began (or it does not report).
+    Clear,
+    /// Connections wait and nothing was accepted: watching since then, at that `accepted`.
+    Watch((Instant, u64)),
+    /// Watched for the whole timeout.
+    Stalled,
+}
+
+fn stall_step(
+    watch: Option<(Instant, u64)>,
+    now: Instant,
+    queued: u64,
+    c: crate::steer::SlotCounts,
+    timeout: Duration,
+) -> StallStep {
+    if queued == 0 || !c.reporting {
+        return StallStep::Clear;
+    }
+    match watch {
+        Some((_, accepted)) if accepted != c.accepted => StallStep::Clear,
+        Some((since, _)) if now.duration_since(since) >= timeout => StallStep::Stalled,
+        Some(w) => StallStep::Watch(w),
+        None => StallStep::Watch((now, c.accepted)),
     }
 }
 
@@ -119,7 +158,11 @@ impl SteerControl {
         }
         if slot >= self.eligible.len() {
             self.eligible.resize(slot + 1, false);
+            self.stall.resize(slot + 1, None);
+            self.stalled.resize(slot + 1, false);
         }
+        self.stall[slot] = None;
+        self.stalled[slot] = false;
         self.slots = self.slots.max(slot + 1);
         self.steering
             .configure(self.slots, self.policy)
@@ -131,7 +174,7 @@ impl SteerControl {
     /// any signal is sent, so a draining or dead worker's slot gets no new connection first.
     pub fn sync(&mut self, serving: impl Fn(usize) -> bool) {
         for slot in 0..self.slots {
-            let want = serving(slot);
+            let want = serving(slot) && !self.stalled[slot];
             if self.eligible[slot] != want {
                 self.eligible[slot] = want;
                 self.steering.set_eligible(slot, want);
@@ -148,11 +191,19 @@ impl SteerControl {
         self.next_reconcile
     }
 
-    /// Reconciles placements with what reached the workers, every [`RECONCILE_INTERVAL`]:
-    /// `listeners(slot)` gives the slot's listening sockets (empty for a slot gone).
-    pub fn tick<'a>(&mut self, now: Instant, listeners: impl Fn(usize) -> &'a [Socket]) {
+    /// Every [`RECONCILE_INTERVAL`]: reconciles placements with what reached the workers, and
+    /// finds stalled slots. `listeners(slot)` gives the slot's listening sockets (empty for a
+    /// slot gone). Returns the slots that just stalled: connections wait in the queue while the
+    /// worker (which reports its accepts) accepted none for `--stall-timeout`. Such a slot is
+    /// ineligible at once, until it accepts again; the supervisor replaces its worker.
+    pub fn tick<'a>(
+        &mut self,
+        now: Instant,
+        listeners: impl Fn(usize) -> &'a [Socket],
+    ) -> Vec<usize> {
+        let mut stalled = Vec::new();
         if now < self.next_reconcile {
-            return;
+            return stalled;
         }
         self.next_reconcile = now + RECONCILE_INTERVAL;
         for slot in 0..self.slots {
@@ -166,7 +217,29 @@ impl SteerControl {
                 .map(|(q, _)| u64::from(q))
                 .sum();
             self.forgiven_total += self.steering.reconcile(slot, queued);
+            let c = self.steering.counts(slot);
+            match stall_step(self.stall[slot], now, queued, c, self.stall_timeout) {
+                StallStep::Clear => {
+                    self.stall[slot] = None;
+                    if std::mem::take(&mut self.stalled[slot]) {
+                        info!("steering: slot {slot} accepts again");
+                    }
+                }
+                StallStep::Watch(since) => self.stall[slot] = Some(since),
+                StallStep::Stalled => {
+                    if !self.stalled[slot] {
+                        self.stalled[slot] = true;
+                        warn!(
+                            "steering: worker slot {slot} accepted nothing for {:?} with {queued} \
+                             connections waiting: no more connections for it",
+                            self.stall_timeout
+                        );
+                        stalled.push(slot);
+                    }
+                }
+            }
         }
+        stalled
     }
 
     /// One status line per slot in use (SIGUSR1), plus the programs' cost when
@@ -197,5 +270,46 @@ impl SteerControl {
                  (kernel.bpf_stats_enabled)"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::steer::SlotCounts;
+
+    #[test]
+    fn a_slot_stalls_only_when_its_queue_waits_and_nothing_is_accepted() {
+        let t0 = Instant::now();
+        let timeout = Duration::from_secs(1);
+        let c = |accepted| SlotCounts {
+            accepted,
+            reporting: true,
+            ..SlotCounts::default()
+        };
+        assert_eq!(stall_step(None, t0, 0, c(5), timeout), StallStep::Clear);
+        assert_eq!(
+            stall_step(None, t0, 2, c(5), timeout),
+            StallStep::Watch((t0, 5))
+        );
+        let later = t0 + Duration::from_millis(500);
+        assert_eq!(
+            stall_step(Some((t0, 5)), later, 2, c(5), timeout),
+            StallStep::Watch((t0, 5))
+        );
+        assert_eq!(
+            stall_step(Some((t0, 5)), later, 2, c(6), timeout),
+            StallStep::Clear
+        );
+        let end = t0 + timeout;
+        assert_eq!(
+            stall_step(Some((t0, 5)), end, 2, c(5), timeout),
+            StallStep::Stalled
+        );
+        let silent = SlotCounts::default();
+        assert_eq!(
+            stall_step(Some((t0, 0)), end, 2, silent, timeout),
+            StallStep::Clear
+        );
     }
 }

@@ -1100,9 +1100,24 @@ impl Supervisor {
             self.sample_rss();
             self.next_rss_sample = Some(now + self.config.rss_interval);
         }
-        if let Some(st) = &mut self.steer {
-            let slots = &self.slots;
-            st.tick(now, |s| &slots[s].reuseport);
+        let stalled = match &mut self.steer {
+            Some(st) => {
+                let slots = &self.slots;
+                st.tick(now, |s| &slots[s].reuseport)
+            }
+            None => Vec::new(),
+        };
+        for slot in stalled {
+            // Kernel steering found it: its slot is out of the table already.
+            let ids: Vec<WorkerId> = self
+                .workers
+                .iter()
+                .filter(|w| w.slot == slot && w.state == Lifecycle::Ready)
+                .map(|w| w.id)
+                .collect();
+            for id in ids {
+                self.replace(id, Reason::Recycle, "it stopped accepting");
+            }
         }
     }
 
