@@ -90,6 +90,33 @@ fn held_connections_split_exactly() {
 }
 
 #[test]
+fn an_added_worker_is_steered_to_once_ready() {
+    if !steering_available() {
+        return;
+    }
+    let cluster = TestCluster::start(&["--steer", "kernel", "-w", "1"]);
+    cluster.signal(libc::SIGTTIN);
+    cluster.wait_for_log("worker 1 ready", DEADLINE);
+    let held: Vec<TcpStream> = (0..10)
+        .map(|_| TcpStream::connect(cluster.addr()).unwrap())
+        .collect();
+    let results: Vec<_> = held
+        .into_iter()
+        .map(|mut s| {
+            s.set_read_timeout(Some(DEADLINE)).unwrap();
+            write!(s, "GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").unwrap();
+            read_response(s)
+        })
+        .collect();
+    let counts = per_worker(&results);
+    assert_eq!(
+        (counts.get(&0), counts.get(&1)),
+        (Some(&5), Some(&5)),
+        "{counts:?}"
+    );
+}
+
+#[test]
 fn busy_worker_gets_none_of_the_next_20() {
     if !steering_available() {
         return;
@@ -284,6 +311,39 @@ fn without_cap_bpf() -> Option<Command> {
     let mut cmd = Command::new("setpriv");
     cmd.args(["--bounding-set", "-bpf,-sys_admin", "--", common::BIN]);
     Some(cmd)
+}
+
+#[test]
+fn cap_bpf_alone_is_enough() {
+    if !steering_available() {
+        return;
+    }
+    let ok = Command::new("setpriv")
+        .args(["--bounding-set", "-all,+bpf", "--", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("note: setpriv cannot limit the capabilities here; skipping this test");
+        return;
+    }
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--bounding-set", "-all,+bpf", "--", common::BIN]);
+    let cluster = TestCluster::spawn_with_command(cmd, &["--steer", "kernel", "-w", "2"]);
+    cluster.wait_for_log("workers ready", DEADLINE);
+    assert!(cluster.log_contains("steering: kernel"));
+    let results: Vec<_> = (0..10).map(|_| get(cluster.addr(), "/")).collect();
+    assert_eq!(per_worker(&results).values().sum::<usize>(), 10);
+    // The workers map the table and count on it.
+    let before = cluster.log_lines().len();
+    steering_status(&cluster, 2);
+    let lines = cluster.log_lines();
+    assert!(
+        lines[before..]
+            .iter()
+            .filter(|l| l.contains("status: steering slot"))
+            .all(|l| !l.contains("does not report")),
+        "{lines:?}"
+    );
 }
 
 #[test]

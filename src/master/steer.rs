@@ -11,6 +11,7 @@ use log::{info, warn};
 use socket2::Socket;
 
 use crate::cli::{Config, Steer};
+use crate::master::acceptor::WorkerId;
 use crate::steer::{SteerPolicy, Steering};
 use crate::sys;
 use rcluster_proto::steer as page;
@@ -34,6 +35,9 @@ pub struct SteerControl {
     stalled: Vec<bool>,
     /// `--stall-timeout`.
     stall_timeout: Duration,
+    /// `--max-conns` under kernel steering: per worker, its slot, the slot's `assigned` when it
+    /// started, and its limit. A slot's placements are its ready workers' connections.
+    max_conns: Vec<(WorkerId, usize, u64, u64)>,
     next_reconcile: Instant,
     /// Placements written off (+) or taken back (-) since start, for the status line.
     forgiven_total: i64,
@@ -79,6 +83,7 @@ pub fn start(config: &Config) -> anyhow::Result<Option<SteerControl>> {
                 stall: Vec::new(),
                 stalled: Vec::new(),
                 stall_timeout: config.stall_timeout,
+                max_conns: Vec::new(),
                 next_reconcile: Instant::now() + RECONCILE_INTERVAL,
                 forgiven_total: 0,
             }))
@@ -184,6 +189,32 @@ impl SteerControl {
                 );
             }
         }
+    }
+
+    /// Starts counting `--max-conns` for worker `id` of `slot` from now.
+    pub fn watch_max_conns(&mut self, id: WorkerId, slot: usize, limit: u64) {
+        let base = self.steering.counts(slot).assigned;
+        self.max_conns.push((id, slot, base, limit));
+    }
+
+    /// Stops watching a worker that exited.
+    pub fn forget(&mut self, id: WorkerId) {
+        self.max_conns.retain(|m| m.0 != id);
+    }
+
+    /// Workers whose slot was given `--max-conns` connections since they started (each reported
+    /// once). Checked on the [`SteerControl::tick`] period, so a worker may take a few more.
+    pub fn reached_max_conns(&mut self) -> Vec<WorkerId> {
+        let mut done = Vec::new();
+        let steering = &self.steering;
+        self.max_conns.retain(|&(id, slot, base, limit)| {
+            let reached = steering.counts(slot).assigned.saturating_sub(base) >= limit;
+            if reached {
+                done.push(id);
+            }
+            !reached
+        });
+        done
     }
 
     /// When [`SteerControl::tick`] wants to run next.

@@ -397,6 +397,11 @@ impl Supervisor {
             let _ = sys::waitpid_blocking(pid);
             return Err(e).context("failed to watch the new worker");
         }
+        if let Some(st) = &mut self.steer
+            && let Some(n) = self.config.max_conns
+        {
+            st.watch_max_conns(id, slot, n + jitter(self.config.max_conns_jitter, id));
+        }
         if self.mode == Mode::Dispatch {
             let ends = channels
                 .into_iter()
@@ -932,6 +937,9 @@ impl Supervisor {
         };
         let w = self.workers.swap_remove(i);
         self.steer_sync();
+        if let Some(st) = &mut self.steer {
+            st.forget(id);
+        }
         let raw = w.pidfd.as_raw_fd();
         let _ = self.poll.registry().deregister(&mut SourceFd(&raw));
         if let Some(n) = &w.notify {
@@ -1100,13 +1108,17 @@ impl Supervisor {
             self.sample_rss();
             self.next_rss_sample = Some(now + self.config.rss_interval);
         }
-        let stalled = match &mut self.steer {
+        let (stalled, at_max) = match &mut self.steer {
             Some(st) => {
                 let slots = &self.slots;
-                st.tick(now, |s| &slots[s].reuseport)
+                let stalled = st.tick(now, |s| &slots[s].reuseport);
+                (stalled, st.reached_max_conns())
             }
-            None => Vec::new(),
+            None => (Vec::new(), Vec::new()),
         };
+        for id in at_max {
+            self.replace(id, Reason::Recycle, "it reached --max-conns");
+        }
         for slot in stalled {
             // Kernel steering found it: its slot is out of the table already.
             let ids: Vec<WorkerId> = self
