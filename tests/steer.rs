@@ -25,32 +25,11 @@ fn steering_available() -> bool {
 
 /// The `status: steering slot N: ...` lines of one SIGUSR1, as (slot, load, forgiven).
 fn steering_status(cluster: &TestCluster, slots: usize) -> Vec<(usize, i64, i64)> {
-    let before = cluster.log_lines().len();
-    cluster.signal(libc::SIGUSR1);
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        let lines: Vec<String> = cluster.log_lines()[before..]
-            .iter()
-            .filter(|l| l.contains("status: steering slot "))
-            .cloned()
-            .collect();
-        if lines.len() >= slots {
-            return lines
-                .iter()
-                .map(|l| {
-                    let field = |name: &str| -> i64 {
-                        let rest = l.split(&format!(" {name} ")).nth(1).unwrap();
-                        rest.split_whitespace().next().unwrap().parse().unwrap()
-                    };
-                    let slot = l.split("slot ").nth(1).unwrap();
-                    let slot = slot.split(':').next().unwrap().parse().unwrap();
-                    (slot, field("load"), field("forgiven"))
-                })
-                .collect();
-        }
-        assert!(Instant::now() < deadline, "no steering status lines");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    cluster
+        .steering_status(slots)
+        .into_iter()
+        .map(|s| (s.slot, s.load, s.forgiven))
+        .collect()
 }
 
 #[test]

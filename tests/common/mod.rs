@@ -781,6 +781,47 @@ impl TestCluster {
         out
     }
 
+    /// Whether the master said the kernel steers (`--steer kernel`, or `auto` where it loaded).
+    pub fn kernel_steered(&self) -> bool {
+        self.log_contains("steering: kernel")
+    }
+
+    /// Asks the master for a status dump (SIGUSR1) and parses its kernel-steering lines, one per
+    /// slot in use (`slots` of them).
+    pub fn steering_status(&self, slots: usize) -> Vec<SteerSlotStatus> {
+        const LINE: &str = "status: steering slot ";
+        let slots_before = self.log_count(LINE);
+        self.signal(libc::SIGUSR1);
+        self.wait_for_count(LINE, slots_before + slots, DEADLINE);
+        let lines: Vec<String> = self
+            .log_lines()
+            .into_iter()
+            .filter(|l| l.contains(LINE))
+            .skip(slots_before)
+            .take(slots)
+            .collect();
+        lines
+            .iter()
+            .map(|l| {
+                let rest = l.split(LINE).nth(1).unwrap();
+                let field = |name: &str| -> i64 {
+                    let after = rest.split(&format!(" {name} ")).nth(1).unwrap();
+                    after.split_whitespace().next().unwrap().parse().unwrap()
+                };
+                SteerSlotStatus {
+                    slot: rest.split(':').next().unwrap().parse().unwrap(),
+                    eligible: !rest.contains("ineligible"),
+                    load: field("load"),
+                    assigned: field("assigned"),
+                    accepted: field("accepted"),
+                    closed: field("closed"),
+                    forgiven: field("forgiven"),
+                    reporting: !rest.contains("does not report"),
+                }
+            })
+            .collect()
+    }
+
     /// Returns once the acceptor thread has handled every command the supervisor sent it so
     /// far: asks for a status (SIGUSR1), which goes down the same ordered command channel, and
     /// waits for the acceptor's summary line.
@@ -896,4 +937,17 @@ pub struct WorkerStatus {
     pub dispatched: u64,
     pub closed: u64,
     pub rss_kib: u64,
+}
+
+/// One slot's line of the kernel-steering status (see `SteerControl::log_status`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SteerSlotStatus {
+    pub slot: usize,
+    pub eligible: bool,
+    pub load: i64,
+    pub assigned: i64,
+    pub accepted: i64,
+    pub closed: i64,
+    pub forgiven: i64,
+    pub reporting: bool,
 }
