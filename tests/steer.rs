@@ -96,6 +96,43 @@ fn an_added_worker_is_steered_to_once_ready() {
 }
 
 #[test]
+fn a_rust_worker_under_the_shim_is_counted_once() {
+    if !steering_available() {
+        return;
+    }
+    // The demo worker run as an external command gets the preload shim; it also counts through
+    // the Rust worker API, and the shim must stand aside.
+    let cluster = TestCluster::start(&[
+        "--steer",
+        "kernel",
+        "-w",
+        "2",
+        "--",
+        common::BIN,
+        "demo-worker",
+    ]);
+    assert!(!cluster.log_contains("librcluster_shim.so not found"));
+    let results: Vec<_> = (0..30).map(|_| get(cluster.addr(), "/")).collect();
+    assert_eq!(per_worker(&results).values().sum::<usize>(), 30);
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let st = cluster.steering_status(2);
+        let placed: i64 = st.iter().map(|s| s.assigned - s.forgiven).sum();
+        let balanced = st
+            .iter()
+            .all(|s| s.reporting && s.accepted == s.assigned && s.closed == s.accepted);
+        if placed == 30 && balanced {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "counted twice or not at all: {st:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
 fn busy_worker_gets_none_of_the_next_20() {
     if !steering_available() {
         return;

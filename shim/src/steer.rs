@@ -11,12 +11,18 @@ use std::ffi::CStr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use libc::c_int;
-use rcluster_proto::steer::{ACCEPTED, CLOSED, MAX_SLOTS, REPORTING, SLOT_SIZE, TABLE_SIZE};
+use rcluster_proto::steer::{
+    ACCEPTED, CLOSED, MAX_SLOTS, REPORTING, REPORTING_SHIM, SLOT_SIZE, TABLE_SIZE,
+};
 
 /// This worker's line of the table.
 pub struct SteerSlot {
     accepted: &'static AtomicU64,
     closed: &'static AtomicU64,
+    /// The slot's `reporting` word: the shim counts only while it holds `REPORTING_SHIM`, so a
+    /// server that counts itself (the Rust worker API stores `REPORTING_SELF`) is not counted
+    /// twice.
+    reporting: &'static AtomicU32,
     /// The inherited fd number and the identity of the map behind it, so a same-process exec
     /// can hand the table on (follow.rs) only while the number is still ours.
     fd: c_int,
@@ -77,10 +83,13 @@ impl SteerSlot {
                 AtomicU32::from_ptr(line.add(REPORTING).cast()),
             )
         };
-        reporting.store(1, Ordering::SeqCst);
+        // Only on a fresh slot: one whose worker said it counts itself (an earlier generation
+        // of the same server) stays so, or the old worker's shim would count again beside it.
+        let _ = reporting.compare_exchange(0, REPORTING_SHIM, Ordering::SeqCst, Ordering::SeqCst);
         Some(SteerSlot {
             accepted,
             closed,
+            reporting,
             fd,
             ident: crate::listener::ident_of(fd),
         })
@@ -96,13 +105,21 @@ impl SteerSlot {
         }
     }
 
+    fn counting(&self) -> bool {
+        self.reporting.load(Ordering::Relaxed) == REPORTING_SHIM
+    }
+
     /// The server accepted a connection from a listener.
     pub fn accepted(&self) {
-        self.accepted.fetch_add(1, Ordering::SeqCst);
+        if self.counting() {
+            self.accepted.fetch_add(1, Ordering::SeqCst);
+        }
     }
 
     /// The server is closing one (call before the real close).
     pub fn closed(&self) {
-        self.closed.fetch_add(1, Ordering::SeqCst);
+        if self.counting() {
+            self.closed.fetch_add(1, Ordering::SeqCst);
+        }
     }
 }

@@ -13,7 +13,7 @@
 //! | 16 | `closed: u64` | the worker, per connection closed (before the close) |
 //! | 24 | `forgiven: i64` | the master: placements that never reached the worker |
 //! | 32 | `eligible: u32` | the master: 1 while a ready worker serves the slot |
-//! | 36 | `reporting: u32` | the worker: 1 once it counts accepted/closed |
+//! | 36 | `reporting: u32` | the worker: [`REPORTING_SELF`] or the shim's [`REPORTING_SHIM`] once it counts |
 //!
 //! The program's load for a slot is `assigned - closed - forgiven`.
 
@@ -35,6 +35,11 @@ pub const FORGIVEN: usize = 24;
 pub const ELIGIBLE: usize = 32;
 /// Offset of `reporting` in a slot.
 pub const REPORTING: usize = 36;
+/// `reporting` value stored by the preload shim: it counts for a server that does not.
+pub const REPORTING_SHIM: u32 = 1;
+/// `reporting` value stored by a worker that counts itself (the Rust worker API): the shim,
+/// preloaded into the same process, then stands aside so nothing is counted twice.
+pub const REPORTING_SELF: u32 = 2;
 
 /// The BPF program's C source (`bpf/steer.bpf.c`) mirrors this layout; this checks the part the
 /// Rust side can.

@@ -420,8 +420,9 @@ impl SteerTable {
             })
             .ok()?;
         let table = SteerTable { map: mapped, slot };
+        // Tells a preloaded shim in this process that the worker counts itself.
         if let Some(w) = table.map.u32_at(page::offset(slot, page::REPORTING)) {
-            w.store(1, Ordering::SeqCst);
+            w.store(page::REPORTING_SELF, Ordering::SeqCst);
         }
         Some(Arc::new(table))
     }
