@@ -18,6 +18,10 @@ pub use crate::policy::MAX_WORKERS;
 /// At most this many `--listen` addresses (one bit each in the load table, one fd each).
 pub use rcluster_proto::MAX_LISTENERS;
 
+/// The longest duration any option takes: every deadline is `Instant::now() + option`, which
+/// must not overflow (a year is far beyond any sensible grace period or timeout).
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// rcluster-lb runs N copies of a server behind one port, the master handing each connection
 /// to the worker its policy picks.
 #[derive(Debug, Parser)]
@@ -97,7 +101,8 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub reload_batch: usize,
 
-    /// Recycle a worker after it was handed this many connections.
+    /// Recycle a worker after it was handed this many connections (dispatch policies only: in
+    /// the kernel modes the master never sees a connection).
     #[arg(long, value_name = "N")]
     pub max_conns: Option<u64>,
 
@@ -110,7 +115,9 @@ pub struct Args {
     #[arg(long, value_name = "SIZE")]
     pub max_rss: Option<bytesize::ByteSize>,
 
-    /// Replace a worker whose channel stays full (it stopped accepting) this long.
+    /// Replace a worker that takes nothing from a non-empty queue this long (its channel in the
+    /// dispatch modes, its own listener's accept queue in reuseport mode); what is queued for it
+    /// is served by the others.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
     pub stall_timeout: Duration,
 
@@ -267,7 +274,7 @@ pub struct Config {
     pub max_conns_jitter: u64,
     /// Recycle above this RSS, bytes.
     pub max_rss: Option<u64>,
-    /// Replace a worker whose channel stays full this long.
+    /// Replace a worker that takes nothing from a non-empty queue this long.
     pub stall_timeout: Duration,
 }
 
@@ -352,6 +359,36 @@ impl Args {
         }
         if self.rss_interval.is_zero() {
             return Err(usage("--rss-interval must be greater than 0"));
+        }
+        if self.stall_timeout.is_zero() {
+            return Err(usage("--stall-timeout must be greater than 0"));
+        }
+        if self.max_rss.is_some_and(|s| s.as_u64() == 0) {
+            return Err(usage("--max-rss must be greater than 0"));
+        }
+        if self.max_conns.is_some() && self.policy.mode() != rcluster_proto::Mode::Dispatch {
+            return Err(usage(format!(
+                "--max-conns needs a dispatch policy: in {} mode the kernel hands out \
+                 connections and the master cannot count them",
+                self.policy.mode().as_str()
+            )));
+        }
+        for (name, value) in [
+            ("--grace", Some(self.grace)),
+            ("--rss-interval", Some(self.rss_interval)),
+            ("--ready-delay", self.ready_delay),
+            ("--ready-timeout", Some(self.ready_timeout)),
+            ("--stall-timeout", Some(self.stall_timeout)),
+        ] {
+            if let Some(d) = value
+                && d > MAX_DURATION
+            {
+                return Err(usage(format!(
+                    "{name} {} is too long (at most {})",
+                    humantime::format_duration(d),
+                    humantime::format_duration(MAX_DURATION)
+                )));
+            }
         }
         let command = match self.command.split_first() {
             None => WorkerCommand {
@@ -480,5 +517,86 @@ mod tests {
             Steer::Dispatch
         );
         assert_eq!(config(&["--steer", "kernel"]).unwrap().steer, Steer::Kernel);
+    }
+
+    /// Arbitrary command lines built from every option name and values that stress parsing
+    /// (huge numbers, huge and zero durations, garbage) never panic: they parse and validate,
+    /// or fail with a usage error.
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        const OPTIONS: &[&str] = &[
+            "--listen",
+            "--workers",
+            "--policy",
+            "--pin",
+            "--acceptor-cpu",
+            "--grace",
+            "--rss-interval",
+            "--ready-delay",
+            "--ready-timeout",
+            "--no-preload",
+            "--drain-signal",
+            "--reload-batch",
+            "--max-conns",
+            "--max-conns-jitter",
+            "--max-rss",
+            "--stall-timeout",
+            "-w",
+            "-p",
+            "-l",
+            "--",
+        ];
+        const VALUES: &[&str] = &[
+            "0",
+            "1",
+            "-1",
+            "18446744073709551615",
+            "18446744073709551616",
+            "500000000000years",
+            "0s",
+            "1ns",
+            "10s",
+            "1y",
+            "auto",
+            "none",
+            "0-3",
+            "4000",
+            "rr",
+            "reuseport",
+            "shared",
+            "127.0.0.1:0",
+            "[::1]:0",
+            "nonsense",
+            "TERM",
+            "KILL",
+            "0B",
+            "1EiB",
+            "",
+            "/bin/sh",
+        ];
+
+        fn word() -> impl Strategy<Value = String> {
+            prop_oneof![
+                proptest::sample::select(OPTIONS).prop_map(str::to_string),
+                proptest::sample::select(VALUES).prop_map(str::to_string),
+                any::<u64>().prop_map(|n| n.to_string()),
+                "[ -~]{0,12}",
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2048))]
+
+            #[test]
+            fn arbitrary_command_lines_never_panic(words in proptest::collection::vec(word(), 0..8)) {
+                let mut argv = vec!["rcluster-lb".to_string()];
+                argv.extend(words);
+                if let Ok(args) = Args::try_parse_from(&argv) {
+                    let _ = args.into_config(Path::new("/bin/sh"));
+                }
+            }
+        }
     }
 }

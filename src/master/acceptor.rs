@@ -22,13 +22,15 @@ use log::{debug, error, info, warn};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 
+use crate::master::accounting::{self, Conduct};
+use crate::master::ratelimit::{LogLimiter, Verdict};
+use crate::master::stall::{self, QueueWatch};
 use crate::policy::{Policy, WorkerStat};
 use crate::sys::scm::{self, SendBatch};
 use crate::sys::{self, Pid};
 use rcluster_proto::{HEADER_LEN, MAX_FDS_PER_CONN, MAX_LISTENERS, ToMaster, ToWorker};
 
-/// Identifies one worker process for its whole life (slots are reused, ids are not).
-pub type WorkerId = u64;
+pub use crate::master::lifecycle::WorkerId;
 
 /// Messages passed to a channel in one `sendmmsg`.
 pub const SEND_BATCH: usize = 64;
@@ -78,7 +80,7 @@ pub enum Command {
         /// Report [`Event::MaxConns`] once it has been handed this many connections.
         max_conns: Option<u64>,
     },
-    /// The supervisor learned the worker is ready by other means (NOTIFY_SOCKET, delay).
+    /// Dispatch to the worker (it is ready, or ready again after STOPPING).
     Ready(WorkerId),
     /// Stop dispatching to the worker and take back what is queued in its channels.
     Drain(WorkerId),
@@ -100,14 +102,21 @@ pub enum Command {
 /// Acceptor → supervisor.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// READY arrived on the worker's channel.
+    /// READY arrived on the worker's channel (the worker stays closed until the supervisor
+    /// sends [`Command::Ready`]).
     Ready(WorkerId),
-    /// The worker said STOPPING.
+    /// The worker said STOPPING (it stays open until the supervisor sends [`Command::Drain`],
+    /// which also takes back what was queued meanwhile).
     Stopping(WorkerId),
-    /// The worker's channel has been full for the stall timeout.
+    /// The worker took nothing from a non-empty channel for the stall timeout (its channel
+    /// stayed full, or its queue never went down); it gets no more connections and what was
+    /// queued for it has been reclaimed.
     Stalled(WorkerId),
     /// The worker was handed its `max_conns` connections.
     MaxConns(WorkerId),
+    /// The worker broke the channel protocol [`accounting::VIOLATION_LIMIT`] times (CLOSED
+    /// beyond what it was dispatched, malformed messages): replace it.
+    Misbehaving(WorkerId),
     /// Reclaimed connections from a drained or dead worker (count), for logs and tests.
     Reclaimed(WorkerId, usize),
     /// After [`Command::Shutdown`]: every dispatched connection was taken by a worker (or the
@@ -176,10 +185,15 @@ pub fn spawn(
     })
 }
 
+/// What the supervisor told the acceptor about a worker (the lifecycle decides; the acceptor
+/// only applies it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
+    /// Added ([`Command::Add`]), not yet opened: dispatched to only while no worker is ready.
     Starting,
+    /// Opened ([`Command::Ready`]).
     Ready,
+    /// Closed ([`Command::Drain`]): nothing is dispatched to it.
     Draining,
 }
 
@@ -188,6 +202,10 @@ struct Channel {
     batch: SendBatch<HEADER_LEN>,
     writable: bool,
     full_since: Option<Instant>,
+    /// The worker sent READY on this channel (it takes connections for this listener).
+    ready: bool,
+    /// Progress of what is queued unread (see [`stall`]).
+    watch: QueueWatch,
 }
 
 struct Entry {
@@ -202,6 +220,15 @@ struct Entry {
     stall_reported: bool,
     /// Connection fds per CONN message this worker takes (its READY's value, at least 1).
     max_fds: usize,
+    /// Its protocol violations.
+    conduct: Conduct,
+    /// Ready by other means than its channels (NOTIFY_SOCKET, delay, timeout): every channel
+    /// is open. Otherwise only the channels it sent READY on are.
+    ready_all: bool,
+    /// It said FULL (out of fds) and not READY since: closed for dispatch.
+    full: bool,
+    /// Rate limit of the FULL/resume lines.
+    full_log: LogLimiter,
 }
 
 struct Pending {
@@ -229,6 +256,8 @@ pub struct Acceptor {
     events: Sender<Event>,
     supervisor_waker: Arc<Waker>,
     stall_timeout: Duration,
+    /// When the channels' queues are sampled next (see [`stall`]).
+    next_stall_sample: Instant,
     cpu: Option<usize>,
     /// Set by [`Command::Shutdown`]: until when to wait for the channels to empty.
     shutting_down: Option<Instant>,
@@ -274,6 +303,7 @@ impl Acceptor {
             events,
             supervisor_waker,
             stall_timeout: config.stall_timeout,
+            next_stall_sample: Instant::now(),
             cpu: config.cpu,
             shutting_down: None,
         };
@@ -397,6 +427,10 @@ impl Acceptor {
         if self.sweep_channels && !self.entries.is_empty() {
             next = Some(next.map_or(self.next_sweep, |n| n.min(self.next_sweep)));
         }
+        if self.entries.iter().any(|e| e.state == State::Ready) {
+            let at = self.next_stall_sample;
+            next = Some(next.map_or(at, |n| n.min(at)));
+        }
         for e in &self.entries {
             if e.stall_reported {
                 continue;
@@ -425,7 +459,16 @@ impl Acceptor {
                     channels,
                     max_conns,
                 } => self.add(id, slot, pid, channels, max_conns),
-                Command::Ready(id) => self.set_state(id, State::Ready),
+                Command::Ready(id) => {
+                    // A worker that speaks the channel protocol is ready per channel; one that
+                    // became ready otherwise takes connections on every listener.
+                    if let Some(i) = self.index_of(id)
+                        && !self.entries[i].channels.iter().any(|c| c.ready)
+                    {
+                        self.entries[i].ready_all = true;
+                    }
+                    self.set_state(id, State::Ready);
+                }
                 Command::Drain(id) => {
                     self.set_state(id, State::Draining);
                     self.reclaim(id);
@@ -495,6 +538,8 @@ impl Acceptor {
                 batch: SendBatch::with_capacity(SEND_BATCH),
                 writable: true,
                 full_since: None,
+                ready: false,
+                watch: QueueWatch::new(Instant::now()),
             });
         }
         self.entries.push(Entry {
@@ -508,6 +553,10 @@ impl Acceptor {
             max_conns,
             stall_reported: false,
             max_fds: 1,
+            conduct: Conduct::default(),
+            ready_all: false,
+            full: false,
+            full_log: LogLimiter::default(),
         });
         self.stats.push(WorkerStat::default());
         self.refresh_open();
@@ -533,11 +582,9 @@ impl Acceptor {
 
     fn set_state(&mut self, id: WorkerId, state: State) {
         if let Some(i) = self.index_of(id) {
-            let e = &mut self.entries[i];
-            // Draining is final; Ready does not undo it.
-            if e.state != State::Draining {
-                e.state = state;
-            }
+            // The lifecycle decides every transition, including Ready again after a worker's
+            // STOPPING; the acceptor applies it.
+            self.entries[i].state = state;
             self.refresh_open();
         }
     }
@@ -548,15 +595,19 @@ impl Acceptor {
     fn refresh_open(&mut self) {
         let any_ready = self.entries.iter().any(|e| e.state == State::Ready);
         for (e, s) in self.entries.iter().zip(self.stats.iter_mut()) {
-            let eligible = match e.state {
-                State::Ready => true,
-                State::Starting => !any_ready,
-                State::Draining => false,
-            };
+            let eligible = !e.full
+                && match e.state {
+                    State::Ready => true,
+                    State::Starting => !any_ready,
+                    State::Draining => false,
+                };
             let mut open = 0u64;
             if eligible {
                 for (l, c) in e.channels.iter().enumerate() {
-                    if c.writable {
+                    // A ready worker gets connections for the listeners it said READY on (or
+                    // all, if it became ready by other means); a starting one for any.
+                    let listening = e.state == State::Starting || e.ready_all || c.ready;
+                    if c.writable && listening {
                         open |= 1 << l;
                     }
                 }
@@ -570,7 +621,9 @@ impl Acceptor {
             return;
         };
         let mut buf = [0u8; HEADER_LEN + 1];
-        let (mut ready, mut stopping) = (false, false);
+        let (mut ready, mut stopping, mut misbehaving) = (false, false, false);
+        // FULL (with the connections it lost) or READY, whichever came last.
+        let (mut full, mut resumed): (Option<u64>, bool) = (None, false);
         let entry = &mut self.entries[i];
         loop {
             let chan = &entry.channels[listener];
@@ -579,18 +632,65 @@ impl Acceptor {
                 // the entry exists; treat it like "nothing more".
                 Ok(got) if got.len == 0 && got.fd.is_none() => break,
                 Ok(got) => {
-                    if got.fd.is_some() {
-                        warn!("worker {}: sent an fd to the master; closed it", entry.slot);
-                    }
-                    match ToMaster::decode(&buf[..got.len]) {
-                        Ok(ToMaster::Closed { count }) => entry.closed += count,
+                    let violation = if got.fd.is_some() {
+                        Some("sent an fd to the master (closed it)".to_string())
+                    } else {
+                        None
+                    };
+                    let violation = violation.or(match ToMaster::decode(&buf[..got.len]) {
+                        Ok(ToMaster::Closed { count }) => {
+                            match accounting::add_closed(entry.dispatched, entry.closed, count) {
+                                Ok(closed) => {
+                                    entry.closed = closed;
+                                    None
+                                }
+                                Err(clamped) => {
+                                    let claimed = count;
+                                    let (d, c) = (entry.dispatched, entry.closed);
+                                    entry.closed = clamped;
+                                    Some(format!(
+                                        "CLOSED({claimed}) with {c} of {d} dispatched \
+                                         connections already closed; counted as {}",
+                                        clamped - c
+                                    ))
+                                }
+                            }
+                        }
                         Ok(ToMaster::Ready { max_fds }) => {
                             ready = true;
+                            full = None;
+                            resumed = true;
+                            entry.channels[listener].ready = true;
                             entry.max_fds = (max_fds as usize).clamp(1, MAX_FDS_PER_CONN);
+                            None
                         }
-                        Ok(ToMaster::Stopping) => stopping = true,
-                        Ok(ToMaster::Heartbeat) => {}
-                        Err(e) => warn!("worker {}: bad message on its channel: {e}", entry.slot),
+                        Ok(ToMaster::Stopping) => {
+                            stopping = true;
+                            None
+                        }
+                        Ok(ToMaster::Heartbeat) => None,
+                        Ok(ToMaster::Full { lost }) => {
+                            full = Some(lost);
+                            resumed = false;
+                            None
+                        }
+                        Err(e) => Some(format!("bad message on its channel: {e}")),
+                    });
+                    if let Some(what) = violation {
+                        let r = entry.conduct.violation(Instant::now());
+                        if let Some(suppressed) = r.log {
+                            warn!(
+                                "worker {} (pid {}): protocol violation: {what}{}",
+                                entry.slot,
+                                entry.pid,
+                                if suppressed > 0 {
+                                    format!(" ({suppressed} similar lines suppressed)")
+                                } else {
+                                    String::new()
+                                }
+                            );
+                        }
+                        misbehaving |= r.replace;
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -602,16 +702,55 @@ impl Acceptor {
             }
         }
         let active = entry.dispatched.saturating_sub(entry.closed);
-        let state = entry.state;
         self.stats[i].active = active.min(u64::from(u32::MAX)) as u32;
-        if ready && state == State::Starting {
-            self.set_state(id, State::Ready);
+        // Reported to the lifecycle, the single source of truth for the worker's state, which
+        // answers with Ready (open) or Drain (close and reclaim). One shortcut: a worker still
+        // held as Starting is opened at once, because from Starting the lifecycle always
+        // answers READY with Ready; so by the time the master logs "ready", dispatch is on.
+        let e = &mut self.entries[i];
+        if let Some(lost) = full {
+            // Out of fds: nothing more goes to it until its READY, and what waits in its
+            // channel is served elsewhere.
+            e.full = true;
+            if let Verdict::Log { suppressed } = e.full_log.check(Instant::now()) {
+                warn!(
+                    "worker {} (pid {}) is out of file descriptors ({lost} connections lost \
+                     on receipt): no dispatch to it until it takes again{}",
+                    e.slot,
+                    e.pid,
+                    if suppressed > 0 {
+                        format!(" ({suppressed} similar lines suppressed)")
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+            self.refresh_open();
+            self.reclaim(id);
+        } else if resumed && e.full {
+            e.full = false;
+            if let Verdict::Log { .. } = e.full_log.check(Instant::now()) {
+                info!("worker {} (pid {}) takes connections again", e.slot, e.pid);
+            }
+        }
+        if ready {
+            if self.entries[i].state == State::Starting {
+                self.set_state(id, State::Ready);
+            } else {
+                // READY on one more channel, or again after FULL: open what it opened.
+                self.refresh_open();
+            }
             self.emit(Event::Ready(id));
         }
-        if stopping && state != State::Draining {
-            self.set_state(id, State::Draining);
-            self.reclaim(id);
+        if stopping {
             self.emit(Event::Stopping(id));
+        }
+        if misbehaving {
+            warn!(
+                "worker with id {id}: {} protocol violations; replacing it",
+                accounting::VIOLATION_LIMIT
+            );
+            self.emit(Event::Misbehaving(id));
         }
     }
 
@@ -850,24 +989,49 @@ impl Acceptor {
 
     fn check_stalls(&mut self) {
         let now = Instant::now();
+        let sample = now >= self.next_stall_sample;
+        if sample {
+            self.next_stall_sample = now + stall::sample_period(self.stall_timeout);
+        }
         let mut stalled = Vec::new();
         for e in &mut self.entries {
-            if e.stall_reported || e.state == State::Draining {
+            if e.stall_reported || e.state != State::Ready || e.full {
+                // Only time spent ready counts: start afresh when it becomes ready again.
+                if sample {
+                    for c in &mut e.channels {
+                        c.watch.reset(now);
+                    }
+                }
                 continue;
             }
-            if e.channels
+            let full = e
+                .channels
                 .iter()
-                .any(|c| c.full_since.is_some_and(|t| now >= t + self.stall_timeout))
-            {
+                .any(|c| c.full_since.is_some_and(|t| now >= t + self.stall_timeout));
+            // Queued bytes the worker has not read: a queue that does not go down for the
+            // stall timeout belongs to a worker that stopped taking connections.
+            let mut idle = false;
+            if sample {
+                for c in &mut e.channels {
+                    let queued = sys::siocoutq(c.ends.master.as_fd()).unwrap_or(0) as u64;
+                    idle |= c.watch.sample(queued, now, self.stall_timeout);
+                }
+            }
+            if full || idle {
                 e.stall_reported = true;
                 warn!(
-                    "worker {} (pid {}): channel full for {:?}; it stopped accepting",
+                    "worker {} (pid {}): took no connection from its channel for {:?}; it \
+                     stopped accepting",
                     e.slot, e.pid, self.stall_timeout
                 );
                 stalled.push(e.id);
             }
         }
         for id in stalled {
+            // Nothing more goes to it, and what waits for it is served by the others now,
+            // while its replacement starts.
+            self.set_state(id, State::Draining);
+            self.reclaim(id);
             self.emit(Event::Stalled(id));
         }
     }
@@ -884,5 +1048,249 @@ impl Acceptor {
             self.entries.len(),
             self.pending.len()
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The acceptor against real kernel objects (a loopback listener, socketpair channels) and a
+    //! fake supervisor: it dispatches only where it was told, reclaims on Drain, reopens on
+    //! Ready, and reports what workers say without acting on it.
+    use super::*;
+    use crate::policy::PolicyKind;
+    use std::net::{TcpListener, TcpStream};
+    use std::time::Duration;
+
+    /// Bound on every wait: a turn never blocks longer than its timeout.
+    const DEADLINE: Duration = Duration::from_secs(10);
+
+    struct Rig {
+        acceptor: Acceptor,
+        commands: Sender<Command>,
+        events: Receiver<Event>,
+        addr: std::net::SocketAddr,
+        /// Each fake worker's end of its channel.
+        workers: Vec<OwnedFd>,
+        /// Connections received by each fake worker so far (kept open).
+        received: Vec<Vec<OwnedFd>>,
+        clients: Vec<TcpStream>,
+        _supervisor_poll: Poll,
+    }
+
+    impl Rig {
+        fn new(workers: usize, policy: PolicyKind) -> Rig {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            let supervisor_poll = Poll::new().unwrap();
+            let waker = Arc::new(Waker::new(supervisor_poll.registry(), Token(0)).unwrap());
+            let (events_tx, events) = crossbeam_channel::unbounded();
+            let (acceptor, commands, _) = Acceptor::new(
+                AcceptorConfig {
+                    listeners: vec![listener],
+                    policy: policy.build().unwrap(),
+                    cpu: None,
+                    stall_timeout: Duration::from_secs(3600),
+                },
+                events_tx,
+                waker,
+            )
+            .unwrap();
+            let mut ends = Vec::new();
+            for id in 0..workers as u64 {
+                let (master, worker) = sys::socketpair_seqpacket().unwrap();
+                let dup = worker.try_clone().unwrap();
+                ends.push(worker);
+                commands
+                    .send(Command::Add {
+                        id,
+                        slot: id as usize,
+                        pid: 0,
+                        channels: vec![ChannelEnds {
+                            master,
+                            worker: dup,
+                        }],
+                        max_conns: None,
+                    })
+                    .unwrap();
+            }
+            let mut rig = Rig {
+                acceptor,
+                commands,
+                events,
+                addr,
+                received: ends.iter().map(|_| Vec::new()).collect(),
+                workers: ends,
+                clients: Vec::new(),
+                _supervisor_poll: supervisor_poll,
+            };
+            rig.turn();
+            rig
+        }
+
+        fn turn(&mut self) {
+            self.acceptor.turn(Some(Duration::from_millis(20))).unwrap();
+        }
+
+        fn command(&mut self, cmd: Command) {
+            self.commands.send(cmd).unwrap();
+            self.turn();
+        }
+
+        /// The fake worker `w` sends a message on its channel; turns until the acceptor has read
+        /// it (policies that do not read active counts read channels every CHANNEL_SWEEP).
+        fn say(&mut self, w: usize, msg: ToMaster) {
+            scm::send(self.workers[w].as_fd(), &msg.encode(), 0).unwrap();
+            let until = Instant::now() + 2 * CHANNEL_SWEEP;
+            while Instant::now() < until {
+                self.turn();
+            }
+        }
+
+        /// Reads every CONN queued for each fake worker; returns how many each got now.
+        fn take(&mut self) -> Vec<usize> {
+            let mut got = vec![0; self.workers.len()];
+            for (w, end) in self.workers.iter().enumerate() {
+                let mut buf = [0u8; HEADER_LEN];
+                let mut fds = Vec::new();
+                while let Ok(m) =
+                    scm::recvmsg_fds(end.as_fd(), &mut buf, libc::MSG_DONTWAIT, &mut fds)
+                {
+                    assert!(matches!(
+                        ToWorker::decode(&buf[..m.len]),
+                        Ok(ToWorker::Conn { .. })
+                    ));
+                    got[w] += fds.len();
+                    self.received[w].append(&mut fds);
+                }
+            }
+            got
+        }
+
+        /// Connects `n` clients and turns until the master has dispatched them all; returns
+        /// how many each worker received.
+        fn connect(&mut self, n: usize) -> Vec<usize> {
+            for _ in 0..n {
+                self.clients.push(TcpStream::connect(self.addr).unwrap());
+            }
+            let deadline = Instant::now() + DEADLINE;
+            let mut total = vec![0; self.workers.len()];
+            while total.iter().sum::<usize>() < n {
+                assert!(
+                    Instant::now() < deadline,
+                    "dispatched only {total:?} of {n}"
+                );
+                self.turn();
+                for (t, g) in total.iter_mut().zip(self.take()) {
+                    *t += g;
+                }
+            }
+            total
+        }
+
+        /// Connects `n` clients and turns until the master has accepted and queued them all,
+        /// without the fake workers reading anything.
+        fn connect_unread(&mut self, n: usize) {
+            for _ in 0..n {
+                self.clients.push(TcpStream::connect(self.addr).unwrap());
+            }
+            let deadline = Instant::now() + DEADLINE;
+            while self.acceptor.seq < n as u64 {
+                assert!(
+                    Instant::now() < deadline,
+                    "accepted {} of {n}",
+                    self.acceptor.seq
+                );
+                self.turn();
+            }
+        }
+
+        fn events(&self) -> Vec<Event> {
+            self.events.try_iter().collect()
+        }
+    }
+
+    #[test]
+    fn dispatches_only_to_workers_it_was_told_are_ready() {
+        let mut rig = Rig::new(2, PolicyKind::RoundRobin);
+        rig.command(Command::Ready(1));
+        assert_eq!(rig.connect(6), [0, 6], "worker 0 was never opened");
+    }
+
+    #[test]
+    fn starting_workers_take_connections_while_none_is_ready() {
+        let mut rig = Rig::new(2, PolicyKind::RoundRobin);
+        assert_eq!(rig.connect(4), [2, 2]);
+    }
+
+    #[test]
+    fn drain_takes_back_what_is_queued_and_sends_it_elsewhere() {
+        let mut rig = Rig::new(2, PolicyKind::RoundRobin);
+        rig.command(Command::Ready(0));
+        rig.command(Command::Ready(1));
+        rig.connect_unread(4);
+        rig.command(Command::Drain(0));
+        assert_eq!(
+            rig.take(),
+            [0, 4],
+            "worker 0's two queued connections moved to worker 1"
+        );
+        assert!(rig.events().contains(&Event::Reclaimed(0, 2)));
+        assert_eq!(
+            rig.connect(2),
+            [0, 2],
+            "nothing more goes to a drained worker"
+        );
+    }
+
+    #[test]
+    fn ready_after_drain_opens_the_worker_again() {
+        let mut rig = Rig::new(2, PolicyKind::RoundRobin);
+        rig.command(Command::Ready(0));
+        rig.command(Command::Ready(1));
+        rig.command(Command::Drain(0));
+        rig.command(Command::Ready(0));
+        assert_eq!(rig.connect(4), [2, 2]);
+    }
+
+    #[test]
+    fn stopping_and_ready_from_a_worker_are_reported_not_decided() {
+        let mut rig = Rig::new(2, PolicyKind::RoundRobin);
+        rig.command(Command::Ready(0));
+        rig.command(Command::Ready(1));
+        rig.say(0, ToMaster::Stopping);
+        assert_eq!(rig.events(), [Event::Stopping(0)]);
+        assert_eq!(
+            rig.connect(2),
+            [1, 1],
+            "still open until the supervisor says Drain"
+        );
+        rig.command(Command::Drain(0));
+        rig.say(0, ToMaster::Ready { max_fds: 1 });
+        assert_eq!(rig.events(), [Event::Ready(0)]);
+        assert_eq!(
+            rig.connect(2),
+            [0, 2],
+            "a drained worker stays closed until told"
+        );
+    }
+
+    #[test]
+    fn ready_on_the_channel_of_a_starting_worker_opens_it() {
+        let mut rig = Rig::new(2, PolicyKind::RoundRobin);
+        rig.say(1, ToMaster::Ready { max_fds: 1 });
+        assert_eq!(rig.events(), [Event::Ready(1)]);
+        assert_eq!(rig.connect(3), [0, 3]);
+    }
+
+    #[test]
+    fn closed_counts_bring_least_conn_back_to_the_idle_worker() {
+        let mut rig = Rig::new(2, PolicyKind::LeastConn);
+        rig.command(Command::Ready(0));
+        rig.command(Command::Ready(1));
+        assert_eq!(rig.connect(2), [1, 1]);
+        // Worker 0 finishes its connection; worker 1 keeps its own.
+        rig.received[0].clear();
+        rig.say(0, ToMaster::Closed { count: 1 });
+        assert_eq!(rig.connect(1), [1, 0]);
     }
 }

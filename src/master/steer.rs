@@ -11,7 +11,7 @@ use log::{info, warn};
 use socket2::Socket;
 
 use crate::cli::{Config, Steer};
-use crate::master::acceptor::WorkerId;
+use crate::master::lifecycle::WorkerId;
 use crate::steer::{SteerPolicy, Steering};
 use crate::sys;
 use rcluster_proto::steer as page;

@@ -1,8 +1,9 @@
-//! The supervisor: worker lifecycle, on the master's main thread (which lives as long as the
-//! master, so `PR_SET_PDEATHSIG` in workers fires exactly when the master dies). It spawns
-//! workers with the worker contract, reaps them through pidfds in its mio poll loop, handles
-//! signals, restarts crashed workers with capped exponential backoff, runs rolling reloads,
-//! recycling and scaling, samples RSS, and shuts down gracefully.
+//! The supervisor: the I/O driver of the worker lifecycle, on the master's main thread (which
+//! lives as long as the master, so `PR_SET_PDEATHSIG` in workers fires exactly when the master
+//! dies). Every decision is [`Lifecycle`]'s; this module turns the world into its
+//! [`Input`]s — signals, pidfd exits, `NOTIFY_SOCKET` datagrams, the acceptor's events, timers —
+//! and carries out its [`Action`]s: fork/exec a worker with the contract, tell the acceptor,
+//! send a signal, exit.
 //!
 //! It owns the pidfds, each worker's NOTIFY_SOCKET, and in reuseport/shared modes the listening
 //! sockets workers inherit. In dispatch mode the acceptor thread owns the listeners and channels;
@@ -14,41 +15,35 @@ use std::ffi::OsStr;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::os::linux::net::SocketAddrExt;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::net::{SocketAddr as UnixAddr, UnixDatagram};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, bail};
 use crossbeam_channel::Receiver;
 use log::{error, info, warn};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
+use rcluster_proto::Mode;
+use rcluster_proto::env::ChildEnv;
 use signal_hook::consts::signal::{SIGHUP, SIGINT, SIGTERM, SIGTTIN, SIGTTOU, SIGUSR1};
 use signal_hook_mio::v1_0::Signals;
 use socket2::Socket;
 
 use crate::cli::{Config, Pin};
-use crate::master::acceptor::{self, AcceptorHandle, ChannelEnds, Command, Event, WorkerId};
-use crate::master::listener;
+use crate::master::acceptor::{self, AcceptorHandle, ChannelEnds, Command, Event};
+use crate::master::diagnose;
+use crate::master::lifecycle::{
+    Action, Input, Lifecycle, Phase, Settings, Sig, WorkerId, WorkerState,
+};
+use crate::master::notify::{Notice, NotifySocket, RuntimeDir};
+use crate::master::shim::find_shim;
+use crate::master::stall::{self, QueueWatch};
 use crate::master::steer::{self as steer, SteerControl};
+use crate::master::{listener, tree};
 use crate::sys::spawn::{SpawnSpec, spawn};
 use crate::sys::{self, CpuSet, ExitStatus, Pid};
-use rcluster_proto::Mode;
-use rcluster_proto::env::ChildEnv;
-
-/// First restart delay after a crash; doubles per consecutive crash.
-pub const RESTART_BACKOFF_INITIAL: Duration = Duration::from_millis(100);
-/// Longest restart delay.
-pub const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(10);
-/// A worker that stayed up this long resets its slot's crash count.
-pub const STABLE_UPTIME: Duration = Duration::from_secs(10);
-/// Consecutive short-lived crashes after which a slot is given up.
-pub const CRASH_LOOP_LIMIT: u32 = 5;
-/// File name of the preload shim, looked for next to the master's binary.
-pub const SHIM_FILE: &str = "librcluster_shim.so";
 
 const SIGNALS: Token = Token(0);
 const WAKER: Token = Token(1);
@@ -60,57 +55,26 @@ fn notify_token(id: WorkerId) -> Token {
     Token(3 + 2 * id as usize)
 }
 
-/// Where a worker is in its life. Dispatch goes only to `Ready` workers (to `Starting` ones only
-/// while none is ready).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Lifecycle {
-    /// Spawned, not yet ready (no READY on its channel, no READY=1, delay not elapsed).
-    Starting,
-    /// Takes connections.
-    Ready,
-    /// Gets no new connections; was sent the drain signal; SIGKILLed after the grace period.
-    Draining,
-}
-
-struct Worker {
+/// A running worker process as the supervisor holds it.
+struct Proc {
     id: WorkerId,
     slot: usize,
-    generation: u64,
     pid: Pid,
     pidfd: OwnedFd,
-    notify: Option<UnixDatagram>,
-    state: Lifecycle,
-    started: Instant,
-    kill_at: Option<Instant>,
+    notify: Option<NotifySocket>,
 }
 
-struct Slot {
+/// What a slot needs besides its worker.
+struct SlotIo {
     cpus: Option<CpuSet>,
     /// Reuseport mode: this slot's listening sockets, one per listener, kept across restarts.
     reuseport: Vec<Socket>,
-    crashes: u32,
-    restart_at: Option<Instant>,
-    given_up: bool,
-    /// False once scaled down (SIGTTOU).
-    active: bool,
-}
-
-/// Why a worker is being replaced by a new one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Reason {
-    Reload,
-    Recycle,
-}
-
-struct Replacement {
-    new: WorkerId,
-    old: WorkerId,
-    reason: Reason,
-    deadline: Instant,
+    /// Reuseport mode: progress of each of those sockets' accept queues (see [`stall`]).
+    watches: Vec<QueueWatch>,
 }
 
 /// Runs the cluster until shutdown. Returns an error (exit code 1) if it cannot start or if no
-/// worker can run any more.
+/// worker can run at all.
 pub fn run(config: Config) -> anyhow::Result<()> {
     let mut sup = Supervisor::new(config)?;
     sup.start()?;
@@ -133,30 +97,33 @@ struct Supervisor {
     /// Dispatch mode: the listening sockets until the acceptor takes them. Shared mode: the
     /// sockets every worker inherits.
     sockets: Vec<Socket>,
-    slots: Vec<Slot>,
-    workers: Vec<Worker>,
-    next_id: WorkerId,
-    generation: u64,
+    slots: Vec<SlotIo>,
+    procs: Vec<Proc>,
+    lifecycle: Lifecycle,
     base_env: Vec<Vec<u8>>,
     preload: Option<PathBuf>,
-    shutdown_deadline: Option<Instant>,
-    /// While shutting down in dispatch mode: when to SIGTERM the workers if the acceptor has
-    /// not reported the channels drained by then.
-    shutdown_signal_at: Option<Instant>,
-    all_ready_announced: bool,
+    /// The private directory of the workers' NOTIFY_SOCKETs (none if it cannot be created:
+    /// workers then signal readiness on their channel or by --ready-delay).
+    runtime: Option<RuntimeDir>,
     next_rss_sample: Option<Instant>,
-    replacements: Vec<Replacement>,
-    /// Old workers a reload still has to replace.
-    reload_queue: VecDeque<WorkerId>,
-    reload_requested: bool,
-    /// A reload started and has neither completed nor been aborted.
-    reload_running: bool,
+    /// Reuseport mode: when the slots' accept queues are sampled next.
+    next_queue_sample: Option<Instant>,
+    /// Workers whose notify socket had more datagrams than one read takes: read again after
+    /// the next poll, which then does not wait.
+    notify_backlog: Vec<WorkerId>,
+    /// While starting, a worker that cannot be spawned is a startup error, kept here.
+    startup_error: Option<anyhow::Error>,
+    starting: bool,
+    /// Set by [`Action::Exit`].
+    exit: Option<Result<(), String>>,
+    /// Whether a worker exiting before it was ready has been explained (diagnose.rs; once).
+    early_exit_explained: bool,
 }
 
 impl Supervisor {
     fn new(config: Config) -> anyhow::Result<Self> {
         // Kernel steering gives the workers their own listeners, as in reuseport mode.
-        let steer = steer::start(&config)?;
+        let mut steer = steer::start(&config)?;
         let mode = match steer {
             Some(_) => Mode::Reuseport,
             None => config.policy.mode(),
@@ -181,17 +148,13 @@ impl Supervisor {
             sockets.push(socket);
         }
 
-        let mut slots = Vec::new();
-        for i in 0..config.workers {
-            slots.push(Slot {
+        let mut slots: Vec<SlotIo> = (0..config.workers)
+            .map(|i| SlotIo {
                 cpus: slot_cpus(&config.pin, i),
                 reuseport: Vec::new(),
-                crashes: 0,
-                restart_at: None,
-                given_up: false,
-                active: true,
-            });
-        }
+                watches: Vec::new(),
+            })
+            .collect();
         if mode == Mode::Reuseport {
             // Slot 0 takes the sockets bound above (they fixed the ports); the other slots get
             // their own sockets on the same ports.
@@ -200,7 +163,6 @@ impl Supervisor {
                 slot.reuseport = bind_reuseport_group(&addrs)?;
             }
         }
-        let mut steer = steer;
         if let Some(st) = &mut steer {
             for (i, slot) in slots.iter().enumerate() {
                 st.add_slot(i, &slot.reuseport)?;
@@ -212,6 +174,16 @@ impl Supervisor {
         } else {
             None
         };
+        let lifecycle = Lifecycle::new(Settings {
+            workers: config.workers,
+            grace: config.grace,
+            ready_delay: config.ready_delay,
+            ready_timeout: config.ready_timeout,
+            reload_batch: config.reload_batch,
+            max_rss: config.max_rss,
+            drain_channels_on_stop: mode == Mode::Dispatch,
+            drain_signal: sys::signal_name(config.drain_signal),
+        });
         Ok(Supervisor {
             base_env: base_environment(),
             mode,
@@ -225,18 +197,19 @@ impl Supervisor {
             addrs,
             sockets,
             slots,
-            workers: Vec::new(),
-            next_id: 0,
-            generation: 0,
+            procs: Vec::new(),
+            lifecycle,
             preload,
-            shutdown_deadline: None,
-            shutdown_signal_at: None,
-            all_ready_announced: false,
             next_rss_sample: None,
-            replacements: Vec::new(),
-            reload_queue: VecDeque::new(),
-            reload_requested: false,
-            reload_running: false,
+            startup_error: None,
+            starting: false,
+            exit: None,
+            early_exit_explained: false,
+            runtime: RuntimeDir::create()
+                .map_err(|e| warn!("no NOTIFY_SOCKET for workers: {e}"))
+                .ok(),
+            next_queue_sample: (mode == Mode::Reuseport).then(Instant::now),
+            notify_backlog: Vec::new(),
             config,
         })
     }
@@ -251,7 +224,7 @@ impl Supervisor {
                 .config
                 .policy
                 .build()
-                .expect("dispatch policies build a policy object");
+                .context("the policy has no dispatch implementation")?;
             let handle = acceptor::spawn(
                 acceptor::AcceptorConfig {
                     listeners,
@@ -279,12 +252,14 @@ impl Supervisor {
                 self.mode.as_str()
             }
         );
-        for slot in 0..self.slots.len() {
-            // A command that cannot start at all (exec fails) is a startup error, not a crash.
-            self.spawn_worker(slot)
-                .with_context(|| format!("failed to start worker {slot}"))?;
+        // A command that cannot start at all (exec fails) is a startup error, not a crash.
+        self.starting = true;
+        self.feed(Input::Start);
+        self.starting = false;
+        match self.startup_error.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     fn send(&self, cmd: Command) {
@@ -293,15 +268,143 @@ impl Supervisor {
         }
     }
 
-    fn spawn_worker(&mut self, slot: usize) -> anyhow::Result<WorkerId> {
+    /// Gives the lifecycle one input and carries out what it answers (which may feed it more:
+    /// a spawn's result).
+    fn feed(&mut self, input: Input) {
+        let mut todo: VecDeque<Action> = self.lifecycle.handle(Instant::now(), input).into();
+        // Kernel steering: the table follows each decision before it is carried out, so a
+        // draining or dead worker's slot is out of it before the worker is signalled.
+        self.steer_sync();
+        while let Some(action) = todo.pop_front() {
+            if let Some(more) = self.apply(action) {
+                todo.extend(self.lifecycle.handle(Instant::now(), more));
+                self.steer_sync();
+            }
+        }
+    }
+
+    /// Kernel steering: a slot is eligible exactly while a ready worker serves it.
+    fn steer_sync(&mut self) {
+        if let Some(st) = &mut self.steer {
+            let workers = self.lifecycle.workers();
+            st.sync(|slot| {
+                workers
+                    .iter()
+                    .any(|w| w.slot == slot && w.state == WorkerState::Ready)
+            });
+        }
+    }
+
+    /// Kernel steering, every loop: reconciliation, stalled slots, --max-conns by placements.
+    fn steer_tick(&mut self) {
+        let Some(st) = &mut self.steer else {
+            return;
+        };
+        let slots = &self.slots;
+        let stalled = st.tick(Instant::now(), |s| &slots[s].reuseport);
+        let at_max = st.reached_max_conns();
+        for slot in stalled {
+            let ids: Vec<WorkerId> = self
+                .lifecycle
+                .workers()
+                .iter()
+                .filter(|w| w.slot == slot && w.state == WorkerState::Ready)
+                .map(|w| w.id)
+                .collect();
+            for id in ids {
+                self.feed(Input::Stalled { id });
+            }
+        }
+        for id in at_max {
+            self.feed(Input::MaxConns { id });
+        }
+    }
+
+    /// Carries out one action; returns the input it produces, if any.
+    fn apply(&mut self, action: Action) -> Option<Input> {
+        match action {
+            Action::Spawn {
+                id,
+                slot,
+                generation,
+            } => {
+                if self.startup_error.is_some() {
+                    return None;
+                }
+                match self.spawn_worker(id, slot, generation) {
+                    Ok(pid) => return Some(Input::Spawned { id, pid }),
+                    Err(e) if self.starting => {
+                        // A program the kernel refuses to execute (no valid format, no
+                        // permission) is a usage error: no retry fixes it.
+                        self.startup_error = Some(match exec_failure(&e) {
+                            Some(exec) => crate::cli::UsageError(format!(
+                                "cannot run {}: {exec}",
+                                self.config.command.display()
+                            ))
+                            .into(),
+                            None => e.context(format!("failed to start worker {slot}")),
+                        });
+                    }
+                    Err(e) => {
+                        return Some(Input::SpawnFailed {
+                            id,
+                            error: format!("{e:#}"),
+                        });
+                    }
+                }
+            }
+            Action::Open(id) => self.send(Command::Ready(id)),
+            Action::Close(id) => self.send(Command::Drain(id)),
+            Action::Signal(id, sig) => {
+                let signal = match sig {
+                    Sig::Drain => self.config.drain_signal,
+                    Sig::Stop => libc::SIGTERM,
+                    Sig::Kill => libc::SIGKILL,
+                };
+                if let Some(p) = self.procs.iter().find(|p| p.id == id) {
+                    tree::signal(p.pid, signal);
+                }
+            }
+            Action::Forget(id) => {
+                if let Some(st) = &mut self.steer {
+                    st.forget(id);
+                }
+                self.forget(id)
+            }
+            Action::SlotRemoved(slot) => {
+                // With SELECT_OR_MIGRATE the steering program re-places that queue instead.
+                if self.mode == Mode::Reuseport
+                    && !self.steer.as_ref().is_some_and(|s| s.migrates())
+                {
+                    // Closing a SO_REUSEPORT listener resets what is queued on it unless the
+                    // host has net.ipv4.tcp_migrate_req=1 (which moves them to another socket
+                    // of the group).
+                    warn!(
+                        "reuseport mode: connections still queued on worker {slot}'s own socket \
+                         when it exits are reset unless net.ipv4.tcp_migrate_req=1"
+                    );
+                }
+            }
+            Action::ReleaseSlot(slot) => {
+                // Reuseport mode: a removed slot's listening sockets leave the kernel's group
+                // with their last worker, or new connections would keep being hashed to a
+                // socket nobody accepts from.
+                if let Some(s) = self.slots.get_mut(slot) {
+                    s.reuseport.clear();
+                }
+            }
+            Action::StopAccepting { drain_for } => self.send(Command::Shutdown { drain_for }),
+            Action::Exit(result) => self.exit = Some(result),
+        }
+        None
+    }
+
+    fn spawn_worker(&mut self, id: WorkerId, slot: usize, generation: u64) -> anyhow::Result<Pid> {
         let program = self
             .config
             .command
             .resolve()
             .map_err(|e| anyhow::anyhow!(e))?;
-        let id = self.next_id;
-        self.next_id += 1;
-        let generation = self.generation;
 
         let mut channels = Vec::new();
         let mut worker_fds: Vec<OwnedFd> = Vec::new();
@@ -330,21 +433,22 @@ impl Supervisor {
             Mode::Shared => self.sockets.iter().map(|s| s.as_fd()).collect(),
         };
 
-        let notify_name = format!("rcluster-lb/{}/{}", sys::getpid(), id);
-        let notify =
-            UnixDatagram::bind_addr(&UnixAddr::from_abstract_name(notify_name.as_bytes())?)
-                .and_then(|s| s.set_nonblocking(true).map(|()| s))
+        let notify = self.runtime.as_ref().and_then(|dir| {
+            NotifySocket::bind(dir, id)
                 .map_err(|e| warn!("worker {slot}: no NOTIFY_SOCKET: {e}"))
-                .ok();
+                .ok()
+        });
 
         let mut env = self.base_env.clone();
-        let notify_value = format!("@{notify_name}");
+        let notify_value = notify
+            .as_ref()
+            .and_then(|n| n.path().to_str().map(str::to_owned));
         let contract = ChildEnv {
             slot,
             generation,
             mode: self.mode,
             listen: &self.addrs,
-            notify_socket: notify.as_ref().map(|_| notify_value.as_str()),
+            notify_socket: notify_value.as_deref(),
             // Kernel steering: the table's fd follows the listeners.
             steer_fd: self
                 .steer
@@ -385,7 +489,7 @@ impl Supervisor {
             .register(&mut SourceFd(&raw), pidfd_token(id), Interest::READABLE)
             .and_then(|()| match &notify {
                 Some(n) => self.poll.registry().register(
-                    &mut SourceFd(&n.as_raw_fd()),
+                    &mut SourceFd(&n.raw_fd()),
                     notify_token(id),
                     Interest::READABLE,
                 ),
@@ -393,6 +497,7 @@ impl Supervisor {
             });
         if let Err(e) = registered {
             // A worker the supervisor cannot watch must not run: kill and reap it here.
+            let _ = self.poll.registry().deregister(&mut SourceFd(&raw));
             let _ = sys::kill(pid, libc::SIGKILL);
             let _ = sys::waitpid_blocking(pid);
             return Err(e).context("failed to watch the new worker");
@@ -400,7 +505,11 @@ impl Supervisor {
         if let Some(st) = &mut self.steer
             && let Some(n) = self.config.max_conns
         {
-            st.watch_max_conns(id, slot, n + jitter(self.config.max_conns_jitter, id));
+            st.watch_max_conns(
+                id,
+                slot,
+                n.saturating_add(jitter(self.config.max_conns_jitter, id)),
+            );
         }
         if self.mode == Mode::Dispatch {
             let ends = channels
@@ -411,7 +520,7 @@ impl Supervisor {
             let max_conns = self
                 .config
                 .max_conns
-                .map(|n| n + jitter(self.config.max_conns_jitter, id));
+                .map(|n| n.saturating_add(jitter(self.config.max_conns_jitter, id)));
             self.send(Command::Add {
                 id,
                 slot,
@@ -427,26 +536,58 @@ impl Supervisor {
                 None => String::new(),
             }
         );
-        self.workers.push(Worker {
+        self.procs.push(Proc {
             id,
             slot,
-            generation,
             pid,
             pidfd: spawned.pidfd,
             notify,
-            state: Lifecycle::Starting,
-            started: Instant::now(),
-            kill_at: None,
         });
-        Ok(id)
+        Ok(pid)
+    }
+
+    /// Drops a reaped worker's pidfd and notify socket and tells the acceptor: connections
+    /// still queued in its channel go to another worker.
+    fn forget(&mut self, id: WorkerId) {
+        let Some(i) = self.procs.iter().position(|p| p.id == id) else {
+            return;
+        };
+        let p = self.procs.swap_remove(i);
+        let raw = p.pidfd.as_raw_fd();
+        let _ = self.poll.registry().deregister(&mut SourceFd(&raw));
+        if let Some(n) = &p.notify {
+            let raw = n.raw_fd();
+            let _ = self.poll.registry().deregister(&mut SourceFd(&raw));
+        }
+        self.send(Command::Remove(id));
     }
 
     fn run_loop(&mut self) -> anyhow::Result<()> {
         let mut events = Events::with_capacity(256);
         loop {
-            let timeout = self
-                .next_deadline()
-                .map(|t| t.saturating_duration_since(Instant::now()));
+            if let Some(result) = self.exit.take() {
+                if let Some(a) = self.acceptor.take() {
+                    a.shutdown();
+                }
+                return match result {
+                    Ok(()) => Ok(()),
+                    Err(why) => bail!("{why}"),
+                };
+            }
+            let next = [
+                self.lifecycle.next_deadline(),
+                self.next_rss_sample,
+                self.next_queue_sample,
+                self.steer.as_ref().map(|s| s.next_deadline()),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            let timeout = if self.notify_backlog.is_empty() {
+                next.map(|t| t.saturating_duration_since(Instant::now()))
+            } else {
+                Some(std::time::Duration::ZERO)
+            };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -466,390 +607,95 @@ impl Supervisor {
                     Token(t) => self.read_notify(((t - 3) / 2) as WorkerId),
                 }
             }
+            for id in std::mem::take(&mut self.notify_backlog) {
+                self.read_notify(id);
+            }
             while let Ok(ev) = self.events.try_recv() {
                 self.on_event(ev);
             }
-            self.on_timers();
-            self.steer_sync();
-            if self.shutdown_deadline.is_some() {
-                if self.workers.is_empty() {
-                    if let Some(a) = self.acceptor.take() {
-                        a.shutdown();
-                    }
-                    info!("all workers exited; shutdown complete");
-                    return Ok(());
-                }
-            } else if self.workers.is_empty()
-                && self
-                    .slots
-                    .iter()
-                    .all(|s| !s.active || s.given_up || s.restart_at.is_none())
+            self.feed(Input::Tick);
+            self.steer_tick();
+            if let Some(t) = self.next_rss_sample
+                && Instant::now() >= t
             {
-                if let Some(a) = self.acceptor.take() {
-                    a.shutdown();
+                self.sample_rss();
+                self.next_rss_sample = Some(Instant::now() + self.config.rss_interval);
+            }
+            if let Some(t) = self.next_queue_sample
+                && Instant::now() >= t
+            {
+                self.sample_accept_queues();
+                self.next_queue_sample =
+                    Some(Instant::now() + stall::sample_period(self.config.stall_timeout));
+            }
+        }
+    }
+
+    /// Reuseport mode: a slot whose own listeners' accept queues do not go down for the stall
+    /// timeout has a worker that stopped accepting; it is replaced, and the replacement, which
+    /// inherits the same sockets, takes the queue over.
+    fn sample_accept_queues(&mut self) {
+        let now = Instant::now();
+        let timeout = self.config.stall_timeout;
+        let mut stalled = Vec::new();
+        for (slot, io) in self.slots.iter_mut().enumerate() {
+            io.watches.resize(io.reuseport.len(), QueueWatch::new(now));
+            let ready = self
+                .lifecycle
+                .workers()
+                .iter()
+                .filter(|w| w.slot == slot && w.state == WorkerState::Ready)
+                .map(|w| (w.id, w.pid.unwrap_or(0)))
+                .collect::<Vec<_>>();
+            if ready.is_empty() {
+                // Only time with a ready worker counts (a slow start is not a stall).
+                for w in &mut io.watches {
+                    w.reset(now);
                 }
-                bail!("no worker can run: every worker slot gave up after repeated crashes");
+                continue;
+            }
+            let mut idle = false;
+            for (sock, watch) in io.reuseport.iter().zip(io.watches.iter_mut()) {
+                let queued = sys::listen_queue_len(sock.as_fd()).unwrap_or(0);
+                idle |= watch.sample(u64::from(queued), now, timeout);
+            }
+            if !idle {
+                continue;
+            }
+            for (id, pid) in ready {
+                warn!(
+                    "worker {slot} (pid {pid}): its accept queue did not go down for \
+                     {timeout:?}; it stopped accepting"
+                );
+                stalled.push(id);
+            }
+            for w in &mut io.watches {
+                w.reset(now);
             }
         }
-    }
-
-    fn next_deadline(&self) -> Option<Instant> {
-        let mut next: Option<Instant> = None;
-        let mut consider = |t: Option<Instant>| {
-            if let Some(t) = t {
-                next = Some(next.map_or(t, |n: Instant| n.min(t)));
-            }
-        };
-        consider(self.shutdown_deadline);
-        consider(self.shutdown_signal_at);
-        consider(self.next_rss_sample);
-        consider(self.steer.as_ref().map(|s| s.next_deadline()));
-        for s in &self.slots {
-            consider(s.restart_at);
+        for id in stalled {
+            self.feed(Input::Stalled { id });
         }
-        for w in &self.workers {
-            consider(w.kill_at);
-            if w.state == Lifecycle::Starting {
-                consider(self.config.ready_delay.map(|d| w.started + d));
-                consider(Some(w.started + self.config.ready_timeout));
-            }
-        }
-        for r in &self.replacements {
-            consider(Some(r.deadline));
-        }
-        next
-    }
-
-    fn index_of(&self, id: WorkerId) -> Option<usize> {
-        self.workers.iter().position(|w| w.id == id)
     }
 
     fn on_signal(&mut self, sig: i32) {
         match sig {
-            SIGTERM | SIGINT => {
-                if self.shutdown_deadline.is_some() {
-                    warn!("{} again: killing the workers now", sys::signal_name(sig));
-                    for w in &self.workers {
-                        let _ = sys::kill(w.pid, libc::SIGKILL);
-                    }
-                } else {
-                    self.begin_shutdown(sig);
-                }
-            }
-            SIGHUP => self.request_reload(),
+            SIGTERM | SIGINT => self.feed(Input::Stop {
+                signal: sys::signal_name(sig),
+            }),
+            SIGHUP => self.feed(Input::Reload),
             SIGTTIN => self.scale_up(),
-            SIGTTOU => self.scale_down(),
+            SIGTTOU => self.feed(Input::ScaleDown),
             SIGUSR1 => self.log_status(),
             _ => {}
         }
     }
 
-    fn begin_shutdown(&mut self, sig: i32) {
-        let now = Instant::now();
-        self.shutdown_deadline = Some(now + self.config.grace);
-        self.reload_queue.clear();
-        self.replacements.clear();
-        for s in &mut self.slots {
-            s.restart_at = None;
-        }
-        for w in &mut self.workers {
-            // Exits from now on are expected: nothing is restarted.
-            w.state = Lifecycle::Draining;
-            w.kill_at = None;
-        }
-        self.steer_sync();
-        if self.acceptor.is_some() {
-            // Stop accepting first, and let the workers take what is already in their channels
-            // (up to half the grace period) before they are told to stop: a connection the
-            // master accepted is served, not dropped with a channel.
-            let drain_for = self.config.grace / 2;
-            info!(
-                "{}: stopping; no new connections; workers get up to {drain_for:?} to take what is queued for them, then SIGTERM, and SIGKILL after {:?}",
-                sys::signal_name(sig),
-                self.config.grace
-            );
-            self.send(Command::Shutdown { drain_for });
-            self.shutdown_signal_at = Some(now + drain_for);
-        } else {
-            info!(
-                "{}: stopping; workers get SIGTERM and {:?} to exit",
-                sys::signal_name(sig),
-                self.config.grace
-            );
-            self.signal_shutdown();
-        }
-    }
-
-    /// Sends every worker SIGTERM, once, as the second step of shutting down.
-    fn signal_shutdown(&mut self) {
-        self.shutdown_signal_at = None;
-        for w in &self.workers {
-            let _ = sys::kill(w.pid, libc::SIGTERM);
-        }
-    }
-
-    fn log_status(&self) {
-        for w in &self.workers {
-            info!(
-                "status: worker {} pid {} generation {} {:?} up {:.1?}",
-                w.slot,
-                w.pid,
-                w.generation,
-                w.state,
-                w.started.elapsed()
-            );
-        }
-        if let Some(st) = &self.steer {
-            st.log_status();
-        }
-        self.send(Command::Status);
-    }
-
-    fn on_event(&mut self, ev: Event) {
-        match ev {
-            Event::Ready(id) => self.mark_ready(id, "READY on its channel"),
-            Event::Stopping(id) => {
-                if let Some(i) = self.index_of(id) {
-                    info!(
-                        "worker {} (pid {}) is stopping",
-                        self.workers[i].slot, self.workers[i].pid
-                    );
-                }
-            }
-            Event::Stalled(id) => self.replace(id, Reason::Recycle, "it stopped accepting"),
-            Event::MaxConns(id) => self.replace(id, Reason::Recycle, "it reached --max-conns"),
-            Event::Reclaimed(..) => {}
-            Event::Drained => {
-                if self.shutdown_signal_at.is_some() {
-                    info!("every dispatched connection was taken; stopping the workers");
-                    self.signal_shutdown();
-                }
-            }
-        }
-    }
-
-    fn read_notify(&mut self, id: WorkerId) {
-        let Some(i) = self.index_of(id) else {
-            return;
-        };
-        let mut lines = Vec::new();
-        if let Some(sock) = &self.workers[i].notify {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = sock.recv(&mut buf) {
-                lines.push(String::from_utf8_lossy(&buf[..n]).into_owned());
-            }
-        }
-        let (slot, pid) = (self.workers[i].slot, self.workers[i].pid);
-        for msg in lines {
-            for line in msg.lines() {
-                if line == "READY=1" {
-                    self.mark_ready(id, "READY=1");
-                } else if line == "STOPPING=1" {
-                    info!("worker {slot} (pid {pid}) is stopping");
-                    self.send(Command::Drain(id));
-                } else if let Some(status) = line.strip_prefix("STATUS=") {
-                    info!("worker {slot} (pid {pid}) status: {status}");
-                }
-            }
-        }
-    }
-
-    fn mark_ready(&mut self, id: WorkerId, how: &str) {
-        let Some(i) = self.index_of(id) else {
-            return;
-        };
-        let w = &mut self.workers[i];
-        if w.state != Lifecycle::Starting {
-            return;
-        }
-        w.state = Lifecycle::Ready;
-        self.steer_sync();
-        let w = &self.workers[i];
-        info!(
-            "worker {} ready: pid {} ({how}, after {:.0?})",
-            w.slot,
-            w.pid,
-            w.started.elapsed()
-        );
-        self.send(Command::Ready(id));
-        if !self.all_ready_announced {
-            let ready = self
-                .workers
-                .iter()
-                .filter(|w| w.state == Lifecycle::Ready)
-                .count();
-            if ready == self.slots.iter().filter(|s| s.active).count() {
-                self.all_ready_announced = true;
-                info!("all {ready} workers ready");
-            }
-        }
-        // A replacement that became ready lets its old worker go.
-        if let Some(r) = self.replacements.iter().position(|r| r.new == id) {
-            let r = self.replacements.swap_remove(r);
-            self.drain(r.old);
-            self.continue_reload();
-        }
-    }
-
-    /// Stops dispatching to a worker, reclaims what is queued in its channel, sends it the drain
-    /// signal, and arms the SIGKILL deadline.
-    fn drain(&mut self, id: WorkerId) {
-        let Some(i) = self.index_of(id) else {
-            return;
-        };
-        self.send(Command::Drain(id));
-        let sig = self.config.drain_signal;
-        let w = &mut self.workers[i];
-        if w.state == Lifecycle::Draining {
-            return;
-        }
-        w.state = Lifecycle::Draining;
-        w.kill_at = Some(Instant::now() + self.config.grace);
-        // Out of the steering table before the worker hears of it.
-        self.steer_sync();
-        let w = &self.workers[i];
-        info!(
-            "draining worker {} (pid {}, generation {}) with {}",
-            w.slot,
-            w.pid,
-            w.generation,
-            sys::signal_name(sig)
-        );
-        let _ = sys::kill(w.pid, sig);
-    }
-
-    /// Starts a replacement for `old` in its slot; `old` is drained once the replacement is
-    /// ready, so the slot never goes without a ready worker.
-    fn replace(&mut self, old: WorkerId, reason: Reason, why: &str) {
-        if self.shutdown_deadline.is_some() || self.replacements.iter().any(|r| r.old == old) {
-            return;
-        }
-        let Some(i) = self.index_of(old) else {
-            return;
-        };
-        if self.workers[i].state == Lifecycle::Draining {
-            return;
-        }
-        let slot = self.workers[i].slot;
-        info!(
-            "replacing worker {slot} (pid {}): {why}",
-            self.workers[i].pid
-        );
-        match self.spawn_worker(slot) {
-            Ok(new) => self.replacements.push(Replacement {
-                new,
-                old,
-                reason,
-                deadline: Instant::now() + self.config.ready_timeout,
-            }),
-            Err(e) => error!("cannot start a replacement for worker {slot}: {e:#}"),
-        }
-    }
-
-    fn request_reload(&mut self) {
-        if self.shutdown_deadline.is_some() {
-            return;
-        }
-        if !self.reload_queue.is_empty()
-            || self.replacements.iter().any(|r| r.reason == Reason::Reload)
-        {
-            if !self.reload_requested {
-                info!("SIGHUP during a reload: one more reload queued");
-            }
-            self.reload_requested = true;
-            return;
-        }
-        self.generation += 1;
-        self.reload_running = true;
-        self.reload_queue = self
-            .workers
-            .iter()
-            .filter(|w| w.state != Lifecycle::Draining)
-            .map(|w| w.id)
-            .collect();
-        info!(
-            "SIGHUP: rolling reload to generation {} ({} workers, {} at a time)",
-            self.generation,
-            self.reload_queue.len(),
-            self.config.reload_batch
-        );
-        self.continue_reload();
-    }
-
-    fn continue_reload(&mut self) {
-        while self
-            .replacements
-            .iter()
-            .filter(|r| r.reason == Reason::Reload)
-            .count()
-            < self.config.reload_batch
-        {
-            let Some(old) = self.reload_queue.pop_front() else {
-                break;
-            };
-            // Gone, drained meanwhile (SIGTTOU, recycling), or already being replaced by a
-            // recycle (whose replacement, if of the old generation, is itself in the queue):
-            // nothing left to replace.
-            if self
-                .index_of(old)
-                .is_none_or(|i| self.workers[i].state == Lifecycle::Draining)
-                || self.replacements.iter().any(|r| r.old == old)
-            {
-                continue;
-            }
-            let before = self.replacements.len();
-            self.replace(old, Reason::Reload, "reload");
-            if self.replacements.len() == before {
-                self.abort_reload("the replacement could not be started");
-                return;
-            }
-        }
-        let reloading = self.replacements.iter().any(|r| r.reason == Reason::Reload);
-        if !reloading && self.reload_queue.is_empty() {
-            // Once per reload (recycles and restarts call this too), when the last old worker
-            // is draining: that may be a worker the reload skipped because a recycle was
-            // replacing it.
-            if self.reload_running
-                && self
-                    .workers
-                    .iter()
-                    .all(|w| w.generation == self.generation || w.state == Lifecycle::Draining)
-            {
-                self.reload_running = false;
-                info!("reload to generation {} complete", self.generation);
-            }
-            if std::mem::take(&mut self.reload_requested) {
-                self.request_reload();
-            }
-        }
-    }
-
-    fn abort_reload(&mut self, why: &str) {
-        error!("reload aborted: {why}; the running workers keep serving");
-        self.reload_queue.clear();
-        self.reload_requested = false;
-        self.reload_running = false;
-        let failed: Vec<WorkerId> = self
-            .replacements
-            .iter()
-            .filter(|r| r.reason == Reason::Reload)
-            .map(|r| r.new)
-            .collect();
-        self.replacements.retain(|r| r.reason != Reason::Reload);
-        for id in failed {
-            if let Some(i) = self.index_of(id) {
-                self.send(Command::Drain(id));
-                self.workers[i].state = Lifecycle::Draining;
-                let _ = sys::kill(self.workers[i].pid, libc::SIGKILL);
-            }
-        }
-    }
-
+    /// Prepares one more slot's resources, then lets the lifecycle start its worker.
     fn scale_up(&mut self) {
-        if self.shutdown_deadline.is_some() {
+        if !self.lifecycle.accepts_scale_up() {
             return;
         }
-        let slot = self.slots.len();
         let reuseport = if self.mode == Mode::Reuseport {
             match bind_reuseport_group(&self.addrs) {
                 Ok(s) => s,
@@ -861,306 +707,141 @@ impl Supervisor {
         } else {
             Vec::new()
         };
+        let slot = self.slots.len();
         if let Some(st) = &mut self.steer
             && let Err(e) = st.add_slot(slot, &reuseport)
         {
             error!("SIGTTIN: cannot add a worker: {e:#}");
             return;
         }
-        self.slots.push(Slot {
+        self.slots.push(SlotIo {
             cpus: slot_cpus(&self.config.pin, slot),
             reuseport,
-            crashes: 0,
-            restart_at: None,
-            given_up: false,
-            active: true,
+            watches: Vec::new(),
         });
-        info!("SIGTTIN: adding worker {slot}");
-        if let Err(e) = self.spawn_worker(slot) {
-            error!("cannot start worker {slot}: {e:#}");
-            self.slots[slot].given_up = true;
-        }
+        self.feed(Input::ScaleUp);
     }
 
-    fn scale_down(&mut self) {
-        if self.shutdown_deadline.is_some() {
-            return;
-        }
-        let active: Vec<usize> = (0..self.slots.len())
-            .filter(|&s| self.slots[s].active)
-            .collect();
-        if active.len() <= 1 {
-            warn!("SIGTTOU: keeping the last worker");
-            return;
-        }
-        let slot = *active.last().expect("two or more");
-        info!("SIGTTOU: removing worker {slot}");
-        if self.mode == Mode::Reuseport && !self.steer.as_ref().is_some_and(|s| s.migrates()) {
-            // Closing a SO_REUSEPORT listener resets what is queued on it unless the host has
-            // net.ipv4.tcp_migrate_req=1 (which moves them to another socket of the group).
-            warn!(
-                "reuseport mode: connections still queued on worker {slot}'s own socket when it \
-                 exits are reset unless net.ipv4.tcp_migrate_req=1"
+    fn log_status(&mut self) {
+        // The acceptor's status lines show RSS: sample it now, whatever the policy.
+        self.sample_rss();
+        let now = Instant::now();
+        for w in self.lifecycle.workers() {
+            let state = match w.state {
+                WorkerState::Starting => "Starting",
+                WorkerState::Ready => "Ready",
+                WorkerState::Stopping { .. } => "Stopping",
+                WorkerState::Draining { .. } => "Draining",
+            };
+            info!(
+                "status: worker {} pid {} generation {} {state} up {:.1?}",
+                w.slot,
+                w.pid.unwrap_or(0),
+                w.generation,
+                now.saturating_duration_since(w.started)
             );
         }
-        self.slots[slot].active = false;
-        self.slots[slot].restart_at = None;
-        let ids: Vec<WorkerId> = self
-            .workers
-            .iter()
-            .filter(|w| w.slot == slot)
-            .map(|w| w.id)
-            .collect();
-        for &id in &ids {
-            self.drain(id);
+        if let Some(st) = &self.steer {
+            st.log_status();
         }
-        // A replacement starting in this slot has nothing left to replace: forget it, so a
-        // reload moves on now instead of waiting for it until --ready-timeout and aborting.
-        let before = self.replacements.len();
-        self.replacements.retain(|r| !ids.contains(&r.new));
-        if self.replacements.len() != before {
-            self.continue_reload();
-        }
+        self.send(Command::Status);
+    }
+
+    fn on_event(&mut self, ev: Event) {
+        let input = match ev {
+            Event::Ready(id) => Input::Ready {
+                id,
+                how: "READY on its channel",
+            },
+            Event::Stopping(id) => Input::Stopping { id },
+            Event::Stalled(id) => Input::Stalled { id },
+            Event::MaxConns(id) => Input::MaxConns { id },
+            Event::Misbehaving(id) => Input::Misbehaving { id },
+            Event::Reclaimed(..) => return,
+            Event::Drained => Input::Drained,
+        };
+        self.feed(input);
     }
 
     fn reap(&mut self, id: WorkerId) {
-        let Some(i) = self.index_of(id) else {
+        let Some(p) = self.procs.iter().find(|p| p.id == id) else {
             return;
         };
-        let status = match sys::waitpid_nohang(self.workers[i].pid) {
+        // Whatever the worker left running in its process group goes with it.
+        tree::kill_leftovers(p.pid);
+        let status = match sys::waitpid_nohang(p.pid) {
             Ok(Some(status)) => status,
             Ok(None) => return,
             Err(e) => {
-                error!("waitpid({}) failed: {e}", self.workers[i].pid);
+                error!("waitpid({}) failed: {e}", p.pid);
                 ExitStatus::Exited(-1)
             }
         };
-        let w = self.workers.swap_remove(i);
-        self.steer_sync();
-        if let Some(st) = &mut self.steer {
-            st.forget(id);
+        let never_ready = self.lifecycle.phase() == Phase::Running
+            && self
+                .lifecycle
+                .worker(id)
+                .is_some_and(|w| w.state == WorkerState::Starting);
+        if never_ready {
+            let slot = p.slot;
+            self.explain_early_exit(slot);
         }
-        let raw = w.pidfd.as_raw_fd();
-        let _ = self.poll.registry().deregister(&mut SourceFd(&raw));
-        if let Some(n) = &w.notify {
-            let raw = n.as_raw_fd();
-            let _ = self.poll.registry().deregister(&mut SourceFd(&raw));
-        }
-        // Connections still queued in its channel go to another worker.
-        self.send(Command::Remove(id));
-        // Reuseport mode: a removed slot's listening sockets leave the kernel's group with
-        // their last worker, or new connections would keep being hashed to a socket nobody
-        // accepts from.
-        if !self.slots[w.slot].active && self.workers.iter().all(|o| o.slot != w.slot) {
-            self.slots[w.slot].reuseport.clear();
-        }
+        self.feed(Input::Exited { id, status });
+    }
 
-        if self.shutdown_deadline.is_some() || w.state == Lifecycle::Draining {
-            info!("worker {} (pid {}) exited: {status}", w.slot, w.pid);
+    /// A worker that exits before it was ready most often cannot work in this mode (the shim
+    /// did not reach the server, which then bound the port itself): say so in one line, once.
+    fn explain_early_exit(&mut self, slot: usize) {
+        if self.config.command.builtin || std::mem::replace(&mut self.early_exit_explained, true) {
             return;
         }
-        // A replacement that dies before it is ready fails its reload or recycle.
-        if let Some(r) = self.replacements.iter().position(|r| r.new == id) {
-            let r = self.replacements.swap_remove(r);
-            error!(
-                "replacement worker {} (pid {}) exited before it was ready: {status}",
-                w.slot, w.pid
-            );
-            if r.reason == Reason::Reload {
-                self.abort_reload("a replacement exited before it was ready");
-            }
-            return;
-        }
-        // The old worker of a pending replacement crashed: the replacement takes its place.
-        if let Some(r) = self.replacements.iter().position(|r| r.old == id) {
-            self.replacements.swap_remove(r);
-            warn!(
-                "worker {} (pid {}) exited while being replaced: {status}",
-                w.slot, w.pid
-            );
-            self.continue_reload();
-            return;
-        }
-        if !self.slots[w.slot].active {
-            return;
-        }
-        let slot = &mut self.slots[w.slot];
-        if w.started.elapsed() >= STABLE_UPTIME {
-            slot.crashes = 0;
-        }
-        slot.crashes += 1;
-        if slot.crashes >= CRASH_LOOP_LIMIT {
-            slot.given_up = true;
-            error!(
-                "worker {} crash-looped ({} exits in a row, last: {status}); giving up on \
-                 slot {}, {} workers left",
-                w.slot,
-                slot.crashes,
-                w.slot,
-                self.workers.len()
-            );
-            return;
-        }
-        let backoff = RESTART_BACKOFF_INITIAL
-            .saturating_mul(1 << (slot.crashes - 1).min(16))
-            .min(RESTART_BACKOFF_MAX);
-        slot.restart_at = Some(Instant::now() + backoff);
+        let binary = self
+            .config
+            .command
+            .resolve()
+            .map_or(diagnose::Binary::Unknown, |p| diagnose::inspect(&p));
+        let program = self.config.command.program.to_string_lossy();
         warn!(
-            "worker {} (pid {}) exited unexpectedly: {status}; restarting in {backoff:?}",
-            w.slot, w.pid
+            "worker {slot} exited before it was ready: {}",
+            diagnose::early_exit_hint(self.mode, self.preload.is_some(), binary, &program)
         );
-        self.continue_reload();
     }
 
-    fn on_timers(&mut self) {
-        let now = Instant::now();
-        if self.shutdown_signal_at.is_some_and(|t| now >= t) {
-            self.signal_shutdown();
-        }
-        if let Some(deadline) = self.shutdown_deadline
-            && now >= deadline
-        {
-            for w in &self.workers {
-                warn!(
-                    "worker {} (pid {}) did not exit within {:?}: SIGKILL",
-                    w.slot, w.pid, self.config.grace
-                );
-                let _ = sys::kill(w.pid, libc::SIGKILL);
-            }
-            // Keep waiting for the pidfds; push the deadline so this fires once.
-            self.shutdown_deadline = Some(now + Duration::from_secs(3600));
-        }
-        for w in &mut self.workers {
-            if let Some(t) = w.kill_at
-                && now >= t
-            {
-                warn!(
-                    "worker {} (pid {}) still running {:?} after the drain signal: SIGKILL",
-                    w.slot, w.pid, self.config.grace
-                );
-                let _ = sys::kill(w.pid, libc::SIGKILL);
-                w.kill_at = None;
-            }
-        }
-        let due: Vec<usize> = (0..self.slots.len())
-            .filter(|&s| self.slots[s].restart_at.is_some_and(|t| now >= t))
-            .collect();
-        for slot in due {
-            self.slots[slot].restart_at = None;
-            if let Err(e) = self.spawn_worker(slot) {
-                error!("cannot restart worker {slot}: {e:#}");
-                let s = &mut self.slots[slot];
-                s.crashes += 1;
-                if s.crashes >= CRASH_LOOP_LIMIT {
-                    s.given_up = true;
-                    error!("giving up on worker slot {slot}");
-                } else {
-                    s.restart_at = Some(
-                        now + RESTART_BACKOFF_MAX
-                            .min(RESTART_BACKOFF_INITIAL.saturating_mul(1 << s.crashes.min(16))),
-                    );
-                }
-            }
-        }
-        // Readiness by delay, or by timeout with a warning.
-        let starting: Vec<(WorkerId, Instant)> = self
-            .workers
-            .iter()
-            .filter(|w| w.state == Lifecycle::Starting)
-            .map(|w| (w.id, w.started))
-            .collect();
-        for (id, started) in starting {
-            if self.config.ready_delay.is_some_and(|d| now >= started + d) {
-                self.mark_ready(id, "--ready-delay elapsed");
-            } else if now >= started + self.config.ready_timeout
-                && !self.replacements.iter().any(|r| r.new == id)
-            {
-                warn!(
-                    "worker with id {id} signalled no readiness within {:?}; treating it as \
-                     ready (servers that signal nothing want --ready-delay)",
-                    self.config.ready_timeout
-                );
-                self.mark_ready(id, "--ready-timeout elapsed");
-            }
-        }
-        // Replacements not ready in time.
-        let late: Vec<(WorkerId, Reason)> = self
-            .replacements
-            .iter()
-            .filter(|r| now >= r.deadline)
-            .map(|r| (r.new, r.reason))
-            .collect();
-        for (new, reason) in late {
-            if reason == Reason::Reload {
-                self.abort_reload("a replacement was not ready within --ready-timeout");
-            } else {
-                self.replacements.retain(|r| r.new != new);
-                if let Some(i) = self.index_of(new) {
-                    error!("recycle replacement not ready in time; keeping the old worker");
-                    self.workers[i].state = Lifecycle::Draining;
-                    let _ = sys::kill(self.workers[i].pid, libc::SIGKILL);
-                }
-            }
-        }
-        if let Some(t) = self.next_rss_sample
-            && now >= t
-        {
-            self.sample_rss();
-            self.next_rss_sample = Some(now + self.config.rss_interval);
-        }
-        let (stalled, at_max) = match &mut self.steer {
-            Some(st) => {
-                let slots = &self.slots;
-                let stalled = st.tick(now, |s| &slots[s].reuseport);
-                (stalled, st.reached_max_conns())
-            }
-            None => (Vec::new(), Vec::new()),
+    fn read_notify(&mut self, id: WorkerId) {
+        let Some(p) = self.procs.iter_mut().find(|p| p.id == id) else {
+            return;
         };
-        for id in at_max {
-            self.replace(id, Reason::Recycle, "it reached --max-conns");
+        let (slot, pid) = (p.slot, p.pid);
+        let (notices, more) = match &mut p.notify {
+            Some(sock) => sock.read(pid, slot),
+            None => return,
+        };
+        if more && !self.notify_backlog.contains(&id) {
+            self.notify_backlog.push(id);
         }
-        for slot in stalled {
-            // Kernel steering found it: its slot is out of the table already.
-            let ids: Vec<WorkerId> = self
-                .workers
-                .iter()
-                .filter(|w| w.slot == slot && w.state == Lifecycle::Ready)
-                .map(|w| w.id)
-                .collect();
-            for id in ids {
-                self.replace(id, Reason::Recycle, "it stopped accepting");
+        for notice in notices {
+            match notice {
+                Notice::Ready => self.feed(Input::Ready { id, how: "READY=1" }),
+                Notice::Stopping => self.feed(Input::Stopping { id }),
             }
-        }
-    }
-
-    /// Kernel steering: a slot is eligible exactly while a ready worker serves it.
-    fn steer_sync(&mut self) {
-        if let Some(st) = &mut self.steer {
-            let (slots, workers) = (&self.slots, &self.workers);
-            st.sync(|slot| {
-                slots[slot].active
-                    && workers
-                        .iter()
-                        .any(|w| w.slot == slot && w.state == Lifecycle::Ready)
-            });
         }
     }
 
     fn sample_rss(&mut self) {
-        let mut samples = Vec::with_capacity(self.workers.len());
-        let mut over = Vec::new();
-        for w in &self.workers {
-            if let Ok(bytes) = sys::rss_bytes(w.pid) {
-                samples.push((w.id, (bytes / 1024).min(u64::from(u32::MAX)) as u32));
-                if self.config.max_rss.is_some_and(|max| bytes > max) && w.state == Lifecycle::Ready
-                {
-                    over.push(w.id);
-                }
+        let mut samples = Vec::with_capacity(self.procs.len());
+        for p in &self.procs {
+            if let Ok(bytes) = sys::rss_bytes(p.pid) {
+                samples.push((p.id, bytes));
             }
         }
-        self.send(Command::Rss(samples));
-        for id in over {
-            self.replace(id, Reason::Recycle, "its RSS exceeds --max-rss");
+        self.send(Command::Rss(
+            samples
+                .iter()
+                .map(|&(id, bytes)| (id, (bytes / 1024).min(u64::from(u32::MAX)) as u32))
+                .collect(),
+        ));
+        for (id, bytes) in samples {
+            self.feed(Input::Rss { id, bytes });
         }
     }
 }
@@ -1193,49 +874,14 @@ fn base_environment() -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// The preload shim next to the master's binary (also where cargo puts it). Warns clearly when
-/// it is missing.
-fn find_shim() -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    let dir = exe.parent()?;
-    // Next to the binary (an install; `cargo build` copies the library up to target/<profile>/),
-    // one level up, and in deps/: `cargo test` builds the library only there and never copies it
-    // up, so on a fresh checkout `cargo test --workspace` has no other copy.
-    let candidates = [
-        dir.join(SHIM_FILE),
-        dir.join("..").join(SHIM_FILE),
-        dir.join("deps").join(SHIM_FILE),
-    ];
-    if let Some(found) = newest_file(&candidates) {
-        return found.canonicalize().ok();
-    }
-    warn!(
-        "preload shim {SHIM_FILE} not found next to {} : unmodified servers will not see \
-         dispatched connections (build it with `cargo build --release -p rcluster-shim`, or \
-         pass --no-preload for workers that speak LISTEN_FDS or the channel protocol)",
-        exe.display()
-    );
-    None
-}
-
-/// The most recently modified of the existing regular files among `paths` (the first on a tie),
-/// so a copy an earlier `cargo build` left next to the binary does not shadow the library a later
-/// `cargo test` rebuilt in deps/.
-fn newest_file(paths: &[PathBuf]) -> Option<&PathBuf> {
-    let mut best: Option<(&PathBuf, std::time::SystemTime)> = None;
-    for p in paths {
-        let Ok(meta) = std::fs::metadata(p) else {
-            continue;
-        };
-        if !meta.is_file() {
-            continue;
-        }
-        let mtime = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
-        if best.is_none_or(|(_, t)| mtime > t) {
-            best = Some((p, mtime));
-        }
-    }
-    best.map(|(p, _)| p)
+/// The `execve` failure inside a spawn error, if that is what it is.
+fn exec_failure(e: &anyhow::Error) -> Option<crate::sys::spawn::SpawnError> {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<io::Error>())
+        .filter_map(|io| io.get_ref())
+        .filter_map(|inner| inner.downcast_ref::<crate::sys::spawn::SpawnError>())
+        .find(|s| s.is_exec())
+        .copied()
 }
 
 /// Deterministic per-worker jitter in 0..=max (no RNG dependency for one number).
@@ -1247,17 +893,21 @@ fn jitter(max: u64, id: WorkerId) -> u64 {
     x ^= x >> 33;
     x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
     x ^= x >> 33;
-    x % (max + 1)
+    match max.checked_add(1) {
+        Some(modulus) => x % modulus,
+        // 0..=u64::MAX: every value is in range.
+        None => x,
+    }
 }
 
 impl Drop for Supervisor {
     fn drop(&mut self) {
         // On an error return, leave no worker behind.
-        for w in &self.workers {
-            let _ = sys::kill(w.pid, libc::SIGKILL);
+        for p in &self.procs {
+            tree::signal(p.pid, libc::SIGKILL);
         }
-        for w in &self.workers {
-            let _ = sys::waitpid_blocking(w.pid);
+        for p in &self.procs {
+            let _ = sys::waitpid_blocking(p.pid);
         }
         if let Some(a) = self.acceptor.take() {
             a.shutdown();
@@ -1270,27 +920,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn newest_shim_copy_wins() {
-        let dir = std::env::temp_dir().join(format!("rcluster-find-shim-{}", std::process::id()));
-        std::fs::create_dir_all(dir.join("deps")).unwrap();
-        let (up, deps, missing) = (dir.join("a.so"), dir.join("deps/a.so"), dir.join("none.so"));
-        std::fs::write(&up, b"old").unwrap();
-        std::fs::write(&deps, b"new").unwrap();
-        let old = std::time::SystemTime::now() - Duration::from_secs(3600);
-        std::fs::File::options()
-            .write(true)
-            .open(&up)
-            .unwrap()
-            .set_modified(old)
-            .unwrap();
-        let all = [up.clone(), missing.clone(), deps.clone()];
-        assert_eq!(newest_file(&all), Some(&deps));
-        assert_eq!(newest_file(&[missing.clone(), up.clone()]), Some(&up));
-        assert_eq!(
-            newest_file(&[missing, dir.join("deps")]),
-            None,
-            "directories are not files"
-        );
-        std::fs::remove_dir_all(&dir).unwrap();
+    fn jitter_stays_in_range_up_to_u64_max() {
+        for id in 0..64 {
+            assert!(jitter(3, id) <= 3);
+            assert_eq!(jitter(0, id), 0);
+            let _ = jitter(u64::MAX, id);
+        }
     }
 }

@@ -499,9 +499,12 @@ impl Tally {
         let failure = match result {
             Ok(r) if r.status == 200 => {
                 self.ok += 1;
-                *self.by_generation.entry(r.generation()).or_default() += 1;
-                *self.by_worker.entry(r.worker()).or_default() += 1;
-                *self.by_pid.entry(r.pid()).or_default() += 1;
+                // The demo worker's headers; other servers' answers are only counted.
+                if r.headers.contains_key("x-worker-id") {
+                    *self.by_generation.entry(r.generation()).or_default() += 1;
+                    *self.by_worker.entry(r.worker()).or_default() += 1;
+                    *self.by_pid.entry(r.pid()).or_default() += 1;
+                }
                 return;
             }
             Ok(r) => {
@@ -635,6 +638,12 @@ impl Load {
             );
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    /// Starts no more requests, waits for those under way and returns the tally.
+    pub fn stop(self) -> Tally {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.join()
     }
 
     /// Waits for every request and returns the tally.

@@ -44,6 +44,38 @@ impl Stage {
     }
 }
 
+/// A step of the child's setup (or its `execve`) failed, with the child's errno. Carried inside
+/// the `io::Error` [`spawn`] returns, so a caller can tell "this program cannot be executed"
+/// (`execve` failing with `ENOEXEC`, `EACCES`, `ENOENT`) from a transient failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpawnError {
+    /// The step that failed (`"execve"`, `"setpgid"`, ...).
+    pub step: &'static str,
+    /// Its errno.
+    pub errno: i32,
+}
+
+impl SpawnError {
+    /// `execve` itself failed: the program is missing, not executable or not a format the
+    /// kernel runs, which no retry fixes.
+    pub fn is_exec(&self) -> bool {
+        self.step == Stage::from_u8(Stage::Exec as u8)
+    }
+}
+
+impl std::fmt::Display for SpawnError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} failed: {}",
+            self.step,
+            io::Error::from_raw_os_error(self.errno)
+        )
+    }
+}
+
+impl std::error::Error for SpawnError {}
+
 /// Everything needed to start one worker. Built (and allocated) in the parent before `fork`.
 pub struct SpawnSpec<'a> {
     /// Resolved path of the program to execute.
@@ -198,7 +230,10 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
         let e = io::Error::from_raw_os_error(errno);
         return Err(io::Error::new(
             e.kind(),
-            format!("{} failed: {e}", Stage::from_u8(report[0])),
+            SpawnError {
+                step: Stage::from_u8(report[0]),
+                errno,
+            },
         ));
     }
     match super::pidfd_open(pid) {
