@@ -32,6 +32,16 @@ fn steering_status(cluster: &TestCluster, slots: usize) -> Vec<(usize, i64, i64)
         .collect()
 }
 
+/// Starts a kernel-steered cluster and waits until its first `slots` slots are eligible (the
+/// master logs each change of the table).
+fn start_steered(args: &[&str], slots: usize) -> TestCluster {
+    let cluster = TestCluster::start(args);
+    for slot in 0..slots {
+        cluster.wait_for_log(&format!("steering: slot {slot} eligible"), DEADLINE);
+    }
+    cluster
+}
+
 #[test]
 fn kernel_steering_is_announced_and_serves() {
     if !steering_available() {
@@ -49,7 +59,7 @@ fn held_connections_split_exactly() {
     if !steering_available() {
         return;
     }
-    let cluster = TestCluster::start(&["--steer", "kernel", "-w", "4"]);
+    let cluster = start_steered(&["--steer", "kernel", "-w", "4"], 4);
     // 40 connections held open, one at a time: each goes to the least loaded of four, so
     // 10 each, whatever the hash.
     let held: Vec<TcpStream> = (0..40)
@@ -75,7 +85,7 @@ fn an_added_worker_is_steered_to_once_ready() {
     }
     let cluster = TestCluster::start(&["--steer", "kernel", "-w", "1"]);
     cluster.signal(libc::SIGTTIN);
-    cluster.wait_for_log("worker 1 ready", DEADLINE);
+    cluster.wait_for_log("steering: slot 1 eligible", DEADLINE);
     let held: Vec<TcpStream> = (0..10)
         .map(|_| TcpStream::connect(cluster.addr()).unwrap())
         .collect();
@@ -137,7 +147,7 @@ fn busy_worker_gets_none_of_the_next_20() {
     if !steering_available() {
         return;
     }
-    let cluster = TestCluster::start(&["--steer", "kernel", "-w", "2"]);
+    let cluster = start_steered(&["--steer", "kernel", "-w", "2"], 2);
     // One long request: the connection is placed (and counted) before connect returns.
     let busy = send_request(cluster.addr(), "/?us=2000000").unwrap();
     let results: Vec<_> = (0..20).map(|_| get(cluster.addr(), "/")).collect();
@@ -207,16 +217,19 @@ fn a_stalled_worker_is_passed_over_and_replaced() {
     if !steering_available() {
         return;
     }
-    let cluster = TestCluster::start(&[
-        "--steer",
-        "kernel",
-        "-w",
-        "2",
-        "--stall-timeout",
-        "500ms",
-        "--grace",
-        "1s",
-    ]);
+    let cluster = start_steered(
+        &[
+            "--steer",
+            "kernel",
+            "-w",
+            "2",
+            "--stall-timeout",
+            "500ms",
+            "--grace",
+            "1s",
+        ],
+        2,
+    );
     let stopped = (0..40)
         .map(|_| get(cluster.addr(), "/").unwrap())
         .find(|r| r.worker() == 1)
@@ -227,8 +240,10 @@ fn a_stalled_worker_is_passed_over_and_replaced() {
     let pending: Vec<TcpStream> = (0..20)
         .map(|_| send_request(cluster.addr(), "/").unwrap())
         .collect();
-    cluster.wait_for_log("accepted nothing for", DEADLINE);
+    // Found stalled (by the table's counts or by the accept-queue watch), its slot leaves the
+    // table and the worker is replaced.
     cluster.wait_for_log(&format!("replacing worker 1 (pid {stopped})"), DEADLINE);
+    cluster.wait_for_log("steering: slot 1 ineligible", DEADLINE);
     // Every request is answered: the replacement takes the queue the master kept.
     let results: Vec<_> = pending.into_iter().map(read_response).collect();
     assert_eq!(per_worker(&results).values().sum::<usize>(), 20);

@@ -183,11 +183,21 @@ impl SteerControl {
             if self.eligible[slot] != want {
                 self.eligible[slot] = want;
                 self.steering.set_eligible(slot, want);
-                log::debug!(
+                info!(
                     "steering: slot {slot} {}",
                     if want { "eligible" } else { "ineligible" }
                 );
             }
+        }
+    }
+
+    /// The supervisor's own stall detection found `slot`'s worker stalled: out of the table
+    /// until the slot accepts again (its replacement takes the queue over).
+    pub fn mark_stalled(&mut self, slot: usize) {
+        if slot < self.slots {
+            self.stalled[slot] = true;
+            let accepted = self.steering.counts(slot).accepted;
+            self.stall[slot].get_or_insert((Instant::now(), accepted));
         }
     }
 

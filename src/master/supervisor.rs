@@ -674,6 +674,11 @@ impl Supervisor {
             }
         }
         for id in stalled {
+            if let Some(st) = &mut self.steer
+                && let Some(w) = self.lifecycle.worker(id)
+            {
+                st.mark_stalled(w.slot);
+            }
             self.feed(Input::Stalled { id });
         }
     }
