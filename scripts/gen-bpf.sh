@@ -6,7 +6,7 @@
 # from the committed one (skipped, with a note, when this clang is not the one that generated
 # it: another clang version emits other, equally valid, bytes).
 #
-# Needs: clang (with the BPF target), python3, linux-libc-dev and libbpf-dev headers
+# Needs: clang (with the BPF target), python3, rustfmt, linux-libc-dev and libbpf-dev headers
 # (apt-get install clang libbpf-dev).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -124,6 +124,9 @@ print("];")
 print()
 print(f'/// The program\'s license string.\npub const LICENSE: &str = "{license}";')
 PY
+
+# The committed file is what `cargo fmt` keeps: format it the same way.
+rustfmt --edition 2024 "$tmp/prog.rs"
 
 if ((check)); then
     if ! diff -u "$out" "$tmp/prog.rs"; then
