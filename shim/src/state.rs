@@ -589,6 +589,14 @@ impl Shim {
                 let rc = close_fd();
                 let e = errno();
                 l.stopping();
+                if !l.dispatch
+                    && let Some(target) = &self.notify
+                {
+                    // Reuseport/shared (kernel steering too): no channel to say STOPPING on,
+                    // so NOTIFY_SOCKET carries it, and the next listen sends READY=1 again.
+                    target.send_stopping();
+                    self.notified.store(false, Ordering::Release);
+                }
                 set_errno(e);
                 return rc;
             }
