@@ -10,9 +10,11 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use thiserror::Error;
 
+use crate::master::probe::ProbeSpec;
 use crate::policy::PolicyKind;
 use crate::sys;
 use crate::topology;
+use rcluster_proto::Mode;
 
 pub use crate::policy::MAX_WORKERS;
 /// At most this many `--listen` addresses (one bit each in the load table, one fd each).
@@ -39,12 +41,14 @@ pub struct Args {
     #[command(subcommand)]
     pub subcommand: Option<Sub>,
 
-    /// Address to listen on (repeatable); fd 3+i in a worker belongs to the i-th. Port 0 picks
-    /// a free port, logged at startup.
-    #[arg(long = "listen", short = 'l', value_name = "ADDR", default_values_t = ["127.0.0.1:8080".to_string()])]
+    /// Address to listen on (repeatable; default 127.0.0.1:8080, or the sockets passed by
+    /// socket activation); fd 3+i in a worker belongs to the i-th. `:PORT` = every address,
+    /// `[::]:PORT` is dual-stack. Port 0 picks a free port, logged at startup.
+    #[arg(long = "listen", short = 'l', value_name = "ADDR")]
     pub listen: Vec<String>,
 
-    /// Number of workers; 0 = one per CPU this process may run on.
+    /// Number of workers; 0 = one per CPU this process may run on, or fewer under a cgroup CPU
+    /// quota (cpu.max, cpu.cfs_quota_us).
     #[arg(long, short = 'w', value_name = "N", default_value_t = 0)]
     pub workers: usize,
 
@@ -93,9 +97,32 @@ pub struct Args {
     #[arg(long)]
     pub no_preload: bool,
 
+    /// Preload this shim instead of the one built into rcluster-lb (for packagers; also
+    /// RCLUSTER_SHIM). It must belong to this user or root and be writable by no one else.
+    #[arg(long, value_name = "PATH", conflicts_with = "no_preload")]
+    pub shim: Option<PathBuf>,
+
     /// Signal sent to a worker being drained (reload, recycle, scale-down).
     #[arg(long, value_name = "SIGNAL", default_value = "TERM")]
     pub drain_signal: String,
+
+    /// Signal sent to the workers when the master stops (TERM, INT or QUIT to the master).
+    #[arg(long, value_name = "SIGNAL", default_value = "TERM")]
+    pub stop_signal: String,
+
+    /// After TERM/INT/QUIT, keep accepting and dispatching this long before stopping (time for
+    /// a load balancer or Kubernetes to take this instance out of its endpoints).
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub shutdown_delay: Duration,
+
+    /// Run the workers as this user (name or uid; its groups unless --group). The master
+    /// keeps its own privileges.
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+
+    /// Run the workers with this group (name or gid).
+    #[arg(long, value_name = "GROUP")]
+    pub group: Option<String>,
 
     /// Workers replaced at a time during a rolling reload (SIGHUP).
     #[arg(long, value_name = "N", default_value_t = 1)]
@@ -120,6 +147,35 @@ pub struct Args {
     /// is served by the others.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
     pub stall_timeout: Duration,
+
+    /// Run CMD (one command line, split into words like a shell does, without a shell) as the
+    /// agent: one process beside the workers that serves no connections. It starts first; the
+    /// workers start once it is ready.
+    #[arg(long, value_name = "CMD")]
+    pub agent: Option<String>,
+
+    /// Replace a worker that sent a heartbeat on the message bus and then sent none for this
+    /// long (workers that never send one are not checked).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub heartbeat_timeout: Option<Duration>,
+
+    /// Active health checks (dispatch mode): every --health-interval send each ready worker a
+    /// probe connection with this request ('METHOD /path'); a worker that fails --health-fails
+    /// in a row (no 2xx within --health-timeout) is replaced.
+    #[arg(long, value_name = "'METHOD /PATH'")]
+    pub health_check: Option<String>,
+
+    /// Period of the active health checks.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub health_interval: Duration,
+
+    /// How long a worker has to answer a health check.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub health_timeout: Duration,
+
+    /// Failed health checks in a row that replace a worker.
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    pub health_fails: u32,
 
     /// The server to run as each worker, and its arguments.
     #[arg(last = true, value_name = "COMMAND")]
@@ -241,6 +297,8 @@ pub enum Pin {
 pub struct Config {
     /// Listen addresses, in fd order.
     pub listen: Vec<SocketAddr>,
+    /// Whether `--listen` was given (otherwise socket-activated sockets replace the default).
+    pub listen_explicit: bool,
     /// Number of workers (resolved from 0).
     pub workers: usize,
     /// The policy.
@@ -262,10 +320,17 @@ pub struct Config {
     pub ready_delay: Option<Duration>,
     /// Limit for becoming ready.
     pub ready_timeout: Duration,
-    /// Inject the preload shim.
-    pub preload: bool,
+    /// The preload shim to inject (`LD_PRELOAD`), checked; `None` with `--no-preload` or for
+    /// the built-in demo worker.
+    pub preload: Option<PathBuf>,
     /// Signal for draining.
     pub drain_signal: libc::c_int,
+    /// Signal sent to the workers on stop.
+    pub stop_signal: libc::c_int,
+    /// How long to keep serving after a stop signal before stopping.
+    pub shutdown_delay: Duration,
+    /// Who the workers run as (`--user`/`--group`), resolved before any fork.
+    pub credentials: Option<sys::Credentials>,
     /// Rolling reload batch size.
     pub reload_batch: usize,
     /// Recycle after this many connections (plus jitter).
@@ -276,31 +341,64 @@ pub struct Config {
     pub max_rss: Option<u64>,
     /// Replace a worker that takes nothing from a non-empty queue this long.
     pub stall_timeout: Duration,
+    /// The agent's command line, split into words.
+    pub agent: Option<WorkerCommand>,
+    /// Replace a worker whose bus heartbeats stop for this long.
+    pub heartbeat_timeout: Option<Duration>,
+    /// `--health-check` and its settings.
+    pub health_check: Option<HealthCheck>,
+}
+
+/// Active health checks, validated.
+#[derive(Debug, Clone)]
+pub struct HealthCheck {
+    /// The request and the timeout.
+    pub spec: ProbeSpec,
+    /// Probe period.
+    pub interval: Duration,
+    /// Failures in a row that replace a worker.
+    pub fails: u32,
 }
 
 impl Args {
     /// Validates the arguments against this host. `self_exe` is the master's binary (the
     /// demo worker's program).
     pub fn into_config(self, self_exe: &Path) -> Result<Config, UsageError> {
-        if self.listen.len() > MAX_LISTENERS {
+        let listen_explicit = !self.listen.is_empty();
+        let listen_text = if listen_explicit {
+            self.listen.clone()
+        } else {
+            vec!["127.0.0.1:8080".to_string()]
+        };
+        if listen_text.len() > MAX_LISTENERS {
             return Err(usage(format!(
                 "too many --listen addresses ({}, at most {MAX_LISTENERS})",
                 self.listen.len()
             )));
         }
-        let mut listen = Vec::with_capacity(self.listen.len());
-        for text in &self.listen {
+        let mut listen: Vec<SocketAddr> = Vec::with_capacity(listen_text.len());
+        for text in &listen_text {
             let addr = crate::master::listener::parse_listen_addr(text).map_err(usage)?;
             if listen.contains(&addr) && addr.port() != 0 {
                 return Err(usage(format!("--listen {addr} given twice")));
             }
             listen.push(addr);
         }
+        for &a in &listen {
+            if crate::master::listener::is_dual_stack(a) && a.port() != 0 {
+                let v4 = SocketAddr::from(([0, 0, 0, 0], a.port()));
+                if listen.contains(&v4) {
+                    return Err(usage(format!(
+                        "--listen {a} is dual-stack and already takes IPv4: drop {v4}"
+                    )));
+                }
+            }
+        }
         let allowed = sys::sched_getaffinity()
             .map_err(|e| usage(format!("cannot read the allowed CPU set: {e}")))?
             .cpus();
         let workers = match self.workers {
-            0 => allowed.len().max(1),
+            0 => workers_for_cpus(allowed.len(), crate::cgroup::cpu_quota()),
             n if n > MAX_WORKERS => {
                 return Err(usage(format!(
                     "--workers {n} is too many (at most {MAX_WORKERS})"
@@ -351,6 +449,24 @@ impl Args {
                 self.drain_signal
             ))
         })?;
+        let stop_signal = sys::parse_signal(&self.stop_signal).ok_or_else(|| {
+            usage(format!(
+                "--stop-signal: unknown signal '{}'",
+                self.stop_signal
+            ))
+        })?;
+        let credentials = match (&self.user, &self.group) {
+            (None, None) => None,
+            (user, group) => {
+                if sys::geteuid() != 0 {
+                    return Err(usage(
+                        "--user/--group need the master to run as root (with socket activation, \
+                         run the whole service as the user instead)",
+                    ));
+                }
+                Some(sys::Credentials::resolve(user.as_deref(), group.as_deref()).map_err(usage)?)
+            }
+        };
         if self.reload_batch == 0 {
             return Err(usage("--reload-batch must be at least 1"));
         }
@@ -418,8 +534,75 @@ impl Args {
             (Steer::Auto, None) => Steer::Dispatch,
             (steer, _) => steer,
         };
+        // An active health check decides which workers get connections: only the master's
+        // dispatch can act on it.
+        let steer = match (steer, self.health_check.is_some()) {
+            (Steer::Kernel, true) => {
+                return Err(usage(
+                    "--steer kernel cannot be combined with --health-check (which needs the \
+                     master's dispatch to act on); use --heartbeat-timeout there",
+                ));
+            }
+            (Steer::Auto, true) => Steer::Dispatch,
+            (steer, _) => steer,
+        };
+        let agent = match &self.agent {
+            None => None,
+            Some(line) => {
+                let words = shell_words::split(line)
+                    .map_err(|e| usage(format!("--agent {line:?}: {e}")))?;
+                let Some((program, args)) = words.split_first() else {
+                    return Err(usage("--agent: empty command"));
+                };
+                let agent = WorkerCommand {
+                    program: program.into(),
+                    args: args.iter().map(OsString::from).collect(),
+                    builtin: false,
+                };
+                agent
+                    .resolve()
+                    .map_err(|e| usage(format!("--agent: {e}")))?;
+                Some(agent)
+            }
+        };
+        let health_check = match &self.health_check {
+            None => None,
+            Some(check) => {
+                if self.policy.mode() != Mode::Dispatch {
+                    return Err(usage(format!(
+                        "--health-check needs a dispatch policy (the master cannot choose which \
+                         worker a connection reaches in {} mode); use --heartbeat-timeout there",
+                        self.policy.mode()
+                    )));
+                }
+                if self.health_interval.is_zero() || self.health_timeout.is_zero() {
+                    return Err(usage(
+                        "--health-interval and --health-timeout must be greater than 0",
+                    ));
+                }
+                if self.health_fails == 0 {
+                    return Err(usage("--health-fails must be at least 1"));
+                }
+                let spec = ProbeSpec::parse(check, self.health_timeout)
+                    .map_err(|e| usage(format!("--health-check: {e}")))?;
+                Some(HealthCheck {
+                    spec,
+                    interval: self.health_interval,
+                    fails: self.health_fails,
+                })
+            }
+        };
+        if self.heartbeat_timeout.is_some_and(|d| d.is_zero()) {
+            return Err(usage("--heartbeat-timeout must be greater than 0"));
+        }
+        let preload = if self.no_preload || command.builtin {
+            None
+        } else {
+            Some(crate::master::shim::locate(self.shim.as_deref()).map_err(usage)?)
+        };
         Ok(Config {
             listen,
+            listen_explicit,
             workers,
             policy: self.policy,
             steer,
@@ -430,14 +613,40 @@ impl Args {
             rss_interval: self.rss_interval,
             ready_delay: self.ready_delay,
             ready_timeout: self.ready_timeout,
-            preload: !self.no_preload,
+            preload,
             drain_signal,
+            stop_signal,
+            shutdown_delay: self.shutdown_delay,
+            credentials,
             reload_batch: self.reload_batch,
             max_conns: self.max_conns,
             max_conns_jitter: self.max_conns_jitter,
             max_rss: self.max_rss.map(|s| s.as_u64()),
             stall_timeout: self.stall_timeout,
+            agent,
+            heartbeat_timeout: self.heartbeat_timeout,
+            health_check,
         })
+    }
+}
+
+/// `--workers 0`: one per allowed CPU, or fewer when the cgroup's CPU quota allows fewer;
+/// logs which limit applied.
+fn workers_for_cpus(allowed: usize, quota: Option<crate::cgroup::CpuQuota>) -> usize {
+    let allowed = allowed.max(1);
+    match quota {
+        Some(q) if q.cpus < allowed => {
+            log::info!(
+                "--workers 0: {} workers, the CPU quota ({}) of {allowed} allowed CPUs",
+                q.cpus,
+                q.source
+            );
+            q.cpus
+        }
+        _ => {
+            log::info!("--workers 0: {allowed} workers, one per allowed CPU (sched_getaffinity)");
+            allowed
+        }
     }
 }
 
@@ -473,9 +682,28 @@ mod tests {
     fn defaults_run_the_demo_worker_on_8080() {
         let c = config(&[]).unwrap();
         assert_eq!(c.listen, vec!["127.0.0.1:8080".parse().unwrap()]);
+        assert!(!c.listen_explicit);
+        assert_eq!(c.stop_signal, libc::SIGTERM);
+        assert!(c.credentials.is_none());
         assert!(c.command.builtin);
-        assert_eq!(c.workers, sys::sched_getaffinity().unwrap().cpus().len());
+        let allowed = sys::sched_getaffinity().unwrap().cpus().len();
+        let quota = crate::cgroup::cpu_quota().map_or(allowed, |q| q.cpus);
+        assert_eq!(c.workers, allowed.min(quota));
         assert_eq!(c.policy, PolicyKind::LeastConn);
+    }
+
+    #[test]
+    fn workers_0_takes_the_quota_when_it_is_tighter() {
+        let quota = |cpus| {
+            Some(crate::cgroup::CpuQuota {
+                cpus,
+                source: "fixture".into(),
+            })
+        };
+        assert_eq!(workers_for_cpus(8, quota(2)), 2);
+        assert_eq!(workers_for_cpus(2, quota(4)), 2);
+        assert_eq!(workers_for_cpus(4, None), 4);
+        assert_eq!(workers_for_cpus(0, None), 1);
     }
 
     #[test]
@@ -505,6 +733,28 @@ mod tests {
         assert!(msg(&["--drain-signal", "BOGUS"]).contains("BOGUS"));
         assert!(msg(&["--steer", "kernel", "-p", "p2c"]).contains("not p2c"));
         assert!(msg(&["--steer", "kernel", "-p", "shared"]).contains("not shared"));
+        assert!(msg(&["--steer", "kernel", "--health-check", "/h"]).contains("--health-check"));
+        assert!(msg(&["--agent", "sh -c 'unterminated"]).contains("--agent"));
+        assert!(msg(&["--agent", ""]).contains("empty command"));
+        assert!(msg(&["--agent", "/no/such/agent x"]).contains("command not found"));
+        assert!(msg(&["--heartbeat-timeout", "0s"]).contains("greater than 0"));
+        assert!(msg(&["--health-check", "GET /h", "-p", "shared"]).contains("dispatch policy"));
+        assert!(msg(&["--health-check", "nope nope nope"]).contains("--health-check"));
+        assert!(msg(&["--health-check", "/h", "--health-fails", "0"]).contains("at least 1"));
+        assert!(
+            config(&["--health-check", "/healthz"])
+                .unwrap()
+                .health_check
+                .is_some()
+        );
+        assert!(msg(&["--stop-signal", "NOPE"]).contains("NOPE"));
+        if sys::geteuid() == 0 {
+            assert!(msg(&["--user", "no-such-user-here"]).contains("no-such-user-here"));
+            assert!(msg(&["--group", "no-such-group-here"]).contains("no-such-group-here"));
+        } else {
+            assert!(msg(&["--user", "nobody"]).contains("run as root"));
+        }
+        assert!(msg(&["-l", "[::]:7001", "-l", "0.0.0.0:7001"]).contains("dual-stack"));
     }
 
     #[test]
@@ -517,6 +767,25 @@ mod tests {
             Steer::Dispatch
         );
         assert_eq!(config(&["--steer", "kernel"]).unwrap().steer, Steer::Kernel);
+        assert_eq!(
+            config(&["--health-check", "/h"]).unwrap().steer,
+            Steer::Dispatch
+        );
+    }
+
+    #[test]
+    fn agent_is_split_like_a_shell_without_one() {
+        let c = config(&["--agent", "sh -c 'echo \"a b\"; exit 0' $HOME"]).unwrap();
+        let agent = c.agent.unwrap();
+        assert_eq!(agent.program, "sh");
+        assert_eq!(
+            agent.args,
+            vec![
+                OsString::from("-c"),
+                "echo \"a b\"; exit 0".into(),
+                "$HOME".into()
+            ]
+        );
     }
 
     /// Arbitrary command lines built from every option name and values that stress parsing

@@ -14,6 +14,10 @@
 //! [`MAX_BODY_BYTES`] are read and discarded, larger ones get 413; a malformed request gets 400
 //! and the connection is closed.
 //!
+//! Heartbeats: when started with a message bus (`RCLUSTER_IPC`), the worker connects to it
+//! through the Rust worker API and sends a heartbeat every [`HEARTBEAT_EVERY`] from its event
+//! loop, so a loop blocked in a long `?us=` spin stops them (`--heartbeat-timeout`).
+//!
 //! Draining: on SIGTERM/SIGINT (or [`StopHandle::stop`], or the master closing a dispatch
 //! channel) the worker sends STOPPING, stops accepting (connections still queued in a dispatch
 //! channel are left for the master to take back), answers requests in flight with
@@ -54,6 +58,8 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// Retry period for close reports the master's full channel did not take.
 const CLOSE_REPORT_RETRY: Duration = Duration::from_millis(10);
 const MIB: usize = 1024 * 1024;
+/// Heartbeat period on the message bus.
+pub const HEARTBEAT_EVERY: Duration = Duration::from_millis(250);
 
 const WAKER: Token = Token(usize::MAX);
 const SIGNALS: Token = Token(usize::MAX - 1);
@@ -66,6 +72,12 @@ pub fn run() -> anyhow::Result<()> {
     let worker = Worker::from_env().context("failed to adopt the worker contract")?;
     init_logging(&worker);
     let mut server = Server::new(worker).context("failed to set up the event loop")?;
+    if std::env::var_os(rcluster_proto::env::RCLUSTER_IPC).is_some() {
+        match rcluster_worker::bus::Bus::connect() {
+            Ok(bus) => server.heartbeat = Some((bus, Instant::now())),
+            Err(e) => log::warn!("no heartbeats: cannot connect to the message bus: {e}"),
+        }
+    }
     server
         .watch_signals()
         .context("failed to install the SIGTERM/SIGINT handlers")?;
@@ -121,6 +133,9 @@ pub struct Server {
     /// A channel was full: flush close reports again soon even if nothing happens.
     close_report_retry: bool,
     close_report_error_logged: bool,
+    /// The message bus and when the next heartbeat is due (the bus's messages are not read:
+    /// the master drops what does not fit, and nothing here needs them).
+    heartbeat: Option<(rcluster_worker::bus::Bus, Instant)>,
 }
 
 impl Server {
@@ -143,6 +158,7 @@ impl Server {
             accept_paused: false,
             close_report_retry: false,
             close_report_error_logged: false,
+            heartbeat: None,
         })
     }
 
@@ -234,6 +250,15 @@ impl Server {
                 }
             }
             self.report_closes();
+            if let Some((bus, due)) = &mut self.heartbeat
+                && Instant::now() >= *due
+            {
+                *due = Instant::now() + HEARTBEAT_EVERY;
+                if let Err(e) = bus.heartbeat() {
+                    log::warn!("heartbeat failed: {e}; no more heartbeats");
+                    self.heartbeat = None;
+                }
+            }
             if let Some(deadline) = self.draining {
                 if self.clients.len() == 0 {
                     log::info!("drained, exiting");
@@ -260,6 +285,9 @@ impl Server {
         }
         if self.close_report_retry {
             at_most(CLOSE_REPORT_RETRY);
+        }
+        if let Some((_, due)) = &self.heartbeat {
+            at_most(due.saturating_duration_since(Instant::now()));
         }
         timeout
     }

@@ -39,12 +39,14 @@
 //! - [`policy`]: the dispatch policies.
 //! - [`steer`]: the kernel-steering program (instructions generated from `bpf/steer.bpf.c`), its
 //!   maps and loading; [`master::steer`] runs it for the supervisor.
-//! - [`topology`]: the host's CPUs and the `--pin auto` plan.
+//! - [`topology`]: the host's CPUs and the `--pin auto` plan; [`cgroup`]: the CPU quota
+//!   `--workers 0` honours.
 //!
 //! Its public surface is what the binary, the benchmarks and the tests drive: [`cli::Args`] →
 //! [`cli::Config`] → [`master::supervisor::run`]; the acceptor and the policies for the
 //! criterion benchmarks.
 
+pub mod cgroup;
 pub mod cli;
 pub mod master;
 pub mod policy;

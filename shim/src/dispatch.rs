@@ -142,6 +142,12 @@ pub unsafe fn accept(
         if l.is_orphaned() {
             return orphaned(fd);
         }
+        if !l.has_room() {
+            // As accept(2) at the fd limit; the master was told (FULL) and dispatches
+            // elsewhere until this process has room again.
+            set_errno(libc::EMFILE);
+            return -1;
+        }
         let conn = match receive(l, fd) {
             Received::Conn(conn) => conn,
             Received::Skip => continue,
@@ -164,6 +170,7 @@ pub unsafe fn accept(
                 return orphaned(fd);
             }
         };
+        l.received(conn);
         // Track it before anyone can learn the number (conns.rs).
         match shim.conns.mark(conn, l.index, shim.pid()) {
             Marked::Fresh => shim.opened(l),

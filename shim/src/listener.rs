@@ -42,6 +42,11 @@ pub struct Listener {
     closed_pending: AtomicU64,
     /// The master closed its end: no connection will ever arrive again.
     orphaned: AtomicBool,
+    /// FULL was sent (out of fds) and no READY since.
+    full: AtomicBool,
+    /// Number of the last connection fd received: fds are allocated lowest-first, so it says
+    /// how close to `RLIMIT_NOFILE` the process is.
+    last_fd: AtomicI32,
     /// Dispatch: the TCP options the server set on its listener (sockopts.rs).
     pub opts: SockOpts,
 }
@@ -77,6 +82,8 @@ impl Listener {
             ready_sent: AtomicBool::new(false),
             closed_pending: AtomicU64::new(0),
             orphaned: AtomicBool::new(false),
+            full: AtomicBool::new(false),
+            last_fd: AtomicI32::new(0),
             opts: SockOpts::default(),
         })
     }
@@ -180,12 +187,61 @@ impl Listener {
         }
     }
 
-    /// `n` connections handed out from this listener are closed: tell the master.
+    /// `n` connections handed out from this listener are closed: tell the master (and, if it
+    /// was told FULL, READY again once there is room).
     pub fn conn_closed(&self, n: u64) {
         if self.dispatch {
             self.closed_pending.fetch_add(n, Ordering::AcqRel);
             self.flush();
+            if self.full.load(Ordering::Acquire) {
+                self.has_room();
+            }
         }
+    }
+
+    /// Records the number of a connection fd just received.
+    pub fn received(&self, fd: c_int) {
+        self.last_fd.store(fd, Ordering::Relaxed);
+    }
+
+    /// Before reading a CONN: whether its fd fits. A fd that does not fit is closed by the
+    /// kernel on receipt (`MSG_CTRUNC`) and its client is lost, so near `RLIMIT_NOFILE` (the
+    /// last fd received within 32 of it) this probes with one `F_DUPFD_CLOEXEC`; out of room it
+    /// tells the master FULL once (it stops dispatching here and takes back what is queued) and
+    /// returns false; with room again, READY resumes. Far from the limit: one `getrlimit`.
+    pub fn has_room(&self) -> bool {
+        // SAFETY: rlimit is plain data; getrlimit fills it or fails.
+        let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
+        // SAFETY: lim is valid storage.
+        let limit = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+            lim.rlim_cur
+        } else {
+            u64::MAX
+        };
+        let last = u64::try_from(self.last_fd.load(Ordering::Relaxed)).unwrap_or(0);
+        let room = if last.saturating_add(32) < limit {
+            true
+        } else {
+            // SAFETY: fcntl on our own channel fd returns a new fd we close at once, or -1.
+            let probe = unsafe { libc::fcntl(self.chan.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+            if probe >= 0 {
+                // SAFETY: probe was just created and is ours.
+                unsafe { crate::real::close(probe) };
+            }
+            probe >= 0
+        };
+        if room {
+            if self.full.load(Ordering::Acquire)
+                && self.send(ToMaster::Ready { max_fds: 0 }).is_ok()
+            {
+                self.full.store(false, Ordering::Release);
+            }
+        } else if !self.full.load(Ordering::Acquire)
+            && self.send(ToMaster::Full { lost: 0 }).is_ok()
+        {
+            self.full.store(true, Ordering::Release);
+        }
+        room
     }
 
     /// The server closed its listener: it takes no more connections (it is draining or

@@ -90,6 +90,15 @@ pub enum Command {
     Rss(Vec<(WorkerId, u32)>),
     /// Log one status line per worker.
     Status,
+    /// A health probe's server end (`--health-check`): send it to this worker, on its first
+    /// listener's channel, at once, outside the policy and the user traffic counts. Dropped
+    /// (the prober then sees end of file) if the worker is not open or its channel is full.
+    Probe {
+        /// The worker.
+        id: WorkerId,
+        /// The probe connection's server end.
+        fd: OwnedFd,
+    },
     /// Stop accepting (the listeners are closed, so new connections are refused), wait up to
     /// `drain_for` until the workers have taken every connection already dispatched, report
     /// [`Event::Drained`], and end the thread.
@@ -137,6 +146,11 @@ impl AcceptorHandle {
         if self.commands.send(cmd).is_ok() {
             let _ = self.waker.wake();
         }
+    }
+
+    /// A sender for other threads (the health prober): commands and the waker to go with them.
+    pub fn commander(&self) -> (Sender<Command>, Arc<Waker>) {
+        (self.commands.clone(), Arc::clone(&self.waker))
     }
 
     /// Tells the thread to stop (at once, if it is not stopping already) and waits for it.
@@ -220,6 +234,9 @@ struct Entry {
     stall_reported: bool,
     /// Connection fds per CONN message this worker takes (its READY's value, at least 1).
     max_fds: usize,
+    /// Health probes sent whose close the worker has not reported yet: its CLOSED counts pay
+    /// these first, so probes never show in `dispatched`/`closed`.
+    probes_open: u64,
     /// Its protocol violations.
     conduct: Conduct,
     /// Ready by other means than its channels (NOTIFY_SOCKET, delay, timeout): every channel
@@ -485,6 +502,7 @@ impl Acceptor {
                     }
                 }
                 Command::Status => self.log_status(),
+                Command::Probe { id, fd } => self.probe(id, fd),
                 Command::Shutdown { drain_for } => {
                     let until = Instant::now() + drain_for;
                     self.shutting_down = Some(self.shutting_down.map_or(until, |t| t.min(until)));
@@ -553,6 +571,7 @@ impl Acceptor {
             max_conns,
             stall_reported: false,
             max_fds: 1,
+            probes_open: 0,
             conduct: Conduct::default(),
             ready_all: false,
             full: false,
@@ -560,6 +579,23 @@ impl Acceptor {
         });
         self.stats.push(WorkerStat::default());
         self.refresh_open();
+    }
+
+    /// Sends a probe connection straight to the worker (never through the policy or the
+    /// pending queue, so it cannot go to another worker).
+    fn probe(&mut self, id: WorkerId, fd: OwnedFd) {
+        let Some(i) = self.index_of(id) else {
+            return;
+        };
+        let entry = &mut self.entries[i];
+        if entry.state != State::Ready || entry.channels.is_empty() {
+            return;
+        }
+        let payload = ToWorker::Conn { seq: u64::MAX }.encode();
+        match scm::sendmsg_fd(entry.channels[0].ends.master.as_fd(), &payload, fd.as_fd()) {
+            Ok(()) => entry.probes_open += 1,
+            Err(e) => debug!("worker {}: probe not sent: {e}", entry.slot),
+        }
     }
 
     fn remove(&mut self, id: WorkerId) {
@@ -639,6 +675,10 @@ impl Acceptor {
                     };
                     let violation = violation.or(match ToMaster::decode(&buf[..got.len]) {
                         Ok(ToMaster::Closed { count }) => {
+                            // Closes of health probes are paid first: probes are not traffic.
+                            let probes = count.min(entry.probes_open);
+                            entry.probes_open -= probes;
+                            let count = count - probes;
                             match accounting::add_closed(entry.dispatched, entry.closed, count) {
                                 Ok(closed) => {
                                     entry.closed = closed;
@@ -1291,6 +1331,37 @@ mod tests {
         // Worker 0 finishes its connection; worker 1 keeps its own.
         rig.received[0].clear();
         rig.say(0, ToMaster::Closed { count: 1 });
+        assert_eq!(rig.connect(1), [1, 0]);
+    }
+
+    #[test]
+    fn a_probe_goes_to_its_worker_and_never_counts_as_traffic() {
+        let mut rig = Rig::new(2, PolicyKind::LeastConn);
+        rig.command(Command::Ready(0));
+        rig.command(Command::Ready(1));
+        // Probe worker 0 twice: it gets both, whatever the policy would say.
+        for _ in 0..2 {
+            let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+            rig.command(Command::Probe {
+                id: 0,
+                fd: OwnedFd::from(a),
+            });
+        }
+        assert_eq!(rig.take(), [2, 0]);
+        assert_eq!(rig.acceptor.entries[0].dispatched, 0, "not user traffic");
+        // Its CLOSED for the probes pays the probes, not the user counts.
+        rig.say(0, ToMaster::Closed { count: 2 });
+        assert_eq!(rig.acceptor.entries[0].closed, 0);
+        assert_eq!(rig.acceptor.entries[0].probes_open, 0);
+        // A worker that is not open gets no probe.
+        rig.command(Command::Drain(1));
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        rig.command(Command::Probe {
+            id: 1,
+            fd: OwnedFd::from(a),
+        });
+        assert_eq!(rig.take(), [0, 0]);
+        // Least-conn still sees two idle workers' worth of user counts: both at zero.
         assert_eq!(rig.connect(1), [1, 0]);
     }
 }

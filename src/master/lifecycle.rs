@@ -64,6 +64,8 @@ pub struct Settings {
     pub drain_channels_on_stop: bool,
     /// The drain signal's name, for logs.
     pub drain_signal: &'static str,
+    /// The stop signal's name (`--stop-signal`), for logs.
+    pub stop_signal: &'static str,
 }
 
 /// Where a worker process is in its life.
@@ -189,7 +191,8 @@ struct ReloadRun {
 pub enum Sig {
     /// `--drain-signal`: finish what you have, take nothing new, exit.
     Drain,
-    /// The stop signal (SIGTERM), sent to every worker when the master stops.
+    /// The stop signal (`--stop-signal`, SIGTERM by default), sent to every worker when the
+    /// master stops.
     Stop,
     /// SIGKILL.
     Kill,
@@ -238,6 +241,14 @@ pub enum Input {
         /// The worker.
         id: WorkerId,
     },
+    /// A health check failed the worker: its heartbeats on the message bus stopped for
+    /// `--heartbeat-timeout`, or it failed `--health-fails` active probes in a row.
+    Unhealthy {
+        /// The worker.
+        id: WorkerId,
+        /// Which check, for the log.
+        why: &'static str,
+    },
     /// The worker was handed its `--max-conns` connections.
     MaxConns {
         /// The worker.
@@ -261,7 +272,7 @@ pub enum Input {
     ScaleUp,
     /// SIGTTOU: one slot fewer.
     ScaleDown,
-    /// SIGTERM/SIGINT: stop (a second one kills at once).
+    /// SIGTERM/SIGINT/SIGQUIT: stop (a second one kills at once).
     Stop {
         /// The signal's name, for the log.
         signal: &'static str,
@@ -415,6 +426,7 @@ impl Lifecycle {
             Input::MaxConns { id } => {
                 self.replace(now, id, Reason::Recycle, "it reached --max-conns")
             }
+            Input::Unhealthy { id, why } => self.replace(now, id, Reason::Recycle, why),
             Input::Misbehaving { id } => {
                 self.replace(now, id, Reason::Recycle, "it broke the channel protocol")
             }
@@ -920,6 +932,7 @@ impl Lifecycle {
             return;
         }
         let grace = self.settings.grace;
+        let stop_signal = self.settings.stop_signal;
         self.reload = None;
         self.replacements.clear();
         for w in &mut self.workers {
@@ -934,7 +947,7 @@ impl Lifecycle {
             let drain_for = grace / 2;
             info!(
                 "{signal}: stopping; no new connections; workers get up to {drain_for:?} to take \
-                 what is queued for them, then SIGTERM, and SIGKILL after {grace:?}"
+                 what is queued for them, then {stop_signal}, and SIGKILL after {grace:?}"
             );
             self.out.push(Action::StopAccepting { drain_for });
             self.phase = Phase::Stopping {
@@ -942,7 +955,7 @@ impl Lifecycle {
                 kill_at,
             };
         } else {
-            info!("{signal}: stopping; workers get SIGTERM and {grace:?} to exit");
+            info!("{signal}: stopping; workers get {stop_signal} and {grace:?} to exit");
             self.phase = Phase::Stopping {
                 signal_at: Some(now),
                 kill_at,
@@ -1130,6 +1143,7 @@ mod tests {
             max_rss: None,
             drain_channels_on_stop: true,
             drain_signal: "SIGTERM",
+            stop_signal: "SIGTERM",
         }
     }
 
@@ -1780,6 +1794,16 @@ mod tests {
             h.input(Input::Stalled { id: 1 }).is_empty(),
             "draining: nothing more"
         );
+    }
+
+    #[test]
+    fn an_unhealthy_worker_is_replaced_like_a_stalled_one() {
+        let mut h = Harness::running(2);
+        let a = h.input(Input::Unhealthy { id: 1, why: "test" });
+        assert_eq!(spawns(&a), [(2, 1)]);
+        assert_eq!(h.state(1), Some(WorkerState::Ready));
+        let a = h.ready(2);
+        assert!(a.contains(&Action::Close(1)) && a.contains(&Action::Signal(1, Sig::Drain)));
     }
 
     #[test]

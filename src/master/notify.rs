@@ -33,15 +33,21 @@ const SUN_PATH_MAX: usize = 108;
 
 /// The master's private directory for its workers' notify sockets: created 0700 under
 /// `$XDG_RUNTIME_DIR` (if set) or the temporary directory, removed with everything in it when
-/// dropped.
+/// dropped. When the workers run as another user (`--user`), the directory is 0711 instead
+/// (others may pass through it to a socket whose name they know, but not list it or create
+/// anything in it) and each socket belongs to the workers' user, mode 0600: no third user can
+/// connect to it.
 #[derive(Debug)]
 pub struct RuntimeDir {
     path: PathBuf,
+    /// The workers' user and group, when they are not the master's.
+    workers: Option<(u32, u32)>,
 }
 
 impl RuntimeDir {
-    /// Creates a new, empty directory only this user can enter.
-    pub fn create() -> io::Result<RuntimeDir> {
+    /// Creates a new, empty directory only this user can enter, or (`workers` = the workers'
+    /// other uid and gid) only pass through.
+    pub fn create(workers: Option<(u32, u32)>) -> io::Result<RuntimeDir> {
         let base = std::env::var_os("XDG_RUNTIME_DIR")
             .map(PathBuf::from)
             .filter(|p| p.is_absolute() && p.is_dir())
@@ -56,7 +62,7 @@ impl RuntimeDir {
             // mkdir (not create_dir_all): fails if anything, a symlink included, has the name.
             match std::fs::DirBuilder::new().mode(0o700).create(&path) {
                 Ok(()) => {
-                    let dir = RuntimeDir { path };
+                    let dir = RuntimeDir { path, workers };
                     dir.check()?;
                     return Ok(dir);
                 }
@@ -72,11 +78,12 @@ impl RuntimeDir {
         Err(last)
     }
 
-    /// Ours, a real directory, mode exactly 0700 (the umask can only have narrowed it).
+    /// Ours, a real directory, mode exactly 0700 or 0711 (the umask can only have narrowed it).
     fn check(&self) -> io::Result<()> {
-        std::fs::set_permissions(&self.path, std::fs::Permissions::from_mode(0o700))?;
+        let mode = if self.workers.is_some() { 0o711 } else { 0o700 };
+        std::fs::set_permissions(&self.path, std::fs::Permissions::from_mode(mode))?;
         let meta = std::fs::symlink_metadata(&self.path)?;
-        if !meta.is_dir() || meta.uid() != sys::geteuid() || meta.mode() & 0o777 != 0o700 {
+        if !meta.is_dir() || meta.uid() != sys::geteuid() || meta.mode() & 0o777 != mode {
             return Err(io::Error::new(
                 io::ErrorKind::PermissionDenied,
                 format!("{} is not a private directory of ours", self.path.display()),
@@ -145,6 +152,12 @@ impl NotifySocket {
             ));
         }
         let sock = UnixDatagram::bind(&path)?;
+        if let Some((uid, gid)) = dir.workers {
+            // Sending needs write permission on the socket file (unix(7)): the workers' user
+            // only.
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+            std::os::unix::fs::chown(&path, Some(uid), Some(gid))?;
+        }
         sock.set_nonblocking(true)?;
         sys::setsockopt_int(sock.as_fd(), libc::SO_PASSCRED, 1)?;
         Ok(NotifySocket {
@@ -250,11 +263,11 @@ mod tests {
 
     #[test]
     fn runtime_dir_is_private_and_removed() {
-        let dir = RuntimeDir::create().unwrap();
+        let dir = RuntimeDir::create(None).unwrap();
         let meta = std::fs::symlink_metadata(dir.path()).unwrap();
         assert_eq!(meta.mode() & 0o777, 0o700);
         let path = dir.path().to_path_buf();
-        let other = RuntimeDir::create().unwrap();
+        let other = RuntimeDir::create(None).unwrap();
         assert_ne!(other.path(), dir.path());
         drop(dir);
         assert!(!path.exists());
@@ -262,7 +275,7 @@ mod tests {
 
     #[test]
     fn only_the_workers_group_is_heard() {
-        let dir = RuntimeDir::create().unwrap();
+        let dir = RuntimeDir::create(None).unwrap();
         let mut n = NotifySocket::bind(&dir, 7).unwrap();
         let client = UnixDatagram::unbound().unwrap();
         client.send_to(b"READY=1\nSTATUS=x", n.path()).unwrap();

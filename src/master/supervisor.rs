@@ -26,24 +26,49 @@ use log::{error, info, warn};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use rcluster_proto::Mode;
-use rcluster_proto::env::ChildEnv;
-use signal_hook::consts::signal::{SIGHUP, SIGINT, SIGTERM, SIGTTIN, SIGTTOU, SIGUSR1};
+use rcluster_proto::env::{ChildEnv, Role};
+use signal_hook::consts::signal::{
+    SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGTTIN, SIGTTOU, SIGUSR1,
+};
 use signal_hook_mio::v1_0::Signals;
 use socket2::Socket;
 
 use crate::cli::{Config, Pin};
 use crate::master::acceptor::{self, AcceptorHandle, ChannelEnds, Command, Event};
+use crate::master::activation::{Activated, ListenerSource};
+use crate::master::agent::{self, Agent, AgentEvent};
+use crate::master::bus::{self, BusCommand, BusEvent, BusHandle, Peer};
 use crate::master::diagnose;
+use crate::master::health::Heartbeats;
 use crate::master::lifecycle::{
     Action, Input, Lifecycle, Phase, Settings, Sig, WorkerId, WorkerState,
 };
 use crate::master::notify::{Notice, NotifySocket, RuntimeDir};
-use crate::master::shim::find_shim;
+use crate::master::probe::{self, ProbeResult, ProbeSpec, Probes};
+use crate::master::service_notify::ServiceNotifier;
 use crate::master::stall::{self, QueueWatch};
 use crate::master::steer::{self as steer, SteerControl};
 use crate::master::{listener, tree};
 use crate::sys::spawn::{SpawnSpec, spawn};
 use crate::sys::{self, CpuSet, ExitStatus, Pid};
+
+/// What the agent module needs to spawn and reap, borrowed field by field so the agent
+/// itself (another field) can be borrowed mutably beside it.
+macro_rules! agent_ctx {
+    ($sup:expr) => {
+        agent::SpawnContext {
+            registry: $sup.poll.registry(),
+            base_env: &$sup.base_env,
+            addrs: &$sup.addrs,
+            bus: &$sup.bus,
+            runtime: $sup.runtime.as_ref(),
+            credentials: $sup.config.credentials.as_ref(),
+            ready_delay: $sup.config.ready_delay,
+            ready_timeout: $sup.config.ready_timeout,
+            grace: $sup.config.grace,
+        }
+    };
+}
 
 const SIGNALS: Token = Token(0);
 const WAKER: Token = Token(1);
@@ -73,10 +98,10 @@ struct SlotIo {
     watches: Vec<QueueWatch>,
 }
 
-/// Runs the cluster until shutdown. Returns an error (exit code 1) if it cannot start or if no
-/// worker can run at all.
-pub fn run(config: Config) -> anyhow::Result<()> {
-    let mut sup = Supervisor::new(config)?;
+/// Runs the cluster until shutdown, with the listeners socket activation passed (if any).
+/// Returns an error (exit code 1) if it cannot start or if no worker can run at all.
+pub fn run(config: Config, activated: Activated) -> anyhow::Result<()> {
+    let mut sup = Supervisor::new(config, activated)?;
     sup.start()?;
     sup.run_loop()
 }
@@ -114,14 +139,35 @@ struct Supervisor {
     /// While starting, a worker that cannot be spawned is a startup error, kept here.
     startup_error: Option<anyhow::Error>,
     starting: bool,
-    /// Set by [`Action::Exit`].
+    /// Set by [`Action::Exit`] (once the agent, if any, has exited too).
     exit: Option<Result<(), String>>,
+    /// [`Action::Exit`] came while the agent still runs: it is being stopped, last.
+    exit_after_agent: Option<Result<(), String>>,
+    /// The message bus (its own thread); `bus_events` brings heartbeats and `ready`s.
+    bus: BusHandle,
+    bus_events: Receiver<BusEvent>,
+    /// `--agent`.
+    agent: Option<Agent>,
+    /// What the agent module answered where no error can be returned (SIGCHLD reaping).
+    pending_agent_event: Option<AgentEvent>,
+    /// [`Input::Start`] was fed (with an agent: once it was first ready).
+    workers_started: bool,
+    /// `--heartbeat-timeout`.
+    heartbeats: Option<Heartbeats>,
+    /// `--health-check`: the failure counts and the request; results come on `probe_results`.
+    probes: Option<(Probes, Arc<ProbeSpec>)>,
+    probe_results: Receiver<ProbeResult>,
+    probe_tx: crossbeam_channel::Sender<ProbeResult>,
     /// Whether a worker exiting before it was ready has been explained (diagnose.rs; once).
     early_exit_explained: bool,
+    /// The master's own service manager (NOTIFY_SOCKET), if any.
+    service: ServiceNotifier,
+    /// `--shutdown-delay`: when the deferred stop begins, and the signal that asked for it.
+    delayed_stop: Option<(Instant, &'static str)>,
 }
 
 impl Supervisor {
-    fn new(config: Config) -> anyhow::Result<Self> {
+    fn new(config: Config, activated: Activated) -> anyhow::Result<Self> {
         // Kernel steering gives the workers their own listeners, as in reuseport mode.
         let mut steer = steer::start(&config)?;
         let mode = match steer {
@@ -129,19 +175,36 @@ impl Supervisor {
             None => config.policy.mode(),
         };
         let poll = Poll::new().context("failed to create the supervisor's poll")?;
-        let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP, SIGTTIN, SIGTTOU, SIGUSR1])
-            .context("failed to install signal handlers")?;
+        let mut signals = Signals::new([
+            SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGTTIN, SIGTTOU, SIGUSR1, SIGCHLD,
+        ])
+        .context("failed to install signal handlers")?;
+        // Orphaned descendants of the workers come to the master, which reaps them (as PID 1
+        // in a container it gets every orphan anyway).
+        if let Err(e) = sys::set_child_subreaper() {
+            warn!("cannot become a child subreaper: {e}");
+        }
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let (events_tx, events) = crossbeam_channel::unbounded();
+        let (bus_tx, bus_events) = crossbeam_channel::unbounded();
+        let (probe_tx, probe_results) = crossbeam_channel::unbounded();
+        let children = config.credentials.as_ref().map(|c| (c.uid, c.gid));
+        let bus = bus::spawn(bus_tx, Arc::clone(&waker), children)
+            .context("failed to start the message bus")?;
 
         // Bind every listener now, so a port in use fails before any worker starts.
         let mut sockets = Vec::new();
         let mut addrs = Vec::new();
-        for &addr in &config.listen {
-            let socket = listener::bind_listener(addr, mode == Mode::Reuseport)
-                .with_context(|| format!("failed to bind {addr}"))?;
+        for source in activated.assign(&config.listen, config.listen_explicit) {
+            let socket = match source {
+                ListenerSource::Inherited(socket) => socket,
+                ListenerSource::Bind(addr) => {
+                    listener::bind_listener(addr, mode == Mode::Reuseport)
+                        .with_context(|| format!("failed to bind {addr}"))?
+                }
+            };
             let bound = listener::local_addr(&socket)?;
             info!("listening on {bound}");
             addrs.push(bound);
@@ -169,11 +232,7 @@ impl Supervisor {
             }
         }
 
-        let preload = if config.preload && !config.command.builtin {
-            find_shim()
-        } else {
-            None
-        };
+        let preload = config.preload.clone();
         let lifecycle = Lifecycle::new(Settings {
             workers: config.workers,
             grace: config.grace,
@@ -183,6 +242,7 @@ impl Supervisor {
             max_rss: config.max_rss,
             drain_channels_on_stop: mode == Mode::Dispatch,
             drain_signal: sys::signal_name(config.drain_signal),
+            stop_signal: sys::signal_name(config.stop_signal),
         });
         Ok(Supervisor {
             base_env: base_environment(),
@@ -204,12 +264,29 @@ impl Supervisor {
             startup_error: None,
             starting: false,
             exit: None,
+            exit_after_agent: None,
+            bus,
+            bus_events,
+            agent: config.agent.clone().map(Agent::new),
+            pending_agent_event: None,
+            workers_started: false,
+            heartbeats: config.heartbeat_timeout.map(Heartbeats::new),
+            probes: config.health_check.as_ref().map(|h| {
+                (
+                    Probes::new(h.interval, h.fails, Instant::now()),
+                    Arc::new(h.spec.clone()),
+                )
+            }),
+            probe_results,
+            probe_tx,
             early_exit_explained: false,
-            runtime: RuntimeDir::create()
+            runtime: RuntimeDir::create(notify_owner(config.credentials.as_ref()))
                 .map_err(|e| warn!("no NOTIFY_SOCKET for workers: {e}"))
                 .ok(),
             next_queue_sample: (mode == Mode::Reuseport).then(Instant::now),
             notify_backlog: Vec::new(),
+            service: ServiceNotifier::from_env(),
+            delayed_stop: None,
             config,
         })
     }
@@ -241,6 +318,20 @@ impl Supervisor {
         if self.config.policy.needs_rss() || self.config.max_rss.is_some() {
             self.next_rss_sample = Some(Instant::now());
         }
+        if self.agent.is_some() {
+            let ctx = agent_ctx!(self);
+            if let Some(a) = self.agent.as_mut() {
+                a.spawn(&ctx).context("failed to start the agent")?;
+            }
+            info!("the workers start once the agent is ready");
+            return Ok(());
+        }
+        self.start_workers()
+    }
+
+    /// Starts every worker slot (at startup, or once the agent is first ready).
+    fn start_workers(&mut self) -> anyhow::Result<()> {
+        self.workers_started = true;
         info!(
             "starting {} workers: {} (policy {}, mode {})",
             self.config.workers,
@@ -281,6 +372,8 @@ impl Supervisor {
                 self.steer_sync();
             }
         }
+        self.service
+            .observe(&self.lifecycle, &self.config.policy.to_string());
     }
 
     /// Kernel steering: a slot is eligible exactly while a ready worker serves it.
@@ -354,11 +447,19 @@ impl Supervisor {
                 }
             }
             Action::Open(id) => self.send(Command::Ready(id)),
-            Action::Close(id) => self.send(Command::Drain(id)),
+            Action::Close(id) => {
+                self.send(Command::Drain(id));
+                if let Some(h) = &mut self.heartbeats {
+                    h.forget(id);
+                }
+                if let Some((p, _)) = &mut self.probes {
+                    p.forget(id);
+                }
+            }
             Action::Signal(id, sig) => {
                 let signal = match sig {
                     Sig::Drain => self.config.drain_signal,
-                    Sig::Stop => libc::SIGTERM,
+                    Sig::Stop => self.config.stop_signal,
                     Sig::Kill => libc::SIGKILL,
                 };
                 if let Some(p) = self.procs.iter().find(|p| p.id == id) {
@@ -394,7 +495,15 @@ impl Supervisor {
                 }
             }
             Action::StopAccepting { drain_for } => self.send(Command::Shutdown { drain_for }),
-            Action::Exit(result) => self.exit = Some(result),
+            Action::Exit(result) => {
+                // The agent is stopped last, once every worker exited.
+                let grace = self.config.grace;
+                if self.agent.as_mut().is_some_and(|a| a.stop(grace)) {
+                    self.exit_after_agent = Some(result);
+                } else {
+                    self.exit = Some(result);
+                }
+            }
         }
         None
     }
@@ -454,8 +563,13 @@ impl Supervisor {
                 .steer
                 .as_ref()
                 .map(|_| rcluster_proto::LISTEN_FDS_START + self.addrs.len() as i32),
+            role: Role::Worker,
+            ipc: self.bus.path().to_str(),
         };
         env.extend(contract.entries().into_iter().map(String::into_bytes));
+        // PM2 apps read their instance number here.
+        env.retain(|e| !e.starts_with(b"NODE_APP_INSTANCE="));
+        env.push(format!("NODE_APP_INSTANCE={slot}").into_bytes());
         if let Some(shim) = &self.preload {
             let mut v = b"LD_PRELOAD=".to_vec();
             v.extend_from_slice(shim.as_os_str().as_bytes());
@@ -477,6 +591,7 @@ impl Supervisor {
             fds: &fds,
             cpus: self.slots[slot].cpus,
             die_with_parent: true,
+            credentials: self.config.credentials.as_ref(),
         })
         .with_context(|| format!("failed to run {}", program.display()))?;
         drop(fds);
@@ -511,6 +626,11 @@ impl Supervisor {
                 n.saturating_add(jitter(self.config.max_conns_jitter, id)),
             );
         }
+        self.bus.send(BusCommand::Register {
+            pid,
+            peer: Peer::Worker(slot),
+            id: Some(id),
+        });
         if self.mode == Mode::Dispatch {
             let ends = channels
                 .into_iter()
@@ -560,6 +680,13 @@ impl Supervisor {
             let _ = self.poll.registry().deregister(&mut SourceFd(&raw));
         }
         self.send(Command::Remove(id));
+        self.bus.send(BusCommand::Forget(p.pid));
+        if let Some(h) = &mut self.heartbeats {
+            h.forget(id);
+        }
+        if let Some((p, _)) = &mut self.probes {
+            p.forget(id);
+        }
     }
 
     fn run_loop(&mut self) -> anyhow::Result<()> {
@@ -577,8 +704,18 @@ impl Supervisor {
             let next = [
                 self.lifecycle.next_deadline(),
                 self.next_rss_sample,
+                self.heartbeats.as_ref().and_then(Heartbeats::next_deadline),
+                self.probes
+                    .as_ref()
+                    .filter(|_| self.workers_started)
+                    .map(|(p, _)| p.next_round),
+                self.agent.as_ref().and_then(|a| {
+                    a.next_deadline(self.config.ready_delay, self.config.ready_timeout)
+                }),
                 self.next_queue_sample,
                 self.steer.as_ref().map(|s| s.next_deadline()),
+                self.service.next_deadline(),
+                self.delayed_stop.map(|(t, _)| t),
             ]
             .into_iter()
             .flatten()
@@ -603,6 +740,15 @@ impl Supervisor {
                         }
                     }
                     WAKER => {}
+                    agent::PIDFD_TOKEN => {
+                        let ctx = agent_ctx!(self);
+                        let ev = self.agent.as_mut().and_then(|a| a.on_exit(&ctx));
+                        self.on_agent_event(ev)?;
+                    }
+                    agent::NOTIFY_TOKEN => {
+                        let ev = self.agent.as_mut().and_then(Agent::on_notify);
+                        self.on_agent_event(ev)?;
+                    }
                     Token(t) if t % 2 == 0 => self.reap(((t - 2) / 2) as WorkerId),
                     Token(t) => self.read_notify(((t - 3) / 2) as WorkerId),
                 }
@@ -613,6 +759,37 @@ impl Supervisor {
             while let Ok(ev) = self.events.try_recv() {
                 self.on_event(ev);
             }
+            self.service.on_timer(Instant::now());
+            if let Some((at, signal)) = self.delayed_stop
+                && Instant::now() >= at
+            {
+                self.delayed_stop = None;
+                self.feed(Input::Stop { signal });
+            }
+            while let Ok(ev) = self.bus_events.try_recv() {
+                self.on_bus_event(ev)?;
+            }
+            let ev = self.pending_agent_event.take();
+            self.on_agent_event(ev)?;
+            {
+                let ctx = agent_ctx!(self);
+                let ev = self
+                    .agent
+                    .as_mut()
+                    .and_then(|a| a.on_timers(Instant::now(), &ctx));
+                self.on_agent_event(ev)?;
+            }
+            let silent = self
+                .heartbeats
+                .as_mut()
+                .map_or_else(Vec::new, |h| h.expired(Instant::now()));
+            for id in silent {
+                self.feed(Input::Unhealthy {
+                    id,
+                    why: "it sent no heartbeat within --heartbeat-timeout",
+                });
+            }
+            self.run_probes();
             self.feed(Input::Tick);
             self.steer_tick();
             if let Some(t) = self.next_rss_sample
@@ -685,14 +862,95 @@ impl Supervisor {
 
     fn on_signal(&mut self, sig: i32) {
         match sig {
-            SIGTERM | SIGINT => self.feed(Input::Stop {
-                signal: sys::signal_name(sig),
-            }),
+            SIGTERM | SIGINT | SIGQUIT => {
+                if self.lifecycle.phase() != Phase::Running
+                    && let Some(a) = &mut self.agent
+                {
+                    // A second stop signal kills at once, the agent too.
+                    a.kill();
+                }
+                let signal = sys::signal_name(sig);
+                if !self.delay_stop(signal) {
+                    self.delayed_stop = None;
+                    self.feed(Input::Stop { signal });
+                }
+            }
+            SIGCHLD => self.reap_exited(),
+            SIGHUP if self.agent.is_some() && self.lifecycle.phase() == Phase::Running => {
+                // The agent is reloaded first; the workers' reload starts once it is ready.
+                let generation = self.lifecycle.generation() + 1;
+                let grace = self.config.grace;
+                let ctx = agent_ctx!(self);
+                if let Some(a) = self.agent.as_mut() {
+                    a.reload(generation, grace, &ctx);
+                }
+            }
             SIGHUP => self.feed(Input::Reload),
+            // Before the agent is first ready there are no workers to scale.
+            SIGTTIN | SIGTTOU if !self.workers_started => {}
             SIGTTIN => self.scale_up(),
             SIGTTOU => self.feed(Input::ScaleDown),
             SIGUSR1 => self.log_status(),
             _ => {}
+        }
+    }
+
+    /// `--shutdown-delay`: the first stop signal only schedules the stop (everything keeps
+    /// serving meanwhile); a second one during the delay starts it at once. Returns whether
+    /// the stop was deferred.
+    fn delay_stop(&mut self, signal: &'static str) -> bool {
+        let delay = self.config.shutdown_delay;
+        let running = self.lifecycle.phase() == crate::master::lifecycle::Phase::Running;
+        if delay.is_zero() || self.delayed_stop.is_some() || !running {
+            return false;
+        }
+        info!("{signal}: still serving for --shutdown-delay {delay:?}, then stopping");
+        self.service.stopping(&format!("stopping in {delay:?}"));
+        self.delayed_stop = Some((Instant::now() + delay, signal));
+        true
+    }
+
+    /// Reaps every exited child: a worker through [`Self::reap`] (so its exit is handled like
+    /// one its pidfd reported), anything else — an orphan re-parented to the master as PID 1
+    /// or subreaper — directly, so no zombie is left.
+    fn reap_exited(&mut self) {
+        // Bounded: each pass reaps the child it peeked.
+        for _ in 0..4096 {
+            let pid = match sys::waitid_peek_exited() {
+                Ok(Some(pid)) => pid,
+                Ok(None) => return,
+                Err(e) => {
+                    warn!("waitid failed: {e}");
+                    return;
+                }
+            };
+            if self.agent.as_ref().and_then(Agent::pid) == Some(pid) {
+                // The agent: reaped by its own module, which decides what comes next.
+                let ctx = agent_ctx!(self);
+                let ev = self.agent.as_mut().and_then(|a| a.on_exit(&ctx));
+                self.pending_agent_event = ev.or(self.pending_agent_event);
+                if self.agent.as_ref().and_then(Agent::pid) == Some(pid) {
+                    let _ = sys::waitpid_nohang(pid);
+                }
+                continue;
+            }
+            if let Some(id) = self.procs.iter().find(|p| p.pid == pid).map(|p| p.id) {
+                self.reap(id);
+                if self.procs.iter().any(|p| p.pid == pid) {
+                    // Not collected by reap() (its waitpid failed): take it here so the loop
+                    // moves on.
+                    let _ = sys::waitpid_nohang(pid);
+                }
+                continue;
+            }
+            match sys::waitpid_nohang(pid) {
+                Ok(Some(status)) => log::debug!("reaped orphan {pid}: {status}"),
+                Ok(None) => return,
+                Err(e) => {
+                    warn!("waitpid({pid}) failed: {e}");
+                    return;
+                }
+            }
         }
     }
 
@@ -749,7 +1007,129 @@ impl Supervisor {
         if let Some(st) = &self.steer {
             st.log_status();
         }
+        if let Some(a) = &self.agent {
+            a.log_status();
+        }
         self.send(Command::Status);
+        self.bus.send(BusCommand::Status);
+    }
+
+    /// Takes the probes' results (replacing a worker that failed `--health-fails` in a row)
+    /// and starts a round when one is due.
+    fn run_probes(&mut self) {
+        let Some((probes, spec)) = &mut self.probes else {
+            return;
+        };
+        let mut failed = Vec::new();
+        while let Ok(result) = self.probe_results.try_recv() {
+            if let Err(why) = &result.outcome {
+                let pid = self.lifecycle.worker(result.id).and_then(|w| w.pid);
+                warn!(
+                    "health check of worker id {} (pid {}) failed: {why}",
+                    result.id,
+                    pid.unwrap_or(0)
+                );
+            }
+            if probes.record(&result) {
+                failed.push(result.id);
+            }
+        }
+        let now = Instant::now();
+        let mut round = Vec::new();
+        if self.workers_started && now >= probes.next_round {
+            let ready: Vec<WorkerId> = self
+                .lifecycle
+                .workers()
+                .iter()
+                .filter(|w| w.state == WorkerState::Ready)
+                .filter(|w| !self.lifecycle.replacements().iter().any(|r| r.old == w.id))
+                .map(|w| w.id)
+                .collect();
+            round = probes.round(now, &ready);
+        }
+        let spec = Arc::clone(spec);
+        if let Some(acceptor) = &self.acceptor {
+            for id in round {
+                if let Err(e) = probe::spawn_probe(
+                    id,
+                    Arc::clone(&spec),
+                    acceptor.commander(),
+                    self.probe_tx.clone(),
+                    Arc::clone(&self.waker),
+                ) {
+                    warn!("cannot start a health probe: {e}");
+                    let _ = self.probe_tx.send(ProbeResult {
+                        id,
+                        outcome: Ok(()),
+                    });
+                }
+            }
+        }
+        for id in failed {
+            self.feed(Input::Unhealthy {
+                id,
+                why: "it failed --health-fails active health checks in a row",
+            });
+        }
+    }
+
+    fn on_agent_event(&mut self, ev: Option<AgentEvent>) -> anyhow::Result<()> {
+        match ev {
+            None => Ok(()),
+            Some(AgentEvent::Stopped) => {
+                if let Some(result) = self.exit_after_agent.take() {
+                    self.exit = Some(result);
+                }
+                Ok(())
+            }
+            Some(AgentEvent::GaveUp) => bail!(
+                "the agent exited {} times before it was ever ready",
+                agent::START_CRASH_LIMIT
+            ),
+            Some(AgentEvent::Ready { first, reloaded }) => {
+                if self.lifecycle.phase() != Phase::Running {
+                    return Ok(());
+                }
+                if first && !self.workers_started {
+                    return self.start_workers();
+                }
+                if reloaded {
+                    self.feed(Input::Reload);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn on_bus_event(&mut self, ev: BusEvent) -> anyhow::Result<()> {
+        match ev {
+            BusEvent::Heartbeat { id: Some(id), .. } => {
+                // Checked while it serves and nobody replaces it already.
+                let ready = self
+                    .lifecycle
+                    .worker(id)
+                    .is_some_and(|w| w.state == WorkerState::Ready)
+                    && !self.lifecycle.replacements().iter().any(|r| r.old == id);
+                if let Some(h) = &mut self.heartbeats
+                    && ready
+                {
+                    h.beat(id, Instant::now());
+                }
+            }
+            BusEvent::Heartbeat { id: None, .. } => {}
+            BusEvent::Ready { id: Some(id), .. } => self.feed(Input::Ready {
+                id,
+                how: "ready on the bus",
+            }),
+            BusEvent::Ready { pid, id: None } => {
+                let ev = self
+                    .agent
+                    .as_mut()
+                    .and_then(|a| a.ready_from(pid, "ready on the bus"));
+                self.on_agent_event(ev)?;
+            }
+        }
+        Ok(())
     }
 
     fn on_event(&mut self, ev: Event) {
@@ -877,6 +1257,14 @@ fn base_environment() -> Vec<Vec<u8>> {
             e
         })
         .collect()
+}
+
+/// The workers' uid and gid when they run as another user than the master (their notify
+/// sockets must then be theirs).
+fn notify_owner(credentials: Option<&sys::Credentials>) -> Option<(u32, u32)> {
+    let c = credentials?;
+    let uid = c.uid?;
+    (uid != sys::geteuid()).then_some((uid, c.gid))
 }
 
 /// The `execve` failure inside a spawn error, if that is what it is.

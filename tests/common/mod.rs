@@ -6,7 +6,9 @@
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -71,9 +73,14 @@ impl TestCluster {
             argv.extend(["--steer", steer.as_str()]);
         }
         argv.extend_from_slice(args);
-        cmd.args(&argv)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
+        cmd.args(&argv).stdin(Stdio::null());
+        Self::spawn_command(cmd, listeners.max(1))
+    }
+
+    /// Starts a prepared master command (another copy of the binary, another working
+    /// directory, a socket as stdin) and waits for `listeners` listening lines.
+    pub fn spawn_command(mut cmd: Command, listeners: usize) -> TestCluster {
+        cmd.stdout(Stdio::null())
             .stderr(Stdio::piped())
             .env("RCLUSTER_LOG", "info");
         let mut child = cmd.spawn().expect("spawn rcluster-lb");
@@ -94,8 +101,7 @@ impl TestCluster {
             addrs: Vec::new(),
             seen_workers: Mutex::new(Vec::new()),
         };
-        let want = listeners.max(1);
-        let lines = cluster.wait_for_count("listening on ", want, DEADLINE);
+        let lines = cluster.wait_for_count("listening on ", listeners, DEADLINE);
         cluster.addrs = lines
             .iter()
             .map(|l| {
@@ -959,4 +965,49 @@ pub struct SteerSlotStatus {
     pub closed: i64,
     pub forgiven: i64,
     pub reporting: bool,
+}
+
+/// Whether `program` runs; prints a note when it does not, so the caller can skip.
+pub fn available(program: &str) -> bool {
+    let ok = Command::new(program)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!("note: {program} not found; skipping this test");
+    }
+    ok
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "rcluster-servers-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    /// Writes `name` in the directory; returns its absolute path.
+    pub fn write(&self, name: &str, text: &str) -> String {
+        let path = self.0.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_string()
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

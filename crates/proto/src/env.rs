@@ -27,16 +27,22 @@ pub const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
 /// Kernel steering only: the inherited fd of the steering table (a BPF map to `mmap`, layout in
 /// [`crate::steer`]); the worker's line is `RCLUSTER_WORKER_ID`.
 pub const RCLUSTER_STEER_FD: &str = "RCLUSTER_STEER_FD";
+/// `worker` or `agent` ([`Role`]): what this child is for.
+pub const RCLUSTER_ROLE: &str = "RCLUSTER_ROLE";
+/// Path of the master's message bus, an `AF_UNIX` stream socket in a private (0700) directory
+/// (docs/PROTOCOL.md section 6): newline-delimited JSON envelopes.
+pub const RCLUSTER_IPC: &str = "RCLUSTER_IPC";
 /// Prefix of every rcluster-lb specific variable.
 pub const RCLUSTER_PREFIX: &str = "RCLUSTER_";
 
 /// Whether the master sets variable `name` per worker (or it belongs to the master's own service
-/// manager), so the master's inherited value must not reach a worker: an inherited `PORT` left
+/// manager: `LISTEN_*`, `NOTIFY_SOCKET`, `WATCHDOG_*`), so the master's inherited value must not reach a worker: an inherited `PORT` left
 /// beside the worker's own would win in `getenv(3)`, which returns the first match.
 pub fn is_master_owned(name: &[u8]) -> bool {
     name == PORT.as_bytes()
         || name.starts_with(b"LISTEN_")
         || name == NOTIFY_SOCKET.as_bytes()
+        || name.starts_with(b"WATCHDOG_")
         || name.starts_with(RCLUSTER_PREFIX.as_bytes())
 }
 
@@ -77,6 +83,26 @@ impl Mode {
 impl fmt::Display for Mode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// What a child of the master is for: a worker serves connections; the agent (at most one,
+/// `--agent`) serves none and runs beside the workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// A worker: fds `3+i`, `LISTEN_*`, `PORT`, `RCLUSTER_WORKER_ID`.
+    Worker,
+    /// The agent: no listening fds, no `LISTEN_*`, `PORT` nor `RCLUSTER_WORKER_ID`.
+    Agent,
+}
+
+impl Role {
+    /// The value of `RCLUSTER_ROLE`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Worker => "worker",
+            Role::Agent => "agent",
+        }
     }
 }
 
@@ -127,6 +153,12 @@ pub struct ChildEnv<'a> {
     pub notify_socket: Option<&'a str>,
     /// Kernel steering: the fd number the steering table is placed at.
     pub steer_fd: Option<i32>,
+    /// Worker or agent. An agent gets no `LISTEN_*`, `PORT`, `RCLUSTER_WORKER_ID` nor
+    /// `RCLUSTER_MODE` (it has no fds to describe); it gets `RCLUSTER_LISTEN` to know where the
+    /// workers serve.
+    pub role: Role,
+    /// `RCLUSTER_IPC`: the message bus's path, if the master runs one.
+    pub ipc: Option<&'a str>,
 }
 
 impl ChildEnv<'_> {
@@ -136,20 +168,29 @@ impl ChildEnv<'_> {
             .map(|i| format!("listener{i}"))
             .collect();
         let addrs: Vec<String> = self.listen.iter().map(SocketAddr::to_string).collect();
-        let mut out = vec![
-            format!("{LISTEN_FDS}={}", self.listen.len()),
-            format!("{LISTEN_FDNAMES}={}", names.join(":")),
-            format!("{PORT}={}", self.listen.first().map_or(0, SocketAddr::port)),
-            format!("{RCLUSTER_WORKER_ID}={}", self.slot),
-            format!("{RCLUSTER_GENERATION}={}", self.generation),
-            format!("{RCLUSTER_MODE}={}", self.mode),
-            format!("{RCLUSTER_LISTEN}={}", addrs.join(",")),
-        ];
+        let mut out = Vec::new();
+        if self.role == Role::Worker {
+            out.extend([
+                format!("{LISTEN_FDS}={}", self.listen.len()),
+                format!("{LISTEN_FDNAMES}={}", names.join(":")),
+                format!("{PORT}={}", self.listen.first().map_or(0, SocketAddr::port)),
+                format!("{RCLUSTER_WORKER_ID}={}", self.slot),
+            ]);
+        }
+        out.push(format!("{RCLUSTER_ROLE}={}", self.role.as_str()));
+        out.push(format!("{RCLUSTER_GENERATION}={}", self.generation));
+        if self.role == Role::Worker {
+            out.push(format!("{RCLUSTER_MODE}={}", self.mode));
+        }
+        out.push(format!("{RCLUSTER_LISTEN}={}", addrs.join(",")));
         if let Some(notify) = self.notify_socket {
             out.push(format!("{NOTIFY_SOCKET}={notify}"));
         }
         if let Some(fd) = self.steer_fd {
             out.push(format!("{RCLUSTER_STEER_FD}={fd}"));
+        }
+        if let Some(ipc) = self.ipc {
+            out.push(format!("{RCLUSTER_IPC}={ipc}"));
         }
         out
     }
@@ -241,6 +282,8 @@ pub struct Contract {
     pub notify_socket: Option<NotifyAddr>,
     /// `RCLUSTER_STEER_FD`: the fd of the kernel-steering table, when the kernel steers.
     pub steer_fd: Option<i32>,
+    /// `RCLUSTER_IPC`, if set: the master's message bus.
+    pub ipc: Option<PathBuf>,
 }
 
 impl Contract {
@@ -258,6 +301,7 @@ impl Contract {
             port: None,
             notify_socket: None,
             steer_fd: None,
+            ipc: None,
         }
     }
 
@@ -380,6 +424,9 @@ impl Contract {
             fd_names: list(&var, LISTEN_FDNAMES, ':', listen_fds)?,
             port,
             notify_socket,
+            ipc: var(RCLUSTER_IPC)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from),
         })
     }
 
@@ -438,6 +485,8 @@ mod tests {
             listen: &listen,
             notify_socket: Some("/run/x/notify"),
             steer_fd: Some(5),
+            role: Role::Worker,
+            ipc: Some("/run/x/bus.sock"),
         }
         .entries();
         let mut map = vars(&env);
@@ -454,6 +503,7 @@ mod tests {
             c.notify_socket,
             Some(NotifyAddr::Path(PathBuf::from("/run/x/notify")))
         );
+        assert_eq!(c.ipc, Some(PathBuf::from("/run/x/bus.sock")));
         assert!(c.check_pid(42).is_ok());
         assert_eq!(
             c.check_pid(43),
@@ -469,6 +519,37 @@ mod tests {
     }
 
     #[test]
+    fn an_agent_gets_no_listener_variables() {
+        let listen: Vec<SocketAddr> = vec!["127.0.0.1:8080".parse().unwrap()];
+        let env = vars(
+            &ChildEnv {
+                slot: 0,
+                generation: 2,
+                mode: Mode::Dispatch,
+                listen: &listen,
+                notify_socket: Some("@n"),
+                role: Role::Agent,
+                ipc: Some("/run/x/bus.sock"),
+                steer_fd: None,
+            }
+            .entries(),
+        );
+        for name in [
+            LISTEN_FDS,
+            LISTEN_FDNAMES,
+            PORT,
+            RCLUSTER_WORKER_ID,
+            RCLUSTER_MODE,
+        ] {
+            assert!(!env.contains_key(name), "{name}");
+        }
+        assert_eq!(env[RCLUSTER_ROLE], "agent");
+        assert_eq!(env[RCLUSTER_IPC], "/run/x/bus.sock");
+        assert_eq!(env[RCLUSTER_LISTEN], "127.0.0.1:8080");
+        assert!(env.keys().all(|k| is_master_owned(k.as_bytes())));
+    }
+
+    #[test]
     fn rejects_what_does_not_parse() {
         let base = vars(
             &ChildEnv {
@@ -478,6 +559,8 @@ mod tests {
                 listen: &["127.0.0.1:1".parse().unwrap()],
                 notify_socket: None,
                 steer_fd: None,
+                role: Role::Worker,
+                ipc: None,
             }
             .entries(),
         );

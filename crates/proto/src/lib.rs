@@ -15,7 +15,7 @@ pub mod env;
 pub mod steer;
 pub mod wire;
 
-pub use env::{ChildEnv, Contract, ContractError, Mode, NotifyAddr};
+pub use env::{ChildEnv, Contract, ContractError, Mode, NotifyAddr, Role};
 pub use wire::{HEADER_LEN, MAX_FDS_PER_CONN, ProtocolError, ToMaster, ToWorker};
 
 /// The first inherited fd (`SD_LISTEN_FDS_START`, sd_listen_fds(3)): listener `i` is fd `3 + i`.

@@ -1,4 +1,4 @@
-//! The kernel-steering table's memory layout (docs/PROTOCOL.md §6), shared by the master (which
+//! The kernel-steering table's memory layout (docs/PROTOCOL.md §7), shared by the master (which
 //! creates the table and reads it), the Rust worker API and the preload shim (which count on it).
 //! The worker finds the table at the fd named by [`crate::env::RCLUSTER_STEER_FD`]. Pure
 //! constants.

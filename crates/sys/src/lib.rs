@@ -5,6 +5,9 @@
 pub mod bpf;
 pub mod scm;
 pub mod spawn;
+mod user;
+
+pub use user::Credentials;
 
 use std::io;
 use std::mem::MaybeUninit;
@@ -119,6 +122,43 @@ pub fn setsockopt_int(fd: BorrowedFd<'_>, opt: libc::c_int, val: libc::c_int) ->
     Ok(())
 }
 
+/// The credentials of a unix socket's peer as the kernel recorded them at `connect(2)`
+/// (`SO_PEERCRED`, unix(7)): pid, uid, gid. The master's message bus authenticates by them.
+pub fn peer_cred(fd: BorrowedFd<'_>) -> io::Result<(Pid, u32, u32)> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: cred and len point to valid storage of the advertised size.
+    syscall!(getsockopt(
+        fd.as_raw_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_PEERCRED,
+        (&mut cred as *mut libc::ucred).cast(),
+        &mut len
+    ))?;
+    Ok((cred.pid, cred.uid, cred.gid))
+}
+
+/// The parent of process `pid`, from `/proc/PID/stat` (proc(5): the field after the
+/// parenthesised command name, which may itself contain spaces and parentheses).
+pub fn parent_pid(pid: Pid) -> io::Result<Pid> {
+    let stat = std::fs::read(format!("/proc/{pid}/stat"))?;
+    let bad = || {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            "unexpected /proc/PID/stat format",
+        )
+    };
+    let close = stat.iter().rposition(|&b| b == b')').ok_or_else(bad)?;
+    let rest = std::str::from_utf8(&stat[close + 1..]).map_err(|_| bad())?;
+    let mut fields = rest.split_ascii_whitespace();
+    let _state = fields.next().ok_or_else(bad)?;
+    fields.next().and_then(|p| p.parse().ok()).ok_or_else(bad)
+}
+
 /// Bytes queued in a unix socket's send direction and not yet read by the peer: `SIOCOUTQ`
 /// (unix(7)). For a dispatch channel this is the backlog the worker has not accepted yet.
 pub fn siocoutq(fd: BorrowedFd<'_>) -> io::Result<usize> {
@@ -182,6 +222,43 @@ pub fn waitpid_blocking(pid: Pid) -> io::Result<ExitStatus> {
     }
 }
 
+/// The pid of some exited, not yet reaped child, left unreaped (`waitid(P_ALL, WEXITED |
+/// WNOHANG | WNOWAIT)`): the caller decides who reaps it, so a worker's exit is never taken
+/// from the code that reaps workers. `Ok(None)` when no child has exited (or there is none).
+pub fn waitid_peek_exited() -> io::Result<Option<Pid>> {
+    // SAFETY: siginfo_t is plain data for waitid to fill; zeroed, si_pid reads 0 if nothing
+    // has exited (waitid(2): WNOHANG).
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: info is valid storage.
+    match syscall!(waitid(
+        libc::P_ALL,
+        0,
+        &mut info,
+        libc::WEXITED | libc::WNOHANG | libc::WNOWAIT
+    )) {
+        Ok(_) => {}
+        Err(e) if e.raw_os_error() == Some(libc::ECHILD) => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    // SAFETY: waitid filled info for a child state change (or left it zeroed).
+    let pid = unsafe { info.si_pid() };
+    Ok((pid != 0).then_some(pid))
+}
+
+/// `prctl(PR_SET_CHILD_SUBREAPER)`: orphaned descendants are re-parented to this process
+/// instead of to init, so it can reap them (what PID 1 in a container must do anyway).
+pub fn set_child_subreaper() -> io::Result<()> {
+    // SAFETY: prctl with integer arguments.
+    syscall!(prctl(
+        libc::PR_SET_CHILD_SUBREAPER,
+        1 as libc::c_ulong,
+        0,
+        0,
+        0
+    ))?;
+    Ok(())
+}
+
 fn decode_wait_status(status: libc::c_int) -> ExitStatus {
     if libc::WIFSIGNALED(status) {
         ExitStatus::Signaled(libc::WTERMSIG(status))
@@ -201,6 +278,24 @@ pub fn kill(pid: Pid, sig: libc::c_int) -> io::Result<()> {
 pub fn getpid() -> Pid {
     // SAFETY: getpid cannot fail.
     unsafe { libc::getpid() }
+}
+
+/// `CLOCK_MONOTONIC` in microseconds (`clock_gettime(2)`): the clock sd_notify's
+/// `MONOTONIC_USEC=` is read against.
+pub fn monotonic_usec() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is valid storage; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000 + (ts.tv_nsec as u64) / 1_000
+}
+
+/// `geteuid(2)`.
+pub fn geteuid() -> libc::uid_t {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() }
 }
 
 /// Short name of a signal number (`SIGTERM`), for logs.
@@ -425,6 +520,21 @@ mod tests {
         assert_eq!(n, 4);
         assert!(siocoutq(a.as_fd()).unwrap() > 0);
     }
+
+    #[test]
+    fn peer_cred_names_this_process() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (pid, uid, _) = peer_cred(a.as_fd()).unwrap();
+        assert_eq!((pid, uid), (getpid(), geteuid()));
+    }
+
+    #[test]
+    fn parent_pid_of_self_is_std_parent() {
+        assert_eq!(
+            parent_pid(getpid()).unwrap(),
+            std::os::unix::process::parent_id() as Pid
+        );
+    }
 }
 
 /// `getpgid(2)`: the process group of `pid`.
@@ -447,7 +557,7 @@ pub fn killpg(pgid: Pid, sig: libc::c_int) -> io::Result<()> {
 /// `SO_PASSCRED` set: the kernel fills in the sender's real pid, uid and gid, which an
 /// unprivileged sender cannot forge.
 #[derive(Debug, Clone, Copy)]
-pub struct Credentials {
+pub struct PeerCredentials {
     /// Sender's process id (0 if the kernel attached none).
     pub pid: Pid,
     /// Sender's user id.
@@ -462,7 +572,7 @@ pub struct Credentials {
 pub fn recv_with_credentials(
     sock: BorrowedFd<'_>,
     buf: &mut [u8],
-) -> io::Result<(usize, Option<Credentials>)> {
+) -> io::Result<(usize, Option<PeerCredentials>)> {
     #[repr(C, align(8))]
     struct Cmsg([u8; 128]);
     let mut iov = libc::iovec {
@@ -496,7 +606,7 @@ pub fn recv_with_credentials(
                     && len >= std::mem::size_of::<libc::ucred>()
                 {
                     let u = std::ptr::read_unaligned(data.cast::<libc::ucred>());
-                    creds = Some(Credentials {
+                    creds = Some(PeerCredentials {
                         pid: u.pid,
                         uid: u.uid,
                         gid: u.gid,
@@ -529,12 +639,6 @@ pub fn listen_queue_len(fd: BorrowedFd<'_>) -> io::Result<u32> {
         &mut len
     ))?;
     Ok(info.tcpi_unacked)
-}
-
-/// `geteuid(2)`.
-pub fn geteuid() -> u32 {
-    // SAFETY: geteuid cannot fail.
-    unsafe { libc::geteuid() }
 }
 
 /// Whether our child `pid` has exited, without reaping it (`waitid(P_PID, WEXITED | WNOHANG |

@@ -29,6 +29,7 @@ enum Stage {
     Affinity = 3,
     Dup = 4,
     Exec = 5,
+    SetIds = 6,
 }
 
 impl Stage {
@@ -39,6 +40,7 @@ impl Stage {
             3 => "sched_setaffinity",
             4 => "dup2 of the listener fds",
             5 => "execve",
+            6 => "setgroups/setgid/setuid (--user/--group)",
             _ => "child setup",
         }
     }
@@ -92,6 +94,8 @@ pub struct SpawnSpec<'a> {
     pub cpus: Option<CpuSet>,
     /// Deliver SIGKILL to the child when the spawning thread dies.
     pub die_with_parent: bool,
+    /// Run the child as this user/group (set before `PR_SET_PDEATHSIG`, which set*id clears).
+    pub credentials: Option<&'a super::Credentials>,
 }
 
 /// A spawned child: its pid and a pidfd that becomes readable when it exits.
@@ -162,6 +166,12 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
     let nfds = spec.fds.len();
     let cpus = spec.cpus;
     let die_with_parent = spec.die_with_parent;
+    let ids = spec.credentials.map(|c| ChildIds {
+        uid: c.uid,
+        gid: c.gid,
+        groups: c.groups.as_ptr(),
+        ngroups: c.groups.len(),
+    });
     // SAFETY: getpid cannot fail.
     let parent = unsafe { libc::getpid() };
 
@@ -192,6 +202,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
                 src_fds: &src_fds[..nfds],
                 cpus: cpus.as_ref(),
                 die_with_parent,
+                ids,
                 parent,
                 err_fd: err_w.as_raw_fd(),
             })
@@ -253,6 +264,15 @@ fn kill_and_reap(pid: Pid) {
     let _ = super::waitpid_blocking(pid);
 }
 
+/// `--user`/`--group` as plain ids and a pointer to the groups the parent allocated.
+#[derive(Clone, Copy)]
+struct ChildIds {
+    uid: Option<libc::uid_t>,
+    gid: libc::gid_t,
+    groups: *const libc::gid_t,
+    ngroups: usize,
+}
+
 struct ChildArgs<'a> {
     program: *const libc::c_char,
     argv: *const *const libc::c_char,
@@ -261,6 +281,7 @@ struct ChildArgs<'a> {
     src_fds: &'a [libc::c_int],
     cpus: Option<&'a CpuSet>,
     die_with_parent: bool,
+    ids: Option<ChildIds>,
     parent: Pid,
     err_fd: libc::c_int,
 }
@@ -295,6 +316,18 @@ unsafe fn child_after_fork(a: ChildArgs<'_>) -> ! {
         // workers in order instead of racing their deaths against its own shutdown.
         if libc::setpgid(0, 0) == -1 {
             fail(Stage::Setpgid);
+        }
+        // Drop privileges first: set*id clears PR_SET_PDEATHSIG (prctl(2)), so it is set after.
+        // Groups, then gid, then uid: once the uid is dropped the others cannot be changed.
+        if let Some(ids) = a.ids {
+            if libc::setgroups(ids.ngroups, ids.groups) == -1 || libc::setgid(ids.gid) == -1 {
+                fail(Stage::SetIds);
+            }
+            if let Some(uid) = ids.uid
+                && libc::setuid(uid) == -1
+            {
+                fail(Stage::SetIds);
+            }
         }
         if a.die_with_parent {
             if libc::prctl(
@@ -399,6 +432,7 @@ mod tests {
             fds: &fds,
             cpus: None,
             die_with_parent: true,
+            credentials: None,
         })
         .unwrap();
         let status = crate::waitpid_blocking(child.pid).unwrap();
@@ -426,6 +460,7 @@ mod tests {
             fds: &[],
             cpus: None,
             die_with_parent: true,
+            credentials: None,
         })
         .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::NotFound);

@@ -42,6 +42,8 @@
 //! load already lower). Atomic adds on shared memory, no system call. Without the table (or if
 //! it cannot be mapped) the kernel program keeps its own counts alone.
 
+pub mod bus;
+
 use std::collections::VecDeque;
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -927,6 +929,11 @@ impl Channel {
         if !self.deferred.load(Ordering::Relaxed) {
             // Errors keep the count for the next flush; a destructor cannot report them.
             let _ = self.flush_closed();
+        }
+        // After FULL, a close may be what makes room: resume (READY) without waiting for the
+        // server to call accept, which it may only do once the channel is readable.
+        if self.full.load(Ordering::Relaxed) {
+            let _ = self.make_room();
         }
     }
 
