@@ -221,6 +221,24 @@ enum Launch {
     NodeCluster { round_robin: bool },
     /// rcluster-lb with this policy running the node app through the preload shim.
     RclusterNode(PolicyKind),
+    /// As `Rcluster`, placed by the kernel-steering program (`--steer kernel`).
+    RclusterKernel(PolicyKind),
+    /// As `RclusterNode`, placed by the kernel-steering program (`--steer kernel`).
+    RclusterNodeKernel(PolicyKind),
+}
+
+/// Row-name suffix of a kernel-steered system (`--steer kernel`).
+const KERNEL: &str = " kernel";
+
+/// Whether the steering program loads here (the kernel rows run only then).
+fn kernel_steering() -> bool {
+    match rcluster_lb::steer::Steering::load(1) {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("kernel steering unavailable ({e}): no kernel rows");
+            false
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -264,6 +282,16 @@ fn systems(settings: &Settings) -> Vec<System> {
             launch: Launch::Rcluster(p),
         })
         .collect();
+    let kernel = kernel_steering();
+    if kernel {
+        for p in [PolicyKind::LeastConn, PolicyKind::RoundRobin] {
+            v.push(System {
+                name: format!("{}{KERNEL}", p.name()),
+                group: Group::Demo,
+                launch: Launch::RclusterKernel(p),
+            });
+        }
+    }
     if settings.node.is_some() {
         let peers = [
             (
@@ -277,7 +305,14 @@ fn systems(settings: &Settings) -> Vec<System> {
         ];
         let ours = NODE_POLICIES
             .iter()
-            .map(|&p| (node_name(p), Launch::RclusterNode(p)));
+            .map(|&p| (node_name(p), Launch::RclusterNode(p)))
+            .chain(kernel.then(|| {
+                let p = PolicyKind::LeastConn;
+                (
+                    format!("{}{KERNEL}", node_name(p)),
+                    Launch::RclusterNodeKernel(p),
+                )
+            }));
         for (name, launch) in peers.into_iter().chain(ours) {
             v.push(System {
                 name,
@@ -404,11 +439,15 @@ impl Running {
         node: Option<&NodeApp>,
     ) -> Result<Running, String> {
         let workers = settings.workers.to_string();
-        let rcluster = |policy: PolicyKind| {
+        let rcluster = |policy: PolicyKind, kernel: bool| {
             let mut c = Command::new(&settings.bin);
             c.args(["--listen", "127.0.0.1:0", "--workers", &workers])
                 .args(["--policy", policy.name()])
                 .env("RCLUSTER_LOG", "info");
+            // Explicit either way: the default (auto) steers in the kernel where it can.
+            if matches!(policy, PolicyKind::LeastConn | PolicyKind::RoundRobin) {
+                c.args(["--steer", if kernel { "kernel" } else { "dispatch" }]);
+            }
             if let Some(pin) = &settings.pin {
                 c.args(["--pin", pin]);
             }
@@ -424,7 +463,8 @@ impl Running {
             }
         };
         let mut cmd = match system.launch {
-            Launch::Rcluster(policy) => rcluster(policy),
+            Launch::Rcluster(policy) => rcluster(policy, false),
+            Launch::RclusterKernel(policy) => rcluster(policy, true),
             Launch::NodeCluster { round_robin } => {
                 let (node, app) = node_paths()?;
                 let mut c = Command::new(node);
@@ -435,9 +475,10 @@ impl Running {
                     .env("NODE_CLUSTER_SCHED_POLICY", sched);
                 c
             }
-            Launch::RclusterNode(policy) => {
+            Launch::RclusterNode(policy) | Launch::RclusterNodeKernel(policy) => {
                 let (node, app) = node_paths()?;
-                let mut c = rcluster(policy);
+                let kernel = matches!(system.launch, Launch::RclusterNodeKernel(_));
+                let mut c = rcluster(policy, kernel);
                 c.arg("--").arg(node).arg(app.app_js());
                 c
             }
@@ -1431,6 +1472,63 @@ fn check(
     let _ = writeln!(out, "- **{verdict}** {what}: {value} ({detail})");
 }
 
+/// The kernel-steering targets (issue #14), checked only when the kernel rows ran.
+fn render_kernel_checks(out: &mut String, r: &Results) {
+    let lc = &format!("least-conn{KERNEL}");
+    let lc_node = &node_name(PolicyKind::LeastConn);
+    let lc_node_kernel = &format!("{lc_node}{KERNEL}");
+    if r.runs(lc, Scenario::Churn) == 0 && r.runs(lc_node_kernel, Scenario::Churn) == 0 {
+        return;
+    }
+    let _ = writeln!(out, "\n### Kernel steering\n");
+    let churn = Scenario::Churn;
+    let conn = |name: &str| r.median_of(name, churn, |m| Some(m.throughput));
+    let per_s = |v: Option<f64>| num(v, 0);
+    let shared_node = node_name(PolicyKind::Shared);
+    for (sys, base, min) in [
+        (lc.as_str(), "shared", 0.95),
+        (lc.as_str(), "least-conn", 1.0),
+        (lc_node_kernel.as_str(), shared_node.as_str(), 0.95),
+        (lc_node_kernel.as_str(), NODE_NONE, 0.95),
+        (lc_node_kernel.as_str(), lc_node.as_str(), 1.0),
+    ] {
+        check(
+            out,
+            &format!("{sys} conn rate ≥ {min}× {base}"),
+            r.paired_ratio(sys, base, churn, |m| m.throughput),
+            |v| v >= min,
+            format!("{}/s vs {}/s", per_s(conn(sys)), per_s(conn(base))),
+        );
+    }
+    for percent in HEAVY_LEVELS_PERCENT {
+        let sc = Scenario::Heavy(percent);
+        let p99 = |name: &str| r.median_of(name, sc, |m| Some(m.p99_us as f64));
+        for (base, max) in [("shared", 1.0), ("least-conn", 1.05)] {
+            check(
+                out,
+                &format!("{lc} p99 at {percent} % ≤ {max}× {base}"),
+                r.paired_ratio(lc, base, sc, |m| m.p99_us as f64),
+                |v| v <= max,
+                format!("{} ms vs {} ms", ms(p99(lc)), ms(p99(base))),
+            );
+        }
+    }
+    check(
+        out,
+        &format!("{lc} keep-alive connection spread ≤ 1"),
+        r.max_of(lc, Scenario::KeepAlive, |m| m.conn_spread as f64),
+        |v| v <= 1.0,
+        "worst round, max−min connections per worker".to_owned(),
+    );
+    check(
+        out,
+        &format!("{lc} master CPU per 1k connections ≈ 0 (< 0.001 s)"),
+        r.median_of(lc, churn, Metrics::master_cpu_per_1k),
+        |v| v < 0.001,
+        "churn, median".to_owned(),
+    );
+}
+
 fn render_checks(out: &mut String, r: &Results, names: &[&str]) {
     let _ = writeln!(out, "\n## Target checks\n");
     let _ = writeln!(
@@ -1783,6 +1881,7 @@ fn main() {
     }
     let names: Vec<&str> = all.iter().map(|s| s.name.as_str()).collect();
     render_checks(&mut out, &results, &names);
+    render_kernel_checks(&mut out, &results);
     // One line per distinct failure: a system that did not start fails every scenario of its
     // round with the same message.
     /// (round, system, message) and the scenarios that failed with it.

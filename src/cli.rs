@@ -56,6 +56,14 @@ pub struct Args {
     #[arg(long, short = 'p', value_enum, default_value_t = PolicyKind::LeastConn)]
     pub policy: PolicyKind,
 
+    /// Who places connections for round-robin and least-conn: kernel (an SK_REUSEPORT BPF
+    /// program picks from the master's load table at SYN time; workers get their own
+    /// listening sockets as in reuseport mode; needs CAP_BPF and Linux 5.13), dispatch (the
+    /// master accepts and passes each connection), or auto (kernel when the program loads,
+    /// dispatch otherwise).
+    #[arg(long, value_enum, default_value_t = Steer::Auto)]
+    pub steer: Steer,
+
     /// Worker CPU pinning: none, auto (one per physical core first; see `rcluster-lb
     /// topology`), or a CPU list such as 0-3,6 (worker i gets the i-th CPU, wrapping).
     #[arg(long, value_name = "none|auto|CPU-LIST", default_value = "none")]
@@ -174,6 +182,28 @@ pub struct Args {
     pub command: Vec<OsString>,
 }
 
+/// `--steer`: who places connections for the policies the kernel program can carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Steer {
+    /// The kernel when the program loads here, the master otherwise.
+    Auto,
+    /// The kernel, or fail to start.
+    Kernel,
+    /// The master's acceptor.
+    Dispatch,
+}
+
+impl Steer {
+    /// The CLI name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Steer::Auto => "auto",
+            Steer::Kernel => "kernel",
+            Steer::Dispatch => "dispatch",
+        }
+    }
+}
+
 /// Subcommands besides running the cluster.
 #[derive(Debug, Subcommand)]
 pub enum Sub {
@@ -273,6 +303,9 @@ pub struct Config {
     pub workers: usize,
     /// The policy.
     pub policy: PolicyKind,
+    /// Who places connections (`Kernel` only for a policy the program carries; `Auto` is
+    /// resolved at startup by loading the program).
+    pub steer: Steer,
     /// Worker pinning.
     pub pin: Pin,
     /// CPU for the acceptor thread.
@@ -486,6 +519,33 @@ impl Args {
             },
         };
         command.resolve().map_err(usage)?;
+        let steer = match (
+            self.steer,
+            crate::steer::SteerPolicy::for_policy(self.policy),
+        ) {
+            (Steer::Kernel, None) => {
+                return Err(usage(format!(
+                    "--steer kernel: the kernel program places connections for least-conn and \
+                     round-robin, not {}",
+                    self.policy
+                )));
+            }
+            // Nothing to steer: the kernel modes have their own placement, the others dispatch.
+            (Steer::Auto, None) => Steer::Dispatch,
+            (steer, _) => steer,
+        };
+        // An active health check decides which workers get connections: only the master's
+        // dispatch can act on it.
+        let steer = match (steer, self.health_check.is_some()) {
+            (Steer::Kernel, true) => {
+                return Err(usage(
+                    "--steer kernel cannot be combined with --health-check (which needs the \
+                     master's dispatch to act on); use --heartbeat-timeout there",
+                ));
+            }
+            (Steer::Auto, true) => Steer::Dispatch,
+            (steer, _) => steer,
+        };
         let agent = match &self.agent {
             None => None,
             Some(line) => {
@@ -545,6 +605,7 @@ impl Args {
             listen_explicit,
             workers,
             policy: self.policy,
+            steer,
             pin,
             acceptor_cpu,
             command,
@@ -670,6 +731,9 @@ mod tests {
         std::fs::remove_file(&plain).unwrap();
         assert!(not_exec.contains("not executable"), "{not_exec}");
         assert!(msg(&["--drain-signal", "BOGUS"]).contains("BOGUS"));
+        assert!(msg(&["--steer", "kernel", "-p", "p2c"]).contains("not p2c"));
+        assert!(msg(&["--steer", "kernel", "-p", "shared"]).contains("not shared"));
+        assert!(msg(&["--steer", "kernel", "--health-check", "/h"]).contains("--health-check"));
         assert!(msg(&["--agent", "sh -c 'unterminated"]).contains("--agent"));
         assert!(msg(&["--agent", ""]).contains("empty command"));
         assert!(msg(&["--agent", "/no/such/agent x"]).contains("command not found"));
@@ -691,6 +755,22 @@ mod tests {
             assert!(msg(&["--user", "nobody"]).contains("run as root"));
         }
         assert!(msg(&["-l", "[::]:7001", "-l", "0.0.0.0:7001"]).contains("dual-stack"));
+    }
+
+    #[test]
+    fn steer_defaults_to_auto_where_the_program_applies() {
+        assert_eq!(config(&[]).unwrap().steer, Steer::Auto);
+        assert_eq!(config(&["-p", "rr"]).unwrap().steer, Steer::Auto);
+        assert_eq!(config(&["-p", "p2c"]).unwrap().steer, Steer::Dispatch);
+        assert_eq!(
+            config(&["-p", "lc", "--steer", "dispatch"]).unwrap().steer,
+            Steer::Dispatch
+        );
+        assert_eq!(config(&["--steer", "kernel"]).unwrap().steer, Steer::Kernel);
+        assert_eq!(
+            config(&["--health-check", "/h"]).unwrap().steer,
+            Steer::Dispatch
+        );
     }
 
     #[test]

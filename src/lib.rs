@@ -20,12 +20,25 @@
 //! In `reuseport` and `shared` modes fd 3+i is a real listening socket the master created and
 //! keeps open (so a worker's death never resets its queued connections); the acceptor is idle.
 //!
+//! Kernel steering (`--steer`, least-conn and round-robin where the program loads):
+//!
+//! ```text
+//! client ──SYN──▶ [SK_REUSEPORT program: least load among eligible slots] ──▶ slot i's own listener
+//!                        ▲ reads assigned/closed/eligible, adds 1 to assigned          │ fd 3+i
+//!                        │                                                             ▼
+//!        BPF_F_MMAPABLE table ◀── mmap: +accepted, +closed ── [worker i] accept() / close()
+//!                        ▲
+//! [master: supervisor] eligibility on every lifecycle change, reconciliation every 100 ms
+//! ```
+//!
 //! Map of this crate:
 //! - [`cli`]: command line → validated [`cli::Config`].
 //! - [`master`]: the master's parts — [`master::acceptor`] (accept, pick, send, reclaim),
 //!   [`master::supervisor`] (worker processes on the main thread), [`master::listener`]
 //!   (binding listening sockets).
 //! - [`policy`]: the dispatch policies.
+//! - [`steer`]: the kernel-steering program (instructions generated from `bpf/steer.bpf.c`), its
+//!   maps and loading; [`master::steer`] runs it for the supervisor.
 //! - [`topology`]: the host's CPUs and the `--pin auto` plan; [`cgroup`]: the CPU quota
 //!   `--workers 0` honours.
 //!
@@ -37,6 +50,7 @@ pub mod cgroup;
 pub mod cli;
 pub mod master;
 pub mod policy;
+pub mod steer;
 pub mod topology;
 
 /// Every libc call goes through the sys crate; `crate::sys` names it inside the master.

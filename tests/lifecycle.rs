@@ -122,8 +122,16 @@ fn ten_rolling_reloads_under_load_lose_no_connection_and_old_worker_finishes_lon
 #[test]
 fn connections_queued_to_a_stopped_worker_are_answered_by_others_after_it_is_killed() {
     const CONNS: usize = 200;
-    let cluster =
-        TestCluster::start(&["--workers", "2", "--policy", "round-robin", "--grace", "2s"]);
+    let cluster = TestCluster::start(&[
+        "--steer",
+        "dispatch",
+        "--workers",
+        "2",
+        "--policy",
+        "round-robin",
+        "--grace",
+        "2s",
+    ]);
     let addr = cluster.addr();
     let pids = cluster.wait_for_workers(2);
     let victim = pids[0];
@@ -318,7 +326,7 @@ fn sighup_during_a_reload_queues_exactly_one_more() {
 #[test]
 fn hundred_reloads_leave_master_fd_and_thread_counts_unchanged() {
     const RELOADS: usize = 100;
-    let cluster = TestCluster::start(&["--workers", "2", "--grace", "2s"]);
+    let cluster = TestCluster::start(&["--steer", "dispatch", "--workers", "2", "--grace", "2s"]);
     let master = cluster.pid();
     // After reload n: its line is logged, both old workers were reaped, and the acceptor has
     // closed their channels.
@@ -394,6 +402,8 @@ fn ttin_and_ttou_add_and_drain_workers_without_losing_connections() {
 #[test]
 fn stalled_worker_is_replaced_and_its_queued_connections_served_elsewhere() {
     let cluster = TestCluster::start(&[
+        "--steer",
+        "dispatch",
         "--workers",
         "2",
         "--policy",

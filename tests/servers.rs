@@ -153,6 +153,29 @@ fn wait_settled(cluster: &TestCluster, total: u64) -> Vec<WorkerStatus> {
     }
 }
 
+/// Kernel steering: waits until the table's books balance after `total` connections: the
+/// placements (less write-offs) add up to `total`, and every slot's worker reports and accepted
+/// and closed exactly what was placed on it. Returns the last status.
+fn wait_steer_settled(cluster: &TestCluster, slots: usize, total: i64) -> Vec<SteerSlotStatus> {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let st = cluster.steering_status(slots);
+        let placed: i64 = st.iter().map(|s| s.assigned - s.forgiven).sum();
+        if placed == total
+            && st.iter().all(|s| {
+                s.reporting && s.accepted == s.assigned - s.forgiven && s.closed == s.accepted
+            })
+        {
+            return st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the steering table did not settle to {total} placed, accepted and closed: {st:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// The pid in a `pid P` body.
 fn body_pid(resp: &Response) -> i32 {
     resp.body
@@ -227,6 +250,19 @@ fn serve_everything(server: Server, policy: &str) {
 
     if policy == "reuseport" || policy == "shared" {
         eprintln!("{what}: {CONNECTIONS} answered; per worker pid {by_pid:?}");
+        return;
+    }
+    if cluster.kernel_steered() {
+        // The shim counted every connection on the steering table: placed = accepted = closed.
+        let slots = wait_steer_settled(&cluster, WORKERS, CONNECTIONS as i64);
+        eprintln!(
+            "{what}, kernel-steered: {CONNECTIONS} answered; per worker pid {by_pid:?}; table {slots:?}"
+        );
+        if policy == "round-robin" {
+            let placed: Vec<i64> = slots.iter().map(|s| s.assigned - s.forgiven).collect();
+            let (min, max) = (placed.iter().min().unwrap(), placed.iter().max().unwrap());
+            assert!(max - min <= 1, "{what}: unequal turns {placed:?}");
+        }
         return;
     }
     let stats = wait_settled(&cluster, CONNECTIONS as u64);
@@ -427,7 +463,17 @@ fn threaded_accept_gets_every_connection_exactly_once() {
             "worker {pid} answered some connection twice or not at all"
         );
     }
-    let stats = wait_settled(&cluster, N as u64);
+    let dispatched: Vec<u64> = if cluster.kernel_steered() {
+        wait_steer_settled(&cluster, 2, N as i64)
+            .iter()
+            .map(|s| s.accepted as u64)
+            .collect()
+    } else {
+        wait_settled(&cluster, N as u64)
+            .iter()
+            .map(|s| s.dispatched)
+            .collect()
+    };
 
     // The servers' own totals, printed on SIGTERM.
     cluster.signal(libc::SIGTERM);
@@ -461,7 +507,7 @@ fn threaded_accept_gets_every_connection_exactly_once() {
             .map(|(p, s)| (*p, s.len()))
             .collect::<BTreeMap<_, _>>(),
         threads.len(),
-        stats.iter().map(|s| s.dispatched).collect::<Vec<_>>()
+        dispatched
     );
     assert_eq!(total, N, "the servers' own count");
     assert!(

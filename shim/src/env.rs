@@ -19,6 +19,9 @@ pub struct Contract {
     pub listen: Vec<SocketAddr>,
     /// `NOTIFY_SOCKET`, if set.
     pub notify_socket: Option<Vec<u8>>,
+    /// `RCLUSTER_STEER_FD` and `RCLUSTER_WORKER_ID`: the steering table's fd and this
+    /// worker's slot in it (kernel steering only).
+    pub steer: Option<(libc::c_int, usize)>,
 }
 
 fn getenv(name: &CStr) -> Option<Vec<u8>> {
@@ -62,6 +65,7 @@ pub fn read() -> Result<Option<Contract>, String> {
         mode: contract.mode,
         listen,
         notify_socket: getenv(c"NOTIFY_SOCKET").filter(|v| !v.is_empty()),
+        steer: contract.steer_fd.map(|fd| (fd, contract.id as usize)),
     }))
 }
 

@@ -429,10 +429,16 @@ unsafe fn exec_hooked(
     // SAFETY: caller contract.
     let env = unsafe { carry.exec_env(envp) };
     follow::set_inheritable(shim.listeners(), true);
+    if let Some(steer) = shim.steer() {
+        steer.set_inheritable(true);
+    }
     let rc = exec(env.as_ptr());
     // Only reached when exec failed: undo.
     let e = errno();
     follow::set_inheritable(shim.listeners(), false);
+    if let Some(steer) = shim.steer() {
+        steer.set_inheritable(false);
+    }
     set_errno(e);
     Some(rc)
 }

@@ -40,7 +40,16 @@ impl NotifyTarget {
     /// Sends `READY=1`. Best effort: the master also learns readiness from the channel, or
     /// from its configured start delay.
     pub fn send_ready(&self) {
-        let msg = b"READY=1";
+        self.send(b"READY=1");
+    }
+
+    /// Sends `STOPPING=1`: the server closed a listener (reuseport and shared modes, where there
+    /// is no channel to say it on). Best effort, like READY.
+    pub fn send_stopping(&self) {
+        self.send(b"STOPPING=1");
+    }
+
+    fn send(&self, msg: &[u8]) {
         // SAFETY: plain socket creation; the fd is closed below.
         let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
         if fd < 0 {

@@ -15,6 +15,7 @@ use crate::listener::Listener;
 use crate::notify::NotifyTarget;
 use crate::procs::Procs;
 use crate::sockopts::{self, Route};
+use crate::steer::SteerSlot;
 use crate::{dispatch, follow, real, sockaddr as sa};
 
 /// Everything the shim knows, once the constructor found the worker contract.
@@ -27,6 +28,8 @@ pub struct Shim {
     pub procs: Procs,
     notify: Option<NotifyTarget>,
     notified: AtomicBool,
+    /// Kernel steering: this worker's line of the table, counted on per accept and close.
+    steer: Option<SteerSlot>,
 }
 
 static SHIM: OnceLock<Shim> = OnceLock::new();
@@ -181,7 +184,18 @@ pub unsafe fn init() {
         .notify_socket
         .as_deref()
         .and_then(NotifyTarget::parse);
+    let steer = match contract.steer {
+        Some((fd, slot)) if contract.mode == Mode::Reuseport => {
+            let mapped = SteerSlot::map(fd, slot);
+            if mapped.is_none() {
+                warn("RCLUSTER_STEER_FD is not a mappable steering table; not counting");
+            }
+            mapped
+        }
+        _ => None,
+    };
     let _ = SHIM.set(Shim {
+        steer,
         mode: contract.mode,
         listeners,
         conns: ConnTable::new(),
@@ -198,6 +212,11 @@ impl Shim {
         unsafe { libc::getpid() as u32 }
     }
 
+    /// Kernel steering: this worker's line of the table, if mapped.
+    pub fn steer(&self) -> Option<&SteerSlot> {
+        self.steer.as_ref()
+    }
+
     /// All adopted listeners.
     pub fn listeners(&self) -> &[Listener] {
         &self.listeners
@@ -211,6 +230,14 @@ impl Shim {
     /// The listener the server's `fd` was claimed as, if any: a few atomic loads.
     fn claimed(&self, fd: c_int) -> Option<&Listener> {
         self.listeners.iter().find(|l| l.is_claimed_as(fd))
+    }
+
+    /// The listener whose inherited fd 3+i `fd` still is (a socket-activated server accepting
+    /// from it directly): the number matches and so does the file (an fstat, paid only then).
+    fn inherited_listener(&self, fd: c_int) -> Option<&Listener> {
+        self.listeners
+            .iter()
+            .find(|l| l.inherited_fd == fd && l.is_same_file(fd))
     }
 
     /// The dispatch listener whose channel `fd` refers to without having been claimed (fd 3+i
@@ -361,6 +388,19 @@ impl Shim {
             return unsafe { dispatch::accept(self, l, fd, addr, len, flags) };
         }
         let rc = real_accept();
+        if rc >= 0
+            && let Some(steer) = &self.steer
+            && let Some(l) = self.claimed(fd).or_else(|| self.inherited_listener(fd))
+        {
+            // Kernel steering: count it and watch its close (conns.rs).
+            steer.accepted();
+            match self.conns.mark(rc, l.index, self.pid()) {
+                crate::conns::Marked::Fresh => {}
+                crate::conns::Marked::Stale(_) => steer.closed(),
+                crate::conns::Marked::Untracked => steer.closed(),
+            }
+            return rc;
+        }
         // accept on a socketpair end fails with EINVAL (not listening) or EOPNOTSUPP: only then
         // pay an fstat to see whether it is one of our channels under another number.
         if rc < 0 && matches!(errno(), libc::EINVAL | libc::EOPNOTSUPP) {
@@ -558,6 +598,13 @@ impl Shim {
         if self.conns.is_marked(fd) {
             let pid = self.pid();
             if let Some(i) = self.conns.take(fd, pid) {
+                // Kernel steering: counted before the FIN leaves, so a client that reconnects
+                // at once finds the load already lower.
+                if let Some(steer) = &self.steer
+                    && self.listener(i).is_some_and(|l| !l.dispatch)
+                {
+                    steer.closed();
+                }
                 let rc = close_fd();
                 let e = errno();
                 // close(2): the fd is released even when an error is reported, so the
@@ -573,6 +620,14 @@ impl Shim {
                 let rc = close_fd();
                 let e = errno();
                 l.stopping();
+                if !l.dispatch
+                    && let Some(target) = &self.notify
+                {
+                    // Reuseport/shared (kernel steering too): no channel to say STOPPING on,
+                    // so NOTIFY_SOCKET carries it, and the next listen sends READY=1 again.
+                    target.send_stopping();
+                    self.notified.store(false, Ordering::Release);
+                }
                 set_errno(e);
                 return rc;
             }

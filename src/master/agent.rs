@@ -154,6 +154,8 @@ impl Agent {
                 notify_socket: notify_value.as_deref(),
                 role: Role::Agent,
                 ipc: ctx.bus.path().to_str(),
+                // The agent takes no connections: it never counts on the steering table.
+                steer_fd: None,
             }
             .entries()
             .into_iter()

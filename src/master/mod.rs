@@ -9,7 +9,8 @@
 //! (per-worker counts a worker cannot lie to), [`tree`] (a worker's process group) and
 //! [`ratelimit`] (bounded logging of what others can trigger). Beside the workers: the message
 //! [`bus`] (its own thread), the [`agent`] process, the heartbeat [`health`] checks and the
-//! active [`probe`]s.
+//! active [`probe`]s. Under kernel steering, [`steer`] is the supervisor's side of the BPF
+//! program that places connections instead of the acceptor.
 
 pub mod acceptor;
 pub mod accounting;
@@ -26,5 +27,6 @@ pub mod ratelimit;
 pub mod service_notify;
 pub mod shim;
 pub mod stall;
+pub mod steer;
 pub mod supervisor;
 pub mod tree;

@@ -53,6 +53,7 @@ use crate::master::notify::{Notice, NotifySocket, RuntimeDir};
 use crate::master::probe::{self, ProbeResult, ProbeSpec, Probes};
 use crate::master::service_notify::ServiceNotifier;
 use crate::master::stall::{self, QueueWatch};
+use crate::master::steer::{self as steer, SteerControl};
 use crate::master::{listener, tree};
 use crate::sys::spawn::{SpawnSpec, spawn};
 use crate::sys::{self, CpuSet, ExitStatus, Pid};
@@ -120,6 +121,8 @@ struct Supervisor {
     events: Receiver<Event>,
     events_tx: crossbeam_channel::Sender<Event>,
     acceptor: Option<AcceptorHandle>,
+    /// Kernel steering (`--steer`): the program places connections on the slots' listeners.
+    steer: Option<SteerControl>,
     /// Bound addresses (real ports).
     addrs: Vec<SocketAddr>,
     /// Dispatch mode: the listening sockets until the acceptor takes them. Shared mode: the
@@ -171,7 +174,12 @@ struct Supervisor {
 
 impl Supervisor {
     fn new(config: Config, activated: Activated) -> anyhow::Result<Self> {
-        let mode = config.policy.mode();
+        // Kernel steering gives the workers their own listeners, as in reuseport mode.
+        let mut steer = steer::start(&config)?;
+        let mode = match steer {
+            Some(_) => Mode::Reuseport,
+            None => config.policy.mode(),
+        };
         let poll = Poll::new().context("failed to create the supervisor's poll")?;
         let mut signals = Signals::new([
             SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGTTIN, SIGTTOU, SIGUSR1, SIGCHLD,
@@ -224,6 +232,11 @@ impl Supervisor {
                 slot.reuseport = bind_reuseport_group(&addrs)?;
             }
         }
+        if let Some(st) = &mut steer {
+            for (i, slot) in slots.iter().enumerate() {
+                st.add_slot(i, &slot.reuseport)?;
+            }
+        }
 
         let preload = config.preload.clone();
         let lifecycle = Lifecycle::new(Settings {
@@ -246,6 +259,7 @@ impl Supervisor {
             events,
             events_tx,
             acceptor: None,
+            steer,
             addrs,
             sockets,
             slots,
@@ -329,7 +343,11 @@ impl Supervisor {
             self.config.workers,
             self.config.command.display(),
             self.config.policy,
-            self.mode.as_str()
+            if self.steer.is_some() {
+                "kernel-steered reuseport"
+            } else {
+                self.mode.as_str()
+            }
         );
         // A command that cannot start at all (exec fails) is a startup error, not a crash.
         self.starting = true;
@@ -351,13 +369,54 @@ impl Supervisor {
     /// a spawn's result).
     fn feed(&mut self, input: Input) {
         let mut todo: VecDeque<Action> = self.lifecycle.handle(Instant::now(), input).into();
+        // Kernel steering: the table follows each decision before it is carried out, so a
+        // draining or dead worker's slot is out of it before the worker is signalled.
+        self.steer_sync();
         while let Some(action) = todo.pop_front() {
             if let Some(more) = self.apply(action) {
                 todo.extend(self.lifecycle.handle(Instant::now(), more));
+                self.steer_sync();
             }
         }
         self.service
             .observe(&self.lifecycle, &self.config.policy.to_string());
+    }
+
+    /// Kernel steering: a slot is eligible exactly while a ready worker serves it.
+    fn steer_sync(&mut self) {
+        if let Some(st) = &mut self.steer {
+            let workers = self.lifecycle.workers();
+            st.sync(|slot| {
+                workers
+                    .iter()
+                    .any(|w| w.slot == slot && w.state == WorkerState::Ready)
+            });
+        }
+    }
+
+    /// Kernel steering, every loop: reconciliation, stalled slots, --max-conns by placements.
+    fn steer_tick(&mut self) {
+        let Some(st) = &mut self.steer else {
+            return;
+        };
+        let slots = &self.slots;
+        let stalled = st.tick(Instant::now(), |s| &slots[s].reuseport);
+        let at_max = st.reached_max_conns();
+        for slot in stalled {
+            let ids: Vec<WorkerId> = self
+                .lifecycle
+                .workers()
+                .iter()
+                .filter(|w| w.slot == slot && w.state == WorkerState::Ready)
+                .map(|w| w.id)
+                .collect();
+            for id in ids {
+                self.feed(Input::Stalled { id });
+            }
+        }
+        for id in at_max {
+            self.feed(Input::MaxConns { id });
+        }
     }
 
     /// Carries out one action; returns the input it produces, if any.
@@ -413,9 +472,17 @@ impl Supervisor {
                     tree::signal(p.pid, signal);
                 }
             }
-            Action::Forget(id) => self.forget(id),
+            Action::Forget(id) => {
+                if let Some(st) = &mut self.steer {
+                    st.forget(id);
+                }
+                self.forget(id)
+            }
             Action::SlotRemoved(slot) => {
-                if self.mode == Mode::Reuseport {
+                // With SELECT_OR_MIGRATE the steering program re-places that queue instead.
+                if self.mode == Mode::Reuseport
+                    && !self.steer.as_ref().is_some_and(|s| s.migrates())
+                {
                     // Closing a SO_REUSEPORT listener resets what is queued on it unless the
                     // host has net.ipv4.tcp_migrate_req=1 (which moves them to another socket
                     // of the group).
@@ -466,11 +533,18 @@ impl Supervisor {
                 }
                 worker_fds.iter().map(|f| f.as_fd()).collect()
             }
-            Mode::Reuseport => self.slots[slot]
-                .reuseport
-                .iter()
-                .map(|s| s.as_fd())
-                .collect(),
+            Mode::Reuseport => {
+                let mut fds: Vec<BorrowedFd<'_>> = self.slots[slot]
+                    .reuseport
+                    .iter()
+                    .map(|s| s.as_fd())
+                    .collect();
+                // Kernel steering: the table follows the listeners (RCLUSTER_STEER_FD).
+                if let Some(st) = &self.steer {
+                    fds.push(st.table_fd());
+                }
+                fds
+            }
             Mode::Shared => self.sockets.iter().map(|s| s.as_fd()).collect(),
         };
 
@@ -490,6 +564,11 @@ impl Supervisor {
             mode: self.mode,
             listen: &self.addrs,
             notify_socket: notify_value.as_deref(),
+            // Kernel steering: the table's fd follows the listeners.
+            steer_fd: self
+                .steer
+                .as_ref()
+                .map(|_| rcluster_proto::LISTEN_FDS_START + self.addrs.len() as i32),
             role: Role::Worker,
             ipc: self.bus.path().to_str(),
         };
@@ -543,6 +622,15 @@ impl Supervisor {
             let _ = sys::kill(pid, libc::SIGKILL);
             let _ = sys::waitpid_blocking(pid);
             return Err(e).context("failed to watch the new worker");
+        }
+        if let Some(st) = &mut self.steer
+            && let Some(n) = self.config.max_conns
+        {
+            st.watch_max_conns(
+                id,
+                slot,
+                n.saturating_add(jitter(self.config.max_conns_jitter, id)),
+            );
         }
         self.bus.send(BusCommand::Register {
             pid,
@@ -631,6 +719,7 @@ impl Supervisor {
                     a.next_deadline(self.config.ready_delay, self.config.ready_timeout)
                 }),
                 self.next_queue_sample,
+                self.steer.as_ref().map(|s| s.next_deadline()),
                 self.service.next_deadline(),
                 self.delayed_stop.map(|(t, _)| t),
             ]
@@ -708,6 +797,7 @@ impl Supervisor {
             }
             self.run_probes();
             self.feed(Input::Tick);
+            self.steer_tick();
             if let Some(t) = self.next_rss_sample
                 && Instant::now() >= t
             {
@@ -767,6 +857,11 @@ impl Supervisor {
             }
         }
         for id in stalled {
+            if let Some(st) = &mut self.steer
+                && let Some(w) = self.lifecycle.worker(id)
+            {
+                st.mark_stalled(w.slot);
+            }
             self.feed(Input::Stalled { id });
         }
     }
@@ -882,6 +977,12 @@ impl Supervisor {
             Vec::new()
         };
         let slot = self.slots.len();
+        if let Some(st) = &mut self.steer
+            && let Err(e) = st.add_slot(slot, &reuseport)
+        {
+            error!("SIGTTIN: cannot add a worker: {e:#}");
+            return;
+        }
         self.slots.push(SlotIo {
             cpus: slot_cpus(&self.config.pin, slot),
             reuseport,
@@ -908,6 +1009,9 @@ impl Supervisor {
                 w.generation,
                 now.saturating_duration_since(w.started)
             );
+        }
+        if let Some(st) = &self.steer {
+            st.log_status();
         }
         if let Some(a) = &self.agent {
             a.log_status();

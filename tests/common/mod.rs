@@ -55,17 +55,29 @@ impl TestCluster {
 
     /// As [`TestCluster::spawn`] with extra environment variables for the master.
     pub fn spawn_with_env(args: &[&str], env: &[(&str, &str)]) -> TestCluster {
+        let mut cmd = Command::new(BIN);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Self::spawn_with_command(cmd, args)
+    }
+
+    /// As [`TestCluster::spawn`], running the master through `cmd` (the binary itself, or a
+    /// wrapper such as `setpriv ... -- BIN`), to which the arguments are added.
+    pub fn spawn_with_command(mut cmd: Command, args: &[&str]) -> TestCluster {
         let mut argv: Vec<&str> = Vec::new();
         let listeners = args.iter().filter(|a| **a == "--listen").count();
         if listeners == 0 {
             argv.extend(["--listen", "127.0.0.1:0"]);
         }
-        argv.extend_from_slice(args);
-        let mut cmd = Command::new(BIN);
-        cmd.args(&argv).stdin(Stdio::null());
-        for (k, v) in env {
-            cmd.env(k, v);
+        // The suites were written for the master's own dispatch; RCLUSTER_TEST_STEER=auto runs
+        // them with kernel steering where it applies (tests/steer.rs always chooses itself).
+        let steer = std::env::var("RCLUSTER_TEST_STEER").unwrap_or_else(|_| "dispatch".into());
+        if !args.contains(&"--steer") {
+            argv.extend(["--steer", steer.as_str()]);
         }
+        argv.extend_from_slice(args);
+        cmd.args(&argv).stdin(Stdio::null());
         Self::spawn_command(cmd, listeners.max(1))
     }
 
@@ -788,6 +800,47 @@ impl TestCluster {
         out
     }
 
+    /// Whether the master said the kernel steers (`--steer kernel`, or `auto` where it loaded).
+    pub fn kernel_steered(&self) -> bool {
+        self.log_contains("steering: kernel")
+    }
+
+    /// Asks the master for a status dump (SIGUSR1) and parses its kernel-steering lines, one per
+    /// slot in use (`slots` of them).
+    pub fn steering_status(&self, slots: usize) -> Vec<SteerSlotStatus> {
+        const LINE: &str = "status: steering slot ";
+        let slots_before = self.log_count(LINE);
+        self.signal(libc::SIGUSR1);
+        self.wait_for_count(LINE, slots_before + slots, DEADLINE);
+        let lines: Vec<String> = self
+            .log_lines()
+            .into_iter()
+            .filter(|l| l.contains(LINE))
+            .skip(slots_before)
+            .take(slots)
+            .collect();
+        lines
+            .iter()
+            .map(|l| {
+                let rest = l.split(LINE).nth(1).unwrap();
+                let field = |name: &str| -> i64 {
+                    let after = rest.split(&format!(" {name} ")).nth(1).unwrap();
+                    after.split_whitespace().next().unwrap().parse().unwrap()
+                };
+                SteerSlotStatus {
+                    slot: rest.split(':').next().unwrap().parse().unwrap(),
+                    eligible: !rest.contains("ineligible"),
+                    load: field("load"),
+                    assigned: field("assigned"),
+                    accepted: field("accepted"),
+                    closed: field("closed"),
+                    forgiven: field("forgiven"),
+                    reporting: !rest.contains("does not report"),
+                }
+            })
+            .collect()
+    }
+
     /// Returns once the acceptor thread has handled every command the supervisor sent it so
     /// far: asks for a status (SIGUSR1), which goes down the same ordered command channel, and
     /// waits for the acceptor's summary line.
@@ -903,6 +956,19 @@ pub struct WorkerStatus {
     pub dispatched: u64,
     pub closed: u64,
     pub rss_kib: u64,
+}
+
+/// One slot's line of the kernel-steering status (see `SteerControl::log_status`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SteerSlotStatus {
+    pub slot: usize,
+    pub eligible: bool,
+    pub load: i64,
+    pub assigned: i64,
+    pub accepted: i64,
+    pub closed: i64,
+    pub forgiven: i64,
+    pub reporting: bool,
 }
 
 /// Whether `program` runs; prints a note when it does not, so the caller can skip.

@@ -24,6 +24,9 @@ pub const RCLUSTER_MODE: &str = "RCLUSTER_MODE";
 pub const RCLUSTER_LISTEN: &str = "RCLUSTER_LISTEN";
 /// Where the worker may send sd_notify(3) datagrams (`READY=1`, `STOPPING=1`, `STATUS=`).
 pub const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
+/// Kernel steering only: the inherited fd of the steering table (a BPF map to `mmap`, layout in
+/// [`crate::steer`]); the worker's line is `RCLUSTER_WORKER_ID`.
+pub const RCLUSTER_STEER_FD: &str = "RCLUSTER_STEER_FD";
 /// `worker` or `agent` ([`Role`]): what this child is for.
 pub const RCLUSTER_ROLE: &str = "RCLUSTER_ROLE";
 /// Path of the master's message bus, an `AF_UNIX` stream socket in a private (0700) directory
@@ -148,6 +151,8 @@ pub struct ChildEnv<'a> {
     pub listen: &'a [SocketAddr],
     /// The worker's `NOTIFY_SOCKET` value, if it has one.
     pub notify_socket: Option<&'a str>,
+    /// Kernel steering: the fd number the steering table is placed at.
+    pub steer_fd: Option<i32>,
     /// Worker or agent. An agent gets no `LISTEN_*`, `PORT`, `RCLUSTER_WORKER_ID` nor
     /// `RCLUSTER_MODE` (it has no fds to describe); it gets `RCLUSTER_LISTEN` to know where the
     /// workers serve.
@@ -180,6 +185,9 @@ impl ChildEnv<'_> {
         out.push(format!("{RCLUSTER_LISTEN}={}", addrs.join(",")));
         if let Some(notify) = self.notify_socket {
             out.push(format!("{NOTIFY_SOCKET}={notify}"));
+        }
+        if let Some(fd) = self.steer_fd {
+            out.push(format!("{RCLUSTER_STEER_FD}={fd}"));
         }
         if let Some(ipc) = self.ipc {
             out.push(format!("{RCLUSTER_IPC}={ipc}"));
@@ -272,6 +280,8 @@ pub struct Contract {
     pub port: Option<u16>,
     /// `NOTIFY_SOCKET`, if set.
     pub notify_socket: Option<NotifyAddr>,
+    /// `RCLUSTER_STEER_FD`: the fd of the kernel-steering table, when the kernel steers.
+    pub steer_fd: Option<i32>,
     /// `RCLUSTER_IPC`, if set: the master's message bus.
     pub ipc: Option<PathBuf>,
 }
@@ -290,6 +300,7 @@ impl Contract {
             fd_names: Vec::new(),
             port: None,
             notify_socket: None,
+            steer_fd: None,
             ipc: None,
         }
     }
@@ -391,7 +402,19 @@ impl Contract {
                 )
             })?),
         };
+        let steer_fd = match var(RCLUSTER_STEER_FD) {
+            None => None,
+            Some(value) => Some(
+                value
+                    .trim()
+                    .parse::<i32>()
+                    .ok()
+                    .filter(|&fd| fd >= crate::LISTEN_FDS_START)
+                    .ok_or_else(|| invalid(RCLUSTER_STEER_FD, &value, "not an fd number"))?,
+            ),
+        };
         Ok(Contract {
+            steer_fd,
             id,
             generation,
             mode,
@@ -461,6 +484,7 @@ mod tests {
             mode: Mode::Reuseport,
             listen: &listen,
             notify_socket: Some("/run/x/notify"),
+            steer_fd: Some(5),
             role: Role::Worker,
             ipc: Some("/run/x/bus.sock"),
         }
@@ -474,6 +498,7 @@ mod tests {
         assert_eq!(c.port, Some(8080));
         assert_eq!(c.fd_names, ["listener0", "listener1"]);
         assert_eq!(c.listen_addrs().unwrap(), listen);
+        assert_eq!(c.steer_fd, Some(5));
         assert_eq!(
             c.notify_socket,
             Some(NotifyAddr::Path(PathBuf::from("/run/x/notify")))
@@ -505,6 +530,7 @@ mod tests {
                 notify_socket: Some("@n"),
                 role: Role::Agent,
                 ipc: Some("/run/x/bus.sock"),
+                steer_fd: None,
             }
             .entries(),
         );
@@ -532,6 +558,7 @@ mod tests {
                 mode: Mode::Dispatch,
                 listen: &["127.0.0.1:1".parse().unwrap()],
                 notify_socket: None,
+                steer_fd: None,
                 role: Role::Worker,
                 ipc: None,
             }

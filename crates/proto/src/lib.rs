@@ -5,12 +5,14 @@
 //!   ([`ToWorker`] master → worker, [`ToMaster`] worker → master);
 //! - [`mod@env`]: the environment a worker is started with ([`ChildEnv`] builds it in the master,
 //!   [`Contract`] parses it in a worker);
+//! - [`steer`]: the layout of the kernel-steering table workers count on;
 //! - the limits both sides rely on ([`MAX_LISTENERS`], [`MAX_FDS_PER_CONN`],
 //!   [`LISTEN_FDS_START`]) and the [`Mode`] that says what fd `3+i` is.
 //!
 //! This crate has no dependencies and no `unsafe`: it is pure data and parsing.
 
 pub mod env;
+pub mod steer;
 pub mod wire;
 
 pub use env::{ChildEnv, Contract, ContractError, Mode, NotifyAddr, Role};

@@ -2,6 +2,7 @@
 //! Rust worker API lives in this crate; each wrapper keeps its syscall's name and returns
 //! `io::Result`, and every fd is an `OwnedFd` from the line it is created on.
 
+pub mod bpf;
 pub mod scm;
 pub mod spawn;
 mod user;

@@ -32,6 +32,15 @@
 //! before it waits again: all closes of that iteration then travel in one message. `accept`
 //! also flushes first, and dropping a `Listener` switches its channel back to immediate
 //! reporting, so deferred counts are not stranded when nothing flushes any more.
+//!
+//! # Kernel steering
+//!
+//! Under `--steer kernel` the worker is in reuseport mode and `RCLUSTER_STEER_FD` names the
+//! steering table ([`rcluster_proto::steer`]). [`Worker::from_env`] maps it; each accept from a
+//! listener adds one to the slot's `accepted` and dropping the [`Connection`] adds one to
+//! `closed` *before* the socket closes (so a client that sees the FIN and reconnects finds the
+//! load already lower). Atomic adds on shared memory, no system call. Without the table (or if
+//! it cannot be mapped) the kernel program keeps its own counts alone.
 
 pub mod bus;
 
@@ -47,7 +56,10 @@ use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
 
+use rcluster_proto::env::RCLUSTER_STEER_FD;
+use rcluster_proto::steer as page;
 use rcluster_proto::{HEADER_LEN, MAX_FDS_PER_CONN, ProtocolError, ToMaster, ToWorker};
+use rcluster_sys::bpf::MapMmap;
 use rcluster_sys::{self as sys, scm};
 
 pub use rcluster_proto::{
@@ -187,7 +199,16 @@ impl Worker {
             })?;
             fds.push(owned);
         }
-        Worker::new(contract, fds)
+        let steer = contract
+            .steer_fd
+            .and_then(|fd| SteerTable::adopt(fd, contract.id));
+        let mut worker = Worker::new(contract, fds)?;
+        if let Some(table) = steer {
+            for l in &mut worker.listeners {
+                l.steer = Some(Arc::clone(&table));
+            }
+        }
+        Ok(worker)
     }
 
     /// A worker around fds the caller owns (fd `i` is listener `i`), checked like
@@ -369,6 +390,69 @@ pub struct Listener {
     name: Option<String>,
     nonblocking: bool,
     kind: ListenerKind,
+    /// Kernel steering: the table accepts and closes are counted on.
+    steer: Option<Arc<SteerTable>>,
+}
+
+/// This worker's line of the kernel-steering table (module docs, [`rcluster_proto::steer`]).
+#[derive(Debug)]
+struct SteerTable {
+    map: MapMmap,
+    slot: usize,
+}
+
+impl SteerTable {
+    /// Maps the table inherited at `fd` and marks `slot` as reporting; `None` (with a warning)
+    /// when the fd is not a BPF map or cannot be mapped.
+    fn adopt(fd: i32, slot: u32) -> Option<Arc<SteerTable>> {
+        let slot = slot as usize;
+        let mapped = sys::adopt_inherited_fd(fd)
+            .and_then(|owned| {
+                if !sys::bpf::is_bpf_map(owned.as_fd()) {
+                    return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a BPF map"));
+                }
+                if slot >= page::MAX_SLOTS {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "slot beyond the table",
+                    ));
+                }
+                // The mapping outlives the fd (mmap(2)); the fd is closed here.
+                MapMmap::new(owned.as_fd(), page::TABLE_SIZE)
+            })
+            .map_err(|e| {
+                log::warn!(
+                    "{}={fd}: not counting for kernel steering: {e}",
+                    RCLUSTER_STEER_FD
+                )
+            })
+            .ok()?;
+        let table = SteerTable { map: mapped, slot };
+        // Tells a preloaded shim in this process that the worker counts itself.
+        if let Some(w) = table.map.u32_at(page::offset(slot, page::REPORTING)) {
+            w.store(page::REPORTING_SELF, Ordering::SeqCst);
+        }
+        Some(Arc::new(table))
+    }
+
+    fn add(&self, field: usize) {
+        if let Some(w) = self.map.u64_at(page::offset(self.slot, field)) {
+            w.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Counts one close on the steering table when dropped: placed before the socket in
+/// [`Connection`] and [`MioConnection`], so the count lands before the close.
+#[derive(Debug)]
+struct SteerClose(Option<Arc<SteerTable>>);
+
+impl Drop for SteerClose {
+    fn drop(&mut self) {
+        if let Some(t) = &self.0 {
+            t.add(page::CLOSED);
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -418,6 +502,7 @@ impl Listener {
             name,
             nonblocking: false,
             kind,
+            steer: None,
         })
     }
 
@@ -479,12 +564,19 @@ impl Listener {
                 } else {
                     listener.accept()?.0
                 };
+                if let Some(t) = &self.steer {
+                    t.add(page::ACCEPTED);
+                }
                 Ok(Connection {
+                    steer_close: SteerClose(self.steer.clone()),
                     stream,
                     seq: None,
                     listener: self.index,
                     nonblocking: self.nonblocking,
-                    close: CloseToken { channel: None },
+                    close: CloseToken {
+                        channel: None,
+                        steer: SteerClose(None),
+                    },
                 })
             }
         }
@@ -802,12 +894,14 @@ impl Channel {
     ) -> io::Result<Connection> {
         // The close token exists before anything can fail, so even an error here reports it.
         let conn = Connection {
+            steer_close: SteerClose(None),
             stream: TcpStream::from(fd),
             seq: Some(seq),
             listener: self.index,
             nonblocking,
             close: CloseToken {
                 channel: Some(Arc::clone(self)),
+                steer: SteerClose(None),
             },
         };
         // O_NONBLOCK is a file status flag and travels with the fd (the master's accept4 chose
@@ -874,6 +968,8 @@ impl Channel {
 #[derive(Debug)]
 pub struct CloseToken {
     channel: Option<Arc<Channel>>,
+    /// Kernel steering: counts the close on the table ([`Connection::into_parts`]).
+    steer: SteerClose,
 }
 
 impl CloseToken {
@@ -896,7 +992,9 @@ impl Drop for CloseToken {
 /// the master (module docs).
 #[derive(Debug)]
 pub struct Connection {
-    // Field order matters: the socket is closed before the close token reports it.
+    // Field order matters: a steering close is counted before the socket closes, and the socket
+    // is closed before the close token reports it.
+    steer_close: SteerClose,
     stream: TcpStream,
     seq: Option<u64>,
     listener: usize,
@@ -918,7 +1016,9 @@ impl Connection {
     /// Splits into the socket and the token that reports its close; drop the token after the
     /// socket is closed.
     pub fn into_parts(self) -> (TcpStream, CloseToken) {
-        (self.stream, self.close)
+        let mut close = self.close;
+        close.steer = self.steer_close;
+        (self.stream, close)
     }
 
     /// The connection as a non-blocking mio stream for an event loop.
@@ -927,6 +1027,7 @@ impl Connection {
             self.stream.set_nonblocking(true)?;
         }
         Ok(MioConnection {
+            _steer_close: self.steer_close,
             stream: mio::net::TcpStream::from_std(self.stream),
             seq: self.seq,
             listener: self.listener,
@@ -973,7 +1074,8 @@ impl Write for Connection {
 /// Dropping it reports the close like dropping the `Connection` would.
 #[derive(Debug)]
 pub struct MioConnection {
-    // Field order matters: the socket is closed before the close token reports it.
+    // Field order matters: as in Connection. Held for its drop.
+    _steer_close: SteerClose,
     stream: mio::net::TcpStream,
     seq: Option<u64>,
     listener: usize,

@@ -1,0 +1,51 @@
+//! The kernel-steering table's memory layout (docs/PROTOCOL.md §7), shared by the master (which
+//! creates the table and reads it), the Rust worker API and the preload shim (which count on it).
+//! The worker finds the table at the fd named by [`crate::env::RCLUSTER_STEER_FD`]. Pure
+//! constants.
+//!
+//! The table is a `BPF_F_MMAPABLE` array of [`MAX_SLOTS`] lines of [`SLOT_SIZE`] bytes, one per
+//! worker slot, little-endian (the host's order), every field updated with atomics:
+//!
+//! | offset | field | written by |
+//! | --- | --- | --- |
+//! | 0 | `assigned: u64` | the program, after it placed a connection on the slot's listener |
+//! | 8 | `accepted: u64` | the worker, per connection accepted from the listener |
+//! | 16 | `closed: u64` | the worker, per connection closed (before the close) |
+//! | 24 | `forgiven: i64` | the master: placements that never reached the worker |
+//! | 32 | `eligible: u32` | the master: 1 while a ready worker serves the slot |
+//! | 36 | `reporting: u32` | the worker: [`REPORTING_SELF`] or the shim's [`REPORTING_SHIM`] once it counts |
+//!
+//! The program's load for a slot is `assigned - closed - forgiven`.
+
+/// Slots in the table (a power of two; the program masks indexes with `MAX_SLOTS - 1`).
+pub const MAX_SLOTS: usize = 1024;
+/// Bytes per slot (one cache line).
+pub const SLOT_SIZE: usize = 64;
+/// Bytes of the whole table, what a worker maps.
+pub const TABLE_SIZE: usize = MAX_SLOTS * SLOT_SIZE;
+/// Offset of `assigned` in a slot.
+pub const ASSIGNED: usize = 0;
+/// Offset of `accepted` in a slot.
+pub const ACCEPTED: usize = 8;
+/// Offset of `closed` in a slot.
+pub const CLOSED: usize = 16;
+/// Offset of `forgiven` in a slot.
+pub const FORGIVEN: usize = 24;
+/// Offset of `eligible` in a slot.
+pub const ELIGIBLE: usize = 32;
+/// Offset of `reporting` in a slot.
+pub const REPORTING: usize = 36;
+/// `reporting` value stored by the preload shim: it counts for a server that does not.
+pub const REPORTING_SHIM: u32 = 1;
+/// `reporting` value stored by a worker that counts itself (the Rust worker API): the shim,
+/// preloaded into the same process, then stands aside so nothing is counted twice.
+pub const REPORTING_SELF: u32 = 2;
+
+/// The BPF program's C source (`bpf/steer.bpf.c`) mirrors this layout; this checks the part the
+/// Rust side can.
+const _: () = assert!(MAX_SLOTS.is_power_of_two() && SLOT_SIZE == 64 && REPORTING + 4 <= 40);
+
+/// Byte offset of `field` in `slot`'s line.
+pub const fn offset(slot: usize, field: usize) -> usize {
+    slot * SLOT_SIZE + field
+}

@@ -1,0 +1,356 @@
+//! The supervisor's side of kernel steering: deciding at startup whether the kernel steers
+//! (`--steer`), registering each worker slot's listeners with the program, keeping the table's
+//! eligibility equal to "a ready worker serves this slot", and reconciling placements that never
+//! reached a worker. Owned and called by the supervisor on the main thread; it holds the
+//! [`Steering`] (maps, programs), never the listening sockets (the supervisor's slots do).
+
+use std::os::fd::{AsFd, BorrowedFd};
+use std::time::{Duration, Instant};
+
+use log::{info, warn};
+use socket2::Socket;
+
+use crate::cli::{Config, Steer};
+use crate::master::lifecycle::WorkerId;
+use crate::steer::{SteerPolicy, Steering};
+use crate::sys;
+use rcluster_proto::steer as page;
+
+/// How often placements are reconciled with the listeners' accept queues.
+pub const RECONCILE_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Kernel steering as the supervisor runs it.
+#[derive(Debug)]
+pub struct SteerControl {
+    steering: Steering,
+    policy: SteerPolicy,
+    /// Slots the program scans (the supervisor's slot count).
+    slots: usize,
+    /// What the table says, so a change is logged once.
+    eligible: Vec<bool>,
+    /// Per slot: since when its queue has been non-empty while its worker accepted nothing,
+    /// and the `accepted` count then.
+    stall: Vec<Option<(Instant, u64)>>,
+    /// Slots found stalled: ineligible until their worker (or its replacement) accepts again.
+    stalled: Vec<bool>,
+    /// `--stall-timeout`.
+    stall_timeout: Duration,
+    /// `--max-conns` under kernel steering: per worker, its slot, the slot's `assigned` when it
+    /// started, and its limit. A slot's placements are its ready workers' connections.
+    max_conns: Vec<(WorkerId, usize, u64, u64)>,
+    next_reconcile: Instant,
+    /// Placements written off (+) or taken back (-) since start, for the status line.
+    forgiven_total: i64,
+}
+
+/// Decides who places connections. `Ok(None)`: the master dispatches (`--steer dispatch`, a
+/// policy the program cannot carry, or `auto` where the program does not load: logged with the
+/// reason). `Err`: `--steer kernel` and the program does not load.
+pub fn start(config: &Config) -> anyhow::Result<Option<SteerControl>> {
+    let Some(policy) = SteerPolicy::for_policy(config.policy) else {
+        return Ok(None);
+    };
+    if config.steer == Steer::Dispatch {
+        info!("steering: dispatch (--steer dispatch): the master accepts and passes connections");
+        return Ok(None);
+    }
+    if config.workers > page::MAX_SLOTS {
+        let why = format!(
+            "{} workers exceed the steering table's {} slots",
+            config.workers,
+            page::MAX_SLOTS
+        );
+        return fallback(config.steer, &why);
+    }
+    match Steering::load(config.listen.len()) {
+        Ok(steering) => {
+            info!(
+                "steering: kernel: an SK_REUSEPORT program places each connection on the {} \
+                 worker's own listener{} (--steer {})",
+                config.policy,
+                if steering.migrates() {
+                    "; a closed listener's queue is re-placed the same way"
+                } else {
+                    "; this kernel cannot migrate a closed listener's queue (5.14+)"
+                },
+                config.steer.name()
+            );
+            Ok(Some(SteerControl {
+                steering,
+                policy,
+                slots: 0,
+                eligible: Vec::new(),
+                stall: Vec::new(),
+                stalled: Vec::new(),
+                stall_timeout: config.stall_timeout,
+                max_conns: Vec::new(),
+                next_reconcile: Instant::now() + RECONCILE_INTERVAL,
+                forgiven_total: 0,
+            }))
+        }
+        Err(e) => fallback(config.steer, &e.to_string()),
+    }
+}
+
+/// What one sample says about a slot's stall watch.
+#[derive(Debug, PartialEq, Eq)]
+enum StallStep {
+    /// Nothing waits, or the worker accepted since the watch began (or it does not report).
+    Clear,
+    /// Connections wait and nothing was accepted: watching since then, at that `accepted`.
+    Watch((Instant, u64)),
+    /// Watched for the whole timeout.
+    Stalled,
+}
+
+fn stall_step(
+    watch: Option<(Instant, u64)>,
+    now: Instant,
+    queued: u64,
+    c: crate::steer::SlotCounts,
+    timeout: Duration,
+) -> StallStep {
+    if queued == 0 || !c.reporting {
+        return StallStep::Clear;
+    }
+    match watch {
+        Some((_, accepted)) if accepted != c.accepted => StallStep::Clear,
+        Some((since, _)) if now.duration_since(since) >= timeout => StallStep::Stalled,
+        Some(w) => StallStep::Watch(w),
+        None => StallStep::Watch((now, c.accepted)),
+    }
+}
+
+fn fallback(steer: Steer, why: &str) -> anyhow::Result<Option<SteerControl>> {
+    if steer == Steer::Kernel {
+        anyhow::bail!("--steer kernel: {why}");
+    }
+    warn!("steering: dispatch, kernel steering unavailable: {why}");
+    Ok(None)
+}
+
+impl SteerControl {
+    /// Whether the program re-places a closed listener's queue (`SELECT_OR_MIGRATE`), so
+    /// closing a slot's listener resets nothing.
+    pub fn migrates(&self) -> bool {
+        self.steering.migrates()
+    }
+
+    /// The table's fd for workers to map, and the variable naming where they find it.
+    pub fn table_fd(&self) -> BorrowedFd<'_> {
+        self.steering.table_fd()
+    }
+
+    /// Registers slot `slot`'s listeners (one per `--listen` address, in order), new or taken
+    /// over from an earlier use of the slot: zeroes its counters, puts each listener in its
+    /// address's socket array, attaches the program to each group (once is enough, again is
+    /// harmless) and widens the scan. The slot stays ineligible until a worker is ready.
+    pub fn add_slot(&mut self, slot: usize, listeners: &[Socket]) -> anyhow::Result<()> {
+        use anyhow::Context;
+        self.steering.set_eligible(slot, false);
+        self.steering.reset(slot);
+        for (i, socket) in listeners.iter().enumerate() {
+            self.steering
+                .insert(slot, i, socket.as_fd())
+                .with_context(|| {
+                    format!("cannot give worker slot {slot}'s listener to the program")
+                })?;
+            if slot == 0 {
+                self.steering
+                    .attach(i, socket.as_fd())
+                    .context("cannot attach the steering program to the listeners")?;
+            }
+        }
+        if slot >= self.eligible.len() {
+            self.eligible.resize(slot + 1, false);
+            self.stall.resize(slot + 1, None);
+            self.stalled.resize(slot + 1, false);
+        }
+        self.stall[slot] = None;
+        self.stalled[slot] = false;
+        self.slots = self.slots.max(slot + 1);
+        self.steering
+            .configure(self.slots, self.policy)
+            .context("cannot update the steering program's slot count")
+    }
+
+    /// Makes the table's eligibility what the supervisor says: `serving(slot)` is true while a
+    /// ready, not draining worker serves the slot. Called after every lifecycle change, before
+    /// any signal is sent, so a draining or dead worker's slot gets no new connection first.
+    pub fn sync(&mut self, serving: impl Fn(usize) -> bool) {
+        for slot in 0..self.slots {
+            let want = serving(slot) && !self.stalled[slot];
+            if self.eligible[slot] != want {
+                self.eligible[slot] = want;
+                self.steering.set_eligible(slot, want);
+                info!(
+                    "steering: slot {slot} {}",
+                    if want { "eligible" } else { "ineligible" }
+                );
+            }
+        }
+    }
+
+    /// The supervisor's own stall detection found `slot`'s worker stalled: out of the table
+    /// until the slot accepts again (its replacement takes the queue over).
+    pub fn mark_stalled(&mut self, slot: usize) {
+        if slot < self.slots {
+            self.stalled[slot] = true;
+            let accepted = self.steering.counts(slot).accepted;
+            self.stall[slot].get_or_insert((Instant::now(), accepted));
+        }
+    }
+
+    /// Starts counting `--max-conns` for worker `id` of `slot` from now.
+    pub fn watch_max_conns(&mut self, id: WorkerId, slot: usize, limit: u64) {
+        let base = self.steering.counts(slot).assigned;
+        self.max_conns.push((id, slot, base, limit));
+    }
+
+    /// Stops watching a worker that exited.
+    pub fn forget(&mut self, id: WorkerId) {
+        self.max_conns.retain(|m| m.0 != id);
+    }
+
+    /// Workers whose slot was given `--max-conns` connections since they started (each reported
+    /// once). Checked on the [`SteerControl::tick`] period, so a worker may take a few more.
+    pub fn reached_max_conns(&mut self) -> Vec<WorkerId> {
+        let mut done = Vec::new();
+        let steering = &self.steering;
+        self.max_conns.retain(|&(id, slot, base, limit)| {
+            let reached = steering.counts(slot).assigned.saturating_sub(base) >= limit;
+            if reached {
+                done.push(id);
+            }
+            !reached
+        });
+        done
+    }
+
+    /// When [`SteerControl::tick`] wants to run next.
+    pub fn next_deadline(&self) -> Instant {
+        self.next_reconcile
+    }
+
+    /// Every [`RECONCILE_INTERVAL`]: reconciles placements with what reached the workers, and
+    /// finds stalled slots. `listeners(slot)` gives the slot's listening sockets (empty for a
+    /// slot gone). Returns the slots that just stalled: connections wait in the queue while the
+    /// worker (which reports its accepts) accepted none for `--stall-timeout`. Such a slot is
+    /// ineligible at once, until it accepts again; the supervisor replaces its worker.
+    pub fn tick<'a>(
+        &mut self,
+        now: Instant,
+        listeners: impl Fn(usize) -> &'a [Socket],
+    ) -> Vec<usize> {
+        let mut stalled = Vec::new();
+        if now < self.next_reconcile {
+            return stalled;
+        }
+        self.next_reconcile = now + RECONCILE_INTERVAL;
+        for slot in 0..self.slots {
+            let socks = listeners(slot);
+            if socks.is_empty() {
+                continue;
+            }
+            let queued: u64 = socks
+                .iter()
+                .filter_map(|s| sys::bpf::tcp_listen_queue(s.as_fd()).ok())
+                .map(|(q, _)| u64::from(q))
+                .sum();
+            self.forgiven_total += self.steering.reconcile(slot, queued);
+            let c = self.steering.counts(slot);
+            match stall_step(self.stall[slot], now, queued, c, self.stall_timeout) {
+                StallStep::Clear => {
+                    self.stall[slot] = None;
+                    if std::mem::take(&mut self.stalled[slot]) {
+                        info!("steering: slot {slot} accepts again");
+                    }
+                }
+                StallStep::Watch(since) => self.stall[slot] = Some(since),
+                StallStep::Stalled => {
+                    if !self.stalled[slot] {
+                        self.stalled[slot] = true;
+                        warn!(
+                            "steering: worker slot {slot} accepted nothing for {:?} with {queued} \
+                             connections waiting: no more connections for it",
+                            self.stall_timeout
+                        );
+                        stalled.push(slot);
+                    }
+                }
+            }
+        }
+        stalled
+    }
+
+    /// One status line per slot in use (SIGUSR1), plus the programs' cost when
+    /// `kernel.bpf_stats_enabled` is on.
+    pub fn log_status(&self) {
+        for slot in 0..self.slots {
+            let c = self.steering.counts(slot);
+            info!(
+                "status: steering slot {slot}: {} load {} assigned {} accepted {} closed {} \
+                 forgiven {}{}",
+                if c.eligible { "eligible" } else { "ineligible" },
+                c.load(),
+                c.assigned,
+                c.accepted,
+                c.closed,
+                c.forgiven,
+                if c.reporting {
+                    ""
+                } else {
+                    " (worker does not report)"
+                }
+            );
+        }
+        let (ns, runs) = self.steering.run_stats();
+        if let Some(per_run) = ns.checked_div(runs) {
+            info!(
+                "status: steering program: {runs} runs, {per_run} ns per run \
+                 (kernel.bpf_stats_enabled)"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::steer::SlotCounts;
+
+    #[test]
+    fn a_slot_stalls_only_when_its_queue_waits_and_nothing_is_accepted() {
+        let t0 = Instant::now();
+        let timeout = Duration::from_secs(1);
+        let c = |accepted| SlotCounts {
+            accepted,
+            reporting: true,
+            ..SlotCounts::default()
+        };
+        assert_eq!(stall_step(None, t0, 0, c(5), timeout), StallStep::Clear);
+        assert_eq!(
+            stall_step(None, t0, 2, c(5), timeout),
+            StallStep::Watch((t0, 5))
+        );
+        let later = t0 + Duration::from_millis(500);
+        assert_eq!(
+            stall_step(Some((t0, 5)), later, 2, c(5), timeout),
+            StallStep::Watch((t0, 5))
+        );
+        assert_eq!(
+            stall_step(Some((t0, 5)), later, 2, c(6), timeout),
+            StallStep::Clear
+        );
+        let end = t0 + timeout;
+        assert_eq!(
+            stall_step(Some((t0, 5)), end, 2, c(5), timeout),
+            StallStep::Stalled
+        );
+        let silent = SlotCounts::default();
+        assert_eq!(
+            stall_step(Some((t0, 0)), end, 2, silent, timeout),
+            StallStep::Clear
+        );
+    }
+}

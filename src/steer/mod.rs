@@ -1,0 +1,551 @@
+//! Kernel steering (`--steer kernel`): a `BPF_PROG_TYPE_SK_REUSEPORT` program, attached to the
+//! reuseport group of each listening address, places every new connection on the listener of
+//! the eligible worker slot with the least load, read from a table in a `BPF_F_MMAPABLE` array
+//! (layout: [`rcluster_proto::steer`]). The master leaves the per-connection path; workers count what they accept
+//! and close on the same memory, without a system call.
+//!
+//! [`Steering`] is owned by the supervisor's [`crate::master::steer`] (main thread). It holds the maps, one program and one
+//! `REUSEPORT_SOCKARRAY` per listening address, and the master's own mapping of the table; it
+//! writes eligibility, the slot count and the reconciliation of handshakes that never completed.
+//! The instructions come from `bpf/steer.bpf.c` through `scripts/gen-bpf.sh` ([`prog`]), so
+//! neither users nor `cargo build` need clang.
+
+pub mod prog;
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::Ordering;
+
+use thiserror::Error;
+
+use crate::sys::bpf::{self, MapMmap, MapSpec, ProgLoadError, ProgSpec};
+use rcluster_proto::steer as page;
+
+/// Why kernel steering is not available here (the master falls back to dispatch).
+#[derive(Debug, Error)]
+pub enum SteerError {
+    /// `bpf(2)` refused: no CAP_BPF (or CAP_SYS_ADMIN), or a seccomp profile.
+    #[error(
+        "bpf(2) not permitted ({0}): loading the program needs CAP_BPF (or CAP_SYS_ADMIN) and \
+         no seccomp profile that forbids bpf(2)"
+    )]
+    NotPermitted(io::Error),
+    /// `bpf(2)` does not exist (ENOSYS: a kernel without it, or seccomp answering ENOSYS).
+    #[error("bpf(2) unavailable ({0}): kernel without BPF, or a seccomp profile")]
+    NoBpf(io::Error),
+    /// A map could not be created (kernel older than 5.5 for mmapable arrays, or memlock).
+    #[error("cannot create the {what} map: {error}")]
+    Map {
+        /// Which map.
+        what: &'static str,
+        /// The errno.
+        error: io::Error,
+    },
+    /// The verifier or the kernel refused the program (needs 5.13 for bpf_for_each_map_elem).
+    #[error("the steering program did not load: {0}")]
+    Prog(ProgLoadError),
+    /// Attaching, inserting a listener, or mapping the table failed.
+    #[error("{what}: {error}")]
+    Setup {
+        /// What was being done.
+        what: &'static str,
+        /// The errno.
+        error: io::Error,
+    },
+}
+
+fn classify(what: &'static str, error: io::Error) -> SteerError {
+    match error.raw_os_error() {
+        Some(libc::EPERM) | Some(libc::EACCES) => SteerError::NotPermitted(error),
+        Some(libc::ENOSYS) => SteerError::NoBpf(error),
+        _ => SteerError::Map { what, error },
+    }
+}
+
+/// One slot's counters as read from the table.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SlotCounts {
+    /// Connections the program placed on the slot.
+    pub assigned: u64,
+    /// Connections the slot's workers accepted (when they report).
+    pub accepted: u64,
+    /// Connections the slot's workers closed (when they report).
+    pub closed: u64,
+    /// Placements the master wrote off (abandoned handshakes) or, negative, connections the
+    /// kernel's hash placed while nothing was eligible.
+    pub forgiven: i64,
+    /// A ready worker serves the slot.
+    pub eligible: bool,
+    /// The slot's worker counts on the table.
+    pub reporting: bool,
+}
+
+impl SlotCounts {
+    /// The program's load figure: `assigned - closed - forgiven`.
+    pub fn load(&self) -> i64 {
+        (self.assigned.wrapping_sub(self.closed) as i64).wrapping_sub(self.forgiven)
+    }
+}
+
+/// What the program minimises (`steer_meta.policy` in bpf/steer.bpf.c).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SteerPolicy {
+    /// `assigned - closed - forgiven`: connections still open.
+    LeastConn = 0,
+    /// `assigned - forgiven`: placements, so each slot gets an equal share in turn.
+    RoundRobin = 1,
+}
+
+impl SteerPolicy {
+    /// The program's form of a `--policy`, if it carries it (least-mem and p2c would need RSS
+    /// or random draws in the table: not built).
+    pub fn for_policy(policy: crate::policy::PolicyKind) -> Option<SteerPolicy> {
+        match policy {
+            crate::policy::PolicyKind::LeastConn => Some(SteerPolicy::LeastConn),
+            crate::policy::PolicyKind::RoundRobin => Some(SteerPolicy::RoundRobin),
+            _ => None,
+        }
+    }
+}
+
+/// Per-listener program and socket array.
+struct Group {
+    socks: OwnedFd,
+    prog: OwnedFd,
+}
+
+/// The loaded steering: maps, programs (one per listening address), the master's mapping.
+pub struct Steering {
+    slots: OwnedFd,
+    meta: OwnedFd,
+    groups: Vec<Group>,
+    table: MapMmap,
+    /// The program also places the queue of a closed listener (`SELECT_OR_MIGRATE`, 5.14+).
+    migrate: bool,
+    /// Reconciliation: the excess each slot showed at the previous sample.
+    last_excess: Vec<i64>,
+}
+
+impl std::fmt::Debug for Steering {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Steering")
+            .field("listeners", &self.groups.len())
+            .field("migrate", &self.migrate)
+            .finish()
+    }
+}
+
+impl Steering {
+    /// Creates the maps and loads one program per listening address: the probe. Fails (and the
+    /// caller falls back) without CAP_BPF, under a seccomp profile that forbids `bpf(2)`, or on a
+    /// kernel older than 5.13.
+    pub fn load(listeners: usize) -> Result<Steering, SteerError> {
+        let slots = bpf::map_create(&MapSpec {
+            map_type: bpf::MAP_TYPE_ARRAY,
+            key_size: 4,
+            value_size: page::SLOT_SIZE as u32,
+            max_entries: page::MAX_SLOTS as u32,
+            flags: bpf::F_MMAPABLE,
+            name: "steer_slots",
+        })
+        .map_err(|e| classify("slot table", e))?;
+        let meta = bpf::map_create(&MapSpec {
+            map_type: bpf::MAP_TYPE_ARRAY,
+            key_size: 4,
+            value_size: 8,
+            max_entries: 1,
+            flags: 0,
+            name: "steer_meta",
+        })
+        .map_err(|e| classify("meta", e))?;
+        let (btf_blob, func_info) = btf_for(prog::FUNCS);
+        let btf = bpf::btf_load(&btf_blob).map_err(|e| SteerError::Setup {
+            what: "BTF for the program did not load",
+            error: e,
+        })?;
+        let mut groups = Vec::with_capacity(listeners);
+        let mut migrate = true;
+        for _ in 0..listeners {
+            let socks = bpf::map_create(&MapSpec {
+                map_type: bpf::MAP_TYPE_REUSEPORT_SOCKARRAY,
+                key_size: 4,
+                value_size: 8,
+                max_entries: page::MAX_SLOTS as u32,
+                flags: 0,
+                name: "steer_socks",
+            })
+            .map_err(|e| classify("socket array", e))?;
+            let mut insns = prog::INSNS;
+            for &(index, name) in prog::MAP_RELOCS {
+                let map = match name {
+                    "steer_slots" => slots.as_fd(),
+                    "steer_meta" => meta.as_fd(),
+                    "steer_socks" => socks.as_fd(),
+                    _ => unreachable!("scripts/gen-bpf.sh emits only the program's maps"),
+                };
+                bpf::patch_map_fd(&mut insns, index, map).map_err(|e| SteerError::Setup {
+                    what: "bad map reference in the embedded program",
+                    error: e,
+                })?;
+            }
+            let load = |attach_type| {
+                bpf::prog_load(&ProgSpec {
+                    prog_type: bpf::PROG_TYPE_SK_REUSEPORT,
+                    attach_type,
+                    insns: &insns,
+                    license: prog::LICENSE,
+                    name: "rcluster_steer",
+                    btf: Some(btf.as_fd()),
+                    func_info: &func_info,
+                })
+            };
+            let prog = if migrate {
+                match load(bpf::SK_REUSEPORT_SELECT_OR_MIGRATE) {
+                    Ok(p) => p,
+                    // Before 5.14 the attach type is unknown: place new connections only.
+                    Err(e) if e.error.raw_os_error() == Some(libc::EINVAL) => {
+                        migrate = false;
+                        load(bpf::SK_REUSEPORT_SELECT).map_err(SteerError::Prog)?
+                    }
+                    Err(e) => return Err(prog_error(e)),
+                }
+            } else {
+                load(bpf::SK_REUSEPORT_SELECT).map_err(prog_error)?
+            };
+            groups.push(Group { socks, prog });
+        }
+        let table =
+            MapMmap::new(slots.as_fd(), page::TABLE_SIZE).map_err(|e| SteerError::Setup {
+                what: "cannot map the slot table",
+                error: e,
+            })?;
+        Ok(Steering {
+            slots,
+            meta,
+            groups,
+            table,
+            migrate,
+            last_excess: vec![0; page::MAX_SLOTS],
+        })
+    }
+
+    /// Whether a closed listener's queue is re-placed by the program (5.14+).
+    pub fn migrates(&self) -> bool {
+        self.migrate
+    }
+
+    /// The table's map fd, inherited by workers so they can map it (`RCLUSTER_STEER_FD`).
+    pub fn table_fd(&self) -> BorrowedFd<'_> {
+        self.slots.as_fd()
+    }
+
+    /// Attaches listener `listener`'s program to the reuseport group `socket` belongs to.
+    pub fn attach(&self, listener: usize, socket: BorrowedFd<'_>) -> io::Result<()> {
+        bpf::attach_reuseport_ebpf(socket, self.groups[listener].prog.as_fd())
+    }
+
+    /// Puts `socket` (listening, `SO_REUSEPORT`) at index `slot` of listener `listener`'s socket
+    /// array, so the program can select it.
+    pub fn insert(&self, slot: usize, listener: usize, socket: BorrowedFd<'_>) -> io::Result<()> {
+        check_slot(slot)?;
+        let key = (slot as u32).to_ne_bytes();
+        let fd = u64::from(std::os::fd::AsRawFd::as_raw_fd(&socket) as u32).to_ne_bytes();
+        bpf::map_update_elem(self.groups[listener].socks.as_fd(), &key, &fd, bpf::ANY)
+    }
+
+    /// Takes slot `slot` out of every socket array (the kernel also drops a socket from the
+    /// array when it is closed).
+    pub fn remove(&self, slot: usize) {
+        let key = (slot as u32).to_ne_bytes();
+        for g in &self.groups {
+            let _ = bpf::map_delete_elem(g.socks.as_fd(), &key);
+        }
+    }
+
+    /// How many slots the program scans (slots `0..n`) and what it minimises.
+    pub fn configure(&self, n: usize, policy: SteerPolicy) -> io::Result<()> {
+        let n = n.min(page::MAX_SLOTS) as u32;
+        let mut meta = [0u8; 8];
+        meta[..4].copy_from_slice(&n.to_ne_bytes());
+        meta[4..].copy_from_slice(&(policy as u32).to_ne_bytes());
+        bpf::map_update_elem(self.meta.as_fd(), &0u32.to_ne_bytes(), &meta, bpf::ANY)
+    }
+
+    /// Marks `slot` eligible or not. Returns whether it changed.
+    pub fn set_eligible(&self, slot: usize, eligible: bool) -> bool {
+        match self.table.u32_at(page::offset(slot, page::ELIGIBLE)) {
+            Some(word) => word.swap(u32::from(eligible), Ordering::SeqCst) != u32::from(eligible),
+            None => false,
+        }
+    }
+
+    /// Zeroes a slot's counters before a new listener takes it (scale-up into a slot used
+    /// before). Only while the slot is ineligible and has no listener, so nothing counts on it.
+    pub fn reset(&mut self, slot: usize) {
+        for field in [page::ASSIGNED, page::ACCEPTED, page::CLOSED, page::FORGIVEN] {
+            if let Some(w) = self.table.u64_at(page::offset(slot, field)) {
+                w.store(0, Ordering::SeqCst);
+            }
+        }
+        if let Some(w) = self.table.u32_at(page::offset(slot, page::REPORTING)) {
+            w.store(0, Ordering::SeqCst);
+        }
+        if let Some(e) = self.last_excess.get_mut(slot) {
+            *e = 0;
+        }
+    }
+
+    /// Reads one slot's counters.
+    pub fn counts(&self, slot: usize) -> SlotCounts {
+        let u64_at = |f| {
+            self.table
+                .u64_at(page::offset(slot, f))
+                .map_or(0, |w| w.load(Ordering::SeqCst))
+        };
+        let u32_at = |f| {
+            self.table
+                .u32_at(page::offset(slot, f))
+                .map_or(0, |w| w.load(Ordering::SeqCst))
+        };
+        SlotCounts {
+            assigned: u64_at(page::ASSIGNED),
+            accepted: u64_at(page::ACCEPTED),
+            closed: u64_at(page::CLOSED),
+            forgiven: u64_at(page::FORGIVEN) as i64,
+            eligible: u32_at(page::ELIGIBLE) != 0,
+            reporting: u32_at(page::REPORTING) != 0,
+        }
+    }
+
+    /// Reconciles one slot's placements with what reached its worker: `queued` is the slot's
+    /// listeners' accept-queue length (`tcpi_unacked`), read *before* calling this. Placements
+    /// neither accepted nor queued are handshakes still in progress or abandoned; the part that
+    /// persisted since the previous call is written off (`forgiven`), and a negative excess
+    /// (connections the kernel's hash placed while nothing was eligible) is taken back the same
+    /// way. Only for a slot whose worker reports accepts. Returns the adjustment made.
+    pub fn reconcile(&mut self, slot: usize, queued: u64) -> i64 {
+        let c = self.counts(slot);
+        if !c.reporting || slot >= self.last_excess.len() {
+            return 0;
+        }
+        let excess = (c.assigned.wrapping_sub(c.accepted) as i64)
+            .wrapping_sub(c.forgiven)
+            .wrapping_sub(queued as i64);
+        let prev = std::mem::replace(&mut self.last_excess[slot], excess);
+        let adjust = persistent(prev, excess);
+        if adjust != 0
+            && let Some(w) = self.table.u64_at(page::offset(slot, page::FORGIVEN))
+        {
+            w.fetch_add(adjust as u64, Ordering::SeqCst);
+            self.last_excess[slot] = excess - adjust;
+        }
+        adjust
+    }
+
+    /// Total run time (ns) and run count of the programs, from `kernel.bpf_stats_enabled`.
+    pub fn run_stats(&self) -> (u64, u64) {
+        self.groups
+            .iter()
+            .filter_map(|g| bpf::prog_run_stats(g.prog.as_fd()).ok())
+            .fold((0, 0), |(t, n), (dt, dn)| (t + dt, n + dn))
+    }
+}
+
+fn prog_error(e: ProgLoadError) -> SteerError {
+    match e.error.raw_os_error() {
+        Some(libc::EPERM) | Some(libc::EACCES) if e.log.is_empty() => {
+            SteerError::NotPermitted(e.error)
+        }
+        Some(libc::ENOSYS) => SteerError::NoBpf(e.error),
+        _ => SteerError::Prog(e),
+    }
+}
+
+fn check_slot(slot: usize) -> io::Result<()> {
+    if slot >= page::MAX_SLOTS {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "worker slot {slot} is beyond the steering table ({} slots)",
+                page::MAX_SLOTS
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The part of an excess seen at two consecutive samples: the one nearer zero when both have
+/// the same sign, else nothing (a connection moving between the reads shows for one sample).
+fn persistent(prev: i64, now: i64) -> i64 {
+    if prev > 0 && now > 0 {
+        prev.min(now)
+    } else if prev < 0 && now < 0 {
+        prev.max(now)
+    } else {
+        0
+    }
+}
+
+/// A minimal BTF blob naming the program's functions, and the `bpf_func_info` records: the
+/// verifier accepts a callback (`bpf_for_each_map_elem`) only with func_info, which needs BTF.
+/// Types: 1 `int`; 2 `int (void)` (a static function's argument types are not checked against
+/// BTF; the verifier checks the code); 3.. one FUNC per function.
+pub fn btf_for(funcs: &[(u32, &str, bool)]) -> (Vec<u8>, Vec<[u32; 2]>) {
+    const KIND_INT: u32 = 1;
+    const KIND_FUNC: u32 = 12;
+    const KIND_FUNC_PROTO: u32 = 13;
+    let mut strings = vec![0u8];
+    let mut add_str = |s: &str| {
+        let off = strings.len() as u32;
+        strings.extend_from_slice(s.as_bytes());
+        strings.push(0);
+        off
+    };
+    let mut types: Vec<u32> = Vec::new();
+    // 1: int, 4 bytes, signed, 32 bits.
+    types.extend([add_str("int"), KIND_INT << 24, 4, (1 << 24) | 32]);
+    // 2: int (void).
+    types.extend([0, KIND_FUNC_PROTO << 24, 1]);
+    let mut func_info = Vec::new();
+    for (i, &(insn, name, global)) in funcs.iter().enumerate() {
+        let linkage = u32::from(global);
+        types.extend([add_str(name), (KIND_FUNC << 24) | linkage, 2]);
+        func_info.push([insn, 3 + i as u32]);
+    }
+    let type_len = (types.len() * 4) as u32;
+    let mut blob = Vec::new();
+    blob.extend_from_slice(&0xeb9fu16.to_ne_bytes());
+    blob.push(1); // version
+    blob.push(0); // flags
+    for v in [24u32, 0, type_len, type_len, strings.len() as u32] {
+        blob.extend_from_slice(&v.to_ne_bytes());
+    }
+    for t in types {
+        blob.extend_from_slice(&t.to_ne_bytes());
+    }
+    blob.extend_from_slice(&strings);
+    (blob, func_info)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_persistent_excess_is_written_off() {
+        assert_eq!(persistent(0, 3), 0);
+        assert_eq!(persistent(3, 5), 3);
+        assert_eq!(persistent(5, 3), 3);
+        assert_eq!(persistent(-2, -4), -2);
+        assert_eq!(persistent(2, -1), 0);
+    }
+
+    #[test]
+    fn btf_names_each_function() {
+        let (blob, info) = btf_for(&[(0, "steer", true), (52, "visit", false)]);
+        assert_eq!(&blob[..2], &0xeb9fu16.to_ne_bytes());
+        assert_eq!(info, vec![[0, 3], [52, 4]]);
+        let text = String::from_utf8_lossy(&blob);
+        assert!(text.contains("steer") && text.contains("visit"));
+    }
+
+    #[test]
+    fn load_is_assigned_minus_closed_minus_forgiven() {
+        let c = SlotCounts {
+            assigned: 10,
+            closed: 4,
+            forgiven: 2,
+            ..SlotCounts::default()
+        };
+        assert_eq!(c.load(), 4);
+    }
+
+    #[test]
+    fn program_layout_matches_the_page() {
+        // The C struct is 64 bytes with the fields at the offsets page.rs documents; the
+        // generated code reads `eligible` at 32 and `forgiven` at 24 (see bpf/steer.bpf.c).
+        assert_eq!(page::SLOT_SIZE, 64);
+        assert!(page::MAX_SLOTS.is_power_of_two());
+        assert_eq!(prog::FUNCS[0].1, "steer");
+    }
+}
+
+/// Tests against the real kernel: they need CAP_BPF and skip with a note without it.
+#[cfg(test)]
+mod kernel_tests {
+    use super::*;
+    use crate::master::listener;
+    use socket2::Socket;
+    use std::net::{SocketAddr, TcpStream};
+
+    fn loaded() -> Option<Steering> {
+        match Steering::load(1) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                eprintln!("skipped: kernel steering unavailable here: {e}");
+                None
+            }
+        }
+    }
+
+    /// `n` listeners of one reuseport group, each at its slot, program attached.
+    fn group(steer: &Steering, n: usize) -> (Vec<Socket>, SocketAddr) {
+        let first = listener::bind_listener("127.0.0.1:0".parse().unwrap(), true).unwrap();
+        let addr = listener::local_addr(&first).unwrap();
+        let mut socks = vec![first];
+        for _ in 1..n {
+            socks.push(listener::bind_listener(addr, true).unwrap());
+        }
+        for (slot, s) in socks.iter().enumerate() {
+            steer.insert(slot, 0, s.as_fd()).unwrap();
+        }
+        steer.attach(0, socks[0].as_fd()).unwrap();
+        steer.configure(n, SteerPolicy::LeastConn).unwrap();
+        (socks, addr)
+    }
+
+    /// Connects `n` times and returns how many connections each listener's queue got.
+    fn spread(socks: &[Socket], addr: SocketAddr, n: usize) -> Vec<usize> {
+        let clients: Vec<TcpStream> = (0..n).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        let mut got = vec![0; socks.len()];
+        for (i, s) in socks.iter().enumerate() {
+            s.set_nonblocking(true).unwrap();
+            while s.accept().is_ok() {
+                got[i] += 1;
+            }
+        }
+        drop(clients);
+        got
+    }
+
+    #[test]
+    fn selection_follows_the_table() {
+        let Some(steer) = loaded() else { return };
+        let (socks, addr) = group(&steer, 4);
+        steer.set_eligible(2, true);
+        assert_eq!(spread(&socks, addr, 40), vec![0, 0, 40, 0]);
+        assert_eq!(steer.counts(2).assigned, 40);
+        // Nothing eligible: the kernel's hash places them, the program counts nothing.
+        steer.set_eligible(2, false);
+        assert_eq!(spread(&socks, addr, 20).iter().sum::<usize>(), 20);
+        assert_eq!(steer.counts(2).assigned, 40);
+    }
+
+    #[test]
+    fn equal_load_splits_exactly() {
+        let Some(steer) = loaded() else { return };
+        let (socks, addr) = group(&steer, 4);
+        for slot in 0..4 {
+            steer.set_eligible(slot, true);
+        }
+        assert_eq!(spread(&socks, addr, 100), vec![25, 25, 25, 25]);
+        // A slot whose load drops (its worker closed 10) gets the next 10.
+        let closed = steer.table.u64_at(page::offset(1, page::CLOSED)).unwrap();
+        closed.fetch_add(10, Ordering::SeqCst);
+        assert_eq!(spread(&socks, addr, 10), vec![0, 10, 0, 0]);
+        // Round-robin ignores closes: equal placements, in turn.
+        steer.configure(4, SteerPolicy::RoundRobin).unwrap();
+        assert_eq!(spread(&socks, addr, 30), vec![10, 0, 10, 10]);
+        assert_eq!(spread(&socks, addr, 8), vec![2, 2, 2, 2]);
+    }
+}

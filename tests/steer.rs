@@ -1,0 +1,407 @@
+//! Kernel steering (`--steer`), against the real binary: the program places connections by the
+//! load table, a busy or stalled worker is passed over, a closed listener's queue migrates, abandoned
+//! handshakes do not inflate a slot's load for long, and without CAP_BPF the master falls back
+//! to dispatch. Each test that needs the program skips with a note where it cannot load here.
+
+mod common;
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{DEADLINE, TestCluster, get, per_worker, read_response, send_request};
+
+/// Whether this process may load the steering program; prints why not.
+fn steering_available() -> bool {
+    match rcluster_lb::steer::Steering::load(1) {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("note: kernel steering unavailable here ({e}); skipping this test");
+            false
+        }
+    }
+}
+
+/// The `status: steering slot N: ...` lines of one SIGUSR1, as (slot, load, forgiven).
+fn steering_status(cluster: &TestCluster, slots: usize) -> Vec<(usize, i64, i64)> {
+    cluster
+        .steering_status(slots)
+        .into_iter()
+        .map(|s| (s.slot, s.load, s.forgiven))
+        .collect()
+}
+
+/// Starts a kernel-steered cluster and waits until its first `slots` slots are eligible (the
+/// master logs each change of the table).
+fn start_steered(args: &[&str], slots: usize) -> TestCluster {
+    let cluster = TestCluster::start(args);
+    for slot in 0..slots {
+        cluster.wait_for_log(&format!("steering: slot {slot} eligible"), DEADLINE);
+    }
+    cluster
+}
+
+#[test]
+fn kernel_steering_is_announced_and_serves() {
+    if !steering_available() {
+        return;
+    }
+    let cluster = TestCluster::start(&["--steer", "kernel", "-w", "2"]);
+    assert!(cluster.log_contains("steering: kernel"));
+    let results: Vec<_> = (0..20).map(|_| get(cluster.addr(), "/")).collect();
+    let counts = per_worker(&results);
+    assert_eq!(counts.values().sum::<usize>(), 20);
+}
+
+#[test]
+fn held_connections_split_exactly() {
+    if !steering_available() {
+        return;
+    }
+    let cluster = start_steered(&["--steer", "kernel", "-w", "4"], 4);
+    // 40 connections held open, one at a time: each goes to the least loaded of four, so
+    // 10 each, whatever the hash.
+    let held: Vec<TcpStream> = (0..40)
+        .map(|_| TcpStream::connect(cluster.addr()).unwrap())
+        .collect();
+    let results: Vec<_> = held
+        .into_iter()
+        .map(|mut s| {
+            s.set_read_timeout(Some(DEADLINE)).unwrap();
+            write!(s, "GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").unwrap();
+            read_response(s)
+        })
+        .collect();
+    let counts = per_worker(&results);
+    assert_eq!(counts.len(), 4, "{counts:?}");
+    assert!(counts.values().all(|&n| n == 10), "{counts:?}");
+}
+
+#[test]
+fn an_added_worker_is_steered_to_once_ready() {
+    if !steering_available() {
+        return;
+    }
+    let cluster = TestCluster::start(&["--steer", "kernel", "-w", "1"]);
+    cluster.signal(libc::SIGTTIN);
+    cluster.wait_for_log("steering: slot 1 eligible", DEADLINE);
+    let held: Vec<TcpStream> = (0..10)
+        .map(|_| TcpStream::connect(cluster.addr()).unwrap())
+        .collect();
+    let results: Vec<_> = held
+        .into_iter()
+        .map(|mut s| {
+            s.set_read_timeout(Some(DEADLINE)).unwrap();
+            write!(s, "GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").unwrap();
+            read_response(s)
+        })
+        .collect();
+    let counts = per_worker(&results);
+    assert_eq!(
+        (counts.get(&0), counts.get(&1)),
+        (Some(&5), Some(&5)),
+        "{counts:?}"
+    );
+}
+
+#[test]
+fn a_rust_worker_under_the_shim_is_counted_once() {
+    if !steering_available() {
+        return;
+    }
+    // The demo worker run as an external command gets the preload shim; it also counts through
+    // the Rust worker API, and the shim must stand aside.
+    let cluster = TestCluster::start(&[
+        "--steer",
+        "kernel",
+        "-w",
+        "2",
+        "--",
+        common::BIN,
+        "demo-worker",
+    ]);
+    assert!(!cluster.log_contains("librcluster_shim.so not found"));
+    let results: Vec<_> = (0..30).map(|_| get(cluster.addr(), "/")).collect();
+    assert_eq!(per_worker(&results).values().sum::<usize>(), 30);
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let st = cluster.steering_status(2);
+        let placed: i64 = st.iter().map(|s| s.assigned - s.forgiven).sum();
+        let balanced = st
+            .iter()
+            .all(|s| s.reporting && s.accepted == s.assigned && s.closed == s.accepted);
+        if placed == 30 && balanced {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "counted twice or not at all: {st:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn busy_worker_gets_none_of_the_next_20() {
+    if !steering_available() {
+        return;
+    }
+    let cluster = start_steered(&["--steer", "kernel", "-w", "2"], 2);
+    // One long request: the connection is placed (and counted) before connect returns.
+    let busy = send_request(cluster.addr(), "/?us=2000000").unwrap();
+    let results: Vec<_> = (0..20).map(|_| get(cluster.addr(), "/")).collect();
+    let long = read_response(busy).unwrap();
+    let counts = per_worker(&results);
+    assert_eq!(
+        counts.get(&long.worker()),
+        None,
+        "the busy worker {} got some of {counts:?}",
+        long.worker()
+    );
+    assert_eq!(counts.values().sum::<usize>(), 20);
+}
+
+#[test]
+fn closed_listener_queue_migrates_without_resets() {
+    if !steering_available() {
+        return;
+    }
+    // Round-robin: half of the connections go to worker 1 even while it is stopped, so they
+    // wait in its listener's queue.
+    let cluster = TestCluster::start(&[
+        "--steer",
+        "kernel",
+        "-p",
+        "round-robin",
+        "-w",
+        "2",
+        "--grace",
+        "1s",
+    ]);
+    let pids = cluster.wait_for_workers(2);
+    let stopped = {
+        // Worker 1's pid: ask it.
+        let mut pid = None;
+        for _ in 0..20 {
+            let r = get(cluster.addr(), "/").unwrap();
+            if r.worker() == 1 {
+                pid = Some(r.pid());
+                break;
+            }
+        }
+        pid.expect("worker 1 answered one of 20")
+    };
+    assert!(pids.contains(&stopped));
+    common::kill(stopped, libc::SIGSTOP);
+    let pending: Vec<TcpStream> = (0..20)
+        .map(|_| send_request(cluster.addr(), "/").unwrap())
+        .collect();
+    // Half of them wait in the stopped worker's queue (its load counts them).
+    let status = steering_status(&cluster, 2);
+    assert!(
+        status[1].1 >= 10,
+        "worker 1 holds too few to test: {status:?}"
+    );
+    // Scale down: the last slot (worker 1) becomes ineligible, is SIGKILLed after --grace, and
+    // its listener closes; the program re-places its queue on worker 0.
+    cluster.signal(libc::SIGTTOU);
+    cluster.wait_for_log(&format!("(pid {stopped}) exited"), DEADLINE);
+    let results: Vec<_> = pending.into_iter().map(read_response).collect();
+    let counts = per_worker(&results);
+    assert_eq!(counts.get(&0), Some(&20), "{counts:?}");
+}
+
+#[test]
+fn a_stalled_worker_is_passed_over_and_replaced() {
+    if !steering_available() {
+        return;
+    }
+    let cluster = start_steered(
+        &[
+            "--steer",
+            "kernel",
+            "-w",
+            "2",
+            "--stall-timeout",
+            "500ms",
+            "--grace",
+            "1s",
+        ],
+        2,
+    );
+    let stopped = (0..40)
+        .map(|_| get(cluster.addr(), "/").unwrap())
+        .find(|r| r.worker() == 1)
+        .expect("worker 1 answered one of 40")
+        .pid();
+    common::kill(stopped, libc::SIGSTOP);
+    // Some of these wait in the stopped worker's queue (until its load shows them).
+    let pending: Vec<TcpStream> = (0..20)
+        .map(|_| send_request(cluster.addr(), "/").unwrap())
+        .collect();
+    // Found stalled (by the table's counts or by the accept-queue watch), its slot leaves the
+    // table and the worker is replaced.
+    cluster.wait_for_log(&format!("replacing worker 1 (pid {stopped})"), DEADLINE);
+    cluster.wait_for_log("steering: slot 1 ineligible", DEADLINE);
+    // Every request is answered: the replacement takes the queue the master kept.
+    let results: Vec<_> = pending.into_iter().map(read_response).collect();
+    assert_eq!(per_worker(&results).values().sum::<usize>(), 20);
+    cluster.wait_for_log(&format!("(pid {stopped}) exited"), DEADLINE);
+}
+
+/// Sends one TCP SYN from a raw socket, from a port nobody listens on: the SYN-ACK is answered
+/// with a reset, so the handshake is abandoned after the program placed it.
+fn abandoned_syn(raw: &socket2::Socket, to: SocketAddr, src_port: u16) {
+    let std::net::SocketAddr::V4(to4) = to else {
+        panic!("IPv4 only")
+    };
+    let src = [127u8, 0, 0, 1];
+    let mut tcp = [0u8; 20];
+    tcp[0..2].copy_from_slice(&src_port.to_be_bytes());
+    tcp[2..4].copy_from_slice(&to.port().to_be_bytes());
+    tcp[4..8].copy_from_slice(&0x1234_5678u32.to_be_bytes());
+    tcp[12] = 5 << 4; // data offset: 5 words
+    tcp[13] = 0x02; // SYN
+    tcp[14..16].copy_from_slice(&65535u16.to_be_bytes());
+    // Checksum over the pseudo header and the segment.
+    let mut sum: u32 = 0;
+    let mut add = |b: &[u8]| {
+        for pair in b.chunks(2) {
+            let word = u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]);
+            sum += u32::from(word);
+        }
+    };
+    add(&src);
+    add(&to4.ip().octets());
+    add(&[0, libc::IPPROTO_TCP as u8]);
+    add(&(tcp.len() as u16).to_be_bytes());
+    add(&tcp);
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    tcp[16..18].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    raw.send_to(&tcp, &to.into()).unwrap();
+}
+
+#[test]
+fn abandoned_handshakes_are_written_off() {
+    if !steering_available() {
+        return;
+    }
+    let raw = match socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::RAW,
+        Some(socket2::Protocol::TCP),
+    ) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("note: no raw socket ({e}); skipping this test");
+            return;
+        }
+    };
+    let cluster = TestCluster::start(&["--steer", "kernel", "-w", "2"]);
+    // A request first, so both workers have said they report.
+    for _ in 0..4 {
+        get(cluster.addr(), "/").unwrap();
+    }
+    for i in 0..100u16 {
+        abandoned_syn(&raw, cluster.addr(), 40_000 + i);
+    }
+    // Every placement above is reconciled away within a few periods: each slot's load
+    // returns to what is really open (nothing) and the write-offs add up to the SYNs.
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let status = steering_status(&cluster, 2);
+        let forgiven: i64 = status.iter().map(|s| s.2).sum();
+        if status.iter().all(|s| s.1 == 0) && forgiven == 100 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "placements not reconciled: {status:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // And the steering still places by real load.
+    let results: Vec<_> = (0..10).map(|_| get(cluster.addr(), "/")).collect();
+    assert_eq!(per_worker(&results).values().sum::<usize>(), 10);
+}
+
+/// `setpriv` that drops CAP_BPF and CAP_SYS_ADMIN from the bounding set, so the exec'd master
+/// (root or not) has neither.
+fn without_cap_bpf() -> Option<Command> {
+    let ok = Command::new("setpriv")
+        .args(["--bounding-set", "-bpf,-sys_admin", "--", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("note: setpriv cannot drop CAP_BPF here; skipping this test");
+        return None;
+    }
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--bounding-set", "-bpf,-sys_admin", "--", common::BIN]);
+    Some(cmd)
+}
+
+#[test]
+fn cap_bpf_alone_is_enough() {
+    if !steering_available() {
+        return;
+    }
+    let ok = Command::new("setpriv")
+        .args(["--bounding-set", "-all,+bpf", "--", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("note: setpriv cannot limit the capabilities here; skipping this test");
+        return;
+    }
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--bounding-set", "-all,+bpf", "--", common::BIN]);
+    let cluster = TestCluster::spawn_with_command(cmd, &["--steer", "kernel", "-w", "2"]);
+    cluster.wait_for_log("workers ready", DEADLINE);
+    assert!(cluster.log_contains("steering: kernel"));
+    let results: Vec<_> = (0..10).map(|_| get(cluster.addr(), "/")).collect();
+    assert_eq!(per_worker(&results).values().sum::<usize>(), 10);
+    // The workers map the table and count on it.
+    let before = cluster.log_lines().len();
+    steering_status(&cluster, 2);
+    let lines = cluster.log_lines();
+    assert!(
+        lines[before..]
+            .iter()
+            .filter(|l| l.contains("status: steering slot"))
+            .all(|l| !l.contains("does not report")),
+        "{lines:?}"
+    );
+}
+
+#[test]
+fn without_cap_bpf_auto_falls_back_and_kernel_fails() {
+    let Some(mut cmd) = without_cap_bpf() else {
+        return;
+    };
+    // --steer kernel: a clear error, exit 1.
+    let out = cmd
+        .args(["--steer", "kernel", "-w", "1", "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("--steer kernel") && stderr.contains("CAP_BPF"),
+        "{stderr}"
+    );
+
+    // auto: one line says why, and dispatch serves.
+    let cluster = TestCluster::spawn_with_command(
+        without_cap_bpf().unwrap(),
+        &["--steer", "auto", "-w", "2", "--listen", "127.0.0.1:0"],
+    );
+    cluster.wait_for_log("workers ready", DEADLINE);
+    assert!(cluster.log_contains("steering: dispatch, kernel steering unavailable"));
+    assert!(cluster.log_contains("mode dispatch"));
+    let results: Vec<_> = (0..10).map(|_| get(cluster.addr(), "/")).collect();
+    assert_eq!(per_worker(&results).values().sum::<usize>(), 10);
+}
