@@ -644,6 +644,12 @@ impl Acceptor {
         if let Some(i) = self.index_of(id) {
             // The lifecycle decides every transition, including Ready again after a worker's
             // STOPPING; the acceptor applies it.
+            if state == State::Ready && self.entries[i].state != State::Ready {
+                // Saying READY is proof of progress: a worker added by a scale-up or a reload
+                // wins the next tie instead of waiting behind the others' fresher stamps
+                // (which, at low concurrency, could leave it without a single connection).
+                self.stats[i].progress = self.stamp(self.seq);
+            }
             self.entries[i].state = state;
             self.refresh_open();
         }
