@@ -25,6 +25,9 @@
 //! - [`master`]: the master's parts — [`master::acceptor`] (accept, pick, send, reclaim),
 //!   [`master::supervisor`] (worker processes on the main thread), [`master::listener`]
 //!   (binding listening sockets).
+//!   [`master::control`] (the control socket), [`master::metrics`] (Prometheus endpoint),
+//!   [`master::status`] (the status both serve).
+//! - [`ctl`]: the `rcluster-lb ctl` client.
 //! - [`policy`]: the dispatch policies.
 //! - [`topology`]: the host's CPUs and the `--pin auto` plan.
 //!
@@ -33,6 +36,7 @@
 //! criterion benchmarks.
 
 pub mod cli;
+pub mod ctl;
 pub mod master;
 pub mod policy;
 pub mod topology;

@@ -32,6 +32,7 @@ fn main() -> ExitCode {
 fn run(args: Args) -> anyhow::Result<()> {
     match args.subcommand {
         Some(Sub::DemoWorker) => return demo::run(),
+        Some(Sub::Ctl(ctl)) => return rcluster_lb::ctl::run(ctl),
         Some(Sub::Topology { workers }) => {
             let allowed = sys::sched_getaffinity()?.cpus();
             let topo = topology::Topology::detect(&allowed)?;

@@ -38,6 +38,10 @@ use crate::sys::{self, CpuSet, ExitStatus, Pid};
 use rcluster_proto::Mode;
 use rcluster_proto::env::ChildEnv;
 
+/// The supervisor's side of the control socket and metrics: answering
+/// [`crate::master::control::Ask`]s.
+mod ask;
+
 /// First restart delay after a crash; doubles per consecutive crash.
 pub const RESTART_BACKOFF_INITIAL: Duration = Duration::from_millis(100);
 /// Longest restart delay.
@@ -92,6 +96,8 @@ struct Slot {
     given_up: bool,
     /// False once scaled down (SIGTTOU).
     active: bool,
+    /// Restarts after crashes, for status and metrics.
+    restarts: u64,
 }
 
 /// Why a worker is being replaced by a new one.
@@ -112,6 +118,7 @@ struct Replacement {
 /// worker can run any more.
 pub fn run(config: Config) -> anyhow::Result<()> {
     let mut sup = Supervisor::new(config)?;
+    sup.open_hooks()?;
     sup.start()?;
     sup.run_loop()
 }
@@ -148,6 +155,8 @@ struct Supervisor {
     reload_requested: bool,
     /// A reload started and has neither completed nor been aborted.
     reload_running: bool,
+    /// Control socket, metrics endpoint, pid file and the requests they bring.
+    hooks: ask::Hooks,
 }
 
 impl Supervisor {
@@ -182,6 +191,7 @@ impl Supervisor {
                 restart_at: None,
                 given_up: false,
                 active: true,
+                restarts: 0,
             });
         }
         if mode == Mode::Reuseport {
@@ -222,6 +232,7 @@ impl Supervisor {
             reload_queue: VecDeque::new(),
             reload_requested: false,
             reload_running: false,
+            hooks: ask::Hooks::default(),
             config,
         })
     }
@@ -433,6 +444,7 @@ impl Supervisor {
             while let Ok(ev) = self.events.try_recv() {
                 self.on_event(ev);
             }
+            self.on_asks();
             self.on_timers();
             if self.shutdown_deadline.is_some() {
                 if self.workers.is_empty() {
@@ -770,6 +782,7 @@ impl Supervisor {
             {
                 self.reload_running = false;
                 info!("reload to generation {} complete", self.generation);
+                self.reload_finished(Ok(()));
             }
             if std::mem::take(&mut self.reload_requested) {
                 self.request_reload();
@@ -779,6 +792,7 @@ impl Supervisor {
 
     fn abort_reload(&mut self, why: &str) {
         error!("reload aborted: {why}; the running workers keep serving");
+        self.reload_finished(Err(why));
         self.reload_queue.clear();
         self.reload_requested = false;
         self.reload_running = false;
@@ -821,6 +835,7 @@ impl Supervisor {
             restart_at: None,
             given_up: false,
             active: true,
+            restarts: 0,
         });
         info!("SIGTTIN: adding worker {slot}");
         if let Err(e) = self.spawn_worker(slot) {
@@ -948,6 +963,7 @@ impl Supervisor {
             .saturating_mul(1 << (slot.crashes - 1).min(16))
             .min(RESTART_BACKOFF_MAX);
         slot.restart_at = Some(Instant::now() + backoff);
+        slot.restarts += 1;
         warn!(
             "worker {} (pid {}) exited unexpectedly: {status}; restarting in {backoff:?}",
             w.slot, w.pid
