@@ -1,26 +1,37 @@
-//! End-to-end benchmark of the real `rcluster-lb` binary: every policy (and, when `node` is on
-//! PATH, Node's cluster module as a peer) under connection churn, a heavy-tailed CPU-bound
+//! End-to-end benchmark of the real `rcluster-lb` binary: every policy with the built-in demo
+//! worker, and (when `node` is on PATH) one node app under Node's cluster module and under
+//! rcluster-lb through the preload shim, under connection churn, a heavy-tailed CPU-bound
 //! request mix and long-lived keep-alive clients, in interleaved rounds, reporting medians and
-//! checking the project's targets.
+//! checking the project's targets. Where `wrk` is on PATH, the node group's churn is measured
+//! with `wrk` too, on the same running instance, as a cross-check of the load generator.
 //!
 //! Run it with `scripts/bench.sh` or `cargo bench --bench e2e`. Environment:
-//! - `RCLUSTER_BENCH_QUICK=1`: one round of short runs (a smoke run of about a minute).
+//! - `RCLUSTER_BENCH_QUICK=1`: one round of short runs (a smoke run of about two minutes).
 //! - `RCLUSTER_BENCH_WORKERS=N`: workers per system (default: the CPUs this process may use).
 //! - `RCLUSTER_BENCH_ROUNDS=R`: rounds (default 3; quick: 1).
 //! - `RCLUSTER_BENCH_PIN=none|auto|LIST`: passed to rcluster-lb as `--pin`.
 //! - `RCLUSTER_BENCH_ACCEPTOR_CPU=CPU`: passed to rcluster-lb as `--acceptor-cpu`.
-//! - `RCLUSTER_BENCH_ONLY=a,b`: only the systems whose names contain one of these.
+//! - `RCLUSTER_BENCH_ONLY=a,b`: only these systems (exact names) or groups (`demo`, `node`).
 //! - `RCLUSTER_BENCH_BIN=PATH`: the binary under test (default: the one cargo built for this
 //!   bench, `target/release/rcluster-lb`; the preload shim is looked for beside it).
+//! - `RCLUSTER_BENCH_WRK=PATH|0`: the `wrk` to cross-check churn with (default: `wrk` on PATH;
+//!   `0`: no cross-check).
+//! - `RCLUSTER_BENCH_OUT=DIR`: where results go (default `target/bench-results`).
 //!
 //! Output: markdown tables on stdout and in `target/bench-results/e2e.md`; every run's raw
-//! numbers in `target/bench-results/e2e-runs.csv`.
+//! numbers in `target/bench-results/e2e-runs.csv` (`scripts/bench_report.py` plots them).
 //!
 //! Method:
 //! - A round runs every system once, in an order rotated by one each round; each system is
-//!   started fresh for the round and runs keep-alive, churn, then the heavy mix at 50/75/90 %.
+//!   started fresh for the round, warmed up with unrecorded runs of each kind of request (see
+//!   [`Running::warm_up`]: a cold node app measured 2–3× slower in its first seconds, and
+//!   again for a second after its first keep-alive requests), then runs churn (and `wrk`
+//!   churn, first or second by round), the heavy mix at 50/75/90 %, and keep-alive.
 //!   Tables show per-system medians over rounds; ratios are medians of the per-round ratios
 //!   (each round's runs are close in time, so drift between rounds cancels).
+//! - Churn is a closed loop of 16 clients per worker, each opening a new connection per
+//!   request; the `wrk` cross-check runs `wrk -t1 -cN -H 'Connection: close'` with the same N
+//!   and duration, so both tools measure the same configuration.
 //! - Capacity for the heavy mix is *measured* once at the start of the run: the throughput of a
 //!   closed loop (8 clients per worker) of that mix on `reuseport` with the demo worker (for
 //!   the Node group: on Node's cluster with SCHED_NONE, the same node app). If that probe
@@ -46,14 +57,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rcluster_lb::policy::PolicyKind;
+use rcluster_loadgen::wrk::{WrkReport, WrkSpec};
 use rcluster_loadgen::{ErrorCounts, Load, LoadSpec, Mix, Report};
 
 /// The heavy-tailed CPU-bound mix of DESIGN.md §6.
 const HEAVY_MIX: &str = "98% us=200, 2% us=20000";
 /// Offered load for the heavy mix, percent of capacity.
 const HEAVY_LEVELS_PERCENT: [u32; 3] = [50, 75, 90];
-/// Closed-loop clients per worker for the churn scenario and for the capacity probe.
-const CHURN_CLIENTS_PER_WORKER: usize = 32;
+/// Closed-loop clients per worker for the churn scenario (and `wrk -c`) and for the capacity
+/// probe.
+const CHURN_CLIENTS_PER_WORKER: usize = 16;
 const PROBE_CLIENTS_PER_WORKER: usize = 8;
 /// Keep-alive scenario: clients, each sending one request per interval on its connection.
 const KEEPALIVE_CLIENTS: usize = 200;
@@ -72,6 +85,7 @@ struct Settings {
     quick: bool,
     workers: usize,
     rounds: usize,
+    warmup: Duration,
     churn: Duration,
     heavy: Duration,
     keepalive: Duration,
@@ -80,6 +94,7 @@ struct Settings {
     mix: Mix,
     bin: PathBuf,
     node: Option<PathBuf>,
+    wrk: Option<PathBuf>,
     pin: Option<String>,
     acceptor_cpu: Option<String>,
     only: Vec<String>,
@@ -107,14 +122,20 @@ impl Settings {
             quick,
             workers: workers.max(1),
             rounds: rounds.max(1),
-            churn: secs(4.0, 1.0),
-            heavy: secs(5.0, 1.0),
-            keepalive: secs(3.0, 1.0),
+            warmup: secs(1.5, 0.8),
+            churn: secs(3.0, 1.0),
+            heavy: secs(4.0, 1.0),
+            keepalive: secs(2.0, 1.0),
             probe: secs(4.0, 1.5),
             request_timeout: Duration::from_secs(5),
             mix: HEAVY_MIX.parse().expect("the heavy mix spec is valid"),
             bin,
             node: find_on_path("node"),
+            wrk: match std::env::var_os("RCLUSTER_BENCH_WRK") {
+                Some(v) if v == "0" || v.is_empty() => None,
+                Some(v) => Some(PathBuf::from(v)),
+                None => find_on_path("wrk"),
+            },
             pin: std::env::var("RCLUSTER_BENCH_PIN").ok(),
             acceptor_cpu: std::env::var("RCLUSTER_BENCH_ACCEPTOR_CPU").ok(),
             only: std::env::var("RCLUSTER_BENCH_ONLY")
@@ -183,11 +204,23 @@ enum Group {
     Node,
 }
 
+impl Group {
+    fn name(self) -> &'static str {
+        match self {
+            Group::Demo => "demo",
+            Group::Node => "node",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Launch {
+    /// rcluster-lb with this policy and its built-in demo worker.
     Rcluster(PolicyKind),
+    /// Node's cluster module running the node app.
     NodeCluster { round_robin: bool },
-    RclusterNode,
+    /// rcluster-lb with this policy running the node app through the preload shim.
+    RclusterNode(PolicyKind),
 }
 
 #[derive(Debug, Clone)]
@@ -197,9 +230,30 @@ struct System {
     launch: Launch,
 }
 
+impl System {
+    /// Whether churn on this system is also measured with `wrk`: the node group, whose peers
+    /// (Node's cluster module) are what the ratios in BENCHMARKS.md are taken against.
+    fn wrk_checked(&self) -> bool {
+        self.group == Group::Node
+    }
+}
+
 const NODE_RR: &str = "node-cluster-rr";
 const NODE_NONE: &str = "node-cluster-none";
-const RCLUSTER_NODE: &str = "rcluster-lb+node";
+
+/// The name of rcluster-lb with `policy` running the node app.
+fn node_name(policy: PolicyKind) -> String {
+    format!("{}+node", policy.name())
+}
+
+/// rcluster-lb policies run with the node app: the two dispatch policies the issue's targets
+/// name and both kernel modes, so every kernel mode has a node row.
+const NODE_POLICIES: [PolicyKind; 4] = [
+    PolicyKind::LeastConn,
+    PolicyKind::RoundRobin,
+    PolicyKind::Reuseport,
+    PolicyKind::Shared,
+];
 
 fn systems(settings: &Settings) -> Vec<System> {
     let mut v: Vec<System> = PolicyKind::ALL
@@ -211,20 +265,34 @@ fn systems(settings: &Settings) -> Vec<System> {
         })
         .collect();
     if settings.node.is_some() {
-        for (name, launch) in [
-            (NODE_RR, Launch::NodeCluster { round_robin: true }),
-            (NODE_NONE, Launch::NodeCluster { round_robin: false }),
-            (RCLUSTER_NODE, Launch::RclusterNode),
-        ] {
+        let peers = [
+            (
+                NODE_RR.to_owned(),
+                Launch::NodeCluster { round_robin: true },
+            ),
+            (
+                NODE_NONE.to_owned(),
+                Launch::NodeCluster { round_robin: false },
+            ),
+        ];
+        let ours = NODE_POLICIES
+            .iter()
+            .map(|&p| (node_name(p), Launch::RclusterNode(p)));
+        for (name, launch) in peers.into_iter().chain(ours) {
             v.push(System {
-                name: name.to_owned(),
+                name,
                 group: Group::Node,
                 launch,
             });
         }
     }
     if !settings.only.is_empty() {
-        v.retain(|s| settings.only.iter().any(|o| s.name.contains(o.as_str())));
+        v.retain(|s| {
+            settings
+                .only
+                .iter()
+                .any(|o| *o == s.name || o == s.group.name())
+        });
     }
     v
 }
@@ -269,9 +337,12 @@ const path = require('node:path');
 const workers = Number(process.env.WORKERS || 2);
 let stopping = false;
 let listening = 0;
-// Must be set before the first fork.
+// The bench also sets NODE_CLUSTER_SCHED_POLICY, which node reads when `cluster` is first
+// required; this assignment must come before setupPrimary()/fork(), which freeze the policy.
 cluster.schedulingPolicy = process.env.SCHED === 'none' ? cluster.SCHED_NONE : cluster.SCHED_RR;
 cluster.setupPrimary({ exec: path.join(__dirname, 'app.js') });
+// The policy in force, checked by the bench before it measures anything.
+console.error(`scheduling policy: ${cluster.schedulingPolicy === cluster.SCHED_NONE ? 'none' : 'rr'}`);
 cluster.on('listening', (worker, address) => {
   if (listening === 0) console.error(`listening on 127.0.0.1:${address.port}`);
   listening += 1;
@@ -357,14 +428,16 @@ impl Running {
             Launch::NodeCluster { round_robin } => {
                 let (node, app) = node_paths()?;
                 let mut c = Command::new(node);
+                let sched = if round_robin { "rr" } else { "none" };
                 c.arg(app.dir.join("cluster.js"))
                     .env("WORKERS", &workers)
-                    .env("SCHED", if round_robin { "rr" } else { "none" });
+                    .env("SCHED", sched)
+                    .env("NODE_CLUSTER_SCHED_POLICY", sched);
                 c
             }
-            Launch::RclusterNode => {
+            Launch::RclusterNode(policy) => {
                 let (node, app) = node_paths()?;
-                let mut c = rcluster(PolicyKind::LeastConn);
+                let mut c = rcluster(policy);
                 c.arg("--").arg(node).arg(app.app_js());
                 c
             }
@@ -416,6 +489,16 @@ impl Running {
             }
         }
         running.addr = listening.expect("loop ends only once listening");
+        if let Launch::NodeCluster { round_robin } = system.launch {
+            let want = if round_robin { "rr" } else { "none" };
+            let line = format!("scheduling policy: {want}");
+            if !running.tail().contains(&line) {
+                return Err(format!(
+                    "node's cluster did not report `{line}`; stderr: {}",
+                    running.tail()
+                ));
+            }
+        }
         Ok(running)
     }
 
@@ -460,6 +543,65 @@ impl Running {
             delta(cpu_before, cpu_after),
             delta(own_before, own_after),
         ))
+    }
+
+    /// Unrecorded runs of every kind of request the scenarios send (keep-alive, the heavy mix,
+    /// then churn), so that no scenario measures a cold server. Measured on the node app:
+    /// node reaches its churn rate only after 1–2 s (its JIT compiling the hot paths), and the
+    /// first keep-alive requests a server sees cut the next second of churn to a third
+    /// (recompiling for a path not seen before); a second keep-alive run costs nothing.
+    fn warm_up(&mut self, settings: &Settings) -> Result<(), String> {
+        let clients = CHURN_CLIENTS_PER_WORKER * settings.workers;
+        let short = settings.warmup / 4;
+        let keepalive = Load::KeepAlive {
+            clients: KEEPALIVE_CLIENTS,
+            interval: KEEPALIVE_INTERVAL,
+        };
+        let heavy = LoadSpec {
+            mix: settings.mix.clone(),
+            ..settings.spec(self.addr, Load::Closed { clients }, short)
+        };
+        for spec in [
+            settings.spec(self.addr, keepalive, short.max(KEEPALIVE_INTERVAL * 2)),
+            heavy,
+            settings.spec(self.addr, Load::Closed { clients }, settings.warmup),
+        ] {
+            self.measure(&spec, settings)
+                .map_err(|e| format!("warm-up: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Runs `wrk` churn against the system (closed loop, `clients` connections, each request
+    /// on a new connection), with the master's CPU time around it.
+    fn measure_wrk(
+        &mut self,
+        wrk: &Path,
+        clients: usize,
+        duration: Duration,
+        settings: &Settings,
+    ) -> Result<Metrics, String> {
+        let spec = WrkSpec {
+            wrk: wrk.to_owned(),
+            target: self.addr,
+            connections: clients,
+            duration,
+            timeout: settings.request_timeout,
+        };
+        let cpu_before = cpu_seconds(self.pid(), settings.clk_tck);
+        let report = spec.run().map_err(|e| e.to_string())?;
+        let cpu_after = cpu_seconds(self.pid(), settings.clk_tck);
+        if let Ok(Some(status)) = self.child.try_wait() {
+            return Err(format!(
+                "master exited during the wrk run ({status}); stderr: {}",
+                self.tail()
+            ));
+        }
+        if report.requests == 0 {
+            return Err(format!("wrk completed no request: {report:?}"));
+        }
+        let cpu = cpu_before.zip(cpu_after).map(|(b, a)| (a - b).max(0.0));
+        Ok(Metrics::from_wrk(&report, cpu))
     }
 
     /// Graceful stop: SIGTERM to the master; an exit status other than 0 is returned as an
@@ -610,6 +752,8 @@ fn cpu_seconds(pid: u32, clk_tck: f64) -> Option<f64> {
 enum Scenario {
     KeepAlive,
     Churn,
+    /// The churn scenario measured by `wrk` instead of the load generator.
+    ChurnWrk,
     /// The heavy mix, open loop at this percent of capacity.
     Heavy(u32),
 }
@@ -619,13 +763,36 @@ impl Scenario {
         match self {
             Scenario::KeepAlive => "keepalive".to_owned(),
             Scenario::Churn => "churn".to_owned(),
+            Scenario::ChurnWrk => "churn-wrk".to_owned(),
             Scenario::Heavy(p) => format!("heavy{p}"),
         }
     }
 
-    fn all() -> Vec<Scenario> {
-        let mut v = vec![Scenario::KeepAlive, Scenario::Churn];
+    /// The tool that measures this scenario.
+    fn tool(self) -> &'static str {
+        match self {
+            Scenario::ChurnWrk => "wrk",
+            _ => "loadgen",
+        }
+    }
+
+    /// The scenarios run on `system` in `round`, in order: churn (the `wrk` run, where it
+    /// applies, goes right after the load generator's in even rounds and right before it in
+    /// odd ones, so that neither tool always gets the warmer server), the heavy mix, and
+    /// keep-alive last.
+    fn for_system(system: &System, settings: &Settings, round: usize) -> Vec<Scenario> {
+        let mut v = Vec::new();
+        if settings.wrk.is_some() && system.wrk_checked() {
+            if round.is_multiple_of(2) {
+                v.extend([Scenario::Churn, Scenario::ChurnWrk]);
+            } else {
+                v.extend([Scenario::ChurnWrk, Scenario::Churn]);
+            }
+        } else {
+            v.push(Scenario::Churn);
+        }
         v.extend(HEAVY_LEVELS_PERCENT.iter().map(|&p| Scenario::Heavy(p)));
+        v.push(Scenario::KeepAlive);
         v
     }
 }
@@ -687,6 +854,32 @@ impl Metrics {
         }
     }
 
+    /// A `wrk` run's numbers: no per-worker shares (wrk does not read response headers).
+    fn from_wrk(w: &WrkReport, master_cpu_s: Option<f64>) -> Metrics {
+        Metrics {
+            sent: w.requests + w.errors.total(),
+            completed: w.requests,
+            non_200: w.non_2xx,
+            errors: w.errors,
+            duration_s: w.duration_s,
+            throughput: w.requests_per_s,
+            p50_us: w.p50_us,
+            p90_us: w.p90_us,
+            p99_us: w.p99_us,
+            p999_us: w.p99_us,
+            max_us: w.max_us,
+            share_max_over_mean: f64::NAN,
+            share_cv: f64::NAN,
+            per_worker: Vec::new(),
+            conns_per_worker: Vec::new(),
+            conn_spread: 0,
+            connections: w.requests,
+            master_cpu_s,
+            loadgen_cpu_s: None,
+            max_start_lag_ms: 0.0,
+        }
+    }
+
     /// Load-generator CPU microseconds per request.
     fn loadgen_cpu_us_per_req(&self) -> Option<f64> {
         let cpu = self.loadgen_cpu_s?;
@@ -743,6 +936,7 @@ fn capacity(system: Option<&System>, settings: &Settings, node: Option<&NodeApp>
     let clients = PROBE_CLIENTS_PER_WORKER * settings.workers;
     let probe = || -> Result<Metrics, String> {
         let mut running = Running::start(system, settings, node)?;
+        running.warm_up(settings)?;
         let spec = LoadSpec {
             mix: settings.mix.clone(),
             ..settings.spec(running.addr, Load::Closed { clients }, settings.probe)
@@ -789,10 +983,14 @@ fn run_system(
         offered_per_s,
         outcome,
     };
-    let mut running = match Running::start(system, settings, node) {
+    let scenarios = Scenario::for_system(system, settings, round);
+    let mut running = match Running::start(system, settings, node).and_then(|mut r| {
+        r.warm_up(settings)?;
+        Ok(r)
+    }) {
         Ok(r) => r,
         Err(e) => {
-            return Scenario::all()
+            return scenarios
                 .into_iter()
                 .map(|sc| sample(sc, None, Err(format!("start failed: {e}"))))
                 .collect();
@@ -800,7 +998,7 @@ fn run_system(
     };
     let seed = round as u64 + 1;
     let mut samples = Vec::new();
-    for scenario in Scenario::all() {
+    for &scenario in &scenarios {
         let addr = running.addr;
         let (spec, offered) = match scenario {
             Scenario::KeepAlive => {
@@ -810,7 +1008,7 @@ fn run_system(
                 };
                 (settings.spec(addr, load, settings.keepalive), None)
             }
-            Scenario::Churn => {
+            Scenario::Churn | Scenario::ChurnWrk => {
                 let clients = CHURN_CLIENTS_PER_WORKER * settings.workers;
                 (
                     settings.spec(addr, Load::Closed { clients }, settings.churn),
@@ -827,7 +1025,15 @@ fn run_system(
                 (spec, Some(rate))
             }
         };
-        let outcome = running.measure(&spec, settings);
+        let outcome = match (scenario, &settings.wrk) {
+            (Scenario::ChurnWrk, Some(wrk)) => {
+                let Load::Closed { clients } = spec.load else {
+                    unreachable!("churn is a closed loop")
+                };
+                running.measure_wrk(wrk, clients, spec.duration, settings)
+            }
+            _ => running.measure(&spec, settings),
+        };
         match &outcome {
             Ok(m) => eprintln!(
                 "e2e: round {} {:<18} {:<10} {:>8.0}/s p50 {:>7.2} ms p99 {:>7.2} ms errors {} (loadgen {} µs/req, master {} s/1k conn)",
@@ -855,7 +1061,7 @@ fn run_system(
         }
     }
     // Scenarios not run because the master died are reported as failed too.
-    for scenario in Scenario::all().into_iter().skip(samples.len()) {
+    for &scenario in scenarios.iter().skip(samples.len()) {
         samples.push(sample(
             scenario,
             None,
@@ -926,6 +1132,28 @@ impl Results {
             .max_by(f64::total_cmp)
     }
 
+    /// `f(system in scenario a) / f(system in scenario b)` per round, in round order.
+    fn per_round_ratios(
+        &self,
+        system: &str,
+        a: Scenario,
+        b: Scenario,
+        f: impl Fn(&Metrics) -> f64,
+    ) -> Vec<f64> {
+        let b_runs: BTreeMap<usize, f64> = self
+            .ok(system, b)
+            .into_iter()
+            .map(|(r, m)| (r, f(m)))
+            .collect();
+        self.ok(system, a)
+            .into_iter()
+            .filter_map(|(r, m)| {
+                let d = *b_runs.get(&r)?;
+                (d > 0.0).then(|| f(m) / d)
+            })
+            .collect()
+    }
+
     /// Median over rounds of `f(system) / f(base)`, pairing runs of the same round.
     fn paired_ratio(
         &self,
@@ -956,7 +1184,8 @@ fn ms(us: Option<f64>) -> String {
 }
 
 fn num(v: Option<f64>, decimals: usize) -> String {
-    v.map_or("—".to_owned(), |v| format!("{v:.decimals$}"))
+    v.filter(|v| v.is_finite())
+        .map_or("—".to_owned(), |v| format!("{v:.decimals$}"))
 }
 
 fn ratio(v: Option<f64>) -> String {
@@ -1073,6 +1302,7 @@ fn render_group(
             );
         }
     }
+    render_wrk_check(out, results, &names, settings);
     let sc = Scenario::KeepAlive;
     let _ = writeln!(
         out,
@@ -1117,6 +1347,74 @@ fn render_group(
     }
 }
 
+/// How far the load generator and `wrk` may differ on the same churn run before the page must
+/// say why: 15 %.
+const TOOL_AGREEMENT: f64 = 0.15;
+
+/// The churn cross-check: the load generator's and `wrk`'s numbers side by side, for the
+/// systems that have `wrk` runs.
+fn render_wrk_check(out: &mut String, results: &Results, names: &[&str], settings: &Settings) {
+    let (lg, wrk) = (Scenario::Churn, Scenario::ChurnWrk);
+    let checked: Vec<&str> = names
+        .iter()
+        .copied()
+        .filter(|n| results.runs(n, wrk) > 0)
+        .collect();
+    if checked.is_empty() {
+        return;
+    }
+    let clients = CHURN_CLIENTS_PER_WORKER * settings.workers;
+    let _ = writeln!(
+        out,
+        "\n### Churn cross-check: the load generator against `wrk -t1 -c{clients} -d{}s -H 'Connection: close'`\n",
+        settings.churn.as_secs().max(1)
+    );
+    let _ = writeln!(
+        out,
+        "Same running instance, back to back (which tool goes first alternates by round). \
+         loadgen ÷ wrk is the median of per-round ratios; the tools agree when it is within \
+         {:.0} % of 1.\n",
+        TOOL_AGREEMENT * 100.0
+    );
+    let _ = writeln!(
+        out,
+        "| system | loadgen conn/s | wrk conn/s | loadgen ÷ wrk | per round | loadgen p50 / p99 ms | wrk p50 / p99 ms | wrk errors | master CPU s/1k conn (loadgen / wrk) | agree |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---|---:|---:|---|---:|---|");
+    for name in checked {
+        let per_round = results.per_round_ratios(name, lg, wrk, |m| m.throughput);
+        let ratio_v = median(per_round.clone());
+        let verdict = match ratio_v {
+            Some(v) if (v - 1.0).abs() <= TOOL_AGREEMENT => "yes",
+            Some(_) => "**no**",
+            None => "—",
+        };
+        let _ = writeln!(
+            out,
+            "| {name} | {} | {} | {} | {} | {} / {} | {} / {} | {} | {} / {} | {verdict} |",
+            num(results.median_of(name, lg, |m| Some(m.throughput)), 0),
+            num(results.median_of(name, wrk, |m| Some(m.throughput)), 0),
+            ratio(ratio_v),
+            if per_round.is_empty() {
+                "—".to_owned()
+            } else {
+                per_round
+                    .iter()
+                    .map(|v| format!("{v:.2}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+            ms(results.median_of(name, lg, |m| Some(m.p50_us as f64))),
+            ms(results.median_of(name, lg, |m| Some(m.p99_us as f64))),
+            ms(results.median_of(name, wrk, |m| Some(m.p50_us as f64))),
+            ms(results.median_of(name, wrk, |m| Some(m.p99_us as f64))),
+            errors_cell(results, name, wrk),
+            num(results.median_of(name, lg, Metrics::master_cpu_per_1k), 4),
+            num(results.median_of(name, wrk, Metrics::master_cpu_per_1k), 4),
+        );
+    }
+}
+
 /// One target check: PASS or MISS with its numbers; a check without data is a MISS.
 fn check(
     out: &mut String,
@@ -1133,89 +1431,160 @@ fn check(
     let _ = writeln!(out, "- **{verdict}** {what}: {value} ({detail})");
 }
 
-fn render_checks(out: &mut String, r: &Results) {
+fn render_checks(out: &mut String, r: &Results, names: &[&str]) {
     let _ = writeln!(out, "\n## Target checks\n");
     let _ = writeln!(
         out,
-        "Ratios are medians of per-round paired ratios; spreads and shares use the worst round.\n"
+        "Ratios are medians of per-round paired ratios; spreads and shares use the worst round. \
+         A check whose systems were not run is left out; one without data is a MISS.\n"
     );
+    let has = |name: &str| names.contains(&name);
     let churn = Scenario::Churn;
-    let heavy75 = Scenario::Heavy(75);
     let conn = |name: &str| r.median_of(name, churn, |m| Some(m.throughput));
-    let p99 = |name: &str| r.median_of(name, heavy75, |m| Some(m.p99_us as f64));
+    let p99 = |name: &str, sc: Scenario| r.median_of(name, sc, |m| Some(m.p99_us as f64));
     let per_s = |v: Option<f64>| num(v, 0);
+    let conn_check = |out: &mut String, name: &str, base: &str, at_least: f64| {
+        if has(name) && has(base) {
+            check(
+                out,
+                &format!("{name} conn rate ≥ {at_least}× {base}"),
+                r.paired_ratio(name, base, churn, |m| m.throughput),
+                |v| v >= at_least,
+                format!("{}/s vs {}/s", per_s(conn(name)), per_s(conn(base))),
+            );
+        }
+    };
+    let p99_check = |out: &mut String, name: &str, base: &str, percent: u32, at_most: f64| {
+        let sc = Scenario::Heavy(percent);
+        if has(name) && has(base) {
+            check(
+                out,
+                &format!("{name} p99 at {percent} % ≤ {at_most}× {base}"),
+                r.paired_ratio(name, base, sc, |m| m.p99_us as f64),
+                |v| v <= at_most,
+                format!("{} ms vs {} ms", ms(p99(name, sc)), ms(p99(base, sc))),
+            );
+        }
+    };
+
+    let _ = writeln!(out, "### Demo worker (design targets)\n");
     for policy in ["round-robin", "least-conn"] {
+        conn_check(out, policy, "reuseport", 0.95);
+    }
+    p99_check(out, "least-conn", "reuseport", 75, 0.55);
+    p99_check(out, "least-conn", "round-robin", 75, 0.8);
+    if has("round-robin") {
         check(
             out,
-            &format!("{policy} conn rate ≥ 0.95× reuseport"),
-            r.paired_ratio(policy, "reuseport", churn, |m| m.throughput),
-            |v| v >= 0.95,
+            "round-robin share max/mean ≤ 1.01 (churn)",
+            r.max_of("round-robin", churn, |m| m.share_max_over_mean),
+            |v| v <= 1.01,
+            "worst round".to_owned(),
+        );
+    }
+    if has("least-conn") {
+        check(
+            out,
+            "least-conn keep-alive connection spread ≤ 1",
+            r.max_of("least-conn", Scenario::KeepAlive, |m| m.conn_spread as f64),
+            |v| v <= 1.0,
+            "worst round, max−min connections per worker".to_owned(),
+        );
+    }
+
+    let lc_node = node_name(PolicyKind::LeastConn);
+    let rr_node = node_name(PolicyKind::RoundRobin);
+    let reuse_node = node_name(PolicyKind::Reuseport);
+    let shared_node = node_name(PolicyKind::Shared);
+    let _ = writeln!(
+        out,
+        "\n### Least-conn with real servers (node app through the shim unless said)\n"
+    );
+    for name in [&lc_node, &rr_node] {
+        conn_check(out, name, &reuse_node, 0.9);
+        conn_check(out, name, NODE_NONE, 0.85);
+    }
+    for &percent in &HEAVY_LEVELS_PERCENT {
+        p99_check(out, &lc_node, &shared_node, percent, 1.0);
+        p99_check(out, &lc_node, &reuse_node, percent, 0.6);
+    }
+    for &percent in &HEAVY_LEVELS_PERCENT {
+        p99_check(out, "least-conn", "shared", percent, 1.0);
+        p99_check(out, "least-conn", "reuseport", percent, 0.6);
+    }
+    if has(&lc_node) && has("least-conn") {
+        let cpu = |name: &str| r.median_of(name, churn, Metrics::master_cpu_per_1k);
+        check(
+            out,
+            &format!(
+                "{lc_node} master CPU per connection ≤ 2× least-conn's with the demo worker (churn)"
+            ),
+            r.paired_ratio(&lc_node, "least-conn", churn, |m| {
+                m.master_cpu_per_1k().unwrap_or(f64::NAN)
+            }),
+            |v| v <= 2.0,
+            // Seconds per 1,000 connections, × 1,000: microseconds per connection.
             format!(
-                "{}/s vs {}/s",
-                per_s(conn(policy)),
-                per_s(conn("reuseport"))
+                "{} µs vs {} µs of master CPU per connection",
+                num(cpu(&lc_node).map(|v| v * 1e3), 1),
+                num(cpu("least-conn").map(|v| v * 1e3), 1)
             ),
         );
     }
-    check(
-        out,
-        "least-conn p99 at 75 % ≤ 0.55× reuseport",
-        r.paired_ratio("least-conn", "reuseport", heavy75, |m| m.p99_us as f64),
-        |v| v <= 0.55,
-        format!(
-            "{} ms vs {} ms",
-            ms(p99("least-conn")),
-            ms(p99("reuseport"))
-        ),
-    );
-    check(
-        out,
-        "least-conn p99 at 75 % ≤ 0.8× round-robin",
-        r.paired_ratio("least-conn", "round-robin", heavy75, |m| m.p99_us as f64),
-        |v| v <= 0.8,
-        format!(
-            "{} ms vs {} ms",
-            ms(p99("least-conn")),
-            ms(p99("round-robin"))
-        ),
-    );
-    check(
-        out,
-        "round-robin share max/mean ≤ 1.01 (churn)",
-        r.max_of("round-robin", churn, |m| m.share_max_over_mean),
-        |v| v <= 1.01,
-        "worst round".to_owned(),
-    );
-    check(
-        out,
-        "least-conn keep-alive connection spread ≤ 1",
-        r.max_of("least-conn", Scenario::KeepAlive, |m| m.conn_spread as f64),
-        |v| v <= 1.0,
-        "worst round, max−min connections per worker".to_owned(),
-    );
-    check(
-        out,
-        &format!("{RCLUSTER_NODE} conn rate > {NODE_RR}"),
-        r.paired_ratio(RCLUSTER_NODE, NODE_RR, churn, |m| m.throughput),
-        |v| v > 1.0,
-        format!(
-            "{}/s vs {}/s",
-            per_s(conn(RCLUSTER_NODE)),
-            per_s(conn(NODE_RR))
-        ),
-    );
-    check(
-        out,
-        &format!("{RCLUSTER_NODE} p99 at 75 % < {NODE_RR}"),
-        r.paired_ratio(RCLUSTER_NODE, NODE_RR, heavy75, |m| m.p99_us as f64),
-        |v| v < 1.0,
-        format!("{} ms vs {} ms", ms(p99(RCLUSTER_NODE)), ms(p99(NODE_RR))),
-    );
+
+    let _ = writeln!(out, "\n### Against Node's cluster module\n");
+    conn_check(out, &lc_node, NODE_RR, 1.0);
+    if has(&lc_node) && has(NODE_RR) {
+        let sc = Scenario::Heavy(75);
+        check(
+            out,
+            &format!("{lc_node} p99 at 75 % < {NODE_RR}"),
+            r.paired_ratio(&lc_node, NODE_RR, sc, |m| m.p99_us as f64),
+            |v| v < 1.0,
+            format!(
+                "{} ms vs {} ms",
+                ms(p99(&lc_node, sc)),
+                ms(p99(NODE_RR, sc))
+            ),
+        );
+    }
+
+    let wrk_checked: Vec<&str> = names
+        .iter()
+        .copied()
+        .filter(|n| r.runs(n, Scenario::ChurnWrk) > 0)
+        .collect();
+    if !wrk_checked.is_empty() {
+        let _ = writeln!(out, "\n### Load generator against wrk (churn)\n");
+        for name in wrk_checked {
+            let v = median(r.per_round_ratios(name, churn, Scenario::ChurnWrk, |m| m.throughput));
+            check(
+                out,
+                &format!(
+                    "{name}: load generator within {:.0} % of wrk",
+                    TOOL_AGREEMENT * 100.0
+                ),
+                v,
+                |v| (v - 1.0).abs() <= TOOL_AGREEMENT,
+                format!(
+                    "loadgen ÷ wrk; {}/s vs {}/s",
+                    per_s(conn(name)),
+                    per_s(r.median_of(name, Scenario::ChurnWrk, |m| Some(m.throughput)))
+                ),
+            );
+        }
+    }
 }
 
-fn csv(results: &Results) -> String {
+fn csv(results: &Results, systems: &[System]) -> String {
+    let group = |name: &str| {
+        systems
+            .iter()
+            .find(|s| s.name == name)
+            .map_or("", |s| s.group.name())
+    };
     let mut out = String::from(
-        "round,system,scenario,offered_per_s,ok,sent,completed,non_200,refused,reset,timeout,eof,other,duration_s,throughput_per_s,p50_us,p90_us,p99_us,p999_us,max_us,share_max_over_mean,share_cv,per_worker,conns_per_worker,conn_spread,connections,master_cpu_s,master_cpu_s_per_1k_conn,loadgen_cpu_s,max_start_lag_ms,failure\n",
+        "round,group,system,scenario,tool,offered_per_s,ok,sent,completed,non_200,refused,reset,timeout,eof,other,duration_s,throughput_per_s,p50_us,p90_us,p99_us,p999_us,max_us,share_max_over_mean,share_cv,per_worker,conns_per_worker,conn_spread,connections,master_cpu_s,master_cpu_s_per_1k_conn,loadgen_cpu_s,max_start_lag_ms,failure\n",
     );
     for s in &results.samples {
         let offered = num(s.offered_per_s, 1).replace('—', "");
@@ -1224,10 +1593,12 @@ fn csv(results: &Results) -> String {
                 let join = |v: &[u64]| v.iter().map(u64::to_string).collect::<Vec<_>>().join(" ");
                 let _ = writeln!(
                     out,
-                    "{},{},{},{offered},true,{},{},{},{},{},{},{},{},{:.3},{:.1},{},{},{},{},{},{:.4},{:.4},{},{},{},{},{},{},{},{:.2},",
+                    "{},{},{},{},{},{offered},true,{},{},{},{},{},{},{},{},{:.3},{:.1},{},{},{},{},{},{:.4},{:.4},{},{},{},{},{},{},{},{:.2},",
                     s.round + 1,
+                    group(&s.system),
                     s.system,
                     s.scenario.name(),
+                    s.scenario.tool(),
                     m.sent,
                     m.completed,
                     m.non_200,
@@ -1260,15 +1631,23 @@ fn csv(results: &Results) -> String {
                 let e = e.replace(['"', '\n'], "'");
                 let _ = writeln!(
                     out,
-                    "{},{},{},{offered},false,,,,,,,,,,,,,,,,,,,,,,,,,,\"{e}\"",
+                    "{},{},{},{},{},{offered},false,,,,,,,,,,,,,,,,,,,,,,,,,,\"{e}\"",
                     s.round + 1,
+                    group(&s.system),
                     s.system,
-                    s.scenario.name()
+                    s.scenario.name(),
+                    s.scenario.tool(),
                 );
             }
         }
     }
     out
+}
+
+/// The 1-minute load average (`/proc/loadavg`, proc(5)): how busy the shared host was.
+fn load_average() -> Option<String> {
+    let s = std::fs::read_to_string("/proc/loadavg").ok()?;
+    s.split_whitespace().next().map(str::to_owned)
 }
 
 fn node_version(node: &Path) -> String {
@@ -1284,6 +1663,7 @@ fn node_version(node: &Path) -> String {
 fn main() {
     let settings = Settings::from_env();
     let started = Instant::now();
+    let load_before = load_average();
     let node_app = match settings.node {
         Some(_) => match NodeApp::write() {
             Ok(app) => Some(app),
@@ -1347,7 +1727,7 @@ fn main() {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let _ = writeln!(
         out,
-        "{} workers per system, {} round(s){}, Linux {}, {} CPUs; binary {}; node {}. Total {:.0} s.",
+        "{} workers per system, {} round(s){}, Linux {}, {} CPUs; binary {}; node {}; wrk {}. Total {:.0} s; load average (1 min) {} at the start, {} at the end.",
         settings.workers,
         settings.rounds,
         if settings.quick {
@@ -1362,7 +1742,14 @@ fn main() {
             .node
             .as_deref()
             .map_or("absent".to_owned(), node_version),
-        started.elapsed().as_secs_f64()
+        if settings.wrk.is_some() {
+            "cross-check on"
+        } else {
+            "absent"
+        },
+        started.elapsed().as_secs_f64(),
+        load_before.as_deref().unwrap_or("?"),
+        load_average().as_deref().unwrap_or("?"),
     );
     let groups: [(Group, &str, &Option<Capacity>, &str); 2] = [
         (
@@ -1389,7 +1776,8 @@ fn main() {
         );
         render_group(&mut out, &results, &members, base, cap, &settings);
     }
-    render_checks(&mut out, &results);
+    let names: Vec<&str> = all.iter().map(|s| s.name.as_str()).collect();
+    render_checks(&mut out, &results, &names);
     // One line per distinct failure: a system that did not start fails every scenario of its
     // round with the same message.
     /// (round, system, message) and the scenarios that failed with it.
@@ -1425,7 +1813,7 @@ fn main() {
     let write = || -> std::io::Result<()> {
         std::fs::create_dir_all(&settings.out_dir)?;
         std::fs::write(settings.out_dir.join("e2e.md"), &out)?;
-        std::fs::write(settings.out_dir.join("e2e-runs.csv"), csv(&results))?;
+        std::fs::write(settings.out_dir.join("e2e-runs.csv"), csv(&results, &all))?;
         Ok(())
     };
     match write() {

@@ -845,3 +845,138 @@ fn connection_handed_to_a_worker_before_its_drain_is_answered_when_its_request_c
     );
     cluster.wait_for_log(&format!("(pid {holder}) exited: exit code 0"), DEADLINE);
 }
+
+// --- workers that stop, recycle themselves or fail for a while (docs/LIFECYCLE.md) -----------
+
+/// Whether node runs; prints a note when it does not, so the caller can skip.
+fn node_available() -> bool {
+    let ok = std::process::Command::new("node")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!("note: node not found; skipping this test");
+    }
+    ok
+}
+
+/// An unmodified node server that closes its listener and listens again (the shim reports
+/// STOPPING, then READY): the master sends it connections again instead of blackholing the slot.
+#[test]
+fn node_server_that_closes_and_reopens_its_listener_is_served_again() {
+    if !node_available() {
+        return;
+    }
+    let app = "const s=require('http').createServer((q,r)=>{r.end('pid '+process.pid+'\\n');\
+               if(q.url==='/reopen'){s.close(()=>s.listen(process.env.PORT));}});\
+               s.listen(process.env.PORT);";
+    let mut cluster = TestCluster::start(&["--workers", "1", "--", "node", "-e", app]);
+    let first = get(cluster.addr(), "/reopen").expect("the /reopen request");
+    assert_eq!(first.status, 200);
+    cluster.wait_for_log("is stopping", DEADLINE);
+    cluster.wait_for_log("is ready again", DEADLINE);
+    let results = get_many(cluster.addr(), "/", 20, 2);
+    let ok = results
+        .iter()
+        .filter(|r| r.as_ref().is_ok_and(|r| r.status == 200))
+        .count();
+    assert_eq!(ok, 20, "the only worker is used again after READY");
+    assert!(cluster.is_running());
+}
+
+/// A node server that serves three requests and exits 0 after closing its listener (like
+/// node-cluster's "die after N requests"): a planned exit, replaced at once, never a crash.
+#[test]
+fn self_recycling_node_workers_are_replaced_and_never_given_up() {
+    if !node_available() {
+        return;
+    }
+    let app = "let n=0;const s=require('http').createServer((q,r)=>{r.end('pid '+process.pid+'\\n');\
+               if(++n>=3){s.close(()=>process.exit(0));}});s.listen(process.env.PORT);";
+    let mut cluster = TestCluster::start(&["--workers", "2", "--", "node", "-e", app]);
+    let mut failures = Vec::new();
+    for i in 0..30 {
+        match get(cluster.addr(), "/") {
+            Ok(r) if r.status == 200 => {}
+            other => failures.push((i, other.map(|r| r.status))),
+        }
+    }
+    assert!(failures.is_empty(), "requests lost: {failures:?}");
+    assert!(
+        cluster.log_count("exited after STOPPING") >= 5,
+        "workers recycled themselves"
+    );
+    assert_eq!(cluster.log_count("exited unexpectedly"), 0);
+    assert!(!cluster.log_contains("giving up"));
+    assert!(cluster.is_running());
+}
+
+/// A slot that crash-loops during an outage is given up for now, and SIGHUP brings it back once
+/// its server works again.
+#[test]
+fn a_given_up_slot_comes_back_on_sighup() {
+    let dir = TempDir::new("giveup-sighup");
+    let flag = dir.0.join("slot1-fails");
+    std::fs::write(&flag, "").unwrap();
+    let script = format!(
+        r#"if [ "$RCLUSTER_WORKER_ID" = 1 ] && [ -e "{}" ]; then exit 7; fi; exec "$0" demo-worker"#,
+        flag.display()
+    );
+    let mut cluster = TestCluster::spawn(&[
+        "--workers",
+        "2",
+        "--no-preload",
+        "--",
+        "sh",
+        "-c",
+        &script,
+        BIN,
+    ]);
+    cluster.wait_for_log("giving up on slot 1", DEADLINE);
+    assert!(cluster.is_running(), "slot 0 serves, the master stays");
+    std::fs::remove_file(&flag).unwrap();
+    cluster.signal(libc::SIGHUP);
+    cluster.wait_for_log("worker 1 ready", DEADLINE);
+    let counts = per_worker(&get_many(cluster.addr(), "/", 40, 2));
+    assert_eq!(counts.values().sum::<usize>(), 40, "{counts:?}");
+    assert!(counts.contains_key(&1), "slot 1 serves again: {counts:?}");
+}
+
+/// Shared mode: a reload whose replacement serves from the shared socket but never says it is
+/// ready is aborted; the replacement is drained (it finishes what it took), not SIGKILLed, so
+/// no request is reset.
+#[test]
+fn an_aborted_reload_in_shared_mode_drains_the_replacement_and_loses_nothing() {
+    // Generation 1 serves but never signals readiness (no NOTIFY_SOCKET).
+    let script = r#"if [ "$RCLUSTER_GENERATION" = 0 ]; then exec "$0" demo-worker; fi; unset NOTIFY_SOCKET; exec "$0" demo-worker"#;
+    let mut cluster = TestCluster::start(&[
+        "--workers",
+        "2",
+        "--policy",
+        "shared",
+        "--grace",
+        "5s",
+        "--ready-timeout",
+        "2s",
+        "--no-preload",
+        "--",
+        "sh",
+        "-c",
+        script,
+        BIN,
+    ]);
+    let load = Load::start(cluster.addr(), "/?us=2000", 1_500, 300.0, 8);
+    load.wait_completed(200, DEADLINE);
+    cluster.signal(libc::SIGHUP);
+    cluster.wait_for_log(
+        "reload aborted: a replacement was not ready within --ready-timeout",
+        DEADLINE,
+    );
+    let tally = load.join();
+    assert_no_loss("aborted reload in shared mode", &tally, 1_500);
+    assert!(
+        cluster.log_contains("draining worker"),
+        "the replacement is drained"
+    );
+    assert!(cluster.is_running());
+}

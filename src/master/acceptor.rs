@@ -27,8 +27,7 @@ use crate::sys::scm::{self, SendBatch};
 use crate::sys::{self, Pid};
 use rcluster_proto::{HEADER_LEN, MAX_FDS_PER_CONN, MAX_LISTENERS, ToMaster, ToWorker};
 
-/// Identifies one worker process for its whole life (slots are reused, ids are not).
-pub type WorkerId = u64;
+pub use crate::master::lifecycle::WorkerId;
 
 /// Messages passed to a channel in one `sendmmsg`.
 pub const SEND_BATCH: usize = 64;
@@ -78,7 +77,7 @@ pub enum Command {
         /// Report [`Event::MaxConns`] once it has been handed this many connections.
         max_conns: Option<u64>,
     },
-    /// The supervisor learned the worker is ready by other means (NOTIFY_SOCKET, delay).
+    /// Dispatch to the worker (it is ready, or ready again after STOPPING).
     Ready(WorkerId),
     /// Stop dispatching to the worker and take back what is queued in its channels.
     Drain(WorkerId),
@@ -107,9 +106,11 @@ pub enum Command {
 /// Acceptor → supervisor.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// READY arrived on the worker's channel.
+    /// READY arrived on the worker's channel (the worker stays closed until the supervisor
+    /// sends [`Command::Ready`]).
     Ready(WorkerId),
-    /// The worker said STOPPING.
+    /// The worker said STOPPING (it stays open until the supervisor sends [`Command::Drain`],
+    /// which also takes back what was queued meanwhile).
     Stopping(WorkerId),
     /// The worker's channel has been full for the stall timeout.
     Stalled(WorkerId),
@@ -257,10 +258,15 @@ pub fn spawn(
     })
 }
 
+/// What the supervisor told the acceptor about a worker (the lifecycle decides; the acceptor
+/// only applies it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
+    /// Added ([`Command::Add`]), not yet opened: dispatched to only while no worker is ready.
     Starting,
+    /// Opened ([`Command::Ready`]).
     Ready,
+    /// Closed ([`Command::Drain`]): nothing is dispatched to it.
     Draining,
 }
 
@@ -620,11 +626,9 @@ impl Acceptor {
 
     fn set_state(&mut self, id: WorkerId, state: State) {
         if let Some(i) = self.index_of(id) {
-            let e = &mut self.entries[i];
-            // Draining is final; Ready does not undo it.
-            if e.state != State::Draining {
-                e.state = state;
-            }
+            // The lifecycle decides every transition, including Ready again after a worker's
+            // STOPPING; the acceptor applies it.
+            self.entries[i].state = state;
             self.refresh_open();
         }
     }
@@ -689,15 +693,18 @@ impl Acceptor {
             }
         }
         let active = entry.dispatched.saturating_sub(entry.closed);
-        let state = entry.state;
         self.stats[i].active = active.min(u64::from(u32::MAX)) as u32;
-        if ready && state == State::Starting {
-            self.set_state(id, State::Ready);
+        // Reported to the lifecycle, the single source of truth for the worker's state, which
+        // answers with Ready (open) or Drain (close and reclaim). One shortcut: a worker still
+        // held as Starting is opened at once, because from Starting the lifecycle always
+        // answers READY with Ready; so by the time the master logs "ready", dispatch is on.
+        if ready {
+            if self.entries[i].state == State::Starting {
+                self.set_state(id, State::Ready);
+            }
             self.emit(Event::Ready(id));
         }
-        if stopping && state != State::Draining {
-            self.set_state(id, State::Draining);
-            self.reclaim(id);
+        if stopping {
             self.emit(Event::Stopping(id));
         }
     }
@@ -1068,5 +1075,249 @@ impl Acceptor {
             self.entries.len(),
             self.pending.len()
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The acceptor against real kernel objects (a loopback listener, socketpair channels) and a
+    //! fake supervisor: it dispatches only where it was told, reclaims on Drain, reopens on
+    //! Ready, and reports what workers say without acting on it.
+    use super::*;
+    use crate::policy::PolicyKind;
+    use std::net::{TcpListener, TcpStream};
+    use std::time::Duration;
+
+    /// Bound on every wait: a turn never blocks longer than its timeout.
+    const DEADLINE: Duration = Duration::from_secs(10);
+
+    struct Rig {
+        acceptor: Acceptor,
+        commands: Sender<Command>,
+        events: Receiver<Event>,
+        addr: std::net::SocketAddr,
+        /// Each fake worker's end of its channel.
+        workers: Vec<OwnedFd>,
+        /// Connections received by each fake worker so far (kept open).
+        received: Vec<Vec<OwnedFd>>,
+        clients: Vec<TcpStream>,
+        _supervisor_poll: Poll,
+    }
+
+    impl Rig {
+        fn new(workers: usize, policy: PolicyKind) -> Rig {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            let supervisor_poll = Poll::new().unwrap();
+            let waker = Arc::new(Waker::new(supervisor_poll.registry(), Token(0)).unwrap());
+            let (events_tx, events) = crossbeam_channel::unbounded();
+            let (acceptor, commands, _) = Acceptor::new(
+                AcceptorConfig {
+                    listeners: vec![listener],
+                    policy: policy.build().unwrap(),
+                    cpu: None,
+                    stall_timeout: Duration::from_secs(3600),
+                },
+                events_tx,
+                waker,
+            )
+            .unwrap();
+            let mut ends = Vec::new();
+            for id in 0..workers as u64 {
+                let (master, worker) = sys::socketpair_seqpacket().unwrap();
+                let dup = worker.try_clone().unwrap();
+                ends.push(worker);
+                commands
+                    .send(Command::Add {
+                        id,
+                        slot: id as usize,
+                        pid: 0,
+                        channels: vec![ChannelEnds {
+                            master,
+                            worker: dup,
+                        }],
+                        max_conns: None,
+                    })
+                    .unwrap();
+            }
+            let mut rig = Rig {
+                acceptor,
+                commands,
+                events,
+                addr,
+                received: ends.iter().map(|_| Vec::new()).collect(),
+                workers: ends,
+                clients: Vec::new(),
+                _supervisor_poll: supervisor_poll,
+            };
+            rig.turn();
+            rig
+        }
+
+        fn turn(&mut self) {
+            self.acceptor.turn(Some(Duration::from_millis(20))).unwrap();
+        }
+
+        fn command(&mut self, cmd: Command) {
+            self.commands.send(cmd).unwrap();
+            self.turn();
+        }
+
+        /// The fake worker `w` sends a message on its channel; turns until the acceptor has read
+        /// it (policies that do not read active counts read channels every CHANNEL_SWEEP).
+        fn say(&mut self, w: usize, msg: ToMaster) {
+            scm::send(self.workers[w].as_fd(), &msg.encode(), 0).unwrap();
+            let until = Instant::now() + 2 * CHANNEL_SWEEP;
+            while Instant::now() < until {
+                self.turn();
+            }
+        }
+
+        /// Reads every CONN queued for each fake worker; returns how many each got now.
+        fn take(&mut self) -> Vec<usize> {
+            let mut got = vec![0; self.workers.len()];
+            for (w, end) in self.workers.iter().enumerate() {
+                let mut buf = [0u8; HEADER_LEN];
+                let mut fds = Vec::new();
+                while let Ok(m) =
+                    scm::recvmsg_fds(end.as_fd(), &mut buf, libc::MSG_DONTWAIT, &mut fds)
+                {
+                    assert!(matches!(
+                        ToWorker::decode(&buf[..m.len]),
+                        Ok(ToWorker::Conn { .. })
+                    ));
+                    got[w] += fds.len();
+                    self.received[w].append(&mut fds);
+                }
+            }
+            got
+        }
+
+        /// Connects `n` clients and turns until the master has dispatched them all; returns
+        /// how many each worker received.
+        fn connect(&mut self, n: usize) -> Vec<usize> {
+            for _ in 0..n {
+                self.clients.push(TcpStream::connect(self.addr).unwrap());
+            }
+            let deadline = Instant::now() + DEADLINE;
+            let mut total = vec![0; self.workers.len()];
+            while total.iter().sum::<usize>() < n {
+                assert!(
+                    Instant::now() < deadline,
+                    "dispatched only {total:?} of {n}"
+                );
+                self.turn();
+                for (t, g) in total.iter_mut().zip(self.take()) {
+                    *t += g;
+                }
+            }
+            total
+        }
+
+        /// Connects `n` clients and turns until the master has accepted and queued them all,
+        /// without the fake workers reading anything.
+        fn connect_unread(&mut self, n: usize) {
+            for _ in 0..n {
+                self.clients.push(TcpStream::connect(self.addr).unwrap());
+            }
+            let deadline = Instant::now() + DEADLINE;
+            while self.acceptor.seq < n as u64 {
+                assert!(
+                    Instant::now() < deadline,
+                    "accepted {} of {n}",
+                    self.acceptor.seq
+                );
+                self.turn();
+            }
+        }
+
+        fn events(&self) -> Vec<Event> {
+            self.events.try_iter().collect()
+        }
+    }
+
+    #[test]
+    fn dispatches_only_to_workers_it_was_told_are_ready() {
+        let mut rig = Rig::new(2, PolicyKind::RoundRobin);
+        rig.command(Command::Ready(1));
+        assert_eq!(rig.connect(6), [0, 6], "worker 0 was never opened");
+    }
+
+    #[test]
+    fn starting_workers_take_connections_while_none_is_ready() {
+        let mut rig = Rig::new(2, PolicyKind::RoundRobin);
+        assert_eq!(rig.connect(4), [2, 2]);
+    }
+
+    #[test]
+    fn drain_takes_back_what_is_queued_and_sends_it_elsewhere() {
+        let mut rig = Rig::new(2, PolicyKind::RoundRobin);
+        rig.command(Command::Ready(0));
+        rig.command(Command::Ready(1));
+        rig.connect_unread(4);
+        rig.command(Command::Drain(0));
+        assert_eq!(
+            rig.take(),
+            [0, 4],
+            "worker 0's two queued connections moved to worker 1"
+        );
+        assert!(rig.events().contains(&Event::Reclaimed(0, 2)));
+        assert_eq!(
+            rig.connect(2),
+            [0, 2],
+            "nothing more goes to a drained worker"
+        );
+    }
+
+    #[test]
+    fn ready_after_drain_opens_the_worker_again() {
+        let mut rig = Rig::new(2, PolicyKind::RoundRobin);
+        rig.command(Command::Ready(0));
+        rig.command(Command::Ready(1));
+        rig.command(Command::Drain(0));
+        rig.command(Command::Ready(0));
+        assert_eq!(rig.connect(4), [2, 2]);
+    }
+
+    #[test]
+    fn stopping_and_ready_from_a_worker_are_reported_not_decided() {
+        let mut rig = Rig::new(2, PolicyKind::RoundRobin);
+        rig.command(Command::Ready(0));
+        rig.command(Command::Ready(1));
+        rig.say(0, ToMaster::Stopping);
+        assert_eq!(rig.events(), [Event::Stopping(0)]);
+        assert_eq!(
+            rig.connect(2),
+            [1, 1],
+            "still open until the supervisor says Drain"
+        );
+        rig.command(Command::Drain(0));
+        rig.say(0, ToMaster::Ready { max_fds: 1 });
+        assert_eq!(rig.events(), [Event::Ready(0)]);
+        assert_eq!(
+            rig.connect(2),
+            [0, 2],
+            "a drained worker stays closed until told"
+        );
+    }
+
+    #[test]
+    fn ready_on_the_channel_of_a_starting_worker_opens_it() {
+        let mut rig = Rig::new(2, PolicyKind::RoundRobin);
+        rig.say(1, ToMaster::Ready { max_fds: 1 });
+        assert_eq!(rig.events(), [Event::Ready(1)]);
+        assert_eq!(rig.connect(3), [0, 3]);
+    }
+
+    #[test]
+    fn closed_counts_bring_least_conn_back_to_the_idle_worker() {
+        let mut rig = Rig::new(2, PolicyKind::LeastConn);
+        rig.command(Command::Ready(0));
+        rig.command(Command::Ready(1));
+        assert_eq!(rig.connect(2), [1, 1]);
+        // Worker 0 finishes its connection; worker 1 keeps its own.
+        rig.received[0].clear();
+        rig.say(0, ToMaster::Closed { count: 1 });
+        assert_eq!(rig.connect(1), [1, 0]);
     }
 }

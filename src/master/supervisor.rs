@@ -1,8 +1,9 @@
-//! The supervisor: worker lifecycle, on the master's main thread (which lives as long as the
-//! master, so `PR_SET_PDEATHSIG` in workers fires exactly when the master dies). It spawns
-//! workers with the worker contract, reaps them through pidfds in its mio poll loop, handles
-//! signals, restarts crashed workers with capped exponential backoff, runs rolling reloads,
-//! recycling and scaling, samples RSS, and shuts down gracefully.
+//! The supervisor: the I/O driver of the worker lifecycle, on the master's main thread (which
+//! lives as long as the master, so `PR_SET_PDEATHSIG` in workers fires exactly when the master
+//! dies). Every decision is [`Lifecycle`]'s; this module turns the world into its
+//! [`Input`]s — signals, pidfd exits, `NOTIFY_SOCKET` datagrams, the acceptor's events, timers —
+//! and carries out its [`Action`]s: fork/exec a worker with the contract, tell the acceptor,
+//! send a signal, exit.
 //!
 //! It owns the pidfds, each worker's NOTIFY_SOCKET, and in reuseport/shared modes the listening
 //! sockets workers inherit. In dispatch mode the acceptor thread owns the listeners and channels;
@@ -19,39 +20,30 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::{SocketAddr as UnixAddr, UnixDatagram};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, bail};
 use crossbeam_channel::Receiver;
 use log::{error, info, warn};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
+use rcluster_proto::Mode;
+use rcluster_proto::env::ChildEnv;
 use signal_hook::consts::signal::{SIGHUP, SIGINT, SIGTERM, SIGTTIN, SIGTTOU, SIGUSR1};
 use signal_hook_mio::v1_0::Signals;
 use socket2::Socket;
 
 use crate::cli::{Config, Pin};
-use crate::master::acceptor::{self, AcceptorHandle, ChannelEnds, Command, Event, WorkerId};
+use crate::master::acceptor::{self, AcceptorHandle, ChannelEnds, Command, Event};
+use crate::master::lifecycle::{Action, Input, Lifecycle, Settings, Sig, WorkerId, WorkerState};
 use crate::master::listener;
+use crate::master::shim::find_shim;
 use crate::sys::spawn::{SpawnSpec, spawn};
 use crate::sys::{self, CpuSet, ExitStatus, Pid};
-use rcluster_proto::Mode;
-use rcluster_proto::env::ChildEnv;
 
 /// The supervisor's side of the control socket and metrics: answering
 /// [`crate::master::control::Ask`]s.
 mod ask;
-
-/// First restart delay after a crash; doubles per consecutive crash.
-pub const RESTART_BACKOFF_INITIAL: Duration = Duration::from_millis(100);
-/// Longest restart delay.
-pub const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(10);
-/// A worker that stayed up this long resets its slot's crash count.
-pub const STABLE_UPTIME: Duration = Duration::from_secs(10);
-/// Consecutive short-lived crashes after which a slot is given up.
-pub const CRASH_LOOP_LIMIT: u32 = 5;
-/// File name of the preload shim, looked for next to the master's binary.
-pub const SHIM_FILE: &str = "librcluster_shim.so";
 
 const SIGNALS: Token = Token(0);
 const WAKER: Token = Token(1);
@@ -63,59 +55,24 @@ fn notify_token(id: WorkerId) -> Token {
     Token(3 + 2 * id as usize)
 }
 
-/// Where a worker is in its life. Dispatch goes only to `Ready` workers (to `Starting` ones only
-/// while none is ready).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Lifecycle {
-    /// Spawned, not yet ready (no READY on its channel, no READY=1, delay not elapsed).
-    Starting,
-    /// Takes connections.
-    Ready,
-    /// Gets no new connections; was sent the drain signal; SIGKILLed after the grace period.
-    Draining,
-}
-
-struct Worker {
+/// A running worker process as the supervisor holds it.
+struct Proc {
     id: WorkerId,
     slot: usize,
-    generation: u64,
     pid: Pid,
     pidfd: OwnedFd,
     notify: Option<UnixDatagram>,
-    state: Lifecycle,
-    started: Instant,
-    kill_at: Option<Instant>,
 }
 
-struct Slot {
+/// What a slot needs besides its worker.
+struct SlotIo {
     cpus: Option<CpuSet>,
     /// Reuseport mode: this slot's listening sockets, one per listener, kept across restarts.
     reuseport: Vec<Socket>,
-    crashes: u32,
-    restart_at: Option<Instant>,
-    given_up: bool,
-    /// False once scaled down (SIGTTOU).
-    active: bool,
-    /// Restarts after crashes, for status and metrics.
-    restarts: u64,
-}
-
-/// Why a worker is being replaced by a new one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Reason {
-    Reload,
-    Recycle,
-}
-
-struct Replacement {
-    new: WorkerId,
-    old: WorkerId,
-    reason: Reason,
-    deadline: Instant,
 }
 
 /// Runs the cluster until shutdown. Returns an error (exit code 1) if it cannot start or if no
-/// worker can run any more.
+/// worker can run at all.
 pub fn run(config: Config) -> anyhow::Result<()> {
     let mut sup = Supervisor::new(config)?;
     sup.open_hooks()?;
@@ -137,24 +94,17 @@ struct Supervisor {
     /// Dispatch mode: the listening sockets until the acceptor takes them. Shared mode: the
     /// sockets every worker inherits.
     sockets: Vec<Socket>,
-    slots: Vec<Slot>,
-    workers: Vec<Worker>,
-    next_id: WorkerId,
-    generation: u64,
+    slots: Vec<SlotIo>,
+    procs: Vec<Proc>,
+    lifecycle: Lifecycle,
     base_env: Vec<Vec<u8>>,
     preload: Option<PathBuf>,
-    shutdown_deadline: Option<Instant>,
-    /// While shutting down in dispatch mode: when to SIGTERM the workers if the acceptor has
-    /// not reported the channels drained by then.
-    shutdown_signal_at: Option<Instant>,
-    all_ready_announced: bool,
     next_rss_sample: Option<Instant>,
-    replacements: Vec<Replacement>,
-    /// Old workers a reload still has to replace.
-    reload_queue: VecDeque<WorkerId>,
-    reload_requested: bool,
-    /// A reload started and has neither completed nor been aborted.
-    reload_running: bool,
+    /// While starting, a worker that cannot be spawned is a startup error, kept here.
+    startup_error: Option<anyhow::Error>,
+    starting: bool,
+    /// Set by [`Action::Exit`].
+    exit: Option<Result<(), String>>,
     /// Control socket, metrics endpoint, pid file and the requests they bring.
     hooks: ask::Hooks,
 }
@@ -182,18 +132,12 @@ impl Supervisor {
             sockets.push(socket);
         }
 
-        let mut slots = Vec::new();
-        for i in 0..config.workers {
-            slots.push(Slot {
+        let mut slots: Vec<SlotIo> = (0..config.workers)
+            .map(|i| SlotIo {
                 cpus: slot_cpus(&config.pin, i),
                 reuseport: Vec::new(),
-                crashes: 0,
-                restart_at: None,
-                given_up: false,
-                active: true,
-                restarts: 0,
-            });
-        }
+            })
+            .collect();
         if mode == Mode::Reuseport {
             // Slot 0 takes the sockets bound above (they fixed the ports); the other slots get
             // their own sockets on the same ports.
@@ -208,6 +152,16 @@ impl Supervisor {
         } else {
             None
         };
+        let lifecycle = Lifecycle::new(Settings {
+            workers: config.workers,
+            grace: config.grace,
+            ready_delay: config.ready_delay,
+            ready_timeout: config.ready_timeout,
+            reload_batch: config.reload_batch,
+            max_rss: config.max_rss,
+            drain_channels_on_stop: mode == Mode::Dispatch,
+            drain_signal: sys::signal_name(config.drain_signal),
+        });
         Ok(Supervisor {
             base_env: base_environment(),
             mode,
@@ -220,18 +174,13 @@ impl Supervisor {
             addrs,
             sockets,
             slots,
-            workers: Vec::new(),
-            next_id: 0,
-            generation: 0,
+            procs: Vec::new(),
+            lifecycle,
             preload,
-            shutdown_deadline: None,
-            shutdown_signal_at: None,
-            all_ready_announced: false,
             next_rss_sample: None,
-            replacements: Vec::new(),
-            reload_queue: VecDeque::new(),
-            reload_requested: false,
-            reload_running: false,
+            startup_error: None,
+            starting: false,
+            exit: None,
             hooks: ask::Hooks::default(),
             config,
         })
@@ -247,7 +196,7 @@ impl Supervisor {
                 .config
                 .policy
                 .build()
-                .expect("dispatch policies build a policy object");
+                .context("the policy has no dispatch implementation")?;
             let handle = acceptor::spawn(
                 acceptor::AcceptorConfig {
                     listeners,
@@ -271,12 +220,14 @@ impl Supervisor {
             self.config.policy,
             self.mode.as_str()
         );
-        for slot in 0..self.slots.len() {
-            // A command that cannot start at all (exec fails) is a startup error, not a crash.
-            self.spawn_worker(slot)
-                .with_context(|| format!("failed to start worker {slot}"))?;
+        // A command that cannot start at all (exec fails) is a startup error, not a crash.
+        self.starting = true;
+        self.feed(Input::Start);
+        self.starting = false;
+        match self.startup_error.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     fn send(&self, cmd: Command) {
@@ -285,15 +236,86 @@ impl Supervisor {
         }
     }
 
-    fn spawn_worker(&mut self, slot: usize) -> anyhow::Result<WorkerId> {
+    /// Gives the lifecycle one input and carries out what it answers (which may feed it more:
+    /// a spawn's result).
+    fn feed(&mut self, input: Input) {
+        let mut todo: VecDeque<Action> = self.lifecycle.handle(Instant::now(), input).into();
+        while let Some(action) = todo.pop_front() {
+            if let Some(more) = self.apply(action) {
+                todo.extend(self.lifecycle.handle(Instant::now(), more));
+            }
+        }
+    }
+
+    /// Carries out one action; returns the input it produces, if any.
+    fn apply(&mut self, action: Action) -> Option<Input> {
+        match action {
+            Action::Spawn {
+                id,
+                slot,
+                generation,
+            } => {
+                if self.startup_error.is_some() {
+                    return None;
+                }
+                match self.spawn_worker(id, slot, generation) {
+                    Ok(pid) => return Some(Input::Spawned { id, pid }),
+                    Err(e) if self.starting => {
+                        self.startup_error =
+                            Some(e.context(format!("failed to start worker {slot}")));
+                    }
+                    Err(e) => {
+                        return Some(Input::SpawnFailed {
+                            id,
+                            error: format!("{e:#}"),
+                        });
+                    }
+                }
+            }
+            Action::Open(id) => self.send(Command::Ready(id)),
+            Action::Close(id) => self.send(Command::Drain(id)),
+            Action::Signal(id, sig) => {
+                let signal = match sig {
+                    Sig::Drain => self.config.drain_signal,
+                    Sig::Stop => libc::SIGTERM,
+                    Sig::Kill => libc::SIGKILL,
+                };
+                if let Some(p) = self.procs.iter().find(|p| p.id == id) {
+                    let _ = sys::kill(p.pid, signal);
+                }
+            }
+            Action::Forget(id) => self.forget(id),
+            Action::SlotRemoved(slot) => {
+                if self.mode == Mode::Reuseport {
+                    // Closing a SO_REUSEPORT listener resets what is queued on it unless the
+                    // host has net.ipv4.tcp_migrate_req=1 (which moves them to another socket
+                    // of the group).
+                    warn!(
+                        "reuseport mode: connections still queued on worker {slot}'s own socket \
+                         when it exits are reset unless net.ipv4.tcp_migrate_req=1"
+                    );
+                }
+            }
+            Action::ReleaseSlot(slot) => {
+                // Reuseport mode: a removed slot's listening sockets leave the kernel's group
+                // with their last worker, or new connections would keep being hashed to a
+                // socket nobody accepts from.
+                if let Some(s) = self.slots.get_mut(slot) {
+                    s.reuseport.clear();
+                }
+            }
+            Action::StopAccepting { drain_for } => self.send(Command::Shutdown { drain_for }),
+            Action::Exit(result) => self.exit = Some(result),
+        }
+        None
+    }
+
+    fn spawn_worker(&mut self, id: WorkerId, slot: usize, generation: u64) -> anyhow::Result<Pid> {
         let program = self
             .config
             .command
             .resolve()
             .map_err(|e| anyhow::anyhow!(e))?;
-        let id = self.next_id;
-        self.next_id += 1;
-        let generation = self.generation;
 
         let mut channels = Vec::new();
         let mut worker_fds: Vec<OwnedFd> = Vec::new();
@@ -373,6 +395,7 @@ impl Supervisor {
             });
         if let Err(e) = registered {
             // A worker the supervisor cannot watch must not run: kill and reap it here.
+            let _ = self.poll.registry().deregister(&mut SourceFd(&raw));
             let _ = sys::kill(pid, libc::SIGKILL);
             let _ = sys::waitpid_blocking(pid);
             return Err(e).context("failed to watch the new worker");
@@ -386,7 +409,7 @@ impl Supervisor {
             let max_conns = self
                 .config
                 .max_conns
-                .map(|n| n + jitter(self.config.max_conns_jitter, id));
+                .map(|n| n.saturating_add(jitter(self.config.max_conns_jitter, id)));
             self.send(Command::Add {
                 id,
                 slot,
@@ -402,26 +425,49 @@ impl Supervisor {
                 None => String::new(),
             }
         );
-        self.workers.push(Worker {
+        self.procs.push(Proc {
             id,
             slot,
-            generation,
             pid,
             pidfd: spawned.pidfd,
             notify,
-            state: Lifecycle::Starting,
-            started: Instant::now(),
-            kill_at: None,
         });
-        Ok(id)
+        Ok(pid)
+    }
+
+    /// Drops a reaped worker's pidfd and notify socket and tells the acceptor: connections
+    /// still queued in its channel go to another worker.
+    fn forget(&mut self, id: WorkerId) {
+        let Some(i) = self.procs.iter().position(|p| p.id == id) else {
+            return;
+        };
+        let p = self.procs.swap_remove(i);
+        let raw = p.pidfd.as_raw_fd();
+        let _ = self.poll.registry().deregister(&mut SourceFd(&raw));
+        if let Some(n) = &p.notify {
+            let raw = n.as_raw_fd();
+            let _ = self.poll.registry().deregister(&mut SourceFd(&raw));
+        }
+        self.send(Command::Remove(id));
     }
 
     fn run_loop(&mut self) -> anyhow::Result<()> {
         let mut events = Events::with_capacity(256);
         loop {
-            let timeout = self
-                .next_deadline()
-                .map(|t| t.saturating_duration_since(Instant::now()));
+            if let Some(result) = self.exit.take() {
+                if let Some(a) = self.acceptor.take() {
+                    a.shutdown();
+                }
+                return match result {
+                    Ok(()) => Ok(()),
+                    Err(why) => bail!("{why}"),
+                };
+            }
+            let next = [self.lifecycle.next_deadline(), self.next_rss_sample]
+                .into_iter()
+                .flatten()
+                .min();
+            let timeout = next.map(|t| t.saturating_duration_since(Instant::now()));
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -444,379 +490,35 @@ impl Supervisor {
             while let Ok(ev) = self.events.try_recv() {
                 self.on_event(ev);
             }
+            self.feed(Input::Tick);
             self.on_asks();
-            self.on_timers();
-            if self.shutdown_deadline.is_some() {
-                if self.workers.is_empty() {
-                    if let Some(a) = self.acceptor.take() {
-                        a.shutdown();
-                    }
-                    info!("all workers exited; shutdown complete");
-                    return Ok(());
-                }
-            } else if self.workers.is_empty()
-                && self
-                    .slots
-                    .iter()
-                    .all(|s| !s.active || s.given_up || s.restart_at.is_none())
+            if let Some(t) = self.next_rss_sample
+                && Instant::now() >= t
             {
-                if let Some(a) = self.acceptor.take() {
-                    a.shutdown();
-                }
-                bail!("no worker can run: every worker slot gave up after repeated crashes");
+                self.sample_rss();
+                self.next_rss_sample = Some(Instant::now() + self.config.rss_interval);
             }
         }
-    }
-
-    fn next_deadline(&self) -> Option<Instant> {
-        let mut next: Option<Instant> = None;
-        let mut consider = |t: Option<Instant>| {
-            if let Some(t) = t {
-                next = Some(next.map_or(t, |n: Instant| n.min(t)));
-            }
-        };
-        consider(self.shutdown_deadline);
-        consider(self.shutdown_signal_at);
-        consider(self.next_rss_sample);
-        for s in &self.slots {
-            consider(s.restart_at);
-        }
-        for w in &self.workers {
-            consider(w.kill_at);
-            if w.state == Lifecycle::Starting {
-                consider(self.config.ready_delay.map(|d| w.started + d));
-                consider(Some(w.started + self.config.ready_timeout));
-            }
-        }
-        for r in &self.replacements {
-            consider(Some(r.deadline));
-        }
-        next
-    }
-
-    fn index_of(&self, id: WorkerId) -> Option<usize> {
-        self.workers.iter().position(|w| w.id == id)
     }
 
     fn on_signal(&mut self, sig: i32) {
         match sig {
-            SIGTERM | SIGINT => {
-                if self.shutdown_deadline.is_some() {
-                    warn!("{} again: killing the workers now", sys::signal_name(sig));
-                    for w in &self.workers {
-                        let _ = sys::kill(w.pid, libc::SIGKILL);
-                    }
-                } else {
-                    self.begin_shutdown(sig);
-                }
-            }
-            SIGHUP => self.request_reload(),
+            SIGTERM | SIGINT => self.feed(Input::Stop {
+                signal: sys::signal_name(sig),
+            }),
+            SIGHUP => self.feed(Input::Reload),
             SIGTTIN => self.scale_up(),
-            SIGTTOU => self.scale_down(),
+            SIGTTOU => self.feed(Input::ScaleDown),
             SIGUSR1 => self.log_status(),
             _ => {}
         }
     }
 
-    fn begin_shutdown(&mut self, sig: i32) {
-        let now = Instant::now();
-        self.shutdown_deadline = Some(now + self.config.grace);
-        self.reload_queue.clear();
-        self.replacements.clear();
-        for s in &mut self.slots {
-            s.restart_at = None;
-        }
-        for w in &mut self.workers {
-            // Exits from now on are expected: nothing is restarted.
-            w.state = Lifecycle::Draining;
-            w.kill_at = None;
-        }
-        if self.acceptor.is_some() {
-            // Stop accepting first, and let the workers take what is already in their channels
-            // (up to half the grace period) before they are told to stop: a connection the
-            // master accepted is served, not dropped with a channel.
-            let drain_for = self.config.grace / 2;
-            info!(
-                "{}: stopping; no new connections; workers get up to {drain_for:?} to take what is queued for them, then SIGTERM, and SIGKILL after {:?}",
-                sys::signal_name(sig),
-                self.config.grace
-            );
-            self.send(Command::Shutdown { drain_for });
-            self.shutdown_signal_at = Some(now + drain_for);
-        } else {
-            info!(
-                "{}: stopping; workers get SIGTERM and {:?} to exit",
-                sys::signal_name(sig),
-                self.config.grace
-            );
-            self.signal_shutdown();
-        }
-    }
-
-    /// Sends every worker SIGTERM, once, as the second step of shutting down.
-    fn signal_shutdown(&mut self) {
-        self.shutdown_signal_at = None;
-        for w in &self.workers {
-            let _ = sys::kill(w.pid, libc::SIGTERM);
-        }
-    }
-
-    fn log_status(&self) {
-        for w in &self.workers {
-            info!(
-                "status: worker {} pid {} generation {} {:?} up {:.1?}",
-                w.slot,
-                w.pid,
-                w.generation,
-                w.state,
-                w.started.elapsed()
-            );
-        }
-        self.send(Command::Status);
-    }
-
-    fn on_event(&mut self, ev: Event) {
-        match ev {
-            Event::Ready(id) => self.mark_ready(id, "READY on its channel"),
-            Event::Stopping(id) => {
-                if let Some(i) = self.index_of(id) {
-                    info!(
-                        "worker {} (pid {}) is stopping",
-                        self.workers[i].slot, self.workers[i].pid
-                    );
-                }
-            }
-            Event::Stalled(id) => self.replace(id, Reason::Recycle, "it stopped accepting"),
-            Event::MaxConns(id) => self.replace(id, Reason::Recycle, "it reached --max-conns"),
-            Event::Reclaimed(..) => {}
-            Event::Drained => {
-                if self.shutdown_signal_at.is_some() {
-                    info!("every dispatched connection was taken; stopping the workers");
-                    self.signal_shutdown();
-                }
-            }
-        }
-    }
-
-    fn read_notify(&mut self, id: WorkerId) {
-        let Some(i) = self.index_of(id) else {
-            return;
-        };
-        let mut lines = Vec::new();
-        if let Some(sock) = &self.workers[i].notify {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = sock.recv(&mut buf) {
-                lines.push(String::from_utf8_lossy(&buf[..n]).into_owned());
-            }
-        }
-        let (slot, pid) = (self.workers[i].slot, self.workers[i].pid);
-        for msg in lines {
-            for line in msg.lines() {
-                if line == "READY=1" {
-                    self.mark_ready(id, "READY=1");
-                } else if line == "STOPPING=1" {
-                    info!("worker {slot} (pid {pid}) is stopping");
-                    self.send(Command::Drain(id));
-                } else if let Some(status) = line.strip_prefix("STATUS=") {
-                    info!("worker {slot} (pid {pid}) status: {status}");
-                }
-            }
-        }
-    }
-
-    fn mark_ready(&mut self, id: WorkerId, how: &str) {
-        let Some(i) = self.index_of(id) else {
-            return;
-        };
-        let w = &mut self.workers[i];
-        if w.state != Lifecycle::Starting {
-            return;
-        }
-        w.state = Lifecycle::Ready;
-        info!(
-            "worker {} ready: pid {} ({how}, after {:.0?})",
-            w.slot,
-            w.pid,
-            w.started.elapsed()
-        );
-        self.send(Command::Ready(id));
-        if !self.all_ready_announced {
-            let ready = self
-                .workers
-                .iter()
-                .filter(|w| w.state == Lifecycle::Ready)
-                .count();
-            if ready == self.slots.iter().filter(|s| s.active).count() {
-                self.all_ready_announced = true;
-                info!("all {ready} workers ready");
-            }
-        }
-        // A replacement that became ready lets its old worker go.
-        if let Some(r) = self.replacements.iter().position(|r| r.new == id) {
-            let r = self.replacements.swap_remove(r);
-            self.drain(r.old);
-            self.continue_reload();
-        }
-    }
-
-    /// Stops dispatching to a worker, reclaims what is queued in its channel, sends it the drain
-    /// signal, and arms the SIGKILL deadline.
-    fn drain(&mut self, id: WorkerId) {
-        let Some(i) = self.index_of(id) else {
-            return;
-        };
-        self.send(Command::Drain(id));
-        let sig = self.config.drain_signal;
-        let w = &mut self.workers[i];
-        if w.state == Lifecycle::Draining {
-            return;
-        }
-        w.state = Lifecycle::Draining;
-        w.kill_at = Some(Instant::now() + self.config.grace);
-        info!(
-            "draining worker {} (pid {}, generation {}) with {}",
-            w.slot,
-            w.pid,
-            w.generation,
-            sys::signal_name(sig)
-        );
-        let _ = sys::kill(w.pid, sig);
-    }
-
-    /// Starts a replacement for `old` in its slot; `old` is drained once the replacement is
-    /// ready, so the slot never goes without a ready worker.
-    fn replace(&mut self, old: WorkerId, reason: Reason, why: &str) {
-        if self.shutdown_deadline.is_some() || self.replacements.iter().any(|r| r.old == old) {
-            return;
-        }
-        let Some(i) = self.index_of(old) else {
-            return;
-        };
-        if self.workers[i].state == Lifecycle::Draining {
-            return;
-        }
-        let slot = self.workers[i].slot;
-        info!(
-            "replacing worker {slot} (pid {}): {why}",
-            self.workers[i].pid
-        );
-        match self.spawn_worker(slot) {
-            Ok(new) => self.replacements.push(Replacement {
-                new,
-                old,
-                reason,
-                deadline: Instant::now() + self.config.ready_timeout,
-            }),
-            Err(e) => error!("cannot start a replacement for worker {slot}: {e:#}"),
-        }
-    }
-
-    fn request_reload(&mut self) {
-        if self.shutdown_deadline.is_some() {
-            return;
-        }
-        if !self.reload_queue.is_empty()
-            || self.replacements.iter().any(|r| r.reason == Reason::Reload)
-        {
-            if !self.reload_requested {
-                info!("SIGHUP during a reload: one more reload queued");
-            }
-            self.reload_requested = true;
-            return;
-        }
-        self.generation += 1;
-        self.reload_running = true;
-        self.reload_queue = self
-            .workers
-            .iter()
-            .filter(|w| w.state != Lifecycle::Draining)
-            .map(|w| w.id)
-            .collect();
-        info!(
-            "SIGHUP: rolling reload to generation {} ({} workers, {} at a time)",
-            self.generation,
-            self.reload_queue.len(),
-            self.config.reload_batch
-        );
-        self.continue_reload();
-    }
-
-    fn continue_reload(&mut self) {
-        while self
-            .replacements
-            .iter()
-            .filter(|r| r.reason == Reason::Reload)
-            .count()
-            < self.config.reload_batch
-        {
-            let Some(old) = self.reload_queue.pop_front() else {
-                break;
-            };
-            // Gone, drained meanwhile (SIGTTOU, recycling), or already being replaced by a
-            // recycle (whose replacement, if of the old generation, is itself in the queue):
-            // nothing left to replace.
-            if self
-                .index_of(old)
-                .is_none_or(|i| self.workers[i].state == Lifecycle::Draining)
-                || self.replacements.iter().any(|r| r.old == old)
-            {
-                continue;
-            }
-            let before = self.replacements.len();
-            self.replace(old, Reason::Reload, "reload");
-            if self.replacements.len() == before {
-                self.abort_reload("the replacement could not be started");
-                return;
-            }
-        }
-        let reloading = self.replacements.iter().any(|r| r.reason == Reason::Reload);
-        if !reloading && self.reload_queue.is_empty() {
-            // Once per reload (recycles and restarts call this too), when the last old worker
-            // is draining: that may be a worker the reload skipped because a recycle was
-            // replacing it.
-            if self.reload_running
-                && self
-                    .workers
-                    .iter()
-                    .all(|w| w.generation == self.generation || w.state == Lifecycle::Draining)
-            {
-                self.reload_running = false;
-                info!("reload to generation {} complete", self.generation);
-                self.reload_finished(Ok(()));
-            }
-            if std::mem::take(&mut self.reload_requested) {
-                self.request_reload();
-            }
-        }
-    }
-
-    fn abort_reload(&mut self, why: &str) {
-        error!("reload aborted: {why}; the running workers keep serving");
-        self.reload_finished(Err(why));
-        self.reload_queue.clear();
-        self.reload_requested = false;
-        self.reload_running = false;
-        let failed: Vec<WorkerId> = self
-            .replacements
-            .iter()
-            .filter(|r| r.reason == Reason::Reload)
-            .map(|r| r.new)
-            .collect();
-        self.replacements.retain(|r| r.reason != Reason::Reload);
-        for id in failed {
-            if let Some(i) = self.index_of(id) {
-                self.send(Command::Drain(id));
-                self.workers[i].state = Lifecycle::Draining;
-                let _ = sys::kill(self.workers[i].pid, libc::SIGKILL);
-            }
-        }
-    }
-
+    /// Prepares one more slot's resources, then lets the lifecycle start its worker.
     fn scale_up(&mut self) {
-        if self.shutdown_deadline.is_some() {
+        if !self.lifecycle.accepts_scale_up() {
             return;
         }
-        let slot = self.slots.len();
         let reuseport = if self.mode == Mode::Reuseport {
             match bind_reuseport_group(&self.addrs) {
                 Ok(s) => s,
@@ -828,262 +530,104 @@ impl Supervisor {
         } else {
             Vec::new()
         };
-        self.slots.push(Slot {
+        let slot = self.slots.len();
+        self.slots.push(SlotIo {
             cpus: slot_cpus(&self.config.pin, slot),
             reuseport,
-            crashes: 0,
-            restart_at: None,
-            given_up: false,
-            active: true,
-            restarts: 0,
         });
-        info!("SIGTTIN: adding worker {slot}");
-        if let Err(e) = self.spawn_worker(slot) {
-            error!("cannot start worker {slot}: {e:#}");
-            self.slots[slot].given_up = true;
-        }
+        self.feed(Input::ScaleUp);
     }
 
-    fn scale_down(&mut self) {
-        if self.shutdown_deadline.is_some() {
-            return;
-        }
-        let active: Vec<usize> = (0..self.slots.len())
-            .filter(|&s| self.slots[s].active)
-            .collect();
-        if active.len() <= 1 {
-            warn!("SIGTTOU: keeping the last worker");
-            return;
-        }
-        let slot = *active.last().expect("two or more");
-        info!("SIGTTOU: removing worker {slot}");
-        if self.mode == Mode::Reuseport {
-            // Closing a SO_REUSEPORT listener resets what is queued on it unless the host has
-            // net.ipv4.tcp_migrate_req=1 (which moves them to another socket of the group).
-            warn!(
-                "reuseport mode: connections still queued on worker {slot}'s own socket when it \
-                 exits are reset unless net.ipv4.tcp_migrate_req=1"
+    fn log_status(&self) {
+        let now = Instant::now();
+        for w in self.lifecycle.workers() {
+            let state = match w.state {
+                WorkerState::Starting => "Starting",
+                WorkerState::Ready => "Ready",
+                WorkerState::Stopping { .. } => "Stopping",
+                WorkerState::Draining { .. } => "Draining",
+            };
+            info!(
+                "status: worker {} pid {} generation {} {state} up {:.1?}",
+                w.slot,
+                w.pid.unwrap_or(0),
+                w.generation,
+                now.saturating_duration_since(w.started)
             );
         }
-        self.slots[slot].active = false;
-        self.slots[slot].restart_at = None;
-        let ids: Vec<WorkerId> = self
-            .workers
-            .iter()
-            .filter(|w| w.slot == slot)
-            .map(|w| w.id)
-            .collect();
-        for &id in &ids {
-            self.drain(id);
-        }
-        // A replacement starting in this slot has nothing left to replace: forget it, so a
-        // reload moves on now instead of waiting for it until --ready-timeout and aborting.
-        let before = self.replacements.len();
-        self.replacements.retain(|r| !ids.contains(&r.new));
-        if self.replacements.len() != before {
-            self.continue_reload();
-        }
+        self.send(Command::Status);
+    }
+
+    fn on_event(&mut self, ev: Event) {
+        let input = match ev {
+            Event::Ready(id) => Input::Ready {
+                id,
+                how: "READY on its channel",
+            },
+            Event::Stopping(id) => Input::Stopping { id },
+            Event::Stalled(id) => Input::Stalled { id },
+            Event::MaxConns(id) => Input::MaxConns { id },
+            Event::Reclaimed(..) => return,
+            Event::Drained => Input::Drained,
+        };
+        self.feed(input);
     }
 
     fn reap(&mut self, id: WorkerId) {
-        let Some(i) = self.index_of(id) else {
+        let Some(p) = self.procs.iter().find(|p| p.id == id) else {
             return;
         };
-        let status = match sys::waitpid_nohang(self.workers[i].pid) {
+        let status = match sys::waitpid_nohang(p.pid) {
             Ok(Some(status)) => status,
             Ok(None) => return,
             Err(e) => {
-                error!("waitpid({}) failed: {e}", self.workers[i].pid);
+                error!("waitpid({}) failed: {e}", p.pid);
                 ExitStatus::Exited(-1)
             }
         };
-        let w = self.workers.swap_remove(i);
-        let raw = w.pidfd.as_raw_fd();
-        let _ = self.poll.registry().deregister(&mut SourceFd(&raw));
-        if let Some(n) = &w.notify {
-            let raw = n.as_raw_fd();
-            let _ = self.poll.registry().deregister(&mut SourceFd(&raw));
-        }
-        // Connections still queued in its channel go to another worker.
-        self.send(Command::Remove(id));
-        // Reuseport mode: a removed slot's listening sockets leave the kernel's group with
-        // their last worker, or new connections would keep being hashed to a socket nobody
-        // accepts from.
-        if !self.slots[w.slot].active && self.workers.iter().all(|o| o.slot != w.slot) {
-            self.slots[w.slot].reuseport.clear();
-        }
-
-        if self.shutdown_deadline.is_some() || w.state == Lifecycle::Draining {
-            info!("worker {} (pid {}) exited: {status}", w.slot, w.pid);
-            return;
-        }
-        // A replacement that dies before it is ready fails its reload or recycle.
-        if let Some(r) = self.replacements.iter().position(|r| r.new == id) {
-            let r = self.replacements.swap_remove(r);
-            error!(
-                "replacement worker {} (pid {}) exited before it was ready: {status}",
-                w.slot, w.pid
-            );
-            if r.reason == Reason::Reload {
-                self.abort_reload("a replacement exited before it was ready");
-            }
-            return;
-        }
-        // The old worker of a pending replacement crashed: the replacement takes its place.
-        if let Some(r) = self.replacements.iter().position(|r| r.old == id) {
-            self.replacements.swap_remove(r);
-            warn!(
-                "worker {} (pid {}) exited while being replaced: {status}",
-                w.slot, w.pid
-            );
-            self.continue_reload();
-            return;
-        }
-        if !self.slots[w.slot].active {
-            return;
-        }
-        let slot = &mut self.slots[w.slot];
-        if w.started.elapsed() >= STABLE_UPTIME {
-            slot.crashes = 0;
-        }
-        slot.crashes += 1;
-        if slot.crashes >= CRASH_LOOP_LIMIT {
-            slot.given_up = true;
-            error!(
-                "worker {} crash-looped ({} exits in a row, last: {status}); giving up on \
-                 slot {}, {} workers left",
-                w.slot,
-                slot.crashes,
-                w.slot,
-                self.workers.len()
-            );
-            return;
-        }
-        let backoff = RESTART_BACKOFF_INITIAL
-            .saturating_mul(1 << (slot.crashes - 1).min(16))
-            .min(RESTART_BACKOFF_MAX);
-        slot.restart_at = Some(Instant::now() + backoff);
-        slot.restarts += 1;
-        warn!(
-            "worker {} (pid {}) exited unexpectedly: {status}; restarting in {backoff:?}",
-            w.slot, w.pid
-        );
-        self.continue_reload();
+        self.feed(Input::Exited { id, status });
     }
 
-    fn on_timers(&mut self) {
-        let now = Instant::now();
-        if self.shutdown_signal_at.is_some_and(|t| now >= t) {
-            self.signal_shutdown();
-        }
-        if let Some(deadline) = self.shutdown_deadline
-            && now >= deadline
-        {
-            for w in &self.workers {
-                warn!(
-                    "worker {} (pid {}) did not exit within {:?}: SIGKILL",
-                    w.slot, w.pid, self.config.grace
-                );
-                let _ = sys::kill(w.pid, libc::SIGKILL);
-            }
-            // Keep waiting for the pidfds; push the deadline so this fires once.
-            self.shutdown_deadline = Some(now + Duration::from_secs(3600));
-        }
-        for w in &mut self.workers {
-            if let Some(t) = w.kill_at
-                && now >= t
-            {
-                warn!(
-                    "worker {} (pid {}) still running {:?} after the drain signal: SIGKILL",
-                    w.slot, w.pid, self.config.grace
-                );
-                let _ = sys::kill(w.pid, libc::SIGKILL);
-                w.kill_at = None;
+    fn read_notify(&mut self, id: WorkerId) {
+        let Some(p) = self.procs.iter().find(|p| p.id == id) else {
+            return;
+        };
+        let mut lines = Vec::new();
+        if let Some(sock) = &p.notify {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = sock.recv(&mut buf) {
+                lines.push(String::from_utf8_lossy(&buf[..n]).into_owned());
             }
         }
-        let due: Vec<usize> = (0..self.slots.len())
-            .filter(|&s| self.slots[s].restart_at.is_some_and(|t| now >= t))
-            .collect();
-        for slot in due {
-            self.slots[slot].restart_at = None;
-            if let Err(e) = self.spawn_worker(slot) {
-                error!("cannot restart worker {slot}: {e:#}");
-                let s = &mut self.slots[slot];
-                s.crashes += 1;
-                if s.crashes >= CRASH_LOOP_LIMIT {
-                    s.given_up = true;
-                    error!("giving up on worker slot {slot}");
-                } else {
-                    s.restart_at = Some(
-                        now + RESTART_BACKOFF_MAX
-                            .min(RESTART_BACKOFF_INITIAL.saturating_mul(1 << s.crashes.min(16))),
-                    );
+        let (slot, pid) = (p.slot, p.pid);
+        for msg in lines {
+            for line in msg.lines() {
+                if line == "READY=1" {
+                    self.feed(Input::Ready { id, how: "READY=1" });
+                } else if line == "STOPPING=1" {
+                    self.feed(Input::Stopping { id });
+                } else if let Some(status) = line.strip_prefix("STATUS=") {
+                    info!("worker {slot} (pid {pid}) status: {status}");
                 }
             }
-        }
-        // Readiness by delay, or by timeout with a warning.
-        let starting: Vec<(WorkerId, Instant)> = self
-            .workers
-            .iter()
-            .filter(|w| w.state == Lifecycle::Starting)
-            .map(|w| (w.id, w.started))
-            .collect();
-        for (id, started) in starting {
-            if self.config.ready_delay.is_some_and(|d| now >= started + d) {
-                self.mark_ready(id, "--ready-delay elapsed");
-            } else if now >= started + self.config.ready_timeout
-                && !self.replacements.iter().any(|r| r.new == id)
-            {
-                warn!(
-                    "worker with id {id} signalled no readiness within {:?}; treating it as \
-                     ready (servers that signal nothing want --ready-delay)",
-                    self.config.ready_timeout
-                );
-                self.mark_ready(id, "--ready-timeout elapsed");
-            }
-        }
-        // Replacements not ready in time.
-        let late: Vec<(WorkerId, Reason)> = self
-            .replacements
-            .iter()
-            .filter(|r| now >= r.deadline)
-            .map(|r| (r.new, r.reason))
-            .collect();
-        for (new, reason) in late {
-            if reason == Reason::Reload {
-                self.abort_reload("a replacement was not ready within --ready-timeout");
-            } else {
-                self.replacements.retain(|r| r.new != new);
-                if let Some(i) = self.index_of(new) {
-                    error!("recycle replacement not ready in time; keeping the old worker");
-                    self.workers[i].state = Lifecycle::Draining;
-                    let _ = sys::kill(self.workers[i].pid, libc::SIGKILL);
-                }
-            }
-        }
-        if let Some(t) = self.next_rss_sample
-            && now >= t
-        {
-            self.sample_rss();
-            self.next_rss_sample = Some(now + self.config.rss_interval);
         }
     }
 
     fn sample_rss(&mut self) {
-        let mut samples = Vec::with_capacity(self.workers.len());
-        let mut over = Vec::new();
-        for w in &self.workers {
-            if let Ok(bytes) = sys::rss_bytes(w.pid) {
-                samples.push((w.id, (bytes / 1024).min(u64::from(u32::MAX)) as u32));
-                if self.config.max_rss.is_some_and(|max| bytes > max) && w.state == Lifecycle::Ready
-                {
-                    over.push(w.id);
-                }
+        let mut samples = Vec::with_capacity(self.procs.len());
+        for p in &self.procs {
+            if let Ok(bytes) = sys::rss_bytes(p.pid) {
+                samples.push((p.id, bytes));
             }
         }
-        self.send(Command::Rss(samples));
-        for id in over {
-            self.replace(id, Reason::Recycle, "its RSS exceeds --max-rss");
+        self.send(Command::Rss(
+            samples
+                .iter()
+                .map(|&(id, bytes)| (id, (bytes / 1024).min(u64::from(u32::MAX)) as u32))
+                .collect(),
+        ));
+        for (id, bytes) in samples {
+            self.feed(Input::Rss { id, bytes });
         }
     }
 }
@@ -1116,51 +660,6 @@ fn base_environment() -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// The preload shim next to the master's binary (also where cargo puts it). Warns clearly when
-/// it is missing.
-fn find_shim() -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    let dir = exe.parent()?;
-    // Next to the binary (an install; `cargo build` copies the library up to target/<profile>/),
-    // one level up, and in deps/: `cargo test` builds the library only there and never copies it
-    // up, so on a fresh checkout `cargo test --workspace` has no other copy.
-    let candidates = [
-        dir.join(SHIM_FILE),
-        dir.join("..").join(SHIM_FILE),
-        dir.join("deps").join(SHIM_FILE),
-    ];
-    if let Some(found) = newest_file(&candidates) {
-        return found.canonicalize().ok();
-    }
-    warn!(
-        "preload shim {SHIM_FILE} not found next to {} : unmodified servers will not see \
-         dispatched connections (build it with `cargo build --release -p rcluster-shim`, or \
-         pass --no-preload for workers that speak LISTEN_FDS or the channel protocol)",
-        exe.display()
-    );
-    None
-}
-
-/// The most recently modified of the existing regular files among `paths` (the first on a tie),
-/// so a copy an earlier `cargo build` left next to the binary does not shadow the library a later
-/// `cargo test` rebuilt in deps/.
-fn newest_file(paths: &[PathBuf]) -> Option<&PathBuf> {
-    let mut best: Option<(&PathBuf, std::time::SystemTime)> = None;
-    for p in paths {
-        let Ok(meta) = std::fs::metadata(p) else {
-            continue;
-        };
-        if !meta.is_file() {
-            continue;
-        }
-        let mtime = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
-        if best.is_none_or(|(_, t)| mtime > t) {
-            best = Some((p, mtime));
-        }
-    }
-    best.map(|(p, _)| p)
-}
-
 /// Deterministic per-worker jitter in 0..=max (no RNG dependency for one number).
 fn jitter(max: u64, id: WorkerId) -> u64 {
     if max == 0 {
@@ -1176,44 +675,14 @@ fn jitter(max: u64, id: WorkerId) -> u64 {
 impl Drop for Supervisor {
     fn drop(&mut self) {
         // On an error return, leave no worker behind.
-        for w in &self.workers {
-            let _ = sys::kill(w.pid, libc::SIGKILL);
+        for p in &self.procs {
+            let _ = sys::kill(p.pid, libc::SIGKILL);
         }
-        for w in &self.workers {
-            let _ = sys::waitpid_blocking(w.pid);
+        for p in &self.procs {
+            let _ = sys::waitpid_blocking(p.pid);
         }
         if let Some(a) = self.acceptor.take() {
             a.shutdown();
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn newest_shim_copy_wins() {
-        let dir = std::env::temp_dir().join(format!("rcluster-find-shim-{}", std::process::id()));
-        std::fs::create_dir_all(dir.join("deps")).unwrap();
-        let (up, deps, missing) = (dir.join("a.so"), dir.join("deps/a.so"), dir.join("none.so"));
-        std::fs::write(&up, b"old").unwrap();
-        std::fs::write(&deps, b"new").unwrap();
-        let old = std::time::SystemTime::now() - Duration::from_secs(3600);
-        std::fs::File::options()
-            .write(true)
-            .open(&up)
-            .unwrap()
-            .set_modified(old)
-            .unwrap();
-        let all = [up.clone(), missing.clone(), deps.clone()];
-        assert_eq!(newest_file(&all), Some(&deps));
-        assert_eq!(newest_file(&[missing.clone(), up.clone()]), Some(&up));
-        assert_eq!(
-            newest_file(&[missing, dir.join("deps")]),
-            None,
-            "directories are not files"
-        );
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

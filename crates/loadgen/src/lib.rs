@@ -22,6 +22,9 @@
 //! The request sequence comes from a [`Mix`] and a seed through a counter-based hash
 //! (SplitMix64), so request `i` of a run (or of a closed-loop client) gets the same query in
 //! every run with the same seed, whatever the thread count or timing.
+//!
+//! [`wrk`] runs the `wrk` tool against the same kind of target, as a cross-check of the
+//! closed-loop churn numbers.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
@@ -34,6 +37,8 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
+
+pub mod wrk;
 
 /// Largest latency the histogram tells apart, in µs (larger values are clamped): 10 minutes.
 pub const LATENCY_MAX_US: u64 = 600_000_000;

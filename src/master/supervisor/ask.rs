@@ -1,8 +1,9 @@
 //! The supervisor's side of the control socket and the metrics endpoint, on the main thread:
-//! [`Hooks`] holds what they need (the control server, the pid file, clients waiting for a
-//! reload), and `on_asks` answers each [`Ask`] at once — a status is the supervisor's own view
-//! plus a receiver for the acceptor's copy of its table, merged on the asking thread; a reload
-//! is answered when it completes or aborts (`reload_finished`).
+//! [`Hooks`] holds what they need (the control server, the metrics server, the pid file, clients
+//! waiting for a reload), and `on_asks` answers each [`Ask`] at once — a status is the
+//! supervisor's view (from the lifecycle) plus a receiver for the acceptor's copy of its table,
+//! merged on the asking thread; a reload is answered when the lifecycle counts it completed or
+//! aborted.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -11,8 +12,9 @@ use crossbeam_channel::{Receiver, Sender};
 use log::info;
 use serde_json::json;
 
-use super::{Command, Lifecycle, Mode, Reason, Supervisor};
+use super::{Command, Input, Mode, Supervisor};
 use crate::master::control::{self, Answer, Ask, Request};
+use crate::master::lifecycle::{Phase, SlotState, WorkerState};
 use crate::master::status::{SupervisorView, SupervisorWorker};
 use crate::policy::PolicyKind;
 use crate::sys;
@@ -26,9 +28,8 @@ pub(super) struct Hooks {
     pid_file: Option<PathBuf>,
     /// Clients waiting for a reload to reach a generation.
     reload_waiters: Vec<(u64, Sender<Answer>)>,
-    reloads: u64,
-    reloads_aborted: u64,
-    last_abort: String,
+    /// Aborted reloads already reported to waiters.
+    aborts_seen: u64,
     started: Option<Instant>,
     name: String,
 }
@@ -75,8 +76,10 @@ impl Supervisor {
         Ok(())
     }
 
-    /// Answers every request waiting from the control socket and the metrics endpoint.
+    /// Answers clients waiting for a reload that ended, then every request waiting from the
+    /// control socket and the metrics endpoint.
     pub(super) fn on_asks(&mut self) {
+        self.answer_reload_waiters();
         let asks: Vec<Ask> = match &self.hooks.asks {
             Some(rx) => rx.try_iter().collect(),
             None => return,
@@ -92,7 +95,7 @@ impl Supervisor {
             peer_pid,
             reply,
         } = ask;
-        let stopping = self.shutdown_deadline.is_some();
+        let stopping = self.lifecycle.phase() != Phase::Running;
         let answer = match request {
             Request::Status | Request::Dump => {
                 let acc = self.acceptor.as_ref().map(|a| {
@@ -102,29 +105,37 @@ impl Supervisor {
                 });
                 Answer::View(Box::new(self.view()), acc)
             }
-            Request::Reload if stopping => Answer::Failed("the master is stopping".into()),
+            Request::Reload | Request::Scale { .. } | Request::Recycle { .. } if stopping => {
+                Answer::Failed("the master is stopping".into())
+            }
             Request::Reload => {
                 info!("ctl reload (from pid {peer_pid})");
-                let (done, aborted) = (self.hooks.reloads, self.hooks.reloads_aborted);
-                self.request_reload();
-                if self.hooks.reloads_aborted != aborted {
-                    Answer::Failed(format!("reload aborted: {}", self.hooks.last_abort))
-                } else if self.hooks.reloads != done && !self.reload_requested {
-                    self.reload_answer()
+                let before = self.lifecycle.counts().clone();
+                let was_reloading = self.lifecycle.reloading();
+                let generation = self.lifecycle.generation();
+                self.feed(Input::Reload);
+                let after = self.lifecycle.counts().clone();
+                if after.reloads_aborted != before.reloads_aborted {
+                    self.hooks.aborts_seen = after.reloads_aborted;
+                    Answer::Failed(format!("reload aborted: {}", after.last_abort))
                 } else {
-                    let target = self.generation + u64::from(self.reload_requested);
+                    // A reload asked for during another runs after it: wait for the next
+                    // generation.
+                    let target = if was_reloading {
+                        generation + 1
+                    } else {
+                        self.lifecycle.generation()
+                    };
                     self.hooks.reload_waiters.push((target, reply));
+                    self.answer_reload_waiters();
                     return;
                 }
-            }
-            Request::Scale { .. } | Request::Recycle { .. } if stopping => {
-                Answer::Failed("the master is stopping".into())
             }
             Request::Scale { workers } => self.scale_to(workers, peer_pid),
             Request::Stop => {
                 if !stopping {
                     info!("ctl stop (from pid {peer_pid})");
-                    self.begin_shutdown(libc::SIGTERM);
+                    self.feed(Input::Stop { signal: "ctl stop" });
                 }
                 Answer::Done(json!({"stopping": true, "pid": sys::getpid()}))
             }
@@ -134,37 +145,47 @@ impl Supervisor {
         let _ = reply.send(answer);
     }
 
-    /// Called when a reload completed (`Ok`) or aborted.
-    pub(super) fn reload_finished(&mut self, result: Result<(), &str>) {
-        match result {
-            Ok(()) => self.hooks.reloads += 1,
-            Err(why) => {
-                self.hooks.reloads_aborted += 1;
-                self.hooks.last_abort = why.to_string();
-            }
+    /// Answers the clients waiting for a reload that completed or aborted.
+    fn answer_reload_waiters(&mut self) {
+        if self.hooks.reload_waiters.is_empty() {
+            return;
         }
+        let counts = self.lifecycle.counts().clone();
+        let aborted = counts.reloads_aborted != self.hooks.aborts_seen;
+        self.hooks.aborts_seen = counts.reloads_aborted;
         let waiters = std::mem::take(&mut self.hooks.reload_waiters);
         for (target, reply) in waiters {
-            match result {
-                Ok(()) if self.generation >= target => {
-                    let _ = reply.send(self.reload_answer());
-                }
-                Ok(()) => self.hooks.reload_waiters.push((target, reply)),
-                Err(why) => {
-                    let _ = reply.send(Answer::Failed(format!("reload aborted: {why}")));
-                }
+            if aborted {
+                let _ = reply.send(Answer::Failed(format!(
+                    "reload aborted: {}",
+                    counts.last_abort
+                )));
+            } else if counts.reloads > 0 && counts.reloaded_generation >= target {
+                let _ = reply.send(self.reload_answer(counts.reloaded_generation));
+            } else {
+                self.hooks.reload_waiters.push((target, reply));
             }
         }
     }
 
-    fn reload_answer(&self) -> Answer {
+    fn reload_answer(&self, generation: u64) -> Answer {
         let pids: Vec<sys::Pid> = self
-            .workers
+            .lifecycle
+            .workers()
             .iter()
-            .filter(|w| w.generation == self.generation && w.state != Lifecycle::Draining)
-            .map(|w| w.pid)
+            .filter(|w| w.generation == generation)
+            .filter(|w| !matches!(w.state, WorkerState::Draining { .. }))
+            .filter_map(|w| w.pid)
             .collect();
-        Answer::Done(json!({"generation": self.generation, "pids": pids}))
+        Answer::Done(json!({"generation": generation, "pids": pids}))
+    }
+
+    fn active_slots(&self) -> usize {
+        self.lifecycle
+            .slots()
+            .iter()
+            .filter(|s| s.state != SlotState::Removed)
+            .count()
     }
 
     fn scale_to(&mut self, want: usize, peer_pid: sys::Pid) -> Answer {
@@ -175,23 +196,22 @@ impl Supervisor {
             ));
         }
         info!("ctl scale {want} (from pid {peer_pid})");
-        let active = |s: &Supervisor| s.slots.iter().filter(|s| s.active).count();
-        let mut before = active(self);
-        while active(self) < want {
+        let mut before = self.active_slots();
+        while self.active_slots() < want {
             self.scale_up();
-            if active(self) == before {
+            if self.active_slots() == before {
                 break;
             }
-            before = active(self);
+            before = self.active_slots();
         }
-        while active(self) > want {
-            self.scale_down();
-            if active(self) == before {
+        while self.active_slots() > want {
+            self.feed(Input::ScaleDown);
+            if self.active_slots() == before {
                 break;
             }
-            before = active(self);
+            before = self.active_slots();
         }
-        let now = active(self);
+        let now = self.active_slots();
         if now != want {
             return Answer::Failed(format!("scale {want}: running {now} workers"));
         }
@@ -199,33 +219,34 @@ impl Supervisor {
     }
 
     fn recycle_slot(&mut self, slot: usize, peer_pid: sys::Pid) -> Answer {
+        let replacements = self.lifecycle.replacements();
         let Some(old) = self
-            .workers
+            .lifecycle
+            .workers()
             .iter()
-            .filter(|w| w.slot == slot && w.state != Lifecycle::Draining)
-            .filter(|w| !self.replacements.iter().any(|r| r.new == w.id))
+            .filter(|w| w.slot == slot)
+            .filter(|w| matches!(w.state, WorkerState::Ready | WorkerState::Starting))
+            .filter(|w| !replacements.iter().any(|r| r.new == w.id))
             .min_by_key(|w| w.id)
         else {
             return Answer::Failed(format!("no running worker in slot {slot}"));
         };
-        let (id, pid) = (old.id, old.pid);
-        if self.replacements.iter().any(|r| r.old == id) {
+        let (id, pid) = (old.id, old.pid.unwrap_or(0));
+        if replacements.iter().any(|r| r.old == id) {
             return Answer::Failed(format!("worker {slot} is already being replaced"));
         }
-        self.replace(
-            id,
-            Reason::Recycle,
-            &format!("ctl recycle (from pid {peer_pid})"),
-        );
-        let Some(new) = self
-            .replacements
+        info!("ctl recycle {slot} (from pid {peer_pid})");
+        self.feed(Input::Recycle { id });
+        let new = self
+            .lifecycle
+            .replacements()
             .iter()
             .find(|r| r.old == id)
-            .map(|r| r.new)
-        else {
+            .map(|r| r.new);
+        let Some(new) = new else {
             return Answer::Failed(format!("could not start a replacement for worker {slot}"));
         };
-        let new_pid = self.index_of(new).map(|i| self.workers[i].pid).unwrap_or(0);
+        let new_pid = self.lifecycle.worker(new).and_then(|w| w.pid).unwrap_or(0);
         Answer::Done(json!({"slot": slot, "old_pid": pid, "new_pid": new_pid}))
     }
 
@@ -278,38 +299,48 @@ impl Supervisor {
                 Mode::Reuseport => queue(&mut self.slots.iter().filter_map(|s| s.reuseport.get(i))),
             })
             .collect();
+        let slots = self.lifecycle.slots();
+        let now = Instant::now();
+        let counts = self.lifecycle.counts();
         SupervisorView {
             name: self.hooks.name.clone(),
             pid: sys::getpid(),
             policy: self.config.policy.name().to_string(),
             mode: self.mode.as_str().to_string(),
             listeners: self.addrs.iter().map(|a| a.to_string()).collect(),
-            generation: self.generation,
+            generation: self.lifecycle.generation(),
             uptime: self.hooks.started.map(|t| t.elapsed()).unwrap_or_default(),
             workers: self
-                .workers
+                .lifecycle
+                .workers()
                 .iter()
-                .map(|w| SupervisorWorker {
-                    id: w.id,
-                    slot: w.slot,
-                    pid: w.pid,
-                    generation: w.generation,
-                    state: match w.state {
-                        Lifecycle::Starting => "starting",
-                        Lifecycle::Ready => "ready",
-                        Lifecycle::Draining => "draining",
-                    },
-                    uptime: w.started.elapsed(),
-                    restarts: self.slots.get(w.slot).map_or(0, |s| s.restarts),
+                .filter_map(|w| {
+                    Some(SupervisorWorker {
+                        id: w.id,
+                        slot: w.slot,
+                        pid: w.pid?,
+                        generation: w.generation,
+                        state: match w.state {
+                            WorkerState::Starting => "starting",
+                            WorkerState::Ready => "ready",
+                            WorkerState::Stopping { .. } => "stopping",
+                            WorkerState::Draining { .. } => "draining",
+                        },
+                        uptime: now.saturating_duration_since(w.started),
+                        restarts: slots.get(w.slot).map_or(0, |s| s.restarts),
+                    })
                 })
                 .collect(),
-            slots: self.slots.iter().filter(|s| s.active).count(),
-            given_up: self.slots.iter().filter(|s| s.active && s.given_up).count(),
-            reloads: self.hooks.reloads,
-            reloads_aborted: self.hooks.reloads_aborted,
-            restarts: self.slots.iter().map(|s| s.restarts).sum(),
-            reloading: self.reload_running,
-            stopping: self.shutdown_deadline.is_some(),
+            slots: self.active_slots(),
+            given_up: slots
+                .iter()
+                .filter(|s| matches!(s.state, SlotState::GaveUp { .. }))
+                .count(),
+            reloads: counts.reloads,
+            reloads_aborted: counts.reloads_aborted,
+            restarts: slots.iter().map(|s| s.restarts).sum(),
+            reloading: self.lifecycle.reloading(),
+            stopping: self.lifecycle.phase() != Phase::Running,
             listen_queues,
             log_lines_dropped: 0,
         }
