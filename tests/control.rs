@@ -369,3 +369,157 @@ fn metrics_parse_and_count_the_requests_sent() {
     drop(cluster);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn worker_lines_come_out_prefixed_and_whole_under_two_chatty_workers() {
+    const LINES: usize = 400;
+    let dir = temp_dir("chatty");
+    let script = dir.join("chatty.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\n\
+             pad=$(printf '%0300d' 0)\n\
+             i=0\n\
+             while [ $i -lt {LINES} ]; do echo \"chatty $RCLUSTER_WORKER_ID $i $pad\"; i=$((i+1)); done\n\
+             echo \"oops $RCLUSTER_WORKER_ID\" >&2\n\
+             echo \"chatty-done $RCLUSTER_WORKER_ID\"\n\
+             exec {BIN} demo-worker\n"
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let sock = dir.join("ctl.sock");
+    let cluster = TestCluster::start(&[
+        "--control",
+        sock.to_str().unwrap(),
+        "-w",
+        "2",
+        "--no-preload",
+        "--",
+        script.to_str().unwrap(),
+    ]);
+    cluster.wait_for_count("chatty-done ", 2, DEADLINE);
+    cluster.wait_for_count("oops ", 2, DEADLINE);
+    let status = ctl_status(&sock);
+    let dropped = status["log_lines_dropped"].as_u64().unwrap() as usize;
+    let pid_of: HashMap<u64, i64> = workers(&status)
+        .iter()
+        .map(|w| (w["slot"].as_u64().unwrap(), w["pid"].as_i64().unwrap()))
+        .collect();
+    let pad = "0".repeat(300);
+    let mut seen = [0usize; 2];
+    for line in cluster.log_lines() {
+        let Some(at) = line.find(" chatty ") else {
+            continue;
+        };
+        // "<timestamp> [wS PID] chatty S I 000…": prefix and payload of one worker, whole.
+        let prefix_start = line.find(" [w").expect("a worker prefix");
+        let prefix = &line[prefix_start + 1..at];
+        let f: Vec<&str> = line[at + 1..].split(' ').collect();
+        assert_eq!(f.len(), 4, "one whole line: {line}");
+        let slot: u64 = f[1].parse().unwrap();
+        assert_eq!(prefix, format!("[w{slot} {}]", pid_of[&slot]), "{line}");
+        assert_eq!(f[3], pad, "payload intact: {line}");
+        seen[slot as usize] += 1;
+    }
+    if dropped == 0 {
+        assert_eq!(seen, [LINES, LINES]);
+    } else {
+        assert!(
+            seen[0] + seen[1] + dropped >= 2 * LINES,
+            "{seen:?} {dropped}"
+        );
+    }
+    for slot in 0..2u64 {
+        let want = format!("[w{slot} {}] oops {slot}", pid_of[&slot]);
+        assert!(cluster.log_contains(&want), "stderr line {want}");
+    }
+    drop(cluster);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_clean_stop_logs_no_warning_and_usr2_dumps_the_tables() {
+    let (mut cluster, sock, dir) = cluster_with_control("clean", &["-w", "2"]);
+    for _ in 0..5 {
+        get(cluster.addr(), "/").expect("request");
+    }
+    cluster.signal(libc::SIGUSR2);
+    let line = cluster.wait_for_log("dump: {", DEADLINE);
+    let dump: Value = serde_json::from_str(line.split("dump: ").nth(1).unwrap()).unwrap();
+    assert_eq!(dump["counters"]["accepts"], 5);
+    assert_eq!(dump["workers"].as_array().unwrap().len(), 2);
+    let out = ctl(&sock, &["stop"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(cluster.wait_exit(DEADLINE).success());
+    let noisy: Vec<String> = cluster
+        .log_lines()
+        .into_iter()
+        .filter(|l| l.contains(" warn ") || l.contains(" error "))
+        .collect();
+    assert!(noisy.is_empty(), "a clean stop warns: {noisy:#?}");
+    // Timestamped master lines.
+    let first = &cluster.log_lines()[0];
+    assert!(
+        first.len() > 24 && first.as_bytes()[4] == b'-' && first[..24].ends_with('Z'),
+        "{first}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn log_format_json_gives_one_object_per_line() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let dir = temp_dir("json");
+    let sock = dir.join("ctl.sock");
+    let mut child = Command::new(BIN)
+        .args(["--listen", "127.0.0.1:0", "-w", "1", "--log-format", "json"])
+        .arg("--control")
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    let (mut ready, mut worker_line) = (false, false);
+    while !(ready && worker_line) {
+        let Ok(line) = rx.recv_timeout(DEADLINE) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("no readiness in JSON logs: {lines:#?}");
+        };
+        let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| {
+            let _ = child.kill();
+            panic!("not JSON ({e}): {line}")
+        });
+        if v["msg"].as_str().unwrap_or("").contains("workers ready") {
+            assert_eq!(v["level"], "info");
+            assert_eq!(v["pid"].as_i64().unwrap(), i64::from(child.id()));
+            ready = true;
+        }
+        if v["worker"] == 0 {
+            assert!(v["worker_pid"].as_i64().unwrap() > 0, "{line}");
+            assert_eq!(v["stream"], "stderr");
+            worker_line = true;
+        }
+        lines.push(line);
+    }
+    let out = ctl(&sock, &["stop"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let status = child.wait().unwrap();
+    assert!(status.success());
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -8,6 +8,7 @@ pub mod acceptor;
 pub mod control;
 pub mod lifecycle;
 pub mod listener;
+pub mod logs;
 pub mod metrics;
 pub mod shim;
 pub mod status;

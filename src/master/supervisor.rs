@@ -29,7 +29,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use rcluster_proto::Mode;
 use rcluster_proto::env::ChildEnv;
-use signal_hook::consts::signal::{SIGHUP, SIGINT, SIGTERM, SIGTTIN, SIGTTOU, SIGUSR1};
+use signal_hook::consts::signal::{SIGHUP, SIGINT, SIGTERM, SIGTTIN, SIGTTOU, SIGUSR1, SIGUSR2};
 use signal_hook_mio::v1_0::Signals;
 use socket2::Socket;
 
@@ -113,8 +113,9 @@ impl Supervisor {
     fn new(config: Config) -> anyhow::Result<Self> {
         let mode = config.policy.mode();
         let poll = Poll::new().context("failed to create the supervisor's poll")?;
-        let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP, SIGTTIN, SIGTTOU, SIGUSR1])
-            .context("failed to install signal handlers")?;
+        let mut signals =
+            Signals::new([SIGTERM, SIGINT, SIGHUP, SIGTTIN, SIGTTOU, SIGUSR1, SIGUSR2])
+                .context("failed to install signal handlers")?;
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
@@ -317,6 +318,7 @@ impl Supervisor {
             .resolve()
             .map_err(|e| anyhow::anyhow!(e))?;
 
+        let pipes = self.output_pipes();
         let mut channels = Vec::new();
         let mut worker_fds: Vec<OwnedFd> = Vec::new();
         let fds: Vec<BorrowedFd<'_>> = match self.mode {
@@ -375,9 +377,14 @@ impl Supervisor {
             fds: &fds,
             cpus: self.slots[slot].cpus,
             die_with_parent: true,
+            stdout: pipes.as_ref().map(|p| p.stdout.1.as_fd()),
+            stderr: pipes.as_ref().map(|p| p.stderr.1.as_fd()),
         })
         .with_context(|| format!("failed to run {}", program.display()))?;
         drop(fds);
+        if let Some(pipes) = pipes {
+            self.capture_output(slot, spawned.pid, pipes);
+        }
 
         let pid = spawned.pid;
         let raw = spawned.pidfd.as_raw_fd();
@@ -510,6 +517,7 @@ impl Supervisor {
             SIGTTIN => self.scale_up(),
             SIGTTOU => self.feed(Input::ScaleDown),
             SIGUSR1 => self.log_status(),
+            SIGUSR2 => self.log_dump(),
             _ => {}
         }
     }

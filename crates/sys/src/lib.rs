@@ -381,6 +381,16 @@ pub fn is_executable(path: &std::path::Path) -> bool {
     ok && std::fs::metadata(path).is_ok_and(|m| m.is_file())
 }
 
+/// `pipe2(O_CLOEXEC)`: `(read end, write end)`. Close-on-exec on both, so a worker gets the
+/// write end only where the spawn places it on its stdout or stderr.
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [-1; 2];
+    // SAFETY: fds is valid storage for two ints.
+    syscall!(pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC))?;
+    // SAFETY: pipe2 returned two new fds that nothing else owns.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
 /// Credentials of the process at the other end of a connected unix socket, as the kernel
 /// recorded them at `connect(2)`: `SO_PEERCRED` (unix(7)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,6 +1,6 @@
-//! The supervisor's side of the control socket and the metrics endpoint, on the main thread:
-//! [`Hooks`] holds what they need (the control server, the metrics server, the pid file, clients
-//! waiting for a reload), and `on_asks` answers each [`Ask`] at once — a status is the
+//! The supervisor's side of the control socket, the metrics endpoint and worker output capture,
+//! on the main thread: [`Hooks`] holds what they need (the control server, the metrics server,
+//! the pid file, clients waiting for a reload, the output capture thread's handle), and `on_asks` answers each [`Ask`] at once — a status is the
 //! supervisor's view (from the lifecycle) plus a receiver for the acceptor's copy of its table,
 //! merged on the asking thread; a reload is answered when the lifecycle counts it completed or
 //! aborted.
@@ -13,11 +13,16 @@ use log::info;
 use serde_json::json;
 
 use super::{Command, Input, Mode, Supervisor};
+use crate::cli::WorkerOutput;
 use crate::master::control::{self, Answer, Ask, Request};
 use crate::master::lifecycle::{Phase, SlotState, WorkerState};
+use crate::master::logs;
 use crate::master::status::{SupervisorView, SupervisorWorker};
 use crate::policy::PolicyKind;
 use crate::sys;
+
+/// How long the master waits at exit for the workers' last output lines.
+const CAPTURE_FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Control and metrics state kept by the supervisor.
 #[derive(Default)]
@@ -32,10 +37,16 @@ pub(super) struct Hooks {
     aborts_seen: u64,
     started: Option<Instant>,
     name: String,
+    capture: Option<logs::Capture>,
+    /// Output capture could not start: workers inherit the master's stdout and stderr.
+    capture_failed: bool,
 }
 
 impl Drop for Hooks {
     fn drop(&mut self) {
+        if let Some(c) = &self.capture {
+            c.flush(CAPTURE_FLUSH_TIMEOUT);
+        }
         if let Some(path) = &self.pid_file {
             // Only our own pid file: another master may have been started with the same path.
             let ours = std::fs::read_to_string(path)
@@ -74,6 +85,57 @@ impl Supervisor {
             self.hooks.pid_file = Some(path.clone());
         }
         Ok(())
+    }
+
+    /// `--worker-output capture`: a new worker's stdout and stderr pipes (`None`: inherit).
+    pub(super) fn output_pipes(&mut self) -> Option<logs::Pipes> {
+        if self.config.worker_output != WorkerOutput::Capture || self.hooks.capture_failed {
+            return None;
+        }
+        if self.hooks.capture.is_none() {
+            match logs::Capture::start() {
+                Ok(c) => self.hooks.capture = Some(c),
+                Err(e) => {
+                    log::error!("cannot capture worker output ({e}); workers inherit stderr");
+                    self.hooks.capture_failed = true;
+                    return None;
+                }
+            }
+        }
+        logs::Pipes::new()
+            .map_err(|e| log::warn!("no output pipes for a worker ({e}); it inherits stderr"))
+            .ok()
+    }
+
+    /// Hands a spawned worker's pipe read ends to the capture thread; the write ends, now the
+    /// worker's, are closed here.
+    pub(super) fn capture_output(&mut self, slot: usize, pid: sys::Pid, pipes: logs::Pipes) {
+        let logs::Pipes { stdout, stderr } = pipes;
+        if let Some(c) = &self.hooks.capture {
+            c.add(slot, pid, stdout.0, stderr.0);
+        }
+    }
+
+    /// SIGUSR2: logs the acceptor's per-worker tables as one JSON line (what `ctl dump` prints),
+    /// from a short-lived thread so the supervisor does not wait for the acceptor.
+    pub(super) fn log_dump(&self) {
+        let Some(a) = &self.acceptor else {
+            info!("dump: no acceptor in {} mode", self.mode.as_str());
+            return;
+        };
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        a.send(Command::Snapshot(tx));
+        let spawned = std::thread::Builder::new()
+            .name("dump".into())
+            .spawn(
+                move || match rx.recv_timeout(std::time::Duration::from_secs(5)) {
+                    Ok(snapshot) => info!("dump: {}", control::dump_json(snapshot)),
+                    Err(_) => log::warn!("dump: the acceptor did not answer"),
+                },
+            );
+        if let Err(e) = spawned {
+            log::warn!("dump: cannot start a thread: {e}");
+        }
     }
 
     /// Answers clients waiting for a reload that ended, then every request waiting from the
@@ -342,7 +404,7 @@ impl Supervisor {
             reloading: self.lifecycle.reloading(),
             stopping: self.lifecycle.phase() != Phase::Running,
             listen_queues,
-            log_lines_dropped: 0,
+            log_lines_dropped: logs::dropped(),
         }
     }
 }
