@@ -28,7 +28,8 @@ pub use rcluster_proto::MAX_LISTENERS;
              each connection to the worker its policy picks.",
     after_help = "With no COMMAND, runs the built-in demo HTTP worker.\n\
                   Signals: TERM/INT graceful stop, HUP rolling reload, TTIN/TTOU add/remove a \
-                  worker, USR1 log per-worker status.",
+                  worker, USR1 log per-worker status, USR2 log the acceptor's tables. \
+                  `rcluster-lb ctl status` shows a running master (docs/CONTROL.md).",
     args_conflicts_with_subcommands = true
 )]
 pub struct Args {

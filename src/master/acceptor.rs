@@ -91,6 +91,10 @@ pub enum Command {
     /// dump`). Answered on the acceptor's next wake-up; the copy is the only allocation, and it
     /// happens only when asked.
     Snapshot(Sender<Snapshot>),
+    /// Read the worker's channels now and answer [`Event::ChannelsRead`]: a worker that said
+    /// STOPPING and exited has its [`Event::Stopping`] reported before the supervisor acts on
+    /// the exit.
+    ReadChannels(WorkerId),
     /// Use this policy from the next connection on. The load table is the acceptor's, so the
     /// new policy sees the same counts; nothing queued or in flight is touched.
     SetPolicy(Box<dyn Policy>),
@@ -118,6 +122,9 @@ pub enum Event {
     MaxConns(WorkerId),
     /// Reclaimed connections from a drained or dead worker (count), for logs and tests.
     Reclaimed(WorkerId, usize),
+    /// Answer to [`Command::ReadChannels`]: every message the worker sent before it was asked
+    /// has been reported.
+    ChannelsRead(WorkerId),
     /// After [`Command::Shutdown`]: every dispatched connection was taken by a worker (or the
     /// wait ran out); the workers can be told to stop.
     Drained,
@@ -535,6 +542,14 @@ impl Acceptor {
                     let _ = reply.send(self.snapshot());
                 }
                 Command::SetPolicy(policy) => self.set_policy(policy),
+                Command::ReadChannels(id) => {
+                    if let Some(i) = self.index_of(id) {
+                        for listener in 0..self.entries[i].channels.len() {
+                            self.read_channel(id, listener);
+                        }
+                    }
+                    self.emit(Event::ChannelsRead(id));
+                }
                 Command::Shutdown { drain_for } => {
                     let until = Instant::now() + drain_for;
                     self.shutting_down = Some(self.shutting_down.map_or(until, |t| t.min(until)));

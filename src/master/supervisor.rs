@@ -35,7 +35,9 @@ use socket2::Socket;
 
 use crate::cli::{Config, Pin};
 use crate::master::acceptor::{self, AcceptorHandle, ChannelEnds, Command, Event};
-use crate::master::lifecycle::{Action, Input, Lifecycle, Settings, Sig, WorkerId, WorkerState};
+use crate::master::lifecycle::{
+    Action, Input, Lifecycle, Phase, Settings, Sig, WorkerId, WorkerState,
+};
 use crate::master::listener;
 use crate::master::shim::find_shim;
 use crate::sys::spawn::{SpawnSpec, spawn};
@@ -105,6 +107,8 @@ struct Supervisor {
     starting: bool,
     /// Set by [`Action::Exit`].
     exit: Option<Result<(), String>>,
+    /// Reaped workers whose exit waits for [`Event::ChannelsRead`].
+    exits_waiting: Vec<(WorkerId, ExitStatus)>,
     /// Control socket, metrics endpoint, pid file and the requests they bring.
     hooks: ask::Hooks,
 }
@@ -182,6 +186,7 @@ impl Supervisor {
             startup_error: None,
             starting: false,
             exit: None,
+            exits_waiting: Vec::new(),
             hooks: ask::Hooks::default(),
             config,
         })
@@ -497,6 +502,12 @@ impl Supervisor {
             while let Ok(ev) = self.events.try_recv() {
                 self.on_event(ev);
             }
+            // Stopping: STOPPING no longer matters, and the acceptor may be gone.
+            if self.lifecycle.phase() != Phase::Running {
+                for (id, status) in std::mem::take(&mut self.exits_waiting) {
+                    self.feed(Input::Exited { id, status });
+                }
+            }
             self.feed(Input::Tick);
             self.on_asks();
             if let Some(t) = self.next_rss_sample
@@ -576,6 +587,13 @@ impl Supervisor {
             Event::Stalled(id) => Input::Stalled { id },
             Event::MaxConns(id) => Input::MaxConns { id },
             Event::Reclaimed(..) => return,
+            Event::ChannelsRead(id) => match self.exits_waiting.iter().position(|e| e.0 == id) {
+                Some(i) => {
+                    let (id, status) = self.exits_waiting.swap_remove(i);
+                    Input::Exited { id, status }
+                }
+                None => return,
+            },
             Event::Drained => Input::Drained,
         };
         self.feed(input);
@@ -585,6 +603,9 @@ impl Supervisor {
         let Some(p) = self.procs.iter().find(|p| p.id == id) else {
             return;
         };
+        if self.exits_waiting.iter().any(|e| e.0 == id) {
+            return;
+        }
         let status = match sys::waitpid_nohang(p.pid) {
             Ok(Some(status)) => status,
             Ok(None) => return,
@@ -593,6 +614,14 @@ impl Supervisor {
                 ExitStatus::Exited(-1)
             }
         };
+        // Dispatch mode: a worker may have said STOPPING on its channel just before exiting.
+        // The acceptor reads the channel first, so the lifecycle learns of STOPPING before the
+        // exit (events arrive in order) and a planned exit is not taken for a crash.
+        if self.acceptor.is_some() && self.lifecycle.phase() == Phase::Running {
+            self.exits_waiting.push((id, status));
+            self.send(Command::ReadChannels(id));
+            return;
+        }
         self.feed(Input::Exited { id, status });
     }
 
