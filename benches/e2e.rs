@@ -1737,7 +1737,12 @@ fn main() {
         },
         kernel.trim(),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
-        settings.bin.display(),
+        // Relative to the package (cargo runs benches there), so no checkout path is printed.
+        std::env::current_dir()
+            .ok()
+            .and_then(|cwd| settings.bin.strip_prefix(cwd).ok())
+            .unwrap_or(&settings.bin)
+            .display(),
         settings
             .node
             .as_deref()

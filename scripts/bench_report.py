@@ -275,7 +275,8 @@ def hbar_chart(path, title, rows, unit, note, colors, value_fmt):
                     svg.rect(left, by, x(med) - left, bar_h, colour, pattern=pattern, stroke=colour)
                 else:
                     svg.rect(left, by, x(med) - left, bar_h, colour, opacity=0.85)
-                svg.text(x(med) + 6, by + bar_h - 3,
+                # Right of the bar and of its rounds' range, so the label never sits on a dot.
+                svg.text(x(max([med] + each)) + 6, by + bar_h - 3,
                          f"{value_fmt(med)}{' ' + series if series else ''}", size=10.5, fill="#333")
             if len(each) > 1:
                 svg.line(x(min(each)), by + bar_h / 2, x(max(each)), by + bar_h / 2,

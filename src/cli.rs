@@ -18,6 +18,10 @@ pub use crate::policy::MAX_WORKERS;
 /// At most this many `--listen` addresses (one bit each in the load table, one fd each).
 pub use rcluster_proto::MAX_LISTENERS;
 
+/// The longest duration any option takes: every deadline is `Instant::now() + option`, which
+/// must not overflow (a year is far beyond any sensible grace period or timeout).
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// rcluster-lb runs N copies of a server behind one port, the master handing each connection
 /// to the worker its policy picks.
 #[derive(Debug, Parser)]
@@ -36,12 +40,14 @@ pub struct Args {
     #[command(subcommand)]
     pub subcommand: Option<Sub>,
 
-    /// Address to listen on (repeatable); fd 3+i in a worker belongs to the i-th. Port 0 picks
-    /// a free port, logged at startup.
-    #[arg(long = "listen", short = 'l', value_name = "ADDR", default_values_t = ["127.0.0.1:8080".to_string()])]
+    /// Address to listen on (repeatable; default 127.0.0.1:8080, or the sockets passed by
+    /// socket activation); fd 3+i in a worker belongs to the i-th. `:PORT` = every address,
+    /// `[::]:PORT` is dual-stack. Port 0 picks a free port, logged at startup.
+    #[arg(long = "listen", short = 'l', value_name = "ADDR")]
     pub listen: Vec<String>,
 
-    /// Number of workers; 0 = one per CPU this process may run on.
+    /// Number of workers; 0 = one per CPU this process may run on, or fewer under a cgroup CPU
+    /// quota (cpu.max, cpu.cfs_quota_us).
     #[arg(long, short = 'w', value_name = "N", default_value_t = 0)]
     pub workers: usize,
 
@@ -82,15 +88,39 @@ pub struct Args {
     #[arg(long)]
     pub no_preload: bool,
 
+    /// Preload this shim instead of the one built into rcluster-lb (for packagers; also
+    /// RCLUSTER_SHIM). It must belong to this user or root and be writable by no one else.
+    #[arg(long, value_name = "PATH", conflicts_with = "no_preload")]
+    pub shim: Option<PathBuf>,
+
     /// Signal sent to a worker being drained (reload, recycle, scale-down).
     #[arg(long, value_name = "SIGNAL", default_value = "TERM")]
     pub drain_signal: String,
+
+    /// Signal sent to the workers when the master stops (TERM, INT or QUIT to the master).
+    #[arg(long, value_name = "SIGNAL", default_value = "TERM")]
+    pub stop_signal: String,
+
+    /// After TERM/INT/QUIT, keep accepting and dispatching this long before stopping (time for
+    /// a load balancer or Kubernetes to take this instance out of its endpoints).
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub shutdown_delay: Duration,
+
+    /// Run the workers as this user (name or uid; its groups unless --group). The master
+    /// keeps its own privileges.
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+
+    /// Run the workers with this group (name or gid).
+    #[arg(long, value_name = "GROUP")]
+    pub group: Option<String>,
 
     /// Workers replaced at a time during a rolling reload (SIGHUP).
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub reload_batch: usize,
 
-    /// Recycle a worker after it was handed this many connections.
+    /// Recycle a worker after it was handed this many connections (dispatch policies only: in
+    /// the kernel modes the master never sees a connection).
     #[arg(long, value_name = "N")]
     pub max_conns: Option<u64>,
 
@@ -103,7 +133,9 @@ pub struct Args {
     #[arg(long, value_name = "SIZE")]
     pub max_rss: Option<bytesize::ByteSize>,
 
-    /// Replace a worker whose channel stays full (it stopped accepting) this long.
+    /// Replace a worker that takes nothing from a non-empty queue this long (its channel in the
+    /// dispatch modes, its own listener's accept queue in reuseport mode); what is queued for it
+    /// is served by the others.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
     pub stall_timeout: Duration,
 
@@ -304,6 +336,8 @@ pub enum Pin {
 pub struct Config {
     /// Listen addresses, in fd order.
     pub listen: Vec<SocketAddr>,
+    /// Whether `--listen` was given (otherwise socket-activated sockets replace the default).
+    pub listen_explicit: bool,
     /// Number of workers (resolved from 0).
     pub workers: usize,
     /// The policy.
@@ -322,10 +356,17 @@ pub struct Config {
     pub ready_delay: Option<Duration>,
     /// Limit for becoming ready.
     pub ready_timeout: Duration,
-    /// Inject the preload shim.
-    pub preload: bool,
+    /// The preload shim to inject (`LD_PRELOAD`), checked; `None` with `--no-preload` or for
+    /// the built-in demo worker.
+    pub preload: Option<PathBuf>,
     /// Signal for draining.
     pub drain_signal: libc::c_int,
+    /// Signal sent to the workers on stop.
+    pub stop_signal: libc::c_int,
+    /// How long to keep serving after a stop signal before stopping.
+    pub shutdown_delay: Duration,
+    /// Who the workers run as (`--user`/`--group`), resolved before any fork.
+    pub credentials: Option<sys::Credentials>,
     /// Rolling reload batch size.
     pub reload_batch: usize,
     /// Recycle after this many connections (plus jitter).
@@ -334,7 +375,7 @@ pub struct Config {
     pub max_conns_jitter: u64,
     /// Recycle above this RSS, bytes.
     pub max_rss: Option<u64>,
-    /// Replace a worker whose channel stays full this long.
+    /// Replace a worker that takes nothing from a non-empty queue this long.
     pub stall_timeout: Duration,
     /// `--name` (default: the first listener's bound port, decided after binding).
     pub name: Option<String>,
@@ -354,25 +395,41 @@ impl Args {
     /// Validates the arguments against this host. `self_exe` is the master's binary (the
     /// demo worker's program).
     pub fn into_config(self, self_exe: &Path) -> Result<Config, UsageError> {
-        if self.listen.len() > MAX_LISTENERS {
+        let listen_explicit = !self.listen.is_empty();
+        let listen_text = if listen_explicit {
+            self.listen.clone()
+        } else {
+            vec!["127.0.0.1:8080".to_string()]
+        };
+        if listen_text.len() > MAX_LISTENERS {
             return Err(usage(format!(
                 "too many --listen addresses ({}, at most {MAX_LISTENERS})",
                 self.listen.len()
             )));
         }
-        let mut listen = Vec::with_capacity(self.listen.len());
-        for text in &self.listen {
+        let mut listen: Vec<SocketAddr> = Vec::with_capacity(listen_text.len());
+        for text in &listen_text {
             let addr = crate::master::listener::parse_listen_addr(text).map_err(usage)?;
             if listen.contains(&addr) && addr.port() != 0 {
                 return Err(usage(format!("--listen {addr} given twice")));
             }
             listen.push(addr);
         }
+        for &a in &listen {
+            if crate::master::listener::is_dual_stack(a) && a.port() != 0 {
+                let v4 = SocketAddr::from(([0, 0, 0, 0], a.port()));
+                if listen.contains(&v4) {
+                    return Err(usage(format!(
+                        "--listen {a} is dual-stack and already takes IPv4: drop {v4}"
+                    )));
+                }
+            }
+        }
         let allowed = sys::sched_getaffinity()
             .map_err(|e| usage(format!("cannot read the allowed CPU set: {e}")))?
             .cpus();
         let workers = match self.workers {
-            0 => allowed.len().max(1),
+            0 => workers_for_cpus(allowed.len(), crate::cgroup::cpu_quota()),
             n if n > MAX_WORKERS => {
                 return Err(usage(format!(
                     "--workers {n} is too many (at most {MAX_WORKERS})"
@@ -423,6 +480,24 @@ impl Args {
                 self.drain_signal
             ))
         })?;
+        let stop_signal = sys::parse_signal(&self.stop_signal).ok_or_else(|| {
+            usage(format!(
+                "--stop-signal: unknown signal '{}'",
+                self.stop_signal
+            ))
+        })?;
+        let credentials = match (&self.user, &self.group) {
+            (None, None) => None,
+            (user, group) => {
+                if sys::geteuid() != 0 {
+                    return Err(usage(
+                        "--user/--group need the master to run as root (with socket activation, \
+                         run the whole service as the user instead)",
+                    ));
+                }
+                Some(sys::Credentials::resolve(user.as_deref(), group.as_deref()).map_err(usage)?)
+            }
+        };
         if self.reload_batch == 0 {
             return Err(usage("--reload-batch must be at least 1"));
         }
@@ -431,6 +506,36 @@ impl Args {
         }
         if self.rss_interval.is_zero() {
             return Err(usage("--rss-interval must be greater than 0"));
+        }
+        if self.stall_timeout.is_zero() {
+            return Err(usage("--stall-timeout must be greater than 0"));
+        }
+        if self.max_rss.is_some_and(|s| s.as_u64() == 0) {
+            return Err(usage("--max-rss must be greater than 0"));
+        }
+        if self.max_conns.is_some() && self.policy.mode() != rcluster_proto::Mode::Dispatch {
+            return Err(usage(format!(
+                "--max-conns needs a dispatch policy: in {} mode the kernel hands out \
+                 connections and the master cannot count them",
+                self.policy.mode().as_str()
+            )));
+        }
+        for (name, value) in [
+            ("--grace", Some(self.grace)),
+            ("--rss-interval", Some(self.rss_interval)),
+            ("--ready-delay", self.ready_delay),
+            ("--ready-timeout", Some(self.ready_timeout)),
+            ("--stall-timeout", Some(self.stall_timeout)),
+        ] {
+            if let Some(d) = value
+                && d > MAX_DURATION
+            {
+                return Err(usage(format!(
+                    "{name} {} is too long (at most {})",
+                    humantime::format_duration(d),
+                    humantime::format_duration(MAX_DURATION)
+                )));
+            }
         }
         let command = match self.command.split_first() {
             None => WorkerCommand {
@@ -455,6 +560,11 @@ impl Args {
                     .map_err(|e| usage(format!("--metrics: {e}")))?,
             ),
         };
+        let preload = if self.no_preload || command.builtin {
+            None
+        } else {
+            Some(crate::master::shim::locate(self.shim.as_deref()).map_err(usage)?)
+        };
         Ok(Config {
             name: self.name,
             control: self.control,
@@ -463,6 +573,7 @@ impl Args {
             log_format: self.log_format,
             worker_output: self.worker_output,
             listen,
+            listen_explicit,
             workers,
             policy: self.policy,
             pin,
@@ -472,14 +583,37 @@ impl Args {
             rss_interval: self.rss_interval,
             ready_delay: self.ready_delay,
             ready_timeout: self.ready_timeout,
-            preload: !self.no_preload,
+            preload,
             drain_signal,
+            stop_signal,
+            shutdown_delay: self.shutdown_delay,
+            credentials,
             reload_batch: self.reload_batch,
             max_conns: self.max_conns,
             max_conns_jitter: self.max_conns_jitter,
             max_rss: self.max_rss.map(|s| s.as_u64()),
             stall_timeout: self.stall_timeout,
         })
+    }
+}
+
+/// `--workers 0`: one per allowed CPU, or fewer when the cgroup's CPU quota allows fewer;
+/// logs which limit applied.
+fn workers_for_cpus(allowed: usize, quota: Option<crate::cgroup::CpuQuota>) -> usize {
+    let allowed = allowed.max(1);
+    match quota {
+        Some(q) if q.cpus < allowed => {
+            log::info!(
+                "--workers 0: {} workers, the CPU quota ({}) of {allowed} allowed CPUs",
+                q.cpus,
+                q.source
+            );
+            q.cpus
+        }
+        _ => {
+            log::info!("--workers 0: {allowed} workers, one per allowed CPU (sched_getaffinity)");
+            allowed
+        }
     }
 }
 
@@ -515,9 +649,28 @@ mod tests {
     fn defaults_run_the_demo_worker_on_8080() {
         let c = config(&[]).unwrap();
         assert_eq!(c.listen, vec!["127.0.0.1:8080".parse().unwrap()]);
+        assert!(!c.listen_explicit);
+        assert_eq!(c.stop_signal, libc::SIGTERM);
+        assert!(c.credentials.is_none());
         assert!(c.command.builtin);
-        assert_eq!(c.workers, sys::sched_getaffinity().unwrap().cpus().len());
+        let allowed = sys::sched_getaffinity().unwrap().cpus().len();
+        let quota = crate::cgroup::cpu_quota().map_or(allowed, |q| q.cpus);
+        assert_eq!(c.workers, allowed.min(quota));
         assert_eq!(c.policy, PolicyKind::LeastConn);
+    }
+
+    #[test]
+    fn workers_0_takes_the_quota_when_it_is_tighter() {
+        let quota = |cpus| {
+            Some(crate::cgroup::CpuQuota {
+                cpus,
+                source: "fixture".into(),
+            })
+        };
+        assert_eq!(workers_for_cpus(8, quota(2)), 2);
+        assert_eq!(workers_for_cpus(2, quota(4)), 2);
+        assert_eq!(workers_for_cpus(4, None), 4);
+        assert_eq!(workers_for_cpus(0, None), 1);
     }
 
     #[test]
@@ -545,5 +698,94 @@ mod tests {
         std::fs::remove_file(&plain).unwrap();
         assert!(not_exec.contains("not executable"), "{not_exec}");
         assert!(msg(&["--drain-signal", "BOGUS"]).contains("BOGUS"));
+        assert!(msg(&["--stop-signal", "NOPE"]).contains("NOPE"));
+        if sys::geteuid() == 0 {
+            assert!(msg(&["--user", "no-such-user-here"]).contains("no-such-user-here"));
+            assert!(msg(&["--group", "no-such-group-here"]).contains("no-such-group-here"));
+        } else {
+            assert!(msg(&["--user", "nobody"]).contains("run as root"));
+        }
+        assert!(msg(&["-l", "[::]:7001", "-l", "0.0.0.0:7001"]).contains("dual-stack"));
+    }
+
+    /// Arbitrary command lines built from every option name and values that stress parsing
+    /// (huge numbers, huge and zero durations, garbage) never panic: they parse and validate,
+    /// or fail with a usage error.
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        const OPTIONS: &[&str] = &[
+            "--listen",
+            "--workers",
+            "--policy",
+            "--pin",
+            "--acceptor-cpu",
+            "--grace",
+            "--rss-interval",
+            "--ready-delay",
+            "--ready-timeout",
+            "--no-preload",
+            "--drain-signal",
+            "--reload-batch",
+            "--max-conns",
+            "--max-conns-jitter",
+            "--max-rss",
+            "--stall-timeout",
+            "-w",
+            "-p",
+            "-l",
+            "--",
+        ];
+        const VALUES: &[&str] = &[
+            "0",
+            "1",
+            "-1",
+            "18446744073709551615",
+            "18446744073709551616",
+            "500000000000years",
+            "0s",
+            "1ns",
+            "10s",
+            "1y",
+            "auto",
+            "none",
+            "0-3",
+            "4000",
+            "rr",
+            "reuseport",
+            "shared",
+            "127.0.0.1:0",
+            "[::1]:0",
+            "nonsense",
+            "TERM",
+            "KILL",
+            "0B",
+            "1EiB",
+            "",
+            "/bin/sh",
+        ];
+
+        fn word() -> impl Strategy<Value = String> {
+            prop_oneof![
+                proptest::sample::select(OPTIONS).prop_map(str::to_string),
+                proptest::sample::select(VALUES).prop_map(str::to_string),
+                any::<u64>().prop_map(|n| n.to_string()),
+                "[ -~]{0,12}",
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2048))]
+
+            #[test]
+            fn arbitrary_command_lines_never_panic(words in proptest::collection::vec(word(), 0..8)) {
+                let mut argv = vec!["rcluster-lb".to_string()];
+                argv.extend(words);
+                if let Ok(args) = Args::try_parse_from(&argv) {
+                    let _ = args.into_config(Path::new("/bin/sh"));
+                }
+            }
+        }
     }
 }

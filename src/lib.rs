@@ -29,12 +29,14 @@
 //!   [`master::status`] (the status both serve).
 //! - [`ctl`]: the `rcluster-lb ctl` client.
 //! - [`policy`]: the dispatch policies.
-//! - [`topology`]: the host's CPUs and the `--pin auto` plan.
+//! - [`topology`]: the host's CPUs and the `--pin auto` plan; [`cgroup`]: the CPU quota
+//!   `--workers 0` honours.
 //!
 //! Its public surface is what the binary, the benchmarks and the tests drive: [`cli::Args`] →
 //! [`cli::Config`] → [`master::supervisor::run`]; the acceptor and the policies for the
 //! criterion benchmarks.
 
+pub mod cgroup;
 pub mod cli;
 pub mod ctl;
 pub mod master;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use rcluster_lb::cli::{Args, Sub, UsageError};
+use rcluster_lb::master::activation::Activated;
 use rcluster_lb::master::{logs, supervisor};
 use rcluster_lb::topology;
 use rcluster_sys as sys;
@@ -55,13 +56,16 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
         None => {}
     }
+    // Before anything else opens an fd: fds 3.. may be sockets passed by socket activation.
+    let activated =
+        Activated::from_env().map_err(|e| UsageError(format!("socket activation: {e}")))?;
     let exe = std::env::current_exe()?;
     let config = args.into_config(&exe)?;
     match sys::raise_nofile_limit() {
         Ok(limit) => log::debug!("RLIMIT_NOFILE soft limit is {limit}"),
         Err(e) => log::warn!("cannot raise RLIMIT_NOFILE: {e}"),
     }
-    supervisor::run(config)
+    supervisor::run(config, activated)
 }
 
 /// Subcommands (the demo worker, `ctl`, `topology`) log straight to stderr, one line each,

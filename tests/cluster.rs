@@ -317,12 +317,26 @@ fn workers_get_the_contract_and_no_other_fd() {
         wait_until("the worker runs sleep", || {
             std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "sleep")
         });
-        let mut fds: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().parse().unwrap())
-            .collect();
-        fds.sort();
-        assert_eq!(fds, [0, 1, 2, 3, 4], "only stdio and the two listener fds");
+        // The kernel renames the process before it closes the close-on-exec fds (exec(2)), so
+        // the list may still show the shell's scratch fd for a moment: a leak is an fd that
+        // stays.
+        let fds = |pid: i32| -> Vec<u32> {
+            let mut fds: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().parse().unwrap())
+                .collect();
+            fds.sort();
+            fds
+        };
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while fds(pid) != [0, 1, 2, 3, 4] && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(
+            fds(pid),
+            [0, 1, 2, 3, 4],
+            "only stdio and the two listener fds"
+        );
         for fd in [3, 4] {
             let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).unwrap();
             assert!(link.to_string_lossy().starts_with("socket:"), "{link:?}");

@@ -166,15 +166,16 @@ pub unsafe fn accept(
         };
         // Track it before anyone can learn the number (conns.rs).
         match shim.conns.mark(conn, l.index, shim.pid()) {
-            Marked::Fresh => {}
+            Marked::Fresh => shim.opened(l),
             Marked::Stale(i) => {
-                if let Some(stale) = shim.listener(i) {
-                    stale.conn_closed(1);
-                }
+                shim.conn_closed(i);
+                shim.opened(l);
             }
             // Cannot watch its close: report it finished now rather than never.
             Marked::Untracked => l.conn_closed(1),
         }
+        // What a connection accepted from a TCP listener would have inherited from it.
+        l.opts.apply(conn);
         apply_accept_flags(conn, flags);
         if !addr.is_null() && !len.is_null() {
             // accept(2) reports the peer: ask the connection itself (getpeername truncates and

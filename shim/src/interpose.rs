@@ -45,11 +45,12 @@ pub unsafe extern "C" fn bind(fd: c_int, addr: *const sockaddr, len: socklen_t) 
 /// As listen(2).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
-    if let Some(rc) = state::get().and_then(|shim| shim.listen(fd)) {
-        return rc;
-    }
     // SAFETY: caller contract.
-    unsafe { real::listen(fd, backlog) }
+    let real = || unsafe { real::listen(fd, backlog) };
+    match state::get() {
+        Some(shim) => shim.listen(fd, real),
+        None => real(),
+    }
 }
 
 /// accept(2).
@@ -133,8 +134,11 @@ pub unsafe extern "C" fn setsockopt(
     val: *const c_void,
     len: socklen_t,
 ) -> c_int {
-    if state::get().is_some_and(|shim| shim.setsockopt_ignored(fd, level, name)) {
-        return 0;
+    if let Some(shim) = state::get() {
+        // SAFETY: caller contract.
+        if let Some(rc) = unsafe { shim.setsockopt(fd, level, name, val, len) } {
+            return rc;
+        }
     }
     // SAFETY: caller contract.
     unsafe { real::setsockopt(fd, level, name, val, len) }
@@ -393,4 +397,104 @@ pub unsafe extern "C" fn posix_spawnp(
     let env = unsafe { buf.filter(envp.cast(), carry.shim_path()) };
     // SAFETY: caller contract; env is as valid as envp for the duration of the call.
     unsafe { real::posix_spawnp(pid, file, actions, attr, argv, env.as_ptr().cast()) }
+}
+
+/// Tells the shim that `pid` was reaped, when a wait call returned one (a process this worker
+/// forked: its connections were closed by its exit; procs.rs). Keeps errno as the call left it.
+fn reaped(pid: libc::pid_t) {
+    if pid > 0
+        && let Some(shim) = state::get()
+    {
+        let e = errno();
+        shim.reaped(pid);
+        set_errno(e);
+    }
+}
+
+/// wait(2).
+///
+/// # Safety
+/// As wait(2).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wait(status: *mut c_int) -> libc::pid_t {
+    // SAFETY: caller contract.
+    let pid = unsafe { real::wait(status) };
+    reaped(pid);
+    pid
+}
+
+/// waitpid(2).
+///
+/// # Safety
+/// As waitpid(2).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn waitpid(
+    pid: libc::pid_t,
+    status: *mut c_int,
+    options: c_int,
+) -> libc::pid_t {
+    // SAFETY: caller contract.
+    let got = unsafe { real::waitpid(pid, status, options) };
+    if options & libc::WNOWAIT == 0 {
+        reaped(got);
+    }
+    got
+}
+
+/// wait3(2).
+///
+/// # Safety
+/// As wait3(2).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wait3(
+    status: *mut c_int,
+    options: c_int,
+    usage: *mut libc::rusage,
+) -> libc::pid_t {
+    // SAFETY: caller contract.
+    let got = unsafe { real::wait3(status, options, usage) };
+    if options & libc::WNOWAIT == 0 {
+        reaped(got);
+    }
+    got
+}
+
+/// wait4(2).
+///
+/// # Safety
+/// As wait4(2).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wait4(
+    pid: libc::pid_t,
+    status: *mut c_int,
+    options: c_int,
+    usage: *mut libc::rusage,
+) -> libc::pid_t {
+    // SAFETY: caller contract.
+    let got = unsafe { real::wait4(pid, status, options, usage) };
+    if options & libc::WNOWAIT == 0 {
+        reaped(got);
+    }
+    got
+}
+
+/// waitid(2).
+///
+/// # Safety
+/// As waitid(2).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn waitid(
+    idtype: libc::idtype_t,
+    id: libc::id_t,
+    info: *mut libc::siginfo_t,
+    options: c_int,
+) -> c_int {
+    // SAFETY: caller contract.
+    let rc = unsafe { real::waitid(idtype, id, info, options) };
+    if rc == 0 && !info.is_null() && options & libc::WNOWAIT == 0 {
+        // SAFETY: waitid filled *info; si_pid is 0 when WNOHANG found no child.
+        let pid = unsafe { (*info).si_pid() };
+        reaped(pid);
+    }
+    rc
 }

@@ -19,7 +19,10 @@
 //! listener's claim and notifications), `conns` (the lock-free fd table behind CLOSED), `env`
 //! (reading the contract, whose one definition — wire format, variables, limits — is the
 //! `rcluster-proto` crate; and the `LD_PRELOAD` scrub), `sockaddr`, `notify` (sd_notify
-//! READY=1), `follow` (what `exec`/`posix_spawn` pass on: the whole contract to the
+//! READY=1), `sockopts` (TCP options set on a dispatch channel: recorded, answered, applied to
+//! each connection), `procs` (open connections per process, shared across `fork`, so a
+//! server's own forked workers are accounted even when one dies), `follow` (what
+//! `exec`/`posix_spawn` pass on: the whole contract to the
 //! worker's own next image, none of it to children), `real` (the shadowed libc functions).
 //! docs/PROTOCOL.md describes the contract and the shim's behaviour for master authors,
 //! including what the worker and its children see in their environment.
@@ -33,6 +36,8 @@ mod follow;
 mod interpose;
 mod listener;
 mod notify;
+mod procs;
 mod real;
 mod sockaddr;
+mod sockopts;
 mod state;

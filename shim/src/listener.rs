@@ -11,6 +11,8 @@ use libc::c_int;
 
 use rcluster_proto::ToMaster;
 
+use crate::sockopts::SockOpts;
+
 /// Listener i of the worker contract.
 pub struct Listener {
     /// Position among the adopted listeners (what the connection table stores).
@@ -40,6 +42,8 @@ pub struct Listener {
     closed_pending: AtomicU64,
     /// The master closed its end: no connection will ever arrive again.
     orphaned: AtomicBool,
+    /// Dispatch: the TCP options the server set on its listener (sockopts.rs).
+    pub opts: SockOpts,
 }
 
 /// (st_dev, st_ino) of what `fd` refers to.
@@ -73,6 +77,7 @@ impl Listener {
             ready_sent: AtomicBool::new(false),
             closed_pending: AtomicU64::new(0),
             orphaned: AtomicBool::new(false),
+            opts: SockOpts::default(),
         })
     }
 

@@ -151,6 +151,27 @@ real_fn!(
     ) -> c_int
 );
 
+real_fn!(
+    /// libc `wait(2)`.
+    wait(status: *mut c_int) -> libc::pid_t
+);
+real_fn!(
+    /// libc `waitpid(2)`.
+    waitpid(pid: libc::pid_t, status: *mut c_int, options: c_int) -> libc::pid_t
+);
+real_fn!(
+    /// libc `wait3(2)`.
+    wait3(status: *mut c_int, options: c_int, usage: *mut libc::rusage) -> libc::pid_t
+);
+real_fn!(
+    /// libc `wait4(2)`.
+    wait4(pid: libc::pid_t, status: *mut c_int, options: c_int, usage: *mut libc::rusage) -> libc::pid_t
+);
+real_fn!(
+    /// libc `waitid(2)`.
+    waitid(idtype: libc::idtype_t, id: libc::id_t, info: *mut libc::siginfo_t, options: c_int) -> c_int
+);
+
 static SYSCALL_SLOT: AtomicPtr<c_void> = AtomicPtr::new(ptr::null_mut());
 
 /// Looks up every function above now. The constructor calls it so that an interposed call made
@@ -175,6 +196,11 @@ pub fn resolve_all() {
         (&fexecve::SLOT, fexecve::NAME),
         (&posix_spawn::SLOT, posix_spawn::NAME),
         (&posix_spawnp::SLOT, posix_spawnp::NAME),
+        (&wait::SLOT, wait::NAME),
+        (&waitpid::SLOT, waitpid::NAME),
+        (&wait3::SLOT, wait3::NAME),
+        (&wait4::SLOT, wait4::NAME),
+        (&waitid::SLOT, waitid::NAME),
         (&SYSCALL_SLOT, c"syscall"),
     ];
     for (slot, name) in slots {

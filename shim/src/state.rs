@@ -13,6 +13,8 @@ use crate::conns::ConnTable;
 use crate::env::{self, Mode};
 use crate::listener::Listener;
 use crate::notify::NotifyTarget;
+use crate::procs::Procs;
+use crate::sockopts::{self, Route};
 use crate::{dispatch, follow, real, sockaddr as sa};
 
 /// Everything the shim knows, once the constructor found the worker contract.
@@ -21,6 +23,8 @@ pub struct Shim {
     listeners: Vec<Listener>,
     /// Connections handed out by `accept` on a dispatch channel.
     pub conns: ConnTable,
+    /// Open connections per process of this worker, shared across `fork` (procs.rs).
+    pub procs: Procs,
     notify: Option<NotifyTarget>,
     notified: AtomicBool,
 }
@@ -170,6 +174,7 @@ pub unsafe fn init() {
         mode: contract.mode,
         listeners,
         conns: ConnTable::new(),
+        procs: Procs::new(),
         notify,
         notified: AtomicBool::new(false),
     });
@@ -286,13 +291,29 @@ impl Shim {
     }
 
     /// listen(2) on a claimed fd: already listening (dispatch: the channel; TCP modes: the
-    /// master's socket, whose backlog the worker must not shrink). Dispatch sends READY.
-    pub fn listen(&self, fd: c_int) -> Option<c_int> {
-        let l = self.claimed(fd)?;
+    /// master's socket, whose backlog the worker must not shrink). Dispatch sends READY. A
+    /// server that adopted fd 3+i from `LISTEN_FDS` (no `bind`) and calls `listen` on it gets
+    /// the same, once the real call has failed on the channel. `real_listen` is libc's call.
+    pub fn listen(&self, fd: c_int, real_listen: impl FnOnce() -> c_int) -> c_int {
+        let l = match self.claimed(fd) {
+            Some(l) => l,
+            None => {
+                let rc = real_listen();
+                if rc == 0 || !matches!(errno(), libc::EINVAL | libc::EOPNOTSUPP) {
+                    return rc;
+                }
+                let e = errno();
+                let Some(l) = self.same_channel(fd) else {
+                    set_errno(e);
+                    return rc;
+                };
+                l
+            }
+        };
         l.mark_listening();
         l.flush();
         self.maybe_notify_ready();
-        Some(0)
+        0
     }
 
     /// accept(2)/accept4(2). `real_accept` is the libc call to use when `fd` is not a dispatch
@@ -373,38 +394,131 @@ impl Shim {
         val: *mut c_void,
         len: *mut socklen_t,
     ) -> c_int {
-        if let Some(l) = self.claimed(fd).filter(|l| l.dispatch)
-            && let Some(v) = synthesized_opt(l, l.is_listening(), level, name)
-        {
-            // SAFETY: caller contract.
-            return unsafe { write_int_opt(v, val, len) };
+        let route = sockopts::route(level, name);
+        if let Some(l) = self.claimed(fd).filter(|l| l.dispatch) {
+            if let Some(v) = synthesized_opt(l, l.is_listening(), level, name) {
+                // SAFETY: caller contract.
+                return unsafe { write_int_opt(v, val, len) };
+            }
+            if route != Route::Channel {
+                // SAFETY: caller contract.
+                return unsafe { l.opts.get(&l.addr, level, name, val, len) };
+            }
         }
         // SAFETY: forwarded under the caller's contract.
         let rc = unsafe { real::getsockopt(fd, level, name, val, len) };
+        if self.mode != Mode::Dispatch || self.conns.is_marked(fd) {
+            return rc;
+        }
         let identity_question = level == libc::SOL_SOCKET
             && matches!(
                 name,
                 libc::SO_TYPE | libc::SO_DOMAIN | libc::SO_ACCEPTCONN | libc::SO_PROTOCOL
             );
-        if rc == 0
-            && identity_question
-            && self.mode == Mode::Dispatch
-            && let Some(l) = self.same_channel(fd)
-            && let Some(v) = synthesized_opt(l, true, level, name)
-        {
-            // SAFETY: caller contract; the real call succeeded with these pointers.
-            return unsafe { write_int_opt(v, val, len) };
+        // A TCP option asked of an AF_UNIX socket fails; a SOL_SOCKET one answers for the
+        // channel. Either way, if `fd` is a channel (fd 3+i adopted from LISTEN_FDS, or a
+        // dup), answer as its listener would.
+        let tcp_question = route != Route::Channel
+            && (level == libc::SOL_SOCKET
+                || rc != 0 && matches!(errno(), libc::EOPNOTSUPP | libc::ENOPROTOOPT));
+        if (rc == 0 && identity_question) || tcp_question {
+            let e = errno();
+            if let Some(l) = self.same_channel(fd) {
+                if let Some(v) = synthesized_opt(l, true, level, name) {
+                    // SAFETY: caller contract; the pointers are the caller's.
+                    return unsafe { write_int_opt(v, val, len) };
+                }
+                if route != Route::Channel {
+                    // SAFETY: caller contract.
+                    return unsafe { l.opts.get(&l.addr, level, name, val, len) };
+                }
+            }
+            set_errno(e);
         }
         rc
     }
 
-    /// setsockopt(2): on a dispatch channel, TCP/IP options (SO_REUSEADDR, SO_REUSEPORT,
-    /// TCP_*, IPV6_V6ONLY, …) have no meaning and succeed without effect; SO_RCVTIMEO is
-    /// applied, since it gives `accept` a timeout on the channel as on a TCP listener.
-    pub fn setsockopt_ignored(&self, fd: c_int, level: c_int, name: c_int) -> bool {
-        let timeout =
-            level == libc::SOL_SOCKET && matches!(name, libc::SO_RCVTIMEO | libc::SO_RCVTIMEO_NEW);
-        !timeout && self.claimed(fd).is_some_and(|l| l.dispatch)
+    /// setsockopt(2) on a dispatch channel, claimed or adopted (fd 3+i from `LISTEN_FDS`, a
+    /// dup): TCP/IP options are validated, recorded and applied to each connection handed out
+    /// (sockopts.rs); `None` = not a channel or not such an option, pass through (`SO_RCVTIMEO`
+    /// gives `accept` a timeout on the channel as on a TCP listener).
+    ///
+    /// # Safety
+    /// `val`/`len` as for setsockopt(2).
+    pub unsafe fn setsockopt(
+        &self,
+        fd: c_int,
+        level: c_int,
+        name: c_int,
+        val: *const c_void,
+        len: socklen_t,
+    ) -> Option<c_int> {
+        if self.mode != Mode::Dispatch {
+            return None;
+        }
+        if sockopts::route(level, name) == Route::Channel {
+            return None;
+        }
+        let l = match self.claimed(fd) {
+            Some(l) => l,
+            // Most setsockopt calls are on connections: rule those out without a syscall.
+            None if self.conns.is_marked(fd) => return None,
+            None if level == libc::SOL_SOCKET => self.same_channel(fd)?,
+            None => {
+                // A TCP/IP-level option on an AF_UNIX socket fails without effect: only then
+                // pay an fstat to see whether it is a channel.
+                // SAFETY: caller contract.
+                let rc = unsafe { real::setsockopt(fd, level, name, val, len) };
+                if rc == 0 || !matches!(errno(), libc::EOPNOTSUPP | libc::ENOPROTOOPT) {
+                    return Some(rc);
+                }
+                let e = errno();
+                match self.same_channel(fd) {
+                    Some(l) => l,
+                    None => {
+                        set_errno(e);
+                        return Some(rc);
+                    }
+                }
+            }
+        };
+        // SAFETY: caller contract.
+        Some(unsafe { l.opts.set(&l.addr, level, name, val, len) })
+    }
+
+    /// A process of this worker was reaped (wait/waitpid/wait4/waitid returned its pid): the
+    /// connections it still held were closed by its exit; tell the master.
+    pub fn reaped(&self, pid: libc::pid_t) {
+        let Ok(pid) = u32::try_from(pid) else { return };
+        if pid == 0 || self.mode != Mode::Dispatch {
+            return;
+        }
+        self.procs.exited(pid, |i, n| {
+            if let Some(l) = self.listener(i) {
+                l.conn_closed(n);
+            }
+        });
+    }
+
+    /// Records a connection handed out from listener `l` to this process (procs.rs); when it
+    /// cannot be accounted, it is reported closed at once.
+    pub fn opened(&self, l: &Listener) {
+        let counted = self.procs.opened(self.pid(), l.index, |i, n| {
+            if let Some(dead) = self.listener(i) {
+                dead.conn_closed(n);
+            }
+        });
+        if !counted {
+            l.conn_closed(1);
+        }
+    }
+
+    /// A connection from listener `i` that this process held is closed: report it.
+    pub fn conn_closed(&self, i: usize) {
+        self.procs.closed(self.pid(), i);
+        if let Some(l) = self.listener(i) {
+            l.conn_closed(1);
+        }
     }
 
     /// close(2), and the implicit close of `dup2`/`dup3`'s target: `close_fd` performs the
@@ -418,9 +532,7 @@ impl Shim {
             let e = errno();
             // close(2): the fd is released even when an error is reported, so the
             // connection is finished either way.
-            if let Some(l) = self.listener(i) {
-                l.conn_closed(1);
-            }
+            self.conn_closed(i);
             set_errno(e);
             return rc;
         }
@@ -457,7 +569,6 @@ fn synthesized_opt(l: &Listener, listening: bool, level: c_int, name: c_int) -> 
         (libc::SOL_SOCKET, libc::SO_DOMAIN) => Some(family),
         (libc::SOL_SOCKET, libc::SO_PROTOCOL) => Some(libc::IPPROTO_TCP),
         (libc::SOL_SOCKET, libc::SO_ERROR) => Some(0),
-        (libc::IPPROTO_IPV6, libc::IPV6_V6ONLY) => Some(0),
         _ => None,
     }
 }

@@ -705,3 +705,100 @@ fn reuseport_mode_node_with_abstract_notify_socket() {
         );
     }
 }
+
+/// A pre-fork server that adopts fd 3 from `LISTEN_FDS` the way gunicorn's arbiter does
+/// (`socket.fromfd`, close the original, set TCP options, `listen`), forks two acceptor
+/// children and reaps them. A child reads one line: `hold` keeps the connection open until the
+/// child is killed; anything else is answered with what the connection's options are.
+const PREFORK_ADOPTER: &str = r#"
+import os, socket, sys, time
+T, S = socket.IPPROTO_TCP, socket.SOL_SOCKET
+probe = socket.fromfd(3, socket.AF_UNIX, socket.SOCK_STREAM)
+name = probe.getsockname()
+probe.close()
+ls = socket.fromfd(3, socket.AF_INET, socket.SOCK_STREAM)
+os.close(3)
+ls.setsockopt(S, socket.SO_REUSEADDR, 1)
+ls.setsockopt(T, socket.TCP_NODELAY, 1)
+ls.setsockopt(S, socket.SO_KEEPALIVE, 1)
+ls.setsockopt(T, socket.TCP_KEEPIDLE, 77)
+ls.setsockopt(T, socket.TCP_DEFER_ACCEPT, 5)
+try:
+    ls.setsockopt(T, socket.TCP_KEEPCNT, -1)
+    bad = "accepted"
+except OSError as e:
+    bad = "refused"
+print("listener", name[1] == int(os.environ["PORT"]), ls.getsockopt(S, socket.SO_ACCEPTCONN),
+      ls.getsockopt(S, socket.SO_TYPE) == socket.SOCK_STREAM, ls.getsockopt(T, socket.TCP_NODELAY),
+      ls.getsockopt(T, socket.TCP_KEEPIDLE), ls.getsockopt(T, socket.TCP_DEFER_ACCEPT) > 0,
+      ls.getsockopt(S, socket.SO_REUSEADDR), bad, flush=True)
+ls.listen(16)
+for _ in range(2):
+    if os.fork() == 0:
+        while True:
+            c, _ = ls.accept()
+            if c.recv(64).startswith(b"hold"):
+                print("holding", os.getpid(), flush=True)
+                time.sleep(600)
+            c.sendall(("%d %d %d %d" % (os.getpid(), c.getsockopt(T, socket.TCP_NODELAY),
+                c.getsockopt(S, socket.SO_KEEPALIVE), c.getsockopt(T, socket.TCP_KEEPIDLE))).encode())
+            c.close()
+while True:
+    pid, _ = os.waitpid(-1, 0)
+    print("reaped", pid, flush=True)
+"#;
+
+/// gunicorn's way: fd 3 adopted without `bind`, TCP options set on it, acceptors forked. The
+/// options are accepted (and a bad value refused as the kernel would), read back as a
+/// listener's, applied to every connection; the children's closes are reported, and a child
+/// killed while holding a connection has it reported closed when its parent reaps it.
+#[test]
+fn adopted_channel_takes_tcp_options_and_forked_acceptors_are_accounted() {
+    let (mut master, worker_end) = Master::new();
+    let worker = Worker::spawn(
+        &python(),
+        &["-c", PREFORK_ADOPTER],
+        "dispatch",
+        &[master.addr()],
+        vec![worker_end],
+        &[],
+        &std::env::temp_dir(),
+    );
+    assert_eq!(
+        worker.line("listener"),
+        "listener True 1 True 1 77 True 1 refused"
+    );
+    wait_ready(master.chan.as_fd());
+    let mut pids = std::collections::BTreeSet::new();
+    for _ in 0..6 {
+        let mut c = master.connect_and_dispatch();
+        c.write_all(b"x\n").unwrap();
+        let mut resp = String::new();
+        c.read_to_string(&mut resp).unwrap();
+        let f: Vec<&str> = resp.split_whitespace().collect();
+        assert_eq!(
+            &f[1..],
+            ["1", "1", "77"],
+            "options applied to the connection"
+        );
+        pids.insert(f[0].to_string());
+    }
+    assert!(
+        !pids.contains(&worker.child.id().to_string()),
+        "the children accept"
+    );
+    let (closed, _, stopping) = collect_closed(master.chan.as_fd(), 6);
+    assert_eq!((closed, stopping), (6, 0));
+
+    let mut held = master.connect_and_dispatch();
+    held.write_all(b"hold\n").unwrap();
+    let holder: i32 = worker.line("holding")[8..].trim().parse().unwrap();
+    // SAFETY: kill of a child of our worker, by pid.
+    unsafe { libc::kill(holder, libc::SIGKILL) };
+    assert_eq!(worker.line("reaped"), format!("reaped {holder}"));
+    let mut rest = Vec::new();
+    let _ = held.read_to_end(&mut rest);
+    let (closed, _, _) = collect_closed(master.chan.as_fd(), 1);
+    assert_eq!(closed, 1, "the dead child's connection is reported closed");
+    drop(worker);
+}

@@ -22,6 +22,9 @@ use log::{debug, error, info, warn};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 
+use crate::master::accounting::{self, Conduct};
+use crate::master::ratelimit::{LogLimiter, Verdict};
+use crate::master::stall::{self, QueueWatch};
 use crate::policy::{Policy, WorkerStat};
 use crate::sys::scm::{self, SendBatch};
 use crate::sys::{self, Pid};
@@ -116,10 +119,15 @@ pub enum Event {
     /// The worker said STOPPING (it stays open until the supervisor sends [`Command::Drain`],
     /// which also takes back what was queued meanwhile).
     Stopping(WorkerId),
-    /// The worker's channel has been full for the stall timeout.
+    /// The worker took nothing from a non-empty channel for the stall timeout (its channel
+    /// stayed full, or its queue never went down); it gets no more connections and what was
+    /// queued for it has been reclaimed.
     Stalled(WorkerId),
     /// The worker was handed its `max_conns` connections.
     MaxConns(WorkerId),
+    /// The worker broke the channel protocol [`accounting::VIOLATION_LIMIT`] times (CLOSED
+    /// beyond what it was dispatched, malformed messages): replace it.
+    Misbehaving(WorkerId),
     /// Reclaimed connections from a drained or dead worker (count), for logs and tests.
     Reclaimed(WorkerId, usize),
     /// Answer to [`Command::ReadChannels`]: every message the worker sent before it was asked
@@ -282,6 +290,10 @@ struct Channel {
     batch: SendBatch<HEADER_LEN>,
     writable: bool,
     full_since: Option<Instant>,
+    /// The worker sent READY on this channel (it takes connections for this listener).
+    ready: bool,
+    /// Progress of what is queued unread (see [`stall`]).
+    watch: QueueWatch,
 }
 
 struct Entry {
@@ -296,6 +308,15 @@ struct Entry {
     stall_reported: bool,
     /// Connection fds per CONN message this worker takes (its READY's value, at least 1).
     max_fds: usize,
+    /// Its protocol violations.
+    conduct: Conduct,
+    /// Ready by other means than its channels (NOTIFY_SOCKET, delay, timeout): every channel
+    /// is open. Otherwise only the channels it sent READY on are.
+    ready_all: bool,
+    /// It said FULL (out of fds) and not READY since: closed for dispatch.
+    full: bool,
+    /// Rate limit of the FULL/resume lines.
+    full_log: LogLimiter,
 }
 
 struct Pending {
@@ -323,6 +344,8 @@ pub struct Acceptor {
     events: Sender<Event>,
     supervisor_waker: Arc<Waker>,
     stall_timeout: Duration,
+    /// When the channels' queues are sampled next (see [`stall`]).
+    next_stall_sample: Instant,
     cpu: Option<usize>,
     /// Set by [`Command::Shutdown`]: until when to wait for the channels to empty.
     shutting_down: Option<Instant>,
@@ -369,6 +392,7 @@ impl Acceptor {
             events,
             supervisor_waker,
             stall_timeout: config.stall_timeout,
+            next_stall_sample: Instant::now(),
             cpu: config.cpu,
             shutting_down: None,
             counters: Counters::default(),
@@ -493,6 +517,10 @@ impl Acceptor {
         if self.sweep_channels && !self.entries.is_empty() {
             next = Some(next.map_or(self.next_sweep, |n| n.min(self.next_sweep)));
         }
+        if self.entries.iter().any(|e| e.state == State::Ready) {
+            let at = self.next_stall_sample;
+            next = Some(next.map_or(at, |n| n.min(at)));
+        }
         for e in &self.entries {
             if e.stall_reported {
                 continue;
@@ -521,7 +549,16 @@ impl Acceptor {
                     channels,
                     max_conns,
                 } => self.add(id, slot, pid, channels, max_conns),
-                Command::Ready(id) => self.set_state(id, State::Ready),
+                Command::Ready(id) => {
+                    // A worker that speaks the channel protocol is ready per channel; one that
+                    // became ready otherwise takes connections on every listener.
+                    if let Some(i) = self.index_of(id)
+                        && !self.entries[i].channels.iter().any(|c| c.ready)
+                    {
+                        self.entries[i].ready_all = true;
+                    }
+                    self.set_state(id, State::Ready);
+                }
                 Command::Drain(id) => {
                     self.set_state(id, State::Draining);
                     self.reclaim(id);
@@ -603,6 +640,8 @@ impl Acceptor {
                 batch: SendBatch::with_capacity(SEND_BATCH),
                 writable: true,
                 full_since: None,
+                ready: false,
+                watch: QueueWatch::new(Instant::now()),
             });
         }
         self.entries.push(Entry {
@@ -616,6 +655,10 @@ impl Acceptor {
             max_conns,
             stall_reported: false,
             max_fds: 1,
+            conduct: Conduct::default(),
+            ready_all: false,
+            full: false,
+            full_log: LogLimiter::default(),
         });
         self.stats.push(WorkerStat::default());
         self.refresh_open();
@@ -654,15 +697,19 @@ impl Acceptor {
     fn refresh_open(&mut self) {
         let any_ready = self.entries.iter().any(|e| e.state == State::Ready);
         for (e, s) in self.entries.iter().zip(self.stats.iter_mut()) {
-            let eligible = match e.state {
-                State::Ready => true,
-                State::Starting => !any_ready,
-                State::Draining => false,
-            };
+            let eligible = !e.full
+                && match e.state {
+                    State::Ready => true,
+                    State::Starting => !any_ready,
+                    State::Draining => false,
+                };
             let mut open = 0u64;
             if eligible {
                 for (l, c) in e.channels.iter().enumerate() {
-                    if c.writable {
+                    // A ready worker gets connections for the listeners it said READY on (or
+                    // all, if it became ready by other means); a starting one for any.
+                    let listening = e.state == State::Starting || e.ready_all || c.ready;
+                    if c.writable && listening {
                         open |= 1 << l;
                     }
                 }
@@ -676,7 +723,9 @@ impl Acceptor {
             return;
         };
         let mut buf = [0u8; HEADER_LEN + 1];
-        let (mut ready, mut stopping) = (false, false);
+        let (mut ready, mut stopping, mut misbehaving) = (false, false, false);
+        // FULL (with the connections it lost) or READY, whichever came last.
+        let (mut full, mut resumed): (Option<u64>, bool) = (None, false);
         let entry = &mut self.entries[i];
         loop {
             let chan = &entry.channels[listener];
@@ -685,18 +734,65 @@ impl Acceptor {
                 // the entry exists; treat it like "nothing more".
                 Ok(got) if got.len == 0 && got.fd.is_none() => break,
                 Ok(got) => {
-                    if got.fd.is_some() {
-                        warn!("worker {}: sent an fd to the master; closed it", entry.slot);
-                    }
-                    match ToMaster::decode(&buf[..got.len]) {
-                        Ok(ToMaster::Closed { count }) => entry.closed += count,
+                    let violation = if got.fd.is_some() {
+                        Some("sent an fd to the master (closed it)".to_string())
+                    } else {
+                        None
+                    };
+                    let violation = violation.or(match ToMaster::decode(&buf[..got.len]) {
+                        Ok(ToMaster::Closed { count }) => {
+                            match accounting::add_closed(entry.dispatched, entry.closed, count) {
+                                Ok(closed) => {
+                                    entry.closed = closed;
+                                    None
+                                }
+                                Err(clamped) => {
+                                    let claimed = count;
+                                    let (d, c) = (entry.dispatched, entry.closed);
+                                    entry.closed = clamped;
+                                    Some(format!(
+                                        "CLOSED({claimed}) with {c} of {d} dispatched \
+                                         connections already closed; counted as {}",
+                                        clamped - c
+                                    ))
+                                }
+                            }
+                        }
                         Ok(ToMaster::Ready { max_fds }) => {
                             ready = true;
+                            full = None;
+                            resumed = true;
+                            entry.channels[listener].ready = true;
                             entry.max_fds = (max_fds as usize).clamp(1, MAX_FDS_PER_CONN);
+                            None
                         }
-                        Ok(ToMaster::Stopping) => stopping = true,
-                        Ok(ToMaster::Heartbeat) => {}
-                        Err(e) => warn!("worker {}: bad message on its channel: {e}", entry.slot),
+                        Ok(ToMaster::Stopping) => {
+                            stopping = true;
+                            None
+                        }
+                        Ok(ToMaster::Heartbeat) => None,
+                        Ok(ToMaster::Full { lost }) => {
+                            full = Some(lost);
+                            resumed = false;
+                            None
+                        }
+                        Err(e) => Some(format!("bad message on its channel: {e}")),
+                    });
+                    if let Some(what) = violation {
+                        let r = entry.conduct.violation(Instant::now());
+                        if let Some(suppressed) = r.log {
+                            warn!(
+                                "worker {} (pid {}): protocol violation: {what}{}",
+                                entry.slot,
+                                entry.pid,
+                                if suppressed > 0 {
+                                    format!(" ({suppressed} similar lines suppressed)")
+                                } else {
+                                    String::new()
+                                }
+                            );
+                        }
+                        misbehaving |= r.replace;
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -713,14 +809,50 @@ impl Acceptor {
         // answers with Ready (open) or Drain (close and reclaim). One shortcut: a worker still
         // held as Starting is opened at once, because from Starting the lifecycle always
         // answers READY with Ready; so by the time the master logs "ready", dispatch is on.
+        let e = &mut self.entries[i];
+        if let Some(lost) = full {
+            // Out of fds: nothing more goes to it until its READY, and what waits in its
+            // channel is served elsewhere.
+            e.full = true;
+            if let Verdict::Log { suppressed } = e.full_log.check(Instant::now()) {
+                warn!(
+                    "worker {} (pid {}) is out of file descriptors ({lost} connections lost \
+                     on receipt): no dispatch to it until it takes again{}",
+                    e.slot,
+                    e.pid,
+                    if suppressed > 0 {
+                        format!(" ({suppressed} similar lines suppressed)")
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+            self.refresh_open();
+            self.reclaim(id);
+        } else if resumed && e.full {
+            e.full = false;
+            if let Verdict::Log { .. } = e.full_log.check(Instant::now()) {
+                info!("worker {} (pid {}) takes connections again", e.slot, e.pid);
+            }
+        }
         if ready {
             if self.entries[i].state == State::Starting {
                 self.set_state(id, State::Ready);
+            } else {
+                // READY on one more channel, or again after FULL: open what it opened.
+                self.refresh_open();
             }
             self.emit(Event::Ready(id));
         }
         if stopping {
             self.emit(Event::Stopping(id));
+        }
+        if misbehaving {
+            warn!(
+                "worker with id {id}: {} protocol violations; replacing it",
+                accounting::VIOLATION_LIMIT
+            );
+            self.emit(Event::Misbehaving(id));
         }
     }
 
@@ -971,24 +1103,49 @@ impl Acceptor {
 
     fn check_stalls(&mut self) {
         let now = Instant::now();
+        let sample = now >= self.next_stall_sample;
+        if sample {
+            self.next_stall_sample = now + stall::sample_period(self.stall_timeout);
+        }
         let mut stalled = Vec::new();
         for e in &mut self.entries {
-            if e.stall_reported || e.state == State::Draining {
+            if e.stall_reported || e.state != State::Ready || e.full {
+                // Only time spent ready counts: start afresh when it becomes ready again.
+                if sample {
+                    for c in &mut e.channels {
+                        c.watch.reset(now);
+                    }
+                }
                 continue;
             }
-            if e.channels
+            let full = e
+                .channels
                 .iter()
-                .any(|c| c.full_since.is_some_and(|t| now >= t + self.stall_timeout))
-            {
+                .any(|c| c.full_since.is_some_and(|t| now >= t + self.stall_timeout));
+            // Queued bytes the worker has not read: a queue that does not go down for the
+            // stall timeout belongs to a worker that stopped taking connections.
+            let mut idle = false;
+            if sample {
+                for c in &mut e.channels {
+                    let queued = sys::siocoutq(c.ends.master.as_fd()).unwrap_or(0) as u64;
+                    idle |= c.watch.sample(queued, now, self.stall_timeout);
+                }
+            }
+            if full || idle {
                 e.stall_reported = true;
                 warn!(
-                    "worker {} (pid {}): channel full for {:?}; it stopped accepting",
+                    "worker {} (pid {}): took no connection from its channel for {:?}; it \
+                     stopped accepting",
                     e.slot, e.pid, self.stall_timeout
                 );
                 stalled.push(e.id);
             }
         }
         for id in stalled {
+            // Nothing more goes to it, and what waits for it is served by the others now,
+            // while its replacement starts.
+            self.set_state(id, State::Draining);
+            self.reclaim(id);
             self.emit(Event::Stalled(id));
         }
     }

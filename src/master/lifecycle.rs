@@ -64,6 +64,8 @@ pub struct Settings {
     pub drain_channels_on_stop: bool,
     /// The drain signal's name, for logs.
     pub drain_signal: &'static str,
+    /// The stop signal's name (`--stop-signal`), for logs.
+    pub stop_signal: &'static str,
 }
 
 /// Where a worker process is in its life.
@@ -191,7 +193,8 @@ struct ReloadRun {
 pub enum Sig {
     /// `--drain-signal`: finish what you have, take nothing new, exit.
     Drain,
-    /// The stop signal (SIGTERM), sent to every worker when the master stops.
+    /// The stop signal (`--stop-signal`, SIGTERM by default), sent to every worker when the
+    /// master stops.
     Stop,
     /// SIGKILL.
     Kill,
@@ -250,6 +253,11 @@ pub enum Input {
         /// The worker.
         id: WorkerId,
     },
+    /// The worker broke the channel protocol repeatedly (accounting's violation limit).
+    Misbehaving {
+        /// The worker.
+        id: WorkerId,
+    },
     /// A resident-memory sample.
     Rss {
         /// The worker.
@@ -263,7 +271,7 @@ pub enum Input {
     ScaleUp,
     /// SIGTTOU: one slot fewer.
     ScaleDown,
-    /// SIGTERM/SIGINT: stop (a second one kills at once).
+    /// SIGTERM/SIGINT/SIGQUIT: stop (a second one kills at once).
     Stop {
         /// The signal's name, for the log.
         signal: &'static str,
@@ -439,6 +447,9 @@ impl Lifecycle {
                 self.replace(now, id, Reason::Recycle, "it reached --max-conns")
             }
             Input::Recycle { id } => self.replace(now, id, Reason::Recycle, "ctl recycle"),
+            Input::Misbehaving { id } => {
+                self.replace(now, id, Reason::Recycle, "it broke the channel protocol")
+            }
             Input::Rss { id, bytes } => {
                 let over = self.settings.max_rss.is_some_and(|max| bytes > max);
                 if over
@@ -947,6 +958,7 @@ impl Lifecycle {
             return;
         }
         let grace = self.settings.grace;
+        let stop_signal = self.settings.stop_signal;
         self.reload = None;
         self.replacements.clear();
         for w in &mut self.workers {
@@ -961,7 +973,7 @@ impl Lifecycle {
             let drain_for = grace / 2;
             info!(
                 "{signal}: stopping; no new connections; workers get up to {drain_for:?} to take \
-                 what is queued for them, then SIGTERM, and SIGKILL after {grace:?}"
+                 what is queued for them, then {stop_signal}, and SIGKILL after {grace:?}"
             );
             self.out.push(Action::StopAccepting { drain_for });
             self.phase = Phase::Stopping {
@@ -969,7 +981,7 @@ impl Lifecycle {
                 kill_at,
             };
         } else {
-            info!("{signal}: stopping; workers get SIGTERM and {grace:?} to exit");
+            info!("{signal}: stopping; workers get {stop_signal} and {grace:?} to exit");
             self.phase = Phase::Stopping {
                 signal_at: Some(now),
                 kill_at,
@@ -1157,6 +1169,7 @@ mod tests {
             max_rss: None,
             drain_channels_on_stop: true,
             drain_signal: "SIGTERM",
+            stop_signal: "SIGTERM",
         }
     }
 

@@ -4,7 +4,7 @@
 //! for its whole life so a worker's death never closes one and never resets its queue.
 
 use std::io;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
@@ -16,11 +16,22 @@ pub fn somaxconn() -> i32 {
         .unwrap_or(4096)
 }
 
-/// Parses a `--listen` value: `HOST:PORT`, `[V6]:PORT`, or a bare `PORT` (meaning 127.0.0.1).
-/// Host names are resolved once, first address wins.
+/// Parses a `--listen` value: `HOST:PORT`, `[V6]:PORT`, a bare `PORT` (meaning 127.0.0.1), or
+/// `:PORT` (every address: `[::]:PORT`, dual-stack, or `0.0.0.0:PORT` on a host without
+/// IPv6). Host names are resolved once, first address wins.
 pub fn parse_listen_addr(text: &str) -> Result<SocketAddr, String> {
     if let Ok(port) = text.parse::<u16>() {
         return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    if let Some(port) = text.strip_prefix(':') {
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("invalid listen address '{text}': expected :PORT"))?;
+        return Ok(if host_has_ipv6() {
+            SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))
+        } else {
+            SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))
+        });
     }
     if let Ok(addr) = text.parse::<SocketAddr>() {
         return Ok(addr);
@@ -38,9 +49,20 @@ pub fn parse_listen_addr(text: &str) -> Result<SocketAddr, String> {
     }
 }
 
+/// Whether this host can open IPv6 sockets (a container may have IPv6 disabled).
+fn host_has_ipv6() -> bool {
+    Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP)).is_ok()
+}
+
+/// Whether `addr` is bound dual-stack: the IPv6 wildcard `[::]` also takes IPv4 connections,
+/// as node's `listen(port)` does; every other IPv6 address is v6-only.
+pub fn is_dual_stack(addr: SocketAddr) -> bool {
+    addr.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+}
+
 /// Binds one listening TCP socket. `reuseport` sets `SO_REUSEPORT` so several sockets can share
 /// the port (reuseport mode); `SO_REUSEADDR` is always set so a restart does not wait for
-/// TIME_WAIT. IPv6 sockets are v6-only so `[::]:P` and `0.0.0.0:P` can both be listed.
+/// TIME_WAIT. `[::]` is dual-stack ([`is_dual_stack`]); other IPv6 addresses are v6-only.
 pub fn bind_listener(addr: SocketAddr, reuseport: bool) -> io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
@@ -48,7 +70,7 @@ pub fn bind_listener(addr: SocketAddr, reuseport: bool) -> io::Result<Socket> {
         socket.set_reuse_port(true)?;
     }
     if addr.is_ipv6() {
-        socket.set_only_v6(true)?;
+        socket.set_only_v6(!is_dual_stack(addr))?;
     }
     socket.bind(&SockAddr::from(addr))?;
     socket.listen(somaxconn())?;
@@ -83,6 +105,9 @@ mod tests {
                 .ip()
                 .is_loopback()
         );
+        let any = parse_listen_addr(":8080").unwrap();
+        assert!(any.ip().is_unspecified() && any.port() == 8080, "{any}");
+        assert!(parse_listen_addr(":x").is_err());
         let err = parse_listen_addr("nonsense").unwrap_err();
         assert!(err.contains("nonsense"), "{err}");
         assert!(parse_listen_addr("1.2.3.4:99999").is_err());
@@ -98,5 +123,24 @@ mod tests {
         // Without SO_REUSEPORT the port is taken.
         let err = bind_listener(addr, false).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+    }
+
+    #[test]
+    fn ipv6_wildcard_is_dual_stack() {
+        if !host_has_ipv6() {
+            eprintln!("note: no IPv6 on this host; skipped");
+            return;
+        }
+        let socket = bind_listener("[::]:0".parse().unwrap(), false).unwrap();
+        let port = local_addr(&socket).unwrap().port();
+        // An IPv4 client reaches the [::] listener.
+        let client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let (conn, peer) = socket.accept().unwrap();
+        drop((client, conn));
+        let peer = peer.as_socket().unwrap();
+        assert!(
+            matches!(peer.ip(), IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some()),
+            "{peer}"
+        );
     }
 }

@@ -1,15 +1,32 @@
 //! The master process's parts: the [`acceptor`] thread (dispatch mode's hot path), the
 //! [`supervisor`] on the main thread (the I/O driver of worker processes and signals), the pure
 //! [`lifecycle`] state machine that takes every decision about workers, the [`listener`]
-//! sockets, and the preload [`shim`]'s location; the [`control`] socket and the [`metrics`]
-//! endpoint, each on threads of its own, read the cluster's [`status`] through the supervisor.
+//! sockets (bound, or inherited by socket [`activation`]), the preload [`shim`] unmodified
+//! servers get, [`diagnose`], which explains a server that cannot work in its mode, and the
+//! sd_notify messages to the master's own service manager ([`service_notify`]). The pieces the
+//! acceptor and the supervisor call into: [`notify`] (the workers' authenticated
+//! `NOTIFY_SOCKET`s), [`stall`] (workers that stop taking connections), [`accounting`]
+//! (per-worker counts a worker cannot lie to), [`tree`] (a worker's process group) and
+//! [`ratelimit`] (bounded logging of what others can trigger).
+//!
+//! Seeing and steering it: the [`control`] socket and the [`metrics`] endpoint, each on threads
+//! of its own, read the cluster's [`status`] through the supervisor; [`logs`] writes the
+//! master's lines and its workers' captured output to stderr.
 
 pub mod acceptor;
+pub mod accounting;
+pub mod activation;
 pub mod control;
+pub mod diagnose;
 pub mod lifecycle;
 pub mod listener;
 pub mod logs;
 pub mod metrics;
+pub mod notify;
+pub mod ratelimit;
+pub mod service_notify;
 pub mod shim;
+pub mod stall;
 pub mod status;
 pub mod supervisor;
+pub mod tree;

@@ -15,9 +15,7 @@ use std::ffi::OsStr;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::os::linux::net::SocketAddrExt;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::net::{SocketAddr as UnixAddr, UnixDatagram};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -29,17 +27,23 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use rcluster_proto::Mode;
 use rcluster_proto::env::ChildEnv;
-use signal_hook::consts::signal::{SIGHUP, SIGINT, SIGTERM, SIGTTIN, SIGTTOU, SIGUSR1, SIGUSR2};
+use signal_hook::consts::signal::{
+    SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGTTIN, SIGTTOU, SIGUSR1, SIGUSR2,
+};
 use signal_hook_mio::v1_0::Signals;
 use socket2::Socket;
 
 use crate::cli::{Config, Pin};
 use crate::master::acceptor::{self, AcceptorHandle, ChannelEnds, Command, Event};
+use crate::master::activation::{Activated, ListenerSource};
+use crate::master::diagnose;
 use crate::master::lifecycle::{
     Action, Input, Lifecycle, Phase, Settings, Sig, WorkerId, WorkerState,
 };
-use crate::master::listener;
-use crate::master::shim::find_shim;
+use crate::master::notify::{Notice, NotifySocket, RuntimeDir};
+use crate::master::service_notify::ServiceNotifier;
+use crate::master::stall::{self, QueueWatch};
+use crate::master::{listener, tree};
 use crate::sys::spawn::{SpawnSpec, spawn};
 use crate::sys::{self, CpuSet, ExitStatus, Pid};
 
@@ -63,7 +67,7 @@ struct Proc {
     slot: usize,
     pid: Pid,
     pidfd: OwnedFd,
-    notify: Option<UnixDatagram>,
+    notify: Option<NotifySocket>,
 }
 
 /// What a slot needs besides its worker.
@@ -71,12 +75,14 @@ struct SlotIo {
     cpus: Option<CpuSet>,
     /// Reuseport mode: this slot's listening sockets, one per listener, kept across restarts.
     reuseport: Vec<Socket>,
+    /// Reuseport mode: progress of each of those sockets' accept queues (see [`stall`]).
+    watches: Vec<QueueWatch>,
 }
 
-/// Runs the cluster until shutdown. Returns an error (exit code 1) if it cannot start or if no
-/// worker can run at all.
-pub fn run(config: Config) -> anyhow::Result<()> {
-    let mut sup = Supervisor::new(config)?;
+/// Runs the cluster until shutdown, with the listeners socket activation passed (if any).
+/// Returns an error (exit code 1) if it cannot start or if no worker can run at all.
+pub fn run(config: Config, activated: Activated) -> anyhow::Result<()> {
+    let mut sup = Supervisor::new(config, activated)?;
     sup.open_hooks()?;
     sup.start()?;
     sup.run_loop()
@@ -101,7 +107,15 @@ struct Supervisor {
     lifecycle: Lifecycle,
     base_env: Vec<Vec<u8>>,
     preload: Option<PathBuf>,
+    /// The private directory of the workers' NOTIFY_SOCKETs (none if it cannot be created:
+    /// workers then signal readiness on their channel or by --ready-delay).
+    runtime: Option<RuntimeDir>,
     next_rss_sample: Option<Instant>,
+    /// Reuseport mode: when the slots' accept queues are sampled next.
+    next_queue_sample: Option<Instant>,
+    /// Workers whose notify socket had more datagrams than one read takes: read again after
+    /// the next poll, which then does not wait.
+    notify_backlog: Vec<WorkerId>,
     /// While starting, a worker that cannot be spawned is a startup error, kept here.
     startup_error: Option<anyhow::Error>,
     starting: bool,
@@ -111,15 +125,27 @@ struct Supervisor {
     exits_waiting: Vec<(WorkerId, ExitStatus)>,
     /// Control socket, metrics endpoint, pid file and the requests they bring.
     hooks: ask::Hooks,
+    /// Whether a worker exiting before it was ready has been explained (diagnose.rs; once).
+    early_exit_explained: bool,
+    /// The master's own service manager (NOTIFY_SOCKET), if any.
+    service: ServiceNotifier,
+    /// `--shutdown-delay`: when the deferred stop begins, and the signal that asked for it.
+    delayed_stop: Option<(Instant, &'static str)>,
 }
 
 impl Supervisor {
-    fn new(config: Config) -> anyhow::Result<Self> {
+    fn new(config: Config, activated: Activated) -> anyhow::Result<Self> {
         let mode = config.policy.mode();
         let poll = Poll::new().context("failed to create the supervisor's poll")?;
-        let mut signals =
-            Signals::new([SIGTERM, SIGINT, SIGHUP, SIGTTIN, SIGTTOU, SIGUSR1, SIGUSR2])
-                .context("failed to install signal handlers")?;
+        let mut signals = Signals::new([
+            SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGTTIN, SIGTTOU, SIGUSR1, SIGUSR2, SIGCHLD,
+        ])
+        .context("failed to install signal handlers")?;
+        // Orphaned descendants of the workers come to the master, which reaps them (as PID 1
+        // in a container it gets every orphan anyway).
+        if let Err(e) = sys::set_child_subreaper() {
+            warn!("cannot become a child subreaper: {e}");
+        }
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
@@ -128,9 +154,14 @@ impl Supervisor {
         // Bind every listener now, so a port in use fails before any worker starts.
         let mut sockets = Vec::new();
         let mut addrs = Vec::new();
-        for &addr in &config.listen {
-            let socket = listener::bind_listener(addr, mode == Mode::Reuseport)
-                .with_context(|| format!("failed to bind {addr}"))?;
+        for source in activated.assign(&config.listen, config.listen_explicit) {
+            let socket = match source {
+                ListenerSource::Inherited(socket) => socket,
+                ListenerSource::Bind(addr) => {
+                    listener::bind_listener(addr, mode == Mode::Reuseport)
+                        .with_context(|| format!("failed to bind {addr}"))?
+                }
+            };
             let bound = listener::local_addr(&socket)?;
             info!("listening on {bound}");
             addrs.push(bound);
@@ -141,6 +172,7 @@ impl Supervisor {
             .map(|i| SlotIo {
                 cpus: slot_cpus(&config.pin, i),
                 reuseport: Vec::new(),
+                watches: Vec::new(),
             })
             .collect();
         if mode == Mode::Reuseport {
@@ -152,11 +184,7 @@ impl Supervisor {
             }
         }
 
-        let preload = if config.preload && !config.command.builtin {
-            find_shim()
-        } else {
-            None
-        };
+        let preload = config.preload.clone();
         let lifecycle = Lifecycle::new(Settings {
             workers: config.workers,
             grace: config.grace,
@@ -166,6 +194,7 @@ impl Supervisor {
             max_rss: config.max_rss,
             drain_channels_on_stop: mode == Mode::Dispatch,
             drain_signal: sys::signal_name(config.drain_signal),
+            stop_signal: sys::signal_name(config.stop_signal),
         });
         Ok(Supervisor {
             base_env: base_environment(),
@@ -188,6 +217,14 @@ impl Supervisor {
             exit: None,
             exits_waiting: Vec::new(),
             hooks: ask::Hooks::default(),
+            early_exit_explained: false,
+            runtime: RuntimeDir::create()
+                .map_err(|e| warn!("no NOTIFY_SOCKET for workers: {e}"))
+                .ok(),
+            next_queue_sample: (mode == Mode::Reuseport).then(Instant::now),
+            notify_backlog: Vec::new(),
+            service: ServiceNotifier::from_env(),
+            delayed_stop: None,
             config,
         })
     }
@@ -251,6 +288,8 @@ impl Supervisor {
                 todo.extend(self.lifecycle.handle(Instant::now(), more));
             }
         }
+        self.service
+            .observe(&self.lifecycle, &self.config.policy.to_string());
     }
 
     /// Carries out one action; returns the input it produces, if any.
@@ -267,8 +306,16 @@ impl Supervisor {
                 match self.spawn_worker(id, slot, generation) {
                     Ok(pid) => return Some(Input::Spawned { id, pid }),
                     Err(e) if self.starting => {
-                        self.startup_error =
-                            Some(e.context(format!("failed to start worker {slot}")));
+                        // A program the kernel refuses to execute (no valid format, no
+                        // permission) is a usage error: no retry fixes it.
+                        self.startup_error = Some(match exec_failure(&e) {
+                            Some(exec) => crate::cli::UsageError(format!(
+                                "cannot run {}: {exec}",
+                                self.config.command.display()
+                            ))
+                            .into(),
+                            None => e.context(format!("failed to start worker {slot}")),
+                        });
                     }
                     Err(e) => {
                         return Some(Input::SpawnFailed {
@@ -283,11 +330,11 @@ impl Supervisor {
             Action::Signal(id, sig) => {
                 let signal = match sig {
                     Sig::Drain => self.config.drain_signal,
-                    Sig::Stop => libc::SIGTERM,
+                    Sig::Stop => self.config.stop_signal,
                     Sig::Kill => libc::SIGKILL,
                 };
                 if let Some(p) = self.procs.iter().find(|p| p.id == id) {
-                    let _ = sys::kill(p.pid, signal);
+                    tree::signal(p.pid, signal);
                 }
             }
             Action::Forget(id) => self.forget(id),
@@ -344,23 +391,27 @@ impl Supervisor {
             Mode::Shared => self.sockets.iter().map(|s| s.as_fd()).collect(),
         };
 
-        let notify_name = format!("rcluster-lb/{}/{}", sys::getpid(), id);
-        let notify =
-            UnixDatagram::bind_addr(&UnixAddr::from_abstract_name(notify_name.as_bytes())?)
-                .and_then(|s| s.set_nonblocking(true).map(|()| s))
+        let notify = self.runtime.as_ref().and_then(|dir| {
+            NotifySocket::bind(dir, id)
                 .map_err(|e| warn!("worker {slot}: no NOTIFY_SOCKET: {e}"))
-                .ok();
+                .ok()
+        });
 
         let mut env = self.base_env.clone();
-        let notify_value = format!("@{notify_name}");
+        let notify_value = notify
+            .as_ref()
+            .and_then(|n| n.path().to_str().map(str::to_owned));
         let contract = ChildEnv {
             slot,
             generation,
             mode: self.mode,
             listen: &self.addrs,
-            notify_socket: notify.as_ref().map(|_| notify_value.as_str()),
+            notify_socket: notify_value.as_deref(),
         };
         env.extend(contract.entries().into_iter().map(String::into_bytes));
+        // PM2 apps read their instance number here.
+        env.retain(|e| !e.starts_with(b"NODE_APP_INSTANCE="));
+        env.push(format!("NODE_APP_INSTANCE={slot}").into_bytes());
         if let Some(shim) = &self.preload {
             let mut v = b"LD_PRELOAD=".to_vec();
             v.extend_from_slice(shim.as_os_str().as_bytes());
@@ -384,6 +435,7 @@ impl Supervisor {
             die_with_parent: true,
             stdout: pipes.as_ref().map(|p| p.stdout.1.as_fd()),
             stderr: pipes.as_ref().map(|p| p.stderr.1.as_fd()),
+            credentials: self.config.credentials.as_ref(),
         })
         .with_context(|| format!("failed to run {}", program.display()))?;
         drop(fds);
@@ -399,7 +451,7 @@ impl Supervisor {
             .register(&mut SourceFd(&raw), pidfd_token(id), Interest::READABLE)
             .and_then(|()| match &notify {
                 Some(n) => self.poll.registry().register(
-                    &mut SourceFd(&n.as_raw_fd()),
+                    &mut SourceFd(&n.raw_fd()),
                     notify_token(id),
                     Interest::READABLE,
                 ),
@@ -457,7 +509,7 @@ impl Supervisor {
         let raw = p.pidfd.as_raw_fd();
         let _ = self.poll.registry().deregister(&mut SourceFd(&raw));
         if let Some(n) = &p.notify {
-            let raw = n.as_raw_fd();
+            let raw = n.raw_fd();
             let _ = self.poll.registry().deregister(&mut SourceFd(&raw));
         }
         self.send(Command::Remove(id));
@@ -475,11 +527,21 @@ impl Supervisor {
                     Err(why) => bail!("{why}"),
                 };
             }
-            let next = [self.lifecycle.next_deadline(), self.next_rss_sample]
-                .into_iter()
-                .flatten()
-                .min();
-            let timeout = next.map(|t| t.saturating_duration_since(Instant::now()));
+            let next = [
+                self.lifecycle.next_deadline(),
+                self.next_rss_sample,
+                self.next_queue_sample,
+                self.service.next_deadline(),
+                self.delayed_stop.map(|(t, _)| t),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            let timeout = if self.notify_backlog.is_empty() {
+                next.map(|t| t.saturating_duration_since(Instant::now()))
+            } else {
+                Some(std::time::Duration::ZERO)
+            };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -499,6 +561,9 @@ impl Supervisor {
                     Token(t) => self.read_notify(((t - 3) / 2) as WorkerId),
                 }
             }
+            for id in std::mem::take(&mut self.notify_backlog) {
+                self.read_notify(id);
+            }
             while let Ok(ev) = self.events.try_recv() {
                 self.on_event(ev);
             }
@@ -508,6 +573,13 @@ impl Supervisor {
                     self.feed(Input::Exited { id, status });
                 }
             }
+            self.service.on_timer(Instant::now());
+            if let Some((at, signal)) = self.delayed_stop
+                && Instant::now() >= at
+            {
+                self.delayed_stop = None;
+                self.feed(Input::Stop { signal });
+            }
             self.feed(Input::Tick);
             self.on_asks();
             if let Some(t) = self.next_rss_sample
@@ -516,20 +588,128 @@ impl Supervisor {
                 self.sample_rss();
                 self.next_rss_sample = Some(Instant::now() + self.config.rss_interval);
             }
+            if let Some(t) = self.next_queue_sample
+                && Instant::now() >= t
+            {
+                self.sample_accept_queues();
+                self.next_queue_sample =
+                    Some(Instant::now() + stall::sample_period(self.config.stall_timeout));
+            }
+        }
+    }
+
+    /// Reuseport mode: a slot whose own listeners' accept queues do not go down for the stall
+    /// timeout has a worker that stopped accepting; it is replaced, and the replacement, which
+    /// inherits the same sockets, takes the queue over.
+    fn sample_accept_queues(&mut self) {
+        let now = Instant::now();
+        let timeout = self.config.stall_timeout;
+        let mut stalled = Vec::new();
+        for (slot, io) in self.slots.iter_mut().enumerate() {
+            io.watches.resize(io.reuseport.len(), QueueWatch::new(now));
+            let ready = self
+                .lifecycle
+                .workers()
+                .iter()
+                .filter(|w| w.slot == slot && w.state == WorkerState::Ready)
+                .map(|w| (w.id, w.pid.unwrap_or(0)))
+                .collect::<Vec<_>>();
+            if ready.is_empty() {
+                // Only time with a ready worker counts (a slow start is not a stall).
+                for w in &mut io.watches {
+                    w.reset(now);
+                }
+                continue;
+            }
+            let mut idle = false;
+            for (sock, watch) in io.reuseport.iter().zip(io.watches.iter_mut()) {
+                let queued = sys::listen_queue_len(sock.as_fd()).unwrap_or(0);
+                idle |= watch.sample(u64::from(queued), now, timeout);
+            }
+            if !idle {
+                continue;
+            }
+            for (id, pid) in ready {
+                warn!(
+                    "worker {slot} (pid {pid}): its accept queue did not go down for \
+                     {timeout:?}; it stopped accepting"
+                );
+                stalled.push(id);
+            }
+            for w in &mut io.watches {
+                w.reset(now);
+            }
+        }
+        for id in stalled {
+            self.feed(Input::Stalled { id });
         }
     }
 
     fn on_signal(&mut self, sig: i32) {
         match sig {
-            SIGTERM | SIGINT => self.feed(Input::Stop {
-                signal: sys::signal_name(sig),
-            }),
+            SIGTERM | SIGINT | SIGQUIT => {
+                let signal = sys::signal_name(sig);
+                if !self.delay_stop(signal) {
+                    self.delayed_stop = None;
+                    self.feed(Input::Stop { signal });
+                }
+            }
+            SIGCHLD => self.reap_exited(),
             SIGHUP => self.feed(Input::Reload),
             SIGTTIN => self.scale_up(),
             SIGTTOU => self.feed(Input::ScaleDown),
             SIGUSR1 => self.log_status(),
             SIGUSR2 => self.log_dump(),
             _ => {}
+        }
+    }
+
+    /// `--shutdown-delay`: the first stop signal only schedules the stop (everything keeps
+    /// serving meanwhile); a second one during the delay starts it at once. Returns whether
+    /// the stop was deferred.
+    fn delay_stop(&mut self, signal: &'static str) -> bool {
+        let delay = self.config.shutdown_delay;
+        let running = self.lifecycle.phase() == crate::master::lifecycle::Phase::Running;
+        if delay.is_zero() || self.delayed_stop.is_some() || !running {
+            return false;
+        }
+        info!("{signal}: still serving for --shutdown-delay {delay:?}, then stopping");
+        self.service.stopping(&format!("stopping in {delay:?}"));
+        self.delayed_stop = Some((Instant::now() + delay, signal));
+        true
+    }
+
+    /// Reaps every exited child: a worker through [`Self::reap`] (so its exit is handled like
+    /// one its pidfd reported), anything else — an orphan re-parented to the master as PID 1
+    /// or subreaper — directly, so no zombie is left.
+    fn reap_exited(&mut self) {
+        // Bounded: each pass reaps the child it peeked.
+        for _ in 0..4096 {
+            let pid = match sys::waitid_peek_exited() {
+                Ok(Some(pid)) => pid,
+                Ok(None) => return,
+                Err(e) => {
+                    warn!("waitid failed: {e}");
+                    return;
+                }
+            };
+            if let Some(id) = self.procs.iter().find(|p| p.pid == pid).map(|p| p.id) {
+                self.reap(id);
+                if self.procs.iter().any(|p| p.pid == pid) {
+                    // Not collected by reap() (its waitpid failed): take it here so the loop
+                    // moves on.
+                    let _ = sys::waitpid_nohang(pid);
+                }
+                continue;
+            }
+            match sys::waitpid_nohang(pid) {
+                Ok(Some(status)) => log::debug!("reaped orphan {pid}: {status}"),
+                Ok(None) => return,
+                Err(e) => {
+                    warn!("waitpid({pid}) failed: {e}");
+                    return;
+                }
+            }
         }
     }
 
@@ -553,11 +733,14 @@ impl Supervisor {
         self.slots.push(SlotIo {
             cpus: slot_cpus(&self.config.pin, slot),
             reuseport,
+            watches: Vec::new(),
         });
         self.feed(Input::ScaleUp);
     }
 
-    fn log_status(&self) {
+    fn log_status(&mut self) {
+        // The acceptor's status lines show RSS: sample it now, whatever the policy.
+        self.sample_rss();
         let now = Instant::now();
         for w in self.lifecycle.workers() {
             let state = match w.state {
@@ -586,6 +769,7 @@ impl Supervisor {
             Event::Stopping(id) => Input::Stopping { id },
             Event::Stalled(id) => Input::Stalled { id },
             Event::MaxConns(id) => Input::MaxConns { id },
+            Event::Misbehaving(id) => Input::Misbehaving { id },
             Event::Reclaimed(..) => return,
             Event::ChannelsRead(id) => match self.exits_waiting.iter().position(|e| e.0 == id) {
                 Some(i) => {
@@ -606,6 +790,8 @@ impl Supervisor {
         if self.exits_waiting.iter().any(|e| e.0 == id) {
             return;
         }
+        // Whatever the worker left running in its process group goes with it.
+        tree::kill_leftovers(p.pid);
         let status = match sys::waitpid_nohang(p.pid) {
             Ok(Some(status)) => status,
             Ok(None) => return,
@@ -614,6 +800,15 @@ impl Supervisor {
                 ExitStatus::Exited(-1)
             }
         };
+        let slot = p.slot;
+        let never_ready = self.lifecycle.phase() == Phase::Running
+            && self
+                .lifecycle
+                .worker(id)
+                .is_some_and(|w| w.state == WorkerState::Starting);
+        if never_ready {
+            self.explain_early_exit(slot);
+        }
         // Dispatch mode: a worker may have said STOPPING on its channel just before exiting.
         // The acceptor reads the channel first, so the lifecycle learns of STOPPING before the
         // exit (events arrive in order) and a planned exit is not taken for a crash.
@@ -625,27 +820,40 @@ impl Supervisor {
         self.feed(Input::Exited { id, status });
     }
 
+    /// A worker that exits before it was ready most often cannot work in this mode (the shim
+    /// did not reach the server, which then bound the port itself): say so in one line, once.
+    fn explain_early_exit(&mut self, slot: usize) {
+        if self.config.command.builtin || std::mem::replace(&mut self.early_exit_explained, true) {
+            return;
+        }
+        let binary = self
+            .config
+            .command
+            .resolve()
+            .map_or(diagnose::Binary::Unknown, |p| diagnose::inspect(&p));
+        let program = self.config.command.program.to_string_lossy();
+        warn!(
+            "worker {slot} exited before it was ready: {}",
+            diagnose::early_exit_hint(self.mode, self.preload.is_some(), binary, &program)
+        );
+    }
+
     fn read_notify(&mut self, id: WorkerId) {
-        let Some(p) = self.procs.iter().find(|p| p.id == id) else {
+        let Some(p) = self.procs.iter_mut().find(|p| p.id == id) else {
             return;
         };
-        let mut lines = Vec::new();
-        if let Some(sock) = &p.notify {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = sock.recv(&mut buf) {
-                lines.push(String::from_utf8_lossy(&buf[..n]).into_owned());
-            }
-        }
         let (slot, pid) = (p.slot, p.pid);
-        for msg in lines {
-            for line in msg.lines() {
-                if line == "READY=1" {
-                    self.feed(Input::Ready { id, how: "READY=1" });
-                } else if line == "STOPPING=1" {
-                    self.feed(Input::Stopping { id });
-                } else if let Some(status) = line.strip_prefix("STATUS=") {
-                    info!("worker {slot} (pid {pid}) status: {status}");
-                }
+        let (notices, more) = match &mut p.notify {
+            Some(sock) => sock.read(pid, slot),
+            None => return,
+        };
+        if more && !self.notify_backlog.contains(&id) {
+            self.notify_backlog.push(id);
+        }
+        for notice in notices {
+            match notice {
+                Notice::Ready => self.feed(Input::Ready { id, how: "READY=1" }),
+                Notice::Stopping => self.feed(Input::Stopping { id }),
             }
         }
     }
@@ -697,6 +905,16 @@ fn base_environment() -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// The `execve` failure inside a spawn error, if that is what it is.
+fn exec_failure(e: &anyhow::Error) -> Option<crate::sys::spawn::SpawnError> {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<io::Error>())
+        .filter_map(|io| io.get_ref())
+        .filter_map(|inner| inner.downcast_ref::<crate::sys::spawn::SpawnError>())
+        .find(|s| s.is_exec())
+        .copied()
+}
+
 /// Deterministic per-worker jitter in 0..=max (no RNG dependency for one number).
 fn jitter(max: u64, id: WorkerId) -> u64 {
     if max == 0 {
@@ -706,20 +924,38 @@ fn jitter(max: u64, id: WorkerId) -> u64 {
     x ^= x >> 33;
     x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
     x ^= x >> 33;
-    x % (max + 1)
+    match max.checked_add(1) {
+        Some(modulus) => x % modulus,
+        // 0..=u64::MAX: every value is in range.
+        None => x,
+    }
 }
 
 impl Drop for Supervisor {
     fn drop(&mut self) {
         // On an error return, leave no worker behind.
         for p in &self.procs {
-            let _ = sys::kill(p.pid, libc::SIGKILL);
+            tree::signal(p.pid, libc::SIGKILL);
         }
         for p in &self.procs {
             let _ = sys::waitpid_blocking(p.pid);
         }
         if let Some(a) = self.acceptor.take() {
             a.shutdown();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_in_range_up_to_u64_max() {
+        for id in 0..64 {
+            assert!(jitter(3, id) <= 3);
+            assert_eq!(jitter(0, id), 0);
+            let _ = jitter(u64::MAX, id);
         }
     }
 }

@@ -6,7 +6,9 @@
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -56,14 +58,19 @@ impl TestCluster {
         }
         argv.extend_from_slice(args);
         let mut cmd = Command::new(BIN);
-        cmd.args(&argv)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .env("RCLUSTER_LOG", "info");
+        cmd.args(&argv).stdin(Stdio::null());
         for (k, v) in env {
             cmd.env(k, v);
         }
+        Self::spawn_command(cmd, listeners.max(1))
+    }
+
+    /// Starts a prepared master command (another copy of the binary, another working
+    /// directory, a socket as stdin) and waits for `listeners` listening lines.
+    pub fn spawn_command(mut cmd: Command, listeners: usize) -> TestCluster {
+        cmd.stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .env("RCLUSTER_LOG", "info");
         let mut child = cmd.spawn().expect("spawn rcluster-lb");
         let stderr = child.stderr.take().expect("piped stderr");
         let log = Arc::new(Log::default());
@@ -82,8 +89,7 @@ impl TestCluster {
             addrs: Vec::new(),
             seen_workers: Mutex::new(Vec::new()),
         };
-        let want = listeners.max(1);
-        let lines = cluster.wait_for_count("listening on ", want, DEADLINE);
+        let lines = cluster.wait_for_count("listening on ", listeners, DEADLINE);
         cluster.addrs = lines
             .iter()
             .map(|l| {
@@ -487,9 +493,12 @@ impl Tally {
         let failure = match result {
             Ok(r) if r.status == 200 => {
                 self.ok += 1;
-                *self.by_generation.entry(r.generation()).or_default() += 1;
-                *self.by_worker.entry(r.worker()).or_default() += 1;
-                *self.by_pid.entry(r.pid()).or_default() += 1;
+                // The demo worker's headers; other servers' answers are only counted.
+                if r.headers.contains_key("x-worker-id") {
+                    *self.by_generation.entry(r.generation()).or_default() += 1;
+                    *self.by_worker.entry(r.worker()).or_default() += 1;
+                    *self.by_pid.entry(r.pid()).or_default() += 1;
+                }
                 return;
             }
             Ok(r) => {
@@ -623,6 +632,12 @@ impl Load {
             );
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    /// Starts no more requests, waits for those under way and returns the tally.
+    pub fn stop(self) -> Tally {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.join()
     }
 
     /// Waits for every request and returns the tally.
@@ -934,4 +949,49 @@ pub fn ctl_status(socket: &std::path::Path) -> serde_json::Value {
     let out = ctl(socket, &["status", "--json"]);
     assert_eq!(out.code, 0, "ctl status failed: {out:?}");
     serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("bad JSON ({e}): {out:?}"))
+}
+
+/// Whether `program` runs; prints a note when it does not, so the caller can skip.
+pub fn available(program: &str) -> bool {
+    let ok = Command::new(program)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!("note: {program} not found; skipping this test");
+    }
+    ok
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "rcluster-servers-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    /// Writes `name` in the directory; returns its absolute path.
+    pub fn write(&self, name: &str, text: &str) -> String {
+        let path = self.0.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_string()
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

@@ -28,12 +28,13 @@ pub const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
 pub const RCLUSTER_PREFIX: &str = "RCLUSTER_";
 
 /// Whether the master sets variable `name` per worker (or it belongs to the master's own service
-/// manager), so the master's inherited value must not reach a worker: an inherited `PORT` left
+/// manager: `LISTEN_*`, `NOTIFY_SOCKET`, `WATCHDOG_*`), so the master's inherited value must not reach a worker: an inherited `PORT` left
 /// beside the worker's own would win in `getenv(3)`, which returns the first match.
 pub fn is_master_owned(name: &[u8]) -> bool {
     name == PORT.as_bytes()
         || name.starts_with(b"LISTEN_")
         || name == NOTIFY_SOCKET.as_bytes()
+        || name.starts_with(b"WATCHDOG_")
         || name.starts_with(RCLUSTER_PREFIX.as_bytes())
 }
 

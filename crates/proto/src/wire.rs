@@ -5,11 +5,12 @@
 //! offset size field
 //!      0    2 magic    b"RC"
 //!      2    1 version  1
-//!      3    1 kind     1 CONN, 2 READY, 3 CLOSED, 4 HEARTBEAT, 5 STOPPING
+//!      3    1 kind     1 CONN, 2 READY, 3 CLOSED, 4 HEARTBEAT, 5 STOPPING, 6 FULL
 //!      4    4 reserved 0 (a decoder rejects anything else)
 //!      8    8 value    CONN: sequence number of its first connection; READY: the most fds per
 //!                     CONN the worker takes (0 and 1 both mean one); CLOSED: connections
-//!                     finished; else 0
+//!                     finished; FULL: connections the kernel closed on receipt since the
+//!                     last FULL; else 0
 //! ```
 //!
 //! Each direction has its own type, so a message can only be built for the direction it
@@ -21,7 +22,10 @@
 //!   accept order.
 //! - [`ToMaster`] (worker → master): READY (when it accepts), CLOSED(n) after n connections it
 //!   was handed are closed, optional HEARTBEAT, STOPPING (it is draining and wants no more
-//!   connections).
+//!   connections), FULL (it is out of fds: no more connections until its next READY).
+//!
+//! FULL was added without a version change: a worker that never sends it is unaffected, and a
+//! master that predates it rejects it as an unknown kind (the worker then just stops reading).
 //!
 //! Why several fds per message: the kernel's cost of an `SCM_RIGHTS` message is mostly per
 //! message (an skb and an fd list), not per fd; on the reference machine one fd per message
@@ -43,6 +47,7 @@ const KIND_READY: u8 = 2;
 const KIND_CLOSED: u8 = 3;
 const KIND_HEARTBEAT: u8 = 4;
 const KIND_STOPPING: u8 = 5;
+const KIND_FULL: u8 = 6;
 
 /// A message from the master to a worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +77,13 @@ pub enum ToMaster {
     Heartbeat,
     /// Draining: send nothing more.
     Stopping,
+    /// Out of file descriptors: send nothing more until the next READY (the worker could not
+    /// install the fds of another CONN; the kernel would close them, `MSG_CTRUNC`).
+    Full {
+        /// Connections the kernel already closed on receipt (truncated CONNs) since the last
+        /// FULL; they are also counted in CLOSED.
+        lost: u64,
+    },
 }
 
 /// Why a message was rejected.
@@ -152,7 +164,7 @@ impl ToWorker {
     pub fn decode(buf: &[u8]) -> Result<ToWorker, ProtocolError> {
         match decode(buf)? {
             (KIND_CONN, seq) => Ok(ToWorker::Conn { seq }),
-            (KIND_READY | KIND_CLOSED | KIND_HEARTBEAT | KIND_STOPPING, _) => {
+            (KIND_READY | KIND_CLOSED | KIND_HEARTBEAT | KIND_STOPPING | KIND_FULL, _) => {
                 Err(ProtocolError::Direction(buf[3]))
             }
             (other, _) => Err(ProtocolError::Kind(other)),
@@ -168,6 +180,7 @@ impl ToMaster {
             ToMaster::Closed { count } => encode(KIND_CLOSED, count),
             ToMaster::Heartbeat => encode(KIND_HEARTBEAT, 0),
             ToMaster::Stopping => encode(KIND_STOPPING, 0),
+            ToMaster::Full { lost } => encode(KIND_FULL, lost),
         }
     }
 
@@ -179,6 +192,7 @@ impl ToMaster {
             (KIND_CLOSED, count) => Ok(ToMaster::Closed { count }),
             (KIND_HEARTBEAT, _) => Ok(ToMaster::Heartbeat),
             (KIND_STOPPING, _) => Ok(ToMaster::Stopping),
+            (KIND_FULL, lost) => Ok(ToMaster::Full { lost }),
             (KIND_CONN, _) => Err(ProtocolError::Direction(KIND_CONN)),
             (other, _) => Err(ProtocolError::Kind(other)),
         }
@@ -201,6 +215,7 @@ mod tests {
             ToMaster::Closed { count: 7 },
             ToMaster::Heartbeat,
             ToMaster::Stopping,
+            ToMaster::Full { lost: 3 },
         ] {
             assert_eq!(ToMaster::decode(&msg.encode()), Ok(msg));
         }
@@ -242,7 +257,7 @@ mod tests {
         let mut bad = good;
         bad[2] = 2;
         assert_eq!(ToMaster::decode(&bad), Err(ProtocolError::Version(2)));
-        for kind in [0, 6, 99] {
+        for kind in [0, 7, 99] {
             let mut bad = good;
             bad[3] = kind;
             assert_eq!(ToMaster::decode(&bad), Err(ProtocolError::Kind(kind)));

@@ -4,6 +4,9 @@
 
 pub mod scm;
 pub mod spawn;
+mod user;
+
+pub use user::Credentials;
 
 use std::io;
 use std::mem::MaybeUninit;
@@ -181,6 +184,43 @@ pub fn waitpid_blocking(pid: Pid) -> io::Result<ExitStatus> {
     }
 }
 
+/// The pid of some exited, not yet reaped child, left unreaped (`waitid(P_ALL, WEXITED |
+/// WNOHANG | WNOWAIT)`): the caller decides who reaps it, so a worker's exit is never taken
+/// from the code that reaps workers. `Ok(None)` when no child has exited (or there is none).
+pub fn waitid_peek_exited() -> io::Result<Option<Pid>> {
+    // SAFETY: siginfo_t is plain data for waitid to fill; zeroed, si_pid reads 0 if nothing
+    // has exited (waitid(2): WNOHANG).
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: info is valid storage.
+    match syscall!(waitid(
+        libc::P_ALL,
+        0,
+        &mut info,
+        libc::WEXITED | libc::WNOHANG | libc::WNOWAIT
+    )) {
+        Ok(_) => {}
+        Err(e) if e.raw_os_error() == Some(libc::ECHILD) => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    // SAFETY: waitid filled info for a child state change (or left it zeroed).
+    let pid = unsafe { info.si_pid() };
+    Ok((pid != 0).then_some(pid))
+}
+
+/// `prctl(PR_SET_CHILD_SUBREAPER)`: orphaned descendants are re-parented to this process
+/// instead of to init, so it can reap them (what PID 1 in a container must do anyway).
+pub fn set_child_subreaper() -> io::Result<()> {
+    // SAFETY: prctl with integer arguments.
+    syscall!(prctl(
+        libc::PR_SET_CHILD_SUBREAPER,
+        1 as libc::c_ulong,
+        0,
+        0,
+        0
+    ))?;
+    Ok(())
+}
+
 fn decode_wait_status(status: libc::c_int) -> ExitStatus {
     if libc::WIFSIGNALED(status) {
         ExitStatus::Signaled(libc::WTERMSIG(status))
@@ -200,6 +240,24 @@ pub fn kill(pid: Pid, sig: libc::c_int) -> io::Result<()> {
 pub fn getpid() -> Pid {
     // SAFETY: getpid cannot fail.
     unsafe { libc::getpid() }
+}
+
+/// `CLOCK_MONOTONIC` in microseconds (`clock_gettime(2)`): the clock sd_notify's
+/// `MONOTONIC_USEC=` is read against.
+pub fn monotonic_usec() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is valid storage; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000 + (ts.tv_nsec as u64) / 1_000
+}
+
+/// `geteuid(2)`.
+pub fn geteuid() -> libc::uid_t {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() }
 }
 
 /// Short name of a signal number (`SIGTERM`), for logs.
@@ -426,12 +484,6 @@ pub fn peer_cred(fd: BorrowedFd<'_>) -> io::Result<PeerCred> {
     })
 }
 
-/// `geteuid(2)`.
-pub fn geteuid() -> libc::uid_t {
-    // SAFETY: geteuid cannot fail.
-    unsafe { libc::geteuid() }
-}
-
 /// A listening TCP socket's accept queue from `TCP_INFO` (tcp(7)): on a socket in the LISTEN
 /// state the kernel reports the current queue length in `tcpi_unacked` and the backlog limit in
 /// `tcpi_sacked`. Returns `(queued, limit)`.
@@ -552,4 +604,152 @@ mod tests {
         assert!(cpu_seconds(getpid()).unwrap() >= 0.0);
         assert!(cpu_seconds(-1).is_err());
     }
+}
+
+/// `getpgid(2)`: the process group of `pid`.
+pub fn getpgid(pid: Pid) -> io::Result<Pid> {
+    // SAFETY: getpgid takes a pid and returns a pgid or -1.
+    syscall!(getpgid(pid))
+}
+
+/// `kill(-pgid, sig)`: signals every process of the group `pgid` (kill(2)).
+pub fn killpg(pgid: Pid, sig: libc::c_int) -> io::Result<()> {
+    if pgid <= 0 {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // SAFETY: kill takes plain integers; a negative pid names a process group.
+    syscall!(kill(-pgid, sig))?;
+    Ok(())
+}
+
+/// A datagram and the sender's credentials (`SCM_CREDENTIALS`, unix(7)), for a socket with
+/// `SO_PASSCRED` set: the kernel fills in the sender's real pid, uid and gid, which an
+/// unprivileged sender cannot forge.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerCredentials {
+    /// Sender's process id (0 if the kernel attached none).
+    pub pid: Pid,
+    /// Sender's user id.
+    pub uid: u32,
+    /// Sender's group id.
+    pub gid: u32,
+}
+
+/// `recvmsg(2)` of one datagram, non-blocking, with the sender's credentials; fds sent along
+/// (`SCM_RIGHTS`) are closed. Returns the payload length (truncated to `buf`) and the
+/// credentials (`None` if the kernel attached none: `SO_PASSCRED` not set).
+pub fn recv_with_credentials(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+) -> io::Result<(usize, Option<PeerCredentials>)> {
+    #[repr(C, align(8))]
+    struct Cmsg([u8; 128]);
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let mut cmsg = Cmsg([0; 128]);
+    // SAFETY: msghdr is plain data; zeroed is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cmsg.0.as_mut_ptr().cast();
+    msg.msg_controllen = cmsg.0.len() as _;
+    // SAFETY: msg points at buffers that live until the call returns.
+    let n = syscall!(recvmsg(
+        sock.as_raw_fd(),
+        &mut msg,
+        libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC
+    ))?;
+    let mut creds = None;
+    // SAFETY: after recvmsg, msg_control/msg_controllen describe the control data the kernel
+    // wrote; CMSG_FIRSTHDR/NXTHDR walk it within those bounds. An SCM_CREDENTIALS area holds
+    // one ucred; an SCM_RIGHTS area holds fds that are now ours and are closed here.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET {
+                let data = libc::CMSG_DATA(c);
+                let len = (*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                if (*c).cmsg_type == libc::SCM_CREDENTIALS
+                    && len >= std::mem::size_of::<libc::ucred>()
+                {
+                    let u = std::ptr::read_unaligned(data.cast::<libc::ucred>());
+                    creds = Some(PeerCredentials {
+                        pid: u.pid,
+                        uid: u.uid,
+                        gid: u.gid,
+                    });
+                } else if (*c).cmsg_type == libc::SCM_RIGHTS {
+                    for i in 0..len / std::mem::size_of::<libc::c_int>() {
+                        let fd = std::ptr::read_unaligned(data.cast::<libc::c_int>().add(i));
+                        drop(OwnedFd::from_raw_fd(fd));
+                    }
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    Ok((n as usize, creds))
+}
+
+/// A listening TCP socket's accept queue: connections completed by the kernel and not yet
+/// `accept`ed (`TCP_INFO`'s `tcpi_unacked` on a listener, tcp(7); `tcpi_sacked` is the backlog).
+pub fn listen_queue_len(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    // SAFETY: tcp_info is plain data; zeroed is valid.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: info and len point to valid storage of the advertised size.
+    syscall!(getsockopt(
+        fd.as_raw_fd(),
+        libc::IPPROTO_TCP,
+        libc::TCP_INFO,
+        (&mut info as *mut libc::tcp_info).cast(),
+        &mut len
+    ))?;
+    Ok(info.tcpi_unacked)
+}
+
+/// Whether our child `pid` has exited, without reaping it (`waitid(P_PID, WEXITED | WNOHANG |
+/// WNOWAIT)`, waitid(2)): until it is reaped its pid, and the process group it leads, cannot be
+/// reused, so the group can still be signalled safely.
+pub fn has_exited(pid: Pid) -> io::Result<bool> {
+    // SAFETY: siginfo_t is plain data; zeroed is valid and si_pid reads 0 when nothing exited.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: info is valid storage for waitid to fill.
+    syscall!(waitid(
+        libc::P_PID,
+        pid as libc::id_t,
+        &mut info,
+        libc::WEXITED | libc::WNOHANG | libc::WNOWAIT
+    ))?;
+    // SAFETY: waitid filled info (or left it zeroed); si_pid is valid for SIGCHLD infos.
+    Ok(unsafe { info.si_pid() } != 0)
+}
+
+/// The soft `RLIMIT_NOFILE`: fd numbers at or above it cannot be allocated (getrlimit(2)).
+pub fn nofile_soft_limit() -> io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: lim is valid storage for getrlimit to fill.
+    syscall!(getrlimit(libc::RLIMIT_NOFILE, &mut lim))?;
+    Ok(lim.rlim_cur)
+}
+
+/// Whether this process can open `n` more fds now: duplicates `fd` `n` times
+/// (`F_DUPFD_CLOEXEC`) and closes the copies. Used before receiving fds near the fd limit,
+/// where the kernel would close the ones that do not fit (`MSG_CTRUNC`, unix(7)).
+pub fn fd_room(fd: BorrowedFd<'_>, n: usize) -> bool {
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..n {
+        // SAFETY: F_DUPFD_CLOEXEC returns a new fd we own, or -1.
+        match syscall!(fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0)) {
+            // SAFETY: the fd was just created and nothing else owns it.
+            Ok(dup) => held.push(unsafe { OwnedFd::from_raw_fd(dup) }),
+            Err(_) => return false,
+        }
+    }
+    true
 }

@@ -29,6 +29,7 @@ enum Stage {
     Affinity = 3,
     Dup = 4,
     Exec = 5,
+    SetIds = 6,
 }
 
 impl Stage {
@@ -39,10 +40,43 @@ impl Stage {
             3 => "sched_setaffinity",
             4 => "dup2 of the listener or output fds",
             5 => "execve",
+            6 => "setgroups/setgid/setuid (--user/--group)",
             _ => "child setup",
         }
     }
 }
+
+/// A step of the child's setup (or its `execve`) failed, with the child's errno. Carried inside
+/// the `io::Error` [`spawn`] returns, so a caller can tell "this program cannot be executed"
+/// (`execve` failing with `ENOEXEC`, `EACCES`, `ENOENT`) from a transient failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpawnError {
+    /// The step that failed (`"execve"`, `"setpgid"`, ...).
+    pub step: &'static str,
+    /// Its errno.
+    pub errno: i32,
+}
+
+impl SpawnError {
+    /// `execve` itself failed: the program is missing, not executable or not a format the
+    /// kernel runs, which no retry fixes.
+    pub fn is_exec(&self) -> bool {
+        self.step == Stage::from_u8(Stage::Exec as u8)
+    }
+}
+
+impl std::fmt::Display for SpawnError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} failed: {}",
+            self.step,
+            io::Error::from_raw_os_error(self.errno)
+        )
+    }
+}
+
+impl std::error::Error for SpawnError {}
 
 /// Everything needed to start one worker. Built (and allocated) in the parent before `fork`.
 pub struct SpawnSpec<'a> {
@@ -64,6 +98,8 @@ pub struct SpawnSpec<'a> {
     pub stdout: Option<BorrowedFd<'a>>,
     /// Placed on the child's fd 2 (stderr) if given; otherwise it inherits the parent's.
     pub stderr: Option<BorrowedFd<'a>>,
+    /// Run the child as this user/group (set before `PR_SET_PDEATHSIG`, which set*id clears).
+    pub credentials: Option<&'a super::Credentials>,
 }
 
 /// A spawned child: its pid and a pidfd that becomes readable when it exits.
@@ -136,6 +172,12 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
     let die_with_parent = spec.die_with_parent;
     let stdout = spec.stdout.map_or(-1, |fd| fd.as_raw_fd());
     let stderr = spec.stderr.map_or(-1, |fd| fd.as_raw_fd());
+    let ids = spec.credentials.map(|c| ChildIds {
+        uid: c.uid,
+        gid: c.gid,
+        groups: c.groups.as_ptr(),
+        ngroups: c.groups.len(),
+    });
     // SAFETY: getpid cannot fail.
     let parent = unsafe { libc::getpid() };
 
@@ -168,6 +210,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
                 die_with_parent,
                 stdout,
                 stderr,
+                ids,
                 parent,
                 err_fd: err_w.as_raw_fd(),
             })
@@ -206,7 +249,10 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
         let e = io::Error::from_raw_os_error(errno);
         return Err(io::Error::new(
             e.kind(),
-            format!("{} failed: {e}", Stage::from_u8(report[0])),
+            SpawnError {
+                step: Stage::from_u8(report[0]),
+                errno,
+            },
         ));
     }
     match super::pidfd_open(pid) {
@@ -226,6 +272,15 @@ fn kill_and_reap(pid: Pid) {
     let _ = super::waitpid_blocking(pid);
 }
 
+/// `--user`/`--group` as plain ids and a pointer to the groups the parent allocated.
+#[derive(Clone, Copy)]
+struct ChildIds {
+    uid: Option<libc::uid_t>,
+    gid: libc::gid_t,
+    groups: *const libc::gid_t,
+    ngroups: usize,
+}
+
 struct ChildArgs<'a> {
     program: *const libc::c_char,
     argv: *const *const libc::c_char,
@@ -236,6 +291,7 @@ struct ChildArgs<'a> {
     die_with_parent: bool,
     stdout: libc::c_int,
     stderr: libc::c_int,
+    ids: Option<ChildIds>,
     parent: Pid,
     err_fd: libc::c_int,
 }
@@ -270,6 +326,18 @@ unsafe fn child_after_fork(a: ChildArgs<'_>) -> ! {
         // workers in order instead of racing their deaths against its own shutdown.
         if libc::setpgid(0, 0) == -1 {
             fail(Stage::Setpgid);
+        }
+        // Drop privileges first: set*id clears PR_SET_PDEATHSIG (prctl(2)), so it is set after.
+        // Groups, then gid, then uid: once the uid is dropped the others cannot be changed.
+        if let Some(ids) = a.ids {
+            if libc::setgroups(ids.ngroups, ids.groups) == -1 || libc::setgid(ids.gid) == -1 {
+                fail(Stage::SetIds);
+            }
+            if let Some(uid) = ids.uid
+                && libc::setuid(uid) == -1
+            {
+                fail(Stage::SetIds);
+            }
         }
         if a.die_with_parent {
             if libc::prctl(
@@ -385,6 +453,7 @@ mod tests {
             die_with_parent: true,
             stdout: None,
             stderr: None,
+            credentials: None,
         })
         .unwrap();
         let status = crate::waitpid_blocking(child.pid).unwrap();
@@ -414,6 +483,7 @@ mod tests {
             die_with_parent: true,
             stdout: None,
             stderr: None,
+            credentials: None,
         })
         .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
@@ -439,6 +509,7 @@ mod tests {
             die_with_parent: true,
             stdout: Some(out_w.as_fd()),
             stderr: Some(err_w.as_fd()),
+            credentials: None,
         })
         .unwrap();
         drop((out_w, err_w));

@@ -40,7 +40,7 @@ use std::net::{TcpListener, TcpStream};
 use std::ops::{Deref, DerefMut};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixDatagram;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
@@ -259,6 +259,12 @@ impl Worker {
         let ready = ToMaster::Ready {
             max_fds: MAX_FDS_PER_CONN as u64,
         };
+        for listener in &self.listeners {
+            if let ListenerKind::Channel(chan) = &listener.kind {
+                chan.ready_value
+                    .store(MAX_FDS_PER_CONN as u64, Ordering::Relaxed);
+            }
+        }
         self.announce(ready, "READY", b"READY=1", "READY=1")?;
         self.ready_sent.store(true, Ordering::Release);
         Ok(())
@@ -634,6 +640,15 @@ struct Channel {
     /// Connections that arrived with an earlier CONN message (one message may carry several)
     /// and are next in line for `accept`, with their sequence numbers.
     queued: Mutex<VecDeque<(OwnedFd, u64)>>,
+    /// The value of the READY this channel sent (0: none yet), repeated to resume after FULL.
+    ready_value: AtomicU64,
+    /// FULL was sent and no READY since: the master sends nothing until we resume.
+    full: AtomicBool,
+    /// Connections the kernel closed on receipt (`MSG_CTRUNC`) not yet reported in a FULL.
+    lost: AtomicU64,
+    /// The number of the last fd received: fds are allocated lowest-first, so it says how
+    /// close to the fd limit the process is.
+    last_fd: AtomicI32,
 }
 
 impl fmt::Debug for Channel {
@@ -681,6 +696,10 @@ impl Channel {
             deferred: AtomicBool::new(false),
             protocol_errors: AtomicU64::new(0),
             queued: Mutex::new(VecDeque::new()),
+            ready_value: AtomicU64::new(0),
+            full: AtomicBool::new(false),
+            lost: AtomicU64::new(0),
+            last_fd: AtomicI32::new(0),
         }
     }
 
@@ -701,6 +720,7 @@ impl Channel {
         if let Some((fd, seq)) = self.lock_queued().pop_front() {
             return self.connection(fd, seq, nonblocking);
         }
+        self.make_room()?;
         let flags = if nonblocking { libc::MSG_DONTWAIT } else { 0 };
         let mut fds = Vec::new();
         loop {
@@ -713,6 +733,10 @@ impl Channel {
                 // was a connection, and the kernel closed it.
                 Err(e) if e.kind() == io::ErrorKind::InvalidData => {
                     self.reject(Rejected::ControlTruncated, 1);
+                    self.lost.fetch_add(1, Ordering::Relaxed);
+                    // Treat the process as at its limit from now on.
+                    self.last_fd.store(i32::MAX, Ordering::Relaxed);
+                    self.make_room()?;
                     continue;
                 }
                 Err(e) => return Err(e),
@@ -732,6 +756,8 @@ impl Channel {
                 _ if got.truncated => Rejected::Truncated,
                 Err(e) => Rejected::Protocol(e),
                 Ok(ToWorker::Conn { seq }) if !fds.is_empty() => {
+                    let last = fds.last().map_or(0, |fd| fd.as_raw_fd());
+                    self.last_fd.store(last, Ordering::Relaxed);
                     let mut rest = fds.drain(..);
                     let first = rest.next().expect("not empty");
                     if rest.len() > 0 {
@@ -746,6 +772,41 @@ impl Channel {
             fds.clear();
             self.reject(rejected, conns);
         }
+    }
+
+    /// Near the fd limit, makes sure a whole CONN message's fds fit before reading one: a
+    /// message whose fds do not fit loses them (the kernel closes them, `MSG_CTRUNC`). If they
+    /// do not fit, tells the master FULL (once), so it sends nothing more and takes back what
+    /// is queued, and fails with `EMFILE`, which a server handles like a full `accept`; once
+    /// they fit again, READY resumes dispatch. Far from the limit (judged by the last fd
+    /// number received) this costs one `getrlimit`.
+    fn make_room(&self) -> io::Result<()> {
+        let limit = sys::nofile_soft_limit().unwrap_or(u64::MAX);
+        let last = u64::try_from(self.last_fd.load(Ordering::Relaxed)).unwrap_or(0);
+        let margin = 2 * MAX_FDS_PER_CONN as u64;
+        let near = last.saturating_add(margin) >= limit;
+        if !near || sys::fd_room(self.fd.as_fd(), MAX_FDS_PER_CONN) {
+            if self.full.load(Ordering::Relaxed) {
+                let max_fds = self.ready_value.load(Ordering::Relaxed).max(1);
+                if self
+                    .send(ToMaster::Ready { max_fds }, libc::MSG_DONTWAIT)
+                    .is_ok()
+                {
+                    self.full.store(false, Ordering::Relaxed);
+                }
+            }
+            return Ok(());
+        }
+        if !self.full.load(Ordering::Relaxed) {
+            let lost = self.lost.swap(0, Ordering::Relaxed);
+            match self.send(ToMaster::Full { lost }, libc::MSG_DONTWAIT) {
+                Ok(()) => self.full.store(true, Ordering::Relaxed),
+                Err(_) => {
+                    self.lost.fetch_add(lost, Ordering::Relaxed);
+                }
+            }
+        }
+        Err(io::Error::from_raw_os_error(libc::EMFILE))
     }
 
     fn lock_queued(&self) -> std::sync::MutexGuard<'_, VecDeque<(OwnedFd, u64)>> {

@@ -1,0 +1,3 @@
+module rcluster.invalid/worker
+
+go 1.19
