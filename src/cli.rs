@@ -34,7 +34,8 @@ pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
              each connection to the worker its policy picks.",
     after_help = "With no COMMAND, runs the built-in demo HTTP worker.\n\
                   Signals: TERM/INT graceful stop, HUP rolling reload, TTIN/TTOU add/remove a \
-                  worker, USR1 log per-worker status.",
+                  worker, USR1 log per-worker status, USR2 log the acceptor's tables. \
+                  `rcluster-lb ctl status` shows a running master (docs/CONTROL.md).",
     args_conflicts_with_subcommands = true
 )]
 pub struct Args {
@@ -176,6 +177,32 @@ pub struct Args {
     /// Failed health checks in a row that replace a worker.
     #[arg(long, value_name = "N", default_value_t = 3)]
     pub health_fails: u32,
+    /// This master's name: its control socket is NAME.sock in $XDG_RUNTIME_DIR/rcluster-lb/
+    /// (root: /run/rcluster-lb/; otherwise /tmp/rcluster-lb-UID/). Default: the first
+    /// listener's port, e.g. 8080.
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+
+    /// Control socket path, instead of the one --name gives.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+
+    /// Write the master's pid to PATH (removed at exit).
+    #[arg(long, value_name = "PATH")]
+    pub pid_file: Option<PathBuf>,
+
+    /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 127.0.0.1:9100).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
+
+    /// Master log lines: text (timestamped) or json (one object per line).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Worker stdout/stderr: capture (line by line on the master's stderr, prefixed with the
+    /// worker's slot and pid) or inherit (the master's stdout/stderr, untouched).
+    #[arg(long, value_enum, default_value_t = WorkerOutput::Capture)]
+    pub worker_output: WorkerOutput,
 
     /// The server to run as each worker, and its arguments.
     #[arg(last = true, value_name = "COMMAND")]
@@ -213,9 +240,81 @@ pub enum Sub {
         #[arg(long, short = 'w')]
         workers: Option<usize>,
     },
+    /// Talk to a running master through its control socket.
+    Ctl(CtlArgs),
     /// The built-in demo HTTP worker (started by the master; not for direct use).
     #[command(hide = true)]
     DemoWorker,
+}
+
+/// `rcluster-lb ctl`: which master, and what to ask it.
+#[derive(Debug, clap::Args)]
+pub struct CtlArgs {
+    /// The master's control socket.
+    #[arg(long, value_name = "PATH", conflicts_with = "name")]
+    pub control: Option<PathBuf>,
+    /// The master's --name (default: the only master in the control directory).
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// What to ask.
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+/// Requests `rcluster-lb ctl` sends (docs/CONTROL.md).
+#[derive(Debug, Clone, Subcommand)]
+pub enum CtlCommand {
+    /// Per-worker table (pid, generation, state, uptime, connections, RSS, restarts, CPU) and
+    /// the master's policy, listeners, counters and imbalance.
+    Status {
+        /// Print the status as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The acceptor's per-worker tables as JSON, for bug reports.
+    Dump,
+    /// Rolling reload; waits for it and prints the new pids, or the reason it aborted.
+    Reload,
+    /// Run N workers.
+    Scale {
+        /// Worker count.
+        workers: usize,
+    },
+    /// Graceful stop; waits until the master has exited.
+    Stop {
+        /// Return once the stop has begun.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Replace the worker in SLOT (the new one starts first).
+    Recycle {
+        /// Worker slot.
+        slot: usize,
+    },
+    /// Switch the dispatch policy (round-robin, least-conn, least-mem, p2c) without dropping a
+    /// connection.
+    Policy {
+        /// Policy name.
+        name: String,
+    },
+}
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// `2026-11-30T21:00:00.123Z rcluster-lb[PID]: info message`.
+    Text,
+    /// One JSON object per line: ts, level, pid, msg (worker lines: worker, worker_pid, stream).
+    Json,
+}
+
+/// `--worker-output`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WorkerOutput {
+    /// Through a pipe per worker, line by line, prefixed.
+    Capture,
+    /// The master's own stdout and stderr.
+    Inherit,
 }
 
 /// A configuration error: exit code 2.
@@ -341,6 +440,18 @@ pub struct Config {
     pub max_rss: Option<u64>,
     /// Replace a worker that takes nothing from a non-empty queue this long.
     pub stall_timeout: Duration,
+    /// `--name` (default: the first listener's bound port, decided after binding).
+    pub name: Option<String>,
+    /// `--control`.
+    pub control: Option<PathBuf>,
+    /// `--pid-file`.
+    pub pid_file: Option<PathBuf>,
+    /// `--metrics`.
+    pub metrics: Option<SocketAddr>,
+    /// `--log-format`.
+    pub log_format: LogFormat,
+    /// `--worker-output`.
+    pub worker_output: WorkerOutput,
     /// The agent's command line, split into words.
     pub agent: Option<WorkerCommand>,
     /// Replace a worker whose bus heartbeats stop for this long.
@@ -595,12 +706,28 @@ impl Args {
         if self.heartbeat_timeout.is_some_and(|d| d.is_zero()) {
             return Err(usage("--heartbeat-timeout must be greater than 0"));
         }
+        if let Some(name) = &self.name {
+            crate::master::control::check_name(name).map_err(usage)?;
+        }
+        let metrics = match &self.metrics {
+            None => None,
+            Some(text) => Some(
+                crate::master::listener::parse_listen_addr(text)
+                    .map_err(|e| usage(format!("--metrics: {e}")))?,
+            ),
+        };
         let preload = if self.no_preload || command.builtin {
             None
         } else {
             Some(crate::master::shim::locate(self.shim.as_deref()).map_err(usage)?)
         };
         Ok(Config {
+            name: self.name,
+            control: self.control,
+            pid_file: self.pid_file,
+            metrics,
+            log_format: self.log_format,
+            worker_output: self.worker_output,
             listen,
             listen_explicit,
             workers,

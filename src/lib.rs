@@ -36,6 +36,9 @@
 //! - [`master`]: the master's parts — [`master::acceptor`] (accept, pick, send, reclaim),
 //!   [`master::supervisor`] (worker processes on the main thread), [`master::listener`]
 //!   (binding listening sockets).
+//!   [`master::control`] (the control socket), [`master::metrics`] (Prometheus endpoint),
+//!   [`master::status`] (the status both serve).
+//! - [`ctl`]: the `rcluster-lb ctl` client.
 //! - [`policy`]: the dispatch policies.
 //! - [`steer`]: the kernel-steering program (instructions generated from `bpf/steer.bpf.c`), its
 //!   maps and loading; [`master::steer`] runs it for the supervisor.
@@ -48,6 +51,7 @@
 
 pub mod cgroup;
 pub mod cli;
+pub mod ctl;
 pub mod master;
 pub mod policy;
 pub mod steer;

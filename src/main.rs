@@ -3,20 +3,34 @@
 
 use std::io::Write;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
 use rcluster_lb::cli::{Args, Sub, UsageError};
 use rcluster_lb::master::activation::Activated;
-use rcluster_lb::master::supervisor;
+use rcluster_lb::master::{logs, supervisor};
 use rcluster_lb::topology;
 use rcluster_sys as sys;
 
 mod demo;
 
+/// How long the master waits at exit for its queued log lines to be written.
+const LOG_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+
 fn main() -> ExitCode {
     let args = Args::parse();
-    init_logging(args.subcommand.is_some());
-    match run(args) {
+    let master = args.subcommand.is_none();
+    if master {
+        logs::init(args.log_format);
+    } else {
+        init_logging(matches!(args.subcommand, Some(Sub::DemoWorker)));
+    }
+    let result = run(args);
+    if master {
+        // The writer thread may still hold the last lines.
+        logs::flush(LOG_FLUSH_TIMEOUT);
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let code = if e.downcast_ref::<UsageError>().is_some() {
@@ -33,6 +47,7 @@ fn main() -> ExitCode {
 fn run(args: Args) -> anyhow::Result<()> {
     match args.subcommand {
         Some(Sub::DemoWorker) => return demo::run(),
+        Some(Sub::Ctl(ctl)) => return rcluster_lb::ctl::run(ctl),
         Some(Sub::Topology { workers }) => {
             let allowed = sys::sched_getaffinity()?.cpus();
             let topo = topology::Topology::detect(&allowed)?;
@@ -53,8 +68,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     supervisor::run(config, activated)
 }
 
-/// Logs go to stderr, one line each, `rcluster-lb[PID]: LEVEL message`; `RCLUSTER_LOG` sets the
-/// level (default info).
+/// Subcommands (the demo worker, `ctl`, `topology`) log straight to stderr, one line each,
+/// `worker[PID]: LEVEL message` (`rcluster-lb[PID]` for ctl and topology); `RCLUSTER_LOG` sets the level (default info). The master's
+/// logging is [`logs::init`]'s.
 fn init_logging(worker: bool) {
     let pid = sys::getpid();
     let name = if worker { "worker" } else { "rcluster-lb" };

@@ -111,6 +111,17 @@ pub enum Command {
         /// The probe connection's server end.
         fd: OwnedFd,
     },
+    /// Send a copy of the per-worker table and counters (for `ctl status`, `/metrics`, `ctl
+    /// dump`). Answered on the acceptor's next wake-up; the copy is the only allocation, and it
+    /// happens only when asked.
+    Snapshot(Sender<Snapshot>),
+    /// Read the worker's channels now and answer [`Event::ChannelsRead`]: a worker that said
+    /// STOPPING and exited has its [`Event::Stopping`] reported before the supervisor acts on
+    /// the exit.
+    ReadChannels(WorkerId),
+    /// Use this policy from the next connection on. The load table is the acceptor's, so the
+    /// new policy sees the same counts; nothing queued or in flight is touched.
+    SetPolicy(Box<dyn Policy>),
     /// Stop accepting (the listeners are closed, so new connections are refused), wait up to
     /// `drain_for` until the workers have taken every connection already dispatched, report
     /// [`Event::Drained`], and end the thread.
@@ -140,9 +151,86 @@ pub enum Event {
     Misbehaving(WorkerId),
     /// Reclaimed connections from a drained or dead worker (count), for logs and tests.
     Reclaimed(WorkerId, usize),
+    /// Answer to [`Command::ReadChannels`]: every message the worker sent before it was asked
+    /// has been reported.
+    ChannelsRead(WorkerId),
     /// After [`Command::Shutdown`]: every dispatched connection was taken by a worker (or the
     /// wait ran out); the workers can be told to stop.
     Drained,
+}
+
+/// Running totals of the acceptor thread, kept as plain integers the thread alone writes (no
+/// atomics on the accept path); copied out by [`Command::Snapshot`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Connections accepted.
+    pub accepts: u64,
+    /// Connections queued to a worker's channel, counting again one that was placed anew after
+    /// a bounce or a reclaim.
+    pub dispatches: u64,
+    /// Connections a full channel sent back to be placed elsewhere.
+    pub bounces: u64,
+    /// Times accepting paused after EMFILE, ENFILE, ENOBUFS, ENOMEM or another accept error.
+    pub pauses: u64,
+    /// Connections taken back from a drained or dead worker's channel.
+    pub reclaims: u64,
+    /// accept4 errors other than EAGAIN (including ECONNABORTED).
+    pub accept_errors: u64,
+    /// Policy switches ([`Command::SetPolicy`]).
+    pub policy_switches: u64,
+}
+
+/// One channel in a [`Snapshot`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelSnapshot {
+    /// Bytes the worker has not read yet (`SIOCOUTQ`), if readable.
+    pub queued_bytes: Option<usize>,
+    /// Connections batched in the master and not sent yet.
+    pub batched: usize,
+    /// The last send did not block.
+    pub writable: bool,
+}
+
+/// One worker as the acceptor sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerSnapshot {
+    /// The worker.
+    pub id: WorkerId,
+    /// Its slot.
+    pub slot: usize,
+    /// Its pid.
+    pub pid: Pid,
+    /// `starting`, `ready` or `draining`, as the acceptor knows it.
+    pub state: &'static str,
+    /// Connections handed to it and not taken back.
+    pub dispatched: u64,
+    /// Connections it reported closed.
+    pub closed: u64,
+    /// The load table's active count (what the policy reads).
+    pub active: u32,
+    /// The load table's RSS, KiB (sampled only for least-mem and --max-rss).
+    pub rss_kib: u32,
+    /// Listener bits it is open for.
+    pub open: u64,
+    /// Connection fds per message it takes.
+    pub max_fds: usize,
+    /// Its channels, in listener order.
+    pub channels: Vec<ChannelSnapshot>,
+}
+
+/// A copy of the acceptor's state at one moment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Running totals.
+    pub counters: Counters,
+    /// Per worker, in the table's order.
+    pub workers: Vec<WorkerSnapshot>,
+    /// Accepted connections waiting in the master for a channel.
+    pub pending: usize,
+    /// Accepting is paused after an error.
+    pub paused: bool,
+    /// Each listener's accept queue `(queued, limit)` from `TCP_INFO`, when readable.
+    pub listen_queues: Vec<Option<(u32, u32)>>,
 }
 
 /// Handle the supervisor keeps.
@@ -302,6 +390,7 @@ pub struct Acceptor {
     fresh_signals: bool,
     /// Bytes `SIOCOUTQ` reports per queued message; 0 when unknown (then only "empty or not").
     outq_unit: usize,
+    counters: Counters,
 }
 
 impl Acceptor {
@@ -345,6 +434,7 @@ impl Acceptor {
             next_stall_sample: Instant::now(),
             cpu: config.cpu,
             shutting_down: None,
+            counters: Counters::default(),
         };
         Ok((acceptor, tx, waker))
     }
@@ -525,6 +615,18 @@ impl Acceptor {
                 }
                 Command::Status => self.log_status(),
                 Command::Probe { id, fd } => self.probe(id, fd),
+                Command::Snapshot(reply) => {
+                    let _ = reply.send(self.snapshot());
+                }
+                Command::SetPolicy(policy) => self.set_policy(policy),
+                Command::ReadChannels(id) => {
+                    if let Some(i) = self.index_of(id) {
+                        for listener in 0..self.entries[i].channels.len() {
+                            self.read_channel(id, listener);
+                        }
+                    }
+                    self.emit(Event::ChannelsRead(id));
+                }
                 Command::Shutdown { drain_for } => {
                     let until = Instant::now() + drain_for;
                     self.shutting_down = Some(self.shutting_down.map_or(until, |t| t.min(until)));
@@ -897,6 +999,7 @@ impl Acceptor {
         if taken.is_empty() {
             return;
         }
+        self.counters.reclaims += taken.len() as u64;
         let entry = &mut self.entries[i];
         entry.dispatched = entry.dispatched.saturating_sub(taken.len() as u64);
         self.stats[i].active = entry.dispatched.saturating_sub(entry.closed) as u32;
@@ -939,6 +1042,7 @@ impl Acceptor {
             return Err(p);
         };
         let listener = p.listener;
+        self.counters.dispatches += 1;
         let entry = &mut self.entries[i];
         entry.dispatched += 1;
         entry.last_placed = p.seq;
@@ -991,6 +1095,7 @@ impl Acceptor {
             unsent.push(Pending { listener, seq, fd });
         }
         entry.dispatched -= unsent.len() as u64;
+        self.counters.bounces += unsent.len() as u64;
         self.stats[i].active = self.stats[i].active.saturating_sub(unsent.len() as u32);
         self.stats[i].queued = self.stats[i].queued.saturating_sub(unsent.len() as u32);
         for p in unsent.into_iter().rev() {
@@ -1029,6 +1134,7 @@ impl Acceptor {
                 match sys::accept4(self.listeners[l].as_fd(), false) {
                     Ok(fd) => {
                         burst += 1;
+                        self.counters.accepts += 1;
                         self.seq += 1;
                         if self.seq as u32 == 0 {
                             // Progress stamps are the counter's low 32 bits: restart them all.
@@ -1050,25 +1156,33 @@ impl Acceptor {
                             return;
                         }
                     }
-                    Err(e) => match e.raw_os_error() {
-                        Some(libc::EAGAIN) => self.backlogged[l] = false,
-                        // The connection died in the queue, or a signal: next one.
-                        Some(libc::ECONNABORTED | libc::EINTR | libc::EPROTO | libc::EPERM) => {}
-                        // Out of fds or memory: stop for a while instead of spinning on a
-                        // level that stays readable (accept4(2), "EMFILE").
-                        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
-                            warn!(
-                                "accept on listener {l}: {e}; pausing accepts for {ACCEPT_BACKOFF:?}"
-                            );
-                            self.accept_paused_until = Some(Instant::now() + ACCEPT_BACKOFF);
-                            return;
+                    Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                        self.backlogged[l] = false;
+                    }
+                    Err(e) => {
+                        self.counters.accept_errors += 1;
+                        match e.raw_os_error() {
+                            // The connection died in the queue, or a signal: next one.
+                            Some(libc::ECONNABORTED | libc::EINTR | libc::EPROTO | libc::EPERM) => {
+                            }
+                            // Out of fds or memory: stop for a while instead of spinning on a
+                            // level that stays readable (accept4(2), "EMFILE").
+                            Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
+                                warn!(
+                                    "accept on listener {l}: {e}; pausing accepts for {ACCEPT_BACKOFF:?}"
+                                );
+                                self.accept_paused_until = Some(Instant::now() + ACCEPT_BACKOFF);
+                                self.counters.pauses += 1;
+                                return;
+                            }
+                            _ => {
+                                error!("accept on listener {l}: {e}");
+                                self.accept_paused_until = Some(Instant::now() + ACCEPT_BACKOFF);
+                                self.counters.pauses += 1;
+                                return;
+                            }
                         }
-                        _ => {
-                            error!("accept on listener {l}: {e}");
-                            self.accept_paused_until = Some(Instant::now() + ACCEPT_BACKOFF);
-                            return;
-                        }
-                    },
+                    }
                 }
             }
         }
@@ -1120,6 +1234,92 @@ impl Acceptor {
             self.set_state(id, State::Draining);
             self.reclaim(id);
             self.emit(Event::Stalled(id));
+        }
+    }
+
+    /// A copy of the table and counters (the answer to [`Command::Snapshot`]).
+    pub fn snapshot(&self) -> Snapshot {
+        let workers = self
+            .entries
+            .iter()
+            .zip(&self.stats)
+            .map(|(e, s)| WorkerSnapshot {
+                id: e.id,
+                slot: e.slot,
+                pid: e.pid,
+                state: match e.state {
+                    State::Starting => "starting",
+                    State::Ready => "ready",
+                    State::Draining => "draining",
+                },
+                dispatched: e.dispatched,
+                closed: e.closed,
+                active: s.active,
+                rss_kib: s.rss_kib,
+                open: s.open,
+                max_fds: e.max_fds,
+                channels: e
+                    .channels
+                    .iter()
+                    .map(|c| ChannelSnapshot {
+                        queued_bytes: sys::siocoutq(c.ends.master.as_fd()).ok(),
+                        batched: c.batch.len(),
+                        writable: c.writable,
+                    })
+                    .collect(),
+            })
+            .collect();
+        Snapshot {
+            counters: self.counters,
+            workers,
+            pending: self.pending.len(),
+            paused: self.accept_paused_until.is_some(),
+            listen_queues: self
+                .listeners
+                .iter()
+                .map(|l| sys::listen_queue(l.as_fd()).ok())
+                .collect(),
+        }
+    }
+
+    /// Swaps the policy between two connections. Channels are registered for reading only when
+    /// the policy reads active counts, so a switch across that line re-registers them.
+    fn set_policy(&mut self, policy: Box<dyn Policy>) {
+        let sweep = !policy.reads_active();
+        self.fresh_signals = policy.reads_active();
+        self.policy = policy;
+        self.counters.policy_switches += 1;
+        if sweep == self.sweep_channels {
+            return;
+        }
+        self.sweep_channels = sweep;
+        self.next_sweep = Instant::now();
+        let interest = if sweep {
+            Interest::WRITABLE
+        } else {
+            Interest::READABLE | Interest::WRITABLE
+        };
+        for e in &self.entries {
+            for (listener, c) in e.channels.iter().enumerate() {
+                let raw = c.ends.master.as_raw_fd();
+                if let Err(err) = self.poll.registry().reregister(
+                    &mut SourceFd(&raw),
+                    channel_token(e.id, listener),
+                    interest,
+                ) {
+                    error!("worker {}: cannot re-register its channel: {err}", e.slot);
+                }
+            }
+        }
+        // Messages that arrived while the channels were not watched for reading are read now
+        // (edge-triggered: no new event would report them).
+        let channels: Vec<(WorkerId, usize)> = self
+            .entries
+            .iter()
+            .flat_map(|e| (0..e.channels.len()).map(move |l| (e.id, l)))
+            .collect();
+        for (id, listener) in channels {
+            self.read_channel(id, listener);
         }
     }
 

@@ -171,6 +171,10 @@ impl Agent {
             fds: &[],
             cpus: None,
             die_with_parent: true,
+            // The agent's output goes straight to the master's stdout/stderr (not captured per
+            // line like the workers').
+            stdout: None,
+            stderr: None,
             credentials: ctx.credentials,
         })
         .with_context(|| format!("failed to run the agent {}", program.display()))?;

@@ -481,8 +481,8 @@ impl Bus {
                     return;
                 }
             };
-            let (pid, uid, _) = match sys::peer_cred(stream.as_fd()) {
-                Ok(cred) => cred,
+            let (pid, uid) = match sys::peer_cred(stream.as_fd()) {
+                Ok(cred) => (cred.pid, cred.uid),
                 Err(e) => {
                     warn!("bus: no peer credentials: {e}; connection closed");
                     continue;

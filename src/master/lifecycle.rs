@@ -118,6 +118,8 @@ pub struct Slot {
     pub state: SlotState,
     /// Consecutive short-lived crashes.
     pub crashes: u32,
+    /// Restarts scheduled after crashes, in all (for status and metrics).
+    pub restarts: u64,
 }
 
 /// One worker process as the lifecycle knows it.
@@ -254,6 +256,11 @@ pub enum Input {
         /// The worker.
         id: WorkerId,
     },
+    /// `ctl recycle`: replace the worker (the new one starts first).
+    Recycle {
+        /// The worker.
+        id: WorkerId,
+    },
     /// The worker broke the channel protocol repeatedly (accounting's violation limit).
     Misbehaving {
         /// The worker.
@@ -318,6 +325,19 @@ pub enum Action {
     Exit(Result<(), String>),
 }
 
+/// Running totals of reloads, for status, metrics and `ctl reload`'s answer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Reloads completed.
+    pub reloads: u64,
+    /// The generation the last completed reload reached.
+    pub reloaded_generation: u64,
+    /// Reloads aborted.
+    pub reloads_aborted: u64,
+    /// Why the last reload aborted.
+    pub last_abort: String,
+}
+
 /// The lifecycle of every worker of one master.
 #[derive(Debug)]
 pub struct Lifecycle {
@@ -332,6 +352,7 @@ pub struct Lifecycle {
     /// Some worker has been ready since the start: the command can run, so a crash loop is an
     /// outage to retry, not a configuration error to exit on.
     ever_ready: bool,
+    counts: Counts,
     all_ready_announced: bool,
     exited: bool,
     out: Vec<Action>,
@@ -344,6 +365,7 @@ impl Lifecycle {
             .map(|_| Slot {
                 state: SlotState::Running,
                 crashes: 0,
+                restarts: 0,
             })
             .collect();
         Lifecycle {
@@ -356,10 +378,16 @@ impl Lifecycle {
             generation: 0,
             next_id: 0,
             ever_ready: false,
+            counts: Counts::default(),
             all_ready_announced: false,
             exited: false,
             out: Vec::new(),
         }
+    }
+
+    /// Reload totals.
+    pub fn counts(&self) -> &Counts {
+        &self.counts
     }
 
     /// The master's phase.
@@ -427,6 +455,7 @@ impl Lifecycle {
                 self.replace(now, id, Reason::Recycle, "it reached --max-conns")
             }
             Input::Unhealthy { id, why } => self.replace(now, id, Reason::Recycle, why),
+            Input::Recycle { id } => self.replace(now, id, Reason::Recycle, "ctl recycle"),
             Input::Misbehaving { id } => {
                 self.replace(now, id, Reason::Recycle, "it broke the channel protocol")
             }
@@ -574,6 +603,7 @@ impl Lifecycle {
             );
         } else {
             let backoff = restart_backoff(s.crashes);
+            s.restarts += 1;
             s.state = SlotState::Restarting {
                 at: at(now, backoff),
             };
@@ -852,6 +882,8 @@ impl Lifecycle {
             return;
         }
         info!("reload to generation {} complete", self.generation);
+        self.counts.reloads += 1;
+        self.counts.reloaded_generation = self.generation;
         if run.again {
             self.request_reload(now);
         }
@@ -859,6 +891,8 @@ impl Lifecycle {
 
     fn abort_reload(&mut self, now: Instant, why: &str) {
         error!("reload aborted: {why}; the running workers keep serving");
+        self.counts.reloads_aborted += 1;
+        self.counts.last_abort = why.to_string();
         self.reload = None;
         let failed: Vec<WorkerId> = self
             .replacements
@@ -882,6 +916,7 @@ impl Lifecycle {
         self.slots.push(Slot {
             state: SlotState::Running,
             crashes: 0,
+            restarts: 0,
         });
         info!("SIGTTIN: adding worker {slot}");
         self.spawn(now, slot);

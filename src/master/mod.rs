@@ -11,22 +11,30 @@
 //! [`bus`] (its own thread), the [`agent`] process, the heartbeat [`health`] checks and the
 //! active [`probe`]s. Under kernel steering, [`steer`] is the supervisor's side of the BPF
 //! program that places connections instead of the acceptor.
+//!
+//! Seeing and steering it: the [`control`] socket and the [`metrics`] endpoint, each on threads
+//! of its own, read the cluster's [`status`] through the supervisor; [`logs`] writes the
+//! master's lines and its workers' captured output to stderr.
 
 pub mod acceptor;
 pub mod accounting;
 pub mod activation;
 pub mod agent;
 pub mod bus;
+pub mod control;
 pub mod diagnose;
 pub mod health;
 pub mod lifecycle;
 pub mod listener;
+pub mod logs;
+pub mod metrics;
 pub mod notify;
 pub mod probe;
 pub mod ratelimit;
 pub mod service_notify;
 pub mod shim;
 pub mod stall;
+pub mod status;
 pub mod steer;
 pub mod supervisor;
 pub mod tree;

@@ -34,7 +34,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use rcluster_proto::Mode;
 use rcluster_proto::env::{ChildEnv, Role};
 use signal_hook::consts::signal::{
-    SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGTTIN, SIGTTOU, SIGUSR1,
+    SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGTTIN, SIGTTOU, SIGUSR1, SIGUSR2,
 };
 use signal_hook_mio::v1_0::Signals;
 use socket2::Socket;
@@ -75,6 +75,9 @@ macro_rules! agent_ctx {
         }
     };
 }
+/// The supervisor's side of the control socket and metrics: answering
+/// [`crate::master::control::Ask`]s.
+mod ask;
 
 const SIGNALS: Token = Token(0);
 const WAKER: Token = Token(1);
@@ -108,6 +111,7 @@ struct SlotIo {
 /// Returns an error (exit code 1) if it cannot start or if no worker can run at all.
 pub fn run(config: Config, activated: Activated) -> anyhow::Result<()> {
     let mut sup = Supervisor::new(config, activated)?;
+    sup.open_hooks()?;
     sup.start()?;
     sup.run_loop()
 }
@@ -164,6 +168,10 @@ struct Supervisor {
     probes: Option<(Probes, Arc<ProbeSpec>)>,
     probe_results: Receiver<ProbeResult>,
     probe_tx: crossbeam_channel::Sender<ProbeResult>,
+    /// Reaped workers whose exit waits for [`Event::ChannelsRead`].
+    exits_waiting: Vec<(WorkerId, ExitStatus)>,
+    /// Control socket, metrics endpoint, pid file and the requests they bring.
+    hooks: ask::Hooks,
     /// Whether a worker exiting before it was ready has been explained (diagnose.rs; once).
     early_exit_explained: bool,
     /// The master's own service manager (NOTIFY_SOCKET), if any.
@@ -182,7 +190,7 @@ impl Supervisor {
         };
         let poll = Poll::new().context("failed to create the supervisor's poll")?;
         let mut signals = Signals::new([
-            SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGTTIN, SIGTTOU, SIGUSR1, SIGCHLD,
+            SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGTTIN, SIGTTOU, SIGUSR1, SIGUSR2, SIGCHLD,
         ])
         .context("failed to install signal handlers")?;
         // Orphaned descendants of the workers come to the master, which reaps them (as PID 1
@@ -285,6 +293,8 @@ impl Supervisor {
             }),
             probe_results,
             probe_tx,
+            exits_waiting: Vec::new(),
+            hooks: ask::Hooks::default(),
             early_exit_explained: false,
             runtime: RuntimeDir::create(notify_owner(config.credentials.as_ref()))
                 .map_err(|e| warn!("no NOTIFY_SOCKET for workers: {e}"))
@@ -521,6 +531,7 @@ impl Supervisor {
             .resolve()
             .map_err(|e| anyhow::anyhow!(e))?;
 
+        let pipes = self.output_pipes();
         let mut channels = Vec::new();
         let mut worker_fds: Vec<OwnedFd> = Vec::new();
         let fds: Vec<BorrowedFd<'_>> = match self.mode {
@@ -597,10 +608,15 @@ impl Supervisor {
             fds: &fds,
             cpus: self.slots[slot].cpus,
             die_with_parent: true,
+            stdout: pipes.as_ref().map(|p| p.stdout.1.as_fd()),
+            stderr: pipes.as_ref().map(|p| p.stderr.1.as_fd()),
             credentials: self.config.credentials.as_ref(),
         })
         .with_context(|| format!("failed to run {}", program.display()))?;
         drop(fds);
+        if let Some(pipes) = pipes {
+            self.capture_output(slot, spawned.pid, pipes);
+        }
 
         let pid = spawned.pid;
         let raw = spawned.pidfd.as_raw_fd();
@@ -765,6 +781,12 @@ impl Supervisor {
             while let Ok(ev) = self.events.try_recv() {
                 self.on_event(ev);
             }
+            // Stopping: STOPPING no longer matters, and the acceptor may be gone.
+            if self.lifecycle.phase() != Phase::Running {
+                for (id, status) in std::mem::take(&mut self.exits_waiting) {
+                    self.feed(Input::Exited { id, status });
+                }
+            }
             self.service.on_timer(Instant::now());
             if let Some((at, signal)) = self.delayed_stop
                 && Instant::now() >= at
@@ -798,6 +820,7 @@ impl Supervisor {
             self.run_probes();
             self.feed(Input::Tick);
             self.steer_tick();
+            self.on_asks();
             if let Some(t) = self.next_rss_sample
                 && Instant::now() >= t
             {
@@ -897,6 +920,7 @@ impl Supervisor {
             SIGTTIN => self.scale_up(),
             SIGTTOU => self.feed(Input::ScaleDown),
             SIGUSR1 => self.log_status(),
+            SIGUSR2 => self.log_dump(),
             _ => {}
         }
     }
@@ -1149,6 +1173,13 @@ impl Supervisor {
             Event::MaxConns(id) => Input::MaxConns { id },
             Event::Misbehaving(id) => Input::Misbehaving { id },
             Event::Reclaimed(..) => return,
+            Event::ChannelsRead(id) => match self.exits_waiting.iter().position(|e| e.0 == id) {
+                Some(i) => {
+                    let (id, status) = self.exits_waiting.swap_remove(i);
+                    Input::Exited { id, status }
+                }
+                None => return,
+            },
             Event::Drained => Input::Drained,
         };
         self.feed(input);
@@ -1158,6 +1189,9 @@ impl Supervisor {
         let Some(p) = self.procs.iter().find(|p| p.id == id) else {
             return;
         };
+        if self.exits_waiting.iter().any(|e| e.0 == id) {
+            return;
+        }
         // Whatever the worker left running in its process group goes with it.
         tree::kill_leftovers(p.pid);
         let status = match sys::waitpid_nohang(p.pid) {
@@ -1168,14 +1202,22 @@ impl Supervisor {
                 ExitStatus::Exited(-1)
             }
         };
+        let slot = p.slot;
         let never_ready = self.lifecycle.phase() == Phase::Running
             && self
                 .lifecycle
                 .worker(id)
                 .is_some_and(|w| w.state == WorkerState::Starting);
         if never_ready {
-            let slot = p.slot;
             self.explain_early_exit(slot);
+        }
+        // Dispatch mode: a worker may have said STOPPING on its channel just before exiting.
+        // The acceptor reads the channel first, so the lifecycle learns of STOPPING before the
+        // exit (events arrive in order) and a planned exit is not taken for a crash.
+        if self.acceptor.is_some() && self.lifecycle.phase() == Phase::Running {
+            self.exits_waiting.push((id, status));
+            self.send(Command::ReadChannels(id));
+            return;
         }
         self.feed(Input::Exited { id, status });
     }

@@ -971,6 +971,56 @@ pub struct SteerSlotStatus {
     pub reporting: bool,
 }
 
+/// A fresh private directory for one test's files (control sockets, scripts), removed by the
+/// caller or left in the system temp dir on failure for inspection.
+pub fn temp_dir(tag: &str) -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "rcluster-test-{tag}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create the test dir");
+    dir
+}
+
+/// The result of one `rcluster-lb ctl` run.
+#[derive(Debug)]
+pub struct CtlOutput {
+    /// Exit code.
+    pub code: i32,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+/// Runs `rcluster-lb ctl --control SOCKET ARGS`.
+pub fn ctl(socket: &std::path::Path, args: &[&str]) -> CtlOutput {
+    let mut argv: Vec<&std::ffi::OsStr> = vec!["ctl".as_ref(), "--control".as_ref()];
+    argv.push(socket.as_os_str());
+    argv.extend(args.iter().map(|a| std::ffi::OsStr::new(*a)));
+    let out = Command::new(BIN)
+        .args(&argv)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run rcluster-lb ctl");
+    CtlOutput {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// `ctl status --json`, parsed; panics with the output if it failed.
+pub fn ctl_status(socket: &std::path::Path) -> serde_json::Value {
+    let out = ctl(socket, &["status", "--json"]);
+    assert_eq!(out.code, 0, "ctl status failed: {out:?}");
+    serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("bad JSON ({e}): {out:?}"))
+}
+
 /// Whether `program` runs; prints a note when it does not, so the caller can skip.
 pub fn available(program: &str) -> bool {
     let ok = Command::new(program)

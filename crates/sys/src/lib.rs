@@ -122,26 +122,6 @@ pub fn setsockopt_int(fd: BorrowedFd<'_>, opt: libc::c_int, val: libc::c_int) ->
     Ok(())
 }
 
-/// The credentials of a unix socket's peer as the kernel recorded them at `connect(2)`
-/// (`SO_PEERCRED`, unix(7)): pid, uid, gid. The master's message bus authenticates by them.
-pub fn peer_cred(fd: BorrowedFd<'_>) -> io::Result<(Pid, u32, u32)> {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: cred and len point to valid storage of the advertised size.
-    syscall!(getsockopt(
-        fd.as_raw_fd(),
-        libc::SOL_SOCKET,
-        libc::SO_PEERCRED,
-        (&mut cred as *mut libc::ucred).cast(),
-        &mut len
-    ))?;
-    Ok((cred.pid, cred.uid, cred.gid))
-}
-
 /// The parent of process `pid`, from `/proc/PID/stat` (proc(5): the field after the
 /// parenthesised command name, which may itself contain spaces and parentheses).
 pub fn parent_pid(pid: Pid) -> io::Result<Pid> {
@@ -477,6 +457,102 @@ pub fn is_executable(path: &std::path::Path) -> bool {
     ok && std::fs::metadata(path).is_ok_and(|m| m.is_file())
 }
 
+/// `pipe2(O_CLOEXEC)`: `(read end, write end)`. Close-on-exec on both, so a worker gets the
+/// write end only where the spawn places it on its stdout or stderr.
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [-1; 2];
+    // SAFETY: fds is valid storage for two ints.
+    syscall!(pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC))?;
+    // SAFETY: pipe2 returned two new fds that nothing else owns.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Credentials of the process at the other end of a connected unix socket, as the kernel
+/// recorded them at `connect(2)`: `SO_PEERCRED` (unix(7)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerCred {
+    /// The peer's pid.
+    pub pid: Pid,
+    /// The peer's effective uid.
+    pub uid: libc::uid_t,
+    /// The peer's effective gid.
+    pub gid: libc::gid_t,
+}
+
+/// `getsockopt(SO_PEERCRED)` on a connected unix socket.
+pub fn peer_cred(fd: BorrowedFd<'_>) -> io::Result<PeerCred> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: cred and len point to valid storage of the advertised size.
+    syscall!(getsockopt(
+        fd.as_raw_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_PEERCRED,
+        (&mut cred as *mut libc::ucred).cast(),
+        &mut len
+    ))?;
+    Ok(PeerCred {
+        pid: cred.pid,
+        uid: cred.uid,
+        gid: cred.gid,
+    })
+}
+
+/// A listening TCP socket's accept queue from `TCP_INFO` (tcp(7)): on a socket in the LISTEN
+/// state the kernel reports the current queue length in `tcpi_unacked` and the backlog limit in
+/// `tcpi_sacked`. Returns `(queued, limit)`.
+pub fn listen_queue(fd: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
+    // SAFETY: tcp_info is plain integers; all-zero is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: info and len point to valid storage of the advertised size.
+    syscall!(getsockopt(
+        fd.as_raw_fd(),
+        libc::IPPROTO_TCP,
+        libc::TCP_INFO,
+        (&mut info as *mut libc::tcp_info).cast(),
+        &mut len
+    ))?;
+    if info.tcpi_state != 10 {
+        // TCP_LISTEN in the kernel's numbering: other states give these fields other meanings.
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a listening socket",
+        ));
+    }
+    Ok((info.tcpi_unacked, info.tcpi_sacked))
+}
+
+/// CPU time a process has used (user + system) in seconds, from `/proc/PID/stat` fields 14 and
+/// 15 (proc(5)), in clock ticks of `sysconf(_SC_CLK_TCK)`.
+pub fn cpu_seconds(pid: Pid) -> io::Result<f64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name (field 2) may hold spaces and parentheses: fields are counted after the
+    // last ')'.
+    let rest = text
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or(io::ErrorKind::InvalidData)?;
+    let mut fields = rest.split_ascii_whitespace();
+    // rest starts at field 3 (state); utime is field 14, stime 15.
+    let utime: u64 = fields
+        .nth(11)
+        .and_then(|f| f.parse().ok())
+        .ok_or(io::ErrorKind::InvalidData)?;
+    let stime: u64 = fields
+        .next()
+        .and_then(|f| f.parse().ok())
+        .ok_or(io::ErrorKind::InvalidData)?;
+    // SAFETY: sysconf takes a constant name.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let ticks = if ticks > 0 { ticks as f64 } else { 100.0 };
+    Ok((utime + stime) as f64 / ticks)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -524,8 +600,27 @@ mod tests {
     #[test]
     fn peer_cred_names_this_process() {
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
-        let (pid, uid, _) = peer_cred(a.as_fd()).unwrap();
-        assert_eq!((pid, uid), (getpid(), geteuid()));
+        let cred = peer_cred(a.as_fd()).unwrap();
+        assert_eq!(cred.pid, getpid());
+        assert_eq!(cred.uid, geteuid());
+    }
+
+    #[test]
+    fn listen_queue_counts_unaccepted_connections() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        assert_eq!(listen_queue(l.as_fd()).unwrap().0, 0);
+        let _c1 = std::net::TcpStream::connect(addr).unwrap();
+        let _c2 = std::net::TcpStream::connect(addr).unwrap();
+        // The handshake completes in the kernel before connect returns on loopback.
+        assert_eq!(listen_queue(l.as_fd()).unwrap().0, 2);
+        assert!(listen_queue(_c1.as_fd()).is_err(), "not a listener");
+    }
+
+    #[test]
+    fn cpu_seconds_of_self_is_readable() {
+        assert!(cpu_seconds(getpid()).unwrap() >= 0.0);
+        assert!(cpu_seconds(-1).is_err());
     }
 
     #[test]

@@ -38,7 +38,7 @@ impl Stage {
             1 => "setpgid",
             2 => "prctl(PR_SET_PDEATHSIG)",
             3 => "sched_setaffinity",
-            4 => "dup2 of the listener fds",
+            4 => "dup2 of the listener or output fds",
             5 => "execve",
             6 => "setgroups/setgid/setuid (--user/--group)",
             _ => "child setup",
@@ -94,6 +94,10 @@ pub struct SpawnSpec<'a> {
     pub cpus: Option<CpuSet>,
     /// Deliver SIGKILL to the child when the spawning thread dies.
     pub die_with_parent: bool,
+    /// Placed on the child's fd 1 (stdout) if given; otherwise it inherits the parent's.
+    pub stdout: Option<BorrowedFd<'a>>,
+    /// Placed on the child's fd 2 (stderr) if given; otherwise it inherits the parent's.
+    pub stderr: Option<BorrowedFd<'a>>,
     /// Run the child as this user/group (set before `PR_SET_PDEATHSIG`, which set*id clears).
     pub credentials: Option<&'a super::Credentials>,
 }
@@ -166,6 +170,8 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
     let nfds = spec.fds.len();
     let cpus = spec.cpus;
     let die_with_parent = spec.die_with_parent;
+    let stdout = spec.stdout.map_or(-1, |fd| fd.as_raw_fd());
+    let stderr = spec.stderr.map_or(-1, |fd| fd.as_raw_fd());
     let ids = spec.credentials.map(|c| ChildIds {
         uid: c.uid,
         gid: c.gid,
@@ -202,6 +208,8 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
                 src_fds: &src_fds[..nfds],
                 cpus: cpus.as_ref(),
                 die_with_parent,
+                stdout,
+                stderr,
                 ids,
                 parent,
                 err_fd: err_w.as_raw_fd(),
@@ -281,6 +289,8 @@ struct ChildArgs<'a> {
     src_fds: &'a [libc::c_int],
     cpus: Option<&'a CpuSet>,
     die_with_parent: bool,
+    stdout: libc::c_int,
+    stderr: libc::c_int,
     ids: Option<ChildIds>,
     parent: Pid,
     err_fd: libc::c_int,
@@ -349,6 +359,15 @@ unsafe fn child_after_fork(a: ChildArgs<'_>) -> ! {
             && libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), set.raw()) == -1
         {
             fail(Stage::Affinity);
+        }
+
+        // Output pipes onto 1 and 2 first: the pipes are above 2, so this moves nothing the
+        // listener placement below needs, and dup2 clears close-on-exec on the copies.
+        if a.stdout >= 0 && libc::dup2(a.stdout, 1) == -1 {
+            fail(Stage::Dup);
+        }
+        if a.stderr >= 0 && libc::dup2(a.stderr, 2) == -1 {
+            fail(Stage::Dup);
         }
 
         // Place fds at 3, 4, …: first move every source above the target range (a source may
@@ -432,6 +451,8 @@ mod tests {
             fds: &fds,
             cpus: None,
             die_with_parent: true,
+            stdout: None,
+            stderr: None,
             credentials: None,
         })
         .unwrap();
@@ -460,10 +481,48 @@ mod tests {
             fds: &[],
             cpus: None,
             die_with_parent: true,
+            stdout: None,
+            stderr: None,
             credentials: None,
         })
         .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
         assert!(err.to_string().contains("execve"), "{err}");
+    }
+
+    #[test]
+    fn stdout_and_stderr_go_to_the_given_pipes() {
+        let (out_r, out_w) = crate::pipe().unwrap();
+        let (err_r, err_w) = crate::pipe().unwrap();
+        let args: Vec<&OsStr> = vec![
+            OsStr::new("sh"),
+            OsStr::new("-c"),
+            OsStr::new("echo to-out; echo to-err >&2"),
+        ];
+        let child = spawn(&SpawnSpec {
+            program: Path::new("/bin/sh"),
+            args: &args,
+            env: &[],
+            listen_pid: false,
+            fds: &[],
+            cpus: None,
+            die_with_parent: true,
+            stdout: Some(out_w.as_fd()),
+            stderr: Some(err_w.as_fd()),
+            credentials: None,
+        })
+        .unwrap();
+        drop((out_w, err_w));
+        assert_eq!(
+            crate::waitpid_blocking(child.pid).unwrap(),
+            crate::ExitStatus::Exited(0)
+        );
+        let read_all = |fd: OwnedFd| {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut std::fs::File::from(fd), &mut s).unwrap();
+            s
+        };
+        assert_eq!(read_all(out_r), "to-out\n");
+        assert_eq!(read_all(err_r), "to-err\n");
     }
 }

@@ -363,22 +363,44 @@ impl Worker {
     ) -> Result<(), WorkerError> {
         for listener in &self.listeners {
             if let ListenerKind::Channel(chan) = &listener.kind {
-                chan.send(msg, 0).map_err(|source| WorkerError::Channel {
-                    what,
-                    index: listener.index,
-                    source,
-                })?;
+                match chan.send(msg, 0) {
+                    Ok(_) => {}
+                    // STOPPING to a master that closed the channel (it is stopping us, or gone)
+                    // tells nobody anything: not an error.
+                    Err(e) if msg == ToMaster::Stopping && is_peer_gone(&e) => {}
+                    Err(source) => {
+                        return Err(WorkerError::Channel {
+                            what,
+                            index: listener.index,
+                            source,
+                        });
+                    }
+                }
             }
         }
         if let Some(addr) = &self.contract.notify_socket {
-            notify(addr, datagram).map_err(|source| WorkerError::Notify {
-                what: notify_what,
-                addr: addr.clone(),
-                source,
-            })?;
+            match notify(addr, datagram) {
+                Ok(()) => {}
+                Err(e) if msg == ToMaster::Stopping && is_peer_gone(&e) => {}
+                Err(source) => {
+                    return Err(WorkerError::Notify {
+                        what: notify_what,
+                        addr: addr.clone(),
+                        source,
+                    });
+                }
+            }
         }
         Ok(())
     }
+}
+
+/// EPIPE, ECONNRESET, ECONNREFUSED: nobody is at the other end any more.
+fn is_peer_gone(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EPIPE | libc::ECONNRESET | libc::ECONNREFUSED)
+    )
 }
 
 /// One of the worker's listeners (fd `3+i`): a dispatch channel or a listening TCP socket.
