@@ -182,8 +182,23 @@ struct Supervisor {
 
 impl Supervisor {
     fn new(config: Config, activated: Activated) -> anyhow::Result<Self> {
-        // Kernel steering gives the workers their own listeners, as in reuseport mode.
-        let mut steer = steer::start(&config)?;
+        // Kernel steering gives the workers their own listeners, as in reuseport mode: not with
+        // sockets a service manager handed over (they need not be SO_REUSEPORT).
+        let mut steer = if activated.is_empty() {
+            steer::start(&config)?
+        } else {
+            if config.steer == crate::cli::Steer::Kernel {
+                bail!(
+                    "--steer kernel: the listeners are socket-activated; the steering program needs the master's own SO_REUSEPORT listeners"
+                );
+            }
+            if config.steer == crate::cli::Steer::Auto
+                && crate::steer::SteerPolicy::for_policy(config.policy).is_some()
+            {
+                info!("steering: dispatch: the listeners are socket-activated");
+            }
+            None
+        };
         let mode = match steer {
             Some(_) => Mode::Reuseport,
             None => config.policy.mode(),
