@@ -776,11 +776,15 @@ fn node_least_conn_never_ties_onto_a_busy_worker() {
     }
     let dir = TempDir::new("node-spin");
     let app = dir.write("app.js", NODE_SPIN_APP);
+    // The master's own dispatch (its status dump counts dispatches); kernel steering's busy
+    // worker test is tests/steer.rs's.
     let cluster = TestCluster::start(&[
         "--workers",
         "2",
         "--policy",
         "least-conn",
+        "--steer",
+        "dispatch",
         "--",
         "node",
         &app,
