@@ -254,10 +254,18 @@ fn sigterm_serves_connections_already_dispatched() {
         "round-robin",
         "--grace",
         "20s",
+        // Long enough that stall detection does not take the queue back first.
+        "--stall-timeout",
+        "60s",
     ]);
     let addr = cluster.addr();
     let workers = cluster.wait_for_workers(2);
     per_worker(&get_many(addr, "/", 10, 2));
+    // Closes are reported once per event-loop turn: wait until all 10 are, so the worker is
+    // not stopped with one still unreported.
+    wait_until("the first 10 are reported closed", || {
+        status_dispatched_closed(&cluster) >= 10
+    });
     // One worker stops taking connections; round-robin queues every other one in its channel.
     kill(workers[0], libc::SIGSTOP);
     let clients = std::thread::spawn(move || get_many(addr, "/", 20, 20));
