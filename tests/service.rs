@@ -275,7 +275,7 @@ fn shutdown_delay_keeps_serving_until_a_second_signal() {
     // A second signal during the delay starts the graceful stop at once.
     cluster.signal(libc::SIGQUIT);
     assert_eq!(cluster.wait_exit(DEADLINE).code(), Some(0));
-    assert!(cluster.log_contains("shutdown complete"));
+    cluster.wait_for_log("shutdown complete", DEADLINE);
 }
 
 /// A worker that says which signal stopped it and which PM2 instance it is, on the master's
