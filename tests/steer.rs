@@ -169,16 +169,19 @@ fn closed_listener_queue_migrates_without_resets() {
     }
     // Round-robin: half of the connections go to worker 1 even while it is stopped, so they
     // wait in its listener's queue.
-    let cluster = TestCluster::start(&[
-        "--steer",
-        "kernel",
-        "-p",
-        "round-robin",
-        "-w",
-        "2",
-        "--grace",
-        "1s",
-    ]);
+    let cluster = start_steered(
+        &[
+            "--steer",
+            "kernel",
+            "-p",
+            "round-robin",
+            "-w",
+            "2",
+            "--grace",
+            "1s",
+        ],
+        2,
+    );
     let pids = cluster.wait_for_workers(2);
     let stopped = {
         // Worker 1's pid: ask it.
