@@ -14,6 +14,7 @@ fn table(n: usize) -> Vec<WorkerStat> {
             open: 1,
             queued: (i % 3 == 0) as u32,
             progress: (i * 31) as u32,
+            stuck: i % 5 == 4,
         })
         .collect()
 }

@@ -22,6 +22,13 @@
 //! changed, the policy picks again on the fresh table. Channel seen empty after a dispatch, or
 //! a CLOSED report, stamps the worker's `progress` (see [`crate::policy`] for how the policies
 //! use both).
+//!
+//! Stuck workers: once per wake-up, before accepting, the channel of each worker that may have
+//! something untaken is read again (at most every 250 µs per worker). A worker whose channel
+//! held something untaken at every read for [`STUCK_AFTER`] (1 ms), with nothing taken and
+//! no close reported meanwhile, is marked `stuck`, and the load-reading policies pass it over
+//! while any other worker pulls: a single-threaded server inside a long request gets no
+//! connection to wait behind it. The mark goes as soon as it takes or closes something.
 
 use std::collections::VecDeque;
 use std::io;
@@ -37,7 +44,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use crate::master::accounting::{self, Conduct};
 use crate::master::ratelimit::{LogLimiter, Verdict};
 use crate::master::stall::{self, QueueWatch};
-use crate::policy::{Policy, WorkerStat};
+use crate::policy::{Policy, STUCK_AFTER, WorkerStat};
 use crate::sys::scm::{self, SendBatch};
 use crate::sys::{self, Pid};
 use rcluster_proto::{HEADER_LEN, MAX_FDS_PER_CONN, MAX_LISTENERS, ToMaster, ToWorker};
@@ -327,6 +334,8 @@ struct Entry {
     /// one sent down its channel (its progress stamp once the channel is seen empty).
     last_placed: u64,
     last_sent: u64,
+    /// Samples of its pull (see [`Acceptor::refresh`]).
+    pull: Pull,
     id: WorkerId,
     slot: usize,
     pid: Pid,
@@ -351,6 +360,34 @@ struct Entry {
     /// Rate limit of the FULL/resume lines.
     full_log: LogLimiter,
 }
+
+/// What the acceptor last saw of a worker pulling connections from its channel.
+struct Pull {
+    /// When it last showed progress: took a connection, reported a close, became ready, or
+    /// was first seen with something untaken.
+    progress_at: Instant,
+    /// Untaken connections and connections taken in all, at the last read of its channel.
+    seen_untaken: usize,
+    seen_taken: u64,
+    /// [`Acceptor::mark_stuck`] reads its channel again no earlier than this.
+    next_look: Instant,
+}
+
+impl Pull {
+    fn new(now: Instant) -> Self {
+        Pull {
+            progress_at: now,
+            seen_untaken: 0,
+            seen_taken: 0,
+            next_look: now,
+        }
+    }
+}
+
+/// How often [`Acceptor::mark_stuck`] may read one worker's channel: a quarter of
+/// [`STUCK_AFTER`], so a worker that stops pulling is marked within 1.25 times it.
+const PULL_LOOK: Duration = Duration::from_micros(250);
+const _: () = assert!(PULL_LOOK.as_nanos() * 4 == STUCK_AFTER.as_nanos());
 
 struct Pending {
     listener: usize,
@@ -532,6 +569,7 @@ impl Acceptor {
             self.accept_paused_until = None;
         }
         self.flush_all();
+        self.mark_stuck();
         self.accept_all();
         self.flush_all();
         self.check_stalls();
@@ -702,6 +740,7 @@ impl Acceptor {
             full_log: LogLimiter::default(),
             last_placed: 0,
             last_sent: 0,
+            pull: Pull::new(Instant::now()),
         });
         self.stats.push(WorkerStat::default());
         self.refresh_open();
@@ -751,6 +790,8 @@ impl Acceptor {
                 // wins the next tie instead of waiting behind the others' fresher stamps
                 // (which, at low concurrency, could leave it without a single connection).
                 self.stats[i].progress = self.stamp(self.seq);
+                self.stats[i].stuck = false;
+                self.entries[i].pull.progress_at = Instant::now();
             }
             self.entries[i].state = state;
             self.refresh_open();
@@ -880,6 +921,8 @@ impl Acceptor {
         self.stats[i].active = active.min(u64::from(u32::MAX)) as u32;
         if closed_any {
             self.stats[i].progress = stamp;
+            self.stats[i].stuck = false;
+            self.entries[i].pull.progress_at = Instant::now();
         }
         // Reported to the lifecycle, the single source of truth for the worker's state, which
         // answers with Ready (open) or Drain (close and reclaim). One shortcut: a worker still
@@ -1004,6 +1047,8 @@ impl Acceptor {
         entry.dispatched = entry.dispatched.saturating_sub(taken.len() as u64);
         self.stats[i].active = entry.dispatched.saturating_sub(entry.closed) as u32;
         self.stats[i].queued = 0;
+        self.stats[i].stuck = false;
+        entry.pull = Pull::new(Instant::now());
         info!(
             "reclaimed {} queued connections from worker {} (pid {})",
             taken.len(),
@@ -1366,8 +1411,13 @@ impl Acceptor {
     }
 
     /// Re-reads how many of worker `i`'s connections are still untaken; `true` if its
-    /// `queued` or `progress` changed. No system call when nothing was sent since the figure
-    /// was last known (it is 0, or everything counted is still in the master's batch).
+    /// `queued`, `progress` or `stuck` changed. No system call when nothing was sent since the
+    /// figure was last known (it is 0, or everything counted is still in the master's batch).
+    ///
+    /// Each read is also a sample of the worker's pull: it is stuck when the channel has held
+    /// something untaken at every read for [`STUCK_AFTER`] and nothing was taken between them
+    /// (the clock starts at the first read that finds something untaken, so an idle worker
+    /// that was just sent a connection is not stuck).
     fn refresh(&mut self, i: usize) -> bool {
         let (Some(entry), Some(stat)) = (self.entries.get(i), self.stats.get(i)) else {
             return false;
@@ -1375,6 +1425,7 @@ impl Acceptor {
         let batched: usize = entry.channels.iter().map(|c| c.batch.len()).sum();
         let queued = stat.queued as usize;
         if queued <= batched {
+            self.entries[i].pull.seen_untaken = 0;
             return false;
         }
         let mut messages = 0usize;
@@ -1395,11 +1446,46 @@ impl Acceptor {
         } else {
             stat.progress
         };
+        // Connections the worker has taken, ever: sent (placed minus still batched) minus
+        // untaken. Probes are sent outside `dispatched`, hence saturating.
+        let taken = entry
+            .dispatched
+            .saturating_sub(batched as u64)
+            .saturating_sub(untaken as u64);
+        let now = Instant::now();
+        let pull = &mut self.entries[i].pull;
+        if untaken == 0 || pull.seen_untaken == 0 || taken != pull.seen_taken {
+            pull.progress_at = now;
+        }
+        pull.seen_untaken = untaken;
+        pull.seen_taken = taken;
+        let stuck = untaken > 0 && now.saturating_duration_since(pull.progress_at) >= STUCK_AFTER;
         let stat = &mut self.stats[i];
-        let changed = fresh != stat.queued || progress != stat.progress;
+        let changed = fresh != stat.queued || progress != stat.progress || stuck != stat.stuck;
         stat.queued = fresh;
         stat.progress = progress;
+        stat.stuck = stuck;
         changed
+    }
+
+    /// Once per wake-up, before accepting: re-reads the channel of every worker that may have
+    /// something untaken, at most every [`PULL_LOOK`] per worker, so `stuck` is set on a worker
+    /// that stopped pulling (and cleared on one that resumed) before the next picks. A
+    /// `SIOCOUTQ` per such worker and look; none for workers known to have taken everything.
+    fn mark_stuck(&mut self) {
+        if !self.fresh_signals || self.stats.len() < 2 {
+            return;
+        }
+        let now = Instant::now();
+        for i in 0..self.entries.len() {
+            let (entry, stat) = (&self.entries[i], &self.stats[i]);
+            let batched: usize = entry.channels.iter().map(|c| c.batch.len()).sum();
+            if (stat.queued as usize) <= batched || now < entry.pull.next_look {
+                continue;
+            }
+            self.entries[i].pull.next_look = now + PULL_LOOK;
+            self.refresh(i);
+        }
     }
 
     /// The progress stamp of connection number `seq`: its low 32 bits, or 0 if it is from
@@ -1536,20 +1622,26 @@ mod tests {
 
         /// Reads every CONN queued for each fake worker; returns how many each got now.
         fn take(&mut self) -> Vec<usize> {
-            let mut got = vec![0; self.workers.len()];
-            for (w, end) in self.workers.iter().enumerate() {
-                let mut buf = [0u8; HEADER_LEN];
-                let mut fds = Vec::new();
-                while let Ok(m) =
-                    scm::recvmsg_fds(end.as_fd(), &mut buf, libc::MSG_DONTWAIT, &mut fds)
-                {
-                    assert!(matches!(
-                        ToWorker::decode(&buf[..m.len]),
-                        Ok(ToWorker::Conn { .. })
-                    ));
-                    got[w] += fds.len();
-                    self.received[w].append(&mut fds);
-                }
+            (0..self.workers.len()).map(|w| self.take_from(w)).collect()
+        }
+
+        /// Reads every CONN queued for fake worker `w`; returns how many it got now.
+        fn take_from(&mut self, w: usize) -> usize {
+            let mut got = 0;
+            let mut buf = [0u8; HEADER_LEN];
+            let mut fds = Vec::new();
+            while let Ok(m) = scm::recvmsg_fds(
+                self.workers[w].as_fd(),
+                &mut buf,
+                libc::MSG_DONTWAIT,
+                &mut fds,
+            ) {
+                assert!(matches!(
+                    ToWorker::decode(&buf[..m.len]),
+                    Ok(ToWorker::Conn { .. })
+                ));
+                got += fds.len();
+                self.received[w].append(&mut fds);
             }
             got
         }
@@ -1575,17 +1667,18 @@ mod tests {
             total
         }
 
-        /// Connects `n` clients and turns until the master has accepted and queued them all,
-        /// without the fake workers reading anything.
+        /// Connects `n` more clients and turns until the master has accepted and queued them
+        /// all, without the fake workers reading anything.
         fn connect_unread(&mut self, n: usize) {
+            let until = self.acceptor.seq + n as u64;
             for _ in 0..n {
                 self.clients.push(TcpStream::connect(self.addr).unwrap());
             }
             let deadline = Instant::now() + DEADLINE;
-            while self.acceptor.seq < n as u64 {
+            while self.acceptor.seq < until {
                 assert!(
                     Instant::now() < deadline,
-                    "accepted {} of {n}",
+                    "accepted {} of {until}",
                     self.acceptor.seq
                 );
                 self.turn();
@@ -1680,6 +1773,58 @@ mod tests {
         rig.received[0].clear();
         rig.say(0, ToMaster::Closed { count: 1 });
         assert_eq!(rig.connect(1), [1, 0]);
+    }
+
+    #[test]
+    fn a_worker_that_stops_pulling_is_passed_over_whatever_the_counts() {
+        let mut rig = Rig::new(2, PolicyKind::LeastConn);
+        rig.command(Command::Ready(0));
+        rig.command(Command::Ready(1));
+        assert_eq!(rig.connect(4), [2, 2]);
+        // Worker 1 finishes both of its connections, then stops pulling (a single-threaded
+        // server inside a long request): the next connection, which least-conn gives it (0
+        // active against 2), stays untaken.
+        rig.say(1, ToMaster::Closed { count: 2 });
+        rig.connect_unread(1);
+        assert_eq!(rig.acceptor.seq, 5);
+        assert!(!rig.acceptor.stats[1].stuck);
+        // Reads of its channel at least STUCK_AFTER apart find it still untaken.
+        for _ in 0..3 {
+            std::thread::sleep(STUCK_AFTER * 2);
+            rig.turn();
+        }
+        assert!(rig.acceptor.stats[1].stuck, "{:?}", rig.acceptor.stats);
+        // Now worker 0, which keeps pulling, gets every new connection although it holds more.
+        for _ in 0..3 {
+            rig.clients.push(TcpStream::connect(rig.addr).unwrap());
+        }
+        let deadline = Instant::now() + DEADLINE;
+        let mut to_0 = 0;
+        while rig.acceptor.seq < 8 {
+            assert!(Instant::now() < deadline, "accepted {}", rig.acceptor.seq);
+            rig.turn();
+            to_0 += rig.take_from(0);
+        }
+        assert_eq!((to_0 + rig.take_from(0), rig.take_from(1)), (3, 1));
+        // Worker 1 took its connection (above): it is back once its channel is read empty.
+        std::thread::sleep(PULL_LOOK * 2);
+        rig.turn();
+        assert!(!rig.acceptor.stats[1].stuck);
+        assert_eq!(rig.connect(1), [0, 1]);
+    }
+
+    #[test]
+    fn a_worker_just_sent_a_connection_is_not_stuck() {
+        let mut rig = Rig::new(2, PolicyKind::LeastConn);
+        rig.command(Command::Ready(0));
+        rig.command(Command::Ready(1));
+        // Long idle, then one connection it has not read yet: the clock starts at the first
+        // read that finds it untaken, not at its last progress.
+        std::thread::sleep(STUCK_AFTER * 3);
+        rig.connect_unread(1);
+        assert_eq!(rig.acceptor.seq, 1);
+        rig.turn();
+        assert!(rig.acceptor.stats.iter().all(|s| !s.stuck));
     }
 
     #[test]

@@ -1,7 +1,8 @@
-//! `least-conn`: the open worker with the smallest [`load_key`]: fewest active connections
-//! (dispatched minus closed, which includes those still queued in its channel); among equals, one
-//! with nothing untaken in its channel; then the one that most recently proved progress (a CLOSED
-//! arrived, or it took what it was sent); remaining ties rotate. The module docs of
+//! `least-conn`: the open worker with the smallest [`load_key`]: one that is not stuck; then
+//! fewest active connections (dispatched minus closed, which includes those still queued in its
+//! channel); among equals, one with nothing untaken in its channel; then the one that most
+//! recently proved progress (a CLOSED arrived, or it took what it was sent); remaining ties
+//! rotate. The module docs of
 //! [`crate::policy`] say why.
 
 use super::{Policy, WorkerStat, load_key, min_open_from};
@@ -58,8 +59,24 @@ mod tests {
         // Something untaken in worker 1's channel outweighs its progress...
         w[1].queued = 1;
         assert_eq!(lc.pick(&w, 0), Some(0));
-        // ...but not an active count: fewer connections always win.
+        // ...but not an active count: fewer connections win among workers that pull.
         w[0].active = 2;
         assert_eq!(lc.pick(&w, 0), Some(1));
+    }
+
+    /// A worker inside a long request holds one connection; its peer serves three short ones.
+    /// Once the first is stuck (it left a connection untaken), the peer gets everything.
+    #[test]
+    fn a_stuck_worker_loses_whatever_the_counts() {
+        let mut w = open_with_active(&[2, 3]);
+        w[0].queued = 1;
+        w[0].stuck = true;
+        let mut lc = LeastConn::default();
+        for _ in 0..5 {
+            assert_eq!(lc.pick(&w, 0), Some(1));
+        }
+        // Among stuck workers the counts decide again.
+        w[1].stuck = true;
+        assert_eq!(lc.pick(&w, 0), Some(0));
     }
 }

@@ -1,10 +1,11 @@
-//! `least-mem`: the open worker with the smallest resident memory (sampled RSS). Workers within
+//! `least-mem`: a worker that is not stuck (see [`crate::policy`]) before one that is; then the
+//! open worker with the smallest resident memory (sampled RSS). Workers within
 //! [`rss_tolerance_kib`] of the smallest count as tied, and ties go by fewest active
 //! connections, then by the rest of [`load_key`] (busy, progress), then round-robin: without the
 //! tolerance the worker a few hundred KiB smaller than its peers would take every connection
 //! until its next sample.
 
-use super::{Policy, WorkerStat, load_key, min_open_from};
+use super::{Policy, STUCK_BIT, WorkerStat, load_key, min_open_from};
 
 /// Workers whose RSS is within this much of the smallest open worker's are treated as equal:
 /// 1/8 of the smallest, and at least 16 MiB, so equal servers share by least-conn while one that
@@ -30,11 +31,13 @@ impl Policy for LeastMem {
             .map(|w| w.rss_kib)
             .min()?;
         let near = smallest.saturating_add(rss_tolerance_kib(smallest));
-        // One u64 key: the top bit set when the RSS is beyond the tolerance (the smallest is
-        // always within it, so a worker beyond never beats one within), then the least-conn
-        // load key (63 bits), whose low bits the scan fills with the rotation.
+        // One u64 key: the load key's `stuck` bit moved to the top, then a bit set when the
+        // RSS is beyond the tolerance (the smallest is always within it, so a worker beyond
+        // never beats one within), then the rest of the least-conn load key, whose low bits
+        // the scan fills with the rotation.
         let i = min_open_from(workers, listener, self.next, |w| {
-            (u64::from(w.rss_kib > near) << 63) | load_key(w)
+            let key = load_key(w);
+            ((key & STUCK_BIT) << 1) | (u64::from(w.rss_kib > near) << 62) | (key & !STUCK_BIT)
         })?;
         self.next = i + 1;
         Some(i)

@@ -9,12 +9,13 @@
 //!
 //! | field | bits | meaning |
 //! |---|---|---|
-//! | `active` | 19 | dispatched − closed (saturating at 2^19 − 1): join-the-shortest-queue |
+//! | `stuck` | 1 | connections have sat untaken in its channel for [`STUCK_AFTER`] with no sign of progress |
+//! | `active` | 18 | dispatched − closed (saturating at 2^18 − 1): join-the-shortest-queue |
 //! | `busy` | 1 | `queued > 0`: connections sit untaken in its channel (or the master's batch) |
 //! | staleness | 32 | `!progress`: the worker that most recently proved it makes progress wins |
 //! | rotation | 11 | position after the policy's cursor (least-conn), so remaining ties rotate |
 //!
-//! `least-mem` puts one more bit on top (RSS beyond the tolerance of the smallest).
+//! `least-mem` puts its RSS bit (beyond the tolerance of the smallest) just below `stuck`.
 //!
 //! Why this order: `active` is what least-connections means, and it is exact up to the lag of
 //! CLOSED reports (a worker closes, the client reconnects, the master accepts before the CLOSED
@@ -29,6 +30,18 @@
 //! `busy` is set too. Among workers that all progress, the most recent wins: the same
 //! last-in-first-out choice the kernel makes when it wakes the most recently idle waiter on a
 //! shared accept queue, which keeps a cache-warm worker serving at low load.
+//!
+//! Why `stuck` outranks `active`: a single-threaded server (node, a Python event loop) in a
+//! long request takes nothing and closes nothing until it ends, so its count stays low while
+//! a peer that keeps serving short requests holds a few more; by counts alone the stuck worker
+//! wins, and every connection sent to it waits out the long request (the heavy-tailed
+//! benchmark's p99 with node workers). Untaken connections older than [`STUCK_AFTER`] are
+//! proof that it is not pulling: it loses to every worker that is, whatever the counts, which
+//! is what a shared accept queue does (only a worker that calls `accept` gets a connection).
+//! Among stuck workers the counts decide again. The acceptor sets the bit (see
+//! `master::acceptor`); a worker that takes everything it was sent, or reports a close, is
+//! cleared at once. Servers that take connections on a thread of their own (the Rust worker
+//! API, the demo worker) are never stuck while that thread runs.
 
 mod least_conn;
 mod least_mem;
@@ -59,7 +72,17 @@ pub struct WorkerStat {
     /// was seen empty after a dispatch), as the acceptor's connection counter; larger is more
     /// recent. Restarts at 0 for every worker when the counter's low 32 bits wrap.
     pub progress: u32,
+    /// Connections have waited untaken in its channel for at least [`STUCK_AFTER`] and it
+    /// showed no progress meanwhile: it is not pulling now (the module docs say why this
+    /// outranks `active`).
+    pub stuck: bool,
 }
+
+/// How long connections may sit untaken in a worker's channel, with no close reported and
+/// nothing taken, before the worker counts as stuck. Well above one event-loop turn of a busy
+/// server (a few hundred microseconds here), well below the long requests a heavy-tailed mix
+/// holds a worker in (tens of milliseconds).
+pub const STUCK_AFTER: std::time::Duration = std::time::Duration::from_millis(1);
 
 impl WorkerStat {
     /// Whether a connection from listener `listener` may go to this worker now.
@@ -247,16 +270,20 @@ fn min_open_from(
 }
 
 /// Largest `active` count the load key distinguishes.
-pub const ACTIVE_MAX: u32 = (1 << 19) - 1;
+pub const ACTIVE_MAX: u32 = (1 << 18) - 1;
 
-/// The load key of the module docs without the rotation bits (they are zero): active
+/// The `stuck` bit of [`load_key`] (its highest).
+pub const STUCK_BIT: u64 = 1 << 62;
+
+/// The load key of the module docs without the rotation bits (they are zero): stuck, active
 /// connections, then busy, then staleness of progress. Uses the low 63 bits.
 #[inline]
 pub fn load_key(w: &WorkerStat) -> u64 {
+    let stuck = u64::from(w.stuck);
     let active = u64::from(w.active.min(ACTIVE_MAX));
     let busy = u64::from(w.queued != 0);
     let stale = u64::from(!w.progress);
-    ((active << 33) | (busy << 32) | stale) << ROTATION_BITS
+    ((stuck << 51) | (active << 33) | (busy << 32) | stale) << ROTATION_BITS
 }
 
 #[cfg(test)]
@@ -300,14 +327,22 @@ mod tests {
     }
 
     #[test]
-    fn load_key_orders_active_then_busy_then_progress() {
+    fn load_key_orders_stuck_then_active_then_busy_then_progress() {
         let w = |active, queued, progress| WorkerStat {
             active,
             queued,
             progress,
             open: 1,
             rss_kib: 0,
+            stuck: false,
         };
+        // A stuck worker loses to any other, whatever the counts.
+        let stuck = WorkerStat {
+            stuck: true,
+            ..w(0, 1, u32::MAX)
+        };
+        assert!(load_key(&w(ACTIVE_MAX, 5, 0)) < load_key(&stuck));
+        assert_eq!(load_key(&stuck) & STUCK_BIT, STUCK_BIT);
         // Fewer active connections win over everything below.
         assert!(load_key(&w(1, 5, 0)) < load_key(&w(2, 0, u32::MAX)));
         // Among equals, nothing untaken wins over progress.
@@ -315,7 +350,10 @@ mod tests {
         // Then the more recent progress.
         assert!(load_key(&w(1, 0, 9)) < load_key(&w(1, 0, 8)));
         // Saturation keeps the order total and the rotation bits and the top bit free.
-        let max = load_key(&w(u32::MAX, u32::MAX, 0));
+        let max = load_key(&WorkerStat {
+            stuck: true,
+            ..w(u32::MAX, u32::MAX, 0)
+        });
         assert_eq!(max & ((1 << ROTATION_BITS) - 1), 0);
         assert_eq!(max >> 63, 0);
         assert!(load_key(&w(ACTIVE_MAX - 1, 1, 0)) < max);

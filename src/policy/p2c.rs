@@ -1,6 +1,6 @@
 //! `p2c`: power of two choices: two distinct open workers at random, the one with the smaller
-//! [`load_key`] wins (fewer active connections; among equals, nothing untaken in its channel,
-//! then the more recent progress). O(1) when both draws hit open workers.
+//! [`load_key`] wins (not stuck; then fewer active connections; among equals, nothing untaken
+//! in its channel, then the more recent progress). O(1) when both draws hit open workers.
 
 use super::{Policy, WorkerStat, load_key, min_open_from};
 
