@@ -172,15 +172,17 @@ pub unsafe fn accept(
             }
         };
         l.received(conn);
+        // One getpid for the whole hand-off (a real system call: see `Shim::pid`).
+        let pid = shim.pid();
         // Track it before anyone can learn the number (conns.rs).
-        match shim.conns.mark(conn, l.index, shim.pid()) {
-            Marked::Fresh => shim.opened(l),
+        match shim.conns.mark(conn, l.index, pid) {
+            Marked::Fresh => shim.opened(l, pid),
             Marked::Stale(i) => {
-                shim.conn_closed(i, shim.pid(), false);
-                shim.opened(l);
+                shim.conn_closed(i, pid, false);
+                shim.opened(l, pid);
             }
             // Cannot watch its close: report it finished now rather than never.
-            Marked::Untracked => l.conn_closed(1, shim.pid(), false),
+            Marked::Untracked => l.conn_closed(1, pid, false),
         }
         // What a connection accepted from a TCP listener would have inherited from it.
         l.opts.apply(conn);

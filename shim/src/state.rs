@@ -568,10 +568,9 @@ impl Shim {
         });
     }
 
-    /// Records a connection handed out from listener `l` to this process (procs.rs); when it
-    /// cannot be accounted, it is reported closed at once.
-    pub fn opened(&self, l: &Listener) {
-        let pid = self.pid();
+    /// Records a connection handed out from listener `l` to this process, `pid` (procs.rs);
+    /// when it cannot be accounted, it is reported closed at once.
+    pub fn opened(&self, l: &Listener, pid: u32) {
         let counted = self.procs.opened(pid, l.index, |i, n| {
             if let Some(dead) = self.listener(i) {
                 dead.conn_closed(n, pid, false);
