@@ -796,3 +796,31 @@ fn node_least_conn_never_ties_onto_a_busy_worker() {
     }
     busy_worker_trials(&cluster, "/", body_pid);
 }
+
+/// A node worker inside a long request holds fewer connections than its peer, so by counts it
+/// would win every pick: once a connection has sat untaken on it, none of the next short
+/// requests goes there.
+#[test]
+fn node_least_conn_passes_over_a_worker_stuck_in_a_long_request() {
+    if !available("node") {
+        return;
+    }
+    let dir = TempDir::new("node-stuck");
+    let app = dir.write("app.js", NODE_SPIN_APP);
+    let cluster = TestCluster::start(&[
+        "--workers",
+        "2",
+        "--policy",
+        "least-conn",
+        "--steer",
+        "dispatch",
+        "--",
+        "node",
+        &app,
+    ]);
+    cluster.wait_for_workers(2);
+    for _ in 0..4 {
+        assert_eq!(get(cluster.addr(), "/").unwrap().status, 200);
+    }
+    stuck_worker_trial(&cluster, "/", body_pid);
+}

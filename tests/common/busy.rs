@@ -18,49 +18,7 @@ pub fn busy_worker_trials(cluster: &TestCluster, short_path: &str, pid_of: fn(&R
     let addr = cluster.addr();
     let mut to_busy = Vec::with_capacity(BUSY_TRIALS);
     for trial in 0..BUSY_TRIALS {
-        let before: Vec<(i32, u64)> = cluster
-            .status()
-            .iter()
-            .map(|s| (s.pid, s.dispatched))
-            .collect();
-        let long = std::thread::spawn(move || get(addr, "/?us=2000000"));
-        // The busy worker: the one the master handed the long request to.
-        let deadline = Instant::now() + DEADLINE;
-        let busy = loop {
-            let now = cluster.status();
-            let grown: Vec<i32> = now
-                .iter()
-                .filter(|s| {
-                    before
-                        .iter()
-                        .find(|(pid, _)| *pid == s.pid)
-                        .is_none_or(|(_, d)| s.dispatched > *d)
-                })
-                .map(|s| s.pid)
-                .collect();
-            if let [pid] = grown[..] {
-                break pid;
-            }
-            assert!(grown.len() < 2, "trial {trial}: nothing else is running");
-            assert!(
-                Instant::now() < deadline,
-                "trial {trial}: the long request was never dispatched"
-            );
-            std::thread::sleep(Duration::from_millis(2));
-        };
-        // In flight means running: the request may reach the worker some time after the
-        // connection did (a client thread descheduled between connect and write), and until it
-        // does the worker is idle and rightly takes short requests. Wait until the worker has
-        // burnt 30 ms of CPU on it (the spin is 2 s of wall time, so a loaded machine gives it
-        // less CPU than that, but not this little).
-        let start = cpu_ticks(busy);
-        while cpu_ticks(busy) < start + ticks_per_second() * 3 / 100 {
-            assert!(
-                !long.is_finished(),
-                "trial {trial}: the long request ended before it was seen running"
-            );
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        let (long, busy) = start_long_request(cluster, &format!("trial {trial}"));
         let (mut count, mut checked) = (0, 0);
         for _ in 0..BUSY_SHORT {
             let r = get(addr, short_path).expect("short request");
@@ -90,6 +48,164 @@ pub fn busy_worker_trials(cluster: &TestCluster, short_path: &str, pid_of: fn(&R
         checked >= BUSY_TRIALS,
         "too few short requests ran while a long one did: {to_busy:?}"
     );
+}
+
+/// Sends the long request (`?us=2000000`) from a thread, finds the worker the master handed it
+/// to (the only one whose dispatched count grew) and waits until that worker is running it.
+/// Returns the request's thread and the busy worker's pid.
+fn start_long_request(
+    cluster: &TestCluster,
+    what: &str,
+) -> (std::thread::JoinHandle<std::io::Result<Response>>, i32) {
+    let addr = cluster.addr();
+    let before = dispatched_per_pid(cluster);
+    let long = std::thread::spawn(move || get(addr, "/?us=2000000"));
+    // The busy worker: the one the master handed the long request to.
+    let deadline = Instant::now() + DEADLINE;
+    let busy = loop {
+        let grown = grown_since(cluster, &before);
+        if let [pid] = grown[..] {
+            break pid;
+        }
+        assert!(grown.len() < 2, "{what}: nothing else is running");
+        assert!(
+            Instant::now() < deadline,
+            "{what}: the long request was never dispatched"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    // In flight means running: the request may reach the worker some time after the
+    // connection did (a client thread descheduled between connect and write), and until it
+    // does the worker is idle and rightly takes short requests. Wait until the worker has
+    // burnt 30 ms of CPU on it (the spin is 2 s of wall time, so a loaded machine gives it
+    // less CPU than that, but not this little).
+    let start = cpu_ticks(busy);
+    while cpu_ticks(busy) < start + ticks_per_second() * 3 / 100 {
+        assert!(
+            !long.is_finished(),
+            "{what}: the long request ended before it was seen running"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    (long, busy)
+}
+
+/// Connections dispatched so far, per worker pid (the master's status).
+fn dispatched_per_pid(cluster: &TestCluster) -> Vec<(i32, u64)> {
+    cluster
+        .status()
+        .iter()
+        .map(|s| (s.pid, s.dispatched))
+        .collect()
+}
+
+/// The workers whose dispatched count grew since `before` (or that are new).
+fn grown_since(cluster: &TestCluster, before: &[(i32, u64)]) -> Vec<i32> {
+    cluster
+        .status()
+        .iter()
+        .filter(|s| {
+            before
+                .iter()
+                .find(|(pid, _)| *pid == s.pid)
+                .is_none_or(|(_, d)| s.dispatched > *d)
+        })
+        .map(|s| s.pid)
+        .collect()
+}
+
+/// The stuck-worker scenario: a single-threaded server (node) in a long request on worker A
+/// holds fewer connections than worker B, so by counts alone A wins every pick. One idle
+/// connection is placed on A (the probe that shows A is not pulling: it sits untaken), B holds
+/// more; then [`BUSY_SHORT`] sequential short requests must all go to B, whatever the counts.
+/// `pid_of` says which worker process served a response.
+pub fn stuck_worker_trial(cluster: &TestCluster, short_path: &str, pid_of: fn(&Response) -> i32) {
+    let addr = cluster.addr();
+    let (long, busy) = start_long_request(cluster, "stuck worker");
+    // Idle connections until one lands on the busy worker (least-conn sends one there as soon
+    // as it holds fewer than the other); the rest hold the other worker's count up.
+    let mut idle = Vec::new();
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let before = dispatched_per_pid(cluster);
+        idle.push(std::net::TcpStream::connect(addr).expect("idle connection"));
+        let to = loop {
+            if let [pid] = grown_since(cluster, &before)[..] {
+                break pid;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "an idle connection was never dispatched"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        if to == busy {
+            break;
+        }
+        assert!(
+            idle.len() < 8,
+            "8 idle connections and none went to the worker with fewer"
+        );
+    }
+    // The acceptor reads the channels when it wakes up (each status request wakes it): the
+    // connection left untaken marks the busy worker stuck.
+    let status = loop {
+        let status = cluster.status();
+        if status.iter().any(|s| s.pid == busy && s.stuck) {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline && !long.is_finished(),
+            "the busy worker was never marked stuck: {status:?}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    // Three more idle connections: by counts the busy worker (fewer) would get them; stuck,
+    // it gets none, and the other worker ends up holding more than it.
+    let before = dispatched_per_pid(cluster);
+    for _ in 0..3 {
+        let placed = dispatched_per_pid(cluster);
+        idle.push(std::net::TcpStream::connect(addr).expect("idle connection"));
+        while grown_since(cluster, &placed).is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "an idle connection was never dispatched"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    assert_eq!(
+        grown_since(cluster, &before),
+        [status
+            .iter()
+            .find(|s| s.pid != busy)
+            .expect("two workers")
+            .pid],
+        "idle connections went to the stuck worker: {:?}",
+        cluster.status()
+    );
+    eprintln!("before the short requests: {:?}", cluster.status());
+    let mut to_busy = 0;
+    let mut checked = 0;
+    for _ in 0..BUSY_SHORT {
+        let r = get(addr, short_path).expect("short request");
+        assert_eq!(r.status, 200, "{r:?}");
+        if long.is_finished() {
+            break;
+        }
+        checked += 1;
+        if pid_of(&r) == busy {
+            to_busy += 1;
+        }
+    }
+    let long = long.join().unwrap().expect("long request");
+    assert_eq!(pid_of(&long), busy, "the long request's worker");
+    assert!(checked > 0, "no short request ran while the long one did");
+    assert_eq!(
+        to_busy, 0,
+        "{to_busy} of {checked} short requests went to the stuck worker"
+    );
+    drop(idle);
 }
 
 /// CPU time (user + system) of process `pid`, in clock ticks; 0 if it cannot be read.

@@ -794,6 +794,7 @@ impl TestCluster {
                 dispatched: field("dispatched"),
                 closed: field("closed"),
                 rss_kib: field("rss_kib"),
+                stuck: f.iter().position(|x| *x == "stuck").map(|i| f[i + 1]) == Some("true"),
             });
         }
         out.reverse();
@@ -956,6 +957,8 @@ pub struct WorkerStatus {
     pub dispatched: u64,
     pub closed: u64,
     pub rss_kib: u64,
+    /// The acceptor has marked it stuck (connections untaken for a while, no progress).
+    pub stuck: bool,
 }
 
 /// One slot's line of the kernel-steering status (see `SteerControl::log_status`).
