@@ -44,6 +44,14 @@ fn start_steered(args: &[&str], slots: usize) -> TestCluster {
     cluster
 }
 
+/// [`start_steered`] with `--steer kernel -p POLICY -w WORKERS` and `extra`, all slots eligible.
+fn start_policy(policy: &str, workers: usize, extra: &[&str]) -> TestCluster {
+    let n = workers.to_string();
+    let mut args = vec!["--steer", "kernel", "-p", policy, "-w", &n];
+    args.extend_from_slice(extra);
+    start_steered(&args, workers)
+}
+
 #[test]
 fn kernel_steering_is_announced_and_serves() {
     if !steering_available() {
@@ -89,7 +97,7 @@ fn p2c_held_connections_split_within_one() {
     if !steering_available() {
         return;
     }
-    let cluster = start_steered(&["--steer", "kernel", "-p", "p2c", "-w", "2"], 2);
+    let cluster = start_policy("p2c", 2, &[]);
     assert!(cluster.log_contains("steering: kernel"));
     // Two eligible slots: both are drawn for every connection, so the less loaded takes it.
     let counts = per_worker(&held_requests(&cluster, 41));
@@ -187,7 +195,7 @@ fn busy_worker_trial(policy: &str) {
     if !steering_available() {
         return;
     }
-    let cluster = start_steered(&["--steer", "kernel", "-p", policy, "-w", "2"], 2);
+    let cluster = start_policy(policy, 2, &[]);
     // One long request: the connection is placed (and counted) before connect returns.
     let busy = send_request(cluster.addr(), "/?us=2000000").unwrap();
     let results: Vec<_> = (0..20).map(|_| get(cluster.addr(), "/")).collect();
@@ -207,19 +215,7 @@ fn least_mem_avoids_a_grown_worker() {
     if !steering_available() {
         return;
     }
-    let cluster = start_steered(
-        &[
-            "--steer",
-            "kernel",
-            "-p",
-            "least-mem",
-            "-w",
-            "2",
-            "--rss-interval",
-            "20ms",
-        ],
-        2,
-    );
+    let cluster = start_policy("least-mem", 2, &["--rss-interval", "20ms"]);
     // One worker keeps 256 MiB; the master writes its RSS into the table.
     let big = get(cluster.addr(), "/?alloc=256").unwrap();
     assert_eq!(big.status, 200);
