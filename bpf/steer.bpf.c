@@ -1,23 +1,32 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
 //
-// Kernel-steered least-conn: a BPF_PROG_TYPE_SK_REUSEPORT program attached to the reuseport
+// Kernel-steered placement: a BPF_PROG_TYPE_SK_REUSEPORT program attached to the reuseport
 // group of one listening address (one listener per worker slot, the master holds them all).
 // For each new connection (at SYN time, and for a closed listener's queue when attached as
-// BPF_SK_REUSEPORT_SELECT_OR_MIGRATE) it picks the eligible slot with the least load, where
+// BPF_SK_REUSEPORT_SELECT_OR_MIGRATE) it picks an eligible slot by the policy the master wrote
+// in steer_meta, from each slot's load
 //
 //     load = assigned - closed - forgiven            (signed; see docs/PROTOCOL.md)
 //
-// or, for round-robin, assigned - forgiven (equal shares, each slot in turn).
+//   - least-conn: the least load;
+//   - round-robin: the least assigned - forgiven (equal shares, each slot in turn);
+//   - p2c: two distinct eligible slots drawn at random (each eligible slot draws a key with
+//     bpf_get_prandom_u32, the two smallest keys win), the one with the less load (a tie goes
+//     to the first drawn); with one eligible slot, that one;
+//   - least-mem: the smallest rss_kib (the master's sample of the slot's worker, 0 = not sampled
+//     yet), where slots within max(1/8 of the smallest, 16 MiB) of the smallest tie and ties go
+//     by the least load (src/policy/least_mem.rs in dispatch mode).
 //
 // `assigned` is counted here, atomically, after a successful bpf_sk_select_reuseport; workers
-// add `accepted` and `closed` through the mmapped page; the master writes `eligible`, `nslots`
-// and `forgiven` (its reconciliation of handshakes that never completed). Ties rotate by the
-// connection's hash. With no eligible slot the program returns SK_PASS without selecting, so
-// the kernel's hash decides: it never drops a connection.
+// add `accepted` and `closed` through the mmapped page; the master writes `eligible`, `nslots`,
+// `forgiven` (its reconciliation of handshakes that never completed) and `rss_kib`. Remaining
+// ties rotate by the connection's hash. With no eligible slot the program returns SK_PASS
+// without selecting, so the kernel's hash decides: it never drops a connection.
 //
-// Scanning uses bpf_for_each_map_elem: the verifier checks the callback once, where a plain loop
-// over the slots makes it explore every iteration's branches ("sequence of 8193 jumps is too
-// complex" with CAP_BPF alone). Indexes are masked before use.
+// Scanning uses bpf_for_each_map_elem: the verifier checks a callback as a loop body, where a
+// plain loop over the slots makes it explore every iteration's branches ("sequence of 8193 jumps
+// is too complex" with CAP_BPF alone). least-mem scans twice: the smallest RSS, then the pick
+// with the tolerance known. Indexes are masked before use.
 //
 // The Rust side embeds the compiled instructions (scripts/gen-bpf.sh regenerates
 // src/steer/prog.rs) and patches the three map references at load time.
@@ -36,16 +45,23 @@ struct steer_slot {
     __s64 forgiven;  // master: placements that never reached the worker (abandoned handshakes)
     __u32 eligible;  // master: 1 = a ready worker serves this slot
     __u32 reporting; // worker: 1 = it counts accepted/closed here
-    __u64 reserved[3];
+    __u64 rss_kib;   // master: the slot's ready worker's resident memory, KiB (0 = not known)
+    __u64 reserved[2];
 };
 
-// What the load of a slot is (steer_meta.policy).
-#define STEER_LEAST_CONN 0   // assigned - closed - forgiven: connections still open
-#define STEER_ROUND_ROBIN 1  // assigned - forgiven: placements, so equal shares in turn
+// How a slot is picked (steer_meta.policy; SteerPolicy in src/steer/mod.rs).
+#define STEER_LEAST_CONN 0   // the least assigned - closed - forgiven: connections still open
+#define STEER_ROUND_ROBIN 1  // the least assigned - forgiven: placements, so equal shares in turn
+#define STEER_P2C 2          // of two eligible slots drawn at random, the less loaded
+#define STEER_LEAST_MEM 3    // the smallest rss_kib (with a tolerance), then the least load
+
+// least-mem's tolerance: slots within max(smallest / 8, 16 MiB) of the smallest RSS tie
+// (rss_tolerance_kib in src/policy/least_mem.rs).
+#define RSS_TOLERANCE_MIN_KIB (16 * 1024)
 
 struct steer_meta {
     __u32 nslots;    // master: slots in use, 0..nslots are scanned
-    __u32 policy;    // master: STEER_LEAST_CONN or STEER_ROUND_ROBIN
+    __u32 policy;    // master: one of STEER_*
 };
 
 struct {
@@ -76,11 +92,25 @@ struct scan {
     __u32 rotate;    // hash % nslots: the slot that wins a tie first
     __u32 best;      // STEER_MAX_SLOTS = none yet
     __u32 best_rank; // (slot - rotate) mod nslots of the best so far
+    __u32 best_far;  // least-mem: the best so far is beyond the RSS tolerance
     __s64 best_load;
+    __u64 rss_min;   // survey: the smallest RSS among the eligible slots (~0: none yet)
+    __u64 rss_near;  // least-mem: RSS above this is beyond the tolerance
+    __u32 draw[2];   // p2c: the random keys of best and second
+    __u32 second;    // p2c: the second drawn slot (STEER_MAX_SLOTS = none)
+    __u32 pad;
+    __s64 second_load;
 };
 
 struct bpf_map;
 
+static __always_inline __s64 slot_load(const struct steer_slot *slot, __u32 policy)
+{
+    __u64 done = policy == STEER_ROUND_ROBIN ? 0 : slot->closed;
+    return (__s64)(slot->assigned - done) - slot->forgiven;
+}
+
+// least-conn, round-robin, least-mem: the smallest (beyond the RSS tolerance, load, rank).
 static __attribute__((noinline)) long visit(struct bpf_map *map, __u32 *key,
                                             struct steer_slot *slot, struct scan *scan)
 {
@@ -89,14 +119,59 @@ static __attribute__((noinline)) long visit(struct bpf_map *map, __u32 *key,
         return 1; // past the slots in use: stop
     if (!slot->eligible)
         return 0;
-    __u64 done = scan->policy == STEER_ROUND_ROBIN ? 0 : slot->closed;
-    __s64 load = (__s64)(slot->assigned - done) - slot->forgiven;
+    __s64 load = slot_load(slot, scan->policy);
+    __u32 far = scan->policy == STEER_LEAST_MEM && slot->rss_kib > scan->rss_near;
     __u32 rank = idx >= scan->rotate ? idx - scan->rotate : idx + scan->nslots - scan->rotate;
-    if (scan->best >= STEER_MAX_SLOTS || load < scan->best_load ||
-        (load == scan->best_load && rank < scan->best_rank)) {
+    if (scan->best >= STEER_MAX_SLOTS || far < scan->best_far ||
+        (far == scan->best_far &&
+         (load < scan->best_load || (load == scan->best_load && rank < scan->best_rank)))) {
         scan->best = idx;
+        scan->best_far = far;
         scan->best_load = load;
         scan->best_rank = rank;
+    }
+    return 0;
+}
+
+// least-mem, first pass: the smallest RSS among the eligible slots. (No counter here nor in
+// pick2: a counter compared with a constant is tracked exactly, and the verifier would then
+// walk every iteration of the callback instead of proving one.)
+static __attribute__((noinline)) long survey(struct bpf_map *map, __u32 *key,
+                                             struct steer_slot *slot, struct scan *scan)
+{
+    if (*key >= scan->nslots)
+        return 1;
+    if (!slot->eligible)
+        return 0;
+    __u64 rss = slot->rss_kib;
+    if (rss < scan->rss_min)
+        scan->rss_min = rss;
+    return 0;
+}
+
+// p2c: every eligible slot draws a random key; the two smallest keys are a uniformly random
+// pair of distinct eligible slots, `best` (the first drawn) and `second`.
+static __attribute__((noinline)) long pick2(struct bpf_map *map, __u32 *key,
+                                            struct steer_slot *slot, struct scan *scan)
+{
+    __u32 idx = *key;
+    if (idx >= scan->nslots)
+        return 1;
+    if (!slot->eligible)
+        return 0;
+    __u32 r = bpf_get_prandom_u32();
+    __s64 load = slot_load(slot, STEER_LEAST_CONN);
+    if (scan->best >= STEER_MAX_SLOTS || r < scan->draw[0]) {
+        scan->second = scan->best;
+        scan->second_load = scan->best_load;
+        scan->draw[1] = scan->draw[0];
+        scan->best = idx;
+        scan->best_load = load;
+        scan->draw[0] = r;
+    } else if (scan->second >= STEER_MAX_SLOTS || r < scan->draw[1]) {
+        scan->second = idx;
+        scan->second_load = load;
+        scan->draw[1] = r;
     }
     return 0;
 }
@@ -116,10 +191,26 @@ int steer(struct sk_reuseport_md *md)
         .policy = meta->policy,
         .rotate = md->hash % n,
         .best = STEER_MAX_SLOTS,
-        .best_rank = 0,
-        .best_load = 0,
+        .second = STEER_MAX_SLOTS,
+        .rss_min = ~0ULL,
     };
-    bpf_for_each_map_elem(&steer_slots, visit, &scan, 0);
+    if (scan.policy == STEER_P2C) {
+        bpf_for_each_map_elem(&steer_slots, pick2, &scan, 0);
+        // The less loaded of the two; the first drawn on a tie; with one eligible slot, that one.
+        if (scan.second < STEER_MAX_SLOTS && scan.second_load < scan.best_load)
+            scan.best = scan.second;
+    } else {
+        if (scan.policy == STEER_LEAST_MEM) {
+            bpf_for_each_map_elem(&steer_slots, survey, &scan, 0);
+            __u64 tolerance = scan.rss_min / 8;
+            if (tolerance < RSS_TOLERANCE_MIN_KIB)
+                tolerance = RSS_TOLERANCE_MIN_KIB;
+            scan.rss_near = scan.rss_min + tolerance;
+            if (scan.rss_near < scan.rss_min)
+                scan.rss_near = ~0ULL; // saturate (also: nothing eligible)
+        }
+        bpf_for_each_map_elem(&steer_slots, visit, &scan, 0);
+    }
     if (scan.best >= STEER_MAX_SLOTS)
         return SK_PASS; // nothing eligible: the kernel's hash decides
     __u32 key = scan.best & (STEER_MAX_SLOTS - 1);

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Compiles bpf/steer.bpf.c with clang and writes src/steer/prog.rs: the program's instructions as
-# a Rust array, the callback subprogram already linked after the main program, and the places
+# a Rust array, the callback subprograms already linked after the main program, and the places
 # where the loader puts each map's fd. Users never need clang: `cargo build` uses the committed
 # file. `scripts/gen-bpf.sh --check` regenerates into a temporary file and fails if it differs
 # from the committed one (skipped, with a note, when this clang is not the one that generated
@@ -103,7 +103,7 @@ print(f"//! `{src}` (sha256 {hashlib.sha256(open(src, 'rb').read()).hexdigest()}
 print(f"//! clang: {clang}")
 print("//! Do not edit: change the C source and run the script.")
 print()
-print(f"/// Instructions: the `sk_reuseport` program, then its callback subprogram ({len(insns)}).")
+print(f"/// Instructions: the `sk_reuseport` program, then its callback subprograms ({len(insns)}).")
 print(f"pub const INSNS: [u64; {len(words)}] = [")
 for i in range(0, len(words), 4):
     print("    " + " ".join(f"0x{w:016x}," for w in words[i:i + 4]))

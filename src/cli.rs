@@ -57,11 +57,11 @@ pub struct Args {
     #[arg(long, short = 'p', value_enum, default_value_t = PolicyKind::LeastConn)]
     pub policy: PolicyKind,
 
-    /// Who places connections for round-robin and least-conn: kernel (an SK_REUSEPORT BPF
-    /// program picks from the master's load table at SYN time; workers get their own
-    /// listening sockets as in reuseport mode; needs CAP_BPF and Linux 5.13), dispatch (the
-    /// master accepts and passes each connection), or auto (kernel when the program loads,
-    /// dispatch otherwise).
+    /// Who places connections for least-conn, round-robin, p2c and least-mem: kernel (an
+    /// SK_REUSEPORT BPF program picks from the master's load table at SYN time; workers get
+    /// their own listening sockets as in reuseport mode; needs CAP_BPF and Linux 5.13),
+    /// dispatch (the master accepts and passes each connection), or auto (kernel when the
+    /// program loads, dispatch otherwise).
     #[arg(long, value_enum, default_value_t = Steer::Auto)]
     pub steer: Steer,
 
@@ -636,8 +636,8 @@ impl Args {
         ) {
             (Steer::Kernel, None) => {
                 return Err(usage(format!(
-                    "--steer kernel: the kernel program places connections for least-conn and \
-                     round-robin, not {}",
+                    "--steer kernel: the kernel program places connections for least-conn, \
+                     round-robin, p2c and least-mem, not {}",
                     self.policy
                 )));
             }
@@ -858,7 +858,7 @@ mod tests {
         std::fs::remove_file(&plain).unwrap();
         assert!(not_exec.contains("not executable"), "{not_exec}");
         assert!(msg(&["--drain-signal", "BOGUS"]).contains("BOGUS"));
-        assert!(msg(&["--steer", "kernel", "-p", "p2c"]).contains("not p2c"));
+        assert!(msg(&["--steer", "kernel", "-p", "reuseport"]).contains("not reuseport"));
         assert!(msg(&["--steer", "kernel", "-p", "shared"]).contains("not shared"));
         assert!(msg(&["--steer", "kernel", "--health-check", "/h"]).contains("--health-check"));
         assert!(msg(&["--agent", "sh -c 'unterminated"]).contains("--agent"));
@@ -888,7 +888,16 @@ mod tests {
     fn steer_defaults_to_auto_where_the_program_applies() {
         assert_eq!(config(&[]).unwrap().steer, Steer::Auto);
         assert_eq!(config(&["-p", "rr"]).unwrap().steer, Steer::Auto);
-        assert_eq!(config(&["-p", "p2c"]).unwrap().steer, Steer::Dispatch);
+        assert_eq!(config(&["-p", "p2c"]).unwrap().steer, Steer::Auto);
+        assert_eq!(config(&["-p", "lm"]).unwrap().steer, Steer::Auto);
+        assert_eq!(
+            config(&["-p", "least-mem", "--steer", "kernel"])
+                .unwrap()
+                .steer,
+            Steer::Kernel
+        );
+        assert_eq!(config(&["-p", "reuseport"]).unwrap().steer, Steer::Dispatch);
+        assert_eq!(config(&["-p", "shared"]).unwrap().steer, Steer::Dispatch);
         assert_eq!(
             config(&["-p", "lc", "--steer", "dispatch"]).unwrap().steer,
             Steer::Dispatch

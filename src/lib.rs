@@ -20,15 +20,16 @@
 //! In `reuseport` and `shared` modes fd 3+i is a real listening socket the master created and
 //! keeps open (so a worker's death never resets its queued connections); the acceptor is idle.
 //!
-//! Kernel steering (`--steer`, least-conn and round-robin where the program loads):
+//! Kernel steering (`--steer`, the dispatch policies where the program loads):
 //!
 //! ```text
-//! client ──SYN──▶ [SK_REUSEPORT program: least load among eligible slots] ──▶ slot i's own listener
-//!                        ▲ reads assigned/closed/eligible, adds 1 to assigned          │ fd 3+i
-//!                        │                                                             ▼
+//! client ──SYN──▶ [SK_REUSEPORT program: the policy's pick among eligible slots] ──▶ slot i's own listener
+//!                        ▲ reads assigned/closed/eligible/rss_kib, adds 1 to assigned         │ fd 3+i
+//!                        │                                                                    ▼
 //!        BPF_F_MMAPABLE table ◀── mmap: +accepted, +closed ── [worker i] accept() / close()
 //!                        ▲
-//! [master: supervisor] eligibility on every lifecycle change, reconciliation every 100 ms
+//! [master: supervisor] eligibility on every lifecycle change, reconciliation every 100 ms,
+//!                      worker RSS every --rss-interval (least-mem)
 //! ```
 //!
 //! Map of this crate:

@@ -123,6 +123,8 @@ fn least_conn_never_ties_onto_a_busy_worker() {
 
 #[test]
 fn least_mem_avoids_the_biggest_worker() {
+    // The master's own dispatch (its status dump shows the acceptor's RSS); kernel steering's
+    // is tests/steer.rs's least_mem_avoids_a_grown_worker.
     let cluster = TestCluster::start(&[
         "--workers",
         "3",
@@ -130,6 +132,8 @@ fn least_mem_avoids_the_biggest_worker() {
         "least-mem",
         "--rss-interval",
         "20ms",
+        "--steer",
+        "dispatch",
     ]);
     let addr = cluster.addr();
     let big = get(addr, "/?alloc=256").unwrap();

@@ -1,5 +1,6 @@
 //! Kernel steering (`--steer`), against the real binary: the program places connections by the
-//! load table, a busy or stalled worker is passed over, a closed listener's queue migrates, abandoned
+//! load table (least-conn, round-robin, p2c, least-mem), a busy or stalled worker is passed over,
+//! a worker grown big is avoided under least-mem, a closed listener's queue migrates, abandoned
 //! handshakes do not inflate a slot's load for long, and without CAP_BPF the master falls back
 //! to dispatch. Each test that needs the program skips with a note where it cannot load here.
 
@@ -16,6 +17,7 @@ use common::{DEADLINE, TestCluster, get, per_worker, read_response, send_request
 fn steering_available() -> bool {
     match rcluster_lb::steer::Steering::load(1) {
         Ok(_) => true,
+        Err(e) if e.is_program_rejected() => panic!("{e}"),
         Err(e) => {
             eprintln!("note: kernel steering unavailable here ({e}); skipping this test");
             false
@@ -42,6 +44,14 @@ fn start_steered(args: &[&str], slots: usize) -> TestCluster {
     cluster
 }
 
+/// [`start_steered`] with `--steer kernel -p POLICY -w WORKERS` and `extra`, all slots eligible.
+fn start_policy(policy: &str, workers: usize, extra: &[&str]) -> TestCluster {
+    let n = workers.to_string();
+    let mut args = vec!["--steer", "kernel", "-p", policy, "-w", &n];
+    args.extend_from_slice(extra);
+    start_steered(&args, workers)
+}
+
 #[test]
 fn kernel_steering_is_announced_and_serves() {
     if !steering_available() {
@@ -54,6 +64,21 @@ fn kernel_steering_is_announced_and_serves() {
     assert_eq!(counts.values().sum::<usize>(), 20);
 }
 
+/// Opens `n` connections one at a time and holds them all, then sends a request on each and
+/// returns the answers.
+fn held_requests(cluster: &TestCluster, n: usize) -> Vec<std::io::Result<common::Response>> {
+    let held: Vec<TcpStream> = (0..n)
+        .map(|_| TcpStream::connect(cluster.addr()).unwrap())
+        .collect();
+    held.into_iter()
+        .map(|mut s| {
+            s.set_read_timeout(Some(DEADLINE)).unwrap();
+            write!(s, "GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").unwrap();
+            read_response(s)
+        })
+        .collect()
+}
+
 #[test]
 fn held_connections_split_exactly() {
     if !steering_available() {
@@ -62,20 +87,26 @@ fn held_connections_split_exactly() {
     let cluster = start_steered(&["--steer", "kernel", "-w", "4"], 4);
     // 40 connections held open, one at a time: each goes to the least loaded of four, so
     // 10 each, whatever the hash.
-    let held: Vec<TcpStream> = (0..40)
-        .map(|_| TcpStream::connect(cluster.addr()).unwrap())
-        .collect();
-    let results: Vec<_> = held
-        .into_iter()
-        .map(|mut s| {
-            s.set_read_timeout(Some(DEADLINE)).unwrap();
-            write!(s, "GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").unwrap();
-            read_response(s)
-        })
-        .collect();
-    let counts = per_worker(&results);
+    let counts = per_worker(&held_requests(&cluster, 40));
     assert_eq!(counts.len(), 4, "{counts:?}");
     assert!(counts.values().all(|&n| n == 10), "{counts:?}");
+}
+
+#[test]
+fn p2c_held_connections_split_within_one() {
+    if !steering_available() {
+        return;
+    }
+    let cluster = start_policy("p2c", 2, &[]);
+    assert!(cluster.log_contains("steering: kernel"));
+    // Two eligible slots: both are drawn for every connection, so the less loaded takes it.
+    let counts = per_worker(&held_requests(&cluster, 41));
+    assert_eq!(counts.values().sum::<usize>(), 41, "{counts:?}");
+    let (a, b) = (counts.get(&0).copied(), counts.get(&1).copied());
+    assert!(
+        matches!((a, b), (Some(20), Some(21)) | (Some(21), Some(20))),
+        "{counts:?}"
+    );
 }
 
 #[test]
@@ -144,10 +175,27 @@ fn a_rust_worker_under_the_shim_is_counted_once() {
 
 #[test]
 fn busy_worker_gets_none_of_the_next_20() {
+    busy_worker_trial("least-conn");
+}
+
+#[test]
+fn p2c_busy_worker_gets_none_of_the_next_20() {
+    // With two workers p2c compares both every time.
+    busy_worker_trial("p2c");
+}
+
+#[test]
+fn least_mem_busy_worker_gets_none_of_the_next_20() {
+    // Two demo workers of about the same size tie on RSS: the load decides.
+    busy_worker_trial("least-mem");
+}
+
+/// One long request on one of two workers, then 20 short ones: none goes to the busy worker.
+fn busy_worker_trial(policy: &str) {
     if !steering_available() {
         return;
     }
-    let cluster = start_steered(&["--steer", "kernel", "-w", "2"], 2);
+    let cluster = start_policy(policy, 2, &[]);
     // One long request: the connection is placed (and counted) before connect returns.
     let busy = send_request(cluster.addr(), "/?us=2000000").unwrap();
     let results: Vec<_> = (0..20).map(|_| get(cluster.addr(), "/")).collect();
@@ -156,10 +204,37 @@ fn busy_worker_gets_none_of_the_next_20() {
     assert_eq!(
         counts.get(&long.worker()),
         None,
-        "the busy worker {} got some of {counts:?}",
+        "{policy}: the busy worker {} got some of {counts:?}",
         long.worker()
     );
     assert_eq!(counts.values().sum::<usize>(), 20);
+}
+
+#[test]
+fn least_mem_avoids_a_grown_worker() {
+    if !steering_available() {
+        return;
+    }
+    let cluster = start_policy("least-mem", 2, &["--rss-interval", "20ms"]);
+    // One worker keeps 256 MiB; the master writes its RSS into the table.
+    let big = get(cluster.addr(), "/?alloc=256").unwrap();
+    assert_eq!(big.status, 200);
+    let big_slot = big.worker();
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let st = cluster.steering_status(2);
+        if st[big_slot].rss_kib > 200 * 1024 && st[1 - big_slot].rss_kib > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "RSS not in the table: {st:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Held or not, every new connection goes to the small worker.
+    let counts = per_worker(&held_requests(&cluster, 10));
+    assert_eq!(counts.get(&(1 - big_slot)), Some(&10), "{counts:?}");
+    let results: Vec<_> = (0..20).map(|_| get(cluster.addr(), "/")).collect();
+    let counts = per_worker(&results);
+    assert_eq!(counts.get(&(1 - big_slot)), Some(&20), "{counts:?}");
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! The supervisor's side of kernel steering: deciding at startup whether the kernel steers
 //! (`--steer`), registering each worker slot's listeners with the program, keeping the table's
-//! eligibility equal to "a ready worker serves this slot", and reconciling placements that never
-//! reached a worker. Owned and called by the supervisor on the main thread; it holds the
+//! eligibility equal to "a ready worker serves this slot", reconciling placements that never
+//! reached a worker, and (for least-mem) writing each slot's worker RSS into the table. Owned and called by the supervisor on the main thread; it holds the
 //! [`Steering`] (maps, programs), never the listening sockets (the supervisor's slots do).
 
 use std::os::fd::{AsFd, BorrowedFd};
@@ -201,6 +201,15 @@ impl SteerControl {
         }
     }
 
+    /// Writes each slot's worker RSS (KiB) for least-mem: `kib[slot]`, 0 (not known) for a slot
+    /// beyond `kib`. Called on every `--rss-interval` sample.
+    pub fn record_rss(&self, kib: &[u64]) {
+        for slot in 0..self.slots {
+            self.steering
+                .set_rss(slot, kib.get(slot).copied().unwrap_or(0));
+        }
+    }
+
     /// Starts counting `--max-conns` for worker `id` of `slot` from now.
     pub fn watch_max_conns(&mut self, id: WorkerId, slot: usize, limit: u64) {
         let base = self.steering.counts(slot).assigned;
@@ -290,13 +299,14 @@ impl SteerControl {
             let c = self.steering.counts(slot);
             info!(
                 "status: steering slot {slot}: {} load {} assigned {} accepted {} closed {} \
-                 forgiven {}{}",
+                 forgiven {} rss_kib {}{}",
                 if c.eligible { "eligible" } else { "ineligible" },
                 c.load(),
                 c.assigned,
                 c.accepted,
                 c.closed,
                 c.forgiven,
+                c.rss_kib,
                 if c.reporting {
                     ""
                 } else {

@@ -1288,10 +1288,36 @@ impl Supervisor {
                 .map(|&(id, bytes)| (id, (bytes / 1024).min(u64::from(u32::MAX)) as u32))
                 .collect(),
         ));
+        if let Some(st) = &self.steer {
+            st.record_rss(&slot_rss_kib(self.lifecycle.workers(), &samples));
+        }
         for (id, bytes) in samples {
             self.feed(Input::Rss { id, bytes });
         }
     }
+}
+
+/// Kernel-steered least-mem: per slot, the largest RSS (KiB) among its workers that are starting
+/// or ready (the ones that serve, or are about to serve, its listeners; a draining or stopping
+/// worker takes no new connection), 0 where none was sampled.
+fn slot_rss_kib(
+    workers: &[crate::master::lifecycle::Worker],
+    samples: &[(WorkerId, u64)],
+) -> Vec<u64> {
+    let bytes: std::collections::HashMap<WorkerId, u64> = samples.iter().copied().collect();
+    let mut kib = Vec::new();
+    for w in workers {
+        if !matches!(w.state, WorkerState::Starting | WorkerState::Ready) {
+            continue;
+        }
+        if let Some(b) = bytes.get(&w.id) {
+            if kib.len() <= w.slot {
+                kib.resize(w.slot + 1, 0);
+            }
+            kib[w.slot] = kib[w.slot].max(b / 1024);
+        }
+    }
+    kib
 }
 
 fn slot_cpus(pin: &Pin, slot: usize) -> Option<CpuSet> {
@@ -1382,5 +1408,28 @@ mod tests {
             assert_eq!(jitter(0, id), 0);
             let _ = jitter(u64::MAX, id);
         }
+    }
+
+    #[test]
+    fn a_slots_rss_is_its_largest_serving_worker() {
+        let w = |id, slot, state| crate::master::lifecycle::Worker {
+            id,
+            slot,
+            generation: 0,
+            pid: None,
+            state,
+            started: Instant::now(),
+        };
+        let workers = [
+            w(1, 0, WorkerState::Ready),
+            w(2, 0, WorkerState::Draining { kill_at: None }),
+            w(3, 1, WorkerState::Starting),
+            w(4, 1, WorkerState::Ready),
+            w(5, 3, WorkerState::Ready),
+        ];
+        // Worker 2 drains (no new connections): its RSS does not count; worker 5 has no
+        // sample, so slot 3 reads 0 (not known); slot 2 has no worker.
+        let samples = [(1, 10 << 20), (2, 900 << 20), (3, 30 << 20), (4, 20 << 20)];
+        assert_eq!(slot_rss_kib(&workers, &samples), vec![10 << 10, 30 << 10]);
     }
 }

@@ -49,7 +49,7 @@ mod p2c;
 mod round_robin;
 
 pub use least_conn::LeastConn;
-pub use least_mem::LeastMem;
+pub use least_mem::{LeastMem, rss_tolerance_kib};
 pub use p2c::P2c;
 pub use round_robin::RoundRobin;
 

@@ -1,12 +1,15 @@
 //! Kernel steering (`--steer kernel`): a `BPF_PROG_TYPE_SK_REUSEPORT` program, attached to the
 //! reuseport group of each listening address, places every new connection on the listener of
-//! the eligible worker slot with the least load, read from a table in a `BPF_F_MMAPABLE` array
-//! (layout: [`rcluster_proto::steer`]). The master leaves the per-connection path; workers count what they accept
-//! and close on the same memory, without a system call.
+//! the eligible worker slot the policy picks ([`SteerPolicy`]: the least load, round-robin's
+//! equal turns, the less loaded of two random slots, or the smallest RSS), read from a table in
+//! a `BPF_F_MMAPABLE` array (layout: [`rcluster_proto::steer`]). The master leaves the
+//! per-connection path; workers count what they accept and close on the same memory, without a
+//! system call.
 //!
 //! [`Steering`] is owned by the supervisor's [`crate::master::steer`] (main thread). It holds the maps, one program and one
 //! `REUSEPORT_SOCKARRAY` per listening address, and the master's own mapping of the table; it
-//! writes eligibility, the slot count and the reconciliation of handshakes that never completed.
+//! writes eligibility, the slot count, the reconciliation of handshakes that never completed
+//! and, for least-mem, each slot's worker RSS.
 //! The instructions come from `bpf/steer.bpf.c` through `scripts/gen-bpf.sh` ([`prog`]), so
 //! neither users nor `cargo build` need clang.
 
@@ -54,6 +57,18 @@ pub enum SteerError {
     },
 }
 
+impl SteerError {
+    /// Whether the verifier rejected the program itself (a bug in `bpf/steer.bpf.c`), as
+    /// opposed to this host lacking a permission or a kernel feature (a helper the kernel does
+    /// not know, before 5.13): tests fail on the first and skip on the second.
+    pub fn is_program_rejected(&self) -> bool {
+        match self {
+            SteerError::Prog(e) => !e.log.is_empty() && !e.log.contains("unknown func"),
+            _ => false,
+        }
+    }
+}
+
 fn classify(what: &'static str, error: io::Error) -> SteerError {
     match error.raw_os_error() {
         Some(libc::EPERM) | Some(libc::EACCES) => SteerError::NotPermitted(error),
@@ -78,6 +93,8 @@ pub struct SlotCounts {
     pub eligible: bool,
     /// The slot's worker counts on the table.
     pub reporting: bool,
+    /// The slot's ready worker's RSS in KiB, as the master last wrote it (0: not sampled yet).
+    pub rss_kib: u64,
 }
 
 impl SlotCounts {
@@ -87,22 +104,33 @@ impl SlotCounts {
     }
 }
 
-/// What the program minimises (`steer_meta.policy` in bpf/steer.bpf.c).
+/// How the program picks a slot (`steer_meta.policy` in bpf/steer.bpf.c). Remaining ties go
+/// round by the connection's hash.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SteerPolicy {
-    /// `assigned - closed - forgiven`: connections still open.
+    /// The least `assigned - closed - forgiven`: connections still open.
     LeastConn = 0,
-    /// `assigned - forgiven`: placements, so each slot gets an equal share in turn.
+    /// The least `assigned - forgiven`: placements, so each slot gets an equal share in turn.
     RoundRobin = 1,
+    /// Two distinct eligible slots drawn at random (`bpf_get_prandom_u32`), the one with the
+    /// less least-conn load (the first drawn on a tie); with one eligible slot, that one.
+    P2c = 2,
+    /// The smallest `rss_kib`, slots within [`crate::policy::rss_tolerance_kib`] of
+    /// the smallest tying, then the least least-conn load. A slot not sampled yet reads 0, so
+    /// it counts as the smallest, as a new worker does in dispatch mode.
+    LeastMem = 3,
 }
 
 impl SteerPolicy {
-    /// The program's form of a `--policy`, if it carries it (least-mem and p2c would need RSS
-    /// or random draws in the table: not built).
+    /// The program's form of a `--policy`, if it carries it (the dispatch policies; not the
+    /// kernel's own `reuseport` and `shared`).
     pub fn for_policy(policy: crate::policy::PolicyKind) -> Option<SteerPolicy> {
+        use crate::policy::PolicyKind;
         match policy {
-            crate::policy::PolicyKind::LeastConn => Some(SteerPolicy::LeastConn),
-            crate::policy::PolicyKind::RoundRobin => Some(SteerPolicy::RoundRobin),
+            PolicyKind::LeastConn => Some(SteerPolicy::LeastConn),
+            PolicyKind::RoundRobin => Some(SteerPolicy::RoundRobin),
+            PolicyKind::P2c => Some(SteerPolicy::P2c),
+            PolicyKind::LeastMem => Some(SteerPolicy::LeastMem),
             _ => None,
         }
     }
@@ -262,7 +290,7 @@ impl Steering {
         }
     }
 
-    /// How many slots the program scans (slots `0..n`) and what it minimises.
+    /// How many slots the program scans (slots `0..n`) and how it picks one.
     pub fn configure(&self, n: usize, policy: SteerPolicy) -> io::Result<()> {
         let n = n.min(page::MAX_SLOTS) as u32;
         let mut meta = [0u8; 8];
@@ -279,10 +307,23 @@ impl Steering {
         }
     }
 
+    /// Writes the RSS (KiB) of `slot`'s worker, which least-mem compares; 0 means not known.
+    pub fn set_rss(&self, slot: usize, kib: u64) {
+        if let Some(w) = self.table.u64_at(page::offset(slot, page::RSS_KIB)) {
+            w.store(kib, Ordering::SeqCst);
+        }
+    }
+
     /// Zeroes a slot's counters before a new listener takes it (scale-up into a slot used
     /// before). Only while the slot is ineligible and has no listener, so nothing counts on it.
     pub fn reset(&mut self, slot: usize) {
-        for field in [page::ASSIGNED, page::ACCEPTED, page::CLOSED, page::FORGIVEN] {
+        for field in [
+            page::ASSIGNED,
+            page::ACCEPTED,
+            page::CLOSED,
+            page::FORGIVEN,
+            page::RSS_KIB,
+        ] {
             if let Some(w) = self.table.u64_at(page::offset(slot, field)) {
                 w.store(0, Ordering::SeqCst);
             }
@@ -314,6 +355,7 @@ impl Steering {
             forgiven: u64_at(page::FORGIVEN) as i64,
             eligible: u32_at(page::ELIGIBLE) != 0,
             reporting: u32_at(page::REPORTING) != 0,
+            rss_kib: u64_at(page::RSS_KIB),
         }
     }
 
@@ -462,11 +504,35 @@ mod tests {
 
     #[test]
     fn program_layout_matches_the_page() {
-        // The C struct is 64 bytes with the fields at the offsets page.rs documents; the
-        // generated code reads `eligible` at 32 and `forgiven` at 24 (see bpf/steer.bpf.c).
+        // The C struct is 64 bytes with the fields at the offsets page.rs documents: the
+        // generated code loads `eligible` (a word), `forgiven` and `rss_kib` (double words) at
+        // the page's offsets (see bpf/steer.bpf.c).
         assert_eq!(page::SLOT_SIZE, 64);
         assert!(page::MAX_SLOTS.is_power_of_two());
         assert_eq!(prog::FUNCS[0].1, "steer");
+        const LDX_W: u64 = 0x61;
+        const LDX_DW: u64 = 0x79;
+        let loads = |opcode: u64, offset: usize| {
+            prog::INSNS
+                .iter()
+                .any(|&i| i & 0xff == opcode && (i >> 16) & 0xffff == offset as u64)
+        };
+        assert!(loads(LDX_W, page::ELIGIBLE));
+        assert!(loads(LDX_DW, page::FORGIVEN));
+        assert!(loads(LDX_DW, page::RSS_KIB));
+    }
+
+    #[test]
+    fn the_program_knows_every_policy() {
+        use crate::policy::PolicyKind;
+        let steered: Vec<_> = PolicyKind::ALL
+            .into_iter()
+            .filter_map(SteerPolicy::for_policy)
+            .map(|p| p as u32)
+            .collect();
+        // STEER_LEAST_CONN .. STEER_LEAST_MEM in bpf/steer.bpf.c.
+        assert_eq!(steered.len(), 4);
+        assert!(steered.iter().all(|&p| p <= 3));
     }
 }
 
@@ -481,6 +547,7 @@ mod kernel_tests {
     fn loaded() -> Option<Steering> {
         match Steering::load(1) {
             Ok(s) => Some(s),
+            Err(e) if e.is_program_rejected() => panic!("{e}"),
             Err(e) => {
                 eprintln!("skipped: kernel steering unavailable here: {e}");
                 None
@@ -531,6 +598,73 @@ mod kernel_tests {
         assert_eq!(steer.counts(2).assigned, 40);
     }
 
+    fn word(steer: &Steering, slot: usize, field: usize) -> &std::sync::atomic::AtomicU64 {
+        steer.table.u64_at(page::offset(slot, field)).unwrap()
+    }
+
+    #[test]
+    fn least_mem_follows_the_rss_then_the_load() {
+        use crate::policy::rss_tolerance_kib;
+        let Some(steer) = loaded() else { return };
+        let (socks, addr) = group(&steer, 4);
+        for slot in 0..4 {
+            steer.set_eligible(slot, true);
+        }
+        steer.configure(4, SteerPolicy::LeastMem).unwrap();
+        let small = 50_000u64;
+        let near = small + u64::from(rss_tolerance_kib(small as u32));
+        for (slot, kib) in [(0, 200_000), (1, small), (2, 300_000), (3, near + 1)] {
+            steer.set_rss(slot, kib);
+        }
+        assert_eq!(spread(&socks, addr, 40), vec![0, 40, 0, 0]);
+        // Within the tolerance of the smallest: a tie, and the least loaded takes them.
+        steer.set_rss(3, near);
+        assert_eq!(spread(&socks, addr, 40), vec![0, 0, 0, 40]);
+        assert_eq!(spread(&socks, addr, 10), vec![0, 5, 0, 5]);
+        // A slot whose RSS is not known yet (0) is the smallest, as a new worker in dispatch.
+        steer.set_rss(2, 0);
+        assert_eq!(spread(&socks, addr, 10), vec![0, 0, 10, 0]);
+        // The load alone decides among equal RSS: slot 0 has none, slot 2 ten.
+        for slot in 0..4 {
+            steer.set_rss(slot, small);
+        }
+        assert_eq!(spread(&socks, addr, 10), vec![10, 0, 0, 0]);
+        assert_eq!(spread(&socks, addr, 20), vec![10, 0, 10, 0]);
+    }
+
+    #[test]
+    fn p2c_takes_the_less_loaded_of_two() {
+        let Some(steer) = loaded() else { return };
+        let (socks, addr) = group(&steer, 4);
+        steer.configure(4, SteerPolicy::P2c).unwrap();
+        // One eligible slot: that one.
+        steer.set_eligible(1, true);
+        assert_eq!(spread(&socks, addr, 10), vec![0, 10, 0, 0]);
+        // Two: both are drawn each time, so the less loaded wins and the split stays exact.
+        steer.set_eligible(3, true);
+        assert_eq!(spread(&socks, addr, 10), vec![0, 0, 0, 10]);
+        assert_eq!(spread(&socks, addr, 20), vec![0, 10, 0, 10]);
+        // Four, one far busier: it is never the less loaded of a pair.
+        steer.set_eligible(0, true);
+        steer.set_eligible(2, true);
+        word(&steer, 1, page::ASSIGNED).fetch_add(1_000, Ordering::SeqCst);
+        let got = spread(&socks, addr, 60);
+        assert_eq!(got[1], 0, "{got:?}");
+        assert_eq!(got.iter().sum::<usize>(), 60);
+        // The two that had none catch up (each wins every pair it is in while it is behind).
+        assert!(got[0] >= 15 && got[2] >= 15, "{got:?}");
+        // Nothing eligible: the kernel's hash places them, the program counts nothing.
+        let before: u64 = (0..4).map(|s| steer.counts(s).assigned).sum();
+        for slot in 0..4 {
+            steer.set_eligible(slot, false);
+        }
+        assert_eq!(spread(&socks, addr, 10).iter().sum::<usize>(), 10);
+        assert_eq!(
+            (0..4).map(|s| steer.counts(s).assigned).sum::<u64>(),
+            before
+        );
+    }
+
     #[test]
     fn equal_load_splits_exactly() {
         let Some(steer) = loaded() else { return };
@@ -540,8 +674,7 @@ mod kernel_tests {
         }
         assert_eq!(spread(&socks, addr, 100), vec![25, 25, 25, 25]);
         // A slot whose load drops (its worker closed 10) gets the next 10.
-        let closed = steer.table.u64_at(page::offset(1, page::CLOSED)).unwrap();
-        closed.fetch_add(10, Ordering::SeqCst);
+        word(&steer, 1, page::CLOSED).fetch_add(10, Ordering::SeqCst);
         assert_eq!(spread(&socks, addr, 10), vec![0, 10, 0, 0]);
         // Round-robin ignores closes: equal placements, in turn.
         steer.configure(4, SteerPolicy::RoundRobin).unwrap();

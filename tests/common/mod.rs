@@ -836,6 +836,7 @@ impl TestCluster {
                     accepted: field("accepted"),
                     closed: field("closed"),
                     forgiven: field("forgiven"),
+                    rss_kib: field("rss_kib"),
                     reporting: !rest.contains("does not report"),
                 }
             })
@@ -971,6 +972,7 @@ pub struct SteerSlotStatus {
     pub accepted: i64,
     pub closed: i64,
     pub forgiven: i64,
+    pub rss_kib: i64,
     pub reporting: bool,
 }
 

@@ -14,8 +14,11 @@
 //! | 24 | `forgiven: i64` | the master: placements that never reached the worker |
 //! | 32 | `eligible: u32` | the master: 1 while a ready worker serves the slot |
 //! | 36 | `reporting: u32` | the worker: [`REPORTING_SELF`] or the shim's [`REPORTING_SHIM`] once it counts |
+//! | 40 | `rss_kib: u64` | the master: the slot's ready worker's resident memory in KiB (0 = not sampled yet) |
+//! | 48 | reserved | 16 bytes, zero |
 //!
-//! The program's load for a slot is `assigned - closed - forgiven`.
+//! The program's load for a slot is `assigned - closed - forgiven`; `least-mem` also reads
+//! `rss_kib`.
 
 /// Slots in the table (a power of two; the program masks indexes with `MAX_SLOTS - 1`).
 pub const MAX_SLOTS: usize = 1024;
@@ -35,6 +38,8 @@ pub const FORGIVEN: usize = 24;
 pub const ELIGIBLE: usize = 32;
 /// Offset of `reporting` in a slot.
 pub const REPORTING: usize = 36;
+/// Offset of `rss_kib` in a slot.
+pub const RSS_KIB: usize = 40;
 /// `reporting` value stored by the preload shim: it counts for a server that does not.
 pub const REPORTING_SHIM: u32 = 1;
 /// `reporting` value stored by a worker that counts itself (the Rust worker API): the shim,
@@ -43,7 +48,13 @@ pub const REPORTING_SELF: u32 = 2;
 
 /// The BPF program's C source (`bpf/steer.bpf.c`) mirrors this layout; this checks the part the
 /// Rust side can.
-const _: () = assert!(MAX_SLOTS.is_power_of_two() && SLOT_SIZE == 64 && REPORTING + 4 <= 40);
+const _: () = assert!(
+    MAX_SLOTS.is_power_of_two()
+        && SLOT_SIZE == 64
+        && REPORTING + 4 <= RSS_KIB
+        && RSS_KIB.is_multiple_of(8)
+        && RSS_KIB + 8 <= SLOT_SIZE
+);
 
 /// Byte offset of `field` in `slot`'s line.
 pub const fn offset(slot: usize, field: usize) -> usize {
