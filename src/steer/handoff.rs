@@ -346,24 +346,21 @@ mod tests {
                 .collect()
         };
         let list = |fds: &[i32]| env_value(objects.migrate, fds);
+        // Passes the fds at positions `pick` (one listener) and closes the others; the error.
+        let refused = |pick: [usize; 4]| {
+            let n = numbers();
+            let e = adopt(OsStr::new(&list(&pick.map(|i| n[i]))), 1).unwrap_err();
+            for (_, &fd) in n.iter().enumerate().filter(|(i, _)| !pick.contains(i)) {
+                drop(sys::adopt_inherited_fd(fd).unwrap());
+            }
+            e.to_string()
+        };
         // Listener 1's program beside listener 0's socket array: refused, naming the program.
-        let n = numbers();
-        let e = adopt(OsStr::new(&list(&[n[0], n[1], n[2], n[5]])), 1)
-            .unwrap_err()
-            .to_string();
+        let e = refused([0, 1, 2, 5]);
         assert!(e.contains("does not use the maps passed with it"), "{e}");
-        for fd in [n[3], n[4]] {
-            drop(sys::adopt_inherited_fd(fd).unwrap());
-        }
         // The meta map where the table belongs: refused, naming both shapes.
-        let n = numbers();
-        let e = adopt(OsStr::new(&list(&[n[1], n[0], n[2], n[3]])), 1)
-            .unwrap_err()
-            .to_string();
+        let e = refused([1, 0, 2, 3]);
         assert!(e.contains("is not the slot table (steer_slots)"), "{e}");
-        for fd in [n[4], n[5]] {
-            drop(sys::adopt_inherited_fd(fd).unwrap());
-        }
         // The right ones, in order: adopted.
         let adopted = adopt(OsStr::new(&list(&numbers())), 2).unwrap();
         assert_eq!(adopted.listeners(), 2);
