@@ -59,9 +59,9 @@ pub struct Args {
 
     /// Who places connections for least-conn, round-robin, p2c and least-mem: kernel (an
     /// SK_REUSEPORT BPF program picks from the master's load table at SYN time; workers get
-    /// their own listening sockets as in reuseport mode; needs CAP_BPF and Linux 5.13),
-    /// dispatch (the master accepts and passes each connection), or auto (kernel when the
-    /// program loads, dispatch otherwise).
+    /// their own listening sockets as in reuseport mode; needs CAP_BPF and Linux 5.13, or the
+    /// program passed in by `rcluster-lb steer-load`), dispatch (the master accepts and passes
+    /// each connection), or auto (kernel when the program loads, dispatch otherwise).
     #[arg(long, value_enum, default_value_t = Steer::Auto)]
     pub steer: Steer,
 
@@ -242,6 +242,27 @@ pub enum Sub {
     },
     /// Talk to a running master through its control socket.
     Ctl(CtlArgs),
+    /// With CAP_BPF (or as root): load the kernel-steering program, drop every capability, exec
+    /// COMMAND.
+    ///
+    /// Creates the steering maps and one program per listening address, passes their fds to
+    /// COMMAND in RCLUSTER_STEER_FDS, drops the effective, permitted, inheritable and ambient
+    /// capabilities and execs COMMAND, which runs the master without CAP_BPF: e.g. `setpriv
+    /// --reuid=app --regid=app --init-groups rcluster-lb --steer kernel -- node app.js`. The
+    /// master adopts the fds instead of loading the program.
+    #[command(
+        after_help = "As root, COMMAND must give up root itself (setpriv --reuid, or \
+                      --bounding-set -all): a program executed as root gets its capabilities \
+                      back. README: Kernel steering."
+    )]
+    SteerLoad {
+        /// One program per listening address: the master's number of --listen addresses.
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        listeners: usize,
+        /// The command to exec: the master, or a wrapper that execs it.
+        #[arg(last = true, required = true, value_name = "COMMAND")]
+        command: Vec<OsString>,
+    },
     /// The built-in demo HTTP worker (started by the master; not for direct use).
     #[command(hide = true)]
     DemoWorker,

@@ -48,6 +48,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     match args.subcommand {
         Some(Sub::DemoWorker) => return demo::run(),
         Some(Sub::Ctl(ctl)) => return rcluster_lb::ctl::run(ctl),
+        Some(Sub::SteerLoad { listeners, command }) => {
+            return rcluster_lb::steer::handoff::run(listeners, &command);
+        }
         Some(Sub::Topology { workers }) => {
             let allowed = sys::sched_getaffinity()?.cpus();
             let topo = topology::Topology::detect(&allowed)?;
@@ -68,9 +71,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     supervisor::run(config, activated)
 }
 
-/// Subcommands (the demo worker, `ctl`, `topology`) log straight to stderr, one line each,
-/// `worker[PID]: LEVEL message` (`rcluster-lb[PID]` for ctl and topology); `RCLUSTER_LOG` sets the level (default info). The master's
-/// logging is [`logs::init`]'s.
+/// Subcommands (the demo worker, `ctl`, `topology`, `steer-load`) log straight to stderr, one
+/// line each, `worker[PID]: LEVEL message` (`rcluster-lb[PID]` for the others); `RCLUSTER_LOG`
+/// sets the level (default info). The master's logging is [`logs::init`]'s.
 fn init_logging(worker: bool) {
     let pid = sys::getpid();
     let name = if worker { "worker" } else { "rcluster-lb" };

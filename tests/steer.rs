@@ -1,8 +1,9 @@
 //! Kernel steering (`--steer`), against the real binary: the program places connections by the
 //! load table (least-conn, round-robin, p2c, least-mem), a busy or stalled worker is passed over,
 //! a worker grown big is avoided under least-mem, a closed listener's queue migrates, abandoned
-//! handshakes do not inflate a slot's load for long, and without CAP_BPF the master falls back
-//! to dispatch. Each test that needs the program skips with a note where it cannot load here.
+//! handshakes do not inflate a slot's load for long, without CAP_BPF the master falls back to
+//! dispatch, and a program loaded by a privileged `steer-load` steers a master without
+//! capabilities. Each test that needs the program skips with a note where it cannot load here.
 
 mod common;
 
@@ -155,14 +156,20 @@ fn a_rust_worker_under_the_shim_is_counted_once() {
     assert!(!cluster.log_contains("librcluster_shim.so not found"));
     let results: Vec<_> = (0..30).map(|_| get(cluster.addr(), "/")).collect();
     assert_eq!(per_worker(&results).values().sum::<usize>(), 30);
+    wait_counted_once(&cluster, 2, 30);
+}
+
+/// Waits until the table of a cluster with `slots` slots shows `n` placements, each accepted
+/// and closed exactly once by a worker that reports.
+fn wait_counted_once(cluster: &TestCluster, slots: usize, n: i64) {
     let deadline = Instant::now() + DEADLINE;
     loop {
-        let st = cluster.steering_status(2);
+        let st = cluster.steering_status(slots);
         let placed: i64 = st.iter().map(|s| s.assigned - s.forgiven).sum();
         let balanced = st
             .iter()
             .all(|s| s.reporting && s.accepted == s.assigned && s.closed == s.accepted);
-        if placed == 30 && balanced {
+        if placed == n && balanced {
             break;
         }
         assert!(
@@ -406,20 +413,35 @@ fn abandoned_handshakes_are_written_off() {
     assert_eq!(per_worker(&results).values().sum::<usize>(), 10);
 }
 
-/// `setpriv` that drops CAP_BPF and CAP_SYS_ADMIN from the bounding set, so the exec'd master
-/// (root or not) has neither.
-fn without_cap_bpf() -> Option<Command> {
+/// `setpriv ARGS --`, as the words to put before a command, where setpriv can do that here;
+/// prints a note otherwise, so the caller can skip.
+fn setpriv(args: &[&'static str]) -> Option<Vec<&'static str>> {
     let ok = Command::new("setpriv")
-        .args(["--bounding-set", "-bpf,-sys_admin", "--", "true"])
+        .args(args)
+        .args(["--", "true"])
         .status()
         .is_ok_and(|s| s.success());
     if !ok {
-        eprintln!("note: setpriv cannot drop CAP_BPF here; skipping this test");
+        eprintln!(
+            "note: setpriv {} does not work here; skipping this test",
+            args.join(" ")
+        );
         return None;
     }
-    let mut cmd = Command::new("setpriv");
-    cmd.args(["--bounding-set", "-bpf,-sys_admin", "--", common::BIN]);
-    Some(cmd)
+    Some([&["setpriv"][..], args, &["--"][..]].concat())
+}
+
+/// A command running `words`, then the binary under test.
+fn command_then_bin(words: &[&str]) -> Command {
+    let mut cmd = Command::new(words[0]);
+    cmd.args(&words[1..]).arg(common::BIN);
+    cmd
+}
+
+/// `setpriv` that drops CAP_BPF and CAP_SYS_ADMIN from the bounding set, so the exec'd master
+/// (root or not) has neither.
+fn without_cap_bpf() -> Option<Command> {
+    setpriv(&["--bounding-set", "-bpf,-sys_admin"]).map(|words| command_then_bin(&words))
 }
 
 #[test]
@@ -427,16 +449,10 @@ fn cap_bpf_alone_is_enough() {
     if !steering_available() {
         return;
     }
-    let ok = Command::new("setpriv")
-        .args(["--bounding-set", "-all,+bpf", "--", "true"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        eprintln!("note: setpriv cannot limit the capabilities here; skipping this test");
+    let Some(words) = setpriv(&["--bounding-set", "-all,+bpf"]) else {
         return;
-    }
-    let mut cmd = Command::new("setpriv");
-    cmd.args(["--bounding-set", "-all,+bpf", "--", common::BIN]);
+    };
+    let cmd = command_then_bin(&words);
     let cluster = TestCluster::spawn_with_command(cmd, &["--steer", "kernel", "-w", "2"]);
     cluster.wait_for_log("workers ready", DEADLINE);
     assert!(cluster.log_contains("steering: kernel"));
@@ -479,6 +495,137 @@ fn without_cap_bpf_auto_falls_back_and_kernel_fails() {
     );
     cluster.wait_for_log("workers ready", DEADLINE);
     assert!(cluster.log_contains("steering: dispatch, kernel steering unavailable"));
+    assert!(cluster.log_contains("mode dispatch"));
+    let results: Vec<_> = (0..10).map(|_| get(cluster.addr(), "/")).collect();
+    assert_eq!(per_worker(&results).values().sum::<usize>(), 10);
+}
+
+/// Bits of the `Cap*:` line `field` (`CapEff`, `CapPrm`, ...) of process `pid`.
+fn capabilities(pid: i32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"));
+    u64::from_str_radix(hex.trim(), 16).unwrap()
+}
+
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_BPF: u32 = 39;
+
+#[test]
+fn a_program_passed_in_steers_a_master_without_cap_bpf() {
+    if !steering_available() {
+        return;
+    }
+    // steer-load (root here) loads the program, drops its capabilities and execs setpriv,
+    // which empties the bounding, inheritable and ambient sets before it execs the master: the
+    // master, root or not, holds no capability at all.
+    let Some(words) = setpriv(&[
+        "--bounding-set",
+        "-all",
+        "--inh-caps",
+        "-all",
+        "--ambient-caps",
+        "-all",
+    ]) else {
+        return;
+    };
+    let mut cmd = Command::new(common::BIN);
+    cmd.args(["steer-load", "--"]).args(&words).arg(common::BIN);
+    let cluster = TestCluster::spawn_with_command(cmd, &["--steer", "kernel", "-w", "2"]);
+    cluster.wait_for_log("workers ready", DEADLINE);
+    assert!(cluster.log_contains("steer-load: steering program loaded for 1 listening address"));
+    assert!(cluster.log_contains(
+        "steering: kernel: an SK_REUSEPORT program passed in by steer-load (RCLUSTER_STEER_FDS)"
+    ));
+    for field in ["CapEff", "CapPrm", "CapBnd"] {
+        let caps = capabilities(cluster.pid(), field);
+        assert_eq!(
+            caps & ((1 << CAP_BPF) | (1 << CAP_SYS_ADMIN)),
+            0,
+            "the master's {field} is {caps:#x}"
+        );
+    }
+    // Steered, served, and counted on the table the program places by.
+    cluster.wait_for_log("steering: slot 1 eligible", DEADLINE);
+    let results: Vec<_> = (0..30).map(|_| get(cluster.addr(), "/")).collect();
+    assert_eq!(per_worker(&results).values().sum::<usize>(), 30);
+    wait_counted_once(&cluster, 2, 30);
+    // No worker inherits a program, a map other than the table, or the variable.
+    for pid in cluster.wait_for_workers(2) {
+        let links: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::read_link(e.path()).ok())
+            .map(|l| l.to_string_lossy().into_owned())
+            .collect();
+        let count = |what: &str| links.iter().filter(|l| l.as_str() == what).count();
+        assert_eq!(count("anon_inode:bpf-prog"), 0, "worker {pid}: {links:?}");
+        assert!(count("anon_inode:bpf-map") <= 1, "worker {pid}: {links:?}");
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+        assert!(
+            !String::from_utf8_lossy(&environ).contains("RCLUSTER_STEER_FDS="),
+            "worker {pid} got RCLUSTER_STEER_FDS"
+        );
+    }
+}
+
+#[test]
+fn a_program_passed_in_must_match_the_listeners() {
+    if !steering_available() {
+        return;
+    }
+    let out = Command::new(common::BIN)
+        .args(["steer-load", "--listeners", "1", "--", common::BIN])
+        .args(["--steer", "kernel", "-w", "1"])
+        .args(["--listen", "127.0.0.1:0", "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("programs for 1 listening address passed in")
+            && stderr.contains("the master listens on 2"),
+        "{stderr}"
+    );
+}
+
+/// The master under `sh`, with `/dev/null` at fd 9 and `RCLUSTER_STEER_FDS` naming fds 9..12:
+/// not BPF objects.
+fn with_bogus_steer_fds() -> Command {
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", "exec \"$@\" 9</dev/null", "sh", common::BIN])
+        .env("RCLUSTER_STEER_FDS", "select-or-migrate:9,10,11,12");
+    cmd
+}
+
+#[test]
+fn a_bogus_program_passed_in_is_refused_or_falls_back() {
+    // --steer kernel: one line naming the variable and the fd, exit 2.
+    let out = with_bogus_steer_fds()
+        .args(["--steer", "kernel", "-w", "1", "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let error: Vec<&str> = stderr.lines().filter(|l| l.contains("error:")).collect();
+    assert_eq!(error.len(), 1, "{stderr}");
+    assert!(
+        error[0].contains("--steer kernel: RCLUSTER_STEER_FDS: fd 9 is not a BPF map (/dev/null)"),
+        "{stderr}"
+    );
+
+    // auto: a warning, and dispatch serves.
+    let cluster = TestCluster::spawn_with_command(
+        with_bogus_steer_fds(),
+        &["--steer", "auto", "-w", "2", "--listen", "127.0.0.1:0"],
+    );
+    cluster.wait_for_log("workers ready", DEADLINE);
+    assert!(cluster.log_contains(
+        "steering: dispatch, the steering program passed in is unusable: RCLUSTER_STEER_FDS: \
+         fd 9 is not a BPF map"
+    ));
     assert!(cluster.log_contains("mode dispatch"));
     let results: Vec<_> = (0..10).map(|_| get(cluster.addr(), "/")).collect();
     assert_eq!(per_worker(&results).values().sum::<usize>(), 10);

@@ -1,7 +1,9 @@
 //! The supervisor's side of kernel steering: deciding at startup whether the kernel steers
-//! (`--steer`), registering each worker slot's listeners with the program, keeping the table's
-//! eligibility equal to "a ready worker serves this slot", reconciling placements that never
-//! reached a worker, and (for least-mem) writing each slot's worker RSS into the table. Owned and called by the supervisor on the main thread; it holds the
+//! (`--steer`; with a program it loads, or with one a privileged `steer-load` passed in,
+//! [`crate::steer::handoff`]), registering each worker slot's listeners with the program,
+//! keeping the table's eligibility equal to "a ready worker serves this slot", reconciling
+//! placements that never reached a worker, and (for least-mem) writing each slot's worker RSS
+//! into the table. Owned and called by the supervisor on the main thread; it holds the
 //! [`Steering`] (maps, programs), never the listening sockets (the supervisor's slots do).
 
 use std::os::fd::{AsFd, BorrowedFd};
@@ -10,9 +12,9 @@ use std::time::{Duration, Instant};
 use log::{info, warn};
 use socket2::Socket;
 
-use crate::cli::{Config, Steer};
+use crate::cli::{Config, Steer, UsageError};
 use crate::master::lifecycle::WorkerId;
-use crate::steer::{SteerPolicy, Steering};
+use crate::steer::{SteerPolicy, Steering, handoff};
 use crate::sys;
 use rcluster_proto::steer as page;
 
@@ -44,14 +46,18 @@ pub struct SteerControl {
 }
 
 /// Decides who places connections. `Ok(None)`: the master dispatches (`--steer dispatch`, a
-/// policy the program cannot carry, or `auto` where the program does not load: logged with the
-/// reason). `Err`: `--steer kernel` and the program does not load.
+/// policy the program cannot carry, or `auto` where the program does not load or what
+/// `RCLUSTER_STEER_FDS` passed in is unusable: logged with the reason). `Err`: `--steer kernel`
+/// and the program does not load (exit 1) or what was passed in is unusable (exit 2).
 pub fn start(config: &Config) -> anyhow::Result<Option<SteerControl>> {
+    let passed = std::env::var_os(handoff::RCLUSTER_STEER_FDS);
     let Some(policy) = SteerPolicy::for_policy(config.policy) else {
+        ignore_passed(passed.is_some(), &format!("--policy {}", config.policy));
         return Ok(None);
     };
     if config.steer == Steer::Dispatch {
         info!("steering: dispatch (--steer dispatch): the master accepts and passes connections");
+        ignore_passed(passed.is_some(), "--steer dispatch");
         return Ok(None);
     }
     if config.workers > page::MAX_SLOTS {
@@ -62,11 +68,30 @@ pub fn start(config: &Config) -> anyhow::Result<Option<SteerControl>> {
         );
         return fallback(config.steer, &why);
     }
-    match Steering::load(config.listen.len()) {
+    let loaded = match &passed {
+        // A privileged `steer-load` loaded the program: adopt it (no CAP_BPF needed).
+        Some(value) => match handoff::adopt(value, config.listen.len()) {
+            Ok(objects) => Steering::new(objects),
+            Err(e) if config.steer == Steer::Kernel => {
+                return Err(UsageError(format!("--steer kernel: {e}")).into());
+            }
+            Err(e) => {
+                warn!("steering: dispatch, the steering program passed in is unusable: {e}");
+                return Ok(None);
+            }
+        },
+        None => Steering::load(config.listen.len()),
+    };
+    match loaded {
         Ok(steering) => {
             info!(
-                "steering: kernel: an SK_REUSEPORT program places each connection on the {} \
+                "steering: kernel: an SK_REUSEPORT program {}places each connection on the {} \
                  worker's own listener{} (--steer {})",
+                if passed.is_some() {
+                    "passed in by steer-load (RCLUSTER_STEER_FDS) "
+                } else {
+                    ""
+                },
                 config.policy,
                 if steering.migrates() {
                     "; a closed listener's queue is re-placed the same way"
@@ -118,6 +143,17 @@ fn stall_step(
         Some((since, _)) if now.duration_since(since) >= timeout => StallStep::Stalled,
         Some(w) => StallStep::Watch(w),
         None => StallStep::Watch((now, c.accepted)),
+    }
+}
+
+/// `RCLUSTER_STEER_FDS` was given to a master that does not steer: said once, the fds stay
+/// unused (no worker inherits them: the spawner marks every fd it does not place close-on-exec).
+fn ignore_passed(passed: bool, why: &str) {
+    if passed {
+        warn!(
+            "steering: {} ignored: the master dispatches ({why})",
+            handoff::RCLUSTER_STEER_FDS
+        );
     }
 }
 

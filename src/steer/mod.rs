@@ -12,7 +12,13 @@
 //! and, for least-mem, each slot's worker RSS.
 //! The instructions come from `bpf/steer.bpf.c` through `scripts/gen-bpf.sh` ([`prog`]), so
 //! neither users nor `cargo build` need clang.
+//!
+//! Creating the maps and loading the programs ([`Objects::load`]) needs CAP_BPF; using them
+//! does not. So the master either loads them itself ([`Steering::load`]) or adopts the ones a
+//! privileged `rcluster-lb steer-load` loaded and passed in `RCLUSTER_STEER_FDS` before it
+//! dropped its capabilities and exec'd the master ([`handoff`]); both end in [`Steering::new`].
 
+pub mod handoff;
 pub mod prog;
 
 use std::io;
@@ -142,6 +148,56 @@ struct Group {
     prog: OwnedFd,
 }
 
+/// `steer_slots`: the table, one value of [`page::SLOT_SIZE`] bytes per worker slot.
+const SLOTS_MAP: MapSpec<'static> = MapSpec {
+    map_type: bpf::MAP_TYPE_ARRAY,
+    key_size: 4,
+    value_size: page::SLOT_SIZE as u32,
+    max_entries: page::MAX_SLOTS as u32,
+    flags: bpf::F_MMAPABLE,
+    name: "steer_slots",
+};
+
+/// `steer_meta`: the slot count and the policy.
+const META_MAP: MapSpec<'static> = MapSpec {
+    map_type: bpf::MAP_TYPE_ARRAY,
+    key_size: 4,
+    value_size: 8,
+    max_entries: 1,
+    flags: 0,
+    name: "steer_meta",
+};
+
+/// `steer_socks`: one per listening address, slot → that slot's listener.
+const SOCKS_MAP: MapSpec<'static> = MapSpec {
+    map_type: bpf::MAP_TYPE_REUSEPORT_SOCKARRAY,
+    key_size: 4,
+    value_size: 8,
+    max_entries: page::MAX_SLOTS as u32,
+    flags: 0,
+    name: "steer_socks",
+};
+
+/// The kernel objects of steering: the table and meta maps, and per listening address a socket
+/// array and the program that selects from it. Loaded here ([`Objects::load`], CAP_BPF) or
+/// adopted from a privileged loader ([`handoff::adopt`]).
+pub struct Objects {
+    slots: OwnedFd,
+    meta: OwnedFd,
+    groups: Vec<Group>,
+    /// The programs also place the queue of a closed listener (`SELECT_OR_MIGRATE`, 5.14+).
+    migrate: bool,
+}
+
+impl std::fmt::Debug for Objects {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Objects")
+            .field("listeners", &self.groups.len())
+            .field("migrate", &self.migrate)
+            .finish()
+    }
+}
+
 /// The loaded steering: maps, programs (one per listening address), the master's mapping.
 pub struct Steering {
     slots: OwnedFd,
@@ -163,29 +219,12 @@ impl std::fmt::Debug for Steering {
     }
 }
 
-impl Steering {
-    /// Creates the maps and loads one program per listening address: the probe. Fails (and the
-    /// caller falls back) without CAP_BPF, under a seccomp profile that forbids `bpf(2)`, or on a
-    /// kernel older than 5.13.
-    pub fn load(listeners: usize) -> Result<Steering, SteerError> {
-        let slots = bpf::map_create(&MapSpec {
-            map_type: bpf::MAP_TYPE_ARRAY,
-            key_size: 4,
-            value_size: page::SLOT_SIZE as u32,
-            max_entries: page::MAX_SLOTS as u32,
-            flags: bpf::F_MMAPABLE,
-            name: "steer_slots",
-        })
-        .map_err(|e| classify("slot table", e))?;
-        let meta = bpf::map_create(&MapSpec {
-            map_type: bpf::MAP_TYPE_ARRAY,
-            key_size: 4,
-            value_size: 8,
-            max_entries: 1,
-            flags: 0,
-            name: "steer_meta",
-        })
-        .map_err(|e| classify("meta", e))?;
+impl Objects {
+    /// Creates the maps and loads one program per listening address. Fails without CAP_BPF,
+    /// under a seccomp profile that forbids `bpf(2)`, or on a kernel older than 5.13.
+    pub fn load(listeners: usize) -> Result<Objects, SteerError> {
+        let slots = bpf::map_create(&SLOTS_MAP).map_err(|e| classify("slot table", e))?;
+        let meta = bpf::map_create(&META_MAP).map_err(|e| classify("meta", e))?;
         let (btf_blob, func_info) = btf_for(prog::FUNCS);
         let btf = bpf::btf_load(&btf_blob).map_err(|e| SteerError::Setup {
             what: "BTF for the program did not load",
@@ -194,15 +233,7 @@ impl Steering {
         let mut groups = Vec::with_capacity(listeners);
         let mut migrate = true;
         for _ in 0..listeners {
-            let socks = bpf::map_create(&MapSpec {
-                map_type: bpf::MAP_TYPE_REUSEPORT_SOCKARRAY,
-                key_size: 4,
-                value_size: 8,
-                max_entries: page::MAX_SLOTS as u32,
-                flags: 0,
-                name: "steer_socks",
-            })
-            .map_err(|e| classify("socket array", e))?;
+            let socks = bpf::map_create(&SOCKS_MAP).map_err(|e| classify("socket array", e))?;
             let mut insns = prog::INSNS;
             for &(index, name) in prog::MAP_RELOCS {
                 let map = match name {
@@ -242,6 +273,36 @@ impl Steering {
             };
             groups.push(Group { socks, prog });
         }
+        Ok(Objects {
+            slots,
+            meta,
+            groups,
+            migrate,
+        })
+    }
+
+    /// How many listening addresses (programs) these objects serve.
+    pub fn listeners(&self) -> usize {
+        self.groups.len()
+    }
+}
+
+impl Steering {
+    /// Creates the maps and loads one program per listening address ([`Objects::load`]): the
+    /// probe. Fails (and the caller falls back) without CAP_BPF, under a seccomp profile that
+    /// forbids `bpf(2)`, or on a kernel older than 5.13.
+    pub fn load(listeners: usize) -> Result<Steering, SteerError> {
+        Steering::new(Objects::load(listeners)?)
+    }
+
+    /// Steering on `objects`, loaded here or passed in: maps the table (no privilege needed).
+    pub fn new(objects: Objects) -> Result<Steering, SteerError> {
+        let Objects {
+            slots,
+            meta,
+            groups,
+            migrate,
+        } = objects;
         let table =
             MapMmap::new(slots.as_fd(), page::TABLE_SIZE).map_err(|e| SteerError::Setup {
                 what: "cannot map the slot table",

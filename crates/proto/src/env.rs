@@ -27,6 +27,11 @@ pub const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
 /// Kernel steering only: the inherited fd of the steering table (a BPF map to `mmap`, layout in
 /// [`crate::steer`]); the worker's line is `RCLUSTER_WORKER_ID`.
 pub const RCLUSTER_STEER_FD: &str = "RCLUSTER_STEER_FD";
+/// Given to the master, never to a worker: the kernel-steering maps and programs a privileged
+/// `rcluster-lb steer-load` loaded, as `ATTACH:SLOTS,META,SOCKS0,PROG0[,SOCKS1,PROG1…]` (fd
+/// numbers; `ATTACH` is `select-or-migrate` or `select`). The master adopts them instead of
+/// loading the program itself, so it needs no CAP_BPF.
+pub const RCLUSTER_STEER_FDS: &str = "RCLUSTER_STEER_FDS";
 /// `worker` or `agent` ([`Role`]): what this child is for.
 pub const RCLUSTER_ROLE: &str = "RCLUSTER_ROLE";
 /// Path of the master's message bus, an `AF_UNIX` stream socket in a private (0700) directory
@@ -611,6 +616,8 @@ mod tests {
         assert_eq!(NotifyAddr::parse("x"), None);
         assert!(is_master_owned(b"LISTEN_FDS"));
         assert!(is_master_owned(b"RCLUSTER_MODE"));
+        // The steering fds passed to the master reach no worker.
+        assert!(is_master_owned(RCLUSTER_STEER_FDS.as_bytes()));
         assert!(!is_master_owned(b"PATH"));
     }
 

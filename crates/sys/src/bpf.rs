@@ -269,17 +269,150 @@ pub fn prog_load(spec: &ProgSpec<'_>) -> Result<OwnedFd, ProgLoadError> {
     }
 }
 
+/// `BPF_OBJ_GET_INFO_BY_FD` into `info` (a `struct bpf_prog_info` or `bpf_map_info`, whose
+/// pointer fields the caller has set to buffers that outlive the call). Needs no privilege on
+/// an fd this process holds (Linux 6.5+ also where `kernel.unprivileged_bpf_disabled` is set).
+fn obj_info(obj: BorrowedFd<'_>, info: &mut [u64]) -> io::Result<()> {
+    let mut attr = Attr::new();
+    attr.u32(0, obj.as_raw_fd() as u32)
+        .u32(4, std::mem::size_of_val(info) as u32)
+        .ptr(8, info.as_mut_ptr());
+    bpf(OBJ_GET_INFO_BY_FD, &mut attr).map(drop)
+}
+
+/// The `u32` at byte `off` (4-aligned) of an info struct held as `u64` words.
+fn u32_at(info: &[u64], off: usize) -> u32 {
+    let word = info[off / 8].to_ne_bytes();
+    let at = off % 8;
+    u32::from_ne_bytes([word[at], word[at + 1], word[at + 2], word[at + 3]])
+}
+
+fn set_u32(info: &mut [u64], off: usize, v: u32) {
+    let mut word = info[off / 8].to_ne_bytes();
+    word[off % 8..off % 8 + 4].copy_from_slice(&v.to_ne_bytes());
+    info[off / 8] = u64::from_ne_bytes(word);
+}
+
 /// Run statistics of a loaded program (`BPF_OBJ_GET_INFO_BY_FD`): total run time in ns and run
 /// count, both zero unless `kernel.bpf_stats_enabled` was 1 while it ran.
 pub fn prog_run_stats(prog: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
     // struct bpf_prog_info is 232 bytes in 6.x headers; run_time_ns at 192, run_cnt at 200.
     let mut info = [0u64; 29];
-    let mut attr = Attr::new();
-    attr.u32(0, prog.as_raw_fd() as u32)
-        .u32(4, std::mem::size_of_val(&info) as u32)
-        .ptr(8, info.as_mut_ptr());
-    bpf(OBJ_GET_INFO_BY_FD, &mut attr)?;
+    obj_info(prog, &mut info)?;
     Ok((info[192 / 8], info[200 / 8]))
+}
+
+/// What `BPF_OBJ_GET_INFO_BY_FD` says of a map: the fields [`MapSpec`] set, and its id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapInfo {
+    /// `BPF_MAP_TYPE_*`.
+    pub map_type: u32,
+    /// The kernel's id of the map (what a program's `map_ids` list).
+    pub id: u32,
+    /// Key size in bytes.
+    pub key_size: u32,
+    /// Value size in bytes.
+    pub value_size: u32,
+    /// Number of elements.
+    pub max_entries: u32,
+    /// `BPF_F_*`.
+    pub flags: u32,
+}
+
+/// `BPF_OBJ_GET_INFO_BY_FD` of a map (`EINVAL` for a program or any other fd).
+pub fn map_info(map: BorrowedFd<'_>) -> io::Result<MapInfo> {
+    // struct bpf_map_info: type 0, id 4, key_size 8, value_size 12, max_entries 16,
+    // map_flags 20; 88 bytes in 6.x headers (a shorter buffer gets the first bytes).
+    let mut info = [0u64; 11];
+    obj_info(map, &mut info)?;
+    Ok(MapInfo {
+        map_type: u32_at(&info, 0),
+        id: u32_at(&info, 4),
+        key_size: u32_at(&info, 8),
+        value_size: u32_at(&info, 12),
+        max_entries: u32_at(&info, 16),
+        flags: u32_at(&info, 20),
+    })
+}
+
+/// What `BPF_OBJ_GET_INFO_BY_FD` says of a program: its type and the maps it uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProgInfo {
+    /// `BPF_PROG_TYPE_*`.
+    pub prog_type: u32,
+    /// The ids of the maps the program uses ([`MapInfo::id`]), in the kernel's order.
+    pub map_ids: Vec<u32>,
+}
+
+/// `BPF_OBJ_GET_INFO_BY_FD` of a program (`EINVAL` for a map or any other fd).
+pub fn prog_info(prog: BorrowedFd<'_>) -> io::Result<ProgInfo> {
+    // struct bpf_prog_info: type 0, nr_map_ids 52, map_ids (a pointer) 56.
+    const MAX_MAPS: usize = 64;
+    let mut ids = [0u32; MAX_MAPS];
+    let mut info = [0u64; 29];
+    set_u32(&mut info, 52, MAX_MAPS as u32);
+    info[56 / 8] = ids.as_mut_ptr() as usize as u64;
+    obj_info(prog, &mut info)?;
+    let count = (u32_at(&info, 52) as usize).min(MAX_MAPS);
+    Ok(ProgInfo {
+        prog_type: u32_at(&info, 0),
+        map_ids: ids[..count].to_vec(),
+    })
+}
+
+/// A kind of BPF object an fd can be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ObjectKind {
+    /// A map (`anon_inode:bpf-map`).
+    Map,
+    /// A program (`anon_inode:bpf-prog`).
+    Prog,
+}
+
+impl ObjectKind {
+    fn link(self) -> &'static str {
+        match self {
+            ObjectKind::Map => "anon_inode:bpf-map",
+            ObjectKind::Prog => "anon_inode:bpf-prog",
+        }
+    }
+
+    /// "BPF map" or "BPF program", for messages.
+    pub fn describe(self) -> &'static str {
+        match self {
+            ObjectKind::Map => "BPF map",
+            ObjectKind::Prog => "BPF program",
+        }
+    }
+}
+
+/// What `/proc/self/fd/N` points to (`anon_inode:bpf-map`, `socket:[123]`, a path).
+fn fd_target(fd: libc::c_int) -> io::Result<std::ffi::OsString> {
+    std::fs::read_link(format!("/proc/self/fd/{fd}")).map(|p| p.into_os_string())
+}
+
+/// Takes ownership of the inherited fd number `fd` if it is a BPF object of `kind` (by
+/// `/proc/self/fd/N`), marking it close-on-exec. Anything else is left as it is (not closed:
+/// it is not this caller's), and the error says what it is.
+pub fn adopt_inherited_object(fd: libc::c_int, kind: ObjectKind) -> io::Result<OwnedFd> {
+    let target = fd_target(fd).map_err(|e| {
+        let why = match e.raw_os_error() {
+            Some(libc::ENOENT) => "not open".to_string(),
+            _ => e.to_string(),
+        };
+        io::Error::new(e.kind(), format!("fd {fd}: {why}"))
+    })?;
+    if target != kind.link() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "fd {fd} is not a {} ({})",
+                kind.describe(),
+                target.to_string_lossy()
+            ),
+        ));
+    }
+    super::adopt_inherited_fd(fd)
 }
 
 /// `setsockopt(SO_ATTACH_REUSEPORT_EBPF)`: `prog` places connections among the reuseport group
@@ -374,8 +507,7 @@ impl Drop for MapMmap {
 /// Whether `fd` is a BPF map (`/proc/self/fd/N` reads `anon_inode:bpf-map`): a number taken
 /// from the environment is checked before it is mapped writable.
 pub fn is_bpf_map(fd: BorrowedFd<'_>) -> bool {
-    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
-        .is_ok_and(|target| target.as_os_str() == "anon_inode:bpf-map")
+    fd_target(fd.as_raw_fd()).is_ok_and(|target| target == ObjectKind::Map.link())
 }
 
 /// `getsockopt(TCP_INFO)` on a listening socket: `(tcpi_unacked, tcpi_sacked)`, which for a

@@ -444,6 +444,56 @@ pub fn adopt_inherited_fd(fd: libc::c_int) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Clears close-on-exec on `fd`, so a program this process `exec`s gets it at the same number.
+pub fn set_inheritable(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: F_GETFD only queries the descriptor table; the fd is borrowed, hence open.
+    let flags = syscall!(fcntl(fd.as_raw_fd(), libc::F_GETFD))?;
+    // SAFETY: F_SETFD on the same open fd.
+    syscall!(fcntl(
+        fd.as_raw_fd(),
+        libc::F_SETFD,
+        flags & !libc::FD_CLOEXEC
+    ))?;
+    Ok(())
+}
+
+/// `_LINUX_CAPABILITY_VERSION_3` (linux/capability.h): 64-bit sets, as two data words.
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+/// Drops every capability of the calling thread (capabilities are per thread: call it in a
+/// single-threaded process, from the thread that then `exec`s): the ambient set
+/// (`PR_CAP_AMBIENT_CLEAR_ALL`), then the effective, permitted and inheritable sets (`capset(2)`
+/// with all zero), which cannot be regained. The bounding set is left alone: a program executed
+/// as root gets its bounding set back (capabilities(7)) and must drop privileges itself.
+pub fn drop_capabilities() -> io::Result<()> {
+    let zero: libc::c_ulong = 0;
+    // SAFETY: prctl with integer arguments only.
+    if let Err(e) = syscall!(prctl(
+        libc::PR_CAP_AMBIENT,
+        libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+        zero,
+        zero,
+        zero
+    )) {
+        // EINVAL: a kernel before 4.3, which has no ambient set.
+        if e.raw_os_error() != Some(libc::EINVAL) {
+            return Err(e);
+        }
+    }
+    // struct __user_cap_header_struct { u32 version; int pid } (pid 0: this thread), and two
+    // struct __user_cap_data_struct { u32 effective, permitted, inheritable } (capabilities
+    // 0-31, then 32-63), all zero.
+    let header: [u32; 2] = [LINUX_CAPABILITY_VERSION_3, 0];
+    let data = [0u32; 6];
+    // SAFETY: header and data are initialised and of the layout and sizes capset(2) reads for
+    // version 3; the kernel only reads them.
+    let rc = unsafe { libc::syscall(libc::SYS_capset, header.as_ptr(), data.as_ptr()) };
+    if rc == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Whether `path` names a regular file this process may execute (`access(2)` with `X_OK`);
 /// the supervisor resolves a worker command with it before forking, so a typo is a clear error
 /// at start and at each reload rather than an exit code 127 from a child.
@@ -556,6 +606,27 @@ pub fn cpu_seconds(pid: Pid) -> io::Result<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dropping_capabilities_empties_every_set_but_the_bounding_set() {
+        // Capabilities are per thread: drop them in a thread of its own.
+        let sets = std::thread::spawn(|| {
+            drop_capabilities().unwrap();
+            let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+            status
+                .lines()
+                .filter(|l| {
+                    ["CapInh:", "CapPrm:", "CapEff:", "CapAmb:"]
+                        .iter()
+                        .any(|p| l.starts_with(p))
+                })
+                .map(|l| u64::from_str_radix(l.split_whitespace().nth(1).unwrap(), 16).unwrap())
+                .collect::<Vec<u64>>()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(sets, vec![0, 0, 0, 0]);
+    }
     use std::os::fd::AsFd;
 
     #[test]
