@@ -284,7 +284,12 @@ fn systems(settings: &Settings) -> Vec<System> {
         .collect();
     let kernel = kernel_steering();
     if kernel {
-        for p in [PolicyKind::LeastConn, PolicyKind::RoundRobin] {
+        for p in [
+            PolicyKind::LeastConn,
+            PolicyKind::RoundRobin,
+            PolicyKind::P2c,
+            PolicyKind::LeastMem,
+        ] {
             v.push(System {
                 name: format!("{}{KERNEL}", p.name()),
                 group: Group::Demo,
