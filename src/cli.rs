@@ -178,7 +178,7 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 3)]
     pub health_fails: u32,
     /// This master's name: its control socket is NAME.sock in $XDG_RUNTIME_DIR/rcluster-lb/
-    /// (root: /run/rcluster-lb/; otherwise /tmp/rcluster-lb-UID/). Default: the first
+    /// (root: /run/rcluster-lb/control/; otherwise /tmp/rcluster-lb-UID/). Default: the first
     /// listener's port, e.g. 8080.
     #[arg(long, value_name = "NAME")]
     pub name: Option<String>,

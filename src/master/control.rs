@@ -150,8 +150,13 @@ pub fn open(explicit: Option<&Path>, name: &str, asker: Asker) -> Result<Option<
     }
 }
 
+/// Root's runtime directory, shared with the preload shim (which workers running as another
+/// user must be able to read, so it is 0755); root's control sockets get a private
+/// subdirectory of it.
+const ROOT_RUN_DIR: &str = "/run/rcluster-lb";
+
 /// The directory default control sockets live in: `$XDG_RUNTIME_DIR/rcluster-lb`, else
-/// `/run/rcluster-lb` for root, else `/tmp/rcluster-lb-UID`.
+/// `/run/rcluster-lb/control` for root, else `/tmp/rcluster-lb-UID`.
 pub fn default_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from)
         && dir.is_absolute()
@@ -160,7 +165,7 @@ pub fn default_dir() -> PathBuf {
     }
     let uid = sys::geteuid();
     if uid == 0 {
-        PathBuf::from("/run/rcluster-lb")
+        Path::new(ROOT_RUN_DIR).join("control")
     } else {
         PathBuf::from(format!("/tmp/rcluster-lb-{uid}"))
     }
@@ -188,11 +193,23 @@ pub fn check_name(name: &str) -> Result<(), String> {
     }
 }
 
-/// Creates [`default_dir`] with mode 0700 if missing, and refuses it if it belongs to another
-/// user or others may write to it (a name in a directory someone else controls could be
-/// replaced by their socket).
+/// Creates [`default_dir`] with mode 0700 if missing (for root, inside `/run/rcluster-lb`,
+/// created 0755 if missing), and refuses it if it belongs to another user or others may write
+/// to it (a name in a directory someone else controls could be replaced by their socket).
 pub fn prepare_default_dir() -> io::Result<PathBuf> {
     let dir = default_dir();
+    if dir.starts_with(ROOT_RUN_DIR) {
+        match std::fs::DirBuilder::new().mode(0o755).create(ROOT_RUN_DIR) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("cannot create {ROOT_RUN_DIR}: {e}"),
+                ));
+            }
+        }
+    }
     match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}

@@ -13,7 +13,7 @@
 use std::fs;
 use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::sys;
@@ -89,6 +89,11 @@ fn materialise(dir: &Path, bytes: &[u8], sha256: &str, euid: libc::uid_t) -> io:
         .create(dir)?;
     let dir = dir.canonicalize()?;
     check_dir_chain(&dir, euid, true).map_err(io::Error::other)?;
+    // An existing directory keeps its mode (an earlier version made root's 0700): open it up
+    // for reading, or workers running as another user cannot load the file.
+    if fs::metadata(&dir)?.mode() & mode != mode {
+        fs::set_permissions(&dir, fs::Permissions::from_mode(mode))?;
+    }
     let name = format!("librcluster_shim-{}.so", sha256.get(..16).unwrap_or(sha256));
     let path = dir.join(&name);
     check_preload_path(&path).map_err(io::Error::other)?;
@@ -194,7 +199,6 @@ fn check_dir_chain(dir: &Path, euid: libc::uid_t, innermost: bool) -> Result<(),
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
 
     fn scratch(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("rcluster-shim-{name}-{}", sys::getpid()));
@@ -224,6 +228,24 @@ mod tests {
             b"shim",
             "a changed copy is rewritten"
         );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Root's directory is read by workers running as another user: one left private (mode
+    /// 0700, as a control socket directory once was) is opened up to 0755 before use.
+    #[test]
+    fn roots_directory_is_readable_by_all() {
+        let dir = scratch("open");
+        let sub = dir.join("run");
+        fs::DirBuilder::new().mode(0o700).create(&sub).unwrap();
+        let path = materialise(&sub, b"shim", "00", 0);
+        if sys::geteuid() == 0 {
+            path.unwrap();
+            let mode = fs::metadata(&sub).unwrap().mode() & 0o777;
+            assert_eq!(mode, 0o755, "{mode:o}");
+        } else {
+            eprintln!("note: not root; root's directory mode is not checked");
+        }
         fs::remove_dir_all(&dir).unwrap();
     }
 
