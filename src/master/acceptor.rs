@@ -321,8 +321,6 @@ enum State {
 struct Channel {
     ends: ChannelEnds,
     batch: SendBatch<HEADER_LEN>,
-    /// Registered with the poll (readable, and writable while full; see `watch_writable`).
-    registered: bool,
     writable: bool,
     full_since: Option<Instant>,
     /// The worker sent READY on this channel (it takes connections for this listener).
@@ -702,27 +700,22 @@ impl Acceptor {
             if let Err(e) = sys::set_nonblocking(ends.master.as_fd(), true) {
                 error!("worker {slot}: cannot make its channel non-blocking: {e}");
             }
-            // Readable for the policies that read the load (CLOSED wakes the acceptor); writable
-            // only while the channel is full (`watch_writable`): registered for writability
-            // all the time, every message the worker takes would wake the acceptor (unix(7)
-            // sockets signal write space whenever the receiver frees a message).
             let raw = ends.master.as_raw_fd();
-            let registered = !self.sweep_channels
-                && match self.poll.registry().register(
-                    &mut SourceFd(&raw),
-                    channel_token(id, listener),
-                    Interest::READABLE,
-                ) {
-                    Ok(()) => true,
-                    Err(e) => {
-                        error!("worker {slot}: cannot register its channel: {e}");
-                        false
-                    }
-                };
+            let interest = if self.sweep_channels {
+                Interest::WRITABLE
+            } else {
+                Interest::READABLE | Interest::WRITABLE
+            };
+            if let Err(e) = self.poll.registry().register(
+                &mut SourceFd(&raw),
+                channel_token(id, listener),
+                interest,
+            ) {
+                error!("worker {slot}: cannot register its channel: {e}");
+            }
             chans.push(Channel {
                 ends,
                 batch: SendBatch::with_capacity(SEND_BATCH),
-                registered,
                 writable: true,
                 full_since: None,
                 ready: false,
@@ -776,7 +769,7 @@ impl Acceptor {
         };
         let entry = self.entries.swap_remove(i);
         self.stats.swap_remove(i);
-        for chan in entry.channels.iter().filter(|c| c.registered) {
+        for chan in &entry.channels {
             let raw = chan.ends.master.as_raw_fd();
             let _ = self.poll.registry().deregister(&mut SourceFd(&raw));
             debug_assert!(chan.batch.is_empty(), "reclaim empties the batches first");
@@ -991,39 +984,7 @@ impl Acceptor {
             chan.writable = true;
             chan.full_since = None;
             self.entries[i].stall_reported = false;
-            self.watch_writable(i, listener, false);
             self.refresh_open();
-        }
-    }
-
-    /// Asks the poll for writability of worker `i`'s channel for `listener` (`want`: it is
-    /// full) or stops asking (it took something since). Registering checks readiness at once
-    /// (epoll_ctl(2) on a ready file queues the event), so a worker that drained the channel
-    /// in between still wakes the acceptor.
-    fn watch_writable(&mut self, i: usize, listener: usize, want: bool) {
-        let id = self.entries[i].id;
-        let slot = self.entries[i].slot;
-        let interest = match (self.sweep_channels, want) {
-            (false, false) => Some(Interest::READABLE),
-            (false, true) => Some(Interest::READABLE | Interest::WRITABLE),
-            (true, false) => None,
-            (true, true) => Some(Interest::WRITABLE),
-        };
-        let chan = &mut self.entries[i].channels[listener];
-        let raw = chan.ends.master.as_raw_fd();
-        let mut source = SourceFd(&raw);
-        let registry = self.poll.registry();
-        let token = channel_token(id, listener);
-        let result = match (chan.registered, interest) {
-            (false, None) => Ok(()),
-            (true, None) => registry.deregister(&mut source),
-            (false, Some(interest)) => registry.register(&mut source, token, interest),
-            (true, Some(interest)) => registry.reregister(&mut source, token, interest),
-        };
-        match result {
-            Ok(()) => chan.registered = interest.is_some(),
-            // The stall watch still sees a channel that stays full, and reclaims it.
-            Err(e) => error!("worker {slot}: cannot watch its channel: {e}"),
         }
     }
 
@@ -1176,7 +1137,7 @@ impl Acceptor {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => warn!("worker {}: sending connections failed: {e}", entry.slot),
         }
-        let was_writable = std::mem::replace(&mut chan.writable, false);
+        chan.writable = false;
         chan.full_since.get_or_insert_with(Instant::now);
         let mut unsent = Vec::new();
         while let Some((payload, fd)) = chan.batch.pop_unsent() {
@@ -1192,9 +1153,6 @@ impl Acceptor {
         self.stats[i].queued = self.stats[i].queued.saturating_sub(unsent.len() as u32);
         for p in unsent.into_iter().rev() {
             self.pending.push_front(p);
-        }
-        if was_writable {
-            self.watch_writable(i, listener, true);
         }
         self.refresh_open();
     }
@@ -1389,10 +1347,21 @@ impl Acceptor {
         }
         self.sweep_channels = sweep;
         self.next_sweep = Instant::now();
-        for i in 0..self.entries.len() {
-            for listener in 0..self.entries[i].channels.len() {
-                let full = !self.entries[i].channels[listener].writable;
-                self.watch_writable(i, listener, full);
+        let interest = if sweep {
+            Interest::WRITABLE
+        } else {
+            Interest::READABLE | Interest::WRITABLE
+        };
+        for e in &self.entries {
+            for (listener, c) in e.channels.iter().enumerate() {
+                let raw = c.ends.master.as_raw_fd();
+                if let Err(err) = self.poll.registry().reregister(
+                    &mut SourceFd(&raw),
+                    channel_token(e.id, listener),
+                    interest,
+                ) {
+                    error!("worker {}: cannot re-register its channel: {err}", e.slot);
+                }
             }
         }
         // Messages that arrived while the channels were not watched for reading are read now
