@@ -449,8 +449,9 @@ impl Running {
             c.args(["--listen", "127.0.0.1:0", "--workers", &workers])
                 .args(["--policy", policy.name()])
                 .env("RCLUSTER_LOG", "info");
-            // Explicit either way: the default (auto) steers in the kernel where it can.
-            if matches!(policy, PolicyKind::LeastConn | PolicyKind::RoundRobin) {
+            // Explicit either way: the default (auto) steers in the kernel where it can (every
+            // policy but the kernel's own modes).
+            if !matches!(policy, PolicyKind::Reuseport | PolicyKind::Shared) {
                 c.args(["--steer", if kernel { "kernel" } else { "dispatch" }]);
             }
             if let Some(pin) = &settings.pin {
