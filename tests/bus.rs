@@ -451,10 +451,13 @@ fn the_agent_reloads_before_the_workers_and_stops_after_them() {
             .position(|l| l.contains(needle))
             .unwrap_or_else(|| panic!("no {needle:?} in\n{}", lines.join("\n")))
     };
+    // The master's own lines give the order (an agent's stderr reaches the log through a pipe,
+    // so its lines may land after master lines written later).
     assert!(
-        pos("AGENT 0 got SIGTERM") < pos(&format!("agent started: pid {second}")),
+        pos(&format!("agent (pid {first}) exited")) < pos(&format!("agent started: pid {second}")),
         "one agent at a time: the old one is stopped before the new one starts"
     );
+    cluster.wait_for_log("AGENT 0 got SIGTERM", DEADLINE);
     assert!(
         pos(&format!("agent started: pid {second}")) < pos("SIGHUP: rolling reload"),
         "the new agent starts before the workers' reload"
@@ -468,9 +471,10 @@ fn the_agent_reloads_before_the_workers_and_stops_after_them() {
         .unwrap();
     let agent_stop = lines
         .iter()
-        .position(|l| l.contains("AGENT 1 got SIGTERM"))
+        .position(|l| l.contains(&format!("stopping the agent (pid {second})")))
         .unwrap();
     assert!(last_worker_exit < agent_stop, "{}", lines.join("\n"));
+    cluster.wait_for_log("AGENT 1 got SIGTERM", DEADLINE);
     assert!(!alive(second));
 }
 
