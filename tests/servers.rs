@@ -774,10 +774,16 @@ fn node_least_conn_never_ties_onto_a_busy_worker() {
     if !available("node") {
         return;
     }
+    let (_dir, cluster) = node_spin_cluster();
+    busy_worker_trials(&cluster, "/", body_pid);
+}
+
+/// Two node workers running [`NODE_SPIN_APP`] under the master's own least-conn dispatch (its
+/// status dump counts dispatches; kernel steering's busy-worker tests are tests/steer.rs's),
+/// both listening. The directory holds the app.
+fn node_spin_cluster() -> (TempDir, TestCluster) {
     let dir = TempDir::new("node-spin");
     let app = dir.write("app.js", NODE_SPIN_APP);
-    // The master's own dispatch (its status dump counts dispatches); kernel steering's busy
-    // worker test is tests/steer.rs's.
     let cluster = TestCluster::start(&[
         "--workers",
         "2",
@@ -790,11 +796,10 @@ fn node_least_conn_never_ties_onto_a_busy_worker() {
         &app,
     ]);
     cluster.wait_for_workers(2);
-    // Both node processes listen before the trials start.
     for _ in 0..4 {
         assert_eq!(get(cluster.addr(), "/").unwrap().status, 200);
     }
-    busy_worker_trials(&cluster, "/", body_pid);
+    (dir, cluster)
 }
 
 /// A node worker inside a long request holds fewer connections than its peer, so by counts it
@@ -805,22 +810,6 @@ fn node_least_conn_passes_over_a_worker_stuck_in_a_long_request() {
     if !available("node") {
         return;
     }
-    let dir = TempDir::new("node-stuck");
-    let app = dir.write("app.js", NODE_SPIN_APP);
-    let cluster = TestCluster::start(&[
-        "--workers",
-        "2",
-        "--policy",
-        "least-conn",
-        "--steer",
-        "dispatch",
-        "--",
-        "node",
-        &app,
-    ]);
-    cluster.wait_for_workers(2);
-    for _ in 0..4 {
-        assert_eq!(get(cluster.addr(), "/").unwrap().status, 200);
-    }
+    let (_dir, cluster) = node_spin_cluster();
     stuck_worker_trial(&cluster, "/", body_pid);
 }

@@ -19,24 +19,7 @@ pub fn busy_worker_trials(cluster: &TestCluster, short_path: &str, pid_of: fn(&R
     let mut to_busy = Vec::with_capacity(BUSY_TRIALS);
     for trial in 0..BUSY_TRIALS {
         let (long, busy) = start_long_request(cluster, &format!("trial {trial}"));
-        let (mut count, mut checked) = (0, 0);
-        for _ in 0..BUSY_SHORT {
-            let r = get(addr, short_path).expect("short request");
-            assert_eq!(r.status, 200, "{r:?}");
-            // Once the long request is over its worker is idle and may take anything: only
-            // requests answered while it ran count (all 20 but on a badly overloaded machine).
-            if long.is_finished() {
-                break;
-            }
-            checked += 1;
-            if pid_of(&r) == busy {
-                count += 1;
-            }
-        }
-        let long = long.join().unwrap().expect("long request");
-        assert_eq!(long.status, 200);
-        assert_eq!(pid_of(&long), busy, "the long request's worker");
-        to_busy.push((count, checked));
+        to_busy.push(short_requests(addr, short_path, pid_of, long, busy));
     }
     eprintln!("(to the busy worker, requests checked) per trial: {to_busy:?}");
     assert!(
@@ -48,6 +31,35 @@ pub fn busy_worker_trials(cluster: &TestCluster, short_path: &str, pid_of: fn(&R
         checked >= BUSY_TRIALS,
         "too few short requests ran while a long one did: {to_busy:?}"
     );
+}
+
+/// [`BUSY_SHORT`] sequential short requests while `long` runs on worker `busy`; then waits for
+/// the long one and checks it was `busy`'s. Returns (short requests `busy` answered, short
+/// requests checked): once the long request is over its worker is idle and may take anything,
+/// so only requests answered while it ran count (all of them but on a badly overloaded machine).
+fn short_requests(
+    addr: std::net::SocketAddr,
+    short_path: &str,
+    pid_of: fn(&Response) -> i32,
+    long: std::thread::JoinHandle<std::io::Result<Response>>,
+    busy: i32,
+) -> (usize, usize) {
+    let (mut count, mut checked) = (0, 0);
+    for _ in 0..BUSY_SHORT {
+        let r = get(addr, short_path).expect("short request");
+        assert_eq!(r.status, 200, "{r:?}");
+        if long.is_finished() {
+            break;
+        }
+        checked += 1;
+        if pid_of(&r) == busy {
+            count += 1;
+        }
+    }
+    let long = long.join().unwrap().expect("long request");
+    assert_eq!(long.status, 200);
+    assert_eq!(pid_of(&long), busy, "the long request's worker");
+    (count, checked)
 }
 
 /// Sends the long request (`?us=2000000`) from a thread, finds the worker the master handed it
@@ -185,21 +197,7 @@ pub fn stuck_worker_trial(cluster: &TestCluster, short_path: &str, pid_of: fn(&R
         cluster.status()
     );
     eprintln!("before the short requests: {:?}", cluster.status());
-    let mut to_busy = 0;
-    let mut checked = 0;
-    for _ in 0..BUSY_SHORT {
-        let r = get(addr, short_path).expect("short request");
-        assert_eq!(r.status, 200, "{r:?}");
-        if long.is_finished() {
-            break;
-        }
-        checked += 1;
-        if pid_of(&r) == busy {
-            to_busy += 1;
-        }
-    }
-    let long = long.join().unwrap().expect("long request");
-    assert_eq!(pid_of(&long), busy, "the long request's worker");
+    let (to_busy, checked) = short_requests(addr, short_path, pid_of, long, busy);
     assert!(checked > 0, "no short request ran while the long one did");
     assert_eq!(
         to_busy, 0,
