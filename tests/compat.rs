@@ -447,9 +447,11 @@ fn rows(env: &Env, dir: &Path) -> Vec<Row> {
             port: None,
             env: Vec::new(),
             needs: &[Need::Node],
-            reload: true,
+            reload: false,
             notes: "the primary accepts (round-robin scheduling) and passes each connection to its \
-                    workers: the master counts a connection closed once the primary handed it on",
+                    workers: the master counts a connection closed once the primary handed it on; \
+                    reload not lossless: when its last worker disconnects, Node closes the \
+                    connections the primary accepted but had not handed out yet (seen: 1 of 88)",
         },
         Row {
             server: "`python3 -m http.server`",
