@@ -299,7 +299,7 @@ impl SteerControl {
             }
             let queued: u64 = socks
                 .iter()
-                .filter_map(|s| sys::bpf::tcp_listen_queue(s.as_fd()).ok())
+                .filter_map(|s| sys::listen_queue(s.as_fd()).ok())
                 .map(|(q, _)| u64::from(q))
                 .sum();
             self.forgiven_total += self.steering.reconcile(slot, queued);

@@ -877,7 +877,7 @@ impl Supervisor {
             }
             let mut idle = false;
             for (sock, watch) in io.reuseport.iter().zip(io.watches.iter_mut()) {
-                let queued = sys::listen_queue_len(sock.as_fd()).unwrap_or(0);
+                let queued = sys::listen_queue(sock.as_fd()).map_or(0, |(q, _)| q);
                 idle |= watch.sample(u64::from(queued), now, timeout);
             }
             if !idle {

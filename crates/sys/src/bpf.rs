@@ -510,23 +510,6 @@ pub fn is_bpf_map(fd: BorrowedFd<'_>) -> bool {
     fd_target(fd.as_raw_fd()).is_ok_and(|target| target == ObjectKind::Map.link())
 }
 
-/// `getsockopt(TCP_INFO)` on a listening socket: `(tcpi_unacked, tcpi_sacked)`, which for a
-/// listener are its accept-queue length and its backlog limit (tcp_get_info in the kernel).
-pub fn tcp_listen_queue(socket: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
-    // SAFETY: tcp_info is plain data; zero is a valid value for every field.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: info and len point to valid storage of the advertised size.
-    super::syscall!(getsockopt(
-        socket.as_raw_fd(),
-        libc::IPPROTO_TCP,
-        libc::TCP_INFO,
-        (&mut info as *mut libc::tcp_info).cast(),
-        &mut len
-    ))?;
-    Ok((info.tcpi_unacked, info.tcpi_sacked))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

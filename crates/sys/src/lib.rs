@@ -790,23 +790,6 @@ pub fn recv_with_credentials(
     Ok((n as usize, creds))
 }
 
-/// A listening TCP socket's accept queue: connections completed by the kernel and not yet
-/// `accept`ed (`TCP_INFO`'s `tcpi_unacked` on a listener, tcp(7); `tcpi_sacked` is the backlog).
-pub fn listen_queue_len(fd: BorrowedFd<'_>) -> io::Result<u32> {
-    // SAFETY: tcp_info is plain data; zeroed is valid.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: info and len point to valid storage of the advertised size.
-    syscall!(getsockopt(
-        fd.as_raw_fd(),
-        libc::IPPROTO_TCP,
-        libc::TCP_INFO,
-        (&mut info as *mut libc::tcp_info).cast(),
-        &mut len
-    ))?;
-    Ok(info.tcpi_unacked)
-}
-
 /// Whether our child `pid` has exited, without reaping it (`waitid(P_PID, WEXITED | WNOHANG |
 /// WNOWAIT)`, waitid(2)): until it is reaped its pid, and the process group it leads, cannot be
 /// reused, so the group can still be signalled safely.
