@@ -17,8 +17,16 @@
 //     yet), where slots within max(1/8 of the smallest, 16 MiB) of the smallest tie and ties go
 //     by the least load (src/policy/least_mem.rs in dispatch mode).
 //
+// Except under round-robin, a stuck slot (stuck_for: a placement untaken for STUCK_NS since its
+// queue last moved, or a worker loop out of its wait for STUCK_NS) comes after every slot that
+// is not, before any other comparison: the dispatcher's stuck bit, from time the kernel keeps.
+// Among stuck slots the one stuck for less time comes first, whatever the loads: in a
+// heavy-tailed mix, the longer a request has run the longer it is likely still to run, and a
+// worker merely descheduled for a moment must not lose to one inside a long request.
+//
 // `assigned` is counted here, atomically, after a successful bpf_sk_select_reuseport; workers
-// add `accepted` and `closed` through the mmapped page; the master writes `eligible`, `nslots`,
+// add `accepted` and `closed` through the mmapped page and stamp `progress_ns` (each accept) and
+// `busy_ns` (their loop's waits); the master writes `eligible`, `nslots`,
 // `forgiven` (its reconciliation of handshakes that never completed) and `rss_kib`. Remaining
 // ties rotate by the connection's hash. With no eligible slot the program returns SK_PASS
 // without selecting, so the kernel's hash decides: it never drops a connection.
@@ -46,8 +54,15 @@ struct steer_slot {
     __u32 eligible;  // master: 1 = a ready worker serves this slot
     __u32 reporting; // worker: 1 = it counts accepted/closed here
     __u64 rss_kib;   // master: the slot's ready worker's resident memory, KiB (0 = not known)
-    __u64 reserved[2];
+    __u64 progress_ns; // program and worker: when the slot's queue last moved (CLOCK_MONOTONIC)
+    __u64 busy_ns;   // worker: when its accepting loop left its wait; 0 while it waits
 };
+
+// A slot is stuck when a placement has waited untaken for longer than this since the queue
+// last moved, or when the worker's accepting loop has been out of its wait for longer than this
+// (one long request on a single-threaded server): it then sorts after every slot that is not,
+// whatever the loads (STUCK_AFTER in src/policy/mod.rs, the dispatcher's rule).
+#define STUCK_NS 1000000ULL
 
 // How a slot is picked (steer_meta.policy; SteerPolicy in src/steer/mod.rs).
 #define STEER_LEAST_CONN 0   // the least assigned - closed - forgiven: connections still open
@@ -100,6 +115,9 @@ struct scan {
     __u32 second;    // p2c: the second drawn slot (STEER_MAX_SLOTS = none)
     __u32 pad;
     __s64 second_load;
+    __u64 now;       // bpf_ktime_get_ns() at the start of the pick
+    __u64 best_stuck;   // stuck_for of best, of second
+    __u64 second_stuck;
 };
 
 struct bpf_map;
@@ -110,7 +128,32 @@ static __always_inline __s64 slot_load(const struct steer_slot *slot, __u32 poli
     return (__s64)(slot->assigned - done) - slot->forgiven;
 }
 
-// least-conn, round-robin, least-mem: the smallest (beyond the RSS tolerance, load, rank).
+// Placements on the slot's listener not yet accepted by its worker (nor written off).
+static __always_inline __s64 slot_untaken(const struct steer_slot *slot)
+{
+    return (__s64)(slot->assigned - slot->accepted) - slot->forgiven;
+}
+
+// How long the slot has been stuck at `now`, in ns (0: not stuck). Stuck: the worker's loop has
+// been out of its wait for over STUCK_NS (a worker that reports its waits: the shim or the
+// worker API), or a placement has waited untaken that long since the queue last moved (a
+// worker that reports its accepts); the longer of the two when both hold.
+static __always_inline __u64 stuck_for(const struct steer_slot *slot, __u64 now)
+{
+    __u64 age = 0;
+    __u64 busy = slot->busy_ns;
+    if (busy != 0 && (__s64)(now - busy) > (__s64)STUCK_NS)
+        age = now - busy;
+    if (slot->reporting != 0 && slot_untaken(slot) > 0) {
+        __u64 waited = now - slot->progress_ns;
+        if ((__s64)waited > (__s64)STUCK_NS && waited > age)
+            age = waited;
+    }
+    return age;
+}
+
+// least-conn, least-mem: the smallest (stuck_for, beyond the RSS tolerance, load, rank);
+// round-robin: the smallest (load, rank), stuck or not, so shares stay equal.
 static __attribute__((noinline)) long visit(struct bpf_map *map, __u32 *key,
                                             struct steer_slot *slot, struct scan *scan)
 {
@@ -120,16 +163,25 @@ static __attribute__((noinline)) long visit(struct bpf_map *map, __u32 *key,
     if (!slot->eligible)
         return 0;
     __s64 load = slot_load(slot, scan->policy);
+    __u64 stuck = scan->policy != STEER_ROUND_ROBIN ? stuck_for(slot, scan->now) : 0;
     __u32 far = scan->policy == STEER_LEAST_MEM && slot->rss_kib > scan->rss_near;
     __u32 rank = idx >= scan->rotate ? idx - scan->rotate : idx + scan->nslots - scan->rotate;
-    if (scan->best >= STEER_MAX_SLOTS || far < scan->best_far ||
-        (far == scan->best_far &&
-         (load < scan->best_load || (load == scan->best_load && rank < scan->best_rank)))) {
-        scan->best = idx;
-        scan->best_far = far;
-        scan->best_load = load;
-        scan->best_rank = rank;
+    if (scan->best < STEER_MAX_SLOTS) {
+        if (stuck != scan->best_stuck) {
+            if (stuck > scan->best_stuck)
+                return 0;
+        } else if (far != scan->best_far) {
+            if (far)
+                return 0;
+        } else if (load > scan->best_load || (load == scan->best_load && rank >= scan->best_rank)) {
+            return 0;
+        }
     }
+    scan->best = idx;
+    scan->best_stuck = stuck;
+    scan->best_far = far;
+    scan->best_load = load;
+    scan->best_rank = rank;
     return 0;
 }
 
@@ -161,16 +213,20 @@ static __attribute__((noinline)) long pick2(struct bpf_map *map, __u32 *key,
         return 0;
     __u32 r = bpf_get_prandom_u32();
     __s64 load = slot_load(slot, STEER_LEAST_CONN);
+    __u64 stuck = stuck_for(slot, scan->now);
     if (scan->best >= STEER_MAX_SLOTS || r < scan->draw[0]) {
         scan->second = scan->best;
         scan->second_load = scan->best_load;
+        scan->second_stuck = scan->best_stuck;
         scan->draw[1] = scan->draw[0];
         scan->best = idx;
         scan->best_load = load;
+        scan->best_stuck = stuck;
         scan->draw[0] = r;
     } else if (scan->second >= STEER_MAX_SLOTS || r < scan->draw[1]) {
         scan->second = idx;
         scan->second_load = load;
+        scan->second_stuck = stuck;
         scan->draw[1] = r;
     }
     return 0;
@@ -193,11 +249,15 @@ int steer(struct sk_reuseport_md *md)
         .best = STEER_MAX_SLOTS,
         .second = STEER_MAX_SLOTS,
         .rss_min = ~0ULL,
+        .now = bpf_ktime_get_ns(),
     };
     if (scan.policy == STEER_P2C) {
         bpf_for_each_map_elem(&steer_slots, pick2, &scan, 0);
-        // The less loaded of the two; the first drawn on a tie; with one eligible slot, that one.
-        if (scan.second < STEER_MAX_SLOTS && scan.second_load < scan.best_load)
+        // The one stuck for less time (not at all first), else the less loaded of the two; the
+        // first drawn on a tie; with one eligible slot, that one.
+        if (scan.second < STEER_MAX_SLOTS &&
+            (scan.second_stuck < scan.best_stuck ||
+             (scan.second_stuck == scan.best_stuck && scan.second_load < scan.best_load)))
             scan.best = scan.second;
     } else {
         if (scan.policy == STEER_LEAST_MEM) {
@@ -217,8 +277,12 @@ int steer(struct sk_reuseport_md *md)
     if (bpf_sk_select_reuseport(md, &steer_socks, &key, 0) != 0)
         return SK_PASS; // no listener at that index (yet): the kernel's hash decides
     struct steer_slot *slot = bpf_map_lookup_elem(&steer_slots, &key);
-    if (slot)
+    if (slot) {
+        // A placement on a queue with nothing waiting starts the queue's clock (stuck_for).
+        if (slot_untaken(slot) <= 0)
+            slot->progress_ns = scan.now;
         __sync_fetch_and_add(&slot->assigned, 1);
+    }
     return SK_PASS;
 }
 

@@ -216,7 +216,12 @@ impl Server {
         let mut events = Events::with_capacity(1024);
         loop {
             let timeout = self.poll_timeout();
-            match self.poll.poll(&mut events, timeout) {
+            // Kernel steering: between these two, the loop waits; from the second to the next
+            // first it serves (a long `?us=` spin makes the slot stuck after 1 ms).
+            self.worker.loop_waiting();
+            let polled = self.poll.poll(&mut events, timeout);
+            self.worker.loop_woke();
+            match polled {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e).context("epoll_wait failed"),

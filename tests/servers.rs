@@ -774,14 +774,14 @@ fn node_least_conn_never_ties_onto_a_busy_worker() {
     if !available("node") {
         return;
     }
-    let (_dir, cluster) = node_spin_cluster();
+    let (_dir, cluster) = node_spin_cluster("dispatch");
     busy_worker_trials(&cluster, "/", body_pid);
 }
 
-/// Two node workers running [`NODE_SPIN_APP`] under the master's own least-conn dispatch (its
-/// status dump counts dispatches; kernel steering's busy-worker tests are tests/steer.rs's),
-/// both listening. The directory holds the app.
-fn node_spin_cluster() -> (TempDir, TestCluster) {
+/// Two node workers running [`NODE_SPIN_APP`] under least-conn with `--steer STEER`
+/// (`dispatch`: the master's own, whose status dump counts dispatches; `kernel`: every slot
+/// eligible in the table), both serving. The directory holds the app.
+fn node_spin_cluster(steer: &str) -> (TempDir, TestCluster) {
     let dir = TempDir::new("node-spin");
     let app = dir.write("app.js", NODE_SPIN_APP);
     let cluster = TestCluster::start(&[
@@ -790,16 +790,36 @@ fn node_spin_cluster() -> (TempDir, TestCluster) {
         "--policy",
         "least-conn",
         "--steer",
-        "dispatch",
+        steer,
         "--",
         "node",
         &app,
     ]);
     cluster.wait_for_workers(2);
+    if steer == "kernel" {
+        for slot in 0..2 {
+            cluster.wait_for_log(&format!("steering: slot {slot} eligible"), DEADLINE);
+        }
+    }
     for _ in 0..4 {
         assert_eq!(get(cluster.addr(), "/").unwrap().status, 200);
     }
     (dir, cluster)
+}
+
+/// Under kernel steering the shim stamps the node loop's waits on the table: a node worker
+/// inside a long request is passed over 1 ms into it although it holds fewer connections.
+#[test]
+fn node_kernel_least_conn_passes_over_a_worker_stuck_in_a_long_request() {
+    if !available("node") {
+        return;
+    }
+    if let Err(e) = rcluster_lb::steer::Steering::load(1) {
+        eprintln!("note: kernel steering unavailable here ({e}); skipping this test");
+        return;
+    }
+    let (_dir, cluster) = node_spin_cluster("kernel");
+    kernel_stuck_trial(&cluster, body_pid);
 }
 
 /// A node worker inside a long request holds fewer connections than its peer, so by counts it
@@ -810,6 +830,6 @@ fn node_least_conn_passes_over_a_worker_stuck_in_a_long_request() {
     if !available("node") {
         return;
     }
-    let (_dir, cluster) = node_spin_cluster();
+    let (_dir, cluster) = node_spin_cluster("dispatch");
     stuck_worker_trial(&cluster, "/", body_pid);
 }

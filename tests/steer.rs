@@ -197,6 +197,18 @@ fn least_mem_busy_worker_gets_none_of_the_next_20() {
     busy_worker_trial("least-mem");
 }
 
+/// The demo worker's loop says when it waits (`Worker::loop_waiting`): one long request makes
+/// its slot stuck, so neither idle connections nor short requests go there although it holds
+/// fewer connections.
+#[test]
+fn least_conn_passes_over_a_worker_stuck_in_a_long_request() {
+    if !steering_available() {
+        return;
+    }
+    let cluster = start_policy("least-conn", 2, &[]);
+    common::kernel_stuck_trial(&cluster, common::Response::pid);
+}
+
 /// One long request on one of two workers, then 20 short ones: none goes to the busy worker.
 fn busy_worker_trial(policy: &str) {
     if !steering_available() {

@@ -186,17 +186,26 @@ pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
     }
 }
 
-/// Before the process may block waiting for events: flush the coalesced CLOSED counts.
+/// Around a call that may block waiting for events: before it, flush the coalesced CLOSED
+/// counts (and, under kernel steering, say the loop waits); after it, say the loop is busy
+/// again. errno is the wait's own.
 #[inline]
-fn before_wait() {
-    if let Some(shim) = state::get() {
-        let e = errno();
-        shim.before_wait();
-        set_errno(e);
-    }
+fn around_wait(wait: impl FnOnce() -> c_int) -> c_int {
+    let Some(shim) = state::get() else {
+        return wait();
+    };
+    let e = errno();
+    shim.before_wait();
+    set_errno(e);
+    let rc = wait();
+    let e = errno();
+    shim.after_wait();
+    set_errno(e);
+    rc
 }
 
-/// epoll_wait(2): flushes coalesced CLOSED counts first (state.rs `before_wait`).
+/// epoll_wait(2): flushes coalesced CLOSED counts first (state.rs `before_wait`) and stamps the loop's
+/// waits under kernel steering (steer.rs).
 ///
 /// # Safety
 /// As epoll_wait(2).
@@ -207,9 +216,8 @@ pub unsafe extern "C" fn epoll_wait(
     max: c_int,
     timeout: c_int,
 ) -> c_int {
-    before_wait();
     // SAFETY: caller contract.
-    unsafe { real::epoll_wait(epfd, events, max, timeout) }
+    around_wait(|| unsafe { real::epoll_wait(epfd, events, max, timeout) })
 }
 
 /// epoll_pwait(2): as [`epoll_wait`].
@@ -224,9 +232,8 @@ pub unsafe extern "C" fn epoll_pwait(
     timeout: c_int,
     sigmask: *const libc::sigset_t,
 ) -> c_int {
-    before_wait();
     // SAFETY: caller contract.
-    unsafe { real::epoll_pwait(epfd, events, max, timeout, sigmask) }
+    around_wait(|| unsafe { real::epoll_pwait(epfd, events, max, timeout, sigmask) })
 }
 
 /// epoll_pwait2(2): as [`epoll_wait`].
@@ -241,9 +248,8 @@ pub unsafe extern "C" fn epoll_pwait2(
     timeout: *const libc::timespec,
     sigmask: *const libc::sigset_t,
 ) -> c_int {
-    before_wait();
     // SAFETY: caller contract.
-    unsafe { real::epoll_pwait2(epfd, events, max, timeout, sigmask) }
+    around_wait(|| unsafe { real::epoll_pwait2(epfd, events, max, timeout, sigmask) })
 }
 
 /// poll(2): as [`epoll_wait`].
@@ -252,9 +258,8 @@ pub unsafe extern "C" fn epoll_pwait2(
 /// As poll(2).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn poll(fds: *mut libc::pollfd, nfds: libc::nfds_t, timeout: c_int) -> c_int {
-    before_wait();
     // SAFETY: caller contract.
-    unsafe { real::poll(fds, nfds, timeout) }
+    around_wait(|| unsafe { real::poll(fds, nfds, timeout) })
 }
 
 /// glibc's fortified poll: as [`epoll_wait`].
@@ -268,9 +273,8 @@ pub unsafe extern "C" fn __poll_chk(
     timeout: c_int,
     fdslen: libc::size_t,
 ) -> c_int {
-    before_wait();
     // SAFETY: caller contract.
-    unsafe { real::__poll_chk(fds, nfds, timeout, fdslen) }
+    around_wait(|| unsafe { real::__poll_chk(fds, nfds, timeout, fdslen) })
 }
 
 /// ppoll(2): as [`epoll_wait`].
@@ -284,9 +288,8 @@ pub unsafe extern "C" fn ppoll(
     timeout: *const libc::timespec,
     sigmask: *const libc::sigset_t,
 ) -> c_int {
-    before_wait();
     // SAFETY: caller contract.
-    unsafe { real::ppoll(fds, nfds, timeout, sigmask) }
+    around_wait(|| unsafe { real::ppoll(fds, nfds, timeout, sigmask) })
 }
 
 /// glibc's fortified ppoll: as [`epoll_wait`].
@@ -301,9 +304,8 @@ pub unsafe extern "C" fn __ppoll_chk(
     sigmask: *const libc::sigset_t,
     fdslen: libc::size_t,
 ) -> c_int {
-    before_wait();
     // SAFETY: caller contract.
-    unsafe { real::__ppoll_chk(fds, nfds, timeout, sigmask, fdslen) }
+    around_wait(|| unsafe { real::__ppoll_chk(fds, nfds, timeout, sigmask, fdslen) })
 }
 
 /// select(2): as [`epoll_wait`].
@@ -318,9 +320,8 @@ pub unsafe extern "C" fn select(
     exceptfds: *mut libc::fd_set,
     timeout: *mut libc::timeval,
 ) -> c_int {
-    before_wait();
     // SAFETY: caller contract.
-    unsafe { real::select(nfds, readfds, writefds, exceptfds, timeout) }
+    around_wait(|| unsafe { real::select(nfds, readfds, writefds, exceptfds, timeout) })
 }
 
 /// pselect(2): as [`epoll_wait`].
@@ -336,9 +337,8 @@ pub unsafe extern "C" fn pselect(
     timeout: *const libc::timespec,
     sigmask: *const libc::sigset_t,
 ) -> c_int {
-    before_wait();
     // SAFETY: caller contract.
-    unsafe { real::pselect(nfds, readfds, writefds, exceptfds, timeout, sigmask) }
+    around_wait(|| unsafe { real::pselect(nfds, readfds, writefds, exceptfds, timeout, sigmask) })
 }
 
 /// Flushes what is still counted when the process exits normally (ELF `.fini_array`).

@@ -256,6 +256,16 @@ impl Shim {
     pub fn before_wait(&self) {
         EVENT_LOOP.with(|f| f.set(true));
         self.flush_closed();
+        if let Some(steer) = &self.steer {
+            steer.waiting();
+        }
+    }
+
+    /// The calling thread's wait returned (kernel steering: steer.rs stamps the loop busy).
+    pub fn after_wait(&self) {
+        if let Some(steer) = &self.steer {
+            steer.woke();
+        }
     }
 
     /// Sends every CLOSED count owed (all listeners).

@@ -5,20 +5,63 @@
 //! such connection it closes — before the real close, so a client that sees the FIN and
 //! reconnects finds the slot's load already lower. Atomic adds on shared memory: no system call.
 //!
+//! It also stamps the two clocks the program's stuck rule reads (`CLOCK_MONOTONIC`, the vDSO's
+//! `clock_gettime`, no system call): `progress_ns` per accept, and `busy_ns` around the waits
+//! (`epoll_wait`, `poll`, `select` and their variants) of the one thread that accepts from the
+//! listeners — 0 on the way in, the time on the way out — so a single-threaded server inside a
+//! long request is passed over 1 ms into it, before a connection queues behind it. Only that
+//! thread stamps: once a second thread accepts, or in a forked child (`pthread_atfork`), the
+//! shim stops stamping `busy_ns` (and leaves it 0), because the waits of one thread among
+//! several say nothing about whether the others can accept.
+//!
 //! The layout is `rcluster_proto::steer`, the one the master and the Rust worker API use.
 
+use std::cell::Cell;
 use std::ffi::CStr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 
 use libc::c_int;
 use rcluster_proto::steer::{
-    ACCEPTED, CLOSED, MAX_SLOTS, REPORTING, REPORTING_SHIM, SLOT_SIZE, TABLE_SIZE,
+    ACCEPTED, BUSY_NS, CLOSED, MAX_SLOTS, PROGRESS_NS, REPORTING, REPORTING_SHIM, SLOT_SIZE,
+    TABLE_SIZE,
 };
+
+/// Who stamps `busy_ns`: nobody yet, the one thread that accepted ([`LOOP_THREAD`]), or nobody
+/// ever again in this process (a second accepting thread, or a forked child).
+static LOOP: AtomicU8 = AtomicU8::new(LOOP_UNCLAIMED);
+const LOOP_UNCLAIMED: u8 = 0;
+const LOOP_CLAIMED: u8 = 1;
+const LOOP_OFF: u8 = 2;
+
+thread_local! {
+    /// This thread accepted first: its waits are the loop's waits.
+    static LOOP_THREAD: Cell<bool> = const { Cell::new(false) };
+}
+
+/// `pthread_atfork` child handler: a forked copy of the worker is not the worker's loop.
+extern "C" fn forked_child() {
+    LOOP.store(LOOP_OFF, Ordering::SeqCst);
+}
+
+/// `CLOCK_MONOTONIC` in ns, the clock `bpf_ktime_get_ns` reads (vDSO: no system call).
+fn now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is valid storage; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64)
+        .wrapping_mul(1_000_000_000)
+        .wrapping_add(ts.tv_nsec as u64)
+}
 
 /// This worker's line of the table.
 pub struct SteerSlot {
     accepted: &'static AtomicU64,
     closed: &'static AtomicU64,
+    progress: &'static AtomicU64,
+    busy: &'static AtomicU64,
     /// The slot's `reporting` word: the shim counts only while it holds `REPORTING_SHIM`, so a
     /// server that counts itself (the Rust worker API stores `REPORTING_SELF`) is not counted
     /// twice.
@@ -76,19 +119,26 @@ impl SteerSlot {
         // SAFETY: the offsets are inside the TABLE_SIZE mapping and aligned (mmap returns a page
         // boundary, SLOT_SIZE and the offsets are multiples of 8); the mapping lives for the
         // rest of the process and is only accessed atomically, by everyone.
-        let (accepted, closed, reporting) = unsafe {
+        let (accepted, closed, progress, busy, reporting) = unsafe {
             (
                 AtomicU64::from_ptr(line.add(ACCEPTED).cast()),
                 AtomicU64::from_ptr(line.add(CLOSED).cast()),
+                AtomicU64::from_ptr(line.add(PROGRESS_NS).cast()),
+                AtomicU64::from_ptr(line.add(BUSY_NS).cast()),
                 AtomicU32::from_ptr(line.add(REPORTING).cast()),
             )
         };
+        // SAFETY: registers a handler that only stores to an atomic (async-signal-safe, as a
+        // child handler must be). Failure (ENOMEM) only leaves a forked child stamping.
+        unsafe { libc::pthread_atfork(None, None, Some(forked_child)) };
         // Only on a fresh slot: one whose worker said it counts itself (an earlier generation
         // of the same server) stays so, or the old worker's shim would count again beside it.
         let _ = reporting.compare_exchange(0, REPORTING_SHIM, Ordering::SeqCst, Ordering::SeqCst);
         Some(SteerSlot {
             accepted,
             closed,
+            progress,
+            busy,
             reporting,
             fd,
             ident: crate::listener::ident_of(fd),
@@ -109,10 +159,51 @@ impl SteerSlot {
         self.reporting.load(Ordering::Relaxed) == REPORTING_SHIM
     }
 
-    /// The server accepted a connection from a listener.
+    /// The server accepted a connection from a listener: counted, the queue's clock restarted,
+    /// and the calling thread claims the loop (module docs).
     pub fn accepted(&self) {
-        if self.counting() {
-            self.accepted.fetch_add(1, Ordering::SeqCst);
+        if !self.counting() {
+            return;
+        }
+        self.accepted.fetch_add(1, Ordering::SeqCst);
+        self.progress.store(now_ns(), Ordering::SeqCst);
+        if LOOP_THREAD.with(Cell::get) {
+            return;
+        }
+        match LOOP.compare_exchange(
+            LOOP_UNCLAIMED,
+            LOOP_CLAIMED,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        ) {
+            Ok(_) => LOOP_THREAD.with(|t| t.set(true)),
+            Err(LOOP_CLAIMED) => {
+                // A second thread accepts: one thread's waits no longer speak for the worker.
+                LOOP.store(LOOP_OFF, Ordering::SeqCst);
+                self.busy.store(0, Ordering::SeqCst);
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// Whether the calling thread's waits are the worker loop's.
+    fn stamps(&self) -> bool {
+        LOOP_THREAD.with(Cell::get)
+            && LOOP.load(Ordering::Relaxed) == LOOP_CLAIMED
+            && self.counting()
+    }
+
+    /// The calling thread is about to wait for events: if it is the loop, the worker is idle.
+    pub fn waiting(&self) {
+        if self.stamps() {
+            self.busy.store(0, Ordering::SeqCst);
+        }
+    }
+
+    /// The calling thread's wait returned: if it is the loop, the worker is busy from now.
+    pub fn woke(&self) {
+        if self.stamps() {
+            self.busy.store(now_ns(), Ordering::SeqCst);
         }
     }
 

@@ -331,11 +331,12 @@ impl SteerControl {
     /// One status line per slot in use (SIGUSR1), plus the programs' cost when
     /// `kernel.bpf_stats_enabled` is on.
     pub fn log_status(&self) {
+        let now_ns = sys::monotonic_ns();
         for slot in 0..self.slots {
             let c = self.steering.counts(slot);
             info!(
                 "status: steering slot {slot}: {} load {} assigned {} accepted {} closed {} \
-                 forgiven {} rss_kib {}{}",
+                 forgiven {} rss_kib {} stuck {}{}",
                 if c.eligible { "eligible" } else { "ineligible" },
                 c.load(),
                 c.assigned,
@@ -343,6 +344,7 @@ impl SteerControl {
                 c.closed,
                 c.forgiven,
                 c.rss_kib,
+                c.stuck(now_ns),
                 if c.reporting {
                     ""
                 } else {

@@ -101,12 +101,54 @@ pub struct SlotCounts {
     pub reporting: bool,
     /// The slot's ready worker's RSS in KiB, as the master last wrote it (0: not sampled yet).
     pub rss_kib: u64,
+    /// When the slot's queue last moved (`CLOCK_MONOTONIC` ns): the worker's last accept, or
+    /// the program's placement on a queue with nothing untaken.
+    pub progress_ns: u64,
+    /// When the worker's accepting loop left its wait (`CLOCK_MONOTONIC` ns); 0 while it waits.
+    pub busy_ns: u64,
 }
 
 impl SlotCounts {
     /// The program's load figure: `assigned - closed - forgiven`.
     pub fn load(&self) -> i64 {
         (self.assigned.wrapping_sub(self.closed) as i64).wrapping_sub(self.forgiven)
+    }
+
+    /// Placements not yet accepted by the worker nor written off: `assigned - accepted -
+    /// forgiven`.
+    pub fn untaken(&self) -> i64 {
+        (self.assigned.wrapping_sub(self.accepted) as i64).wrapping_sub(self.forgiven)
+    }
+
+    /// The program's stuck rule (`stuck_for` in bpf/steer.bpf.c) at `now_ns`
+    /// (`CLOCK_MONOTONIC`): how long, in ns, the worker's loop has been out of its wait or a
+    /// placement has waited untaken since the queue last moved (for a worker that reports its
+    /// accepts), the longer of the two, once over [`page::STUCK_NS`]; 0 when not stuck.
+    pub fn stuck_for(&self, now_ns: u64) -> u64 {
+        let age = |t: u64| {
+            let d = now_ns.wrapping_sub(t);
+            if d as i64 > page::STUCK_NS as i64 {
+                d
+            } else {
+                0
+            }
+        };
+        let busy = if self.busy_ns != 0 {
+            age(self.busy_ns)
+        } else {
+            0
+        };
+        let queue = if self.reporting && self.untaken() > 0 {
+            age(self.progress_ns)
+        } else {
+            0
+        };
+        busy.max(queue)
+    }
+
+    /// Whether the program treats the slot as stuck at `now_ns` ([`SlotCounts::stuck_for`]).
+    pub fn stuck(&self, now_ns: u64) -> bool {
+        self.stuck_for(now_ns) > 0
     }
 }
 
@@ -360,8 +402,13 @@ impl Steering {
         bpf::map_update_elem(self.meta.as_fd(), &0u32.to_ne_bytes(), &meta, bpf::ANY)
     }
 
-    /// Marks `slot` eligible or not. Returns whether it changed.
+    /// Marks `slot` eligible or not. Returns whether it changed. Making it eligible also clears
+    /// `busy_ns`, which a worker that died inside a long request would otherwise leave set for
+    /// its successor until that one's loop first waits.
     pub fn set_eligible(&self, slot: usize, eligible: bool) -> bool {
+        if eligible && let Some(w) = self.table.u64_at(page::offset(slot, page::BUSY_NS)) {
+            w.store(0, Ordering::SeqCst);
+        }
         match self.table.u32_at(page::offset(slot, page::ELIGIBLE)) {
             Some(word) => word.swap(u32::from(eligible), Ordering::SeqCst) != u32::from(eligible),
             None => false,
@@ -384,6 +431,8 @@ impl Steering {
             page::CLOSED,
             page::FORGIVEN,
             page::RSS_KIB,
+            page::PROGRESS_NS,
+            page::BUSY_NS,
         ] {
             if let Some(w) = self.table.u64_at(page::offset(slot, field)) {
                 w.store(0, Ordering::SeqCst);
@@ -417,6 +466,8 @@ impl Steering {
             eligible: u32_at(page::ELIGIBLE) != 0,
             reporting: u32_at(page::REPORTING) != 0,
             rss_kib: u64_at(page::RSS_KIB),
+            progress_ns: u64_at(page::PROGRESS_NS),
+            busy_ns: u64_at(page::BUSY_NS),
         }
     }
 
@@ -581,6 +632,82 @@ mod tests {
         assert!(loads(LDX_W, page::ELIGIBLE));
         assert!(loads(LDX_DW, page::FORGIVEN));
         assert!(loads(LDX_DW, page::RSS_KIB));
+        assert!(loads(LDX_DW, page::PROGRESS_NS));
+        assert!(loads(LDX_DW, page::BUSY_NS));
+    }
+
+    #[test]
+    fn stuck_follows_the_programs_rule() {
+        let ms = 1_000_000;
+        let now = 1_000 * ms;
+        let quiet = SlotCounts {
+            assigned: 5,
+            accepted: 5,
+            reporting: true,
+            progress_ns: now - 100 * ms,
+            ..SlotCounts::default()
+        };
+        // Nothing untaken, loop waiting: not stuck however long ago the queue moved.
+        assert!(!quiet.stuck(now));
+        // One placement untaken for 2 ms since the queue last moved: stuck; for 0.5 ms: not.
+        let waiting = SlotCounts {
+            assigned: 6,
+            ..quiet
+        };
+        assert!(waiting.stuck(now));
+        assert!(!waiting.stuck(now - 100 * ms + ms / 2));
+        // Written off (forgiven), or the worker does not report its accepts: not stuck.
+        assert!(
+            !SlotCounts {
+                forgiven: 1,
+                ..waiting
+            }
+            .stuck(now)
+        );
+        assert!(
+            !SlotCounts {
+                reporting: false,
+                ..waiting
+            }
+            .stuck(now)
+        );
+        // The loop left its wait 2 ms ago: stuck, with nothing untaken; 0.5 ms ago: not; a
+        // stamp from a clock read just after ours (a race) is not.
+        assert!(
+            SlotCounts {
+                busy_ns: now - 2 * ms,
+                ..quiet
+            }
+            .stuck(now)
+        );
+        assert!(
+            !SlotCounts {
+                busy_ns: now - ms / 2,
+                ..quiet
+            }
+            .stuck(now)
+        );
+        assert!(
+            !SlotCounts {
+                busy_ns: now + 10,
+                ..quiet
+            }
+            .stuck(now)
+        );
+        // Both: the longer counts.
+        let both = SlotCounts {
+            busy_ns: now - 3 * ms,
+            ..waiting
+        };
+        assert_eq!(both.stuck_for(now), 100 * ms);
+        assert_eq!(
+            SlotCounts {
+                busy_ns: now - 3 * ms,
+                ..quiet
+            }
+            .stuck_for(now),
+            3 * ms
+        );
     }
 
     #[test]
@@ -661,6 +788,45 @@ mod kernel_tests {
 
     fn word(steer: &Steering, slot: usize, field: usize) -> &std::sync::atomic::AtomicU64 {
         steer.table.u64_at(page::offset(slot, field)).unwrap()
+    }
+
+    #[test]
+    fn a_stuck_slot_is_passed_over_whatever_its_load() {
+        let Some(steer) = loaded() else { return };
+        let (socks, addr) = group(&steer, 2);
+        for slot in 0..2 {
+            steer.set_eligible(slot, true);
+        }
+        let ms = 1_000_000;
+        // Slot 1 holds 5 more, but slot 0's loop left its wait 2 ms ago (one long request).
+        word(&steer, 1, page::ASSIGNED).fetch_add(5, Ordering::SeqCst);
+        word(&steer, 0, page::BUSY_NS).store(crate::sys::monotonic_ns() - 2 * ms, Ordering::SeqCst);
+        assert_eq!(spread(&socks, addr, 10), vec![0, 10]);
+        // Its loop waits again: the load decides (0 against 15).
+        word(&steer, 0, page::BUSY_NS).store(0, Ordering::SeqCst);
+        assert_eq!(spread(&socks, addr, 10), vec![10, 0]);
+        // A reporting worker with one placement untaken for 2 ms since its queue last moved.
+        steer
+            .table
+            .u32_at(page::offset(0, page::REPORTING))
+            .unwrap()
+            .store(page::REPORTING_SELF, Ordering::SeqCst);
+        word(&steer, 0, page::ACCEPTED).store(9, Ordering::SeqCst);
+        word(&steer, 0, page::PROGRESS_NS)
+            .store(crate::sys::monotonic_ns() - 2 * ms, Ordering::SeqCst);
+        assert!(steer.counts(0).stuck(crate::sys::monotonic_ns()));
+        assert_eq!(spread(&socks, addr, 10), vec![0, 10]);
+        // Both stuck: the one stuck for less time, although it holds more (25 against 10).
+        word(&steer, 1, page::BUSY_NS)
+            .store(crate::sys::monotonic_ns() - 3 * ms / 2, Ordering::SeqCst);
+        assert_eq!(spread(&socks, addr, 4), vec![0, 4]);
+        // Slot 1 stuck for longer: slot 0 again.
+        word(&steer, 1, page::BUSY_NS).store(crate::sys::monotonic_ns() - 5 * ms, Ordering::SeqCst);
+        assert_eq!(spread(&socks, addr, 4), vec![4, 0]);
+        // Round-robin keeps equal shares, stuck or not: slot 0 has had 14 placements, slot 1 29.
+        steer.configure(2, SteerPolicy::RoundRobin).unwrap();
+        word(&steer, 1, page::BUSY_NS).store(0, Ordering::SeqCst);
+        assert_eq!(spread(&socks, addr, 15), vec![15, 0]);
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! and closed nothing since its long request, so it must never win a tie against the worker
 //! that keeps serving, however the CLOSED reports lag the client's reconnects.
 
-use super::{DEADLINE, Response, TestCluster, get};
+use super::{DEADLINE, Response, TestCluster, get, read_response};
+use std::io::Write;
 use std::time::{Duration, Instant};
 
 /// Trials per test, and short requests per trial: the numbers.
@@ -226,3 +227,79 @@ pub fn cpu_ticks(pid: i32) -> u64 {
 pub fn ticks_per_second() -> u64 {
     100
 }
+
+/// The stuck-worker scenario under kernel steering (least-conn, 2 slots, `--steer kernel`): a
+/// single-threaded worker in one long request (`?us=2000000`) holds one connection. Then
+/// [`KERNEL_IDLE`] idle connections and [`BUSY_SHORT`] sequential short requests: by counts
+/// alone the second idle connection ties and the third goes to the busy worker (it holds fewer),
+/// and then every short request does. With the program's stuck rule (the worker's loop has been
+/// out of its wait for over 1 ms), none goes there. The idle connections send their request
+/// once the long one is over, so the process that answers is the one they were placed on.
+/// `pid_of` says which worker process served a response.
+pub fn kernel_stuck_trial(cluster: &TestCluster, pid_of: fn(&Response) -> i32) {
+    let addr = cluster.addr();
+    let pids = cluster.wait_for_workers(2);
+    let ticks: Vec<u64> = pids.iter().map(|&p| cpu_ticks(p)).collect();
+    let started = Instant::now();
+    let long = super::send_request(addr, "/?us=2000000").expect("long request");
+    // The busy worker: the one that burns 30 ms of CPU (the spin is 2 s of wall time).
+    let deadline = Instant::now() + DEADLINE;
+    let busy = loop {
+        if let Some(i) =
+            (0..2).find(|&i| cpu_ticks(pids[i]) >= ticks[i] + ticks_per_second() * 3 / 100)
+        {
+            break pids[i];
+        }
+        assert!(Instant::now() < deadline, "the long request never ran");
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    let status = cluster.steering_status(2);
+    assert_eq!(
+        status.iter().filter(|s| s.stuck).count(),
+        1,
+        "one slot, the busy worker's, is stuck: {status:?}"
+    );
+    let mut idle: Vec<std::net::TcpStream> = (0..KERNEL_IDLE)
+        .map(|_| std::net::TcpStream::connect(addr).expect("idle connection"))
+        .collect();
+    // Only what was sent well inside the 2 s spin counts: after it the worker is idle.
+    let (mut to_busy, mut checked) = (0, 0);
+    for _ in 0..BUSY_SHORT {
+        let sent_late = started.elapsed() > Duration::from_millis(1500);
+        let r = get(addr, "/").expect("short request");
+        assert_eq!(r.status, 200, "{r:?}");
+        if sent_late {
+            break;
+        }
+        checked += 1;
+        if pid_of(&r) == busy {
+            to_busy += 1;
+        }
+    }
+    assert!(checked > 0, "no short request ran while the long one did");
+    let long = read_response(long).expect("long response");
+    assert_eq!(long.status, 200);
+    assert_eq!(pid_of(&long), busy, "the long request's worker");
+    let idle_pids: Vec<i32> = idle
+        .iter_mut()
+        .map(|s| {
+            s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+                .expect("request on an idle connection");
+            pid_of(&read_response(s.try_clone().unwrap()).expect("idle connection's response"))
+        })
+        .collect();
+    eprintln!(
+        "busy worker {busy}: {to_busy} of {checked} short requests, idle connections to {idle_pids:?}"
+    );
+    assert_eq!(
+        to_busy, 0,
+        "{to_busy} of {checked} short requests went to the stuck worker"
+    );
+    assert!(
+        idle_pids.iter().all(|&p| p != busy),
+        "idle connections placed on the stuck worker {busy}: {idle_pids:?}"
+    );
+}
+
+/// Idle connections opened in [`kernel_stuck_trial`].
+pub const KERNEL_IDLE: usize = 3;

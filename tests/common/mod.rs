@@ -838,6 +838,7 @@ impl TestCluster {
                     forgiven: field("forgiven"),
                     rss_kib: field("rss_kib"),
                     reporting: !rest.contains("does not report"),
+                    stuck: rest.contains(" stuck true"),
                 }
             })
             .collect()
@@ -974,6 +975,8 @@ pub struct SteerSlotStatus {
     pub forgiven: i64,
     pub rss_kib: i64,
     pub reporting: bool,
+    /// The program's stuck rule holds for the slot now (placement untaken or loop busy > 1 ms).
+    pub stuck: bool,
 }
 
 /// A fresh private directory for one test's files (control sockets, scripts), removed by the

@@ -15,10 +15,15 @@
 //! | 32 | `eligible: u32` | the master: 1 while a ready worker serves the slot |
 //! | 36 | `reporting: u32` | the worker: [`REPORTING_SELF`] or the shim's [`REPORTING_SHIM`] once it counts |
 //! | 40 | `rss_kib: u64` | the master: the slot's ready worker's resident memory in KiB (0 = not sampled yet) |
-//! | 48 | reserved | 16 bytes, zero |
+//! | 48 | `progress_ns: u64` | the worker, per accept, and the program, per placement on a queue with nothing untaken: `CLOCK_MONOTONIC` ns |
+//! | 56 | `busy_ns: u64` | the worker: `CLOCK_MONOTONIC` ns when the loop that accepts left its wait; 0 while it waits (or when it does not say) |
 //!
 //! The program's load for a slot is `assigned - closed - forgiven`; `least-mem` also reads
-//! `rss_kib`.
+//! `rss_kib`. Except under round-robin, a *stuck* slot sorts after every other before the load
+//! is compared: one with a placement untaken (`assigned - accepted - forgiven > 0`, for a worker
+//! that reports) for longer than [`STUCK_NS`] since `progress_ns`, or whose `busy_ns` is
+//! non-zero and older than [`STUCK_NS`] (a single-threaded server inside one long request).
+//! Among stuck slots, the one stuck for less time comes first, whatever the loads.
 
 /// Slots in the table (a power of two; the program masks indexes with `MAX_SLOTS - 1`).
 pub const MAX_SLOTS: usize = 1024;
@@ -40,6 +45,14 @@ pub const ELIGIBLE: usize = 32;
 pub const REPORTING: usize = 36;
 /// Offset of `rss_kib` in a slot.
 pub const RSS_KIB: usize = 40;
+/// Offset of `progress_ns` in a slot.
+pub const PROGRESS_NS: usize = 48;
+/// Offset of `busy_ns` in a slot.
+pub const BUSY_NS: usize = 56;
+/// How long a placement may wait untaken, or a worker's loop stay out of its wait, before the
+/// program treats the slot as stuck (`STUCK_NS` in the program; the dispatcher's
+/// `policy::STUCK_AFTER`).
+pub const STUCK_NS: u64 = 1_000_000;
 /// `reporting` value stored by the preload shim: it counts for a server that does not.
 pub const REPORTING_SHIM: u32 = 1;
 /// `reporting` value stored by a worker that counts itself (the Rust worker API): the shim,
@@ -53,7 +66,9 @@ const _: () = assert!(
         && SLOT_SIZE == 64
         && REPORTING + 4 <= RSS_KIB
         && RSS_KIB.is_multiple_of(8)
-        && RSS_KIB + 8 <= SLOT_SIZE
+        && RSS_KIB + 8 <= PROGRESS_NS
+        && PROGRESS_NS + 8 == BUSY_NS
+        && BUSY_NS + 8 == SLOT_SIZE
 );
 
 /// Byte offset of `field` in `slot`'s line.

@@ -263,13 +263,19 @@ pub fn getpid() -> Pid {
 /// `CLOCK_MONOTONIC` in microseconds (`clock_gettime(2)`): the clock sd_notify's
 /// `MONOTONIC_USEC=` is read against.
 pub fn monotonic_usec() -> u64 {
+    monotonic_ns() / 1_000
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds (`clock_gettime(2)`, served by the vDSO): the clock BPF
+/// programs read with `bpf_ktime_get_ns`, so the steering table's timestamps use it.
+pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: ts is valid storage; CLOCK_MONOTONIC always exists on Linux.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u64) * 1_000_000 + (ts.tv_nsec as u64) / 1_000
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// `geteuid(2)`.

@@ -39,8 +39,12 @@
 //! steering table ([`rcluster_proto::steer`]). [`Worker::from_env`] maps it; each accept from a
 //! listener adds one to the slot's `accepted` and dropping the [`Connection`] adds one to
 //! `closed` *before* the socket closes (so a client that sees the FIN and reconnects finds the
-//! load already lower). Atomic adds on shared memory, no system call. Without the table (or if
-//! it cannot be mapped) the kernel program keeps its own counts alone.
+//! load already lower). Atomic adds on shared memory, no system call. Each accept also stamps
+//! the slot's `progress_ns`, and an event loop that calls [`Worker::loop_waiting`] before each
+//! wait and [`Worker::loop_woke`] after it stamps `busy_ns`: the program then treats the slot
+//! as stuck, and passes over it, once a placement has waited 1 ms untaken or the loop has been
+//! out of its wait for 1 ms. Without the table (or if it cannot be mapped) the kernel program
+//! keeps its own counts alone.
 
 pub mod bus;
 
@@ -171,6 +175,8 @@ fn notify(addr: &NotifyAddr, datagram: &[u8]) -> io::Result<()> {
 pub struct Worker {
     contract: Contract,
     listeners: Vec<Listener>,
+    /// Kernel steering: the table, for [`Worker::loop_waiting`] and [`Worker::loop_woke`].
+    steer: Option<Arc<SteerTable>>,
     ready_sent: AtomicBool,
     stopping_sent: AtomicBool,
 }
@@ -207,6 +213,7 @@ impl Worker {
             for l in &mut worker.listeners {
                 l.steer = Some(Arc::clone(&table));
             }
+            worker.steer = Some(table);
         }
         Ok(worker)
     }
@@ -236,9 +243,30 @@ impl Worker {
         Ok(Worker {
             contract,
             listeners,
+            steer: None,
             ready_sent: AtomicBool::new(false),
             stopping_sent: AtomicBool::new(false),
         })
+    }
+
+    /// Kernel steering: the calling thread, the event loop that accepts, is about to wait for
+    /// events. With [`Worker::loop_woke`] after each wait, this lets the program pass over a
+    /// single-threaded worker 1 ms into a long request, before a connection queues behind it
+    /// (module docs). Only for a worker whose one thread both accepts and serves; a no-op
+    /// outside kernel steering. An atomic store.
+    pub fn loop_waiting(&self) {
+        if let Some(t) = &self.steer {
+            t.store(page::BUSY_NS, 0);
+        }
+    }
+
+    /// Kernel steering: the loop's wait returned; it is busy from now until the next
+    /// [`Worker::loop_waiting`]. A clock read (vDSO) and an atomic store; a no-op outside
+    /// kernel steering.
+    pub fn loop_woke(&self) {
+        if let Some(t) = &self.steer {
+            t.store(page::BUSY_NS, sys::monotonic_ns());
+        }
     }
 
     /// The stable slot, `0..N` (`RCLUSTER_WORKER_ID`).
@@ -462,6 +490,18 @@ impl SteerTable {
             w.fetch_add(1, Ordering::SeqCst);
         }
     }
+
+    fn store(&self, field: usize, value: u64) {
+        if let Some(w) = self.map.u64_at(page::offset(self.slot, field)) {
+            w.store(value, Ordering::SeqCst);
+        }
+    }
+
+    /// One accept: counted, and the queue's clock (`progress_ns`) restarted.
+    fn accepted(&self) {
+        self.add(page::ACCEPTED);
+        self.store(page::PROGRESS_NS, sys::monotonic_ns());
+    }
 }
 
 /// Counts one close on the steering table when dropped: placed before the socket in
@@ -587,7 +627,7 @@ impl Listener {
                     listener.accept()?.0
                 };
                 if let Some(t) = &self.steer {
-                    t.add(page::ACCEPTED);
+                    t.accepted();
                 }
                 Ok(Connection {
                     steer_close: SteerClose(self.steer.clone()),
