@@ -209,6 +209,44 @@ fn least_conn_passes_over_a_worker_stuck_in_a_long_request() {
     common::kernel_stuck_trial(&cluster, common::Response::pid);
 }
 
+/// `ctl policy` under kernel steering switches the program's pick: with one connection held
+/// open on worker X, least-conn sends every short request to the other worker; once switched to
+/// round-robin (X has had 1 placement, the other 10), the next ones go to X.
+#[test]
+fn ctl_policy_switches_the_program() {
+    if !steering_available() {
+        return;
+    }
+    let dir = common::temp_dir("steer-policy");
+    let sock = dir.join("ctl.sock");
+    let cluster = start_policy("least-conn", 2, &["--control", sock.to_str().unwrap()]);
+    let _held = TcpStream::connect(cluster.addr()).unwrap();
+    let results: Vec<_> = (0..10).map(|_| get(cluster.addr(), "/")).collect();
+    let counts = per_worker(&results);
+    assert_eq!(
+        counts.len(),
+        1,
+        "least-conn: all to the worker holding nothing: {counts:?}"
+    );
+    let other = *counts.keys().next().unwrap();
+    let out = common::ctl(&sock, &["policy", "round-robin"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(cluster.log_contains("ctl policy round-robin (was least-conn; kernel-steered"));
+    let results: Vec<_> = (0..5).map(|_| get(cluster.addr(), "/")).collect();
+    let counts = per_worker(&results);
+    assert_eq!(
+        counts.get(&other),
+        None,
+        "round-robin: all to the worker with fewer placements: {counts:?}"
+    );
+    assert_eq!(counts.values().sum::<usize>(), 5);
+    let bad = common::ctl(&sock, &["policy", "shared"]);
+    assert_eq!(bad.code, 1, "{bad:?}");
+    assert!(bad.stderr.contains("under kernel steering"), "{bad:?}");
+    drop(cluster);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// One long request on one of two workers, then 20 short ones: none goes to the busy worker.
 fn busy_worker_trial(policy: &str) {
     if !steering_available() {
@@ -294,10 +332,11 @@ fn closed_listener_queue_migrates_without_resets() {
     let pending: Vec<TcpStream> = (0..20)
         .map(|_| send_request(cluster.addr(), "/").unwrap())
         .collect();
-    // Half of them wait in the stopped worker's queue (its load counts them).
+    // About half of them wait in the stopped worker's queue (its load counts them): 9 or 10,
+    // by how round-robin's ties fell for the requests that found the pid.
     let status = steering_status(&cluster, 2);
     assert!(
-        status[1].1 >= 10,
+        status[1].1 >= 9,
         "worker 1 holds too few to test: {status:?}"
     );
     // Scale down: the last slot (worker 1) becomes ineligible, is SIGKILLed after --grace, and

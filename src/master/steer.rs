@@ -210,6 +210,19 @@ impl SteerControl {
             .context("cannot update the steering program's slot count")
     }
 
+    /// Switches the program's policy (`ctl policy`): the next connection is placed by it. A
+    /// policy the program cannot carry is refused with the reason.
+    pub fn set_policy(&mut self, kind: crate::policy::PolicyKind) -> Result<(), String> {
+        let Some(policy) = SteerPolicy::for_policy(kind) else {
+            return Err(format!("the steering program cannot place by {kind}"));
+        };
+        self.steering
+            .configure(self.slots, policy)
+            .map_err(|e| format!("cannot update the steering program's policy: {e}"))?;
+        self.policy = policy;
+        Ok(())
+    }
+
     /// Makes the table's eligibility what the supervisor says: `serving(slot)` is true while a
     /// ready, not draining worker serves the slot. Called after every lifecycle change, before
     /// any signal is sent, so a draining or dead worker's slot gets no new connection first.

@@ -322,6 +322,20 @@ impl Supervisor {
             ));
         };
         let previous = self.config.policy;
+        if let Some(st) = &mut self.steer {
+            // Kernel steering: the program switches; the workers' mode (reuseport) stays.
+            if kind.mode() != Mode::Dispatch {
+                return Answer::Failed(format!(
+                    "cannot switch from {previous} to {kind} at run time: under kernel steering \
+                     only the program's policies (round-robin, least-conn, least-mem, p2c) switch"
+                ));
+            }
+            if let Err(e) = st.set_policy(kind) {
+                return Answer::Failed(e);
+            }
+            info!("ctl policy {kind} (was {previous}; kernel-steered; from pid {peer_pid})");
+            return self.policy_switched(kind, previous);
+        }
         if self.mode != Mode::Dispatch || kind.mode() != Mode::Dispatch {
             return Answer::Failed(format!(
                 "cannot switch from {previous} to {kind} at run time: only dispatch policies \
@@ -334,6 +348,11 @@ impl Supervisor {
         };
         info!("ctl policy {kind} (was {previous}; from pid {peer_pid})");
         self.send(Command::SetPolicy(policy));
+        self.policy_switched(kind, previous)
+    }
+
+    /// Records a switched policy and starts RSS sampling if it needs it.
+    fn policy_switched(&mut self, kind: PolicyKind, previous: PolicyKind) -> Answer {
         self.config.policy = kind;
         if kind.needs_rss() && self.next_rss_sample.is_none() {
             self.next_rss_sample = Some(Instant::now());
