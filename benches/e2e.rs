@@ -1509,23 +1509,30 @@ fn render_kernel_checks(out: &mut String, r: &Results) {
     for percent in HEAVY_LEVELS_PERCENT {
         let sc = Scenario::Heavy(percent);
         let p99 = |name: &str| r.median_of(name, sc, |m| Some(m.p99_us as f64));
-        for (base, max) in [("shared", 1.0), ("least-conn", 1.05)] {
+        for (sys, base, max) in [
+            (lc.as_str(), "shared", 1.0),
+            (lc.as_str(), "least-conn", 1.05),
+            (lc_node_kernel.as_str(), shared_node.as_str(), 1.0),
+            (lc_node_kernel.as_str(), lc_node.as_str(), 1.05),
+        ] {
             check(
                 out,
-                &format!("{lc} p99 at {percent} % ≤ {max}× {base}"),
-                r.paired_ratio(lc, base, sc, |m| m.p99_us as f64),
+                &format!("{sys} p99 at {percent} % ≤ {max}× {base}"),
+                r.paired_ratio(sys, base, sc, |m| m.p99_us as f64),
                 |v| v <= max,
-                format!("{} ms vs {} ms", ms(p99(lc)), ms(p99(base))),
+                format!("{} ms vs {} ms", ms(p99(sys)), ms(p99(base))),
             );
         }
     }
-    check(
-        out,
-        &format!("{lc} keep-alive connection spread ≤ 1"),
-        r.max_of(lc, Scenario::KeepAlive, |m| m.conn_spread as f64),
-        |v| v <= 1.0,
-        "worst round, max−min connections per worker".to_owned(),
-    );
+    for sys in [lc.as_str(), lc_node_kernel.as_str()] {
+        check(
+            out,
+            &format!("{sys} keep-alive connection spread ≤ 1"),
+            r.max_of(sys, Scenario::KeepAlive, |m| m.conn_spread as f64),
+            |v| v <= 1.0,
+            "worst round, max−min connections per worker".to_owned(),
+        );
+    }
     check(
         out,
         &format!("{lc} master CPU per 1k connections ≈ 0 (< 0.001 s)"),

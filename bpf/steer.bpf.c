@@ -18,8 +18,9 @@
 //     by the least load (src/policy/least_mem.rs in dispatch mode).
 //
 // Except under round-robin, a stuck slot (stuck_for: a placement untaken for STUCK_NS since its
-// queue last moved, or a worker loop out of its wait for STUCK_NS) comes after every slot that
-// is not, before any other comparison: the dispatcher's stuck bit, from time the kernel keeps.
+// queue last moved, or a worker loop out of its wait for STUCK_NS) comes after every slot
+// that is not, before the load (under least-mem, after the RSS tolerance): the dispatcher's
+// stuck bit, from time the kernel keeps.
 // Among stuck slots the one stuck for less time comes first, whatever the loads: in a
 // heavy-tailed mix, the longer a request has run the longer it is likely still to run, and a
 // worker merely descheduled for a moment must not lose to one inside a long request.
@@ -58,10 +59,13 @@ struct steer_slot {
     __u64 busy_ns;   // worker: when its accepting loop left its wait; 0 while it waits
 };
 
-// A slot is stuck when a placement has waited untaken for longer than this since the queue
-// last moved, or when the worker's accepting loop has been out of its wait for longer than this
-// (one long request on a single-threaded server): it then sorts after every slot that is not,
-// whatever the loads (STUCK_AFTER in src/policy/mod.rs, the dispatcher's rule).
+// A slot is stuck when a placement has waited untaken for longer than this since the queue last
+// moved (STUCK_AFTER in src/policy/mod.rs, the dispatcher's rule), or when the worker's
+// accepting loop has been out of its wait for longer than this (one long request on a
+// single-threaded server): it then sorts after every slot that is not, whatever the loads.
+// (100 µs for the loop was tried: on two CPUs shared with the clients a worker descheduled in
+// the middle of a short request crosses it often, and the placement stopped following the
+// loads without lowering the tail; BENCHMARKS.md.)
 #define STUCK_NS 1000000ULL
 
 // How a slot is picked (steer_meta.policy; SteerPolicy in src/steer/mod.rs).
@@ -136,8 +140,8 @@ static __always_inline __s64 slot_untaken(const struct steer_slot *slot)
 
 // How long the slot has been stuck at `now`, in ns (0: not stuck). Stuck: the worker's loop has
 // been out of its wait for over STUCK_NS (a worker that reports its waits: the shim or the
-// worker API), or a placement has waited untaken that long since the queue last moved (a
-// worker that reports its accepts); the longer of the two when both hold.
+// worker API), or a placement has waited untaken that long since the queue last moved (a worker
+// that reports its accepts); the longer of the two when both hold.
 static __always_inline __u64 stuck_for(const struct steer_slot *slot, __u64 now)
 {
     __u64 age = 0;
@@ -152,7 +156,8 @@ static __always_inline __u64 stuck_for(const struct steer_slot *slot, __u64 now)
     return age;
 }
 
-// least-conn, least-mem: the smallest (stuck_for, beyond the RSS tolerance, load, rank);
+// least-conn, least-mem: the smallest (beyond the RSS tolerance, stuck_for, load, rank): a
+// worker over least-mem's tolerance gets nothing while another can take it, stuck or not;
 // round-robin: the smallest (load, rank), stuck or not, so shares stay equal.
 static __attribute__((noinline)) long visit(struct bpf_map *map, __u32 *key,
                                             struct steer_slot *slot, struct scan *scan)
@@ -167,11 +172,11 @@ static __attribute__((noinline)) long visit(struct bpf_map *map, __u32 *key,
     __u32 far = scan->policy == STEER_LEAST_MEM && slot->rss_kib > scan->rss_near;
     __u32 rank = idx >= scan->rotate ? idx - scan->rotate : idx + scan->nslots - scan->rotate;
     if (scan->best < STEER_MAX_SLOTS) {
-        if (stuck != scan->best_stuck) {
-            if (stuck > scan->best_stuck)
-                return 0;
-        } else if (far != scan->best_far) {
+        if (far != scan->best_far) {
             if (far)
+                return 0;
+        } else if (stuck != scan->best_stuck) {
+            if (stuck > scan->best_stuck)
                 return 0;
         } else if (load > scan->best_load || (load == scan->best_load && rank >= scan->best_rank)) {
             return 0;
@@ -222,7 +227,7 @@ static __attribute__((noinline)) long pick2(struct bpf_map *map, __u32 *key,
         scan->best = idx;
         scan->best_load = load;
         scan->best_stuck = stuck;
-        scan->draw[0] = r;
+            scan->draw[0] = r;
     } else if (scan->second >= STEER_MAX_SLOTS || r < scan->draw[1]) {
         scan->second = idx;
         scan->second_load = load;

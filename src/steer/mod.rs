@@ -125,21 +125,17 @@ impl SlotCounts {
     /// placement has waited untaken since the queue last moved (for a worker that reports its
     /// accepts), the longer of the two, once over [`page::STUCK_NS`]; 0 when not stuck.
     pub fn stuck_for(&self, now_ns: u64) -> u64 {
-        let age = |t: u64| {
+        let age = |t: u64, after: u64| {
             let d = now_ns.wrapping_sub(t);
-            if d as i64 > page::STUCK_NS as i64 {
-                d
-            } else {
-                0
-            }
+            if d as i64 > after as i64 { d } else { 0 }
         };
         let busy = if self.busy_ns != 0 {
-            age(self.busy_ns)
+            age(self.busy_ns, page::STUCK_NS)
         } else {
             0
         };
         let queue = if self.reporting && self.untaken() > 0 {
-            age(self.progress_ns)
+            age(self.progress_ns, page::STUCK_NS)
         } else {
             0
         };

@@ -20,10 +20,11 @@
 //!
 //! The program's load for a slot is `assigned - closed - forgiven`; `least-mem` also reads
 //! `rss_kib`. Except under round-robin, a *stuck* slot sorts after every other before the load
-//! is compared: one with a placement untaken (`assigned - accepted - forgiven > 0`, for a worker
-//! that reports) for longer than [`STUCK_NS`] since `progress_ns`, or whose `busy_ns` is
-//! non-zero and older than [`STUCK_NS`] (a single-threaded server inside one long request).
-//! Among stuck slots, the one stuck for less time comes first, whatever the loads.
+//! is compared (under least-mem, after the RSS tolerance): one whose `busy_ns` is non-zero and
+//! older than [`STUCK_NS`] (a single-threaded server inside one long request), or, for a worker
+//! that reports, one with a placement untaken (`assigned - accepted - forgiven > 0`) for longer
+//! than [`STUCK_NS`] since `progress_ns`. Among stuck slots, the one stuck for less time comes
+//! first, whatever the loads.
 
 /// Slots in the table (a power of two; the program masks indexes with `MAX_SLOTS - 1`).
 pub const MAX_SLOTS: usize = 1024;
