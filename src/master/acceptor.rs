@@ -217,6 +217,8 @@ pub struct WorkerSnapshot {
     pub active: u32,
     /// The load table's RSS, KiB (sampled only for least-mem and --max-rss).
     pub rss_kib: u32,
+    /// The load table's stuck mark (connections untaken in its channel, no progress).
+    pub stuck: bool,
     /// Listener bits it is open for.
     pub open: u64,
     /// Connection fds per message it takes.
@@ -1309,6 +1311,7 @@ impl Acceptor {
                 closed: e.closed,
                 active: s.active,
                 rss_kib: s.rss_kib,
+                stuck: s.stuck,
                 open: s.open,
                 max_fds: e.max_fds,
                 channels: e

@@ -338,7 +338,7 @@ pub fn render(st: &Status) -> String {
         );
     }
     type Field = fn(&crate::master::status::WorkerStatus) -> Option<f64>;
-    let per_worker: [(&str, &str, &str, Field); 7] = [
+    let per_worker: [(&str, &str, &str, Field); 8] = [
         (
             "rcluster_worker_active_connections",
             "gauge",
@@ -356,6 +356,12 @@ pub fn render(st: &Status) -> String {
             "counter",
             "Connections the worker reported closed.",
             |w| w.closed.map(|v| v as f64),
+        ),
+        (
+            "rcluster_worker_stuck",
+            "gauge",
+            "1 while the acceptor passes over the worker as stuck (connections untaken in its channel, no progress).",
+            |w| w.stuck.map(|s| f64::from(u8::from(s))),
         ),
         (
             "rcluster_worker_rss_bytes",

@@ -91,6 +91,10 @@ pub struct WorkerStatus {
     pub dispatched: Option<u64>,
     /// Connections it closed (dispatch mode).
     pub closed: Option<u64>,
+    /// The acceptor marked it stuck: connections untaken in its channel for 1 ms with no sign
+    /// of progress, so load-aware policies pass over it (dispatch mode).
+    #[serde(default)]
+    pub stuck: Option<bool>,
     /// Resident memory, KiB, read when the status was taken.
     pub rss_kib: Option<u64>,
     /// Restarts of its slot after crashes.
@@ -211,6 +215,7 @@ impl Status {
                     active: a.map(|a| a.dispatched.saturating_sub(a.closed)),
                     dispatched: a.map(|a| a.dispatched),
                     closed: a.map(|a| a.closed),
+                    stuck: a.map(|a| a.stuck),
                     rss_kib: crate::sys::rss_bytes(w.pid).ok().map(|b| b / 1024),
                     restarts: w.restarts,
                     cpu_s: crate::sys::cpu_seconds(w.pid).ok(),
