@@ -231,7 +231,9 @@ app.get('/', (q, r) => r.send('pid ' + process.pid + '\\n'));\n\
 const s = app.listen(process.env.PORT);\n\
 process.on('SIGTERM', () => s.close());\n";
 
-const FASTIFY: &str = "const f = require('fastify')();\n\
+// return503OnClosing: false, or fastify answers 503 to a request that reaches a connection it
+// accepted just before close() (a drain's last moments): the app's own choice, made here.
+const FASTIFY: &str = "const f = require('fastify')({ return503OnClosing: false });\n\
 f.get('/', async () => 'pid ' + process.pid + '\\n');\n\
 f.listen({ port: +process.env.PORT, host: '127.0.0.1' });\n\
 process.on('SIGTERM', () => f.close());\n";
@@ -436,7 +438,7 @@ fn rows(env: &Env, dir: &Path) -> Vec<Row> {
             env: node_env,
             needs: &[Need::Node, Need::NodePkgs],
             reload: true,
-            notes: "`listen({port: PORT, host: '127.0.0.1'})`",
+            notes: "`listen({port: PORT, host: '127.0.0.1'})`; `return503OnClosing: false` (fastify's default answers 503 during its close)",
         },
         Row {
             server: "Node `cluster` (primary + 2 forked workers per slot)",
