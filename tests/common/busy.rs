@@ -238,21 +238,8 @@ pub fn ticks_per_second() -> u64 {
 /// `pid_of` says which worker process served a response.
 pub fn kernel_stuck_trial(cluster: &TestCluster, pid_of: fn(&Response) -> i32) {
     let addr = cluster.addr();
-    let pids = cluster.wait_for_workers(2);
-    let ticks: Vec<u64> = pids.iter().map(|&p| cpu_ticks(p)).collect();
     let started = Instant::now();
-    let long = super::send_request(addr, "/?us=2000000").expect("long request");
-    // The busy worker: the one that burns 30 ms of CPU (the spin is 2 s of wall time).
-    let deadline = Instant::now() + DEADLINE;
-    let busy = loop {
-        if let Some(i) =
-            (0..2).find(|&i| cpu_ticks(pids[i]) >= ticks[i] + ticks_per_second() * 3 / 100)
-        {
-            break pids[i];
-        }
-        assert!(Instant::now() < deadline, "the long request never ran");
-        std::thread::sleep(Duration::from_millis(2));
-    };
+    let (long, busy) = send_long_request(cluster);
     let status = cluster.steering_status(2);
     assert_eq!(
         status.iter().filter(|s| s.stuck).count(),
@@ -299,6 +286,25 @@ pub fn kernel_stuck_trial(cluster: &TestCluster, pid_of: fn(&Response) -> i32) {
         idle_pids.iter().all(|&p| p != busy),
         "idle connections placed on the stuck worker {busy}: {idle_pids:?}"
     );
+}
+
+/// Sends `/?us=2000000` (2 s of CPU) to a 2-worker cluster without waiting for the answer and
+/// returns its connection and the pid of the worker running it: the one that has burnt 30 ms of
+/// CPU since (so the request is running, not merely placed).
+pub fn send_long_request(cluster: &TestCluster) -> (std::net::TcpStream, i32) {
+    let pids = cluster.wait_for_workers(2);
+    let ticks: Vec<u64> = pids.iter().map(|&p| cpu_ticks(p)).collect();
+    let long = super::send_request(cluster.addr(), "/?us=2000000").expect("long request");
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let Some(i) =
+            (0..2).find(|&i| cpu_ticks(pids[i]) >= ticks[i] + ticks_per_second() * 3 / 100)
+        {
+            return (long, pids[i]);
+        }
+        assert!(Instant::now() < deadline, "the long request never ran");
+        std::thread::sleep(Duration::from_millis(2));
+    }
 }
 
 /// Idle connections opened in [`kernel_stuck_trial`].
