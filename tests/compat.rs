@@ -558,9 +558,11 @@ fn rows(env: &Env, dir: &Path) -> Vec<Row> {
             port: None,
             env: py_env.clone(),
             needs: &[Need::Python, Need::PyPkgs],
-            reload: true,
+            reload: false,
             notes: "`-w 0` serves in the process the master started; hypercorn's own workers are \
-                    spawned (exec), not forked, and get no shim",
+                    spawned (exec), not forked, and get no shim; reload not lossless: at its \
+                    stop hypercorn closes a connection it accepted but has not read a request \
+                    from yet (seen: 1 of 199 reset)",
         },
         Row {
             server: "waitress",
