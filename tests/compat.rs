@@ -560,9 +560,9 @@ fn rows(env: &Env, dir: &Path) -> Vec<Row> {
             needs: &[Need::Python, Need::PyPkgs],
             reload: false,
             notes: "`-w 0` serves in the process the master started; hypercorn's own workers are \
-                    spawned (exec), not forked, and get no shim; reload not lossless: at its \
-                    stop hypercorn closes a connection it accepted but has not read a request \
-                    from yet (seen: 1 of 199 reset)",
+                    spawned (exec), not forked, and get no shim; reload not lossless: a \
+                    connection hypercorn has just accepted when its stop begins can be reset \
+                    (seen once: 1 of 199)",
         },
         Row {
             server: "waitress",
