@@ -43,19 +43,6 @@ extern "C" fn forked_child() {
     LOOP.store(LOOP_OFF, Ordering::SeqCst);
 }
 
-/// `CLOCK_MONOTONIC` in ns, the clock `bpf_ktime_get_ns` reads (vDSO: no system call).
-fn now_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: ts is valid storage; CLOCK_MONOTONIC always exists on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u64)
-        .wrapping_mul(1_000_000_000)
-        .wrapping_add(ts.tv_nsec as u64)
-}
-
 /// This worker's line of the table.
 pub struct SteerSlot {
     accepted: &'static AtomicU64,
@@ -166,7 +153,8 @@ impl SteerSlot {
             return;
         }
         self.accepted.fetch_add(1, Ordering::SeqCst);
-        self.progress.store(now_ns(), Ordering::SeqCst);
+        self.progress
+            .store(rcluster_sys::monotonic_ns(), Ordering::SeqCst);
         if LOOP_THREAD.with(Cell::get) {
             return;
         }
@@ -203,7 +191,8 @@ impl SteerSlot {
     /// The calling thread's wait returned: if it is the loop, the worker is busy from now.
     pub fn woke(&self) {
         if self.stamps() {
-            self.busy.store(now_ns(), Ordering::SeqCst);
+            self.busy
+                .store(rcluster_sys::monotonic_ns(), Ordering::SeqCst);
         }
     }
 

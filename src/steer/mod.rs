@@ -755,6 +755,15 @@ mod kernel_tests {
         (socks, addr)
     }
 
+    /// [`group`] with every slot eligible.
+    fn eligible_group(steer: &Steering, n: usize) -> (Vec<Socket>, SocketAddr) {
+        let g = group(steer, n);
+        for slot in 0..n {
+            steer.set_eligible(slot, true);
+        }
+        g
+    }
+
     /// Connects `n` times and returns how many connections each listener's queue got.
     fn spread(socks: &[Socket], addr: SocketAddr, n: usize) -> Vec<usize> {
         let clients: Vec<TcpStream> = (0..n).map(|_| TcpStream::connect(addr).unwrap()).collect();
@@ -789,10 +798,7 @@ mod kernel_tests {
     #[test]
     fn a_stuck_slot_is_passed_over_whatever_its_load() {
         let Some(steer) = loaded() else { return };
-        let (socks, addr) = group(&steer, 2);
-        for slot in 0..2 {
-            steer.set_eligible(slot, true);
-        }
+        let (socks, addr) = eligible_group(&steer, 2);
         let ms = 1_000_000;
         // Slot 1 holds 5 more, but slot 0's loop left its wait 2 ms ago (one long request).
         word(&steer, 1, page::ASSIGNED).fetch_add(5, Ordering::SeqCst);
@@ -829,10 +835,7 @@ mod kernel_tests {
     fn least_mem_follows_the_rss_then_the_load() {
         use crate::policy::rss_tolerance_kib;
         let Some(steer) = loaded() else { return };
-        let (socks, addr) = group(&steer, 4);
-        for slot in 0..4 {
-            steer.set_eligible(slot, true);
-        }
+        let (socks, addr) = eligible_group(&steer, 4);
         steer.configure(4, SteerPolicy::LeastMem).unwrap();
         let small = 50_000u64;
         let near = small + u64::from(rss_tolerance_kib(small as u32));
@@ -891,10 +894,7 @@ mod kernel_tests {
     #[test]
     fn equal_load_splits_exactly() {
         let Some(steer) = loaded() else { return };
-        let (socks, addr) = group(&steer, 4);
-        for slot in 0..4 {
-            steer.set_eligible(slot, true);
-        }
+        let (socks, addr) = eligible_group(&steer, 4);
         assert_eq!(spread(&socks, addr, 100), vec![25, 25, 25, 25]);
         // A slot whose load drops (its worker closed 10) gets the next 10.
         word(&steer, 1, page::CLOSED).fetch_add(10, Ordering::SeqCst);

@@ -175,8 +175,6 @@ fn notify(addr: &NotifyAddr, datagram: &[u8]) -> io::Result<()> {
 pub struct Worker {
     contract: Contract,
     listeners: Vec<Listener>,
-    /// Kernel steering: the table, for [`Worker::loop_waiting`] and [`Worker::loop_woke`].
-    steer: Option<Arc<SteerTable>>,
     ready_sent: AtomicBool,
     stopping_sent: AtomicBool,
 }
@@ -213,7 +211,6 @@ impl Worker {
             for l in &mut worker.listeners {
                 l.steer = Some(Arc::clone(&table));
             }
-            worker.steer = Some(table);
         }
         Ok(worker)
     }
@@ -243,7 +240,6 @@ impl Worker {
         Ok(Worker {
             contract,
             listeners,
-            steer: None,
             ready_sent: AtomicBool::new(false),
             stopping_sent: AtomicBool::new(false),
         })
@@ -255,7 +251,7 @@ impl Worker {
     /// (module docs). Only for a worker whose one thread both accepts and serves; a no-op
     /// outside kernel steering. An atomic store.
     pub fn loop_waiting(&self) {
-        if let Some(t) = &self.steer {
+        if let Some(t) = self.steer_table() {
             t.store(page::BUSY_NS, 0);
         }
     }
@@ -264,9 +260,14 @@ impl Worker {
     /// [`Worker::loop_waiting`]. A clock read (vDSO) and an atomic store; a no-op outside
     /// kernel steering.
     pub fn loop_woke(&self) {
-        if let Some(t) = &self.steer {
+        if let Some(t) = self.steer_table() {
             t.store(page::BUSY_NS, sys::monotonic_ns());
         }
+    }
+
+    /// Kernel steering: the table every listener counts on (one per worker).
+    fn steer_table(&self) -> Option<&SteerTable> {
+        self.listeners.first().and_then(|l| l.steer.as_deref())
     }
 
     /// The stable slot, `0..N` (`RCLUSTER_WORKER_ID`).
