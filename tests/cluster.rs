@@ -161,6 +161,8 @@ fn reuseport_keeps_a_killed_workers_queue() {
     let victim = cluster.worker_pids()[0];
     let inode = socket_inode(victim, 3);
     kill(victim, libc::SIGSTOP);
+    // kill(2) returns before the target stops; until it has, it may still take connections.
+    common::wait_stopped(victim);
     let total = 200;
     let clients = std::thread::spawn(move || get_many(addr, "/", total, 50));
     let mut queued = 0;
@@ -272,6 +274,8 @@ fn sigterm_serves_connections_already_dispatched() {
     });
     // One worker stops taking connections; round-robin queues every other one in its channel.
     kill(workers[0], libc::SIGSTOP);
+    // kill(2) returns before the target stops; until it has, it may still take connections.
+    common::wait_stopped(workers[0]);
     let clients = std::thread::spawn(move || get_many(addr, "/", 20, 20));
     wait_until("the running worker answered its half", || {
         status_dispatched_closed(&cluster) >= 20

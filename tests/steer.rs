@@ -68,9 +68,15 @@ fn kernel_steering_is_announced_and_serves() {
 /// Opens `n` connections one at a time and holds them all, then sends a request on each and
 /// returns the answers.
 fn held_requests(cluster: &TestCluster, n: usize) -> Vec<std::io::Result<common::Response>> {
-    let held: Vec<TcpStream> = (0..n)
-        .map(|_| TcpStream::connect(cluster.addr()).unwrap())
-        .collect();
+    answer_held(
+        (0..n)
+            .map(|_| TcpStream::connect(cluster.addr()).unwrap())
+            .collect(),
+    )
+}
+
+/// Sends a request on each held connection and reads the answers.
+fn answer_held(held: Vec<TcpStream>) -> Vec<std::io::Result<common::Response>> {
     held.into_iter()
         .map(|mut s| {
             s.set_read_timeout(Some(DEADLINE)).unwrap();
@@ -86,9 +92,30 @@ fn held_connections_split_exactly() {
         return;
     }
     let cluster = start_steered(&["--steer", "kernel", "-w", "4"], 4);
-    // 40 connections held open, one at a time: each goes to the least loaded of four, so
-    // 10 each, whatever the hash.
-    let counts = per_worker(&held_requests(&cluster, 40));
+    // 40 connections held open, one at a time, each taken by its worker before the next (so no
+    // worker is ever stuck with one untaken): each goes to the least loaded of four, so 10
+    // each, whatever the hash.
+    let deadline = Instant::now() + DEADLINE;
+    let held: Vec<TcpStream> = (0..40)
+        .map(|i| {
+            let s = TcpStream::connect(cluster.addr()).unwrap();
+            while cluster
+                .steering_status(4)
+                .iter()
+                .map(|st| st.accepted)
+                .sum::<i64>()
+                < i + 1
+            {
+                assert!(
+                    Instant::now() < deadline,
+                    "connection {i} was never accepted"
+                );
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            s
+        })
+        .collect();
+    let counts = per_worker(&answer_held(held));
     assert_eq!(counts.len(), 4, "{counts:?}");
     assert!(counts.values().all(|&n| n == 10), "{counts:?}");
 }
@@ -329,6 +356,8 @@ fn closed_listener_queue_migrates_without_resets() {
     };
     assert!(pids.contains(&stopped));
     common::kill(stopped, libc::SIGSTOP);
+    // kill(2) returns before the target stops; until it has, it may still take connections.
+    common::wait_stopped(stopped);
     let pending: Vec<TcpStream> = (0..20)
         .map(|_| send_request(cluster.addr(), "/").unwrap())
         .collect();
