@@ -25,12 +25,22 @@
 // heavy-tailed mix, the longer a request has run the longer it is likely still to run, and a
 // worker merely descheduled for a moment must not lose to one inside a long request.
 //
+// When the pick is stuck (so every eligible slot is: under least-mem, every one within the RSS
+// tolerance; under p2c, both drawn) and an eligible slot's worker watches the overflow queue
+// (WATCHERS in its `reporting`), the connection goes to the overflow queue instead: one
+// more listener of the group, at index STEER_OVERFLOW of the socket array, that every watching
+// worker accepts from when its own listener has nothing. It then waits for the first worker to
+// come free, not behind a request whose end nobody can predict. Its placements are counted on
+// the table's line STEER_OVERFLOW (eligible while the master holds the queue's listeners).
+//
 // `assigned` is counted here, atomically, after a successful bpf_sk_select_reuseport; workers
 // add `accepted` and `closed` through the mmapped page and stamp `progress_ns` (each accept) and
 // `busy_ns` (their loop's waits); the master writes `eligible`, `nslots`,
 // `forgiven` (its reconciliation of handshakes that never completed) and `rss_kib`. Remaining
-// ties rotate by the connection's hash. With no eligible slot the program returns SK_PASS
-// without selecting, so the kernel's hash decides: it never drops a connection.
+// ties rotate by the connection's hash. With no eligible slot the program selects a slot's
+// listener by the connection's hash (never the overflow queue), and where that index holds no
+// listener returns SK_PASS without selecting, so the kernel's hash decides: it never drops a
+// connection.
 //
 // Scanning uses bpf_for_each_map_elem: the verifier checks a callback as a loop body, where a
 // plain loop over the slots makes it explore every iteration's branches ("sequence of 8193 jumps
@@ -45,6 +55,12 @@
 
 // Must match steer::MAX_SLOTS in the Rust code (a power of two).
 #define STEER_MAX_SLOTS 1024
+// The overflow queue's line of the table and index in the socket array (steer::OVERFLOW); worker
+// slots are 0..STEER_OVERFLOW.
+#define STEER_OVERFLOW (STEER_MAX_SLOTS - 1)
+// The part of `reporting` counting the slot's processes that accept from the overflow queue
+// (steer::WATCHERS).
+#define WATCHERS 0xff00
 
 // One slot's line of the shared table: 64 bytes, the layout docs/PROTOCOL.md documents.
 struct steer_slot {
@@ -53,7 +69,7 @@ struct steer_slot {
     __u64 closed;    // worker: connections it closed
     __s64 forgiven;  // master: placements that never reached the worker (abandoned handshakes)
     __u32 eligible;  // master: 1 = a ready worker serves this slot
-    __u32 reporting; // worker: 1 = it counts accepted/closed here
+    __u32 reporting; // worker: who counts accepted/closed here (low byte), + watchers (WATCHERS)
     __u64 rss_kib;   // master: the slot's ready worker's resident memory, KiB (0 = not known)
     __u64 progress_ns; // program and worker: when the slot's queue last moved (CLOCK_MONOTONIC)
     __u64 busy_ns;   // worker: when its accepting loop left its wait; 0 while it waits
@@ -122,6 +138,8 @@ struct scan {
     __u64 now;       // bpf_ktime_get_ns() at the start of the pick
     __u64 best_stuck;   // stuck_for of best, of second
     __u64 second_stuck;
+    __u32 watch;     // an eligible slot's worker watches the overflow queue
+    __u32 pad2;
 };
 
 struct bpf_map;
@@ -167,6 +185,8 @@ static __attribute__((noinline)) long visit(struct bpf_map *map, __u32 *key,
         return 1; // past the slots in use: stop
     if (!slot->eligible)
         return 0;
+    if (slot->reporting & WATCHERS)
+        scan->watch = 1;
     __s64 load = slot_load(slot, scan->policy);
     __u64 stuck = scan->policy != STEER_ROUND_ROBIN ? stuck_for(slot, scan->now) : 0;
     __u32 far = scan->policy == STEER_LEAST_MEM && slot->rss_kib > scan->rss_near;
@@ -216,6 +236,8 @@ static __attribute__((noinline)) long pick2(struct bpf_map *map, __u32 *key,
         return 1;
     if (!slot->eligible)
         return 0;
+    if (slot->reporting & WATCHERS)
+        scan->watch = 1;
     __u32 r = bpf_get_prandom_u32();
     __s64 load = slot_load(slot, STEER_LEAST_CONN);
     __u64 stuck = stuck_for(slot, scan->now);
@@ -245,7 +267,7 @@ int steer(struct sk_reuseport_md *md)
     if (!meta)
         return SK_PASS;
     __u32 n = meta->nslots;
-    if (n == 0 || n > STEER_MAX_SLOTS)
+    if (n == 0 || n > STEER_OVERFLOW)
         return SK_PASS;
     struct scan scan = {
         .nslots = n,
@@ -262,8 +284,10 @@ int steer(struct sk_reuseport_md *md)
         // first drawn on a tie; with one eligible slot, that one.
         if (scan.second < STEER_MAX_SLOTS &&
             (scan.second_stuck < scan.best_stuck ||
-             (scan.second_stuck == scan.best_stuck && scan.second_load < scan.best_load)))
+             (scan.second_stuck == scan.best_stuck && scan.second_load < scan.best_load))) {
             scan.best = scan.second;
+            scan.best_stuck = scan.second_stuck;
+        }
     } else {
         if (scan.policy == STEER_LEAST_MEM) {
             bpf_for_each_map_elem(&steer_slots, survey, &scan, 0);
@@ -276,8 +300,23 @@ int steer(struct sk_reuseport_md *md)
         }
         bpf_for_each_map_elem(&steer_slots, visit, &scan, 0);
     }
-    if (scan.best >= STEER_MAX_SLOTS)
-        return SK_PASS; // nothing eligible: the kernel's hash decides
+    if (scan.best >= STEER_MAX_SLOTS) {
+        // Nothing eligible: a slot's listener by the connection's hash, so the overflow queue
+        // (which no worker may be watching) is left out; the kernel's hash decides only when
+        // that index has no listener.
+        __u32 any = scan.rotate & (STEER_MAX_SLOTS - 1);
+        bpf_sk_select_reuseport(md, &steer_socks, &any, 0);
+        return SK_PASS;
+    }
+    if (scan.best_stuck != 0 && scan.watch && scan.policy != STEER_ROUND_ROBIN) {
+        __u32 spill = STEER_OVERFLOW;
+        struct steer_slot *queue = bpf_map_lookup_elem(&steer_slots, &spill);
+        if (queue && queue->eligible &&
+            bpf_sk_select_reuseport(md, &steer_socks, &spill, 0) == 0) {
+            __sync_fetch_and_add(&queue->assigned, 1);
+            return SK_PASS;
+        }
+    }
     __u32 key = scan.best & (STEER_MAX_SLOTS - 1);
     if (bpf_sk_select_reuseport(md, &steer_socks, &key, 0) != 0)
         return SK_PASS; // no listener at that index (yet): the kernel's hash decides

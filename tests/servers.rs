@@ -807,19 +807,38 @@ fn node_spin_cluster(steer: &str) -> (TempDir, TestCluster) {
     (dir, cluster)
 }
 
+/// [`node_spin_cluster`] under kernel steering; `None` (with a note) where node or the
+/// steering program is not available.
+fn node_kernel_spin_cluster() -> Option<(TempDir, TestCluster)> {
+    if !available("node") {
+        return None;
+    }
+    if let Err(e) = rcluster_lb::steer::Steering::load(1) {
+        eprintln!("note: kernel steering unavailable here ({e}); skipping this test");
+        return None;
+    }
+    Some(node_spin_cluster("kernel"))
+}
+
 /// Under kernel steering the shim stamps the node loop's waits on the table: a node worker
 /// inside a long request is passed over 1 ms into it although it holds fewer connections.
 #[test]
 fn node_kernel_least_conn_passes_over_a_worker_stuck_in_a_long_request() {
-    if !available("node") {
+    let Some((_dir, cluster)) = node_kernel_spin_cluster() else {
         return;
-    }
-    if let Err(e) = rcluster_lb::steer::Steering::load(1) {
-        eprintln!("note: kernel steering unavailable here ({e}); skipping this test");
-        return;
-    }
-    let (_dir, cluster) = node_spin_cluster("kernel");
+    };
     kernel_stuck_trial(&cluster, body_pid);
+}
+
+/// Under kernel steering the shim registers the overflow queue in node's epoll set beside its
+/// listener: with both node workers inside long requests, new connections wait there and the
+/// worker that comes free first takes them all.
+#[test]
+fn node_kernel_overflow_queue_goes_to_the_first_worker_free() {
+    let Some((_dir, cluster)) = node_kernel_spin_cluster() else {
+        return;
+    };
+    overflow_trial(&cluster, body_pid);
 }
 
 /// A node worker inside a long request holds fewer connections than its peer, so by counts it

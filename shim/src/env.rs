@@ -22,6 +22,8 @@ pub struct Contract {
     /// `RCLUSTER_STEER_FD` and `RCLUSTER_WORKER_ID`: the steering table's fd and this
     /// worker's slot in it (kernel steering only).
     pub steer: Option<(libc::c_int, usize)>,
+    /// `RCLUSTER_STEER_OVERFLOW_FD`: listener 0's overflow queue (listener i's at this + i).
+    pub overflow: Option<libc::c_int>,
 }
 
 fn getenv(name: &CStr) -> Option<Vec<u8>> {
@@ -66,6 +68,7 @@ pub fn read() -> Result<Option<Contract>, String> {
         listen,
         notify_socket: getenv(c"NOTIFY_SOCKET").filter(|v| !v.is_empty()),
         steer: contract.steer_fd.map(|fd| (fd, contract.id as usize)),
+        overflow: contract.overflow_fd,
     }))
 }
 

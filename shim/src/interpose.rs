@@ -186,6 +186,29 @@ pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
     }
 }
 
+/// epoll_ctl(2): under kernel steering, a listener's registration is mirrored for the overflow
+/// queue (overflow.rs).
+///
+/// # Safety
+/// As epoll_ctl(2).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn epoll_ctl(
+    epfd: c_int,
+    op: c_int,
+    fd: c_int,
+    event: *mut libc::epoll_event,
+) -> c_int {
+    // SAFETY: caller contract.
+    let rc = unsafe { real::epoll_ctl(epfd, op, fd, event) };
+    if rc == 0
+        && let Some(shim) = state::get()
+    {
+        // SAFETY: caller contract; the call succeeded, so `event` is valid where it is read.
+        unsafe { shim.epoll_ctl(epfd, op, fd, event) };
+    }
+    rc
+}
+
 /// Around a call that may block waiting for events: before it, flush the coalesced CLOSED
 /// counts (and, under kernel steering, say the loop waits); after it, say the loop is busy
 /// again. errno is the wait's own.
@@ -432,12 +455,18 @@ unsafe fn exec_hooked(
     if let Some(steer) = shim.steer() {
         steer.set_inheritable(true);
     }
+    if let Some((overflow, steer)) = shim.overflow() {
+        overflow.exec(steer, true);
+    }
     let rc = exec(env.as_ptr());
     // Only reached when exec failed: undo.
     let e = errno();
     follow::set_inheritable(shim.listeners(), false);
     if let Some(steer) = shim.steer() {
         steer.set_inheritable(false);
+    }
+    if let Some((overflow, steer)) = shim.overflow() {
+        overflow.exec(steer, false);
     }
     set_errno(e);
     Some(rc)

@@ -19,7 +19,7 @@
 //! listener's claim and notifications), `conns` (the lock-free fd table behind CLOSED), `env`
 //! (reading the contract, whose one definition — wire format, variables, limits — is the
 //! `rcluster-proto` crate; and the `LD_PRELOAD` scrub), `sockaddr`, `notify` (sd_notify
-//! READY=1), `steer` (accept/close counts on the kernel-steering table), `sockopts` (TCP options set on a dispatch channel: recorded, answered, applied to
+//! READY=1), `steer` (accept/close counts on the kernel-steering table), `overflow` (the kernel-steering overflow queue, watched through the server's epoll sets), `sockopts` (TCP options set on a dispatch channel: recorded, answered, applied to
 //! each connection), `procs` (open connections per process, shared across `fork`, so a
 //! server's own forked workers are accounted even when one dies), `follow` (what
 //! `exec`/`posix_spawn` pass on: the whole contract to the
@@ -36,6 +36,7 @@ mod follow;
 mod interpose;
 mod listener;
 mod notify;
+mod overflow;
 mod procs;
 mod real;
 mod sockaddr;

@@ -151,6 +151,10 @@ real_fn!(
     ) -> c_int
 );
 real_fn!(
+    /// libc `epoll_ctl(2)`.
+    epoll_ctl(epfd: c_int, op: c_int, fd: c_int, event: *mut libc::epoll_event) -> c_int
+);
+real_fn!(
     /// libc `epoll_wait(2)`.
     epoll_wait(epfd: c_int, events: *mut libc::epoll_event, max: c_int, timeout: c_int) -> c_int
 );
@@ -268,6 +272,7 @@ pub fn resolve_all() {
         (&fexecve::SLOT, fexecve::NAME),
         (&posix_spawn::SLOT, posix_spawn::NAME),
         (&posix_spawnp::SLOT, posix_spawnp::NAME),
+        (&epoll_ctl::SLOT, epoll_ctl::NAME),
         (&epoll_wait::SLOT, epoll_wait::NAME),
         (&epoll_pwait::SLOT, epoll_pwait::NAME),
         (&epoll_pwait2::SLOT, epoll_pwait2::NAME),

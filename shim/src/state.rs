@@ -13,6 +13,7 @@ use crate::conns::ConnTable;
 use crate::env::{self, Mode};
 use crate::listener::Listener;
 use crate::notify::NotifyTarget;
+use crate::overflow::Overflow;
 use crate::procs::Procs;
 use crate::sockopts::{self, Route};
 use crate::steer::SteerSlot;
@@ -30,6 +31,8 @@ pub struct Shim {
     notified: AtomicBool,
     /// Kernel steering: this worker's line of the table, counted on per accept and close.
     steer: Option<SteerSlot>,
+    /// Kernel steering: the overflow queue (overflow.rs), with `steer`.
+    overflow: Option<Overflow>,
 }
 
 static SHIM: OnceLock<Shim> = OnceLock::new();
@@ -194,8 +197,19 @@ pub unsafe fn init() {
         }
         _ => None,
     };
+    let overflow = match (&steer, contract.overflow) {
+        (Some(_), Some(first)) => {
+            let adopted = Overflow::adopt(first, &listeners);
+            if adopted.is_none() {
+                warn("RCLUSTER_STEER_OVERFLOW_FD names no listening socket; not watching it");
+            }
+            adopted
+        }
+        _ => None,
+    };
     let _ = SHIM.set(Shim {
         steer,
+        overflow,
         mode: contract.mode,
         listeners,
         conns: ConnTable::new(),
@@ -215,6 +229,39 @@ impl Shim {
     /// Kernel steering: this worker's line of the table, if mapped.
     pub fn steer(&self) -> Option<&SteerSlot> {
         self.steer.as_ref()
+    }
+
+    /// Kernel steering: the overflow queue with the table, while the shim counts for the slot.
+    pub fn overflow(&self) -> Option<(&Overflow, &SteerSlot)> {
+        let steer = self.steer.as_ref().filter(|s| s.counting())?;
+        Some((self.overflow.as_ref()?, steer))
+    }
+
+    /// epoll_ctl(2) succeeded: a listener's registration is mirrored for the overflow queue
+    /// (overflow.rs).
+    ///
+    /// # Safety
+    /// `event` as for epoll_ctl(2).
+    pub unsafe fn epoll_ctl(
+        &self,
+        epfd: c_int,
+        op: c_int,
+        fd: c_int,
+        event: *const libc::epoll_event,
+    ) {
+        let Some((overflow, steer)) = self.overflow() else {
+            return;
+        };
+        let l = self.claimed(fd).or_else(|| {
+            self.listeners
+                .iter()
+                .find(|l| l.inherited_fd == fd)
+                .filter(|l| l.is_same_file(fd))
+        });
+        if let Some(l) = l {
+            // SAFETY: caller contract.
+            unsafe { overflow.mirror(steer, epfd, op, fd, l.index, event) };
+        }
     }
 
     /// All adopted listeners.
@@ -256,6 +303,9 @@ impl Shim {
     pub fn before_wait(&self) {
         EVENT_LOOP.with(|f| f.set(true));
         self.flush_closed();
+        if let Some(overflow) = &self.overflow {
+            overflow.waiting();
+        }
         if let Some(steer) = &self.steer {
             steer.waiting();
         }
@@ -409,6 +459,26 @@ impl Shim {
                 crate::conns::Marked::Stale(_) => steer.closed(),
                 crate::conns::Marked::Untracked => steer.closed(),
             }
+            return rc;
+        }
+        // Kernel steering: nothing on the worker's own listener; one from the overflow queue.
+        if rc < 0
+            && matches!(errno(), libc::EAGAIN)
+            && let Some((overflow, steer)) = self.overflow()
+            && let Some(l) = self.claimed(fd).or_else(|| self.inherited_listener(fd))
+        {
+            // SAFETY: caller contract.
+            if let Some(conn) = unsafe { overflow.accept(l.index, addr, len, flags) } {
+                steer.took_overflow();
+                match self.conns.mark(conn, l.index, self.pid()) {
+                    crate::conns::Marked::Fresh => {}
+                    crate::conns::Marked::Stale(_) | crate::conns::Marked::Untracked => {
+                        steer.closed()
+                    }
+                }
+                return conn;
+            }
+            set_errno(libc::EAGAIN);
             return rc;
         }
         // accept on a socketpair end fails with EINVAL (not listening) or EOPNOTSUPP: only then
@@ -604,6 +674,9 @@ impl Shim {
     /// real operation. A connection of ours is forgotten before it (conns.rs) and reported
     /// after it; a claimed listener is released and the master told the worker is stopping.
     pub fn closing(&self, fd: c_int, close_fd: impl FnOnce() -> c_int) -> c_int {
+        if let Some((overflow, steer)) = self.overflow() {
+            overflow.closing(steer, fd);
+        }
         if self.conns.is_marked(fd) {
             let pid = self.pid();
             if let Some(i) = self.conns.take(fd, pid) {

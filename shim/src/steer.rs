@@ -22,8 +22,8 @@ use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 
 use libc::c_int;
 use rcluster_proto::steer::{
-    ACCEPTED, BUSY_NS, CLOSED, MAX_SLOTS, PROGRESS_NS, REPORTING, REPORTING_SHIM, SLOT_SIZE,
-    TABLE_SIZE,
+    ACCEPTED, ASSIGNED, BUSY_NS, CLOSED, OVERFLOW, PROGRESS_NS, REPORTING, REPORTING_SHIM,
+    REPORTING_WHO, SLOT_SIZE, TABLE_SIZE, WATCHER, WORKER_SLOTS,
 };
 
 /// Who stamps `busy_ns`: nobody yet, the one thread that accepted ([`LOOP_THREAD`]), or nobody
@@ -45,6 +45,7 @@ extern "C" fn forked_child() {
 
 /// This worker's line of the table.
 pub struct SteerSlot {
+    assigned: &'static AtomicU64,
     accepted: &'static AtomicU64,
     closed: &'static AtomicU64,
     progress: &'static AtomicU64,
@@ -53,6 +54,8 @@ pub struct SteerSlot {
     /// server that counts itself (the Rust worker API stores `REPORTING_SELF`) is not counted
     /// twice.
     reporting: &'static AtomicU32,
+    /// The overflow queue's `accepted` (overflow.rs).
+    overflow_accepted: &'static AtomicU64,
     /// The inherited fd number and the identity of the map behind it, so a same-process exec
     /// can hand the table on (follow.rs) only while the number is still ours.
     fd: c_int,
@@ -82,7 +85,7 @@ impl SteerSlot {
     /// made close-on-exec (the server's children are not workers). `None` when the fd is not a
     /// BPF map or cannot be mapped: the program then keeps its own counts alone.
     pub fn map(fd: c_int, slot: usize) -> Option<SteerSlot> {
-        if slot >= MAX_SLOTS || !is_bpf_map(fd) {
+        if slot >= WORKER_SLOTS || !is_bpf_map(fd) {
             return None;
         }
         // SAFETY: fcntl on an fd just shown to be open.
@@ -103,11 +106,15 @@ impl SteerSlot {
             return None;
         }
         let line = base.cast::<u8>().wrapping_add(slot * SLOT_SIZE);
+        let queue = base.cast::<u8>().wrapping_add(OVERFLOW * SLOT_SIZE);
         // SAFETY: the offsets are inside the TABLE_SIZE mapping and aligned (mmap returns a page
         // boundary, SLOT_SIZE and the offsets are multiples of 8); the mapping lives for the
         // rest of the process and is only accessed atomically, by everyone.
-        let (accepted, closed, progress, busy, reporting) = unsafe {
+        let overflow_accepted = unsafe { AtomicU64::from_ptr(queue.add(ACCEPTED).cast()) };
+        // SAFETY: as for the overflow queue's line, on this slot's.
+        let (assigned, accepted, closed, progress, busy, reporting) = unsafe {
             (
+                AtomicU64::from_ptr(line.add(ASSIGNED).cast()),
                 AtomicU64::from_ptr(line.add(ACCEPTED).cast()),
                 AtomicU64::from_ptr(line.add(CLOSED).cast()),
                 AtomicU64::from_ptr(line.add(PROGRESS_NS).cast()),
@@ -122,11 +129,13 @@ impl SteerSlot {
         // of the same server) stays so, or the old worker's shim would count again beside it.
         let _ = reporting.compare_exchange(0, REPORTING_SHIM, Ordering::SeqCst, Ordering::SeqCst);
         Some(SteerSlot {
+            assigned,
             accepted,
             closed,
             progress,
             busy,
             reporting,
+            overflow_accepted,
             fd,
             ident: crate::listener::ident_of(fd),
         })
@@ -142,8 +151,18 @@ impl SteerSlot {
         }
     }
 
-    fn counting(&self) -> bool {
-        self.reporting.load(Ordering::Relaxed) == REPORTING_SHIM
+    /// Whether the shim counts for this slot (not a server that counts itself).
+    pub fn counting(&self) -> bool {
+        self.reporting.load(Ordering::Relaxed) & REPORTING_WHO == REPORTING_SHIM
+    }
+
+    /// This process starts (`true`) or stops watching the overflow queue (overflow.rs).
+    pub fn watch(&self, on: bool) {
+        if on {
+            self.reporting.fetch_add(WATCHER, Ordering::SeqCst);
+        } else {
+            self.reporting.fetch_sub(WATCHER, Ordering::SeqCst);
+        }
     }
 
     /// The server accepted a connection from a listener: counted, the queue's clock restarted,
@@ -153,6 +172,23 @@ impl SteerSlot {
             return;
         }
         self.accepted.fetch_add(1, Ordering::SeqCst);
+        self.took();
+    }
+
+    /// The shim took a connection from the overflow queue for the server: it becomes this
+    /// slot's (placed and accepted here, so the load counts it until it closes) and is counted
+    /// as taken from the queue.
+    pub fn took_overflow(&self) {
+        if !self.counting() {
+            return;
+        }
+        self.assigned.fetch_add(1, Ordering::SeqCst);
+        self.accepted.fetch_add(1, Ordering::SeqCst);
+        self.overflow_accepted.fetch_add(1, Ordering::SeqCst);
+        self.took();
+    }
+
+    fn took(&self) {
         self.progress
             .store(rcluster_sys::monotonic_ns(), Ordering::SeqCst);
         if LOOP_THREAD.with(Cell::get) {

@@ -156,6 +156,7 @@ impl Agent {
                 ipc: ctx.bus.path().to_str(),
                 // The agent takes no connections: it never counts on the steering table.
                 steer_fd: None,
+                overflow_fd: None,
             }
             .entries()
             .into_iter()

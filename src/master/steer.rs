@@ -43,6 +43,12 @@ pub struct SteerControl {
     next_reconcile: Instant,
     /// Placements written off (+) or taken back (-) since start, for the status line.
     forgiven_total: i64,
+    /// The overflow queue: one listener per address, at the socket arrays' overflow index,
+    /// inherited by every worker (`RCLUSTER_STEER_OVERFLOW_FD`).
+    overflow: Vec<Socket>,
+    /// Since when the overflow queue has held connections while no worker took one from it,
+    /// and its `accepted` count then.
+    overflow_stall: Option<(Instant, u64)>,
 }
 
 /// Decides who places connections. `Ok(None)`: the master dispatches (`--steer dispatch`, a
@@ -60,11 +66,11 @@ pub fn start(config: &Config) -> anyhow::Result<Option<SteerControl>> {
         ignore_passed(passed.is_some(), "--steer dispatch");
         return Ok(None);
     }
-    if config.workers > page::MAX_SLOTS {
+    if config.workers > page::WORKER_SLOTS {
         let why = format!(
             "{} workers exceed the steering table's {} slots",
             config.workers,
-            page::MAX_SLOTS
+            page::WORKER_SLOTS
         );
         return fallback(config.steer, &why);
     }
@@ -111,6 +117,8 @@ pub fn start(config: &Config) -> anyhow::Result<Option<SteerControl>> {
                 max_conns: Vec::new(),
                 next_reconcile: Instant::now() + RECONCILE_INTERVAL,
                 forgiven_total: 0,
+                overflow: Vec::new(),
+                overflow_stall: None,
             }))
         }
         Err(e) => fallback(config.steer, &e.to_string()),
@@ -175,6 +183,35 @@ impl SteerControl {
     /// The table's fd for workers to map, and the variable naming where they find it.
     pub fn table_fd(&self) -> BorrowedFd<'_> {
         self.steering.table_fd()
+    }
+
+    /// Opens the overflow queue: one more listener per address (`addrs`, in `--listen` order) in
+    /// each reuseport group, at the socket array's overflow index, non-blocking (workers only
+    /// ever try it), its line of the table zeroed and eligible. Call once, after slot 0's
+    /// listeners are registered (they attach the program).
+    pub fn open_overflow(&mut self, addrs: &[std::net::SocketAddr]) -> anyhow::Result<()> {
+        use anyhow::Context;
+        self.steering.set_eligible(page::OVERFLOW, false);
+        self.steering.reset(page::OVERFLOW);
+        for (i, &addr) in addrs.iter().enumerate() {
+            let socket = crate::master::listener::bind_listener(addr, true)
+                .with_context(|| format!("cannot open the overflow queue on {addr}"))?;
+            socket
+                .set_nonblocking(true)
+                .context("cannot make the overflow queue non-blocking")?;
+            self.steering
+                .insert_overflow(i, socket.as_fd())
+                .context("cannot give the overflow queue to the program")?;
+            self.overflow.push(socket);
+        }
+        self.steering.set_eligible(page::OVERFLOW, true);
+        Ok(())
+    }
+
+    /// The overflow queue's listeners, one per address in `--listen` order, for every worker to
+    /// inherit (empty before [`SteerControl::open_overflow`]).
+    pub fn overflow_fds(&self) -> impl Iterator<Item = BorrowedFd<'_>> {
+        self.overflow.iter().map(|s| s.as_fd())
     }
 
     /// Registers slot `slot`'s listeners (one per `--listen` address, in order), new or taken
@@ -338,7 +375,57 @@ impl SteerControl {
                 }
             }
         }
+        stalled.extend(self.overflow_tick(now));
         stalled
+    }
+
+    /// The overflow queue's reconciliation and stall watch: when it has held connections for `--stall-timeout` and
+    /// no worker took one from it, every eligible slot that watches it and is stuck is treated
+    /// as stalled (ineligible, its worker replaced): a replacement watches the queue too. Returns
+    /// those slots.
+    fn overflow_tick(&mut self, now: Instant) -> Vec<usize> {
+        let queued: u64 = self
+            .overflow
+            .iter()
+            .filter_map(|s| sys::listen_queue(s.as_fd()).ok())
+            .map(|(q, _)| u64::from(q))
+            .sum();
+        // Placements that never reached the queue (abandoned handshakes) are written off as for
+        // a slot.
+        self.forgiven_total += self.steering.reconcile(page::OVERFLOW, queued);
+        let c = self.steering.counts(page::OVERFLOW);
+        let c = crate::steer::SlotCounts {
+            reporting: true,
+            ..c
+        };
+        match stall_step(self.overflow_stall, now, queued, c, self.stall_timeout) {
+            StallStep::Clear => {
+                self.overflow_stall = None;
+                Vec::new()
+            }
+            StallStep::Watch(since) => {
+                self.overflow_stall = Some(since);
+                Vec::new()
+            }
+            StallStep::Stalled => {
+                self.overflow_stall = None;
+                let now_ns = sys::monotonic_ns();
+                let stuck: Vec<usize> = (0..self.slots)
+                    .filter(|&slot| {
+                        let c = self.steering.counts(slot);
+                        self.eligible[slot] && !self.stalled[slot] && c.watches && c.stuck(now_ns)
+                    })
+                    .collect();
+                for &slot in &stuck {
+                    self.stalled[slot] = true;
+                    warn!(
+                        "steering: worker slot {slot} stuck with {queued} connections waiting in                          the overflow queue and none taken for {:?}: no more connections for it",
+                        self.stall_timeout
+                    );
+                }
+                stuck
+            }
+        }
     }
 
     /// One status line per slot in use (SIGUSR1), plus the programs' cost when
@@ -349,7 +436,7 @@ impl SteerControl {
             let c = self.steering.counts(slot);
             info!(
                 "status: steering slot {slot}: {} load {} assigned {} accepted {} closed {} \
-                 forgiven {} rss_kib {} stuck {}{}",
+                 forgiven {} rss_kib {} stuck {} watches {}{}",
                 if c.eligible { "eligible" } else { "ineligible" },
                 c.load(),
                 c.assigned,
@@ -358,11 +445,19 @@ impl SteerControl {
                 c.forgiven,
                 c.rss_kib,
                 c.stuck(now_ns),
+                c.watches,
                 if c.reporting {
                     ""
                 } else {
                     " (worker does not report)"
                 }
+            );
+        }
+        if !self.overflow.is_empty() {
+            let c = self.steering.counts(page::OVERFLOW);
+            info!(
+                "status: steering overflow queue: assigned {} accepted {} forgiven {}",
+                c.assigned, c.accepted, c.forgiven
             );
         }
         let (ns, runs) = self.steering.run_stats();

@@ -259,6 +259,7 @@ impl Supervisor {
             for (i, slot) in slots.iter().enumerate() {
                 st.add_slot(i, &slot.reuseport)?;
             }
+            st.open_overflow(&addrs)?;
         }
 
         let preload = config.preload.clone();
@@ -565,9 +566,11 @@ impl Supervisor {
                     .iter()
                     .map(|s| s.as_fd())
                     .collect();
-                // Kernel steering: the table follows the listeners (RCLUSTER_STEER_FD).
+                // Kernel steering: the table follows the listeners (RCLUSTER_STEER_FD), then
+                // the overflow queue's listeners (RCLUSTER_STEER_OVERFLOW_FD).
                 if let Some(st) = &self.steer {
                     fds.push(st.table_fd());
+                    fds.extend(st.overflow_fds());
                 }
                 fds
             }
@@ -595,6 +598,11 @@ impl Supervisor {
                 .steer
                 .as_ref()
                 .map(|_| rcluster_proto::LISTEN_FDS_START + self.addrs.len() as i32),
+            overflow_fd: self
+                .steer
+                .as_ref()
+                .filter(|st| st.overflow_fds().next().is_some())
+                .map(|_| rcluster_proto::LISTEN_FDS_START + self.addrs.len() as i32 + 1),
             role: Role::Worker,
             ipc: self.bus.path().to_str(),
         };

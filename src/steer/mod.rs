@@ -99,6 +99,8 @@ pub struct SlotCounts {
     pub eligible: bool,
     /// The slot's worker counts on the table.
     pub reporting: bool,
+    /// The slot's worker accepts from the overflow queue when its own listener has nothing.
+    pub watches: bool,
     /// The slot's ready worker's RSS in KiB, as the master last wrote it (0: not sampled yet).
     pub rss_kib: u64,
     /// When the slot's queue last moved (`CLOCK_MONOTONIC` ns): the worker's last accept, or
@@ -380,6 +382,15 @@ impl Steering {
         bpf::map_update_elem(self.groups[listener].socks.as_fd(), &key, &fd, bpf::ANY)
     }
 
+    /// Puts `socket` (listening, `SO_REUSEPORT`, non-blocking) at listener `listener`'s overflow
+    /// index ([`page::OVERFLOW`]): the queue a connection waits in when every eligible slot is
+    /// stuck and a worker watches it (bpf/steer.bpf.c).
+    pub fn insert_overflow(&self, listener: usize, socket: BorrowedFd<'_>) -> io::Result<()> {
+        let key = (page::OVERFLOW as u32).to_ne_bytes();
+        let fd = u64::from(std::os::fd::AsRawFd::as_raw_fd(&socket) as u32).to_ne_bytes();
+        bpf::map_update_elem(self.groups[listener].socks.as_fd(), &key, &fd, bpf::ANY)
+    }
+
     /// Takes slot `slot` out of every socket array (the kernel also drops a socket from the
     /// array when it is closed).
     pub fn remove(&self, slot: usize) {
@@ -391,7 +402,7 @@ impl Steering {
 
     /// How many slots the program scans (slots `0..n`) and how it picks one.
     pub fn configure(&self, n: usize, policy: SteerPolicy) -> io::Result<()> {
-        let n = n.min(page::MAX_SLOTS) as u32;
+        let n = n.min(page::WORKER_SLOTS) as u32;
         let mut meta = [0u8; 8];
         meta[..4].copy_from_slice(&n.to_ne_bytes());
         meta[4..].copy_from_slice(&(policy as u32).to_ne_bytes());
@@ -460,7 +471,8 @@ impl Steering {
             closed: u64_at(page::CLOSED),
             forgiven: u64_at(page::FORGIVEN) as i64,
             eligible: u32_at(page::ELIGIBLE) != 0,
-            reporting: u32_at(page::REPORTING) != 0,
+            reporting: u32_at(page::REPORTING) & page::REPORTING_WHO != 0,
+            watches: u32_at(page::REPORTING) & page::WATCHERS != 0,
             rss_kib: u64_at(page::RSS_KIB),
             progress_ns: u64_at(page::PROGRESS_NS),
             busy_ns: u64_at(page::BUSY_NS),
@@ -472,10 +484,12 @@ impl Steering {
     /// neither accepted nor queued are handshakes still in progress or abandoned; the part that
     /// persisted since the previous call is written off (`forgiven`), and a negative excess
     /// (connections the kernel's hash placed while nothing was eligible) is taken back the same
-    /// way. Only for a slot whose worker reports accepts. Returns the adjustment made.
+    /// way. Only for a slot whose worker reports accepts, and for the overflow queue's line
+    /// ([`page::OVERFLOW`]: the workers that take from it count what they take). Returns the
+    /// adjustment made.
     pub fn reconcile(&mut self, slot: usize, queued: u64) -> i64 {
         let c = self.counts(slot);
-        if !c.reporting || slot >= self.last_excess.len() {
+        if !(c.reporting || slot == page::OVERFLOW) || slot >= self.last_excess.len() {
             return 0;
         }
         let excess = (c.assigned.wrapping_sub(c.accepted) as i64)
@@ -512,12 +526,12 @@ fn prog_error(e: ProgLoadError) -> SteerError {
 }
 
 fn check_slot(slot: usize) -> io::Result<()> {
-    if slot >= page::MAX_SLOTS {
+    if slot >= page::WORKER_SLOTS {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!(
                 "worker slot {slot} is beyond the steering table ({} slots)",
-                page::MAX_SLOTS
+                page::WORKER_SLOTS
             ),
         ));
     }
@@ -829,6 +843,62 @@ mod kernel_tests {
         steer.configure(2, SteerPolicy::RoundRobin).unwrap();
         word(&steer, 1, page::BUSY_NS).store(0, Ordering::SeqCst);
         assert_eq!(spread(&socks, addr, 15), vec![15, 0]);
+    }
+
+    #[test]
+    fn when_every_slot_is_stuck_a_watched_overflow_queue_takes_the_connection() {
+        let Some(steer) = loaded() else { return };
+        let (mut socks, addr) = eligible_group(&steer, 2);
+        let queue = listener::bind_listener(addr, true).unwrap();
+        steer.insert_overflow(0, queue.as_fd()).unwrap();
+        steer.set_eligible(page::OVERFLOW, true);
+        socks.push(queue);
+        let ms = 1_000_000;
+        let now = crate::sys::monotonic_ns;
+        let reporting = |slot| {
+            steer
+                .table
+                .u32_at(page::offset(slot, page::REPORTING))
+                .unwrap()
+        };
+        // Both stuck, nobody watches the queue: the one stuck for less time, as before.
+        word(&steer, 0, page::BUSY_NS).store(now() - 5 * ms, Ordering::SeqCst);
+        word(&steer, 1, page::BUSY_NS).store(now() - 2 * ms, Ordering::SeqCst);
+        assert_eq!(spread(&socks, addr, 6), vec![0, 6, 0]);
+        // One eligible slot's worker watches it: every connection waits there for the first
+        // worker to come free, counted on the queue's line and on no slot's.
+        reporting(1).fetch_add(page::WATCHER, Ordering::SeqCst);
+        assert!(steer.counts(1).watches);
+        assert_eq!(spread(&socks, addr, 10), vec![0, 0, 10]);
+        assert_eq!(steer.counts(page::OVERFLOW).assigned, 10);
+        assert_eq!(steer.counts(0).assigned + steer.counts(1).assigned, 6);
+        // A slot that is not stuck takes them, watched queue or not.
+        word(&steer, 0, page::BUSY_NS).store(0, Ordering::SeqCst);
+        assert_eq!(spread(&socks, addr, 4), vec![4, 0, 0]);
+        // The watcher's slot is not eligible (draining): its watch does not count.
+        word(&steer, 0, page::BUSY_NS).store(now() - 5 * ms, Ordering::SeqCst);
+        steer.set_eligible(1, false);
+        assert_eq!(spread(&socks, addr, 4), vec![4, 0, 0]);
+        steer.set_eligible(1, true);
+        word(&steer, 1, page::BUSY_NS).store(now() - 2 * ms, Ordering::SeqCst);
+        // The queue is closed to the program (ineligible): the slot stuck for less time.
+        steer.set_eligible(page::OVERFLOW, false);
+        assert_eq!(spread(&socks, addr, 4), vec![0, 4, 0]);
+        steer.set_eligible(page::OVERFLOW, true);
+        assert_eq!(spread(&socks, addr, 4), vec![0, 0, 4]);
+        // Round-robin keeps its turns, stuck or not: never the queue.
+        steer.configure(2, SteerPolicy::RoundRobin).unwrap();
+        assert_eq!(spread(&socks, addr, 4).last(), Some(&0));
+        // p2c: both drawn stuck, the queue.
+        steer.configure(2, SteerPolicy::P2c).unwrap();
+        assert_eq!(spread(&socks, addr, 4), vec![0, 0, 4]);
+        // Nothing eligible: a slot's listener by the hash, never the queue (no worker may be
+        // watching it).
+        steer.configure(2, SteerPolicy::LeastConn).unwrap();
+        steer.set_eligible(0, false);
+        steer.set_eligible(1, false);
+        let got = spread(&socks, addr, 20);
+        assert_eq!((got[0] + got[1], got[2]), (20, 0), "{got:?}");
     }
 
     #[test]

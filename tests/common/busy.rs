@@ -292,19 +292,79 @@ pub fn kernel_stuck_trial(cluster: &TestCluster, pid_of: fn(&Response) -> i32) {
 /// returns its connection and the pid of the worker running it: the one that has burnt 30 ms of
 /// CPU since (so the request is running, not merely placed).
 pub fn send_long_request(cluster: &TestCluster) -> (std::net::TcpStream, i32) {
-    let pids = cluster.wait_for_workers(2);
+    send_long_request_us(cluster, 2_000_000, &[])
+}
+
+/// [`send_long_request`] for `/?us=US`, watching only the workers not in `busy` (those already
+/// inside a long request burn CPU too).
+pub fn send_long_request_us(
+    cluster: &TestCluster,
+    us: u64,
+    busy: &[i32],
+) -> (std::net::TcpStream, i32) {
+    let pids: Vec<i32> = cluster
+        .wait_for_workers(2)
+        .into_iter()
+        .filter(|p| !busy.contains(p))
+        .collect();
     let ticks: Vec<u64> = pids.iter().map(|&p| cpu_ticks(p)).collect();
-    let long = super::send_request(cluster.addr(), "/?us=2000000").expect("long request");
+    let long = super::send_request(cluster.addr(), &format!("/?us={us}")).expect("long request");
     let deadline = Instant::now() + DEADLINE;
     loop {
         if let Some(i) =
-            (0..2).find(|&i| cpu_ticks(pids[i]) >= ticks[i] + ticks_per_second() * 3 / 100)
+            (0..pids.len()).find(|&i| cpu_ticks(pids[i]) >= ticks[i] + ticks_per_second() * 3 / 100)
         {
             return (long, pids[i]);
         }
         assert!(Instant::now() < deadline, "the long request never ran");
         std::thread::sleep(Duration::from_millis(2));
     }
+}
+
+/// Short requests sent at once in [`overflow_trial`].
+pub const OVERFLOW_SHORT: usize = 5;
+
+/// Kernel steering, 2 workers that watch the overflow queue (node through the shim), each
+/// inside a long request — one of 1.5 s, then one of 4 s: [`OVERFLOW_SHORT`] short requests
+/// sent at once wait in the overflow queue, and the worker that comes free first (the one with
+/// the shorter request) serves every one of them. Without the queue the program would place
+/// them on the worker stuck for less time, the one still busy for seconds.
+pub fn overflow_trial(cluster: &TestCluster, pid_of: fn(&Response) -> i32) {
+    let addr = cluster.addr();
+    let status = cluster.steering_status(2);
+    assert!(
+        status.iter().all(|s| s.watches),
+        "both workers watch the overflow queue: {status:?}"
+    );
+    let (first, first_pid) = send_long_request_us(cluster, 1_500_000, &[]);
+    let (last, last_pid) = send_long_request_us(cluster, 4_000_000, &[first_pid]);
+    let before = cluster.overflow_status();
+    let shorts: Vec<_> = (0..OVERFLOW_SHORT)
+        .map(|_| std::thread::spawn(move || get(addr, "/")))
+        .collect();
+    let pids: Vec<i32> = shorts
+        .into_iter()
+        .map(|h| {
+            let r = h.join().unwrap().expect("short request");
+            assert_eq!(r.status, 200, "{r:?}");
+            pid_of(&r)
+        })
+        .collect();
+    let first = read_response(first).expect("first long response");
+    assert_eq!(pid_of(&first), first_pid);
+    let last = read_response(last).expect("last long response");
+    assert_eq!(pid_of(&last), last_pid);
+    let after = cluster.overflow_status();
+    eprintln!(
+        "worker {first_pid} (1.5 s) and {last_pid} (4 s): short requests served by {pids:?}; \
+         overflow queue {before:?} -> {after:?}"
+    );
+    assert!(
+        pids.iter().all(|&p| p == first_pid),
+        "every short request is served by the worker that came free first ({first_pid}): {pids:?}"
+    );
+    assert_eq!(after.assigned - before.assigned, OVERFLOW_SHORT as i64);
+    assert_eq!(after.accepted - before.accepted, OVERFLOW_SHORT as i64);
 }
 
 /// Idle connections opened in [`kernel_stuck_trial`].

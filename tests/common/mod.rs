@@ -839,9 +839,34 @@ impl TestCluster {
                     rss_kib: field("rss_kib"),
                     reporting: !rest.contains("does not report"),
                     stuck: rest.contains(" stuck true"),
+                    watches: rest.contains(" watches true"),
                 }
             })
             .collect()
+    }
+
+    /// The overflow queue's counts (SIGUSR1 status), under kernel steering.
+    pub fn overflow_status(&self) -> OverflowStatus {
+        const LINE: &str = "status: steering overflow queue: ";
+        let before = self.log_count(LINE);
+        self.signal(libc::SIGUSR1);
+        self.wait_for_count(LINE, before + 1, DEADLINE);
+        let lines = self.log_lines();
+        let line = lines
+            .iter()
+            .filter(|l| l.contains(LINE))
+            .nth(before)
+            .expect("the overflow queue's status line");
+        let rest = line.split(LINE).nth(1).unwrap();
+        let field = |name: &str| -> i64 {
+            let after = rest.split(&format!("{name} ")).nth(1).unwrap();
+            after.split_whitespace().next().unwrap().parse().unwrap()
+        };
+        OverflowStatus {
+            assigned: field("assigned"),
+            accepted: field("accepted"),
+            forgiven: field("forgiven"),
+        }
     }
 
     /// Returns once the acceptor thread has handled every command the supervisor sent it so
@@ -977,6 +1002,19 @@ pub struct SteerSlotStatus {
     pub reporting: bool,
     /// The program's stuck rule holds for the slot now (placement untaken or loop busy > 1 ms).
     pub stuck: bool,
+    /// A process of the slot watches the overflow queue.
+    pub watches: bool,
+}
+
+/// The kernel-steering overflow queue's counts, from the master's status (SIGUSR1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OverflowStatus {
+    /// Connections the program placed on the queue.
+    pub assigned: i64,
+    /// Connections workers took from it.
+    pub accepted: i64,
+    /// Placements written off (handshakes that never completed).
+    pub forgiven: i64,
 }
 
 /// A fresh private directory for one test's files (control sockets, scripts), removed by the

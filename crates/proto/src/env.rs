@@ -27,6 +27,10 @@ pub const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
 /// Kernel steering only: the inherited fd of the steering table (a BPF map to `mmap`, layout in
 /// [`crate::steer`]); the worker's line is `RCLUSTER_WORKER_ID`.
 pub const RCLUSTER_STEER_FD: &str = "RCLUSTER_STEER_FD";
+/// Kernel steering only: the inherited fd of listener 0's overflow queue (a listening socket of
+/// the same reuseport group that every worker may accept from, [`crate::steer`]); listener
+/// `i`'s is at this number `+ i`.
+pub const RCLUSTER_STEER_OVERFLOW_FD: &str = "RCLUSTER_STEER_OVERFLOW_FD";
 /// Given to the master, never to a worker: the kernel-steering maps and programs a privileged
 /// `rcluster-lb steer-load` loaded, as `ATTACH:SLOTS,META,SOCKS0,PROG0[,SOCKS1,PROG1…]` (fd
 /// numbers; `ATTACH` is `select-or-migrate` or `select`). The master adopts them instead of
@@ -158,6 +162,9 @@ pub struct ChildEnv<'a> {
     pub notify_socket: Option<&'a str>,
     /// Kernel steering: the fd number the steering table is placed at.
     pub steer_fd: Option<i32>,
+    /// Kernel steering: the fd number listener 0's overflow queue is placed at (listener `i`'s
+    /// at this `+ i`).
+    pub overflow_fd: Option<i32>,
     /// Worker or agent. An agent gets no `LISTEN_*`, `PORT`, `RCLUSTER_WORKER_ID` nor
     /// `RCLUSTER_MODE` (it has no fds to describe); it gets `RCLUSTER_LISTEN` to know where the
     /// workers serve.
@@ -193,6 +200,9 @@ impl ChildEnv<'_> {
         }
         if let Some(fd) = self.steer_fd {
             out.push(format!("{RCLUSTER_STEER_FD}={fd}"));
+        }
+        if let Some(fd) = self.overflow_fd {
+            out.push(format!("{RCLUSTER_STEER_OVERFLOW_FD}={fd}"));
         }
         if let Some(ipc) = self.ipc {
             out.push(format!("{RCLUSTER_IPC}={ipc}"));
@@ -287,6 +297,9 @@ pub struct Contract {
     pub notify_socket: Option<NotifyAddr>,
     /// `RCLUSTER_STEER_FD`: the fd of the kernel-steering table, when the kernel steers.
     pub steer_fd: Option<i32>,
+    /// `RCLUSTER_STEER_OVERFLOW_FD`: the fd of listener 0's overflow queue under kernel
+    /// steering (listener `i`'s at this `+ i`).
+    pub overflow_fd: Option<i32>,
     /// `RCLUSTER_IPC`, if set: the master's message bus.
     pub ipc: Option<PathBuf>,
 }
@@ -306,6 +319,7 @@ impl Contract {
             port: None,
             notify_socket: None,
             steer_fd: None,
+            overflow_fd: None,
             ipc: None,
         }
     }
@@ -407,19 +421,24 @@ impl Contract {
                 )
             })?),
         };
-        let steer_fd = match var(RCLUSTER_STEER_FD) {
-            None => None,
-            Some(value) => Some(
-                value
-                    .trim()
-                    .parse::<i32>()
-                    .ok()
-                    .filter(|&fd| fd >= crate::LISTEN_FDS_START)
-                    .ok_or_else(|| invalid(RCLUSTER_STEER_FD, &value, "not an fd number"))?,
-            ),
+        let fd_var = |name: &'static str| -> Result<Option<i32>, ContractError> {
+            match var(name) {
+                None => Ok(None),
+                Some(value) => Ok(Some(
+                    value
+                        .trim()
+                        .parse::<i32>()
+                        .ok()
+                        .filter(|&fd| fd >= crate::LISTEN_FDS_START)
+                        .ok_or_else(|| invalid(name, &value, "not an fd number"))?,
+                )),
+            }
         };
+        let steer_fd = fd_var(RCLUSTER_STEER_FD)?;
+        let overflow_fd = fd_var(RCLUSTER_STEER_OVERFLOW_FD)?;
         Ok(Contract {
             steer_fd,
+            overflow_fd,
             id,
             generation,
             mode,
@@ -490,6 +509,7 @@ mod tests {
             listen: &listen,
             notify_socket: Some("/run/x/notify"),
             steer_fd: Some(5),
+            overflow_fd: Some(6),
             role: Role::Worker,
             ipc: Some("/run/x/bus.sock"),
         }
@@ -504,6 +524,7 @@ mod tests {
         assert_eq!(c.fd_names, ["listener0", "listener1"]);
         assert_eq!(c.listen_addrs().unwrap(), listen);
         assert_eq!(c.steer_fd, Some(5));
+        assert_eq!(c.overflow_fd, Some(6));
         assert_eq!(
             c.notify_socket,
             Some(NotifyAddr::Path(PathBuf::from("/run/x/notify")))
@@ -536,6 +557,7 @@ mod tests {
                 role: Role::Agent,
                 ipc: Some("/run/x/bus.sock"),
                 steer_fd: None,
+                overflow_fd: None,
             }
             .entries(),
         );
@@ -564,6 +586,7 @@ mod tests {
                 listen: &["127.0.0.1:1".parse().unwrap()],
                 notify_socket: None,
                 steer_fd: None,
+                overflow_fd: None,
                 role: Role::Worker,
                 ipc: None,
             }

@@ -13,7 +13,7 @@
 //! | 16 | `closed: u64` | the worker, per connection closed (before the close) |
 //! | 24 | `forgiven: i64` | the master: placements that never reached the worker |
 //! | 32 | `eligible: u32` | the master: 1 while a ready worker serves the slot |
-//! | 36 | `reporting: u32` | the worker: [`REPORTING_SELF`] or the shim's [`REPORTING_SHIM`] once it counts |
+//! | 36 | `reporting: u32` | the worker: [`REPORTING_SELF`] or the shim's [`REPORTING_SHIM`] once it counts (low byte, [`REPORTING_WHO`]), plus one [`WATCHER`] per process accepting from the overflow queue ([`WATCHERS`]) |
 //! | 40 | `rss_kib: u64` | the master: the slot's ready worker's resident memory in KiB (0 = not sampled yet) |
 //! | 48 | `progress_ns: u64` | the worker, per accept, and the program, per placement on a queue with nothing untaken: `CLOCK_MONOTONIC` ns |
 //! | 56 | `busy_ns: u64` | the worker: `CLOCK_MONOTONIC` ns when the loop that accepts left its wait; 0 while it waits (or when it does not say) |
@@ -25,9 +25,25 @@
 //! that reports, one with a placement untaken (`assigned - accepted - forgiven > 0`) for longer
 //! than [`STUCK_NS`] since `progress_ns`. Among stuck slots, the one stuck for less time comes
 //! first, whatever the loads.
+//!
+//! # The overflow queue
+//!
+//! The table's last line, [`OVERFLOW`], is not a worker slot: it counts for one more listener
+//! per address in the reuseport group, which the master holds and every worker may accept from
+//! (the fd at [`crate::env::RCLUSTER_STEER_OVERFLOW_FD`]` + i` for listener `i`). When every
+//! eligible slot is stuck and at least one of them has a [`WATCHER`], the program
+//! places the connection there instead of on the slot stuck for less time: it waits for the
+//! first worker to come free rather than behind one request whose end nobody can predict. On
+//! that line the program adds `assigned` per placement and a worker adds `accepted` per
+//! connection it takes (and `assigned` and `accepted` on its own line, so its load counts the
+//! connection); the master sets `eligible` while the queue's listeners exist.
 
 /// Slots in the table (a power of two; the program masks indexes with `MAX_SLOTS - 1`).
 pub const MAX_SLOTS: usize = 1024;
+/// Worker slots (`0..WORKER_SLOTS`): the last line is the overflow queue's.
+pub const WORKER_SLOTS: usize = MAX_SLOTS - 1;
+/// The overflow queue's line (module docs) and its index in each socket array.
+pub const OVERFLOW: usize = MAX_SLOTS - 1;
 /// Bytes per slot (one cache line).
 pub const SLOT_SIZE: usize = 64;
 /// Bytes of the whole table, what a worker maps.
@@ -59,6 +75,14 @@ pub const REPORTING_SHIM: u32 = 1;
 /// `reporting` value stored by a worker that counts itself (the Rust worker API): the shim,
 /// preloaded into the same process, then stands aside so nothing is counted twice.
 pub const REPORTING_SELF: u32 = 2;
+/// The part of `reporting` that says who counts ([`REPORTING_SHIM`], [`REPORTING_SELF`]).
+pub const REPORTING_WHO: u32 = 0xff;
+/// One process watching the overflow queue, in `reporting` (added and subtracted atomically:
+/// an old and a new worker of one slot may both watch during a reload). The program spills only
+/// while an eligible slot has one ([`WATCHERS`]).
+pub const WATCHER: u32 = 0x100;
+/// The part of `reporting` that counts the slot's processes watching the overflow queue.
+pub const WATCHERS: u32 = 0xff00;
 
 /// The BPF program's C source (`bpf/steer.bpf.c`) mirrors this layout; this checks the part the
 /// Rust side can.
