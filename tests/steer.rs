@@ -236,6 +236,18 @@ fn least_conn_passes_over_a_worker_stuck_in_a_long_request() {
     common::kernel_stuck_trial(&cluster, common::Response::pid);
 }
 
+/// The demo worker registers the overflow queue beside its listener (the Rust worker API):
+/// with both workers inside long requests, new connections wait there and the worker that
+/// comes free first takes them all.
+#[test]
+fn overflow_queue_goes_to_the_first_worker_free() {
+    if !steering_available() {
+        return;
+    }
+    let cluster = start_policy("least-conn", 2, &[]);
+    common::overflow_trial(&cluster, common::Response::pid);
+}
+
 /// `ctl policy` under kernel steering switches the program's pick: with one connection held
 /// open on worker X, least-conn sends the short requests to the other worker (all of them but
 /// when that one looks stuck for a moment on a loaded machine); once switched to round-robin
@@ -474,11 +486,13 @@ fn abandoned_handshakes_are_written_off() {
         abandoned_syn(&raw, cluster.addr(), 40_000 + i);
     }
     // Every placement above is reconciled away within a few periods: each slot's load
-    // returns to what is really open (nothing) and the write-offs add up to the SYNs.
+    // returns to what is really open (nothing) and the write-offs add up to the SYNs (some
+    // placed on the overflow queue once both slots had a placement untaken for 1 ms).
     let deadline = Instant::now() + DEADLINE;
     loop {
         let status = steering_status(&cluster, 2);
-        let forgiven: i64 = status.iter().map(|s| s.2).sum();
+        let overflow = cluster.overflow_status();
+        let forgiven: i64 = status.iter().map(|s| s.2).sum::<i64>() + overflow.forgiven;
         if status.iter().all(|s| s.1 == 0) && forgiven == 100 {
             break;
         }

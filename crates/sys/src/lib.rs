@@ -54,6 +54,28 @@ pub fn accept4(listener: BorrowedFd<'_>, nonblocking: bool) -> io::Result<OwnedF
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Registers `fd` in the epoll set `epfd` (a mio registry's, say) for level-triggered readability with `data` as the
+/// event's user data (`op` is `EPOLL_CTL_ADD` or `EPOLL_CTL_MOD`), or removes it
+/// (`EPOLL_CTL_DEL`, `data` ignored). mio registers edge-triggered; a socket that must keep
+/// waking the loop while anything waits on it (the steering overflow queue, which a loop takes
+/// one connection from per pass) needs this.
+pub fn epoll_ctl_level(
+    epfd: std::os::fd::RawFd,
+    op: libc::c_int,
+    fd: BorrowedFd<'_>,
+    data: u64,
+) -> io::Result<()> {
+    let mut ev = libc::epoll_event {
+        events: libc::EPOLLIN as u32,
+        u64: data,
+    };
+    // SAFETY: fd is borrowed for the call and epfd is a plain number (a stale one is EBADF or
+    // another epoll set's EINVAL/ENOENT, never memory unsafety); ev is a valid event (read for
+    // ADD/MOD, ignored for DEL).
+    syscall!(epoll_ctl(epfd, op, fd.as_raw_fd(), &mut ev))?;
+    Ok(())
+}
+
 /// `socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC)`: a message-preserving, connected,
 /// reliable channel (unix(7)); both ends close-on-exec, the spawner `dup2`s the worker's end.
 pub fn socketpair_seqpacket() -> io::Result<(OwnedFd, OwnedFd)> {

@@ -45,6 +45,13 @@
 //! as stuck, and passes over it, once a placement has waited 1 ms untaken or the loop has been
 //! out of its wait for 1 ms. Without the table (or if it cannot be mapped) the kernel program
 //! keeps its own counts alone.
+//!
+//! Each reuseport listener also adopts its overflow queue (`RCLUSTER_STEER_OVERFLOW_FD + i`,
+//! [`rcluster_proto::steer`]): registering the listener with mio registers the queue under the
+//! same token and counts this process as a watcher, so the program may spill to it when every
+//! slot is stuck; a non-blocking accept that finds the listener empty takes one connection from
+//! the queue — one per [`Worker::loop_waiting`] when the loop calls it, every time otherwise —
+//! and counts it as this slot's. Deregistering (or dropping the listener) stops the watch.
 
 pub mod bus;
 
@@ -206,10 +213,14 @@ impl Worker {
         let steer = contract
             .steer_fd
             .and_then(|fd| SteerTable::adopt(fd, contract.id));
+        let overflow_fd = contract.overflow_fd;
         let mut worker = Worker::new(contract, fds)?;
         if let Some(table) = steer {
             for l in &mut worker.listeners {
                 l.steer = Some(Arc::clone(&table));
+                if let (Some(first), ListenerKind::Socket(_)) = (overflow_fd, &l.kind) {
+                    l.overflow = Overflow::adopt(first + l.index as i32);
+                }
             }
         }
         Ok(worker)
@@ -253,6 +264,11 @@ impl Worker {
     pub fn loop_waiting(&self) {
         if let Some(t) = self.steer_table() {
             t.store(page::BUSY_NS, 0);
+        }
+        for l in &self.listeners {
+            if let Some(o) = &l.overflow {
+                o.taken.store(TAKE_ONE, Ordering::Relaxed);
+            }
         }
     }
 
@@ -443,6 +459,77 @@ pub struct Listener {
     kind: ListenerKind,
     /// Kernel steering: the table accepts and closes are counted on.
     steer: Option<Arc<SteerTable>>,
+    /// Kernel steering: the listener's overflow queue (module docs).
+    overflow: Option<Overflow>,
+}
+
+/// [`Overflow::taken`]: the loop never said it waits, so no limit.
+const TAKE_ANY: u8 = 0;
+/// [`Overflow::taken`]: one connection may be taken before the loop next waits.
+const TAKE_ONE: u8 = 1;
+/// [`Overflow::taken`]: taken one since the loop last waited.
+const TAKEN: u8 = 2;
+
+/// A listener's kernel-steering overflow queue: a listening socket shared by every worker.
+#[derive(Debug)]
+struct Overflow {
+    socket: TcpListener,
+    /// `TAKE_ANY`, `TAKE_ONE` or `TAKEN`.
+    taken: std::sync::atomic::AtomicU8,
+    /// Registered with a mio registry: this process counts as a watcher.
+    watching: AtomicBool,
+    /// The epoll set it is registered in (-1: none), so dropping the listener removes it: the
+    /// socket is shared with the master, so closing our fd alone would leave it registered.
+    epfd: AtomicI32,
+}
+
+impl Overflow {
+    /// Adopts the inherited fd `fd` if it is a listening TCP socket (the master made it
+    /// non-blocking; it is only ever tried). `None` (with a warning) otherwise.
+    fn adopt(fd: i32) -> Option<Overflow> {
+        let owned = sys::adopt_inherited_fd(fd)
+            .ok()
+            .filter(|o| sys::getsockopt_int(o.as_fd(), libc::SO_ACCEPTCONN).ok() == Some(1));
+        let Some(owned) = owned else {
+            log::warn!(
+                "{}: fd {fd} is not a listening socket; not watching the overflow queue",
+                rcluster_proto::env::RCLUSTER_STEER_OVERFLOW_FD
+            );
+            return None;
+        };
+        Some(Overflow {
+            socket: TcpListener::from(owned),
+            taken: std::sync::atomic::AtomicU8::new(TAKE_ANY),
+            watching: AtomicBool::new(false),
+            epfd: AtomicI32::new(-1),
+        })
+    }
+
+    /// One connection from the queue, if the loop has not taken one since it last waited.
+    fn take(&self, nonblocking: bool) -> Option<TcpStream> {
+        if self.taken.load(Ordering::Relaxed) == TAKEN {
+            return None;
+        }
+        let fd = sys::accept4(self.socket.as_fd(), nonblocking).ok()?;
+        let _ = self
+            .taken
+            .compare_exchange(TAKE_ONE, TAKEN, Ordering::Relaxed, Ordering::Relaxed);
+        Some(TcpStream::from(fd))
+    }
+
+    /// Counts this process as a watcher on `table` (or stops), once.
+    fn watch(&self, table: Option<&SteerTable>, on: bool) {
+        if self.watching.swap(on, Ordering::SeqCst) == on {
+            return;
+        }
+        if let Some(w) = table.and_then(|t| t.map.u32_at(page::offset(t.slot, page::REPORTING))) {
+            if on {
+                w.fetch_add(page::WATCHER, Ordering::SeqCst);
+            } else {
+                w.fetch_sub(page::WATCHER, Ordering::SeqCst);
+            }
+        }
+    }
 }
 
 /// This worker's line of the kernel-steering table (module docs, [`rcluster_proto::steer`]).
@@ -502,6 +589,19 @@ impl SteerTable {
     fn accepted(&self) {
         self.add(page::ACCEPTED);
         self.store(page::PROGRESS_NS, sys::monotonic_ns());
+    }
+
+    /// One connection taken from the overflow queue: this slot's from now (placed and
+    /// accepted here), and counted as taken on the queue's line.
+    fn took_overflow(&self) {
+        self.add(page::ASSIGNED);
+        self.accepted();
+        if let Some(w) = self
+            .map
+            .u64_at(page::offset(page::OVERFLOW, page::ACCEPTED))
+        {
+            w.fetch_add(1, Ordering::SeqCst);
+        }
     }
 }
 
@@ -566,6 +666,7 @@ impl Listener {
             nonblocking: false,
             kind,
             steer: None,
+            overflow: None,
         })
     }
 
@@ -623,13 +724,33 @@ impl Listener {
                 let stream = if self.nonblocking {
                     // accept4(2) with SOCK_NONBLOCK: the connection matches the listener's mode
                     // without another syscall.
-                    TcpStream::from(sys::accept4(listener.as_fd(), true)?)
+                    match sys::accept4(listener.as_fd(), true) {
+                        Ok(fd) => {
+                            if let Some(t) = &self.steer {
+                                t.accepted();
+                            }
+                            TcpStream::from(fd)
+                        }
+                        // Nothing on our own queue: one from the overflow queue, if any.
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            let Some(stream) = self.overflow.as_ref().and_then(|o| o.take(true))
+                            else {
+                                return Err(e);
+                            };
+                            if let Some(t) = &self.steer {
+                                t.took_overflow();
+                            }
+                            stream
+                        }
+                        Err(e) => return Err(e),
+                    }
                 } else {
-                    listener.accept()?.0
+                    let stream = listener.accept()?.0;
+                    if let Some(t) = &self.steer {
+                        t.accepted();
+                    }
+                    stream
                 };
-                if let Some(t) = &self.steer {
-                    t.accepted();
-                }
                 Ok(Connection {
                     steer_close: SteerClose(self.steer.clone()),
                     stream,
@@ -689,6 +810,13 @@ impl AsFd for Listener {
 
 impl Drop for Listener {
     fn drop(&mut self) {
+        if let Some(o) = &self.overflow {
+            let epfd = o.epfd.swap(-1, Ordering::SeqCst);
+            if epfd >= 0 {
+                let _ = sys::epoll_ctl_level(epfd, libc::EPOLL_CTL_DEL, o.socket.as_fd(), 0);
+            }
+            o.watch(self.steer.as_deref(), false);
+        }
         if let ListenerKind::Channel(chan) = &self.kind {
             // Connections may outlive their listener; with nobody left to call flush_closed,
             // their drops must report by themselves.
@@ -700,6 +828,11 @@ impl Drop for Listener {
 
 /// Readiness of a listener means "accept may succeed": a connection message in the channel,
 /// or a connection in the socket's accept queue.
+///
+/// Under kernel steering the listener's overflow queue is registered beside it under the same
+/// token, level-triggered (mio's own registrations are edge-triggered, and a loop takes one
+/// connection from the queue per pass), and this process counts as watching it until
+/// deregistered.
 impl mio::event::Source for Listener {
     fn register(
         &mut self,
@@ -707,7 +840,9 @@ impl mio::event::Source for Listener {
         token: mio::Token,
         interests: mio::Interest,
     ) -> io::Result<()> {
-        mio::unix::SourceFd(&self.raw_fd()).register(registry, token, interests)
+        mio::unix::SourceFd(&self.raw_fd()).register(registry, token, interests)?;
+        self.overflow_ctl(registry, libc::EPOLL_CTL_ADD, token);
+        Ok(())
     }
 
     fn reregister(
@@ -716,11 +851,44 @@ impl mio::event::Source for Listener {
         token: mio::Token,
         interests: mio::Interest,
     ) -> io::Result<()> {
-        mio::unix::SourceFd(&self.raw_fd()).reregister(registry, token, interests)
+        mio::unix::SourceFd(&self.raw_fd()).reregister(registry, token, interests)?;
+        self.overflow_ctl(registry, libc::EPOLL_CTL_MOD, token);
+        Ok(())
     }
 
     fn deregister(&mut self, registry: &mio::Registry) -> io::Result<()> {
+        self.overflow_ctl(registry, libc::EPOLL_CTL_DEL, mio::Token(0));
         mio::unix::SourceFd(&self.raw_fd()).deregister(registry)
+    }
+}
+
+impl Listener {
+    /// Registers (ADD, MOD) or removes (DEL) the overflow queue in `registry`'s epoll set and
+    /// counts the watch. A failure only leaves the queue unwatched (logged once per call).
+    fn overflow_ctl(&self, registry: &mio::Registry, op: libc::c_int, token: mio::Token) {
+        let Some(o) = &self.overflow else { return };
+        let epfd = registry.as_raw_fd();
+        let mut r = sys::epoll_ctl_level(epfd, op, o.socket.as_fd(), token.0 as u64);
+        if op == libc::EPOLL_CTL_MOD
+            && matches!(&r, Err(e) if e.raw_os_error() == Some(libc::ENOENT))
+        {
+            r = sys::epoll_ctl_level(epfd, libc::EPOLL_CTL_ADD, o.socket.as_fd(), token.0 as u64);
+        }
+        let on = op != libc::EPOLL_CTL_DEL;
+        match r {
+            Ok(()) => {
+                o.epfd.store(if on { epfd } else { -1 }, Ordering::SeqCst);
+                o.watch(self.steer.as_deref(), on);
+            }
+            Err(_) if !on => {
+                o.epfd.store(-1, Ordering::SeqCst);
+                o.watch(self.steer.as_deref(), false);
+            }
+            Err(e) => log::warn!(
+                "listener {}: not watching the overflow queue: {e}",
+                self.index
+            ),
+        }
     }
 }
 
