@@ -38,9 +38,9 @@
 // `busy_ns` (their loop's waits); the master writes `eligible`, `nslots`,
 // `forgiven` (its reconciliation of handshakes that never completed) and `rss_kib`. Remaining
 // ties rotate by the connection's hash. With no eligible slot the program selects a slot's
-// listener by the connection's hash (never the overflow queue), and where that index holds no
-// listener returns SK_PASS without selecting, so the kernel's hash decides: it never drops a
-// connection.
+// listener by the connection's hash, or slot 0's (never the overflow queue), and where neither
+// holds a listener returns SK_PASS without selecting, so the kernel's hash decides: it never
+// drops a connection.
 //
 // Scanning uses bpf_for_each_map_elem: the verifier checks a callback as a loop body, where a
 // plain loop over the slots makes it explore every iteration's branches ("sequence of 8193 jumps
@@ -301,11 +301,14 @@ int steer(struct sk_reuseport_md *md)
         bpf_for_each_map_elem(&steer_slots, visit, &scan, 0);
     }
     if (scan.best >= STEER_MAX_SLOTS) {
-        // Nothing eligible: a slot's listener by the connection's hash, so the overflow queue
-        // (which no worker may be watching) is left out; the kernel's hash decides only when
-        // that index has no listener.
+        // Nothing eligible: a slot's listener by the connection's hash (slot 0's where that
+        // index has none: a removed slot), so the overflow queue, which no worker may be
+        // watching, is left out; the kernel's hash decides only when neither has a listener.
         __u32 any = scan.rotate & (STEER_MAX_SLOTS - 1);
-        bpf_sk_select_reuseport(md, &steer_socks, &any, 0);
+        if (bpf_sk_select_reuseport(md, &steer_socks, &any, 0) != 0) {
+            any = 0;
+            bpf_sk_select_reuseport(md, &steer_socks, &any, 0);
+        }
         return SK_PASS;
     }
     if (scan.best_stuck != 0 && scan.watch && scan.policy != STEER_ROUND_ROBIN) {

@@ -724,3 +724,94 @@ fn a_bogus_program_passed_in_is_refused_or_falls_back() {
     let results: Vec<_> = (0..10).map(|_| get(cluster.addr(), "/")).collect();
     assert_eq!(per_worker(&results).values().sum::<usize>(), 10);
 }
+
+/// A worker that says it watches the overflow queue, looks stuck, and takes nothing from it:
+/// `$1/liedN` not yet there, it keeps writing a watcher and an ancient `busy_ns` into its slot's
+/// line (docs/PROTOCOL.md §7) and serves only its own listener; otherwise (its replacement) it also
+/// accepts from the overflow queue, as a watcher must.
+const LIAR: &str = r#"
+import mmap, os, select, socket, struct, sys
+slot = int(os.environ["RCLUSTER_WORKER_ID"])
+marker = os.path.join(sys.argv[1], "lied%d" % slot)
+lie = not os.path.exists(marker)
+if lie:
+    open(marker, "w").close()
+table = mmap.mmap(int(os.environ["RCLUSTER_STEER_FD"]), 65536)
+own = socket.socket(fileno=3)
+queue = socket.socket(fileno=int(os.environ["RCLUSTER_STEER_OVERFLOW_FD"]))
+socks = [own] if lie else [own, queue]
+while True:
+    if lie:
+        # Again and again: the master clears busy_ns when the slot becomes eligible.
+        struct.pack_into("<I", table, 64 * slot + 36, 2 | 0x100)
+        struct.pack_into("<Q", table, 64 * slot + 56, 1)
+    ready, _, _ = select.select(socks, [], [], 0.05)
+    for s in ready:
+        try:
+            c, _ = s.accept()
+        except BlockingIOError:
+            continue
+        c.setblocking(True)
+        if s is queue:
+            # A connection taken from the queue: this slot's (assigned and accepted here) and
+            # taken from the queue's line (1023). Single writers here, so plain adds.
+            for off in (64 * slot, 64 * slot + 8, 64 * 1023 + 8):
+                (n,) = struct.unpack_from("<Q", table, off)
+                struct.pack_into("<Q", table, off, n + 1)
+        c.recv(4096)
+        c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n")
+        c.close()
+"#;
+
+/// Workers that claim to watch the overflow queue while stuck, and take nothing from it: the
+/// program spills to the queue, and after `--stall-timeout` the master replaces them instead of
+/// giving up; the replacements take from the queue and every connection waiting there is
+/// answered.
+#[test]
+fn lying_watchers_are_replaced_and_the_overflow_queue_is_served() {
+    if !steering_available() || !common::available("python3") {
+        return;
+    }
+    let dir = common::TempDir::new("liar");
+    let script = dir.write("liar.py", LIAR);
+    let cluster = start_steered(
+        &[
+            "--steer",
+            "kernel",
+            "-w",
+            "2",
+            "--no-preload",
+            "--ready-delay",
+            "100ms",
+            "--stall-timeout",
+            "1s",
+            "--",
+            "python3",
+            &script,
+            dir.path().to_str().unwrap(),
+        ],
+        2,
+    );
+    // Both slots look stuck and watch (the liars write it again every 50 ms: the master clears
+    // busy_ns when a slot becomes eligible): what comes now waits in the overflow queue.
+    let deadline = Instant::now() + DEADLINE;
+    while !cluster
+        .steering_status(2)
+        .iter()
+        .all(|s| s.stuck && s.watches)
+    {
+        assert!(Instant::now() < deadline, "the liars never looked stuck");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let waiting: Vec<TcpStream> = (0..3)
+        .map(|_| send_request(cluster.addr(), "/").expect("request"))
+        .collect();
+    cluster.wait_for_log("watches the overflow queue but took none", DEADLINE);
+    assert!(cluster.overflow_status().assigned >= 3);
+    for s in waiting {
+        let r = read_response(s).expect("a connection that waited in the overflow queue");
+        assert_eq!(r.status, 200);
+    }
+    let after = cluster.overflow_status();
+    assert_eq!(after.accepted, 3, "{after:?}");
+}

@@ -37,7 +37,7 @@ use crate::steer::SteerSlot;
 /// Epoll registrations mirrored at once (a server registers a listener in one set per loop).
 const MIRRORS: usize = 64;
 /// Fd numbers a mirror entry can hold (24 bits each for the epoll fd and the listener fd).
-const FD_LIMIT: c_int = 1 << 24;
+const FD_LIMIT: c_int = (1 << 24) - 1;
 
 thread_local! {
     /// The calling thread took a connection from the queue since it last waited.

@@ -296,6 +296,14 @@ impl SteerControl {
         }
     }
 
+    /// `slot` has no worker process left: a watch of the overflow queue its workers did not
+    /// withdraw (one was killed while watching) no longer counts.
+    pub fn slot_vacant(&self, slot: usize) {
+        if slot < self.slots {
+            self.steering.clear_watchers(slot);
+        }
+    }
+
     /// Starts counting `--max-conns` for worker `id` of `slot` from now.
     pub fn watch_max_conns(&mut self, id: WorkerId, slot: usize, limit: u64) {
         let base = self.steering.counts(slot).assigned;
@@ -409,21 +417,28 @@ impl SteerControl {
             }
             StallStep::Stalled => {
                 self.overflow_stall = None;
-                let now_ns = sys::monotonic_ns();
-                let stuck: Vec<usize> = (0..self.slots)
+                let watchers: Vec<usize> = (0..self.slots)
                     .filter(|&slot| {
-                        let c = self.steering.counts(slot);
-                        self.eligible[slot] && !self.stalled[slot] && c.watches && c.stuck(now_ns)
+                        self.eligible[slot]
+                            && !self.stalled[slot]
+                            && self.steering.counts(slot).watches
                     })
                     .collect();
-                for &slot in &stuck {
+                if watchers.is_empty() {
+                    warn!(
+                        "steering: {queued} connections wait in the overflow queue and no worker \
+                         watches it"
+                    );
+                }
+                for &slot in &watchers {
                     self.stalled[slot] = true;
                     warn!(
-                        "steering: worker slot {slot} stuck with {queued} connections waiting in                          the overflow queue and none taken for {:?}: no more connections for it",
+                        "steering: worker slot {slot} watches the overflow queue but took none of \
+                         its {queued} connections for {:?}: no more connections for it",
                         self.stall_timeout
                     );
                 }
-                stuck
+                watchers
             }
         }
     }

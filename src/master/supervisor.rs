@@ -718,6 +718,11 @@ impl Supervisor {
             return;
         };
         let p = self.procs.swap_remove(i);
+        if let Some(st) = &self.steer
+            && !self.procs.iter().any(|q| q.slot == p.slot)
+        {
+            st.slot_vacant(p.slot);
+        }
         let raw = p.pidfd.as_raw_fd();
         let _ = self.poll.registry().deregister(&mut SourceFd(&raw));
         if let Some(n) = &p.notify {

@@ -422,6 +422,14 @@ impl Steering {
         }
     }
 
+    /// Forgets `slot`'s overflow-queue watchers (the `WATCHERS` part of `reporting`): its last
+    /// worker exited, and one killed while watching cannot withdraw its count.
+    pub fn clear_watchers(&self, slot: usize) {
+        if let Some(w) = self.table.u32_at(page::offset(slot, page::REPORTING)) {
+            w.fetch_and(!page::WATCHERS, Ordering::SeqCst);
+        }
+    }
+
     /// Writes the RSS (KiB) of `slot`'s worker, which least-mem compares; 0 means not known.
     pub fn set_rss(&self, slot: usize, kib: u64) {
         if let Some(w) = self.table.u64_at(page::offset(slot, page::RSS_KIB)) {
