@@ -252,13 +252,7 @@ impl Shim {
         let Some((overflow, steer)) = self.overflow() else {
             return;
         };
-        let l = self.claimed(fd).or_else(|| {
-            self.listeners
-                .iter()
-                .find(|l| l.inherited_fd == fd)
-                .filter(|l| l.is_same_file(fd))
-        });
-        if let Some(l) = l {
+        if let Some(l) = self.claimed(fd).or_else(|| self.inherited_listener(fd)) {
             // SAFETY: caller contract.
             unsafe { overflow.mirror(steer, epfd, op, fd, l.index, event) };
         }
