@@ -25,13 +25,19 @@
 // heavy-tailed mix, the longer a request has run the longer it is likely still to run, and a
 // worker merely descheduled for a moment must not lose to one inside a long request.
 //
+// Among slots equally stuck and equally loaded, one whose loop waits for events comes before
+// one whose loop serves something, and of two serving the one that began later (busy_for).
+//
 // When the pick is stuck (so every eligible slot is: under least-mem, every one within the RSS
-// tolerance; under p2c, both drawn) and an eligible slot's worker watches the overflow queue
-// (WATCHERS in its `reporting`), the connection goes to the overflow queue instead: one
-// more listener of the group, at index STEER_OVERFLOW of the socket array, that every watching
-// worker accepts from when its own listener has nothing. It then waits for the first worker to
-// come free, not behind a request whose end nobody can predict. Its placements are counted on
-// the table's line STEER_OVERFLOW (eligible while the master holds the queue's listeners).
+// tolerance; under p2c, both drawn), or its loop has been serving for over SPILL_BUSY_NS, and an
+// eligible slot's worker watches the overflow queue (WATCHERS in its `reporting`), the
+// connection goes to the overflow queue instead: one more listener of the group, at index
+// STEER_OVERFLOW of the socket array, that every watching worker accepts from when its own
+// listener has nothing. It then waits for the first worker to come free (one whose loop waits
+// takes it at once), not behind work whose end nobody can predict: the kernel's shared queue
+// where that is what a connection needs, placement by load where a worker is free. Its
+// placements are counted on the table's line STEER_OVERFLOW (eligible while the master holds
+// the queue's listeners).
 //
 // `assigned` is counted here, atomically, after a successful bpf_sk_select_reuseport; workers
 // add `accepted` and `closed` through the mmapped page and stamp `progress_ns` (each accept) and
@@ -83,6 +89,13 @@ struct steer_slot {
 // the middle of a short request crosses it often, and the placement stopped following the
 // loads without lowering the tail; BENCHMARKS.md.)
 #define STUCK_NS 1000000ULL
+
+// The pick's loop has been out of its wait this long (it is serving something): the connection
+// goes to the overflow queue, when watched, and the first watching worker to wait takes it (at
+// once if one waits already) rather than it queueing behind work whose length nobody knows.
+// Short enough that a worker merely handling an event is still "free"; far shorter than
+// STUCK_NS, which orders the slots rather than deciding whether to spill.
+#define SPILL_BUSY_NS 50000ULL
 
 // How a slot is picked (steer_meta.policy; SteerPolicy in src/steer/mod.rs).
 #define STEER_LEAST_CONN 0   // the least assigned - closed - forgiven: connections still open
@@ -140,6 +153,7 @@ struct scan {
     __u64 second_stuck;
     __u32 watch;     // an eligible slot's worker watches the overflow queue
     __u32 pad2;
+    __u64 best_busy; // busy_for of best
 };
 
 struct bpf_map;
@@ -174,7 +188,18 @@ static __always_inline __u64 stuck_for(const struct steer_slot *slot, __u64 now)
     return age;
 }
 
-// least-conn, least-mem: the smallest (beyond the RSS tolerance, stuck_for, load, rank): a
+// How long the slot's loop has been out of its wait at `now`, in ns (0: it waits, or its
+// worker does not say).
+static __always_inline __u64 busy_for(const struct steer_slot *slot, __u64 now)
+{
+    __u64 busy = slot->busy_ns;
+    if (busy == 0 || (__s64)(now - busy) <= 0)
+        return 0;
+    return now - busy;
+}
+
+// least-conn, least-mem: the smallest (beyond the RSS tolerance, stuck_for, load, busy_for,
+// rank): a
 // worker over least-mem's tolerance gets nothing while another can take it, stuck or not;
 // round-robin: the smallest (load, rank), stuck or not, so shares stay equal.
 static __attribute__((noinline)) long visit(struct bpf_map *map, __u32 *key,
@@ -190,6 +215,7 @@ static __attribute__((noinline)) long visit(struct bpf_map *map, __u32 *key,
     __s64 load = slot_load(slot, scan->policy);
     __u64 stuck = scan->policy != STEER_ROUND_ROBIN ? stuck_for(slot, scan->now) : 0;
     __u32 far = scan->policy == STEER_LEAST_MEM && slot->rss_kib > scan->rss_near;
+    __u64 busy = scan->policy != STEER_ROUND_ROBIN ? busy_for(slot, scan->now) : 0;
     __u32 rank = idx >= scan->rotate ? idx - scan->rotate : idx + scan->nslots - scan->rotate;
     if (scan->best < STEER_MAX_SLOTS) {
         if (far != scan->best_far) {
@@ -198,7 +224,13 @@ static __attribute__((noinline)) long visit(struct bpf_map *map, __u32 *key,
         } else if (stuck != scan->best_stuck) {
             if (stuck > scan->best_stuck)
                 return 0;
-        } else if (load > scan->best_load || (load == scan->best_load && rank >= scan->best_rank)) {
+        } else if (load != scan->best_load) {
+            if (load > scan->best_load)
+                return 0;
+        } else if (busy != scan->best_busy) {
+            if (busy > scan->best_busy)
+                return 0;
+        } else if (rank >= scan->best_rank) {
             return 0;
         }
     }
@@ -206,6 +238,7 @@ static __attribute__((noinline)) long visit(struct bpf_map *map, __u32 *key,
     scan->best_stuck = stuck;
     scan->best_far = far;
     scan->best_load = load;
+    scan->best_busy = busy;
     scan->best_rank = rank;
     return 0;
 }
@@ -311,7 +344,8 @@ int steer(struct sk_reuseport_md *md)
         }
         return SK_PASS;
     }
-    if (scan.best_stuck != 0 && scan.watch && scan.policy != STEER_ROUND_ROBIN) {
+    if ((scan.best_stuck != 0 || scan.best_busy > SPILL_BUSY_NS) && scan.watch &&
+        scan.policy != STEER_ROUND_ROBIN) {
         __u32 spill = STEER_OVERFLOW;
         struct steer_slot *queue = bpf_map_lookup_elem(&steer_slots, &spill);
         if (queue && queue->eligible &&

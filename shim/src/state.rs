@@ -455,10 +455,12 @@ impl Shim {
             }
             return rc;
         }
-        // Kernel steering: nothing on the worker's own listener; one from the overflow queue.
+        // Kernel steering: nothing on the worker's own listener; one from the overflow queue,
+        // if the table says one may wait there.
         if rc < 0
             && matches!(errno(), libc::EAGAIN)
             && let Some((overflow, steer)) = self.overflow()
+            && steer.overflow_waiting()
             && let Some(l) = self.claimed(fd).or_else(|| self.inherited_listener(fd))
         {
             // SAFETY: caller contract.

@@ -22,8 +22,8 @@ use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 
 use libc::c_int;
 use rcluster_proto::steer::{
-    ACCEPTED, ASSIGNED, BUSY_NS, CLOSED, OVERFLOW, PROGRESS_NS, REPORTING, REPORTING_SHIM,
-    REPORTING_WHO, SLOT_SIZE, TABLE_SIZE, WATCHER, WORKER_SLOTS,
+    ACCEPTED, ASSIGNED, BUSY_NS, CLOSED, FORGIVEN, OVERFLOW, PROGRESS_NS, REPORTING,
+    REPORTING_SHIM, REPORTING_WHO, SLOT_SIZE, TABLE_SIZE, WATCHER, WORKER_SLOTS,
 };
 
 /// Who stamps `busy_ns`: nobody yet, the one thread that accepted ([`LOOP_THREAD`]), or nobody
@@ -54,8 +54,10 @@ pub struct SteerSlot {
     /// server that counts itself (the Rust worker API stores `REPORTING_SELF`) is not counted
     /// twice.
     reporting: &'static AtomicU32,
-    /// The overflow queue's `accepted` (overflow.rs).
+    /// The overflow queue's `assigned`, `accepted` and `forgiven` (overflow.rs).
+    overflow_assigned: &'static AtomicU64,
     overflow_accepted: &'static AtomicU64,
+    overflow_forgiven: &'static AtomicU64,
     /// The inherited fd number and the identity of the map behind it, so a same-process exec
     /// can hand the table on (follow.rs) only while the number is still ours.
     fd: c_int,
@@ -110,7 +112,13 @@ impl SteerSlot {
         // SAFETY: the offsets are inside the TABLE_SIZE mapping and aligned (mmap returns a page
         // boundary, SLOT_SIZE and the offsets are multiples of 8); the mapping lives for the
         // rest of the process and is only accessed atomically, by everyone.
-        let overflow_accepted = unsafe { AtomicU64::from_ptr(queue.add(ACCEPTED).cast()) };
+        let (overflow_assigned, overflow_accepted, overflow_forgiven) = unsafe {
+            (
+                AtomicU64::from_ptr(queue.add(ASSIGNED).cast()),
+                AtomicU64::from_ptr(queue.add(ACCEPTED).cast()),
+                AtomicU64::from_ptr(queue.add(FORGIVEN).cast()),
+            )
+        };
         // SAFETY: as for the overflow queue's line, on this slot's.
         let (assigned, accepted, closed, progress, busy, reporting) = unsafe {
             (
@@ -135,7 +143,9 @@ impl SteerSlot {
             progress,
             busy,
             reporting,
+            overflow_assigned,
             overflow_accepted,
+            overflow_forgiven,
             fd,
             ident: crate::listener::ident_of(fd),
         })
@@ -186,6 +196,18 @@ impl SteerSlot {
         self.accepted.fetch_add(1, Ordering::SeqCst);
         self.overflow_accepted.fetch_add(1, Ordering::SeqCst);
         self.took();
+    }
+
+    /// Whether the overflow queue may hold a connection nobody has taken: placed there (the
+    /// program counts before the handshake completes) more often than taken or written off.
+    /// Three loads, so a loop that drains its own listener does not pay an `accept` on the
+    /// queue each time it finds nothing. A count a lying worker skews is set right by the
+    /// master's reconciliation with the queue's real length within two of its periods.
+    pub fn overflow_waiting(&self) -> bool {
+        let placed = self.overflow_assigned.load(Ordering::SeqCst);
+        let taken = self.overflow_accepted.load(Ordering::SeqCst);
+        let forgiven = self.overflow_forgiven.load(Ordering::SeqCst);
+        (placed.wrapping_sub(taken) as i64).wrapping_sub(forgiven as i64) > 0
     }
 
     fn took(&self) {

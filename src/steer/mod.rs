@@ -786,6 +786,16 @@ mod kernel_tests {
         g
     }
 
+    /// [`eligible_group`] plus the overflow queue, eligible, as the last listener.
+    fn group_with_overflow(steer: &Steering, n: usize) -> (Vec<Socket>, SocketAddr) {
+        let (mut socks, addr) = eligible_group(steer, n);
+        let queue = listener::bind_listener(addr, true).unwrap();
+        steer.insert_overflow(0, queue.as_fd()).unwrap();
+        steer.set_eligible(page::OVERFLOW, true);
+        socks.push(queue);
+        (socks, addr)
+    }
+
     /// Connects `n` times and returns how many connections each listener's queue got.
     fn spread(socks: &[Socket], addr: SocketAddr, n: usize) -> Vec<usize> {
         let clients: Vec<TcpStream> = (0..n).map(|_| TcpStream::connect(addr).unwrap()).collect();
@@ -856,11 +866,7 @@ mod kernel_tests {
     #[test]
     fn when_every_slot_is_stuck_a_watched_overflow_queue_takes_the_connection() {
         let Some(steer) = loaded() else { return };
-        let (mut socks, addr) = eligible_group(&steer, 2);
-        let queue = listener::bind_listener(addr, true).unwrap();
-        steer.insert_overflow(0, queue.as_fd()).unwrap();
-        steer.set_eligible(page::OVERFLOW, true);
-        socks.push(queue);
+        let (socks, addr) = group_with_overflow(&steer, 2);
         let ms = 1_000_000;
         let now = crate::sys::monotonic_ns;
         let reporting = |slot| {
@@ -907,6 +913,46 @@ mod kernel_tests {
         steer.set_eligible(1, false);
         let got = spread(&socks, addr, 20);
         assert_eq!((got[0] + got[1], got[2]), (20, 0), "{got:?}");
+    }
+
+    #[test]
+    fn a_pick_whose_loop_serves_spills_to_a_watched_queue_and_a_waiting_loop_wins_ties() {
+        let Some(steer) = loaded() else { return };
+        let (socks, addr) = group_with_overflow(&steer, 2);
+        // Slot 0's loop has served for 100 µs (over the 50 µs after which the program spills,
+        // far from the 1 ms that makes it stuck; stamped afresh before each step), slot 1's
+        // waits.
+        let serving = || {
+            word(&steer, 0, page::BUSY_NS)
+                .store(crate::sys::monotonic_ns() - 100_000, Ordering::SeqCst)
+        };
+        serving();
+        // Equal loads: the waiting loop first, whatever the hash says; then the load decides.
+        assert_eq!(spread(&socks, addr, 1), vec![0, 1, 0]);
+        serving();
+        assert_eq!(spread(&socks, addr, 1), vec![1, 0, 0]);
+        // Nobody watches the queue: the busy pick keeps its connections, by the load.
+        serving();
+        assert_eq!(spread(&socks, addr, 2), vec![1, 1, 0]);
+        // Slot 1's worker watches: a tie goes to its waiting loop, and where the load picks
+        // the serving slot 0, the connection waits in the queue for the first worker free.
+        steer
+            .table
+            .u32_at(page::offset(1, page::REPORTING))
+            .unwrap()
+            .fetch_add(page::WATCHER, Ordering::SeqCst);
+        serving();
+        assert_eq!(spread(&socks, addr, 1), vec![0, 1, 0]);
+        serving();
+        assert_eq!(spread(&socks, addr, 3), vec![0, 0, 3]);
+        assert_eq!(steer.counts(page::OVERFLOW).assigned, 3);
+        // Slot 0's loop waits again: it takes its share directly.
+        word(&steer, 0, page::BUSY_NS).store(0, Ordering::SeqCst);
+        assert_eq!(spread(&socks, addr, 1), vec![1, 0, 0]);
+        // Round-robin never spills.
+        steer.configure(2, SteerPolicy::RoundRobin).unwrap();
+        serving();
+        assert_eq!(spread(&socks, addr, 4).last(), Some(&0));
     }
 
     #[test]

@@ -591,6 +591,19 @@ impl SteerTable {
         self.store(page::PROGRESS_NS, sys::monotonic_ns());
     }
 
+    /// Whether the overflow queue may hold a connection nobody has taken (placed there more
+    /// often than taken or written off): three loads, so a loop that drains its own listener
+    /// does not pay an `accept` on the queue each time it finds nothing.
+    fn overflow_waiting(&self) -> bool {
+        let at = |field| {
+            self.map
+                .u64_at(page::offset(page::OVERFLOW, field))
+                .map_or(0, |w| w.load(Ordering::SeqCst))
+        };
+        let untaken = at(page::ASSIGNED).wrapping_sub(at(page::ACCEPTED)) as i64;
+        untaken.wrapping_sub(at(page::FORGIVEN) as i64) > 0
+    }
+
     /// One connection taken from the overflow queue: this slot's from now (placed and
     /// accepted here), and counted as taken on the queue's line.
     fn took_overflow(&self) {
@@ -731,15 +744,18 @@ impl Listener {
                             }
                             TcpStream::from(fd)
                         }
-                        // Nothing on our own queue: one from the overflow queue, if any.
+                        // Nothing on our own queue: one from the overflow queue, if the table
+                        // says one may wait there.
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            let Some(t) = self.steer.as_ref().filter(|t| t.overflow_waiting())
+                            else {
+                                return Err(e);
+                            };
                             let Some(stream) = self.overflow.as_ref().and_then(|o| o.take(true))
                             else {
                                 return Err(e);
                             };
-                            if let Some(t) = &self.steer {
-                                t.took_overflow();
-                            }
+                            t.took_overflow();
                             stream
                         }
                         Err(e) => return Err(e),
