@@ -1,18 +1,19 @@
 //! The overflow queue under kernel steering (`RCLUSTER_STEER_OVERFLOW_FD`, the layout in
 //! `rcluster_proto::steer`): one more listener per address in the reuseport group, held by the
-//! master and inherited by every worker. The steering program puts a connection there when
-//! every eligible slot is stuck (each worker inside a request) and some worker watches the
-//! queue; the first worker to come free takes it, instead of the connection waiting behind one
-//! request of unknown length.
+//! master and inherited by every worker. The steering program puts a connection there when no
+//! worker is free for it (every eligible slot stuck, or the pick's loop serving something for
+//! over 50 µs) and some worker watches the queue; the first worker to come free takes it,
+//! instead of the connection waiting behind one request of unknown length.
 //!
 //! The server never learns of the queue. When it registers its listener in an epoll set
 //! (`epoll_ctl` ADD/MOD), the shim registers the queue in the same set with the same `data`,
 //! level-triggered and never `EPOLLEXCLUSIVE` (an exclusive wake-up can leave the queue's
 //! readiness with a loop that is busy while another sleeps): a connection waiting there wakes
 //! the server as if its own listener were readable. When the server's `accept` on its listener
-//! finds nothing (`EAGAIN`), the shim takes one connection from the queue instead — one per
-//! wait of the calling thread, so a loop that comes free takes one connection and goes back to
-//! its events rather than draining the queue in front of its peers. The registration is
+//! finds nothing (`EAGAIN`) and the table's line for the queue says a connection waits there
+//! (`SteerSlot::overflow_waiting`: no system call), the shim takes one from the queue instead —
+//! one per wait of the calling thread, so a loop that comes free takes one connection and goes
+//! back to its events rather than draining the queue in front of its peers. The registration is
 //! removed with the server's (`EPOLL_CTL_DEL`, closing its listener or the epoll fd).
 //!
 //! While this process has a registration, its slot's `reporting` word carries one
