@@ -25,15 +25,16 @@
 // heavy-tailed mix, the longer a request has run the longer it is likely still to run, and a
 // worker merely descheduled for a moment must not lose to one inside a long request.
 //
-// Among slots equally stuck and equally loaded, one whose loop waits for events comes before
-// one whose loop serves something, and of two serving the one that began later (busy_for).
+// Under least-conn and least-mem, among slots equally stuck and equally loaded, one whose loop
+// waits for events comes before one whose loop serves something, and of two serving the one
+// that began later (busy_for).
 //
 // When the pick is stuck (so every eligible slot is: under least-mem, every one within the RSS
-// tolerance; under p2c, both drawn), or its loop has been serving for over SPILL_BUSY_NS, and an
-// eligible slot's worker watches the overflow queue (WATCHERS in its `reporting`), the
-// connection goes to the overflow queue instead: one more listener of the group, at index
-// STEER_OVERFLOW of the socket array, that every watching worker accepts from when its own
-// listener has nothing. It then waits for the first worker to come free (one whose loop waits
+// tolerance; under p2c, both drawn), or (least-conn, p2c) its loop has been serving for over
+// SPILL_BUSY_NS, and an eligible slot's worker watches the overflow queue (WATCHERS in its
+// `reporting`), the connection goes to the overflow queue instead: one more listener of the
+// group, at index STEER_OVERFLOW of the socket array, that every watching worker accepts from
+// when its own listener has nothing. It then waits for the first worker to come free (one whose loop waits
 // takes it at once), not behind work whose end nobody can predict: the kernel's shared queue
 // where that is what a connection needs, placement by load where a worker is free. Its
 // placements are counted on the table's line STEER_OVERFLOW (eligible while the master holds
@@ -153,7 +154,8 @@ struct scan {
     __u64 second_stuck;
     __u32 watch;     // an eligible slot's worker watches the overflow queue
     __u32 pad2;
-    __u64 best_busy; // busy_for of best
+    __u64 best_busy; // busy_for of best, of second
+    __u64 second_busy;
 };
 
 struct bpf_map;
@@ -199,9 +201,8 @@ static __always_inline __u64 busy_for(const struct steer_slot *slot, __u64 now)
 }
 
 // least-conn, least-mem: the smallest (beyond the RSS tolerance, stuck_for, load, busy_for,
-// rank): a
-// worker over least-mem's tolerance gets nothing while another can take it, stuck or not;
-// round-robin: the smallest (load, rank), stuck or not, so shares stay equal.
+// rank): a worker over least-mem's tolerance gets nothing while another can take it, stuck or
+// not; round-robin: the smallest (load, rank), stuck or not, so shares stay equal.
 static __attribute__((noinline)) long visit(struct bpf_map *map, __u32 *key,
                                             struct steer_slot *slot, struct scan *scan)
 {
@@ -274,19 +275,23 @@ static __attribute__((noinline)) long pick2(struct bpf_map *map, __u32 *key,
     __u32 r = bpf_get_prandom_u32();
     __s64 load = slot_load(slot, STEER_LEAST_CONN);
     __u64 stuck = stuck_for(slot, scan->now);
+    __u64 busy = busy_for(slot, scan->now);
     if (scan->best >= STEER_MAX_SLOTS || r < scan->draw[0]) {
         scan->second = scan->best;
         scan->second_load = scan->best_load;
         scan->second_stuck = scan->best_stuck;
+        scan->second_busy = scan->best_busy;
         scan->draw[1] = scan->draw[0];
         scan->best = idx;
         scan->best_load = load;
         scan->best_stuck = stuck;
-            scan->draw[0] = r;
+        scan->best_busy = busy;
+        scan->draw[0] = r;
     } else if (scan->second >= STEER_MAX_SLOTS || r < scan->draw[1]) {
         scan->second = idx;
         scan->second_load = load;
         scan->second_stuck = stuck;
+        scan->second_busy = busy;
         scan->draw[1] = r;
     }
     return 0;
@@ -320,6 +325,7 @@ int steer(struct sk_reuseport_md *md)
              (scan.second_stuck == scan.best_stuck && scan.second_load < scan.best_load))) {
             scan.best = scan.second;
             scan.best_stuck = scan.second_stuck;
+            scan.best_busy = scan.second_busy;
         }
     } else {
         if (scan.policy == STEER_LEAST_MEM) {
@@ -344,8 +350,10 @@ int steer(struct sk_reuseport_md *md)
         }
         return SK_PASS;
     }
-    if ((scan.best_stuck != 0 || scan.best_busy > SPILL_BUSY_NS) && scan.watch &&
-        scan.policy != STEER_ROUND_ROBIN) {
+    // least-mem spills only when stuck: any watcher takes from the queue, one beyond the RSS
+    // tolerance too, which a busy pick alone does not justify.
+    __u32 spill_busy = scan.policy != STEER_LEAST_MEM && scan.best_busy > SPILL_BUSY_NS;
+    if ((scan.best_stuck != 0 || spill_busy) && scan.watch && scan.policy != STEER_ROUND_ROBIN) {
         __u32 spill = STEER_OVERFLOW;
         struct steer_slot *queue = bpf_map_lookup_elem(&steer_slots, &spill);
         if (queue && queue->eligible &&

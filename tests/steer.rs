@@ -92,15 +92,23 @@ fn held_connections_split_exactly() {
         return;
     }
     let cluster = start_steered(&["--steer", "kernel", "-w", "4"], 4);
-    // 40 connections held open, one at a time, each taken by its worker before the next (so no
-    // worker is ever stuck with one untaken): each goes to the least loaded of four, so 10
-    // each, whatever the hash.
+    // 40 connections held open, each to the least loaded of four, so 10 each, whatever the hash.
+    let counts = per_worker(&answer_held(hold_one_at_a_time(&cluster, 40, 4)));
+    assert_eq!(counts.len(), 4, "{counts:?}");
+    assert!(counts.values().all(|&n| n == 10), "{counts:?}");
+}
+
+/// Opens `n` connections and holds them, one at a time: each is accepted (by one of `slots`
+/// workers) before the next is opened, so every worker's loop is back in its wait, none is
+/// stuck with one untaken, and the program places each by the load alone (a pick whose loop
+/// is serving would send it to the overflow queue).
+fn hold_one_at_a_time(cluster: &TestCluster, n: i64, slots: usize) -> Vec<TcpStream> {
     let deadline = Instant::now() + DEADLINE;
-    let held: Vec<TcpStream> = (0..40)
+    (0..n)
         .map(|i| {
             let s = TcpStream::connect(cluster.addr()).unwrap();
             while cluster
-                .steering_status(4)
+                .steering_status(slots)
                 .iter()
                 .map(|st| st.accepted)
                 .sum::<i64>()
@@ -114,10 +122,7 @@ fn held_connections_split_exactly() {
             }
             s
         })
-        .collect();
-    let counts = per_worker(&answer_held(held));
-    assert_eq!(counts.len(), 4, "{counts:?}");
-    assert!(counts.values().all(|&n| n == 10), "{counts:?}");
+        .collect()
 }
 
 #[test]
@@ -128,7 +133,7 @@ fn p2c_held_connections_split_within_one() {
     let cluster = start_policy("p2c", 2, &[]);
     assert!(cluster.log_contains("steering: kernel"));
     // Two eligible slots: both are drawn for every connection, so the less loaded takes it.
-    let counts = per_worker(&held_requests(&cluster, 41));
+    let counts = per_worker(&answer_held(hold_one_at_a_time(&cluster, 41, 2)));
     assert_eq!(counts.values().sum::<usize>(), 41, "{counts:?}");
     let (a, b) = (counts.get(&0).copied(), counts.get(&1).copied());
     assert!(

@@ -949,6 +949,18 @@ mod kernel_tests {
         // Slot 0's loop waits again: it takes its share directly.
         word(&steer, 0, page::BUSY_NS).store(0, Ordering::SeqCst);
         assert_eq!(spread(&socks, addr, 1), vec![1, 0, 0]);
+        // p2c: the less loaded of the two (slot 0: 3 against 8), spilled while its loop serves.
+        word(&steer, 1, page::ASSIGNED).fetch_add(5, Ordering::SeqCst);
+        steer.configure(2, SteerPolicy::P2c).unwrap();
+        serving();
+        assert_eq!(spread(&socks, addr, 2), vec![0, 0, 2]);
+        word(&steer, 0, page::BUSY_NS).store(0, Ordering::SeqCst);
+        assert_eq!(spread(&socks, addr, 2), vec![2, 0, 0]);
+        // least-mem spills only when stuck (any watcher takes from the queue, one beyond its RSS
+        // tolerance too): the serving slot 0 (5 against 8) keeps it.
+        steer.configure(2, SteerPolicy::LeastMem).unwrap();
+        serving();
+        assert_eq!(spread(&socks, addr, 1), vec![1, 0, 0]);
         // Round-robin never spills.
         steer.configure(2, SteerPolicy::RoundRobin).unwrap();
         serving();

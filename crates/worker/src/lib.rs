@@ -49,10 +49,11 @@
 //! Each reuseport listener also adopts its overflow queue (`RCLUSTER_STEER_OVERFLOW_FD + i`,
 //! [`rcluster_proto::steer`]): registering the listener with mio registers the queue under the
 //! same token and counts this process as a watcher, so the program may spill to it when no
-//! worker is free (every slot stuck, or the pick's loop serving for over 50 µs); a non-blocking
-//! accept that finds the listener empty, while the table says a connection waits in the queue,
-//! takes one from it — one per [`Worker::loop_waiting`] when the loop calls it, every time
-//! otherwise — and counts it as this slot's. Deregistering (or dropping the listener) stops the watch.
+//! worker is free (every slot stuck, or, under least-conn and p2c, the pick's loop serving for
+//! over 50 µs); a non-blocking accept that finds the listener empty, while the table says a
+//! connection waits in the queue, takes one from it — one per [`Worker::loop_waiting`] when the
+//! loop calls it, every time otherwise — and counts it as this slot's. Deregistering (or
+//! dropping the listener) stops the watch.
 
 pub mod bus;
 
