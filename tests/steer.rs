@@ -417,6 +417,9 @@ fn a_stalled_worker_is_passed_over_and_replaced() {
         .find(|r| r.worker() == 1)
         .expect("worker 1 answered one of 40")
         .pid();
+    // Stopped in its wait for events (not on the way back to it, where its loop would look
+    // busy and the program would spill its share to the overflow queue instead).
+    std::thread::sleep(Duration::from_millis(100));
     common::kill(stopped, libc::SIGSTOP);
     // Some of these wait in the stopped worker's queue (until its load shows them).
     let pending: Vec<TcpStream> = (0..20)
