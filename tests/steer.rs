@@ -419,7 +419,7 @@ fn a_stalled_worker_is_passed_over_and_replaced() {
         .pid();
     // Stopped in its wait for events (not on the way back to it, where its loop would look
     // busy and the program would spill its share to the overflow queue instead).
-    std::thread::sleep(Duration::from_millis(100));
+    common::wait_in_epoll_wait(stopped);
     common::kill(stopped, libc::SIGSTOP);
     // Some of these wait in the stopped worker's queue (until its load shows them).
     let pending: Vec<TcpStream> = (0..20)

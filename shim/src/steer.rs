@@ -204,10 +204,11 @@ impl SteerSlot {
     /// queue each time it finds nothing. A count a lying worker skews is set right by the
     /// master's reconciliation with the queue's real length within two of its periods.
     pub fn overflow_waiting(&self) -> bool {
-        let placed = self.overflow_assigned.load(Ordering::SeqCst);
-        let taken = self.overflow_accepted.load(Ordering::SeqCst);
-        let forgiven = self.overflow_forgiven.load(Ordering::SeqCst);
-        (placed.wrapping_sub(taken) as i64).wrapping_sub(forgiven as i64) > 0
+        rcluster_proto::steer::untaken(
+            self.overflow_assigned.load(Ordering::SeqCst),
+            self.overflow_accepted.load(Ordering::SeqCst),
+            self.overflow_forgiven.load(Ordering::SeqCst) as i64,
+        ) > 0
     }
 
     fn took(&self) {

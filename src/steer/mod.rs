@@ -119,7 +119,7 @@ impl SlotCounts {
     /// Placements not yet accepted by the worker nor written off: `assigned - accepted -
     /// forgiven`.
     pub fn untaken(&self) -> i64 {
-        (self.assigned.wrapping_sub(self.accepted) as i64).wrapping_sub(self.forgiven)
+        page::untaken(self.assigned, self.accepted, self.forgiven)
     }
 
     /// The program's stuck rule (`stuck_for` in bpf/steer.bpf.c) at `now_ns`

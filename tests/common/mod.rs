@@ -692,6 +692,23 @@ pub fn process_state(pid: i32) -> Option<char> {
     stat.rsplit(") ").next().and_then(|s| s.chars().next())
 }
 
+/// Waits until `pid`'s main thread sleeps in `epoll_wait` (`/proc/PID/wchan`): its event loop
+/// waits for events.
+pub fn wait_in_epoll_wait(pid: i32) {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let wchan = std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
+        if wchan.contains("epoll_wait") {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "process {pid} never waited in epoll_wait (wchan {wchan:?})"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Waits until `pid` is stopped (after SIGSTOP).
 pub fn wait_stopped(pid: i32) {
     let deadline = Instant::now() + DEADLINE;

@@ -100,3 +100,10 @@ const _: () = assert!(
 pub const fn offset(slot: usize, field: usize) -> usize {
     slot * SLOT_SIZE + field
 }
+
+/// A line's placements not yet accepted nor written off: `assigned − accepted − forgiven`
+/// (`slot_untaken` in bpf/steer.bpf.c), wrapping as the counters do. On the overflow queue's
+/// line, above 0 means a connection may wait there.
+pub const fn untaken(assigned: u64, accepted: u64, forgiven: i64) -> i64 {
+    (assigned.wrapping_sub(accepted) as i64).wrapping_sub(forgiven)
+}

@@ -602,8 +602,11 @@ impl SteerTable {
                 .u64_at(page::offset(page::OVERFLOW, field))
                 .map_or(0, |w| w.load(Ordering::SeqCst))
         };
-        let untaken = at(page::ASSIGNED).wrapping_sub(at(page::ACCEPTED)) as i64;
-        untaken.wrapping_sub(at(page::FORGIVEN) as i64) > 0
+        page::untaken(
+            at(page::ASSIGNED),
+            at(page::ACCEPTED),
+            at(page::FORGIVEN) as i64,
+        ) > 0
     }
 
     /// One connection taken from the overflow queue: this slot's from now (placed and
