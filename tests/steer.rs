@@ -150,18 +150,8 @@ fn an_added_worker_is_steered_to_once_ready() {
     let cluster = TestCluster::start(&["--steer", "kernel", "-w", "1"]);
     cluster.signal(libc::SIGTTIN);
     cluster.wait_for_log("steering: slot 1 eligible", DEADLINE);
-    let held: Vec<TcpStream> = (0..10)
-        .map(|_| TcpStream::connect(cluster.addr()).unwrap())
-        .collect();
-    let results: Vec<_> = held
-        .into_iter()
-        .map(|mut s| {
-            s.set_read_timeout(Some(DEADLINE)).unwrap();
-            write!(s, "GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").unwrap();
-            read_response(s)
-        })
-        .collect();
-    let counts = per_worker(&results);
+    // Held one at a time, so each goes by load alone (none to the overflow queue).
+    let counts = per_worker(&answer_held(hold_one_at_a_time(&cluster, 10, 2)));
     assert_eq!(
         (counts.get(&0), counts.get(&1)),
         (Some(&5), Some(&5)),
@@ -265,8 +255,17 @@ fn ctl_policy_switches_the_program() {
     let dir = common::temp_dir("steer-policy");
     let sock = dir.join("ctl.sock");
     let cluster = start_policy("least-conn", 2, &["--control", sock.to_str().unwrap()]);
+    let pids = cluster.wait_for_workers(2);
     let _held = TcpStream::connect(cluster.addr()).unwrap();
-    let results: Vec<_> = (0..10).map(|_| get(cluster.addr(), "/")).collect();
+    // Each request once both loops wait again: least-conn places by load alone (a pick whose
+    // loop were still serving the last request would send it to the overflow queue, which the
+    // worker holding the connection may take first).
+    let results: Vec<_> = (0..10)
+        .map(|_| {
+            pids.iter().for_each(|&p| common::wait_in_epoll_wait(p));
+            get(cluster.addr(), "/")
+        })
+        .collect();
     let counts = per_worker(&results);
     let (&other, &most) = counts.iter().max_by_key(|(_, n)| **n).unwrap();
     assert!(
@@ -275,7 +274,11 @@ fn ctl_policy_switches_the_program() {
     );
     let out = common::ctl(&sock, &["policy", "round-robin"]);
     assert_eq!(out.code, 0, "{out:?}");
-    assert!(cluster.log_contains("ctl policy round-robin (was least-conn; kernel-steered"));
+    // The reply may reach us before the master's log line reaches the test's log reader.
+    cluster.wait_for_log(
+        "ctl policy round-robin (was least-conn; kernel-steered",
+        DEADLINE,
+    );
     let results: Vec<_> = (0..5).map(|_| get(cluster.addr(), "/")).collect();
     let counts = per_worker(&results);
     assert_eq!(
