@@ -65,16 +65,6 @@ fn kernel_steering_is_announced_and_serves() {
     assert_eq!(counts.values().sum::<usize>(), 20);
 }
 
-/// Opens `n` connections one at a time and holds them all, then sends a request on each and
-/// returns the answers.
-fn held_requests(cluster: &TestCluster, n: usize) -> Vec<std::io::Result<common::Response>> {
-    answer_held(
-        (0..n)
-            .map(|_| TcpStream::connect(cluster.addr()).unwrap())
-            .collect(),
-    )
-}
-
 /// Sends a request on each held connection and reads the answers.
 fn answer_held(held: Vec<TcpStream>) -> Vec<std::io::Result<common::Response>> {
     held.into_iter()
@@ -98,14 +88,18 @@ fn held_connections_split_exactly() {
     assert!(counts.values().all(|&n| n == 10), "{counts:?}");
 }
 
-/// Opens `n` connections and holds them, one at a time: each is accepted (by one of `slots`
-/// workers) before the next is opened, so every worker's loop is back in its wait, none is
-/// stuck with one untaken, and the program places each by the load alone (a pick whose loop
-/// is serving would send it to the overflow queue).
+/// Opens `n` connections and holds them, one at a time: each is opened once every worker's
+/// loop (of `slots`) waits for events and is accepted before the next, so none is stuck or
+/// serving and the program places each by the load alone (a stuck or serving pick would send
+/// it to the overflow queue).
 fn hold_one_at_a_time(cluster: &TestCluster, n: i64, slots: usize) -> Vec<TcpStream> {
     let deadline = Instant::now() + DEADLINE;
+    let pids = cluster.wait_for_workers(slots);
     (0..n)
         .map(|i| {
+            // Every loop back in its wait first, so none looks stuck (a loaded machine can keep
+            // one from its wait for over 1 ms) and the connection goes by the load alone.
+            pids.iter().for_each(|&p| common::wait_in_epoll_wait(p));
             let s = TcpStream::connect(cluster.addr()).unwrap();
             while cluster
                 .steering_status(slots)
@@ -121,6 +115,20 @@ fn hold_one_at_a_time(cluster: &TestCluster, n: i64, slots: usize) -> Vec<TcpStr
                 std::thread::sleep(Duration::from_millis(2));
             }
             s
+        })
+        .collect()
+}
+
+/// `n` requests for `/`, each sent once every worker in `pids` waits for events.
+fn gets_when_waiting(
+    cluster: &TestCluster,
+    pids: &[i32],
+    n: usize,
+) -> Vec<std::io::Result<common::Response>> {
+    (0..n)
+        .map(|_| {
+            pids.iter().for_each(|&p| common::wait_in_epoll_wait(p));
+            get(cluster.addr(), "/")
         })
         .collect()
 }
@@ -260,12 +268,7 @@ fn ctl_policy_switches_the_program() {
     // Each request once both loops wait again: least-conn places by load alone (a pick whose
     // loop were still serving the last request would send it to the overflow queue, which the
     // worker holding the connection may take first).
-    let results: Vec<_> = (0..10)
-        .map(|_| {
-            pids.iter().for_each(|&p| common::wait_in_epoll_wait(p));
-            get(cluster.addr(), "/")
-        })
-        .collect();
+    let results = gets_when_waiting(&cluster, &pids, 10);
     let counts = per_worker(&results);
     let (&other, &most) = counts.iter().max_by_key(|(_, n)| **n).unwrap();
     assert!(
@@ -333,10 +336,12 @@ fn least_mem_avoids_a_grown_worker() {
         assert!(Instant::now() < deadline, "RSS not in the table: {st:?}");
         std::thread::sleep(Duration::from_millis(50));
     }
-    // Held or not, every new connection goes to the small worker.
-    let counts = per_worker(&held_requests(&cluster, 10));
+    // Held or not, every new connection goes to the small worker. Each is sent once both
+    // loops wait: a small worker that a loaded machine kept from its wait for 1 ms would look
+    // stuck, and its connection would go to the overflow queue, which the big one watches too.
+    let counts = per_worker(&answer_held(hold_one_at_a_time(&cluster, 10, 2)));
     assert_eq!(counts.get(&(1 - big_slot)), Some(&10), "{counts:?}");
-    let results: Vec<_> = (0..20).map(|_| get(cluster.addr(), "/")).collect();
+    let results = gets_when_waiting(&cluster, &cluster.wait_for_workers(2), 20);
     let counts = per_worker(&results);
     assert_eq!(counts.get(&(1 - big_slot)), Some(&20), "{counts:?}");
 }
