@@ -31,8 +31,7 @@
 //
 // When the pick is stuck (so every eligible slot is: under least-mem, every one within the RSS
 // tolerance; under p2c, both drawn), or (least-conn, p2c) its loop has been serving for over
-// SPILL_BUSY_NS while every slot not stuck (p2c: both drawn) carries the pick's load, and an
-// eligible slot's worker watches the overflow queue (WATCHERS in its
+// SPILL_BUSY_NS, and an eligible slot's worker watches the overflow queue (WATCHERS in its
 // `reporting`), the connection goes to the overflow queue instead: one more listener of the
 // group, at index STEER_OVERFLOW of the socket array, that every watching worker accepts from
 // when its own listener has nothing. It then waits for the first worker to come free (one whose loop waits
@@ -157,9 +156,6 @@ struct scan {
     __u32 pad2;
     __u64 best_busy; // busy_for of best, of second
     __u64 second_busy;
-    __s64 top_load;  // least-conn: the largest load among the eligible slots not stuck
-    __u32 even;      // p2c: both drawn slots carry the same load (or one was drawn)
-    __u32 pad3;
 };
 
 struct bpf_map;
@@ -222,8 +218,6 @@ static __attribute__((noinline)) long visit(struct bpf_map *map, __u32 *key,
     __u32 far = scan->policy == STEER_LEAST_MEM && slot->rss_kib > scan->rss_near;
     __u64 busy = scan->policy != STEER_ROUND_ROBIN ? busy_for(slot, scan->now) : 0;
     __u32 rank = idx >= scan->rotate ? idx - scan->rotate : idx + scan->nslots - scan->rotate;
-    if (stuck == 0 && load > scan->top_load)
-        scan->top_load = load;
     if (scan->best < STEER_MAX_SLOTS) {
         if (far != scan->best_far) {
             if (far)
@@ -321,14 +315,11 @@ int steer(struct sk_reuseport_md *md)
         .second = STEER_MAX_SLOTS,
         .rss_min = ~0ULL,
         .now = bpf_ktime_get_ns(),
-        .top_load = -(1LL << 62),
-        .even = 1,
     };
     if (scan.policy == STEER_P2C) {
         bpf_for_each_map_elem(&steer_slots, pick2, &scan, 0);
         // The one stuck for less time (not at all first), else the less loaded of the two; the
         // first drawn on a tie; with one eligible slot, that one.
-        scan.even = scan.second >= STEER_MAX_SLOTS || scan.second_load == scan.best_load;
         if (scan.second < STEER_MAX_SLOTS &&
             (scan.second_stuck < scan.best_stuck ||
              (scan.second_stuck == scan.best_stuck && scan.second_load < scan.best_load))) {
@@ -360,12 +351,8 @@ int steer(struct sk_reuseport_md *md)
         return SK_PASS;
     }
     // least-mem spills only when stuck: any watcher takes from the queue, one beyond the RSS
-    // tolerance too, which a busy pick alone does not justify. least-conn and p2c spill on a
-    // busy pick only while the loads compared are level (every slot not stuck, both drawn):
-    // the first worker free may be any of them, and after it takes the connection the loads
-    // are still at most one apart, so long-lived connections stay even.
-    __u32 level = scan.policy == STEER_P2C ? scan.even : scan.top_load <= scan.best_load;
-    __u32 spill_busy = scan.policy != STEER_LEAST_MEM && level && scan.best_busy > SPILL_BUSY_NS;
+    // tolerance too, which a busy pick alone does not justify.
+    __u32 spill_busy = scan.policy != STEER_LEAST_MEM && scan.best_busy > SPILL_BUSY_NS;
     if ((scan.best_stuck != 0 || spill_busy) && scan.watch && scan.policy != STEER_ROUND_ROBIN) {
         __u32 spill = STEER_OVERFLOW;
         struct steer_slot *queue = bpf_map_lookup_elem(&steer_slots, &spill);

@@ -919,68 +919,51 @@ mod kernel_tests {
     fn a_pick_whose_loop_serves_spills_to_a_watched_queue_and_a_waiting_loop_wins_ties() {
         let Some(steer) = loaded() else { return };
         let (socks, addr) = group_with_overflow(&steer, 2);
-        // A slot's loop has served for 100 µs (over the 50 µs after which the program spills,
-        // far from the 1 ms that makes it stuck; stamped afresh before each step); one not
-        // stamped waits.
-        let serving = |slot: usize| {
-            word(&steer, slot, page::BUSY_NS)
+        // Slot 0's loop has served for 100 µs (over the 50 µs after which the program spills,
+        // far from the 1 ms that makes it stuck; stamped afresh before each step), slot 1's
+        // waits.
+        let serving = || {
+            word(&steer, 0, page::BUSY_NS)
                 .store(crate::sys::monotonic_ns() - 100_000, Ordering::SeqCst)
         };
-        let waits = |slot: usize| word(&steer, slot, page::BUSY_NS).store(0, Ordering::SeqCst);
-        serving(0);
+        serving();
         // Equal loads: the waiting loop first, whatever the hash says; then the load decides.
         assert_eq!(spread(&socks, addr, 1), vec![0, 1, 0]);
-        serving(0);
+        serving();
         assert_eq!(spread(&socks, addr, 1), vec![1, 0, 0]);
-        // Nobody watches the queue: busy picks keep their connections, by the load.
-        serving(0);
-        serving(1);
+        // Nobody watches the queue: the busy pick keeps its connections, by the load.
+        serving();
         assert_eq!(spread(&socks, addr, 2), vec![1, 1, 0]);
-        // Slot 1's worker watches: a tie goes to its waiting loop.
+        // Slot 1's worker watches: a tie goes to its waiting loop, and where the load picks
+        // the serving slot 0, the connection waits in the queue for the first worker free.
         steer
             .table
             .u32_at(page::offset(1, page::REPORTING))
             .unwrap()
             .fetch_add(page::WATCHER, Ordering::SeqCst);
-        serving(0);
-        waits(1);
+        serving();
         assert_eq!(spread(&socks, addr, 1), vec![0, 1, 0]);
-        // The load picks the serving slot 0 (2 against 3): the loads are not level, so it keeps
-        // the connection (the first worker free could be slot 1, two ahead then).
-        serving(0);
-        assert_eq!(spread(&socks, addr, 1), vec![1, 0, 0]);
-        // Level loads (3 and 3) and both loops serving: no worker is free, so the connections
-        // wait in the queue for the first one that is.
-        serving(0);
-        serving(1);
+        serving();
         assert_eq!(spread(&socks, addr, 3), vec![0, 0, 3]);
         assert_eq!(steer.counts(page::OVERFLOW).assigned, 3);
         // Slot 0's loop waits again: it takes its share directly.
-        waits(0);
-        serving(1);
+        word(&steer, 0, page::BUSY_NS).store(0, Ordering::SeqCst);
         assert_eq!(spread(&socks, addr, 1), vec![1, 0, 0]);
-        // p2c: both slots are drawn; at level loads (4 and 4) with both loops serving, spilled.
-        word(&steer, 1, page::ASSIGNED).fetch_add(1, Ordering::SeqCst);
-        steer.configure(2, SteerPolicy::P2c).unwrap();
-        serving(0);
-        serving(1);
-        assert_eq!(spread(&socks, addr, 2), vec![0, 0, 2]);
-        // The less loaded of the two (slot 0: 4 against 9) keeps it although its loop serves.
+        // p2c: the less loaded of the two (slot 0: 3 against 8), spilled while its loop serves.
         word(&steer, 1, page::ASSIGNED).fetch_add(5, Ordering::SeqCst);
-        waits(1);
-        for _ in 0..2 {
-            serving(0);
-            assert_eq!(spread(&socks, addr, 1), vec![1, 0, 0]);
-        }
+        steer.configure(2, SteerPolicy::P2c).unwrap();
+        serving();
+        assert_eq!(spread(&socks, addr, 2), vec![0, 0, 2]);
+        word(&steer, 0, page::BUSY_NS).store(0, Ordering::SeqCst);
+        assert_eq!(spread(&socks, addr, 2), vec![2, 0, 0]);
         // least-mem spills only when stuck (any watcher takes from the queue, one beyond its RSS
-        // tolerance too): the serving slot 0 (6 against 9) keeps it.
+        // tolerance too): the serving slot 0 (5 against 8) keeps it.
         steer.configure(2, SteerPolicy::LeastMem).unwrap();
-        serving(0);
+        serving();
         assert_eq!(spread(&socks, addr, 1), vec![1, 0, 0]);
         // Round-robin never spills.
         steer.configure(2, SteerPolicy::RoundRobin).unwrap();
-        serving(0);
-        serving(1);
+        serving();
         assert_eq!(spread(&socks, addr, 4).last(), Some(&0));
     }
 
