@@ -1227,28 +1227,6 @@ impl Results {
             .collect()
     }
 
-    /// `f(system in scenario a) / f(system in scenario b)` per round, in round order.
-    fn per_round_ratios(
-        &self,
-        system: &str,
-        a: Scenario,
-        b: Scenario,
-        f: impl Fn(&Metrics) -> f64,
-    ) -> Vec<f64> {
-        self.per_round((system, a), (system, b), f)
-    }
-
-    /// `f(system) / f(base)` in `scenario` per round, in round order.
-    fn per_round_vs(
-        &self,
-        system: &str,
-        base: &str,
-        scenario: Scenario,
-        f: impl Fn(&Metrics) -> f64,
-    ) -> Vec<f64> {
-        self.per_round((system, scenario), (base, scenario), f)
-    }
-
     /// Median over rounds of `f(system) / f(base)`, pairing runs of the same round.
     fn paired_ratio(
         &self,
@@ -1257,7 +1235,7 @@ impl Results {
         scenario: Scenario,
         f: impl Fn(&Metrics) -> f64,
     ) -> Option<f64> {
-        median(self.per_round_vs(system, base, scenario, f))
+        median(self.per_round((system, scenario), (base, scenario), f))
     }
 }
 
@@ -1442,8 +1420,12 @@ fn wrk_reference() -> String {
 /// A system's churn rate relative to `reference` by each tool, per round and as medians.
 fn tool_comparison(results: &Results, name: &str, reference: &str) -> ToolComparison {
     let f = |m: &Metrics| m.throughput;
-    let loadgen = results.per_round_vs(name, reference, Scenario::Churn, f);
-    let wrk = results.per_round_vs(name, reference, Scenario::ChurnWrk, f);
+    let loadgen = results.per_round((name, Scenario::Churn), (reference, Scenario::Churn), f);
+    let wrk = results.per_round(
+        (name, Scenario::ChurnWrk),
+        (reference, Scenario::ChurnWrk),
+        f,
+    );
     let (lg_median, wrk_median) = (median(loadgen.clone()), median(wrk.clone()));
     let agreement = lg_median.zip(wrk_median).map(|(a, b)| a / b);
     ToolComparison {
@@ -1514,7 +1496,7 @@ fn render_wrk_check(out: &mut String, results: &Results, names: &[&str], setting
     let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---|---:|---|---:|---|");
     let have_reference = checked.contains(&reference.as_str());
     for name in checked {
-        let absolute = median(results.per_round_ratios(name, lg, wrk, |m| m.throughput));
+        let absolute = median(results.per_round((name, lg), (name, wrk), |m| m.throughput));
         let cmp = tool_comparison(results, name, &reference);
         let verdict = if name == reference {
             "reference"
