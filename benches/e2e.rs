@@ -28,7 +28,10 @@
 //!   again for a second after its first keep-alive requests), then runs churn (and `wrk`
 //!   churn, first or second by round), the heavy mix at 50/75/90 %, and keep-alive.
 //!   Tables show per-system medians over rounds; ratios are medians of the per-round ratios
-//!   (each round's runs are close in time, so drift between rounds cancels).
+//!   (each round's runs are close in time, so drift between rounds cancels). The heavy mix's
+//!   tables and p99 checks also give the p99 of the paired rounds' requests pooled into one
+//!   histogram per system, and its ratio: one round's p99 rests on a few dozen long requests
+//!   and moves by tens of percent between rounds; the pooled figure reads it from all of them.
 //! - Churn is a closed loop of 16 clients per worker, each opening a new connection per
 //!   request; the `wrk` cross-check runs `wrk -t1 -cN -H 'Connection: close'` with the same N
 //!   and duration, so both tools measure the same configuration. The two clients share the
@@ -894,6 +897,9 @@ struct Metrics {
     /// runs in-process), the reaped child for `wrk`.
     client_cpu_s: Option<f64>,
     max_start_lag_ms: f64,
+    /// The load generator's whole report (its latency histogram), for quantiles over the
+    /// requests of several rounds ([`Results::pooled_p99`]); `None` for `wrk`.
+    report: Option<Box<Report>>,
 }
 
 impl Metrics {
@@ -924,6 +930,9 @@ impl Metrics {
             master_cpu_s,
             client_cpu_s,
             max_start_lag_ms: r.max_start_lag.as_secs_f64() * 1e3,
+            // Open-loop runs only (the heavy mix): a report carries a histogram of some
+            // hundreds of KiB.
+            report: matches!(r.load, Load::Open { .. }).then(|| Box::new(r.clone())),
         }
     }
 
@@ -950,6 +959,7 @@ impl Metrics {
             master_cpu_s,
             client_cpu_s: wrk_cpu_s,
             max_start_lag_ms: 0.0,
+            report: None,
         }
     }
 
@@ -1227,6 +1237,34 @@ impl Results {
             .collect()
     }
 
+    /// The p99 latency, µs, over every request of the rounds in which both `system` and `base`
+    /// ran `scenario` to the end, each system's rounds pooled into one histogram: `(system's,
+    /// base's)`. A 4-s run at 75 % load holds about 2 % long requests, so one round's p99
+    /// rests on a few dozen of them and moves by tens of percent from round to round;
+    /// pooling the rounds reads it from five times as many.
+    fn pooled_p99(&self, system: &str, base: &str, scenario: Scenario) -> Option<(f64, f64)> {
+        let base_runs: BTreeMap<usize, &Report> = self
+            .ok(base, scenario)
+            .into_iter()
+            .filter_map(|(r, m)| Some((r, m.report.as_deref()?)))
+            .collect();
+        let mut pooled: Option<(Report, Report)> = None;
+        for (round, m) in self.ok(system, scenario) {
+            let (Some(a), Some(&b)) = (m.report.as_deref(), base_runs.get(&round)) else {
+                continue;
+            };
+            match pooled.as_mut() {
+                None => pooled = Some((a.clone(), b.clone())),
+                Some((pa, pb)) => {
+                    pa.merge(a);
+                    pb.merge(b);
+                }
+            }
+        }
+        let (a, b) = pooled?;
+        Some((a.p99_us() as f64, b.p99_us() as f64))
+    }
+
     /// Median over rounds of `f(system) / f(base)`, pairing runs of the same round.
     fn paired_ratio(
         &self,
@@ -1335,22 +1373,25 @@ fn render_group(
         );
         let _ = writeln!(
             out,
-            "| system | achieved/s | p50 ms | p99 ms | p99.9 ms | max ms | p99 × {base} | errors | share max/mean | share CV | master CPU s/1k conn | runs ok |"
+            "| system | achieved/s | p50 ms | p99 ms | p99.9 ms | max ms | p99 × {base} | pooled p99 ms | pooled p99 × {base} | errors | share max/mean | share CV | master CPU s/1k conn | runs ok |"
         );
         let _ = writeln!(
             out,
-            "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"
         );
         for name in &names {
+            let pooled = results.pooled_p99(name, base, sc);
             let _ = writeln!(
                 out,
-                "| {name} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {name} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 num(results.median_of(name, sc, |m| Some(m.throughput)), 0),
                 ms(results.median_of(name, sc, |m| Some(m.p50_us as f64))),
                 ms(results.median_of(name, sc, |m| Some(m.p99_us as f64))),
                 ms(results.median_of(name, sc, |m| Some(m.p999_us as f64))),
                 ms(results.median_of(name, sc, |m| Some(m.max_us as f64))),
                 ratio(results.paired_ratio(name, base, sc, |m| m.p99_us as f64)),
+                ms(pooled.map(|(a, _)| a)),
+                ratio(pooled.and_then(|(a, b)| (b > 0.0).then(|| a / b))),
                 errors_cell(results, name, sc),
                 num(
                     results.median_of(name, sc, |m| Some(m.share_max_over_mean)),
@@ -1562,6 +1603,23 @@ fn check(
     let _ = writeln!(out, "- **{verdict}** {what}: {value} ({detail})");
 }
 
+/// A p99 check's detail: both systems' median p99, and the p99 of their paired rounds' requests
+/// pooled, with its ratio (the same comparison read from every request of those rounds).
+fn p99_detail(r: &Results, system: &str, base: &str, sc: Scenario) -> String {
+    let p99 = |name: &str| r.median_of(name, sc, |m| Some(m.p99_us as f64));
+    let mut detail = format!("{} ms vs {} ms", ms(p99(system)), ms(p99(base)));
+    if let Some((a, b)) = r.pooled_p99(system, base, sc).filter(|&(_, b)| b > 0.0) {
+        let _ = write!(
+            detail,
+            "; rounds pooled: {} ms vs {} ms, {}",
+            ms(Some(a)),
+            ms(Some(b)),
+            ratio(Some(a / b))
+        );
+    }
+    detail
+}
+
 /// The kernel-steering targets (issue #14), checked only when the kernel rows ran.
 /// `name`'s churn rate (measured as `scenario`: the load generator's or wrk's) at least
 /// `at_least` × `base`'s, paired by round; `by` ends the line's label.
@@ -1614,7 +1672,6 @@ fn render_kernel_checks(out: &mut String, r: &Results) {
     }
     for percent in HEAVY_LEVELS_PERCENT {
         let sc = Scenario::Heavy(percent);
-        let p99 = |name: &str| r.median_of(name, sc, |m| Some(m.p99_us as f64));
         for (sys, base, max) in [
             (lc.as_str(), "shared", 1.0),
             (lc.as_str(), "least-conn", 1.05),
@@ -1626,7 +1683,7 @@ fn render_kernel_checks(out: &mut String, r: &Results) {
                 &format!("{sys} p99 at {percent} % ≤ {max}× {base}"),
                 r.paired_ratio(sys, base, sc, |m| m.p99_us as f64),
                 |v| v <= max,
-                format!("{} ms vs {} ms", ms(p99(sys)), ms(p99(base))),
+                p99_detail(r, sys, base, sc),
             );
         }
     }
@@ -1671,7 +1728,7 @@ fn render_checks(out: &mut String, r: &Results, names: &[&str]) {
                 &format!("{name} p99 at {percent} % ≤ {at_most}× {base}"),
                 r.paired_ratio(name, base, sc, |m| m.p99_us as f64),
                 |v| v <= at_most,
-                format!("{} ms vs {} ms", ms(p99(name, sc)), ms(p99(base, sc))),
+                p99_detail(r, name, base, sc),
             );
         }
     };

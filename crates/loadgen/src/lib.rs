@@ -614,7 +614,9 @@ impl Report {
         }
     }
 
-    fn merge(&mut self, other: &Report) {
+    /// Adds `other`'s counts and latencies to this report (the run of several shards, or the
+    /// runs of several rounds pooled).
+    pub fn merge(&mut self, other: &Report) {
         self.sent += other.sent;
         self.completed += other.completed;
         self.non_200 += other.non_200;
