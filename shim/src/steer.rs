@@ -8,8 +8,9 @@
 //! It also stamps the two clocks the program's stuck rule reads (`CLOCK_MONOTONIC`, the vDSO's
 //! `clock_gettime`, no system call): `progress_ns` per accept, and `busy_ns` around the waits
 //! (`epoll_wait`, `poll`, `select` and their variants) of the one thread that accepts from the
-//! listeners — 0 on the way in, the time on the way out — so a single-threaded server inside a
-//! long request is passed over 1 ms into it, before a connection queues behind it. Only that
+//! listeners — 0 on the way in, the time on the way out, and the time of its first accept (the
+//! one that makes it that thread, if it has waited before) — so a single-threaded server inside
+//! a long request is passed over 1 ms into it, before a connection queues behind it. Only that
 //! thread stamps: once a second thread accepts, or in a forked child (`pthread_atfork`), the
 //! shim stops stamping `busy_ns` (and leaves it 0), because the waits of one thread among
 //! several say nothing about whether the others can accept.
@@ -36,6 +37,8 @@ const LOOP_OFF: u8 = 2;
 thread_local! {
     /// This thread accepted first: its waits are the loop's waits.
     static LOOP_THREAD: Cell<bool> = const { Cell::new(false) };
+    /// This thread has waited for events (`epoll_wait`, `poll`, `select`…) at least once.
+    static WAITED: Cell<bool> = const { Cell::new(false) };
 }
 
 /// `pthread_atfork` child handler: a forked copy of the worker is not the worker's loop.
@@ -212,8 +215,8 @@ impl SteerSlot {
     }
 
     fn took(&self) {
-        self.progress
-            .store(rcluster_sys::monotonic_ns(), Ordering::SeqCst);
+        let now = rcluster_sys::monotonic_ns();
+        self.progress.store(now, Ordering::SeqCst);
         if LOOP_THREAD.with(Cell::get) {
             return;
         }
@@ -223,7 +226,16 @@ impl SteerSlot {
             Ordering::SeqCst,
             Ordering::SeqCst,
         ) {
-            Ok(_) => LOOP_THREAD.with(|t| t.set(true)),
+            Ok(_) => {
+                LOOP_THREAD.with(|t| t.set(true));
+                // A thread that waits for events is out of its wait now, serving what it just
+                // accepted: busy from here, or a worker whose first connection is a long
+                // request would look free until its loop next waits. (A thread that has never
+                // waited accepts in blocking calls: it would never clear the stamp.)
+                if WAITED.with(Cell::get) {
+                    self.busy.store(now, Ordering::SeqCst);
+                }
+            }
             Err(LOOP_CLAIMED) => {
                 // A second thread accepts: one thread's waits no longer speak for the worker.
                 LOOP.store(LOOP_OFF, Ordering::SeqCst);
@@ -242,6 +254,7 @@ impl SteerSlot {
 
     /// The calling thread is about to wait for events: if it is the loop, the worker is idle.
     pub fn waiting(&self) {
+        WAITED.with(|w| w.set(true));
         if self.stamps() {
             self.busy.store(0, Ordering::SeqCst);
         }

@@ -336,16 +336,24 @@ pub fn overflow_trial(cluster: &TestCluster, pid_of: fn(&Response) -> i32) {
         status.iter().all(|s| s.watches),
         "both workers watch the overflow queue: {status:?}"
     );
+    let start = Instant::now();
     let (first, first_pid) = send_long_request_us(cluster, 1_500_000, &[]);
     let (last, last_pid) = send_long_request_us(cluster, 4_000_000, &[first_pid]);
     let before = cluster.overflow_status();
+    let busy = cluster.steering_status(2);
+    // Connected (so placed) from this thread, one after the other, before any is read.
     let shorts: Vec<_> = (0..OVERFLOW_SHORT)
-        .map(|_| std::thread::spawn(move || get(addr, "/")))
+        .map(|_| super::send_request(addr, "/").expect("short request"))
         .collect();
+    let placed_after = start.elapsed();
+    assert!(
+        busy.iter().all(|s| s.stuck),
+        "both workers are inside their long requests: {busy:?}"
+    );
     let pids: Vec<i32> = shorts
         .into_iter()
-        .map(|h| {
-            let r = h.join().unwrap().expect("short request");
+        .map(|s| {
+            let r = read_response(s).expect("short response");
             assert_eq!(r.status, 200, "{r:?}");
             pid_of(&r)
         })
@@ -356,8 +364,9 @@ pub fn overflow_trial(cluster: &TestCluster, pid_of: fn(&Response) -> i32) {
     assert_eq!(pid_of(&last), last_pid);
     let after = cluster.overflow_status();
     eprintln!(
-        "worker {first_pid} (1.5 s) and {last_pid} (4 s): short requests served by {pids:?}; \
-         overflow queue {before:?} -> {after:?}"
+        "worker {first_pid} (1.5 s) and {last_pid} (4 s): short requests placed {placed_after:?} \
+         after the first long one was sent, served by {pids:?}; overflow queue {before:?} -> \
+         {after:?}"
     );
     assert!(
         pids.iter().all(|&p| p == first_pid),
