@@ -778,13 +778,16 @@ fn node_least_conn_never_ties_onto_a_busy_worker() {
     busy_worker_trials(&cluster, "/", body_pid);
 }
 
-/// Two node workers running [`NODE_SPIN_APP`] under least-conn with `--steer STEER`
-/// (`dispatch`: the master's own, whose status dump counts dispatches; `kernel`: every slot
-/// eligible in the table), both serving. The directory holds the app.
-fn node_spin_cluster(steer: &str) -> (TempDir, TestCluster) {
-    let dir = TempDir::new("node-spin");
-    let app = dir.write("app.js", NODE_SPIN_APP);
-    let cluster = TestCluster::start(&[
+/// A single-threaded python server that waits in `select` (argument `select`) or `poll`
+/// (`poll`) on its non-blocking listener and accepts until `EAGAIN`, as gunicorn's sync worker
+/// does; `?us=N` spins N µs before answering `pid P`.
+const PY_WAIT_APP: &str = include_str!("fixtures/wait_server.py");
+
+/// Two workers running `command` (a server answering `pid P`, spinning on `?us=N`) under
+/// least-conn with `--steer STEER` (`dispatch`: the master's own, whose status dump counts
+/// dispatches; `kernel`: every slot eligible in the table), both serving.
+fn spin_cluster(steer: &str, command: &[&str]) -> TestCluster {
+    let mut args = vec![
         "--workers",
         "2",
         "--policy",
@@ -792,9 +795,9 @@ fn node_spin_cluster(steer: &str) -> (TempDir, TestCluster) {
         "--steer",
         steer,
         "--",
-        "node",
-        &app,
-    ]);
+    ];
+    args.extend_from_slice(command);
+    let cluster = TestCluster::start(&args);
     cluster.wait_for_workers(2);
     if steer == "kernel" {
         for slot in 0..2 {
@@ -804,20 +807,70 @@ fn node_spin_cluster(steer: &str) -> (TempDir, TestCluster) {
     for _ in 0..4 {
         assert_eq!(get(cluster.addr(), "/").unwrap().status, 200);
     }
+    cluster
+}
+
+/// Two node workers running [`NODE_SPIN_APP`] ([`spin_cluster`]). The directory holds the app.
+fn node_spin_cluster(steer: &str) -> (TempDir, TestCluster) {
+    let dir = TempDir::new("node-spin");
+    let app = dir.write("app.js", NODE_SPIN_APP);
+    let cluster = spin_cluster(steer, &["node", &app]);
     (dir, cluster)
+}
+
+/// Whether the steering program loads here (else a note).
+fn steering_loads() -> bool {
+    match rcluster_lb::steer::Steering::load(1) {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("note: kernel steering unavailable here ({e}); skipping this test");
+            false
+        }
+    }
 }
 
 /// [`node_spin_cluster`] under kernel steering; `None` (with a note) where node or the
 /// steering program is not available.
 fn node_kernel_spin_cluster() -> Option<(TempDir, TestCluster)> {
-    if !available("node") {
-        return None;
-    }
-    if let Err(e) = rcluster_lb::steer::Steering::load(1) {
-        eprintln!("note: kernel steering unavailable here ({e}); skipping this test");
+    if !available("node") || !steering_loads() {
         return None;
     }
     Some(node_spin_cluster("kernel"))
+}
+
+/// Two [`PY_WAIT_APP`] workers waiting in `wait` (`select` or `poll`) under kernel steering
+/// ([`spin_cluster`]); `None` (with a note) where python3 or the steering program is not
+/// available.
+fn py_wait_kernel_cluster(wait: &str) -> Option<(TempDir, TestCluster)> {
+    if !available("python3") || !steering_loads() {
+        return None;
+    }
+    let dir = TempDir::new("py-wait");
+    let app = dir.write("app.py", PY_WAIT_APP);
+    let cluster = spin_cluster("kernel", &["python3", &app, wait]);
+    Some((dir, cluster))
+}
+
+/// A server that waits in `select` (gunicorn's sync worker does) watches the overflow queue
+/// through the shim, which adds the queue's bit beside its listener's: with both workers inside
+/// long requests, new connections wait there and the worker that comes free first takes them
+/// all.
+#[test]
+fn select_server_kernel_overflow_queue_goes_to_the_first_worker_free() {
+    let Some((_dir, cluster)) = py_wait_kernel_cluster("select") else {
+        return;
+    };
+    overflow_trial(&cluster, body_pid);
+}
+
+/// As [`select_server_kernel_overflow_queue_goes_to_the_first_worker_free`], for a server that
+/// waits in `poll` (the shim appends the queue to a copy of its array).
+#[test]
+fn poll_server_kernel_overflow_queue_goes_to_the_first_worker_free() {
+    let Some((_dir, cluster)) = py_wait_kernel_cluster("poll") else {
+        return;
+    };
+    overflow_trial(&cluster, body_pid);
 }
 
 /// Under kernel steering the shim stamps the node loop's waits on the table: a node worker

@@ -275,17 +275,66 @@ pub unsafe extern "C" fn epoll_pwait2(
     around_wait(|| unsafe { real::epoll_pwait2(epfd, events, max, timeout, sigmask) })
 }
 
-/// poll(2): as [`epoll_wait`].
+/// Under kernel steering, a `poll` that asks for a listener's input watches the overflow queue
+/// too (overflow.rs); `call` performs the wait on the array and count it is given.
+///
+/// # Safety
+/// `fds` and `nfds` as for poll(2).
+unsafe fn watch_poll(
+    fds: *mut libc::pollfd,
+    nfds: libc::nfds_t,
+    call: impl FnOnce(*mut libc::pollfd, libc::nfds_t) -> c_int,
+) -> c_int {
+    match state::get() {
+        // SAFETY: caller contract.
+        Some(shim) => unsafe { shim.poll(fds, nfds, call) },
+        None => call(fds, nfds),
+    }
+}
+
+/// As [`watch_poll`], for `select`: `call` performs the wait with the `nfds` it is given.
+///
+/// # Safety
+/// `nfds` and the sets as for select(2).
+unsafe fn watch_select(
+    nfds: c_int,
+    sets: [*mut libc::fd_set; 3],
+    call: impl FnOnce(c_int) -> c_int,
+) -> c_int {
+    match state::get() {
+        // SAFETY: caller contract.
+        Some(shim) => unsafe { shim.select(nfds, sets, call) },
+        None => call(nfds),
+    }
+}
+
+/// glibc's fortified `poll`/`ppoll` check `fdslen` against `nfds`: the length to pass with the
+/// array `call` was given, ours (a copy with the overflow queue added) or the caller's.
+fn fortified_len(
+    given: *const libc::pollfd,
+    theirs: *const libc::pollfd,
+    nfds: libc::nfds_t,
+    fdslen: libc::size_t,
+) -> libc::size_t {
+    if given == theirs {
+        fdslen
+    } else {
+        nfds as usize * std::mem::size_of::<libc::pollfd>()
+    }
+}
+
+/// poll(2): as [`epoll_wait`], and the overflow queue watched beside a listener
+/// ([`watch_poll`]).
 ///
 /// # Safety
 /// As poll(2).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn poll(fds: *mut libc::pollfd, nfds: libc::nfds_t, timeout: c_int) -> c_int {
     // SAFETY: caller contract.
-    around_wait(|| unsafe { real::poll(fds, nfds, timeout) })
+    around_wait(|| unsafe { watch_poll(fds, nfds, |f, n| real::poll(f, n, timeout)) })
 }
 
-/// glibc's fortified poll: as [`epoll_wait`].
+/// glibc's fortified poll: as [`poll`].
 ///
 /// # Safety
 /// As poll(2), with `fdslen` the size of `fds` in bytes.
@@ -296,11 +345,19 @@ pub unsafe extern "C" fn __poll_chk(
     timeout: c_int,
     fdslen: libc::size_t,
 ) -> c_int {
-    // SAFETY: caller contract.
-    around_wait(|| unsafe { real::__poll_chk(fds, nfds, timeout, fdslen) })
+    if (nfds as usize).saturating_mul(std::mem::size_of::<libc::pollfd>()) > fdslen {
+        // SAFETY: forwarded: glibc reports the overflow (and aborts).
+        return unsafe { real::__poll_chk(fds, nfds, timeout, fdslen) };
+    }
+    // SAFETY: caller contract; `fdslen` covers `nfds` entries.
+    around_wait(|| unsafe {
+        watch_poll(fds, nfds, |f, n| {
+            real::__poll_chk(f, n, timeout, fortified_len(f, fds, n, fdslen))
+        })
+    })
 }
 
-/// ppoll(2): as [`epoll_wait`].
+/// ppoll(2): as [`poll`].
 ///
 /// # Safety
 /// As ppoll(2).
@@ -312,10 +369,10 @@ pub unsafe extern "C" fn ppoll(
     sigmask: *const libc::sigset_t,
 ) -> c_int {
     // SAFETY: caller contract.
-    around_wait(|| unsafe { real::ppoll(fds, nfds, timeout, sigmask) })
+    around_wait(|| unsafe { watch_poll(fds, nfds, |f, n| real::ppoll(f, n, timeout, sigmask)) })
 }
 
-/// glibc's fortified ppoll: as [`epoll_wait`].
+/// glibc's fortified ppoll: as [`poll`].
 ///
 /// # Safety
 /// As ppoll(2), with `fdslen` the size of `fds` in bytes.
@@ -327,11 +384,20 @@ pub unsafe extern "C" fn __ppoll_chk(
     sigmask: *const libc::sigset_t,
     fdslen: libc::size_t,
 ) -> c_int {
-    // SAFETY: caller contract.
-    around_wait(|| unsafe { real::__ppoll_chk(fds, nfds, timeout, sigmask, fdslen) })
+    if (nfds as usize).saturating_mul(std::mem::size_of::<libc::pollfd>()) > fdslen {
+        // SAFETY: forwarded: glibc reports the overflow (and aborts).
+        return unsafe { real::__ppoll_chk(fds, nfds, timeout, sigmask, fdslen) };
+    }
+    // SAFETY: caller contract; `fdslen` covers `nfds` entries.
+    around_wait(|| unsafe {
+        watch_poll(fds, nfds, |f, n| {
+            real::__ppoll_chk(f, n, timeout, sigmask, fortified_len(f, fds, n, fdslen))
+        })
+    })
 }
 
-/// select(2): as [`epoll_wait`].
+/// select(2): as [`epoll_wait`], and the overflow queue watched beside a listener in the read
+/// set ([`watch_select`]).
 ///
 /// # Safety
 /// As select(2).
@@ -344,10 +410,14 @@ pub unsafe extern "C" fn select(
     timeout: *mut libc::timeval,
 ) -> c_int {
     // SAFETY: caller contract.
-    around_wait(|| unsafe { real::select(nfds, readfds, writefds, exceptfds, timeout) })
+    around_wait(|| unsafe {
+        watch_select(nfds, [readfds, writefds, exceptfds], |n| {
+            real::select(n, readfds, writefds, exceptfds, timeout)
+        })
+    })
 }
 
-/// pselect(2): as [`epoll_wait`].
+/// pselect(2): as [`select`].
 ///
 /// # Safety
 /// As pselect(2).
@@ -361,7 +431,11 @@ pub unsafe extern "C" fn pselect(
     sigmask: *const libc::sigset_t,
 ) -> c_int {
     // SAFETY: caller contract.
-    around_wait(|| unsafe { real::pselect(nfds, readfds, writefds, exceptfds, timeout, sigmask) })
+    around_wait(|| unsafe {
+        watch_select(nfds, [readfds, writefds, exceptfds], |n| {
+            real::pselect(n, readfds, writefds, exceptfds, timeout, sigmask)
+        })
+    })
 }
 
 /// Flushes what is still counted when the process exits normally (ELF `.fini_array`).

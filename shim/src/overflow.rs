@@ -17,8 +17,19 @@
 //! back to its events rather than draining the queue in front of its peers. The registration is
 //! removed with the server's (`EPOLL_CTL_DEL`, closing its listener or the epoll fd).
 //!
-//! While this process has a registration, its slot's `reporting` word carries one
-//! `WATCHER`: the program spills only while an eligible slot has one. Registrations belong to
+//! A server that waits in `poll` or `select` (gunicorn's sync worker, C servers) has no
+//! registration to mirror: when one of its waits asks for a non-blocking listener's input, the
+//! shim waits on the queue too — an entry appended to a copy of the `pollfd` array (at most
+//! [`POLL_MAX`] entries, on the stack), or the queue's bit added to the read set — and reports
+//! the queue's readiness as the listener's, with the return count the server would get for its
+//! own fds. A blocking listener is left alone: the server's `accept` would block on its own
+//! empty queue while the connection waits in the overflow queue, and a loop blocked there
+//! looks stuck to the program, which then places nothing on it.
+//!
+//! While this process has a registration, or its last wait on a listener watched the queue
+//! through `poll`/`select`, its slot's `reporting` word carries one `WATCHER`: the program
+//! spills only while an eligible slot has one. A wait that cannot watch (too many entries, a
+//! blocking listener) withdraws it, and so does closing the listener. Registrations belong to
 //! the process that made them: a forked child (which shares the parent's epoll sets) neither
 //! adds nor removes any. An exec of the worker itself withdraws the count (the new image
 //! registers again); a failed exec restores it.
@@ -27,7 +38,7 @@
 //! Rust worker API) accepts without this.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 
 use libc::c_int;
 
@@ -40,6 +51,11 @@ use crate::steer::SteerSlot;
 const MIRRORS: usize = 64;
 /// Fd numbers a mirror entry can hold (24 bits each for the epoll fd and the listener fd).
 const FD_LIMIT: c_int = (1 << 24) - 1;
+/// The largest `poll` set (the server's entries and the queues') watched through a copy on the
+/// stack (2 KiB); a larger set is passed through unwatched.
+pub const POLL_MAX: usize = 256;
+/// Listeners one `poll` or `select` call can watch the queue for.
+const WAIT_LISTENERS: usize = 8;
 
 thread_local! {
     /// The calling thread took a connection from the queue since it last waited.
@@ -60,6 +76,15 @@ pub struct Overflow {
     count: AtomicUsize,
     /// The process the registrations belong to (0 until the first).
     owner: AtomicI32,
+    /// The owner's last `poll`/`select` on a listener watched the queue.
+    polled: AtomicBool,
+}
+
+/// Whether `fd`'s open file is non-blocking.
+fn nonblocking(fd: c_int) -> bool {
+    // SAFETY: F_GETFL reads the status flags; an invalid fd returns -1.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    flags >= 0 && flags & libc::O_NONBLOCK != 0
 }
 
 fn pack(epfd: c_int, fd: c_int, index: usize) -> u64 {
@@ -129,6 +154,7 @@ impl Overflow {
             mirrors: [const { AtomicU64::new(0) }; MIRRORS],
             count: AtomicUsize::new(0),
             owner: AtomicI32::new(0),
+            polled: AtomicBool::new(false),
         })
     }
 
@@ -156,7 +182,9 @@ impl Overflow {
             if m.compare_exchange(0, v, Ordering::SeqCst, Ordering::SeqCst)
                 .is_ok()
             {
-                if self.count.fetch_add(1, Ordering::SeqCst) == 0 {
+                if self.count.fetch_add(1, Ordering::SeqCst) == 0
+                    && !self.polled.load(Ordering::SeqCst)
+                {
                     steer.watch(true);
                 }
                 return;
@@ -168,8 +196,201 @@ impl Overflow {
         if m.compare_exchange(v, 0, Ordering::SeqCst, Ordering::SeqCst)
             .is_ok()
             && self.count.fetch_sub(1, Ordering::SeqCst) == 1
+            && !self.polled.load(Ordering::SeqCst)
         {
             steer.watch(false);
+        }
+    }
+
+    /// The owner's waits on a listener watch the queue through `poll`/`select` (`on`), or no
+    /// longer do: its `WATCHER` follows, unless an epoll registration holds it anyway.
+    fn poll_watch(&self, steer: &SteerSlot, on: bool) {
+        if self.polled.swap(on, Ordering::SeqCst) != on && self.count.load(Ordering::SeqCst) == 0 {
+            steer.watch(on);
+        }
+    }
+
+    /// The queue fds a wait should add for its listeners: `(position, queue fd)` pairs for the
+    /// `candidates` (each a position in the server's set, the listener's fd and its index), or
+    /// none when this process is not the owner or a listener cannot be watched (the watch is
+    /// withdrawn then): blocking, or its queue's fd not below `fd_limit`. `room`: whether the
+    /// set with this many queues added still fits.
+    fn for_wait(
+        &self,
+        steer: &SteerSlot,
+        candidates: &[(usize, c_int, usize)],
+        fd_limit: c_int,
+        room: impl Fn(usize) -> bool,
+        out: &mut [(usize, c_int); WAIT_LISTENERS],
+    ) -> usize {
+        if candidates.is_empty() || !self.owned() {
+            return 0;
+        }
+        let mut k = 0;
+        let mut ok = true;
+        for &(pos, fd, index) in candidates {
+            match self.fd(index) {
+                Some(queue) if queue < fd_limit && nonblocking(fd) => {
+                    out[k] = (pos, queue);
+                    k += 1;
+                }
+                _ => ok = false,
+            }
+        }
+        let ok = ok && k > 0 && room(k);
+        self.poll_watch(steer, ok);
+        if ok { k } else { 0 }
+    }
+
+    /// The server's `poll` (or a variant, performed by `call` on the array and count it is
+    /// given) under the shim: when it asks for a listener's input (`listener_of` maps an fd to
+    /// its listener index), the queue is watched too (module docs). errno is the wait's own.
+    ///
+    /// # Safety
+    /// `fds` and `nfds` as for poll(2).
+    pub unsafe fn poll(
+        &self,
+        steer: &SteerSlot,
+        listener_of: impl Fn(c_int) -> Option<usize>,
+        fds: *mut libc::pollfd,
+        nfds: libc::nfds_t,
+        call: impl FnOnce(*mut libc::pollfd, libc::nfds_t) -> c_int,
+    ) -> c_int {
+        let n = nfds as usize;
+        if fds.is_null() || n == 0 || n > libc::c_int::MAX as usize {
+            return call(fds, nfds);
+        }
+        // SAFETY: the caller's array of `nfds` entries (poll(2) reads them all).
+        let theirs = unsafe { std::slice::from_raw_parts_mut(fds, n) };
+        let mut candidates = [(0usize, 0 as c_int, 0usize); WAIT_LISTENERS];
+        let mut found = 0;
+        for (pos, p) in theirs.iter().enumerate() {
+            if found < WAIT_LISTENERS
+                && p.fd >= 0
+                && p.events & libc::POLLIN != 0
+                && let Some(index) = listener_of(p.fd)
+            {
+                candidates[found] = (pos, p.fd, index);
+                found += 1;
+            }
+        }
+        let mut adds = [(0usize, 0 as c_int); WAIT_LISTENERS];
+        let k = self.for_wait(
+            steer,
+            &candidates[..found],
+            c_int::MAX,
+            |k| n + k <= POLL_MAX,
+            &mut adds,
+        );
+        if k == 0 {
+            return call(fds, nfds);
+        }
+        let mut buf = [libc::pollfd {
+            fd: -1,
+            events: 0,
+            revents: 0,
+        }; POLL_MAX];
+        buf[..n].copy_from_slice(theirs);
+        for (slot, &(_, queue)) in buf[n..n + k].iter_mut().zip(&adds[..k]) {
+            *slot = libc::pollfd {
+                fd: queue,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+        }
+        let rc = call(buf.as_mut_ptr(), (n + k) as libc::nfds_t);
+        if rc < 0 {
+            return rc;
+        }
+        for (mine, got) in theirs.iter_mut().zip(&buf[..n]) {
+            mine.revents = got.revents;
+        }
+        for (got, &(pos, _)) in buf[n..n + k].iter().zip(&adds[..k]) {
+            if got.revents & libc::POLLIN != 0 {
+                theirs[pos].revents |= libc::POLLIN;
+            }
+        }
+        theirs.iter().filter(|p| p.revents != 0).count() as c_int
+    }
+
+    /// The server's `select` (or `pselect`, performed by `call` with the `nfds` it is given, on
+    /// the caller's sets): when the read set holds a listener, the queue's bit is added, and
+    /// its readiness reported as the listener's (module docs). errno is the wait's own.
+    ///
+    /// # Safety
+    /// `nfds` and the sets as for select(2).
+    pub unsafe fn select(
+        &self,
+        steer: &SteerSlot,
+        listener_of: impl Fn(c_int) -> Option<usize>,
+        nfds: c_int,
+        sets: [*mut libc::fd_set; 3],
+        call: impl FnOnce(c_int) -> c_int,
+    ) -> c_int {
+        let readfds = sets[0];
+        let setsize = libc::FD_SETSIZE as c_int;
+        if readfds.is_null() || nfds <= 0 || nfds > setsize {
+            return call(nfds);
+        }
+        let mut candidates = [(0usize, 0 as c_int, 0usize); WAIT_LISTENERS];
+        let mut found = 0;
+        for fd in 0..nfds {
+            // SAFETY: readfds is a valid set (caller contract) and fd < FD_SETSIZE.
+            let asked = unsafe { libc::FD_ISSET(fd, readfds) };
+            if found < WAIT_LISTENERS
+                && asked
+                && let Some(index) = listener_of(fd)
+            {
+                candidates[found] = (fd as usize, fd, index);
+                found += 1;
+            }
+        }
+        let mut adds = [(0usize, 0 as c_int); WAIT_LISTENERS];
+        let k = self.for_wait(steer, &candidates[..found], setsize, |_| true, &mut adds);
+        if k == 0 {
+            return call(nfds);
+        }
+        let adds = &adds[..k];
+        let top = adds.iter().map(|&(_, q)| q + 1).fold(nfds, c_int::max);
+        // Bits from nfds up to top were outside the server's question: cleared, so the wider
+        // call asks nothing it did not.
+        // SAFETY: every set is a valid fd_set (caller contract) and every fd is below
+        // FD_SETSIZE.
+        unsafe {
+            for fd in nfds..top {
+                for set in sets {
+                    if !set.is_null() {
+                        libc::FD_CLR(fd, set);
+                    }
+                }
+            }
+            for &(_, queue) in adds {
+                libc::FD_SET(queue, readfds);
+            }
+        }
+        let mut rc = call(top);
+        // SAFETY: as above.
+        unsafe {
+            for &(listener, queue) in adds {
+                let ready = rc > 0 && libc::FD_ISSET(queue, readfds);
+                libc::FD_CLR(queue, readfds);
+                if ready {
+                    if libc::FD_ISSET(listener as c_int, readfds) {
+                        rc -= 1;
+                    } else {
+                        libc::FD_SET(listener as c_int, readfds);
+                    }
+                }
+            }
+        }
+        rc
+    }
+
+    /// The server closes listener `fd`'s number: a `poll`/`select` watch ends with it (its next
+    /// wait on a listener starts it again).
+    pub fn listener_closing(&self, steer: &SteerSlot) {
+        if self.owner.load(Ordering::SeqCst) == getpid() {
+            self.poll_watch(steer, false);
         }
     }
 
@@ -303,7 +524,8 @@ impl Overflow {
                 unsafe { libc::fcntl(fd, libc::F_SETFD, flags) };
             }
         }
-        if self.count.load(Ordering::SeqCst) > 0 && self.owner.load(Ordering::SeqCst) == getpid() {
+        let watching = self.count.load(Ordering::SeqCst) > 0 || self.polled.load(Ordering::SeqCst);
+        if watching && self.owner.load(Ordering::SeqCst) == getpid() {
             steer.watch(!on);
         }
     }

@@ -258,6 +258,54 @@ impl Shim {
         }
     }
 
+    /// The server's `poll` or a variant (`call` performs it on the array and count it is
+    /// given): under kernel steering, the overflow queue is watched beside a listener it asks
+    /// for (overflow.rs).
+    ///
+    /// # Safety
+    /// `fds` and `nfds` as for poll(2).
+    pub unsafe fn poll(
+        &self,
+        fds: *mut libc::pollfd,
+        nfds: libc::nfds_t,
+        call: impl FnOnce(*mut libc::pollfd, libc::nfds_t) -> c_int,
+    ) -> c_int {
+        match self.overflow() {
+            // SAFETY: caller contract.
+            Some((overflow, steer)) => unsafe {
+                overflow.poll(steer, |fd| self.listener_index(fd), fds, nfds, call)
+            },
+            None => call(fds, nfds),
+        }
+    }
+
+    /// The server's `select` or `pselect` (`call` performs it with the `nfds` it is given, on
+    /// the caller's sets): as [`Shim::poll`].
+    ///
+    /// # Safety
+    /// `nfds` and the sets as for select(2).
+    pub unsafe fn select(
+        &self,
+        nfds: c_int,
+        sets: [*mut libc::fd_set; 3],
+        call: impl FnOnce(c_int) -> c_int,
+    ) -> c_int {
+        match self.overflow() {
+            // SAFETY: caller contract.
+            Some((overflow, steer)) => unsafe {
+                overflow.select(steer, |fd| self.listener_index(fd), nfds, sets, call)
+            },
+            None => call(nfds),
+        }
+    }
+
+    /// The index of the listener `fd` is (claimed, or the inherited fd used directly).
+    fn listener_index(&self, fd: c_int) -> Option<usize> {
+        self.claimed(fd)
+            .or_else(|| self.inherited_listener(fd))
+            .map(|l| l.index)
+    }
+
     /// All adopted listeners.
     pub fn listeners(&self) -> &[Listener] {
         &self.listeners
@@ -672,6 +720,9 @@ impl Shim {
     pub fn closing(&self, fd: c_int, close_fd: impl FnOnce() -> c_int) -> c_int {
         if let Some((overflow, steer)) = self.overflow() {
             overflow.closing(steer, fd);
+            if self.listener_index(fd).is_some() {
+                overflow.listener_closing(steer);
+            }
         }
         if self.conns.is_marked(fd) {
             let pid = self.pid();
