@@ -41,32 +41,31 @@ if command -v node >/dev/null; then
     )
 fi
 
+# shellcheck source=scripts/lib-master.sh
+. scripts/lib-master.sh
+
 stats_before=$(cat /proc/sys/kernel/bpf_stats_enabled 2>/dev/null || echo 0)
-restore() { echo "$stats_before" >/proc/sys/kernel/bpf_stats_enabled 2>/dev/null || true; }
+restore() {
+    stop_master
+    echo "$stats_before" >/proc/sys/kernel/bpf_stats_enabled 2>/dev/null || true
+}
 trap restore EXIT
 echo 1 >/proc/sys/kernel/bpf_stats_enabled 2>/dev/null || echo "note: cannot enable bpf_stats" >&2
 
-run_one() { # name args -> prints conn/s; program ns/run into $out/prog-ns
-    local name=$1 args=$2 log="$out/master.log" pid port rate
+run_one() { # name args -> conn/s into $out/rate; program ns/run into $out/prog-ns
+    local name=$1 args=$2 log="$out/master.log" rate
     # shellcheck disable=SC2086
-    RCLUSTER_LOG=info "$bin" --listen 127.0.0.1:0 --workers "$workers" $args 2>"$log" &
-    pid=$!
-    for _ in $(seq 300); do
-        grep -q "workers ready" "$log" && break
-        sleep 0.1
-    done
-    port=$(grep -o 'listening on 127.0.0.1:[0-9]*' "$log" | head -1 | cut -d: -f2)
-    rate=$(wrk -t1 -c"$conns" -d"${secs}s" -H 'Connection: close' "http://127.0.0.1:$port/" |
-        awk '/Requests\/sec/ {print $2}')
+    start_master "$log" --workers "$workers" $args
+    rate=$(wrk -t1 -c"$conns" -d"${secs}s" -H 'Connection: close' \
+        "http://127.0.0.1:$MASTER_PORT/" | awk '/Requests\/sec/ {print $2}')
     if [[ "$name" == *kernel* ]]; then
-        kill -USR1 "$pid"
+        kill -USR1 "$MASTER_PID"
         sleep 0.3
         grep -o '[0-9]* ns per run' "$log" | tail -1 | awk '{print $1}' >>"$out/prog-ns"
         grep -q 'steering: kernel' "$log" || echo "warning: $name did not steer in the kernel" >&2
     fi
-    kill -TERM "$pid"
-    wait "$pid" || true
-    echo "${rate:-0}"
+    stop_master
+    echo "${rate:-0}" >"$out/rate"
 }
 
 : >"$out/runs.csv"
@@ -77,8 +76,8 @@ for r in $(seq "$rounds"); do
         entry=${systems[$(((i + r) % n))]}
         name=${entry%%|*}
         args=${entry#*|}
-        rate=$(run_one "$name" "$args")
-        echo "$r,$name,$rate" | tee -a "$out/runs.csv" >&2
+        run_one "$name" "$args"
+        echo "$r,$name,$(cat "$out/rate")" | tee -a "$out/runs.csv" >&2
     done
 done
 
