@@ -818,21 +818,10 @@ fn node_spin_cluster(steer: &str) -> (TempDir, TestCluster) {
     (dir, cluster)
 }
 
-/// Whether the steering program loads here (else a note).
-fn steering_loads() -> bool {
-    match rcluster_lb::steer::Steering::load(1) {
-        Ok(_) => true,
-        Err(e) => {
-            eprintln!("note: kernel steering unavailable here ({e}); skipping this test");
-            false
-        }
-    }
-}
-
 /// [`node_spin_cluster`] under kernel steering; `None` (with a note) where node or the
 /// steering program is not available.
 fn node_kernel_spin_cluster() -> Option<(TempDir, TestCluster)> {
-    if !available("node") || !steering_loads() {
+    if !available("node") || !steering_available() {
         return None;
     }
     Some(node_spin_cluster("kernel"))
@@ -842,7 +831,7 @@ fn node_kernel_spin_cluster() -> Option<(TempDir, TestCluster)> {
 /// ([`spin_cluster`]); `None` (with a note) where python3 or the steering program is not
 /// available.
 fn py_wait_kernel_cluster(wait: &str) -> Option<(TempDir, TestCluster)> {
-    if !available("python3") || !steering_loads() {
+    if !available("python3") || !steering_available() {
         return None;
     }
     let dir = TempDir::new("py-wait");

@@ -12,19 +12,9 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{DEADLINE, TestCluster, get, per_worker, read_response, send_request};
-
-/// Whether this process may load the steering program; prints why not.
-fn steering_available() -> bool {
-    match rcluster_lb::steer::Steering::load(1) {
-        Ok(_) => true,
-        Err(e) if e.is_program_rejected() => panic!("{e}"),
-        Err(e) => {
-            eprintln!("note: kernel steering unavailable here ({e}); skipping this test");
-            false
-        }
-    }
-}
+use common::{
+    DEADLINE, TestCluster, get, per_worker, read_response, send_request, steering_available,
+};
 
 /// The `status: steering slot N: ...` lines of one SIGUSR1, as (slot, load, forgiven).
 fn steering_status(cluster: &TestCluster, slots: usize) -> Vec<(usize, i64, i64)> {

@@ -1084,6 +1084,19 @@ pub fn ctl_status(socket: &std::path::Path) -> serde_json::Value {
     serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("bad JSON ({e}): {out:?}"))
 }
 
+/// Whether this process may load the steering program; prints why not, so the caller can
+/// skip. A program the kernel rejects is a bug, not a missing permission: it panics.
+pub fn steering_available() -> bool {
+    match rcluster_lb::steer::Steering::load(1) {
+        Ok(_) => true,
+        Err(e) if e.is_program_rejected() => panic!("{e}"),
+        Err(e) => {
+            eprintln!("note: kernel steering unavailable here ({e}); skipping this test");
+            false
+        }
+    }
+}
+
 /// Whether `program` runs; prints a note when it does not, so the caller can skip.
 pub fn available(program: &str) -> bool {
     let ok = Command::new(program)
