@@ -386,10 +386,14 @@ impl Overflow {
         rc
     }
 
-    /// The server closes listener `fd`'s number: a `poll`/`select` watch ends with it (its next
-    /// wait on a listener starts it again).
-    pub fn listener_closing(&self, steer: &SteerSlot) {
-        if self.owner.load(Ordering::SeqCst) == getpid() {
+    /// The server closes `fd`: if it is a listener (`is_listener`, asked only while this
+    /// process watches through `poll`/`select`, so an epoll server's closes pay nothing), that
+    /// watch ends with it (its next wait on a listener starts it again).
+    pub fn listener_closing(&self, steer: &SteerSlot, is_listener: impl FnOnce() -> bool) {
+        if self.polled.load(Ordering::Relaxed)
+            && self.owner.load(Ordering::SeqCst) == getpid()
+            && is_listener()
+        {
             self.poll_watch(steer, false);
         }
     }

@@ -720,9 +720,7 @@ impl Shim {
     pub fn closing(&self, fd: c_int, close_fd: impl FnOnce() -> c_int) -> c_int {
         if let Some((overflow, steer)) = self.overflow() {
             overflow.closing(steer, fd);
-            if self.listener_index(fd).is_some() {
-                overflow.listener_closing(steer);
-            }
+            overflow.listener_closing(steer, || self.listener_index(fd).is_some());
         }
         if self.conns.is_marked(fd) {
             let pid = self.pid();
