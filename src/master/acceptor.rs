@@ -791,7 +791,10 @@ impl Acceptor {
                 // Saying READY is proof of progress: a worker added by a scale-up or a reload
                 // wins the next tie instead of waiting behind the others' fresher stamps
                 // (which, at low concurrency, could leave it without a single connection).
-                self.stats[i].progress = self.stamp(self.seq);
+                // The next connection's number, not the last one's: a worker that reported a
+                // close since the last accept holds the last one's, and a tie with it would be
+                // left to the rotation.
+                self.stats[i].progress = self.stamp(self.seq + 1);
                 self.stats[i].stuck = false;
                 self.entries[i].pull.progress_at = Instant::now();
             }
@@ -1823,6 +1826,31 @@ mod tests {
         rig.turn();
         assert!(!rig.acceptor.stats[1].stuck);
         assert_eq!(rig.connect(1), [0, 1]);
+    }
+
+    /// A worker that becomes ready (a scale-up, a reload) gets the next connection under
+    /// least-conn even when the others have just reported closes: their progress stamps are as
+    /// fresh as a stamp can be, so READY's must be fresher, or the tie rotates past the new
+    /// worker and, at low concurrency, it may never get a connection at all.
+    #[test]
+    fn a_worker_that_becomes_ready_wins_the_next_tie() {
+        let mut rig = Rig::new(3, PolicyKind::LeastConn);
+        rig.command(Command::Ready(0));
+        rig.command(Command::Ready(1));
+        assert_eq!(rig.connect(1), [1, 0, 0]);
+        assert_eq!(rig.connect(1), [0, 1, 0]);
+        rig.say(0, ToMaster::Closed { count: 1 });
+        assert_eq!(rig.connect(1), [1, 0, 0]);
+        // Both close after the last accept: their stamps are the newest connection's.
+        rig.say(1, ToMaster::Closed { count: 1 });
+        rig.say(0, ToMaster::Closed { count: 1 });
+        rig.command(Command::Ready(2));
+        let stats = &rig.acceptor.stats;
+        assert!(
+            stats[2].progress > stats[0].progress.max(stats[1].progress),
+            "READY must beat every stamp, whatever the rotation: {stats:?}"
+        );
+        assert_eq!(rig.connect(1), [0, 0, 1]);
     }
 
     #[test]
