@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# Kernel-steered least-conn against the kernel's shared queue and dispatch least-conn with every
+# instance running at once: measurement windows alternate between the instances in balanced
+# order (A B C, then C B A, ...), so the slow drift of a shared VM's speed, which separate
+# rounds with fresh instances fold into the comparison, falls on every system alike. Each pair
+# of windows gives one ratio to shared; the summary is the median ratio, how many pairs favour
+# each side, and a two-sided sign-test p-value for "no difference".
+#
+#   scripts/paired-bench.sh                          # node app, 10 pairs
+#   APP=demo PAIRS=6 RATES="1000 1600" scripts/paired-bench.sh
+#
+# Scenarios, per pair: connection churn measured by wrk (`-t1 -c32`, `Connection: close`,
+# CHURN_SECONDS per window), and the heavy-tailed CPU-bound mix (98 % of requests spin 200 µs,
+# 2 % spin 20 ms), open loop, a new connection per request, at each of RATES (absolute req/s;
+# the defaults are about 50 / 75 / 90 % of what two node workers serve on this project's 2-CPU
+# VM), HEAVY_SECONDS per window, p99 from the load generator. APP=node runs the end-to-end
+# benchmark's node app (benches/node_app.js, unmodified node through the preload shim; needs
+# node); APP=demo the built-in demo worker.
+#
+# Needs wrk (apt-get install wrk). Load goes to 127.0.0.1 only; every window is bounded in time
+# and every master started here is stopped by pid. Results: $out/windows.csv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+app_kind=${APP:-node}
+pairs=${PAIRS:-10}
+rates=${RATES:-1300 1950 2330}
+churn_secs=${CHURN_SECONDS:-2}
+heavy_secs=${HEAVY_SECONDS:-4}
+workers=${WORKERS:-2}
+bin=target/release/rcluster-lb
+load=target/release/examples/open_loop
+out=${CARGO_TARGET_DIR:-target}/bench-results/paired
+command -v wrk >/dev/null || { echo "paired-bench: wrk not found (apt-get install wrk)" >&2; exit 2; }
+[[ "$pairs" =~ ^[1-9][0-9]*$ ]] || { echo "paired-bench: PAIRS must be a positive integer, not '$pairs'" >&2; exit 2; }
+server=()
+case $app_kind in
+node)
+    command -v node >/dev/null || { echo "paired-bench: node not found (APP=demo runs without it)" >&2; exit 2; }
+    server=(--ready-delay 500ms -- node benches/node_app.js)
+    ;;
+demo) ;;
+*)
+    echo "paired-bench: APP must be node or demo, not '$app_kind'" >&2
+    exit 2
+    ;;
+esac
+
+mkdir -p "$out"
+cargo build --release --workspace >&2
+cargo build --release -p rcluster-loadgen --example open_loop >&2
+
+# name|arguments; the first is the baseline of the ratios.
+systems=(
+    "shared|-p shared"
+    "least-conn kernel|-p least-conn --steer kernel"
+    "least-conn dispatch|-p least-conn --steer dispatch"
+)
+n=${#systems[@]}
+pids=()
+ports=()
+stop_all() {
+    for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+}
+trap stop_all EXIT
+
+# shellcheck source=scripts/lib-master.sh
+. scripts/lib-master.sh
+for k in $(seq 0 $((n - 1))); do
+    entry=${systems[$k]}
+    # shellcheck disable=SC2086
+    start_master "$out/master-$k.log" --workers "$workers" ${entry#*|} "${server[@]}"
+    pids+=("$MASTER_PID")
+    ports+=("$MASTER_PORT")
+    MASTER_PID= # stopped by stop_all, with the others
+done
+if ! grep -q "steering: kernel" "$out/master-1.log"; then
+    echo "paired-bench: warning: least-conn kernel did not steer in the kernel (see $out/master-1.log)" >&2
+fi
+
+churn() { # port -> conn/s
+    wrk -t1 -c32 -d"${churn_secs}s" -H 'Connection: close' "http://127.0.0.1:$1/" |
+        awk '/Requests\/sec/ {print $2}'
+}
+heavy() { # port rate -> p99 ms
+    "$load" "127.0.0.1:$1" "$2" "$heavy_secs" |
+        awk '{for (i = 1; i < NF; i++) if ($i == "p99_ms") print $(i + 1)}'
+}
+
+# Unrecorded warm-up of every instance (a fresh node process is slow until its code is
+# compiled): churn, then the mix at the lowest rate.
+for k in $(seq 0 $((n - 1))); do
+    churn "${ports[$k]}" >/dev/null
+    "$load" "127.0.0.1:${ports[$k]}" "${rates%% *}" 2 >/dev/null
+done
+
+csv="$out/windows.csv"
+echo "pair,scenario,system,value" >"$csv"
+for pair in $(seq "$pairs"); do
+    if ((pair % 2)); then order=$(seq 0 $((n - 1))); else order=$(seq $((n - 1)) -1 0); fi
+    for k in $order; do
+        v=$(churn "${ports[$k]}")
+        echo "$pair,churn conn/s,${systems[$k]%%|*},${v:-0}" >>"$csv"
+    done
+    for rate in $rates; do
+        for k in $order; do
+            v=$(heavy "${ports[$k]}" "$rate")
+            echo "$pair,heavy p99 ms @ $rate/s,${systems[$k]%%|*},${v:-nan}" >>"$csv"
+        done
+    done
+    echo "pair $pair of $pairs done" >&2
+done
+
+python3 - "$csv" "$app_kind" <<'PY'
+import csv, math, statistics, sys
+from collections import defaultdict
+rows = list(csv.DictReader(open(sys.argv[1])))
+vals = defaultdict(dict)
+for r in rows:
+    vals[(r["scenario"], r["system"])][r["pair"]] = float(r["value"])
+scenarios = list(dict.fromkeys(r["scenario"] for r in rows))
+systems = list(dict.fromkeys(r["system"] for r in rows))
+base = systems[0]
+
+def sign_p(wins, losses):
+    """Two-sided sign test: the chance of a split at least this uneven if neither side is better."""
+    m = wins + losses
+    if m == 0:
+        return 1.0
+    k = min(wins, losses)
+    tail = sum(math.comb(m, i) for i in range(k + 1)) / 2 ** m
+    return min(1.0, 2 * tail)
+
+print(f"App: {sys.argv[2]}. Ratios are per pair of windows, this system ÷ {base}.")
+print()
+print(f"| scenario | system | median value | median ratio to {base} | pairs better / worse | sign-test p | per pair |")
+print("|---|---|---:|---:|---:|---:|---|")
+for sc in scenarios:
+    higher_better = sc.startswith("churn")
+    for s in systems:
+        runs = vals[(sc, s)]
+        b = vals[(sc, base)]
+        ratios = [runs[k] / b[k] for k in runs if k in b and b[k] > 0 and not math.isnan(runs[k])]
+        med = statistics.median(v for v in runs.values() if not math.isnan(v))
+        if s == base:
+            print(f"| {sc} | {s} | {med:.1f} | 1.00× | — | — | |")
+            continue
+        better = sum(1 for x in ratios if (x > 1) == higher_better and x != 1)
+        worse = sum(1 for x in ratios if (x < 1) == higher_better and x != 1)
+        per = ", ".join(f"{x:.2f}" for x in ratios)
+        print(f"| {sc} | {s} | {med:.1f} | {statistics.median(ratios):.3f}× | {better} / {worse} "
+              f"| {sign_p(better, worse):.3f} | {per} |")
+PY
