@@ -4,7 +4,8 @@
 # order (A B C, then C B A, ...), so the slow drift of a shared VM's speed, which separate
 # rounds with fresh instances fold into the comparison, falls on every system alike. Each pair
 # of windows gives one ratio to shared; the summary is the median ratio, how many pairs favour
-# each side, and a two-sided sign-test p-value for "no difference".
+# each side, and a two-sided sign-test p-value for "no difference"; the errors column counts
+# failed requests (a window that measured nothing counts as one).
 #
 #   scripts/paired-bench.sh                          # node app, 10 pairs
 #   APP=demo PAIRS=6 RATES="1000 1600" scripts/paired-bench.sh
@@ -83,9 +84,10 @@ churn() { # port -> conn/s
     wrk -t1 -c32 -d"${churn_secs}s" -H 'Connection: close' "http://127.0.0.1:$1/" |
         awk '/Requests\/sec/ {print $2}'
 }
-heavy() { # port rate -> p99 ms
+heavy() { # port rate -> "p99_ms,errors"
     "$load" "127.0.0.1:$1" "$2" "$heavy_secs" |
-        awk '{for (i = 1; i < NF; i++) if ($i == "p99_ms") print $(i + 1)}'
+        awk '{for (i = 1; i < NF; i++) { if ($i == "p99_ms") p = $(i + 1); if ($i == "errors") e = $(i + 1) }
+              print p "," e}'
 }
 
 # Unrecorded warm-up of every instance (a fresh node process is slow until its code is
@@ -96,17 +98,17 @@ for k in $(seq 0 $((n - 1))); do
 done
 
 csv="$out/windows.csv"
-echo "pair,scenario,system,value" >"$csv"
+echo "pair,scenario,system,value,errors" >"$csv"
 for pair in $(seq "$pairs"); do
     if ((pair % 2)); then order=$(seq 0 $((n - 1))); else order=$(seq $((n - 1)) -1 0); fi
     for k in $order; do
         v=$(churn "${ports[$k]}")
-        echo "$pair,churn conn/s,${systems[$k]%%|*},${v:-0}" >>"$csv"
+        echo "$pair,churn conn/s,${systems[$k]%%|*},${v:-0},0" >>"$csv"
     done
     for rate in $rates; do
         for k in $order; do
             v=$(heavy "${ports[$k]}" "$rate")
-            echo "$pair,heavy p99 ms @ $rate/s,${systems[$k]%%|*},${v:-nan}" >>"$csv"
+            echo "$pair,heavy p99 ms @ $rate/s,${systems[$k]%%|*},${v:-nan,1}" >>"$csv"
         done
     done
     echo "pair $pair of $pairs done" >&2
@@ -117,8 +119,10 @@ import csv, math, statistics, sys
 from collections import defaultdict
 rows = list(csv.DictReader(open(sys.argv[1])))
 vals = defaultdict(dict)
+errors = defaultdict(int)
 for r in rows:
-    vals[(r["scenario"], r["system"])][r["pair"]] = float(r["value"])
+    vals[(r["scenario"], r["system"])][r["pair"]] = float(r["value"] or "nan")
+    errors[(r["scenario"], r["system"])] += int(r["errors"] or 1)
 scenarios = list(dict.fromkeys(r["scenario"] for r in rows))
 systems = list(dict.fromkeys(r["system"] for r in rows))
 base = systems[0]
@@ -134,21 +138,26 @@ def sign_p(wins, losses):
 
 print(f"App: {sys.argv[2]}. Ratios are per pair of windows, this system ÷ {base}.")
 print()
-print(f"| scenario | system | median value | median ratio to {base} | pairs better / worse | sign-test p | per pair |")
-print("|---|---|---:|---:|---:|---:|---|")
+print(f"| scenario | system | median value | median ratio to {base} | pairs better / worse | sign-test p | errors | per pair |")
+print("|---|---|---:|---:|---:|---:|---:|---|")
 for sc in scenarios:
     higher_better = sc.startswith("churn")
     for s in systems:
         runs = vals[(sc, s)]
         b = vals[(sc, base)]
-        ratios = [runs[k] / b[k] for k in runs if k in b and b[k] > 0 and not math.isnan(runs[k])]
-        med = statistics.median(v for v in runs.values() if not math.isnan(v))
+        ok = [v for v in runs.values() if not math.isnan(v)]
+        med = f"{statistics.median(ok):.1f}" if ok else "—"
+        err = errors[(sc, s)]
         if s == base:
-            print(f"| {sc} | {s} | {med:.1f} | 1.00× | — | — | |")
+            print(f"| {sc} | {s} | {med} | 1.00× | — | — | {err} | |")
+            continue
+        ratios = [runs[k] / b[k] for k in runs if k in b and b[k] > 0 and not math.isnan(runs[k])]
+        if not ratios:
+            print(f"| {sc} | {s} | {med} | — | — | — | {err} | no pair measured both |")
             continue
         better = sum(1 for x in ratios if (x > 1) == higher_better and x != 1)
         worse = sum(1 for x in ratios if (x < 1) == higher_better and x != 1)
         per = ", ".join(f"{x:.2f}" for x in ratios)
-        print(f"| {sc} | {s} | {med:.1f} | {statistics.median(ratios):.3f}× | {better} / {worse} "
-              f"| {sign_p(better, worse):.3f} | {per} |")
+        print(f"| {sc} | {s} | {med} | {statistics.median(ratios):.3f}× | {better} / {worse} "
+              f"| {sign_p(better, worse):.3f} | {err} | {per} |")
 PY
