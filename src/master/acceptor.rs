@@ -794,7 +794,7 @@ impl Acceptor {
                 // The next connection's number, not the last one's: a worker that reported a
                 // close since the last accept holds the last one's, and a tie with it would be
                 // left to the rotation.
-                self.stats[i].progress = self.stamp(self.seq + 1);
+                self.stats[i].progress = self.stamp(self.seq.wrapping_add(1));
                 self.stats[i].stuck = false;
                 self.entries[i].pull.progress_at = Instant::now();
             }
