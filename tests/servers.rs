@@ -778,10 +778,10 @@ fn node_least_conn_never_ties_onto_a_busy_worker() {
     busy_worker_trials(&cluster, "/", body_pid);
 }
 
-/// A single-threaded python server that waits in `select` (argument `select`) or `poll`
-/// (`poll`) on its non-blocking listener and accepts until `EAGAIN`, as gunicorn's sync worker
-/// does; `?us=N` spins N µs before answering `pid P`.
-const PY_WAIT_APP: &str = include_str!("fixtures/wait_server.py");
+/// The path of a single-threaded python server that waits in `select` (argument `select`) or
+/// `poll` (`poll`) on its non-blocking listener and accepts until `EAGAIN`, as gunicorn's sync
+/// worker does; `?us=N` spins N µs before answering `pid P`.
+const PY_WAIT_APP: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/wait_server.py");
 
 /// Two workers running `command` (a server answering `pid P`, spinning on `?us=N`) under
 /// least-conn with `--steer STEER` (`dispatch`: the master's own, whose status dump counts
@@ -830,14 +830,11 @@ fn node_kernel_spin_cluster() -> Option<(TempDir, TestCluster)> {
 /// Two [`PY_WAIT_APP`] workers waiting in `wait` (`select` or `poll`) under kernel steering
 /// ([`spin_cluster`]); `None` (with a note) where python3 or the steering program is not
 /// available.
-fn py_wait_kernel_cluster(wait: &str) -> Option<(TempDir, TestCluster)> {
+fn py_wait_kernel_cluster(wait: &str) -> Option<TestCluster> {
     if !available("python3") || !steering_available() {
         return None;
     }
-    let dir = TempDir::new("py-wait");
-    let app = dir.write("app.py", PY_WAIT_APP);
-    let cluster = spin_cluster("kernel", &["python3", &app, wait]);
-    Some((dir, cluster))
+    Some(spin_cluster("kernel", &["python3", PY_WAIT_APP, wait]))
 }
 
 /// A server that waits in `select` (gunicorn's sync worker does) watches the overflow queue
@@ -846,7 +843,7 @@ fn py_wait_kernel_cluster(wait: &str) -> Option<(TempDir, TestCluster)> {
 /// all.
 #[test]
 fn select_server_kernel_overflow_queue_goes_to_the_first_worker_free() {
-    let Some((_dir, cluster)) = py_wait_kernel_cluster("select") else {
+    let Some(cluster) = py_wait_kernel_cluster("select") else {
         return;
     };
     overflow_trial(&cluster, body_pid);
@@ -856,7 +853,7 @@ fn select_server_kernel_overflow_queue_goes_to_the_first_worker_free() {
 /// waits in `poll` (the shim appends the queue to a copy of its array).
 #[test]
 fn poll_server_kernel_overflow_queue_goes_to_the_first_worker_free() {
-    let Some((_dir, cluster)) = py_wait_kernel_cluster("poll") else {
+    let Some(cluster) = py_wait_kernel_cluster("poll") else {
         return;
     };
     overflow_trial(&cluster, body_pid);
