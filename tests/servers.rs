@@ -846,7 +846,7 @@ fn select_server_kernel_overflow_queue_goes_to_the_first_worker_free() {
     let Some(cluster) = py_wait_kernel_cluster("select") else {
         return;
     };
-    overflow_trial(&cluster, body_pid);
+    overflow_trial(&cluster, body_pid, Some(1));
 }
 
 /// As [`select_server_kernel_overflow_queue_goes_to_the_first_worker_free`], for a server that
@@ -856,7 +856,7 @@ fn poll_server_kernel_overflow_queue_goes_to_the_first_worker_free() {
     let Some(cluster) = py_wait_kernel_cluster("poll") else {
         return;
     };
-    overflow_trial(&cluster, body_pid);
+    overflow_trial(&cluster, body_pid, Some(1));
 }
 
 /// Under kernel steering the shim stamps the node loop's waits on the table: a node worker
@@ -877,7 +877,7 @@ fn node_kernel_overflow_queue_goes_to_the_first_worker_free() {
     let Some((_dir, cluster)) = node_kernel_spin_cluster() else {
         return;
     };
-    overflow_trial(&cluster, body_pid);
+    overflow_trial(&cluster, body_pid, Some(0));
 }
 
 /// A node worker inside a long request holds fewer connections than its peer, so by counts it

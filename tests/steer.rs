@@ -238,7 +238,7 @@ fn overflow_queue_goes_to_the_first_worker_free() {
         return;
     }
     let cluster = start_policy("least-conn", 2, &[]);
-    common::overflow_trial(&cluster, common::Response::pid);
+    common::overflow_trial(&cluster, common::Response::pid, None);
 }
 
 /// `ctl policy` under kernel steering switches the program's pick: with one connection held

@@ -10,11 +10,15 @@
 //! (`epoll_ctl` ADD/MOD), the shim registers the queue in the same set with the same `data`,
 //! level-triggered and never `EPOLLEXCLUSIVE` (an exclusive wake-up can leave the queue's
 //! readiness with a loop that is busy while another sleeps): a connection waiting there wakes
-//! the server as if its own listener were readable. When the server's `accept` on its listener
-//! finds nothing (`EAGAIN`) and the table's line for the queue says a connection waits there
-//! (`SteerSlot::overflow_waiting`: no system call), the shim takes one from the queue instead —
-//! one per wait of the calling thread, so a loop that comes free takes one connection and goes
-//! back to its events rather than draining the queue in front of its peers. The registration is
+//! the server as if its own listener were readable. When the server calls `accept` on its
+//! listener and the table says a connection waits in the queue (`SteerSlot::overflow_waiting`)
+//! and none on this slot's listener (`SteerSlot::own_waiting`: loads, no system call), the shim
+//! takes one from the queue; when only the queue's line says so, it does after `accept` on the
+//! listener finds nothing (`EAGAIN`). Either way one per wait of the calling thread, so a loop
+//! that comes free takes one connection and goes back to its events rather than draining the
+//! queue in front of its peers. Taking nothing (another worker was first) leaves the call to
+//! the listener. Trying the queue first saves the failed `accept` a taken connection would
+//! otherwise cost (node calls `accept` once per readiness report). The registration is
 //! removed with the server's (`EPOLL_CTL_DEL`, closing its listener or the epoll fd).
 //!
 //! A server that waits in `poll` or `select` (gunicorn's sync worker, C servers) has no

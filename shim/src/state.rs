@@ -489,6 +489,20 @@ impl Shim {
             // SAFETY: caller contract.
             return unsafe { dispatch::accept(self, l, fd, addr, len, flags) };
         }
+        // Kernel steering: when the table says a connection waits in the overflow queue and
+        // none on this worker's own listener, the queue is tried first: one `accept`, where
+        // trying the listener first would add a failed one to every connection taken from the
+        // queue. Taking nothing (another worker was first, or this thread took one since it
+        // last waited) falls through to the listener.
+        if let Some((overflow, steer)) = self.overflow()
+            && steer.overflow_waiting()
+            && !steer.own_waiting()
+            && let Some(l) = self.claimed(fd).or_else(|| self.inherited_listener(fd))
+            // SAFETY: caller contract.
+            && let Some(conn) = unsafe { self.take_overflow(overflow, steer, l, addr, len, flags) }
+        {
+            return conn;
+        }
         let rc = real_accept();
         if rc >= 0
             && let Some(steer) = &self.steer
@@ -512,14 +526,8 @@ impl Shim {
             && let Some(l) = self.claimed(fd).or_else(|| self.inherited_listener(fd))
         {
             // SAFETY: caller contract.
-            if let Some(conn) = unsafe { overflow.accept(l.index, addr, len, flags) } {
-                steer.took_overflow();
-                match self.conns.mark(conn, l.index, self.pid()) {
-                    crate::conns::Marked::Fresh => {}
-                    crate::conns::Marked::Stale(_) | crate::conns::Marked::Untracked => {
-                        steer.closed()
-                    }
-                }
+            if let Some(conn) = unsafe { self.take_overflow(overflow, steer, l, addr, len, flags) }
+            {
                 return conn;
             }
             set_errno(libc::EAGAIN);
@@ -536,6 +544,30 @@ impl Shim {
             set_errno(e);
         }
         rc
+    }
+
+    /// One connection from the overflow queue for listener `l`, counted as this slot's and
+    /// tracked to its close, or `None` (nothing taken; errno is the caller's to set).
+    ///
+    /// # Safety
+    /// `addr`/`len`/`flags` as for accept4(2).
+    unsafe fn take_overflow(
+        &self,
+        overflow: &Overflow,
+        steer: &SteerSlot,
+        l: &Listener,
+        addr: *mut sockaddr,
+        len: *mut socklen_t,
+        flags: c_int,
+    ) -> Option<c_int> {
+        // SAFETY: caller contract.
+        let conn = unsafe { overflow.accept(l.index, addr, len, flags) }?;
+        steer.took_overflow();
+        match self.conns.mark(conn, l.index, self.pid()) {
+            crate::conns::Marked::Fresh => {}
+            crate::conns::Marked::Stale(_) | crate::conns::Marked::Untracked => steer.closed(),
+        }
+        Some(conn)
     }
 
     /// getsockname(2): a dispatch channel answers with its listener's address.

@@ -46,11 +46,21 @@ extern "C" fn forked_child() {
     LOOP.store(LOOP_OFF, Ordering::SeqCst);
 }
 
+/// Whether a line's placements exceed what was accepted and written off (three loads).
+fn untaken_on(assigned: &AtomicU64, accepted: &AtomicU64, forgiven: &AtomicU64) -> bool {
+    rcluster_proto::steer::untaken(
+        assigned.load(Ordering::SeqCst),
+        accepted.load(Ordering::SeqCst),
+        forgiven.load(Ordering::SeqCst) as i64,
+    ) > 0
+}
+
 /// This worker's line of the table.
 pub struct SteerSlot {
     assigned: &'static AtomicU64,
     accepted: &'static AtomicU64,
     closed: &'static AtomicU64,
+    forgiven: &'static AtomicU64,
     progress: &'static AtomicU64,
     busy: &'static AtomicU64,
     /// The slot's `reporting` word: the shim counts only while it holds `REPORTING_SHIM`, so a
@@ -123,11 +133,12 @@ impl SteerSlot {
             )
         };
         // SAFETY: as for the overflow queue's line, on this slot's.
-        let (assigned, accepted, closed, progress, busy, reporting) = unsafe {
+        let (assigned, accepted, closed, forgiven, progress, busy, reporting) = unsafe {
             (
                 AtomicU64::from_ptr(line.add(ASSIGNED).cast()),
                 AtomicU64::from_ptr(line.add(ACCEPTED).cast()),
                 AtomicU64::from_ptr(line.add(CLOSED).cast()),
+                AtomicU64::from_ptr(line.add(FORGIVEN).cast()),
                 AtomicU64::from_ptr(line.add(PROGRESS_NS).cast()),
                 AtomicU64::from_ptr(line.add(BUSY_NS).cast()),
                 AtomicU32::from_ptr(line.add(REPORTING).cast()),
@@ -143,6 +154,7 @@ impl SteerSlot {
             assigned,
             accepted,
             closed,
+            forgiven,
             progress,
             busy,
             reporting,
@@ -207,11 +219,19 @@ impl SteerSlot {
     /// queue each time it finds nothing. A count a lying worker skews is set right by the
     /// master's reconciliation with the queue's real length within two of its periods.
     pub fn overflow_waiting(&self) -> bool {
-        rcluster_proto::steer::untaken(
-            self.overflow_assigned.load(Ordering::SeqCst),
-            self.overflow_accepted.load(Ordering::SeqCst),
-            self.overflow_forgiven.load(Ordering::SeqCst) as i64,
-        ) > 0
+        untaken_on(
+            self.overflow_assigned,
+            self.overflow_accepted,
+            self.overflow_forgiven,
+        )
+    }
+
+    /// Whether this slot's own listener may hold a connection nobody has taken: the program
+    /// placed one there more often than the slot accepted or the master wrote off. When it
+    /// says no and [`SteerSlot::overflow_waiting`] says yes, an `accept` tries the overflow
+    /// queue first instead of paying a failed `accept` on the listener before it (state.rs).
+    pub fn own_waiting(&self) -> bool {
+        untaken_on(self.assigned, self.accepted, self.forgiven)
     }
 
     fn took(&self) {

@@ -329,7 +329,18 @@ pub const OVERFLOW_SHORT: usize = 5;
 /// sent at once wait in the overflow queue, and the worker that comes free first (the one with
 /// the shorter request) serves every one of them. Without the queue the program would place
 /// them on the worker stuck for less time, the one still busy for seconds.
-pub fn overflow_trial(cluster: &TestCluster, pid_of: fn(&Response) -> i32) {
+///
+/// `failed_per_take` (a server under the shim; skipped with a note where `strace` is missing or
+/// cannot attach): the worker that comes free is traced; each connection costs one `accept`
+/// that succeeds plus this many that fail — 0 for a server that calls `accept` once per
+/// readiness report (node), 1 for one that accepts until `EAGAIN` (the call that ends its
+/// loop). The shim tries the queue first when the table says the worker's own listener holds
+/// nothing; trying the listener first would add one failed call per connection.
+pub fn overflow_trial(
+    cluster: &TestCluster,
+    pid_of: fn(&Response) -> i32,
+    failed_per_take: Option<usize>,
+) {
     let addr = cluster.addr();
     let status = cluster.steering_status(2);
     assert!(
@@ -339,6 +350,7 @@ pub fn overflow_trial(cluster: &TestCluster, pid_of: fn(&Response) -> i32) {
     let start = Instant::now();
     let (first, first_pid) = send_long_request_us(cluster, 1_500_000, &[]);
     let (last, last_pid) = send_long_request_us(cluster, 4_000_000, &[first_pid]);
+    let trace = failed_per_take.and_then(|_| AcceptTrace::attach(first_pid));
     let before = cluster.overflow_status();
     let busy = cluster.steering_status(2);
     // Connected (so placed) from this thread, one after the other, before any is read.
@@ -374,6 +386,58 @@ pub fn overflow_trial(cluster: &TestCluster, pid_of: fn(&Response) -> i32) {
     );
     assert_eq!(after.assigned - before.assigned, OVERFLOW_SHORT as i64);
     assert_eq!(after.accepted - before.accepted, OVERFLOW_SHORT as i64);
+    if let (Some(trace), Some(per)) = (trace, failed_per_take) {
+        let (ok, failed) = trace.finish();
+        assert_eq!(
+            (ok, failed),
+            (OVERFLOW_SHORT, OVERFLOW_SHORT * per),
+            "worker {first_pid}'s accept calls for the {OVERFLOW_SHORT} connections it took \
+             from the queue (succeeded, failed)"
+        );
+    }
+}
+
+/// `strace` following one worker's `accept`/`accept4` calls, for [`overflow_trial`].
+struct AcceptTrace {
+    child: std::process::Child,
+    out: super::TempDir,
+}
+
+impl AcceptTrace {
+    /// Attached to `pid`, or `None` with a note (no `strace`, or ptrace not permitted here).
+    fn attach(pid: i32) -> Option<AcceptTrace> {
+        if !super::available("strace") {
+            return None;
+        }
+        let out = super::TempDir::new("accept-trace");
+        let log = out.path().join("trace");
+        let mut child = std::process::Command::new("strace")
+            .args(["-qq", "-e", "trace=accept,accept4", "-o"])
+            .arg(&log)
+            .args(["-p", &pid.to_string()])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .ok()?;
+        // strace writes nothing until a call; give the attach time to finish (the worker comes
+        // free 1.5 s after its long request started).
+        std::thread::sleep(Duration::from_millis(300));
+        if child.try_wait().ok().flatten().is_some() {
+            eprintln!("note: strace could not attach to {pid}; not counting its accepts");
+            return None;
+        }
+        Some(AcceptTrace { child, out })
+    }
+
+    /// Detaches and counts the calls that returned a connection and those that failed.
+    fn finish(mut self) -> (usize, usize) {
+        // Not reaped yet, so the pid is still this strace's.
+        super::kill(self.child.id() as i32, libc::SIGINT);
+        let _ = self.child.wait();
+        let text = std::fs::read_to_string(self.out.path().join("trace")).unwrap_or_default();
+        let calls: Vec<&str> = text.lines().filter(|l| l.starts_with("accept")).collect();
+        let failed = calls.iter().filter(|l| l.contains("= -1")).count();
+        (calls.len() - failed, failed)
+    }
 }
 
 /// Idle connections opened in [`kernel_stuck_trial`].
