@@ -466,7 +466,16 @@ impl Overflow {
     /// removed from their epoll sets, an epoll fd's are forgotten (closing the set removes
     /// them). errno is left as it was.
     pub fn closing(&self, steer: &SteerSlot, fd: c_int) {
-        if self.count.load(Ordering::SeqCst) == 0 || !(0..FD_LIMIT).contains(&fd) || !self.owned() {
+        if self.count.load(Ordering::SeqCst) == 0 || !(0..FD_LIMIT).contains(&fd) {
+            return;
+        }
+        // Most closes are of connections, which no entry names: decided by loads alone, before
+        // the `getpid` that ownership needs.
+        let named = |v: u64| {
+            let (epfd, server_fd, _) = unpack(v);
+            v != 0 && (server_fd == fd || epfd == fd)
+        };
+        if !self.mirrors.iter().any(|m| named(m.load(Ordering::SeqCst))) || !self.owned() {
             return;
         }
         let saved = errno();
