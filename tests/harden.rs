@@ -559,19 +559,19 @@ fn a_worker_out_of_fds_says_full_and_loses_no_connection() {
     assert_eq!(lost, 0, "connections lost on receipt");
 }
 
-#[test]
-fn an_unmodified_server_out_of_fds_loses_no_connection_through_the_shim() {
+/// Two workers running `/usr/bin/python3 ARGS` with 24 fds each (round-robin, dispatch), and 60
+/// connections held open at once (no request yet), returned once one of the workers said FULL:
+/// together they hold fewer than 60 connections, so at least one says FULL whatever the
+/// distribution, and what neither can take waits in the master (or the kernel backlog) until
+/// they have room again. `None` (with a note) without prlimit or python3.
+fn pythons_at_24_fds(args: &str) -> Option<(TestCluster, Vec<std::net::TcpStream>)> {
     let python = "/usr/bin/python3";
     if !std::path::Path::new("/usr/bin/prlimit").exists() || !std::path::Path::new(python).exists()
     {
         eprintln!("skipped: needs prlimit and {python}");
-        return;
+        return None;
     }
-    // Both pythons run with 24 fds: together they hold fewer than 60 connections, so at least
-    // one says FULL whatever the distribution; what neither can take waits in the master (or
-    // the kernel backlog) until they have room again.
-    let serve = format!(r#"{python} -m http.server --bind 127.0.0.1 "$PORT""#);
-    let script = format!(r#"cd /; exec /usr/bin/prlimit --nofile=24:24 {serve}"#);
+    let script = format!("cd /; exec /usr/bin/prlimit --nofile=24:24 {python} {args}");
     let cluster = TestCluster::start(&[
         "--workers",
         "2",
@@ -582,11 +582,19 @@ fn an_unmodified_server_out_of_fds_loses_no_connection_through_the_shim() {
         "-c",
         &script,
     ]);
-    let mut held = Vec::new();
-    for _ in 0..60 {
-        held.push(std::net::TcpStream::connect(cluster.addr()).unwrap());
-    }
+    let held = (0..60)
+        .map(|_| std::net::TcpStream::connect(cluster.addr()).unwrap())
+        .collect();
     cluster.wait_for_log("is out of file descriptors", DEADLINE);
+    Some((cluster, held))
+}
+
+#[test]
+fn an_unmodified_server_out_of_fds_loses_no_connection_through_the_shim() {
+    let Some((_cluster, held)) = pythons_at_24_fds(r#"-m http.server --bind 127.0.0.1 "$PORT""#)
+    else {
+        return;
+    };
     // Every connection gets an answer. (Python itself may answer 404 to a request it cannot
     // open a file for at its limit: its own shortage, but no lost connection.)
     let (mut answered, mut ok, mut failed) = (0, 0, Vec::new());
@@ -602,6 +610,36 @@ fn an_unmodified_server_out_of_fds_loses_no_connection_through_the_shim() {
     }
     println!("python at 24 fds: {answered} of 60 answered ({ok} with 200); failures {failed:?}");
     assert_eq!((answered, failed.len()), (60, 0), "{failed:?}");
+}
+
+/// The server of [`a_threaded_server_racing_for_its_last_fd_loses_no_connection_through_the_shim`].
+const FD_RACE_APP: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/fd_race_server.py"
+);
+
+/// A threaded server at its fd limit whose other thread opens and closes a file without pause
+/// (so the last free fd is often gone between the shim's check and its read of the channel):
+/// every one of 60 connections held open at once is answered, and no CONN arrives without its
+/// fd (the kernel closes a received fd that does not fit, losing the client).
+#[test]
+fn a_threaded_server_racing_for_its_last_fd_loses_no_connection_through_the_shim() {
+    let Some((cluster, held)) = pythons_at_24_fds(FD_RACE_APP) else {
+        return;
+    };
+    let mut tally = Tally::default();
+    for mut s in held {
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let r = common::send_on(&mut s, "/", false).and_then(|()| common::read_response(s));
+        tally.add(&r);
+    }
+    let without_fd = cluster
+        .log_lines()
+        .iter()
+        .filter(|l| l.contains("CONN message without an fd"))
+        .count();
+    assert_eq!(without_fd, 0, "connections whose fd did not fit on receipt");
+    assert_all_answered("60 connections, two threaded pythons at 24 fds", &tally, 60);
 }
 
 #[test]

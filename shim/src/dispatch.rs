@@ -6,7 +6,7 @@ use std::mem;
 use libc::{c_int, sockaddr, socklen_t};
 
 use crate::conns::Marked;
-use crate::listener::Listener;
+use crate::listener::{Listener, Room};
 use crate::state::{Shim, errno, set_errno, warn};
 use crate::{real, sockaddr as sa};
 use rcluster_proto::{HEADER_LEN, ToWorker};
@@ -28,16 +28,59 @@ enum Received {
     Eof,
     /// recvmsg failed; errno is set (EAGAIN on an empty non-blocking channel, EINTR, …).
     Failed,
+    /// Near the fd limit: the waiting connection's fd does not fit; it stays queued.
+    NoRoom,
 }
 
-/// recvmsg(2) of one message, with `MSG_CMSG_CLOEXEC` so the connection is never inherited by
-/// a concurrent fork+exec before the caller's flags are applied.
-fn receive(l: &Listener, fd: c_int) -> Received {
-    let mut data = [0u8; 2 * HEADER_LEN];
+/// One message as read: its bytes, the fds the kernel installed for it, and whether some
+/// could not be installed (`MSG_CTRUNC`: this process had no free fd for them).
+struct Raw {
+    data: [u8; 2 * HEADER_LEN],
+    n: usize,
+    fds: [c_int; MAX_FDS_PER_MSG],
+    count: usize,
+    truncated: bool,
+    ctrunc: bool,
+}
+
+impl Raw {
+    fn fds(&self) -> &[c_int] {
+        &self.fds[..self.count]
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.data[..self.n]
+    }
+
+    fn close_fds(&self) {
+        close_all(self.fds());
+    }
+}
+
+/// Closes fds received just now, owned by nobody else.
+fn close_all(fds: &[c_int]) {
+    for &fd in fds {
+        // SAFETY: as documented, the fds are ours to close.
+        unsafe { real::close(fd) };
+    }
+}
+
+/// recvmsg(2) of one message with `flags` added to `MSG_CMSG_CLOEXEC` (so the connection is
+/// never inherited by a concurrent fork+exec before the caller's flags are applied); `None`
+/// when it fails (errno set: EAGAIN on an empty non-blocking channel, EINTR, …).
+fn read_message(fd: c_int, flags: c_int) -> Option<Raw> {
+    let mut raw = Raw {
+        data: [0u8; 2 * HEADER_LEN],
+        n: 0,
+        fds: [-1; MAX_FDS_PER_MSG],
+        count: 0,
+        truncated: false,
+        ctrunc: false,
+    };
     let mut cbuf = CmsgBuf([0; 64]);
     let mut iov = libc::iovec {
-        iov_base: data.as_mut_ptr().cast(),
-        iov_len: data.len(),
+        iov_base: raw.data.as_mut_ptr().cast(),
+        iov_len: raw.data.len(),
     };
     // SAFETY: msghdr is plain data; zeroed is an empty header.
     let mut msg: libc::msghdr = unsafe { mem::zeroed() };
@@ -46,12 +89,11 @@ fn receive(l: &Listener, fd: c_int) -> Received {
     msg.msg_control = cbuf.0.as_mut_ptr().cast();
     msg.msg_controllen = cbuf.0.len() as _;
     // SAFETY: msg points at iov and cbuf, which outlive the call.
-    let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_CMSG_CLOEXEC | flags) };
     if n < 0 {
-        return Received::Failed;
+        return None;
     }
-    let mut fds = [-1 as c_int; MAX_FDS_PER_MSG];
-    let mut count = 0;
+    raw.n = n as usize;
     // SAFETY: msg was filled by recvmsg; the CMSG_* macros walk its control buffer within
     // msg_controllen, and each SCM_RIGHTS payload holds (cmsg_len - CMSG_LEN(0)) / 4 ints.
     unsafe {
@@ -62,9 +104,9 @@ fn receive(l: &Listener, fd: c_int) -> Received {
                 let data = libc::CMSG_DATA(cmsg).cast::<c_int>();
                 for k in 0..payload / mem::size_of::<c_int>() {
                     let fd = std::ptr::read_unaligned(data.add(k));
-                    if count < MAX_FDS_PER_MSG {
-                        fds[count] = fd;
-                        count += 1;
+                    if raw.count < MAX_FDS_PER_MSG {
+                        raw.fds[raw.count] = fd;
+                        raw.count += 1;
                     } else {
                         real::close(fd);
                     }
@@ -73,22 +115,65 @@ fn receive(l: &Listener, fd: c_int) -> Received {
             cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
         }
     }
-    let fds = &fds[..count];
+    raw.truncated = msg.msg_flags & libc::MSG_TRUNC != 0;
+    raw.ctrunc = msg.msg_flags & libc::MSG_CTRUNC != 0;
+    Some(raw)
+}
+
+/// One message: a connection, or what else it was.
+fn receive(l: &Listener, fd: c_int) -> Received {
+    match read_message(fd, 0) {
+        Some(raw) => interpret(l, raw),
+        None => Received::Failed,
+    }
+}
+
+/// Near the fd limit, where the kernel would close a connection whose fd does not fit (and
+/// another thread of the server can take the last free fd between any check and the read):
+/// the message is first read with `MSG_PEEK`, which installs copies of its fds and leaves it
+/// queued, and consumed only once a copy is held. Nothing fits: nothing is consumed
+/// ([`Received::NoRoom`]). The consuming read may install the fds again (closed: the copies
+/// serve) or not (`MSG_CTRUNC`: the copies serve). If another thread consumed the peeked
+/// message first (its CONN bytes, which carry the master's connection number, differ), the
+/// copies are closed and the message read is handled as usual.
+fn receive_tight(l: &Listener, fd: c_int) -> Received {
+    let Some(peeked) = read_message(fd, libc::MSG_PEEK) else {
+        return Received::Failed;
+    };
+    if peeked.count == 0 {
+        if peeked.ctrunc {
+            return Received::NoRoom;
+        }
+        // Not a connection (or end of file): nothing to keep; read it as usual.
+        return receive(l, fd);
+    }
+    let Some(taken) = read_message(fd, libc::MSG_DONTWAIT) else {
+        // Another thread consumed it and nothing else is queued: the copies were a peek.
+        let e = errno();
+        peeked.close_fds();
+        set_errno(e);
+        return Received::Skip;
+    };
+    if taken.bytes() == peeked.bytes() {
+        taken.close_fds();
+        interpret(l, peeked)
+    } else {
+        peeked.close_fds();
+        interpret(l, taken)
+    }
+}
+
+/// What a message read from the channel means for `accept`.
+fn interpret(l: &Listener, raw: Raw) -> Received {
+    let fds = raw.fds();
     // SOCK_SEQPACKET: a zero-length read is end of file (the master never sends empty ones).
-    if n == 0 && fds.is_empty() {
+    if raw.n == 0 && fds.is_empty() {
         return Received::Eof;
     }
-    let truncated = msg.msg_flags & libc::MSG_TRUNC != 0;
-    let decoded = if truncated {
+    let decoded = if raw.truncated {
         None
     } else {
-        ToWorker::decode(&data[..n as usize]).ok()
-    };
-    let close_all = |fds: &[c_int]| {
-        for &fd in fds {
-            // SAFETY: fds received just now, owned by nobody else.
-            unsafe { real::close(fd) };
-        }
+        ToWorker::decode(raw.bytes()).ok()
     };
     match decoded {
         Some(ToWorker::Conn { .. }) if !fds.is_empty() => {
@@ -143,16 +228,22 @@ pub unsafe fn accept(
         if l.is_orphaned() {
             return orphaned(fd);
         }
-        if !l.has_room() {
-            // As accept(2) at the fd limit; the master was told (FULL) and dispatches
-            // elsewhere until this process has room again.
-            set_errno(libc::EMFILE);
-            return -1;
-        }
-        let conn = match receive(l, fd) {
+        let received = match l.room() {
+            Room::Plenty => receive(l, fd),
+            Room::Tight => receive_tight(l, fd),
+            Room::Full => Received::NoRoom,
+        };
+        let conn = match received {
             Received::Conn(conn) => conn,
             Received::Skip => continue,
             Received::Failed => return -1,
+            Received::NoRoom => {
+                // As accept(2) at the fd limit; the master was told (FULL) and dispatches
+                // elsewhere until this process has room again.
+                l.full();
+                set_errno(libc::EMFILE);
+                return -1;
+            }
             Received::Eof => {
                 if l.mark_orphaned() {
                     // No connection can ever arrive again. Ask the process to stop the
@@ -237,4 +328,138 @@ fn orphaned(fd: c_int) -> c_int {
     }
     set_errno(libc::EAGAIN);
     -1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+    /// Set in the child process that runs [`fd_limit_child`].
+    const CHILD: &str = "RCLUSTER_SHIM_FD_LIMIT_CHILD";
+
+    /// Near the fd limit nothing is lost: with no free fd a waiting connection stays queued
+    /// (`NoRoom`), and with one free fd, taken by the peek so that the consuming read has none,
+    /// the connection still arrives. A plain read at the same point loses it, which is why the
+    /// tight path exists. Run in a child process: it lowers `RLIMIT_NOFILE` and fills the fd
+    /// table, which would break tests running beside it.
+    #[test]
+    fn near_the_fd_limit_a_connection_is_queued_or_received_never_lost() {
+        let exe = std::env::current_exe().unwrap();
+        let out = std::process::Command::new(exe)
+            .args(["--exact", "dispatch::tests::fd_limit_child", "--ignored"])
+            .args(["--test-threads=1", "--nocapture"])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{text}");
+        assert!(text.contains("1 passed"), "the child ran nothing: {text}");
+    }
+
+    #[test]
+    #[ignore = "run in a child process by near_the_fd_limit_a_connection_is_queued_or_received_never_lost"]
+    fn fd_limit_child() {
+        if std::env::var_os(CHILD).is_none() {
+            return;
+        }
+        let (l, master) = crate::listener::tests::pair();
+        let chan = l.chan.as_raw_fd();
+        // Two connections (stream socketpairs), each sent in a CONN with the master's
+        // sequence number, our copy of the sent end closed so only the message holds it.
+        let (sent1, peer1) = stream_pair();
+        let (sent2, peer2) = stream_pair();
+        send_conn(&master, sent1, 1);
+        send_conn(&master, sent2, 2);
+        // No free fd left.
+        let mut fillers = fill_fd_table();
+        assert!(matches!(receive_tight(&l, chan), Received::NoRoom));
+        // One free fd: the peek takes it, the consuming read finds none (MSG_CTRUNC).
+        drop(fillers.pop());
+        let Received::Conn(conn) = receive_tight(&l, chan) else {
+            panic!("the first connection did not arrive");
+        };
+        // SAFETY: conn was just received and is ours.
+        let conn = unsafe { OwnedFd::from_raw_fd(conn) };
+        assert_eq!(
+            transfer(&peer1, &conn),
+            1,
+            "the received fd is the first connection"
+        );
+        // The same point without the tight path: the kernel drops the fd, the client is lost.
+        let _no_room = fill_fd_table();
+        assert!(matches!(receive(&l, chan), Received::Skip));
+        let mut byte = [0u8; 1];
+        // SAFETY: byte is valid for one byte.
+        let n = unsafe { libc::recv(peer2.as_raw_fd(), byte.as_mut_ptr().cast(), 1, 0) };
+        assert_eq!(n, 0, "the second connection was closed on receipt");
+    }
+
+    fn stream_pair() -> (OwnedFd, OwnedFd) {
+        let mut fds = [0 as c_int; 2];
+        // SAFETY: fds is valid storage for two fds.
+        let rc = unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, fds.as_mut_ptr()) };
+        assert_eq!(rc, 0);
+        // SAFETY: both fds were just created and are owned by nobody else.
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+    }
+
+    /// Sends a CONN with `fd` attached on the master's end, then closes `fd`.
+    fn send_conn(master: &OwnedFd, fd: OwnedFd, seq: u64) {
+        let mut data = ToWorker::Conn { seq }.encode();
+        let mut iov = libc::iovec {
+            iov_base: data.as_mut_ptr().cast(),
+            iov_len: data.len(),
+        };
+        let mut cbuf = CmsgBuf([0; 64]);
+        // SAFETY: msghdr is plain data; the CMSG_* macros write within cbuf (CMSG_SPACE(4) <=
+        // 64 bytes), which outlives the sendmsg call.
+        unsafe {
+            let mut msg: libc::msghdr = mem::zeroed();
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = cbuf.0.as_mut_ptr().cast();
+            msg.msg_controllen = libc::CMSG_SPACE(4) as _;
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(4) as _;
+            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<c_int>(), fd.as_raw_fd());
+            assert!(libc::sendmsg(master.as_raw_fd(), &msg, 0) > 0);
+        }
+    }
+
+    /// Lowers the soft fd limit to a little above what is open and opens fds until none is
+    /// free; they close when dropped.
+    fn fill_fd_table() -> Vec<OwnedFd> {
+        // SAFETY: rlimit is plain data, filled by getrlimit.
+        let mut lim: libc::rlimit = unsafe { mem::zeroed() };
+        // SAFETY: lim is valid storage.
+        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
+        lim.rlim_cur = lim.rlim_cur.min(256);
+        // SAFETY: lim is a valid rlimit, not above the hard limit.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }, 0);
+        let mut fds = Vec::new();
+        loop {
+            // SAFETY: dup of stdin's number returns a new fd or -1.
+            let fd = unsafe { libc::fcntl(0, libc::F_DUPFD_CLOEXEC, 0) };
+            if fd < 0 {
+                assert_eq!(errno(), libc::EMFILE);
+                return fds;
+            }
+            // SAFETY: fd was just created and is ours.
+            fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+    }
+
+    /// Writes one byte into `from` and reads it from `to`: how many arrived.
+    fn transfer(from: &OwnedFd, to: &OwnedFd) -> isize {
+        let mut byte = [7u8; 1];
+        // SAFETY: byte is valid for one byte in both calls.
+        unsafe {
+            assert_eq!(libc::send(from.as_raw_fd(), byte.as_ptr().cast(), 1, 0), 1);
+            libc::recv(to.as_raw_fd(), byte.as_mut_ptr().cast(), 1, 0)
+        }
+    }
 }

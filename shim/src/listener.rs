@@ -67,6 +67,17 @@ pub fn ident_of(fd: c_int) -> Option<(u64, u64)> {
     (unsafe { libc::fstat(fd, &mut st) } == 0).then_some((st.st_dev, st.st_ino))
 }
 
+/// How much room for one more fd [`Listener::room`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Room {
+    /// Far from `RLIMIT_NOFILE`.
+    Plenty,
+    /// Near it, and one more fd fitted a moment ago.
+    Tight,
+    /// None: the master was told FULL.
+    Full,
+}
+
 impl Listener {
     /// Wraps `chan`, the private duplicate of `inherited_fd`.
     pub fn new(
@@ -258,7 +269,7 @@ impl Listener {
                 self.flush_closed_as(pid);
             }
             if self.full.load(Ordering::Acquire) {
-                self.has_room();
+                self.room();
             }
         }
     }
@@ -281,10 +292,12 @@ impl Listener {
 
     /// Before reading a CONN: whether its fd fits. A fd that does not fit is closed by the
     /// kernel on receipt (`MSG_CTRUNC`) and its client is lost, so near `RLIMIT_NOFILE` (the
-    /// last fd received within 32 of it) this probes with one `F_DUPFD_CLOEXEC`; out of room it
-    /// tells the master FULL once (it stops dispatching here and takes back what is queued) and
-    /// returns false; with room again, READY resumes. Far from the limit: one `getrlimit`.
-    pub fn has_room(&self) -> bool {
+    /// last fd received within 32 of it) this probes with one `F_DUPFD_CLOEXEC` and answers
+    /// [`Room::Tight`] (the caller then reads so that nothing is lost if the last free fd goes
+    /// to another thread first: dispatch.rs); out of room it tells the master FULL once (it
+    /// stops dispatching here and takes back what is queued); with room again, READY resumes.
+    /// Far from the limit: one `getrlimit`.
+    pub fn room(&self) -> Room {
         // SAFETY: rlimit is plain data; getrlimit fills it or fails.
         let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
         // SAFETY: lim is valid storage.
@@ -295,28 +308,33 @@ impl Listener {
         };
         let last = u64::try_from(self.last_fd.load(Ordering::Relaxed)).unwrap_or(0);
         let room = if last.saturating_add(32) < limit {
-            true
+            Room::Plenty
         } else {
             // SAFETY: fcntl on our own channel fd returns a new fd we close at once, or -1.
             let probe = unsafe { libc::fcntl(self.chan.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
             if probe >= 0 {
                 // SAFETY: probe was just created and is ours.
                 unsafe { crate::real::close(probe) };
+                Room::Tight
+            } else {
+                Room::Full
             }
-            probe >= 0
         };
-        if room {
-            if self.full.load(Ordering::Acquire)
-                && self.send(ToMaster::Ready { max_fds: 0 }).is_ok()
-            {
-                self.full.store(false, Ordering::Release);
-            }
-        } else if !self.full.load(Ordering::Acquire)
-            && self.send(ToMaster::Full { lost: 0 }).is_ok()
+        if room == Room::Full {
+            self.full();
+        } else if self.full.load(Ordering::Acquire)
+            && self.send(ToMaster::Ready { max_fds: 0 }).is_ok()
         {
-            self.full.store(true, Ordering::Release);
+            self.full.store(false, Ordering::Release);
         }
         room
+    }
+
+    /// No fd fits: FULL to the master, once until READY.
+    pub fn full(&self) {
+        if !self.full.load(Ordering::Acquire) && self.send(ToMaster::Full { lost: 0 }).is_ok() {
+            self.full.store(true, Ordering::Release);
+        }
     }
 
     /// The server closed its listener: it takes no more connections (it is draining or
@@ -353,12 +371,12 @@ fn transient(errno: c_int) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::os::fd::FromRawFd;
 
     /// A dispatch listener on one end of a socketpair; the other end plays the master.
-    fn pair() -> (Listener, OwnedFd) {
+    pub(crate) fn pair() -> (Listener, OwnedFd) {
         let mut fds = [0 as c_int; 2];
         // SAFETY: fds is valid storage for two fds.
         let rc = unsafe {
