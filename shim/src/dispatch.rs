@@ -345,17 +345,11 @@ mod tests {
     /// table, which would break tests running beside it.
     #[test]
     fn near_the_fd_limit_a_connection_is_queued_or_received_never_lost() {
-        let exe = std::env::current_exe().unwrap();
-        let out = std::process::Command::new(exe)
-            .args(["--exact", "dispatch::tests::fd_limit_child", "--ignored"])
-            .args(["--test-threads=1", "--nocapture"])
-            .env(CHILD, "1")
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).into_owned()
-            + &String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "{text}");
-        assert!(text.contains("1 passed"), "the child ran nothing: {text}");
+        rcluster_sys::testing::run_ignored_test_in_child(
+            "dispatch::tests::fd_limit_child",
+            CHILD,
+            &[],
+        );
     }
 
     #[test]

@@ -5,6 +5,8 @@
 pub mod bpf;
 pub mod scm;
 pub mod spawn;
+#[doc(hidden)]
+pub mod testing;
 mod user;
 
 pub use user::Credentials;

@@ -1044,13 +1044,18 @@ impl Channel {
         if let Some((fd, seq)) = self.lock_queued().pop_front() {
             return self.connection(fd, seq, nonblocking);
         }
-        self.make_room()?;
+        let mut tight = self.make_room()?;
         let flags = if nonblocking { libc::MSG_DONTWAIT } else { 0 };
         let mut fds = Vec::new();
         loop {
             let mut buf = [0u8; HEADER_LEN];
             fds.clear();
-            let got = match scm::recvmsg_fds(self.fd.as_fd(), &mut buf, flags, &mut fds) {
+            let read = if tight {
+                self.read_tight(&mut buf, flags, &mut fds)
+            } else {
+                scm::recvmsg_fds(self.fd.as_fd(), &mut buf, flags, &mut fds)
+            };
+            let got = match read {
                 Ok(got) => got,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 // scm::recvmsg_fds's only InvalidData is MSG_CTRUNC: fds were attached, so it
@@ -1060,7 +1065,7 @@ impl Channel {
                     self.lost.fetch_add(1, Ordering::Relaxed);
                     // Treat the process as at its limit from now on.
                     self.last_fd.store(i32::MAX, Ordering::Relaxed);
-                    self.make_room()?;
+                    tight = self.make_room()?;
                     continue;
                 }
                 Err(e) => return Err(e),
@@ -1104,7 +1109,7 @@ impl Channel {
     /// is queued, and fails with `EMFILE`, which a server handles like a full `accept`; once
     /// they fit again, READY resumes dispatch. Far from the limit (judged by the last fd
     /// number received) this costs one `getrlimit`.
-    fn make_room(&self) -> io::Result<()> {
+    fn make_room(&self) -> io::Result<bool> {
         let limit = sys::nofile_soft_limit().unwrap_or(u64::MAX);
         let last = u64::try_from(self.last_fd.load(Ordering::Relaxed)).unwrap_or(0);
         let margin = 2 * MAX_FDS_PER_CONN as u64;
@@ -1119,8 +1124,13 @@ impl Channel {
                     self.full.store(false, Ordering::Relaxed);
                 }
             }
-            return Ok(());
+            return Ok(near);
         }
+        Err(self.full_now())
+    }
+
+    /// Out of room: FULL to the master (once until READY); the `EMFILE` for the caller.
+    fn full_now(&self) -> io::Error {
         if !self.full.load(Ordering::Relaxed) {
             let lost = self.lost.swap(0, Ordering::Relaxed);
             match self.send(ToMaster::Full { lost }, libc::MSG_DONTWAIT) {
@@ -1130,7 +1140,53 @@ impl Channel {
                 }
             }
         }
-        Err(io::Error::from_raw_os_error(libc::EMFILE))
+        io::Error::from_raw_os_error(libc::EMFILE)
+    }
+
+    /// One message, read so that near the fd limit nothing is lost when another thread takes
+    /// the free fds between [`Channel::make_room`] and the read: first with `MSG_PEEK`, which
+    /// installs copies of the fds and leaves the message queued (the copies not fitting:
+    /// nothing is consumed, FULL and `EMFILE`), then for real with `MSG_DONTWAIT`. If the
+    /// message consumed is the one peeked (same bytes: they carry the master's `seq`), the
+    /// copies serve, and a consuming read that could not install the fds (`MSG_CTRUNC`) loses
+    /// nothing; if another reader (a thread, or the master reclaiming) took it first, the
+    /// copies are dropped and the message read is returned (`Interrupted` when none was left:
+    /// the caller reads again).
+    fn read_tight(
+        &self,
+        buf: &mut [u8; HEADER_LEN],
+        flags: libc::c_int,
+        fds: &mut Vec<OwnedFd>,
+    ) -> io::Result<scm::ReceivedMsg> {
+        let mut peeked_buf = [0u8; HEADER_LEN];
+        let mut peeked = Vec::new();
+        let chan = self.fd.as_fd();
+        let peek =
+            match scm::recvmsg_fds(chan, &mut peeked_buf, flags | libc::MSG_PEEK, &mut peeked) {
+                Ok(got) => got,
+                Err(e) if e.kind() == io::ErrorKind::InvalidData => return Err(self.full_now()),
+                Err(e) => return Err(e),
+            };
+        if peeked.is_empty() {
+            // Not a connection (or end of file): nothing to keep; read it as usual.
+            return scm::recvmsg_fds(chan, buf, flags, fds);
+        }
+        let same = |buf: &[u8; HEADER_LEN]| buf[..] == peeked_buf[..];
+        match scm::recvmsg_fds(chan, buf, flags | libc::MSG_DONTWAIT, fds) {
+            Ok(got) if got.len == peek.len && same(buf) => {
+                fds.clear();
+                fds.append(&mut peeked);
+                Ok(got)
+            }
+            Err(e) if e.kind() == io::ErrorKind::InvalidData && same(buf) => {
+                fds.append(&mut peeked);
+                Ok(peek)
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                Err(io::Error::from(io::ErrorKind::Interrupted))
+            }
+            other => other,
+        }
     }
 
     fn lock_queued(&self) -> std::sync::MutexGuard<'_, VecDeque<(OwnedFd, u64)>> {
@@ -1492,6 +1548,72 @@ mod tests {
         poll.poll(&mut events, Some(DEADLINE)).unwrap();
         assert!(!events.is_empty(), "not readable within the deadline");
         poll.registry().deregister(source).unwrap();
+    }
+
+    /// Set in the child process that runs [`fd_limit_child`].
+    const FD_LIMIT_CHILD: &str = "RCLUSTER_WORKER_FD_LIMIT_CHILD";
+
+    /// Near the fd limit the tight read loses nothing: with no free fd a CONN stays queued
+    /// (`EMFILE`, FULL to the master), and with one free fd, taken by the peek so that the
+    /// consuming read has none, the connection still arrives. Run in a child process under
+    /// `prlimit --nofile=64` (skipped with a note without it): it fills its fd table, which
+    /// would break tests running beside it.
+    #[test]
+    fn near_the_fd_limit_a_connection_is_queued_or_received_never_lost() {
+        let prlimit = "/usr/bin/prlimit";
+        if !std::path::Path::new(prlimit).exists() {
+            eprintln!("skipped: needs {prlimit}");
+            return;
+        }
+        sys::testing::run_ignored_test_in_child(
+            "tests::fd_limit_child",
+            FD_LIMIT_CHILD,
+            &[prlimit, "--nofile=64:64"],
+        );
+    }
+
+    #[test]
+    #[ignore = "run in a child process by near_the_fd_limit_a_connection_is_queued_or_received_never_lost"]
+    fn fd_limit_child() {
+        if std::env::var_os(FD_LIMIT_CHILD).is_none() {
+            return;
+        }
+        let (worker, master) = dispatch_worker();
+        let ListenerKind::Channel(chan) = &worker.listeners()[0].kind else {
+            panic!("a dispatch worker's listener is a channel");
+        };
+        let mut client = master.dispatch(41);
+        // No free fd: nothing is consumed.
+        let mut fillers = fill_fd_table();
+        let mut buf = [0u8; HEADER_LEN];
+        let mut fds = Vec::new();
+        let err = chan.read_tight(&mut buf, 0, &mut fds).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EMFILE));
+        assert_eq!(master.received(), [ToMaster::Full { lost: 0 }]);
+        // One free fd: the peek takes it and the consuming read is truncated.
+        drop(fillers.pop());
+        let got = chan.read_tight(&mut buf, 0, &mut fds).unwrap();
+        assert_eq!(
+            ToWorker::decode(&buf[..got.len]).unwrap(),
+            ToWorker::Conn { seq: 41 }
+        );
+        assert_eq!(fds.len(), 1);
+        drop(fillers);
+        let mut server = TcpStream::from(fds.pop().unwrap());
+        client.write_all(b"x").unwrap();
+        let mut byte = [0u8; 1];
+        server.read_exact(&mut byte).unwrap();
+        assert_eq!(&byte, b"x", "the received fd is the connection sent");
+    }
+
+    /// Opens fds until none is free (the process runs under a low `RLIMIT_NOFILE`); they
+    /// close when dropped.
+    fn fill_fd_table() -> Vec<OwnedFd> {
+        let mut fds = Vec::new();
+        while let Ok(fd) = std::io::stdin().as_fd().try_clone_to_owned() {
+            fds.push(fd);
+        }
+        fds
     }
 
     #[test]
