@@ -333,7 +333,10 @@ fn orphaned(fd: c_int) -> c_int {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use rcluster_sys::testing::{fill_fd_table, run_ignored_test_in_child};
+    use std::io::{Read, Write};
+    use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::net::UnixStream;
 
     /// Set in the child process that runs [`fd_limit_child`].
     const CHILD: &str = "RCLUSTER_SHIM_FD_LIMIT_CHILD";
@@ -341,14 +344,19 @@ mod tests {
     /// Near the fd limit nothing is lost: with no free fd a waiting connection stays queued
     /// (`NoRoom`), and with one free fd, taken by the peek so that the consuming read has none,
     /// the connection still arrives. A plain read at the same point loses it, which is why the
-    /// tight path exists. Run in a child process: it lowers `RLIMIT_NOFILE` and fills the fd
-    /// table, which would break tests running beside it.
+    /// tight path exists. Run in a child process under `prlimit --nofile=64` (skipped with a
+    /// note without it): it fills its fd table, which would break tests running beside it.
     #[test]
     fn near_the_fd_limit_a_connection_is_queued_or_received_never_lost() {
-        rcluster_sys::testing::run_ignored_test_in_child(
+        let prlimit = "/usr/bin/prlimit";
+        if !std::path::Path::new(prlimit).exists() {
+            eprintln!("skipped: needs {prlimit}");
+            return;
+        }
+        run_ignored_test_in_child(
             "dispatch::tests::fd_limit_child",
             CHILD,
-            &[],
+            &[prlimit, "--nofile=64:64"],
         );
     }
 
@@ -362,10 +370,12 @@ mod tests {
         let chan = l.chan.as_raw_fd();
         // Two connections (stream socketpairs), each sent in a CONN with the master's
         // sequence number, our copy of the sent end closed so only the message holds it.
-        let (sent1, peer1) = stream_pair();
-        let (sent2, peer2) = stream_pair();
-        send_conn(&master, sent1, 1);
-        send_conn(&master, sent2, 2);
+        let (sent1, mut peer1) = UnixStream::pair().unwrap();
+        let (sent2, mut peer2) = UnixStream::pair().unwrap();
+        for (seq, sent) in [(1, sent1), (2, sent2)] {
+            let msg = ToWorker::Conn { seq }.encode();
+            rcluster_sys::scm::sendmsg_fd(master.as_fd(), &msg, sent.as_fd()).unwrap();
+        }
         // No free fd left.
         let mut fillers = fill_fd_table();
         assert!(matches!(receive_tight(&l, chan), Received::NoRoom));
@@ -375,85 +385,18 @@ mod tests {
             panic!("the first connection did not arrive");
         };
         // SAFETY: conn was just received and is ours.
-        let conn = unsafe { OwnedFd::from_raw_fd(conn) };
-        assert_eq!(
-            transfer(&peer1, &conn),
-            1,
-            "the received fd is the first connection"
-        );
+        let mut conn = UnixStream::from(unsafe { OwnedFd::from_raw_fd(conn) });
+        peer1.write_all(b"x").unwrap();
+        let mut byte = [0u8; 1];
+        conn.read_exact(&mut byte).unwrap();
+        assert_eq!(&byte, b"x", "the received fd is the first connection");
         // The same point without the tight path: the kernel drops the fd, the client is lost.
         let _no_room = fill_fd_table();
         assert!(matches!(receive(&l, chan), Received::Skip));
-        let mut byte = [0u8; 1];
-        // SAFETY: byte is valid for one byte.
-        let n = unsafe { libc::recv(peer2.as_raw_fd(), byte.as_mut_ptr().cast(), 1, 0) };
-        assert_eq!(n, 0, "the second connection was closed on receipt");
-    }
-
-    fn stream_pair() -> (OwnedFd, OwnedFd) {
-        let mut fds = [0 as c_int; 2];
-        // SAFETY: fds is valid storage for two fds.
-        let rc = unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, fds.as_mut_ptr()) };
-        assert_eq!(rc, 0);
-        // SAFETY: both fds were just created and are owned by nobody else.
-        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
-    }
-
-    /// Sends a CONN with `fd` attached on the master's end, then closes `fd`.
-    fn send_conn(master: &OwnedFd, fd: OwnedFd, seq: u64) {
-        let mut data = ToWorker::Conn { seq }.encode();
-        let mut iov = libc::iovec {
-            iov_base: data.as_mut_ptr().cast(),
-            iov_len: data.len(),
-        };
-        let mut cbuf = CmsgBuf([0; 64]);
-        // SAFETY: msghdr is plain data; the CMSG_* macros write within cbuf (CMSG_SPACE(4) <=
-        // 64 bytes), which outlives the sendmsg call.
-        unsafe {
-            let mut msg: libc::msghdr = mem::zeroed();
-            msg.msg_iov = &mut iov;
-            msg.msg_iovlen = 1;
-            msg.msg_control = cbuf.0.as_mut_ptr().cast();
-            msg.msg_controllen = libc::CMSG_SPACE(4) as _;
-            let cmsg = libc::CMSG_FIRSTHDR(&msg);
-            (*cmsg).cmsg_level = libc::SOL_SOCKET;
-            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-            (*cmsg).cmsg_len = libc::CMSG_LEN(4) as _;
-            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<c_int>(), fd.as_raw_fd());
-            assert!(libc::sendmsg(master.as_raw_fd(), &msg, 0) > 0);
-        }
-    }
-
-    /// Lowers the soft fd limit to a little above what is open and opens fds until none is
-    /// free; they close when dropped.
-    fn fill_fd_table() -> Vec<OwnedFd> {
-        // SAFETY: rlimit is plain data, filled by getrlimit.
-        let mut lim: libc::rlimit = unsafe { mem::zeroed() };
-        // SAFETY: lim is valid storage.
-        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
-        lim.rlim_cur = lim.rlim_cur.min(256);
-        // SAFETY: lim is a valid rlimit, not above the hard limit.
-        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }, 0);
-        let mut fds = Vec::new();
-        loop {
-            // SAFETY: dup of stdin's number returns a new fd or -1.
-            let fd = unsafe { libc::fcntl(0, libc::F_DUPFD_CLOEXEC, 0) };
-            if fd < 0 {
-                assert_eq!(errno(), libc::EMFILE);
-                return fds;
-            }
-            // SAFETY: fd was just created and is ours.
-            fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
-        }
-    }
-
-    /// Writes one byte into `from` and reads it from `to`: how many arrived.
-    fn transfer(from: &OwnedFd, to: &OwnedFd) -> isize {
-        let mut byte = [7u8; 1];
-        // SAFETY: byte is valid for one byte in both calls.
-        unsafe {
-            assert_eq!(libc::send(from.as_raw_fd(), byte.as_ptr().cast(), 1, 0), 1);
-            libc::recv(to.as_raw_fd(), byte.as_mut_ptr().cast(), 1, 0)
-        }
+        assert_eq!(
+            peer2.read(&mut byte).unwrap(),
+            0,
+            "the second connection was closed on receipt"
+        );
     }
 }

@@ -397,46 +397,83 @@ pub fn overflow_trial(
     }
 }
 
-/// `strace` following one worker's `accept`/`accept4` calls, for [`overflow_trial`].
+/// `strace` following one worker's `accept`/`accept4` calls, for [`overflow_trial`]; detached
+/// and reaped when finished or dropped (a failing test leaves no tracer behind).
 struct AcceptTrace {
-    child: std::process::Child,
+    child: Option<std::process::Child>,
     out: super::TempDir,
 }
 
+/// The pid tracing `pid` (`TracerPid` in /proc/PID/status; 0 when none).
+fn tracer_of(pid: i32) -> i32 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("TracerPid:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 impl AcceptTrace {
-    /// Attached to `pid`, or `None` with a note (no `strace`, or ptrace not permitted here).
+    /// Attached to `pid` (waits, with a deadline, until the kernel names strace its tracer), or
+    /// `None` with a note (no `strace`, or ptrace not permitted here).
     fn attach(pid: i32) -> Option<AcceptTrace> {
         if !super::available("strace") {
             return None;
         }
         let out = super::TempDir::new("accept-trace");
         let log = out.path().join("trace");
-        let mut child = std::process::Command::new("strace")
+        let child = std::process::Command::new("strace")
             .args(["-qq", "-e", "trace=accept,accept4", "-o"])
             .arg(&log)
             .args(["-p", &pid.to_string()])
             .stderr(std::process::Stdio::null())
             .spawn()
             .ok()?;
-        // strace writes nothing until a call; give the attach time to finish (the worker comes
-        // free 1.5 s after its long request started).
-        std::thread::sleep(Duration::from_millis(300));
-        if child.try_wait().ok().flatten().is_some() {
-            eprintln!("note: strace could not attach to {pid}; not counting its accepts");
-            return None;
+        let tracer = child.id() as i32;
+        let mut trace = AcceptTrace {
+            child: Some(child),
+            out,
+        };
+        let deadline = Instant::now() + DEADLINE;
+        while tracer_of(pid) != tracer {
+            let exited = trace
+                .child
+                .as_mut()
+                .is_some_and(|c| c.try_wait().ok().flatten().is_some());
+            if exited || Instant::now() >= deadline {
+                eprintln!("note: strace could not attach to {pid}; not counting its accepts");
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
         }
-        Some(AcceptTrace { child, out })
+        Some(trace)
+    }
+
+    /// Detaches strace (SIGINT) and reaps it.
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // Not reaped yet, so the pid is still this strace's.
+            super::kill(child.id() as i32, libc::SIGINT);
+            let _ = child.wait();
+        }
     }
 
     /// Detaches and counts the calls that returned a connection and those that failed.
     fn finish(mut self) -> (usize, usize) {
-        // Not reaped yet, so the pid is still this strace's.
-        super::kill(self.child.id() as i32, libc::SIGINT);
-        let _ = self.child.wait();
+        self.stop();
         let text = std::fs::read_to_string(self.out.path().join("trace")).unwrap_or_default();
         let calls: Vec<&str> = text.lines().filter(|l| l.starts_with("accept")).collect();
         let failed = calls.iter().filter(|l| l.contains("= -1")).count();
         (calls.len() - failed, failed)
+    }
+}
+
+impl Drop for AcceptTrace {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 

@@ -2,6 +2,7 @@
 //! process, for tests that change process-wide state (the fd limit, the fd table) that would
 //! break tests running beside them in the same process.
 
+use std::os::fd::{AsFd, OwnedFd};
 use std::process::Command;
 
 /// Runs test `name` (its full path, e.g. `tests::child`) of the running test binary alone in
@@ -33,4 +34,14 @@ pub fn run_ignored_test_in_child(name: &str, env: &str, wrapper: &[&str]) {
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("1 passed"), "the child ran nothing: {text}");
+}
+
+/// Opens fds (copies of stdin's) until none is free, for a test running under a low
+/// `RLIMIT_NOFILE` (see [`run_ignored_test_in_child`]); they close when dropped.
+pub fn fill_fd_table() -> Vec<OwnedFd> {
+    let mut fds = Vec::new();
+    while let Ok(fd) = std::io::stdin().as_fd().try_clone_to_owned() {
+        fds.push(fd);
+    }
+    fds
 }

@@ -1584,7 +1584,7 @@ mod tests {
         };
         let mut client = master.dispatch(41);
         // No free fd: nothing is consumed.
-        let mut fillers = fill_fd_table();
+        let mut fillers = sys::testing::fill_fd_table();
         let mut buf = [0u8; HEADER_LEN];
         let mut fds = Vec::new();
         let err = chan.read_tight(&mut buf, 0, &mut fds).unwrap_err();
@@ -1604,16 +1604,6 @@ mod tests {
         let mut byte = [0u8; 1];
         server.read_exact(&mut byte).unwrap();
         assert_eq!(&byte, b"x", "the received fd is the connection sent");
-    }
-
-    /// Opens fds until none is free (the process runs under a low `RLIMIT_NOFILE`); they
-    /// close when dropped.
-    fn fill_fd_table() -> Vec<OwnedFd> {
-        let mut fds = Vec::new();
-        while let Ok(fd) = std::io::stdin().as_fd().try_clone_to_owned() {
-            fds.push(fd);
-        }
-        fds
     }
 
     #[test]
