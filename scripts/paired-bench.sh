@@ -8,13 +8,15 @@
 # failed requests (a window that measured nothing counts as one).
 #
 #   scripts/paired-bench.sh                          # node app, 10 pairs
-#   APP=demo PAIRS=6 RATES="1000 1600" scripts/paired-bench.sh
+#   APP=demo PAIRS=6 PERCENTS="50 90" scripts/paired-bench.sh
+#   RATES="1300 1950" scripts/paired-bench.sh        # absolute rates, no capacity probe
 #
 # Scenarios, per pair: connection churn measured by wrk (`-t1 -c32`, `Connection: close`,
 # CHURN_SECONDS per window), and the heavy-tailed CPU-bound mix (98 % of requests spin 200 µs,
-# 2 % spin 20 ms), open loop, a new connection per request, at each of RATES (absolute req/s;
-# the defaults are about 50 / 75 / 90 % of what two node workers serve on this project's 2-CPU
-# VM), HEAVY_SECONDS per window, p99 from the load generator. APP=node runs the end-to-end
+# 2 % spin 20 ms), open loop, a new connection per request, HEAVY_SECONDS per window, p99 from
+# the load generator, at each of PERCENTS (default 50 75 90) of the mix's capacity. Capacity is
+# measured once, after the warm-up: a closed loop of 8 clients per worker for CAPACITY_SECONDS
+# (default 4) on `shared`, the baseline. RATES (absolute req/s) replaces the probe. APP=node runs the end-to-end
 # benchmark's node app (benches/node_app.js, unmodified node through the preload shim; needs
 # node); APP=demo the built-in demo worker.
 #
@@ -25,7 +27,9 @@ cd "$(dirname "$0")/.."
 
 app_kind=${APP:-node}
 pairs=${PAIRS:-10}
-rates=${RATES:-1300 1950 2330}
+rates=${RATES:-}
+percents=${PERCENTS:-50 75 90}
+capacity_secs=${CAPACITY_SECONDS:-4}
 churn_secs=${CHURN_SECONDS:-2}
 heavy_secs=${HEAVY_SECONDS:-4}
 workers=${WORKERS:-2}
@@ -34,6 +38,20 @@ load=target/release/examples/open_loop
 out=${CARGO_TARGET_DIR:-target}/bench-results/paired
 command -v wrk >/dev/null || { echo "paired-bench: wrk not found (apt-get install wrk)" >&2; exit 2; }
 [[ "$pairs" =~ ^[1-9][0-9]*$ ]] || { echo "paired-bench: PAIRS must be a positive integer, not '$pairs'" >&2; exit 2; }
+[[ "$workers" =~ ^[1-9][0-9]*$ ]] || { echo "paired-bench: WORKERS must be a positive integer, not '$workers'" >&2; exit 2; }
+for r in $rates; do
+    [[ "$r" =~ ^[0-9]+([.][0-9]+)?$ && ! "$r" =~ ^0+([.]0+)?$ ]] ||
+        { echo "paired-bench: RATES must be positive numbers (req/s), not '$r'" >&2; exit 2; }
+done
+if [[ -z "$rates" ]]; then
+    [[ -n "${percents// /}" ]] || { echo "paired-bench: PERCENTS is empty" >&2; exit 2; }
+    for p in $percents; do
+        [[ "$p" =~ ^[1-9][0-9]?$|^100$ ]] ||
+            { echo "paired-bench: PERCENTS must be whole percents from 1 to 100, not '$p'" >&2; exit 2; }
+    done
+    [[ "$capacity_secs" =~ ^[1-9][0-9]*$ ]] ||
+        { echo "paired-bench: CAPACITY_SECONDS must be a positive integer, not '$capacity_secs'" >&2; exit 2; }
+fi
 server=()
 case $app_kind in
 node)
@@ -91,11 +109,32 @@ heavy() { # port rate -> "p99_ms,errors"
 }
 
 # Unrecorded warm-up of every instance (a fresh node process is slow until its code is
-# compiled): churn, then the mix at the lowest rate.
+# compiled): churn, then the mix in a closed loop.
+clients=$((8 * workers))
 for k in $(seq 0 $((n - 1))); do
     churn "${ports[$k]}" >/dev/null
-    "$load" "127.0.0.1:${ports[$k]}" "${rates%% *}" 2 >/dev/null
+    "$load" "127.0.0.1:${ports[$k]}" "closed:$clients" 2 >/dev/null
 done
+
+# The heavy mix's rates: PERCENTS of the capacity measured on the baseline, unless RATES.
+labels=()
+if [[ -z "$rates" ]]; then
+    capacity=$("$load" "127.0.0.1:${ports[0]}" "closed:$clients" "$capacity_secs" |
+        awk '{for (i = 1; i < NF; i++) if ($i == "achieved_per_s") print $(i + 1)}')
+    if ! awk -v c="${capacity:-0}" 'BEGIN { exit !(c > 0) }'; then
+        echo "paired-bench: the capacity probe on ${systems[0]%%|*} measured nothing" >&2
+        exit 1
+    fi
+    for p in $percents; do
+        rates+="$(awk -v c="$capacity" -v p="$p" 'BEGIN { printf "%.0f", c * p / 100 }') "
+        labels+=(" ($p %)")
+    done
+    about="capacity of the heavy mix: $capacity req/s (closed loop, $clients clients, ${capacity_secs} s on ${systems[0]%%|*}); rates ${rates% } req/s at ${percents} %"
+else
+    for _ in $rates; do labels+=(""); done
+    about="rates ${rates} req/s (RATES, no capacity probe)"
+fi
+echo "paired-bench: $about" >&2
 
 csv="$out/windows.csv"
 echo "pair,scenario,system,value,errors" >"$csv"
@@ -105,16 +144,18 @@ for pair in $(seq "$pairs"); do
         v=$(churn "${ports[$k]}")
         echo "$pair,churn conn/s,${systems[$k]%%|*},${v:-0},0" >>"$csv"
     done
+    i=0
     for rate in $rates; do
         for k in $order; do
             v=$(heavy "${ports[$k]}" "$rate")
-            echo "$pair,heavy p99 ms @ $rate/s,${systems[$k]%%|*},${v:-nan,1}" >>"$csv"
+            echo "$pair,heavy p99 ms @ $rate/s${labels[$i]},${systems[$k]%%|*},${v:-nan,1}" >>"$csv"
         done
+        i=$((i + 1))
     done
     echo "pair $pair of $pairs done" >&2
 done
 
-python3 - "$csv" "$app_kind" <<'PY'
+python3 - "$csv" "$app_kind" "$about" <<'PY'
 import csv, math, statistics, sys
 from collections import defaultdict
 rows = list(csv.DictReader(open(sys.argv[1])))
@@ -136,7 +177,7 @@ def sign_p(wins, losses):
     tail = sum(math.comb(m, i) for i in range(k + 1)) / 2 ** m
     return min(1.0, 2 * tail)
 
-print(f"App: {sys.argv[2]}. Ratios are per pair of windows, this system ÷ {base}.")
+print(f"App: {sys.argv[2]}; {sys.argv[3]}. Ratios are per pair of windows, this system ÷ {base}.")
 print()
 print(f"| scenario | system | median value | median ratio to {base} | pairs better / worse | sign-test p | errors | per pair |")
 print("|---|---|---:|---:|---:|---:|---:|---|")
