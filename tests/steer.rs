@@ -821,3 +821,72 @@ fn lying_watchers_are_replaced_and_the_overflow_queue_is_served() {
     let after = cluster.overflow_status();
     assert_eq!(after.accepted, 3, "{after:?}");
 }
+
+/// A worker that writes another slot's line: on `GET /lie` the worker of slot 0 stores 0 in
+/// slot 1's `eligible` word (the master's field; docs/PROTOCOL.md §7), once; every request is
+/// answered with the slot in `X-Worker-Id`.
+const TAMPERER: &str = r#"
+import mmap, os, socket, struct
+slot = int(os.environ["RCLUSTER_WORKER_ID"])
+table = mmap.mmap(int(os.environ["RCLUSTER_STEER_FD"]), 65536)
+own = socket.socket(fileno=3)
+own.setblocking(True)
+while True:
+    c, _ = own.accept()
+    request = b""
+    while b"\r\n\r\n" not in request:
+        chunk = c.recv(4096)
+        if not chunk:
+            break
+        request += chunk
+    if slot == 0 and request.startswith(b"GET /lie "):
+        struct.pack_into("<I", table, 64 * 1 + 32, 0)
+    c.sendall(b"HTTP/1.1 200 OK\r\nX-Worker-Id: %d\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n" % slot)
+    c.close()
+"#;
+
+/// `eligible` is the master's to write, but every worker maps the whole table read-write: a
+/// worker that marks another slot ineligible has the word put back within the reconcile period
+/// (logged), and the other slot gets connections again. Without that, slot 1 would get none
+/// for as long as its worker lives.
+#[test]
+fn a_worker_that_marks_another_slot_ineligible_is_overruled() {
+    if !steering_available() || !common::available("python3") {
+        return;
+    }
+    let dir = common::TempDir::new("tamper");
+    let script = dir.write("tamper.py", TAMPERER);
+    let cluster = start_steered(
+        &[
+            "--steer",
+            "kernel",
+            "-w",
+            "2",
+            "--no-preload",
+            "--ready-delay",
+            "100ms",
+            "--",
+            "python3",
+            &script,
+        ],
+        2,
+    );
+    // Until slot 0 got one (ties between equally loaded slots go by the connection's hash).
+    let deadline = Instant::now() + DEADLINE;
+    while get(cluster.addr(), "/lie").expect("GET /lie").worker() != 0 {
+        assert!(Instant::now() < deadline, "slot 0 never got GET /lie");
+    }
+    cluster.wait_for_log(
+        "steering: line 1 of the table was marked ineligible by something other than the master",
+        DEADLINE,
+    );
+    let status = cluster.steering_status(2);
+    assert!(status.iter().all(|s| s.eligible), "{status:?}");
+    let results: Vec<_> = (0..20).map(|_| get(cluster.addr(), "/")).collect();
+    let counts = per_worker(&results);
+    assert_eq!(counts.values().sum::<usize>(), 20, "{counts:?}");
+    assert!(
+        counts.get(&1).copied().unwrap_or(0) > 0,
+        "slot 1 got nothing: {counts:?}"
+    );
+}

@@ -14,6 +14,7 @@ use socket2::Socket;
 
 use crate::cli::{Config, Steer, UsageError};
 use crate::master::lifecycle::WorkerId;
+use crate::master::ratelimit::{LogLimiter, Verdict};
 use crate::steer::{SteerPolicy, Steering, handoff};
 use crate::sys;
 use rcluster_proto::steer as page;
@@ -49,6 +50,8 @@ pub struct SteerControl {
     /// Since when the overflow queue has held connections while no worker took one from it,
     /// and its `accepted` count then.
     overflow_stall: Option<(Instant, u64)>,
+    /// Lines about `eligible` words a worker changed (a worker can flood it).
+    tamper_log: LogLimiter,
 }
 
 /// Decides who places connections. `Ok(None)`: the master dispatches (`--steer dispatch`, a
@@ -119,6 +122,7 @@ pub fn start(config: &Config) -> anyhow::Result<Option<SteerControl>> {
                 forgiven_total: 0,
                 overflow: Vec::new(),
                 overflow_stall: None,
+                tamper_log: LogLimiter::default(),
             }))
         }
         Err(e) => fallback(config.steer, &e.to_string()),
@@ -239,6 +243,7 @@ impl SteerControl {
             self.stall.resize(slot + 1, None);
             self.stalled.resize(slot + 1, false);
         }
+        self.eligible[slot] = false;
         self.stall[slot] = None;
         self.stalled[slot] = false;
         self.slots = self.slots.max(slot + 1);
@@ -350,6 +355,7 @@ impl SteerControl {
             return stalled;
         }
         self.next_reconcile = now + RECONCILE_INTERVAL;
+        self.restore_eligibility(now);
         for slot in 0..self.slots {
             let socks = listeners(slot);
             if socks.is_empty() {
@@ -360,7 +366,9 @@ impl SteerControl {
                 .filter_map(|s| sys::listen_queue(s.as_fd()).ok())
                 .map(|(q, _)| u64::from(q))
                 .sum();
-            self.forgiven_total += self.steering.reconcile(slot, queued);
+            self.forgiven_total = self
+                .forgiven_total
+                .saturating_add(self.steering.reconcile(slot, queued));
             let c = self.steering.counts(slot);
             match stall_step(self.stall[slot], now, queued, c, self.stall_timeout) {
                 StallStep::Clear => {
@@ -387,6 +395,30 @@ impl SteerControl {
         stalled
     }
 
+    /// Every worker maps the whole table read-write, and `eligible` is the master's to write:
+    /// a word that no longer says what the master last wrote (a worker that wrote another's
+    /// line, or its own while draining) is put back, and that is logged (rate-limited).
+    fn restore_eligibility(&mut self, now: Instant) {
+        let overflow = (page::OVERFLOW, !self.overflow.is_empty());
+        let slots = (0..self.slots).map(|slot| (slot, self.eligible[slot]));
+        for (slot, want) in slots.chain(std::iter::once(overflow)) {
+            if self.steering.restore_eligible(slot, want)
+                && let Verdict::Log { suppressed } = self.tamper_log.check(now)
+            {
+                warn!(
+                    "steering: line {slot} of the table was marked {} by something other than \
+                     the master (a worker writing the shared table?); put back{}",
+                    if want { "ineligible" } else { "eligible" },
+                    if suppressed > 0 {
+                        format!(" ({suppressed} such lines not logged)")
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+        }
+    }
+
     /// The overflow queue's reconciliation and stall watch: when it has held connections for `--stall-timeout` and
     /// no worker took one from it, every eligible slot that watches it and is stuck is treated
     /// as stalled (ineligible, its worker replaced): a replacement watches the queue too. Returns
@@ -400,7 +432,9 @@ impl SteerControl {
             .sum();
         // Placements that never reached the queue (abandoned handshakes) are written off as for
         // a slot.
-        self.forgiven_total += self.steering.reconcile(page::OVERFLOW, queued);
+        self.forgiven_total = self
+            .forgiven_total
+            .saturating_add(self.steering.reconcile(page::OVERFLOW, queued));
         let c = self.steering.counts(page::OVERFLOW);
         let c = crate::steer::SlotCounts {
             reporting: true,

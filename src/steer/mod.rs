@@ -422,6 +422,20 @@ impl Steering {
         }
     }
 
+    /// Puts `slot`'s `eligible` word back to `eligible` if a worker changed it (every worker
+    /// maps the whole table read-write). Returns whether it had to. Unlike
+    /// [`Steering::set_eligible`] it leaves `busy_ns` alone: nothing changed hands.
+    pub fn restore_eligible(&self, slot: usize, eligible: bool) -> bool {
+        let Some(word) = self.table.u32_at(page::offset(slot, page::ELIGIBLE)) else {
+            return false;
+        };
+        if (word.load(Ordering::SeqCst) != 0) == eligible {
+            return false;
+        }
+        word.store(u32::from(eligible), Ordering::SeqCst);
+        true
+    }
+
     /// Forgets `slot`'s overflow-queue watchers (the `WATCHERS` part of `reporting`): its last
     /// worker exited, and one killed while watching cannot withdraw its count.
     pub fn clear_watchers(&self, slot: usize) {
