@@ -833,15 +833,14 @@ own = socket.socket(fileno=3)
 own.setblocking(True)
 while True:
     c, _ = own.accept()
-    request = b""
-    while b"\r\n\r\n" not in request:
-        chunk = c.recv(4096)
-        if not chunk:
-            break
-        request += chunk
-    if slot == 0 and request.startswith(b"GET /lie "):
+    head = c.makefile("rb")
+    request_line = head.readline()
+    while head.readline() not in (b"\r\n", b""):
+        pass
+    if slot == 0 and request_line.startswith(b"GET /lie "):
         struct.pack_into("<I", table, 64 * 1 + 32, 0)
     c.sendall(b"HTTP/1.1 200 OK\r\nX-Worker-Id: %d\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n" % slot)
+    head.close()
     c.close()
 "#;
 

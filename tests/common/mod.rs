@@ -418,6 +418,32 @@ pub fn per_worker(results: &[std::io::Result<Response>]) -> HashMap<usize, usize
     counts
 }
 
+/// `GET path` on new connections, `concurrency` at a time, in batches of 10, until every worker
+/// of `workers` has answered at least one (or DEADLINE: then it panics, naming who answered).
+/// Every request must succeed. Returns the answers per worker. For "this worker serves again"
+/// checks where the first few connections may, by the policy's ties, all go to another.
+pub fn until_served_by(
+    addr: SocketAddr,
+    path: &str,
+    workers: &[usize],
+    concurrency: usize,
+) -> HashMap<usize, usize> {
+    let deadline = Instant::now() + DEADLINE;
+    let mut counts: HashMap<usize, usize> = HashMap::new();
+    loop {
+        for (worker, n) in per_worker(&get_many(addr, path, 10, concurrency)) {
+            *counts.entry(worker).or_insert(0) += n;
+        }
+        if workers.iter().all(|w| counts.contains_key(w)) {
+            return counts;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "workers {workers:?} did not all answer within {DEADLINE:?}: {counts:?}"
+        );
+    }
+}
+
 /// `GET path` on a new connection with `Connection: close`, giving up after `timeout` for the
 /// connect and for each read or write.
 pub fn get_with_timeout(
