@@ -135,9 +135,29 @@ fn receive(l: &Listener, fd: c_int) -> Received {
 /// ([`Received::NoRoom`]). The consuming read may install the fds again (closed: the copies
 /// serve) or not (`MSG_CTRUNC`: the copies serve). If another thread consumed the peeked
 /// message first (its CONN bytes, which carry the master's connection number, differ), the
-/// copies are closed and the message read is handled as usual.
+/// copies are closed and the message read is handled as usual. Threads of the process take
+/// turns here ([`Listener::tight_reader`]), so that other reader can only be the master taking
+/// back what it queued (after FULL, or to drain).
 fn receive_tight(l: &Listener, fd: c_int) -> Received {
-    let Some(peeked) = read_message(fd, libc::MSG_PEEK) else {
+    // A blocking caller waits for a message first, outside the turn taking
+    // (`Listener::tight_reader`), whose reads never block.
+    if !is_nonblocking(fd) {
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(&mut pfd, 1, -1) } < 0 {
+            return Received::Failed;
+        }
+    }
+    let _turn = l.tight_reader();
+    let Some(peeked) = read_message(fd, libc::MSG_PEEK | libc::MSG_DONTWAIT) else {
+        if errno() == libc::EAGAIN && !is_nonblocking(fd) {
+            // Another thread took what woke us: wait again.
+            return Received::Skip;
+        }
         return Received::Failed;
     };
     if peeked.count == 0 {
@@ -333,7 +353,9 @@ fn orphaned(fd: c_int) -> c_int {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rcluster_sys::testing::{fill_fd_table, run_ignored_test_in_child};
+    use rcluster_sys::testing::{
+        at_fd_limit_on_threads, fill_fd_table, run_ignored_test_under_fd_limit,
+    };
     use std::io::{Read, Write};
     use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
     use std::os::unix::net::UnixStream;
@@ -348,16 +370,53 @@ mod tests {
     /// note without it): it fills its fd table, which would break tests running beside it.
     #[test]
     fn near_the_fd_limit_a_connection_is_queued_or_received_never_lost() {
-        let prlimit = "/usr/bin/prlimit";
-        if !std::path::Path::new(prlimit).exists() {
-            eprintln!("skipped: needs {prlimit}");
+        run_ignored_test_under_fd_limit("dispatch::tests::fd_limit_child", CHILD, 64);
+    }
+
+    /// Set in the child process that runs [`two_readers_child`].
+    const TWO_READERS: &str = "RCLUSTER_SHIM_TWO_READERS_CHILD";
+
+    /// Two threads reading the channel at once near the fd limit lose nothing: with two CONNs
+    /// queued and two free fds, both could peek the first message (taking both fds), and the one
+    /// whose consuming read then got the second would find no fd for it. Many rounds, in a
+    /// child process under `prlimit --nofile=64`: every connection arrives, now or once there
+    /// is room again.
+    #[test]
+    fn two_threads_reading_near_the_fd_limit_lose_no_connection() {
+        run_ignored_test_under_fd_limit("dispatch::tests::two_readers_child", TWO_READERS, 64);
+    }
+
+    #[test]
+    #[ignore = "run in a child process by two_threads_reading_near_the_fd_limit_lose_no_connection"]
+    fn two_readers_child() {
+        if std::env::var_os(TWO_READERS).is_none() {
             return;
         }
-        run_ignored_test_in_child(
-            "dispatch::tests::fd_limit_child",
-            CHILD,
-            &[prlimit, "--nofile=64:64"],
-        );
+        let (l, master) = crate::listener::tests::pair();
+        let chan = l.chan.as_raw_fd();
+        for round in 0..1500 {
+            let mut peers = Vec::new();
+            for seq in [2 * round, 2 * round + 1] {
+                let (sent, peer) = UnixStream::pair().unwrap();
+                let msg = ToWorker::Conn { seq }.encode();
+                rcluster_sys::scm::sendmsg_fd(master.as_fd(), &msg, sent.as_fd()).unwrap();
+                peers.push(peer);
+            }
+            let got = at_fd_limit_on_threads(2, 2, || match receive_tight(&l, chan) {
+                Received::Conn(conn) => {
+                    close_all(&[conn]);
+                    1
+                }
+                _ => 0,
+            });
+            // What is still queued, read with room to spare.
+            let mut later = 0;
+            while let Some(raw) = read_message(chan, libc::MSG_DONTWAIT) {
+                later += raw.count;
+                raw.close_fds();
+            }
+            assert_eq!(got + later, 2, "round {round}: a connection was lost");
+        }
     }
 
     #[test]

@@ -55,8 +55,25 @@ pub struct Listener {
     /// Number of the last connection fd received: fds are allocated lowest-first, so it says
     /// how close to `RLIMIT_NOFILE` the process is.
     last_fd: AtomicI32,
+    /// Who reads the channel near the fd limit (`pid << 32 | tid`, 0 = nobody): one thread of
+    /// the process at a time, see [`Listener::tight_reader`].
+    tight: AtomicU64,
     /// Dispatch: the TCP options the server set on its listener (sockopts.rs).
     pub opts: SockOpts,
+}
+
+/// Holds [`Listener::tight_reader`]; released on drop.
+pub struct TightReader<'a> {
+    word: &'a AtomicU64,
+    me: u64,
+}
+
+impl Drop for TightReader<'_> {
+    fn drop(&mut self) {
+        let _ = self
+            .word
+            .compare_exchange(self.me, 0, Ordering::Release, Ordering::Relaxed);
+    }
 }
 
 /// (st_dev, st_ino) of what `fd` refers to.
@@ -103,6 +120,7 @@ impl Listener {
             orphaned: AtomicBool::new(false),
             full: AtomicBool::new(false),
             last_fd: AtomicI32::new(0),
+            tight: AtomicU64::new(0),
             opts: SockOpts::default(),
         })
     }
@@ -288,6 +306,34 @@ impl Listener {
     /// Records the number of a connection fd just received.
     pub fn received(&self, fd: c_int) {
         self.last_fd.store(fd, Ordering::Relaxed);
+    }
+
+    /// Near the fd limit, a read of the channel is a peek and then a consuming read
+    /// (dispatch.rs); two threads doing that at once can both peek the same message, and the
+    /// one whose consuming read then gets the next message may find no fd free for it. This
+    /// makes them take turns. The holder never blocks (both reads are `MSG_DONTWAIT`), so a
+    /// waiter yields the CPU until it is free. A word left by a thread of the parent before a
+    /// `fork` (another pid) counts as free.
+    pub fn tight_reader(&self) -> TightReader<'_> {
+        // SAFETY: getpid and gettid cannot fail.
+        let (pid, tid) = unsafe { (libc::getpid(), libc::gettid()) };
+        let me = (u64::from(pid as u32) << 32) | u64::from(tid as u32);
+        loop {
+            let cur = self.tight.load(Ordering::Relaxed);
+            if (cur == 0 || (cur >> 32) as u32 != pid as u32)
+                && self
+                    .tight
+                    .compare_exchange(cur, me, Ordering::Acquire, Ordering::Relaxed)
+                    .is_ok()
+            {
+                return TightReader {
+                    word: &self.tight,
+                    me,
+                };
+            }
+            // SAFETY: sched_yield has no preconditions.
+            unsafe { libc::sched_yield() };
+        }
     }
 
     /// Before reading a CONN: whether its fd fits. A fd that does not fit is closed by the

@@ -36,6 +36,22 @@ pub fn run_ignored_test_in_child(name: &str, env: &str, wrapper: &[&str]) {
     assert!(text.contains("1 passed"), "the child ran nothing: {text}");
 }
 
+/// [`run_ignored_test_in_child`] under `prlimit --nofile=NOFILE:NOFILE`, for a test that fills
+/// its fd table (which would break tests running beside it). Skipped, with a note, where
+/// `/usr/bin/prlimit` is missing.
+pub fn run_ignored_test_under_fd_limit(name: &str, env: &str, nofile: u32) {
+    let prlimit = "/usr/bin/prlimit";
+    if !std::path::Path::new(prlimit).exists() {
+        eprintln!("skipped: needs {prlimit}");
+        return;
+    }
+    run_ignored_test_in_child(
+        name,
+        env,
+        &[prlimit, &format!("--nofile={nofile}:{nofile}")],
+    );
+}
+
 /// Opens fds (copies of stdin's) until none is free, for a test running under a low
 /// `RLIMIT_NOFILE` (see [`run_ignored_test_in_child`]); they close when dropped.
 pub fn fill_fd_table() -> Vec<OwnedFd> {
@@ -44,4 +60,30 @@ pub fn fill_fd_table() -> Vec<OwnedFd> {
         fds.push(fd);
     }
     fds
+}
+
+/// With exactly `free` fds left (the rest of the table filled), runs `read` on `threads` threads
+/// started together and returns the sum of what they return; the table is freed again before
+/// it returns. For races at the fd limit (run under [`run_ignored_test_under_fd_limit`]).
+pub fn at_fd_limit_on_threads(
+    free: usize,
+    threads: usize,
+    read: impl Fn() -> usize + Sync,
+) -> usize {
+    let mut fillers = fill_fd_table();
+    fillers.truncate(fillers.len().saturating_sub(free));
+    let start = std::sync::Barrier::new(threads);
+    let sum = std::thread::scope(|s| {
+        let running: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    start.wait();
+                    read()
+                })
+            })
+            .collect();
+        running.into_iter().map(|t| t.join().unwrap()).sum()
+    });
+    drop(fillers);
+    sum
 }

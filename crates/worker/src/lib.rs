@@ -973,6 +973,8 @@ struct Channel {
     /// The number of the last fd received: fds are allocated lowest-first, so it says how
     /// close to the fd limit the process is.
     last_fd: AtomicI32,
+    /// Held across a tight read (near the fd limit), so that threads take turns there.
+    tight: Mutex<()>,
 }
 
 impl fmt::Debug for Channel {
@@ -1020,6 +1022,7 @@ impl Channel {
             deferred: AtomicBool::new(false),
             protocol_errors: AtomicU64::new(0),
             queued: Mutex::new(VecDeque::new()),
+            tight: Mutex::new(()),
             ready_value: AtomicU64::new(0),
             full: AtomicBool::new(false),
             lost: AtomicU64::new(0),
@@ -1149,15 +1152,18 @@ impl Channel {
     /// nothing is consumed, FULL and `EMFILE`), then for real with `MSG_DONTWAIT`. If the
     /// message consumed is the one peeked (same bytes: they carry the master's `seq`), the
     /// copies serve, and a consuming read that could not install the fds (`MSG_CTRUNC`) loses
-    /// nothing; if another reader (a thread, or the master reclaiming) took it first, the
-    /// copies are dropped and the message read is returned (`Interrupted` when none was left:
-    /// the caller reads again).
+    /// nothing; if another reader (the master reclaiming: threads of this process take turns
+    /// here) took it first, the copies are dropped and the message read is returned
+    /// (`Interrupted` when none was left: the caller reads again).
     fn read_tight(
         &self,
         buf: &mut [u8; HEADER_LEN],
         flags: libc::c_int,
         fds: &mut Vec<OwnedFd>,
     ) -> io::Result<scm::ReceivedMsg> {
+        // Threads take turns: two that both peeked the same message would leave the one whose
+        // consuming read gets the next message with no fd for it.
+        let _turn = self.tight.lock().unwrap_or_else(|e| e.into_inner());
         let mut peeked_buf = [0u8; HEADER_LEN];
         let mut peeked = Vec::new();
         let chan = self.fd.as_fd();
@@ -1560,16 +1566,7 @@ mod tests {
     /// would break tests running beside it.
     #[test]
     fn near_the_fd_limit_a_connection_is_queued_or_received_never_lost() {
-        let prlimit = "/usr/bin/prlimit";
-        if !std::path::Path::new(prlimit).exists() {
-            eprintln!("skipped: needs {prlimit}");
-            return;
-        }
-        sys::testing::run_ignored_test_in_child(
-            "tests::fd_limit_child",
-            FD_LIMIT_CHILD,
-            &[prlimit, "--nofile=64:64"],
-        );
+        sys::testing::run_ignored_test_under_fd_limit("tests::fd_limit_child", FD_LIMIT_CHILD, 64);
     }
 
     #[test]
@@ -1604,6 +1601,57 @@ mod tests {
         let mut byte = [0u8; 1];
         server.read_exact(&mut byte).unwrap();
         assert_eq!(&byte, b"x", "the received fd is the connection sent");
+    }
+
+    /// Set in the child process that runs [`two_readers_child`].
+    const TWO_READERS_CHILD: &str = "RCLUSTER_WORKER_TWO_READERS_CHILD";
+
+    /// Two threads reading one channel near the fd limit lose nothing: with two CONNs queued
+    /// and two free fds, both could peek the first (taking both fds) and the one whose consuming
+    /// read then got the second would find no fd for it. Many rounds, in a child process under
+    /// `prlimit --nofile=64`: every connection arrives, now or once there is room again.
+    #[test]
+    fn two_threads_reading_near_the_fd_limit_lose_no_connection() {
+        sys::testing::run_ignored_test_under_fd_limit(
+            "tests::two_readers_child",
+            TWO_READERS_CHILD,
+            64,
+        );
+    }
+
+    #[test]
+    #[ignore = "run in a child process by two_threads_reading_near_the_fd_limit_lose_no_connection"]
+    fn two_readers_child() {
+        if std::env::var_os(TWO_READERS_CHILD).is_none() {
+            return;
+        }
+        let (worker, master) = dispatch_worker();
+        let ListenerKind::Channel(chan) = &worker.listeners()[0].kind else {
+            panic!("a dispatch worker's listener is a channel");
+        };
+        for round in 0..1500 {
+            let clients = [master.dispatch(2 * round), master.dispatch(2 * round + 1)];
+            let got = sys::testing::at_fd_limit_on_threads(2, 2, || {
+                let mut buf = [0u8; HEADER_LEN];
+                let mut fds = Vec::new();
+                let _ = chan.read_tight(&mut buf, libc::MSG_DONTWAIT, &mut fds);
+                fds.len()
+            });
+            // What is still queued, read with room to spare.
+            let mut later = 0;
+            loop {
+                let mut buf = [0u8; HEADER_LEN];
+                let mut fds = Vec::new();
+                if scm::recvmsg_fds(chan.fd.as_fd(), &mut buf, libc::MSG_DONTWAIT, &mut fds)
+                    .is_err()
+                {
+                    break;
+                }
+                later += fds.len();
+            }
+            assert_eq!(got + later, 2, "round {round}: a connection was lost");
+            drop(clients);
+        }
     }
 
     #[test]
