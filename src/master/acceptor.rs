@@ -836,6 +836,10 @@ impl Acceptor {
         };
         let mut buf = [0u8; HEADER_LEN + 1];
         let (mut ready, mut stopping, mut misbehaving) = (false, false, false);
+        // Whether STOPPING came after the last READY in this read: a server that closes its
+        // listener and listens again sends STOPPING then READY, and a master that reads both at
+        // once must report them in that order (or it would leave a listening worker closed).
+        let mut stopped_last = false;
         let mut closed_any = false;
         let stamp = self.stamp(self.seq);
         // FULL (with the connections it lost) or READY, whichever came last.
@@ -879,6 +883,7 @@ impl Acceptor {
                         }
                         Ok(ToMaster::Ready { max_fds }) => {
                             ready = true;
+                            stopped_last = false;
                             full = None;
                             resumed = true;
                             entry.channels[listener].ready = true;
@@ -887,6 +892,7 @@ impl Acceptor {
                         }
                         Ok(ToMaster::Stopping) => {
                             stopping = true;
+                            stopped_last = true;
                             None
                         }
                         Ok(ToMaster::Heartbeat) => None,
@@ -959,6 +965,9 @@ impl Acceptor {
                 info!("worker {} (pid {}) takes connections again", e.slot, e.pid);
             }
         }
+        if stopping && !stopped_last {
+            self.emit(Event::Stopping(id));
+        }
         if ready {
             if self.entries[i].state == State::Starting {
                 self.set_state(id, State::Ready);
@@ -968,7 +977,7 @@ impl Acceptor {
             }
             self.emit(Event::Ready(id));
         }
-        if stopping {
+        if stopping && stopped_last {
             self.emit(Event::Stopping(id));
         }
         if misbehaving {
@@ -1746,6 +1755,27 @@ mod tests {
         rig.command(Command::Drain(0));
         rig.command(Command::Ready(0));
         assert_eq!(rig.connect(4), [2, 2]);
+    }
+
+    /// A server that closes its listener and listens again sends STOPPING then READY; read in
+    /// one go they are reported in that order (the other way round, the lifecycle would see
+    /// the worker stop last and leave it closed while it listens). READY then STOPPING stays
+    /// in that order too.
+    #[test]
+    fn stopping_and_ready_read_together_are_reported_in_the_order_sent() {
+        let mut rig = Rig::new(2, PolicyKind::RoundRobin);
+        rig.command(Command::Ready(0));
+        rig.command(Command::Ready(1));
+        let worker0 = rig.workers[0].as_fd().try_clone_to_owned().unwrap();
+        let fd = worker0.as_fd();
+        scm::send(fd, &ToMaster::Stopping.encode(), 0).unwrap();
+        scm::send(fd, &ToMaster::Ready { max_fds: 1 }.encode(), 0).unwrap();
+        rig.say(1, ToMaster::Heartbeat);
+        assert_eq!(rig.events(), [Event::Stopping(0), Event::Ready(0)]);
+        scm::send(fd, &ToMaster::Ready { max_fds: 1 }.encode(), 0).unwrap();
+        scm::send(fd, &ToMaster::Stopping.encode(), 0).unwrap();
+        rig.say(1, ToMaster::Heartbeat);
+        assert_eq!(rig.events(), [Event::Ready(0), Event::Stopping(0)]);
     }
 
     #[test]
