@@ -164,8 +164,13 @@ fn receive_tight(l: &Listener, fd: c_int) -> Received {
         if peeked.ctrunc {
             return Received::NoRoom;
         }
-        // Not a connection (or end of file): nothing to keep; read it as usual.
-        return receive(l, fd);
+        // Not a connection (or end of file): nothing to keep; read it as usual, without
+        // blocking while other threads wait for their turn.
+        return match read_message(fd, libc::MSG_DONTWAIT) {
+            Some(raw) => interpret(l, raw),
+            None if errno() == libc::EAGAIN && !is_nonblocking(fd) => Received::Skip,
+            None => Received::Failed,
+        };
     }
     let Some(taken) = read_message(fd, libc::MSG_DONTWAIT) else {
         // Another thread consumed it and nothing else is queued: the copies were a peek.
