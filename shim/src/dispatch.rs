@@ -2,6 +2,7 @@
 //! cmsg(3)), and make the result look like accept4(2)'s.
 
 use std::mem;
+use std::os::fd::BorrowedFd;
 
 use libc::{c_int, sockaddr, socklen_t};
 
@@ -136,8 +137,10 @@ fn receive(l: &Listener, fd: c_int) -> Received {
 /// serve) or not (`MSG_CTRUNC`: the copies serve). If another thread consumed the peeked
 /// message first (its CONN bytes, which carry the master's connection number, differ), the
 /// copies are closed and the message read is handled as usual. Threads of the process take
-/// turns here ([`Listener::tight_reader`]), so that other reader can only be the master taking
-/// back what it queued (after FULL, or to drain).
+/// turns here ([`Listener::tight_reader`]), and the process holds the channel lock
+/// ([`rcluster_sys::lock_channel`]) across both reads, which the master also takes to read the
+/// queue back (after FULL, or to drain); so that other reader is only ever a master that
+/// ignores the lock.
 fn receive_tight(l: &Listener, fd: c_int) -> Received {
     // A blocking caller waits for a message first, outside the turn taking
     // (`Listener::tight_reader`), whose reads never block.
@@ -153,6 +156,13 @@ fn receive_tight(l: &Listener, fd: c_int) -> Received {
         }
     }
     let _turn = l.tight_reader();
+    // And with the master, which takes back what is queued (after FULL, to drain) by reading
+    // the same queue: between our two reads it could take the peeked message, and our second
+    // read would then get the next one with no fd for it. Without the lock (`ENOLCK`), read as
+    // before.
+    // SAFETY: fd is the listener's channel, open for the whole call.
+    let chan = unsafe { BorrowedFd::borrow_raw(fd) };
+    let _exclusive = rcluster_sys::lock_channel(chan, true);
     let Some(peeked) = read_message(fd, libc::MSG_PEEK | libc::MSG_DONTWAIT) else {
         if errno() == libc::EAGAIN && !is_nonblocking(fd) {
             // Another thread took what woke us: wait again.
@@ -422,6 +432,45 @@ mod tests {
             }
             assert_eq!(got + later, 2, "round {round}: a connection was lost");
         }
+    }
+
+    /// Set in the child process that runs [`reclaim_race_child`].
+    const RECLAIM_RACE: &str = "RCLUSTER_SHIM_RECLAIM_RACE_CHILD";
+
+    /// The master taking back what is queued, while the worker reads near its fd limit, costs
+    /// no connection: with one free fd the peek takes it, and if another process consumed the
+    /// peeked message before the second read, that read would get the next one with no fd for
+    /// it. Many rounds against a reclaiming process that honours the channel lock, as the
+    /// master does; every connection ends up with one of the two.
+    #[test]
+    fn the_master_reclaiming_during_a_tight_read_loses_no_connection() {
+        run_ignored_test_under_fd_limit("dispatch::tests::reclaim_race_child", RECLAIM_RACE, 64);
+    }
+
+    #[test]
+    #[ignore = "run in a child process by the_master_reclaiming_during_a_tight_read_loses_no_connection"]
+    fn reclaim_race_child() {
+        if std::env::var_os(RECLAIM_RACE).is_none() {
+            return;
+        }
+        let (l, master) = crate::listener::tests::pair();
+        let chan = l.chan.as_raw_fd();
+        rcluster_sys::set_nonblocking(l.chan.as_fd(), true).unwrap();
+        let rounds = 10_000;
+        let (got, reclaimed) = rcluster_sys::testing::tight_reads_against_a_reclaimer(
+            l.chan.as_fd(),
+            master,
+            rounds,
+            |seq| ToWorker::Conn { seq }.encode().to_vec(),
+            || match receive_tight(&l, chan) {
+                Received::Conn(conn) => {
+                    close_all(&[conn]);
+                    1
+                }
+                _ => 0,
+            },
+        );
+        assert_eq!(got + reclaimed, 2 * rounds, "connections were lost");
     }
 
     #[test]

@@ -361,7 +361,22 @@ struct Entry {
     full: bool,
     /// Rate limit of the FULL/resume lines.
     full_log: LogLimiter,
+    /// Since when a reclaim has found the worker holding its channel lock (in the middle of a
+    /// two-step read): retried every [`RECLAIM_RETRY`] while still wanted, and done without
+    /// the lock after [`RECLAIM_LOCK_WAIT`].
+    reclaim_held_since: Option<Instant>,
+    /// Rate limit of the line for a worker that kept its channel lock too long.
+    lock_log: LogLimiter,
 }
+
+/// How often a reclaim put off by the worker's channel lock is tried again. A worker holds the
+/// lock for two reads of its channel.
+const RECLAIM_RETRY: Duration = Duration::from_millis(1);
+
+/// How long a reclaim honours the worker's channel lock. Longer is a worker that broke the
+/// protocol (or one stopped by a debugger): what is queued is taken back without the lock,
+/// which can only cost that worker the message its read was about to take.
+const RECLAIM_LOCK_WAIT: Duration = Duration::from_millis(100);
 
 /// What the acceptor last saw of a worker pulling connections from its channel.
 struct Pull {
@@ -564,6 +579,7 @@ impl Acceptor {
             }
         }
         self.handle_commands();
+        self.retry_reclaims();
         if self
             .accept_paused_until
             .is_some_and(|t| Instant::now() >= t)
@@ -598,6 +614,10 @@ impl Acceptor {
         }
         if self.entries.iter().any(|e| e.state == State::Ready) {
             let at = self.next_stall_sample;
+            next = Some(next.map_or(at, |n| n.min(at)));
+        }
+        if self.entries.iter().any(|e| e.reclaim_held_since.is_some()) {
+            let at = now + RECLAIM_RETRY;
             next = Some(next.map_or(at, |n| n.min(at)));
         }
         for e in &self.entries {
@@ -643,7 +663,8 @@ impl Acceptor {
                     self.reclaim(id);
                 }
                 Command::Remove(id) => {
-                    self.reclaim(id);
+                    // The worker is gone, and its channel lock with it.
+                    self.reclaim_from(id, true);
                     self.remove(id);
                 }
                 Command::Rss(samples) => {
@@ -740,6 +761,8 @@ impl Acceptor {
             ready_all: false,
             full: false,
             full_log: LogLimiter::default(),
+            reclaim_held_since: None,
+            lock_log: LogLimiter::default(),
             last_placed: 0,
             last_sent: 0,
             pull: Pull::new(Instant::now()),
@@ -1004,14 +1027,29 @@ impl Acceptor {
 
     /// Takes back every connection still queued in the worker's channels (unread by the worker)
     /// and puts it first in line for another worker. Reading the worker's end while the worker
-    /// lives is safe: each message is dequeued by exactly one reader.
+    /// lives is safe: each message is dequeued by exactly one reader, and the channel lock
+    /// keeps the reclaim from taking a message between the two reads a worker near its fd
+    /// limit makes (docs/PROTOCOL.md §2, FULL); a channel whose lock the worker holds is
+    /// reclaimed on a later turn ([`Acceptor::retry_reclaims`]).
     fn reclaim(&mut self, id: WorkerId) {
+        self.reclaim_from(id, true);
+    }
+
+    /// [`Acceptor::reclaim`], honouring the worker's channel lock (for up to
+    /// [`RECLAIM_LOCK_WAIT`]) when `honour_lock`.
+    fn reclaim_from(&mut self, id: WorkerId, honour_lock: bool) {
         let Some(i) = self.index_of(id) else {
             return;
         };
         let mut taken = Vec::new();
-        let slot = self.entries[i].slot;
-        for (listener, chan) in self.entries[i].channels.iter_mut().enumerate() {
+        let now = Instant::now();
+        let entry = &mut self.entries[i];
+        let (slot, pid) = (entry.slot, entry.pid);
+        let waited_out = entry
+            .reclaim_held_since
+            .is_some_and(|since| now >= since + RECLAIM_LOCK_WAIT);
+        let mut held = false;
+        for (listener, chan) in entry.channels.iter_mut().enumerate() {
             // Anything still batched was never sent: take it back first, in order.
             while let Some((payload, fd)) = chan.batch.pop_unsent() {
                 let seq = match ToWorker::decode(&payload) {
@@ -1020,6 +1058,31 @@ impl Acceptor {
                 };
                 taken.push(Pending { listener, seq, fd });
             }
+            let _lock = match sys::lock_channel(chan.ends.worker.as_fd(), false) {
+                Ok(Some(lock)) => Some(lock),
+                Ok(None) if honour_lock && !waited_out => {
+                    held = true;
+                    continue;
+                }
+                Ok(None) => {
+                    if honour_lock && let Verdict::Log { suppressed } = entry.lock_log.check(now) {
+                        warn!(
+                            "worker {slot} (pid {pid}) held its channel lock for over \
+                             {RECLAIM_LOCK_WAIT:?}: taking back what is queued without it{}",
+                            if suppressed > 0 {
+                                format!(" ({suppressed} similar lines suppressed)")
+                            } else {
+                                String::new()
+                            }
+                        );
+                    }
+                    None
+                }
+                Err(e) => {
+                    debug!("worker {slot}: channel lock: {e}; reclaiming without it");
+                    None
+                }
+            };
             let mut buf = [0u8; HEADER_LEN + 1];
             let mut fds = Vec::new();
             loop {
@@ -1053,6 +1116,11 @@ impl Acceptor {
                 }
             }
         }
+        entry.reclaim_held_since = if held {
+            entry.reclaim_held_since.or(Some(now))
+        } else {
+            None
+        };
         if taken.is_empty() {
             return;
         }
@@ -1072,6 +1140,32 @@ impl Acceptor {
         self.emit(Event::Reclaimed(id, taken.len()));
         for p in taken.into_iter().rev() {
             self.pending.push_front(p);
+        }
+    }
+
+    /// Reclaims put off by a worker's channel lock, tried again while still wanted: the worker
+    /// is still closed for dispatch (out of fds, or draining). One that became ready again
+    /// takes what is queued itself.
+    fn retry_reclaims(&mut self) {
+        if self.entries.iter().all(|e| e.reclaim_held_since.is_none()) {
+            return;
+        }
+        let held: Vec<WorkerId> = self
+            .entries
+            .iter()
+            .filter(|e| e.reclaim_held_since.is_some())
+            .map(|e| e.id)
+            .collect();
+        for id in held {
+            let Some(i) = self.index_of(id) else {
+                continue;
+            };
+            let e = &mut self.entries[i];
+            if e.full || e.state == State::Draining {
+                self.reclaim(id);
+            } else {
+                e.reclaim_held_since = None;
+            }
         }
     }
 
@@ -1745,6 +1839,48 @@ mod tests {
             [0, 2],
             "nothing more goes to a drained worker"
         );
+    }
+
+    /// A worker in the middle of its two-step read near the fd limit holds its channel lock:
+    /// a reclaim then waits (the worker's second read could otherwise get a message with no
+    /// fd for it), takes everything back once the lock is free, and sends it elsewhere.
+    #[test]
+    fn a_reclaim_waits_while_the_worker_holds_its_channel_lock() {
+        let mut rig = Rig::new(2, PolicyKind::RoundRobin);
+        rig.command(Command::Ready(0));
+        rig.command(Command::Ready(1));
+        rig.connect_unread(4);
+        let holder = sys::testing::hold_channel_lock(rig.workers[0].as_fd()).unwrap();
+        rig.say(0, ToMaster::Full { lost: 0 });
+        assert!(
+            !rig.events()
+                .iter()
+                .any(|e| matches!(e, Event::Reclaimed(..))),
+            "reclaimed while the worker held its channel lock"
+        );
+        assert_eq!(rig.take_from(1), 2, "worker 1's own two");
+        drop(holder);
+        rig.turn();
+        assert!(rig.events().contains(&Event::Reclaimed(0, 2)));
+        assert_eq!(rig.take(), [0, 2], "worker 0's two went to worker 1");
+    }
+
+    /// A worker that keeps its channel lock does not keep what is queued for it: after
+    /// RECLAIM_LOCK_WAIT it is taken back without the lock.
+    #[test]
+    fn a_worker_that_keeps_its_channel_lock_is_reclaimed_from_anyway() {
+        let mut rig = Rig::new(2, PolicyKind::RoundRobin);
+        rig.command(Command::Ready(0));
+        rig.command(Command::Ready(1));
+        rig.connect_unread(4);
+        let _holder = sys::testing::hold_channel_lock(rig.workers[0].as_fd()).unwrap();
+        rig.command(Command::Drain(0));
+        let deadline = Instant::now() + RECLAIM_LOCK_WAIT + DEADLINE;
+        while !rig.events().contains(&Event::Reclaimed(0, 2)) {
+            assert!(Instant::now() < deadline, "never reclaimed");
+            rig.turn();
+        }
+        assert_eq!(rig.take(), [0, 4]);
     }
 
     #[test]

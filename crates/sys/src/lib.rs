@@ -863,3 +863,51 @@ pub fn fd_room(fd: BorrowedFd<'_>, n: usize) -> bool {
     }
     true
 }
+
+/// The channel lock (docs/PROTOCOL.md §2, FULL): a POSIX record lock (`F_SETLK`, fcntl(2)) on
+/// the whole of a worker's end of a dispatch channel, held by whoever reads it in two steps
+/// (the worker's peek-then-consume near its fd limit) or takes back what is queued (the
+/// master), so that neither consumes a message between the other's two reads. Record locks
+/// belong to a process, not to an open file description: the master and the worker hold the
+/// same description (fork, `SCM_RIGHTS`, dup) yet exclude each other, which `flock` and OFD
+/// locks would not; threads of one process do not exclude each other (they take turns by other
+/// means). The lock is released when the guard drops, when its process closes any fd of the
+/// channel, and when its process exits.
+#[must_use = "the lock is released when the guard drops"]
+pub struct ChannelLock<'a>(BorrowedFd<'a>);
+
+/// Takes the channel lock on `fd`: waiting for it (retried after a signal) when `wait`, else
+/// `Ok(None)` when another process holds it.
+pub fn lock_channel(fd: BorrowedFd<'_>, wait: bool) -> io::Result<Option<ChannelLock<'_>>> {
+    let cmd = if wait { libc::F_SETLKW } else { libc::F_SETLK };
+    loop {
+        let lock = whole_file_lock(libc::F_WRLCK);
+        // SAFETY: F_SETLK(W) reads the flock struct, which outlives the call.
+        match syscall!(fcntl(fd.as_raw_fd(), cmd, &lock)) {
+            Ok(_) => return Ok(Some(ChannelLock(fd))),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if !wait && matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) => {
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+impl Drop for ChannelLock<'_> {
+    fn drop(&mut self) {
+        let unlock = whole_file_lock(libc::F_UNLCK);
+        // SAFETY: as in `lock_channel`. Unlocking a lock this process holds cannot fail in a
+        // way that leaves it held: the process's close or exit releases it anyway.
+        let _ = syscall!(fcntl(self.0.as_raw_fd(), libc::F_SETLK, &unlock));
+    }
+}
+
+fn whole_file_lock(kind: libc::c_int) -> libc::flock {
+    // SAFETY: flock is plain data; zero is a valid value for every field.
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = kind as libc::c_short;
+    lock.l_whence = libc::SEEK_SET as libc::c_short;
+    // l_start 0 and l_len 0: from the start to whatever the end is.
+    lock
+}

@@ -1153,8 +1153,9 @@ impl Channel {
     /// message consumed is the one peeked (same bytes: they carry the master's `seq`), the
     /// copies serve, and a consuming read that could not install the fds (`MSG_CTRUNC`) loses
     /// nothing; if another reader (the master reclaiming: threads of this process take turns
-    /// here) took it first, the copies are dropped and the message read is returned
-    /// (`Interrupted` when none was left: the caller reads again).
+    /// here, and the process holds the channel lock, [`sys::lock_channel`], which the master
+    /// takes to read the queue back) took it first, the copies are dropped and the message read
+    /// is returned (`Interrupted` when none was left: the caller reads again).
     fn read_tight(
         &self,
         buf: &mut [u8; HEADER_LEN],
@@ -1164,6 +1165,11 @@ impl Channel {
         // Threads take turns: two that both peeked the same message would leave the one whose
         // consuming read gets the next message with no fd for it.
         let _turn = self.tight.lock().unwrap_or_else(|e| e.into_inner());
+        // And with the master, which takes back what is queued (after FULL, to drain) by
+        // reading the same queue: between our two reads it could take the peeked message, and
+        // our second read would then get the next one with no fd for it. Without the lock
+        // (`ENOLCK`), read as before.
+        let _exclusive = sys::lock_channel(self.fd.as_fd(), true);
         let mut peeked_buf = [0u8; HEADER_LEN];
         let mut peeked = Vec::new();
         let chan = self.fd.as_fd();
@@ -1652,6 +1658,50 @@ mod tests {
             assert_eq!(got + later, 2, "round {round}: a connection was lost");
             drop(clients);
         }
+    }
+
+    /// Set in the child process that runs [`reclaim_race_child`].
+    const RECLAIM_RACE_CHILD: &str = "RCLUSTER_WORKER_RECLAIM_RACE_CHILD";
+
+    /// The master taking back what is queued, while the worker reads near its fd limit, costs
+    /// no connection: with one free fd the peek takes it, and if another process consumed the
+    /// peeked message before the second read, that read would get the next one with no fd for
+    /// it. Many rounds against a reclaiming process that honours the channel lock, as the
+    /// master does; every connection ends up with one of the two.
+    #[test]
+    fn the_master_reclaiming_during_a_tight_read_loses_no_connection() {
+        sys::testing::run_ignored_test_under_fd_limit(
+            "tests::reclaim_race_child",
+            RECLAIM_RACE_CHILD,
+            64,
+        );
+    }
+
+    #[test]
+    #[ignore = "run in a child process by the_master_reclaiming_during_a_tight_read_loses_no_connection"]
+    fn reclaim_race_child() {
+        if std::env::var_os(RECLAIM_RACE_CHILD).is_none() {
+            return;
+        }
+        let (worker, master) = dispatch_worker();
+        let ListenerKind::Channel(chan) = &worker.listeners()[0].kind else {
+            panic!("a dispatch worker's listener is a channel");
+        };
+        sys::set_nonblocking(chan.fd.as_fd(), true).unwrap();
+        let rounds = 10_000;
+        let (got, reclaimed) = sys::testing::tight_reads_against_a_reclaimer(
+            chan.fd.as_fd(),
+            master.end,
+            rounds,
+            |seq| ToWorker::Conn { seq }.encode().to_vec(),
+            || {
+                let mut buf = [0u8; HEADER_LEN];
+                let mut fds = Vec::new();
+                let _ = chan.read_tight(&mut buf, libc::MSG_DONTWAIT, &mut fds);
+                fds.len()
+            },
+        );
+        assert_eq!(got + reclaimed, 2 * rounds, "connections were lost");
     }
 
     #[test]
