@@ -864,6 +864,18 @@ pub fn fd_room(fd: BorrowedFd<'_>, n: usize) -> bool {
     true
 }
 
+/// Waits until `fd` has input (or end of file, or an error to report): poll(2) with `POLLIN`
+/// and no timeout. `Interrupted` after a signal.
+pub fn wait_readable(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, which outlives the call.
+    syscall!(poll(&mut pfd, 1, -1)).map(|_| ())
+}
+
 /// The channel lock (docs/PROTOCOL.md §2, FULL): a POSIX record lock (`F_SETLK`, fcntl(2)) on
 /// the whole of a worker's end of a dispatch channel, held by whoever reads it in two steps
 /// (the worker's peek-then-consume near its fd limit) or takes back what is queued (the

@@ -91,8 +91,8 @@ pub fn at_fd_limit_on_threads(
     sum
 }
 
-/// Rounds of a worker's two-step read near its fd limit against a process reclaiming the same
-/// queue under the channel lock, as the master does ([`Reclaimer`]). Each round sends two CONN
+/// Rounds of a worker's two-step read near its fd limit against a forked process reclaiming
+/// the same queue under the channel lock, as the master does. Each round sends two CONN
 /// messages (`conn(seq)`, each carrying the same connection, so that sending takes no fd) on
 /// `master`, calls `read` once with one free fd (it returns the connections it got), then waits
 /// for the reclaimer to take the rest (fds in flight count against the sender's fd limit).
@@ -292,5 +292,31 @@ impl Drop for LockHolder {
     fn drop(&mut self) {
         let _ = crate::kill(self.pid, libc::SIGKILL);
         let _ = crate::waitpid_blocking(self.pid);
+    }
+}
+
+/// Whether another process could take the channel lock ([`crate::lock_channel`]) of `chan`
+/// now, without waiting: a forked child tries, and says so in its exit status.
+pub fn channel_lock_is_free_elsewhere(chan: BorrowedFd<'_>) -> io::Result<bool> {
+    // SAFETY: fork has no preconditions; the child below only makes system calls, then _exits.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if pid == 0 {
+        let code = match crate::lock_channel(chan, false) {
+            Ok(Some(_lock)) => 0,
+            Ok(None) => 1,
+            Err(_) => 2,
+        };
+        // SAFETY: ends the child without running the parent's destructors.
+        unsafe { libc::_exit(code) }
+    }
+    match crate::waitpid_blocking(pid)? {
+        crate::ExitStatus::Exited(0) => Ok(true),
+        crate::ExitStatus::Exited(1) => Ok(false),
+        other => Err(io::Error::other(format!(
+            "the lock probe ended with {other:?}"
+        ))),
     }
 }

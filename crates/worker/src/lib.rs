@@ -1155,13 +1155,21 @@ impl Channel {
     /// nothing; if another reader (the master reclaiming: threads of this process take turns
     /// here, and the process holds the channel lock, [`sys::lock_channel`], which the master
     /// takes to read the queue back) took it first, the copies are dropped and the message read
-    /// is returned (`Interrupted` when none was left: the caller reads again).
+    /// is returned (`Interrupted` when none was left: the caller reads again). Neither read
+    /// blocks: a blocking caller waits for a message first, before its turn.
     fn read_tight(
         &self,
         buf: &mut [u8; HEADER_LEN],
         flags: libc::c_int,
         fds: &mut Vec<OwnedFd>,
     ) -> io::Result<scm::ReceivedMsg> {
+        let chan = self.fd.as_fd();
+        let blocking = flags & libc::MSG_DONTWAIT == 0;
+        if blocking {
+            // Wait for a message first, outside the turn and the lock: whoever holds them never
+            // blocks (the master would otherwise find the lock held for as long as we wait).
+            sys::wait_readable(chan)?;
+        }
         // Threads take turns: two that both peeked the same message would leave the one whose
         // consuming read gets the next message with no fd for it.
         let _turn = self.tight.lock().unwrap_or_else(|e| e.into_inner());
@@ -1169,22 +1177,30 @@ impl Channel {
         // reading the same queue: between our two reads it could take the peeked message, and
         // our second read would then get the next one with no fd for it. Without the lock
         // (`ENOLCK`), read as before.
-        let _exclusive = sys::lock_channel(self.fd.as_fd(), true);
+        let _exclusive = sys::lock_channel(chan, true);
+        // Another thread took what woke us: the caller reads again (and waits again).
+        let taken_first = |e: io::Error| {
+            if blocking && e.kind() == io::ErrorKind::WouldBlock {
+                io::Error::from(io::ErrorKind::Interrupted)
+            } else {
+                e
+            }
+        };
+        let nowait = flags | libc::MSG_DONTWAIT;
         let mut peeked_buf = [0u8; HEADER_LEN];
         let mut peeked = Vec::new();
-        let chan = self.fd.as_fd();
         let peek =
-            match scm::recvmsg_fds(chan, &mut peeked_buf, flags | libc::MSG_PEEK, &mut peeked) {
+            match scm::recvmsg_fds(chan, &mut peeked_buf, nowait | libc::MSG_PEEK, &mut peeked) {
                 Ok(got) => got,
                 Err(e) if e.kind() == io::ErrorKind::InvalidData => return Err(self.full_now()),
-                Err(e) => return Err(e),
+                Err(e) => return Err(taken_first(e)),
             };
         if peeked.is_empty() {
             // Not a connection (or end of file): nothing to keep; read it as usual.
-            return scm::recvmsg_fds(chan, buf, flags, fds);
+            return scm::recvmsg_fds(chan, buf, nowait, fds).map_err(taken_first);
         }
         let same = |buf: &[u8; HEADER_LEN]| buf[..] == peeked_buf[..];
-        match scm::recvmsg_fds(chan, buf, flags | libc::MSG_DONTWAIT, fds) {
+        match scm::recvmsg_fds(chan, buf, nowait, fds) {
             Ok(got) if got.len == peek.len && same(buf) => {
                 fds.clear();
                 fds.append(&mut peeked);
@@ -1702,6 +1718,52 @@ mod tests {
             },
         );
         assert_eq!(got + reclaimed, 2 * rounds, "connections were lost");
+    }
+
+    /// A blocking read near the fd limit waits for a message before it takes the channel lock:
+    /// a master taking back what is queued meanwhile never finds the lock held by an idle
+    /// worker (it would put the reclaim off, then take it without the lock).
+    #[test]
+    fn a_blocking_tight_read_waits_without_holding_the_channel_lock() {
+        let (worker, master) = dispatch_worker();
+        let ListenerKind::Channel(chan) = &worker.listeners()[0].kind else {
+            panic!("a dispatch worker's listener is a channel");
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::scope(|s| {
+            let reader = s.spawn(|| {
+                tx.send(std::fs::read_link("/proc/thread-self").unwrap())
+                    .unwrap();
+                let mut buf = [0u8; HEADER_LEN];
+                let mut fds = Vec::new();
+                chan.read_tight(&mut buf, 0, &mut fds).map(|_| fds.len())
+            });
+            // Until the reader is blocked in a system call (proc(5): a number, not "running").
+            let task = rx.recv().unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let syscall = std::fs::read_to_string(
+                    std::path::Path::new("/proc").join(&task).join("syscall"),
+                )
+                .unwrap();
+                if syscall
+                    .split(' ')
+                    .next()
+                    .is_some_and(|n| n.parse::<i64>().is_ok())
+                {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the reader never blocked"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let free = sys::testing::channel_lock_is_free_elsewhere(chan.fd.as_fd()).unwrap();
+            let _client = master.dispatch(1);
+            assert_eq!(reader.join().unwrap().unwrap(), 1);
+            assert!(free, "the channel lock was held while the worker waited");
+        });
     }
 
     #[test]
