@@ -434,6 +434,32 @@ mod tests {
         }
     }
 
+    /// A blocking read near the fd limit waits for a message before it takes its turn and the
+    /// channel lock: a master taking back what is queued meanwhile never finds the lock held by
+    /// an idle worker (it would put the reclaim off, then take it without the lock).
+    #[test]
+    fn a_blocking_tight_read_waits_without_holding_the_channel_lock() {
+        let (l, master) = crate::listener::tests::pair();
+        let chan = l.chan.as_raw_fd();
+        let (sent, _peer) = UnixStream::pair().unwrap();
+        let (free, got) = rcluster_sys::testing::channel_lock_free_while_blocked(
+            l.chan.as_fd(),
+            || match receive_tight(&l, chan) {
+                Received::Conn(conn) => {
+                    close_all(&[conn]);
+                    1
+                }
+                _ => 0,
+            },
+            || {
+                let msg = ToWorker::Conn { seq: 1 }.encode();
+                rcluster_sys::scm::sendmsg_fd(master.as_fd(), &msg, sent.as_fd()).unwrap();
+            },
+        );
+        assert_eq!(got, 1);
+        assert!(free, "the channel lock was held while the worker waited");
+    }
+
     /// Set in the child process that runs [`reclaim_race_child`].
     const RECLAIM_RACE: &str = "RCLUSTER_SHIM_RECLAIM_RACE_CHILD";
 

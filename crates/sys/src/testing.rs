@@ -320,3 +320,43 @@ pub fn channel_lock_is_free_elsewhere(chan: BorrowedFd<'_>) -> io::Result<bool> 
         ))),
     }
 }
+
+/// Runs `read` on a thread until it is blocked in a system call (proc(5): its `syscall` file
+/// shows a number, not `running`), asks [`channel_lock_is_free_elsewhere`] about `chan`, then
+/// calls `unblock` (which must let `read` return) and joins. Returns whether the lock was free
+/// while `read` waited, and what `read` returned. Panics if `read` never blocks within 10 s.
+pub fn channel_lock_free_while_blocked<T: Send>(
+    chan: BorrowedFd<'_>,
+    read: impl FnOnce() -> T + Send,
+    unblock: impl FnOnce(),
+) -> (bool, T) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        let reader = s.spawn(move || {
+            tx.send(std::fs::read_link("/proc/thread-self").expect("/proc/thread-self"))
+                .expect("the test thread waits");
+            read()
+        });
+        let task = std::path::Path::new("/proc")
+            .join(rx.recv().expect("the reader's task"))
+            .join("syscall");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let free = loop {
+            let now = std::fs::read_to_string(&task).unwrap_or_default();
+            if now
+                .split(' ')
+                .next()
+                .is_some_and(|n| n.parse::<i64>().is_ok())
+            {
+                break channel_lock_is_free_elsewhere(chan);
+            }
+            if std::time::Instant::now() >= deadline {
+                break Err(io::Error::other("the reader never blocked"));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        };
+        unblock();
+        let got = reader.join().expect("the reader");
+        (free.expect("the lock probe"), got)
+    })
+}

@@ -1729,41 +1729,18 @@ mod tests {
         let ListenerKind::Channel(chan) = &worker.listeners()[0].kind else {
             panic!("a dispatch worker's listener is a channel");
         };
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::scope(|s| {
-            let reader = s.spawn(|| {
-                tx.send(std::fs::read_link("/proc/thread-self").unwrap())
-                    .unwrap();
+        let mut client = None;
+        let (free, read) = sys::testing::channel_lock_free_while_blocked(
+            chan.fd.as_fd(),
+            || {
                 let mut buf = [0u8; HEADER_LEN];
                 let mut fds = Vec::new();
                 chan.read_tight(&mut buf, 0, &mut fds).map(|_| fds.len())
-            });
-            // Until the reader is blocked in a system call (proc(5): a number, not "running").
-            let task = rx.recv().unwrap();
-            let deadline = std::time::Instant::now() + Duration::from_secs(10);
-            loop {
-                let syscall = std::fs::read_to_string(
-                    std::path::Path::new("/proc").join(&task).join("syscall"),
-                )
-                .unwrap();
-                if syscall
-                    .split(' ')
-                    .next()
-                    .is_some_and(|n| n.parse::<i64>().is_ok())
-                {
-                    break;
-                }
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "the reader never blocked"
-                );
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            let free = sys::testing::channel_lock_is_free_elsewhere(chan.fd.as_fd()).unwrap();
-            let _client = master.dispatch(1);
-            assert_eq!(reader.join().unwrap().unwrap(), 1);
-            assert!(free, "the channel lock was held while the worker waited");
-        });
+            },
+            || client = Some(master.dispatch(1)),
+        );
+        assert_eq!(read.unwrap(), 1);
+        assert!(free, "the channel lock was held while the worker waited");
     }
 
     #[test]
