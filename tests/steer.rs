@@ -889,3 +889,72 @@ fn a_worker_that_marks_another_slot_ineligible_is_overruled() {
         "slot 1 got nothing: {counts:?}"
     );
 }
+
+/// A prefork server under the shim: the parent binds and listens but never waits on the
+/// listener; it keeps two children, each serving three requests through `select` (which
+/// watches the overflow queue) and then exiting normally (`exit(3)`), replaced at once.
+const RECYCLER: &str = r#"
+import ctypes, os, select, socket
+s = socket.socket()
+s.bind(("127.0.0.1", int(os.environ["PORT"])))
+s.listen(128)
+s.setblocking(False)
+
+def child():
+    served = 0
+    while served < 3:
+        if not select.select([s], [], [], 1.0)[0]:
+            continue
+        try:
+            c, _ = s.accept()
+        except BlockingIOError:
+            continue
+        c.setblocking(True)
+        head = c.makefile("rb")
+        while head.readline() not in (b"\r\n", b""):
+            pass
+        c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n")
+        head.close()
+        c.close()
+        served += 1
+    # exit(3) as a C server would: the listener stays open until the kernel closes it (Python's
+    # own sys.exit would close it first, which withdraws the watch by itself).
+    ctypes.CDLL(None).exit(0)
+
+children = set()
+while True:
+    while len(children) < 2:
+        pid = os.fork()
+        if pid == 0:
+            child()
+        children.add(pid)
+    pid, _ = os.wait()
+    children.discard(pid)
+"#;
+
+/// Each process of a slot that watches the overflow queue adds one watcher to the slot's line;
+/// one that exits normally withdraws it. A prefork server whose children come and go (here 2
+/// at a time, about 15 in all) leaves only its live children's watchers, not one per child it
+/// ever had.
+#[test]
+fn a_recycled_child_withdraws_its_watch_when_it_exits() {
+    if !steering_available() || !common::available("python3") {
+        return;
+    }
+    let dir = common::TempDir::new("recycle");
+    let script = dir.write("recycle.py", RECYCLER);
+    let cluster = start_steered(
+        &["--steer", "kernel", "-w", "1", "--", "python3", &script],
+        1,
+    );
+    for i in 0..30 {
+        let r = get(cluster.addr(), "/").unwrap_or_else(|e| panic!("request {i}: {e}"));
+        assert_eq!(r.status, 200, "request {i}");
+    }
+    let status = cluster.steering_status(1);
+    println!("after 30 requests: {status:?}");
+    assert!(
+        status[0].watchers <= 2,
+        "watchers of children long gone are still counted: {status:?}"
+    );
+}

@@ -438,7 +438,8 @@ pub unsafe extern "C" fn pselect(
     })
 }
 
-/// Flushes what is still counted when the process exits normally (ELF `.fini_array`).
+/// Flushes what is still counted, and withdraws a watch of the overflow queue, when the process
+/// exits normally (ELF `.fini_array`).
 #[used]
 #[unsafe(link_section = ".fini_array")]
 static DESTRUCTOR: extern "C" fn() = destructor;
@@ -446,6 +447,9 @@ static DESTRUCTOR: extern "C" fn() = destructor;
 extern "C" fn destructor() {
     if let Some(shim) = state::get() {
         shim.flush_closed();
+        if let Some((overflow, steer)) = shim.overflow() {
+            overflow.exiting(steer);
+        }
     }
 }
 

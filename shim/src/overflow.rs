@@ -33,7 +33,7 @@
 //! While this process has a registration, or its last wait on a listener watched the queue
 //! through `poll`/`select`, its slot's `reporting` word carries one `WATCHER`: the program
 //! spills only while an eligible slot has one. A wait that cannot watch (too many entries, a
-//! blocking listener) withdraws it, and so does closing the listener. Registrations belong to
+//! blocking listener) withdraws it, and so do closing the listener and exiting normally. Registrations belong to
 //! the process that made them: a forked child (which shares the parent's epoll sets) neither
 //! adds nor removes any. An exec of the worker itself withdraws the count (the new image
 //! registers again); a failed exec restores it.
@@ -528,6 +528,23 @@ impl Overflow {
     /// The calling thread is about to wait: it may take from the queue again.
     pub fn waiting(&self) {
         TAKEN.with(|t| t.set(false));
+    }
+
+    /// The process exits normally (the shim's destructor): a watch it holds is withdrawn, as
+    /// closing its listener would, and it takes part in none from now on. (A process killed
+    /// cannot withdraw; the master clears a slot's watchers once none of its processes is left.)
+    pub fn exiting(&self, steer: &SteerSlot) {
+        // Only the owner (a vfork child calling exit shares this memory and must not disown
+        // its parent).
+        let me = getpid();
+        if self
+            .owner
+            .compare_exchange(me, -1, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+            && (self.count.load(Ordering::SeqCst) > 0 || self.polled.load(Ordering::SeqCst))
+        {
+            steer.watch(false);
+        }
     }
 
     /// The worker execs itself (`on = true`: the fds stay open for the next image, which

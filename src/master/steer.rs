@@ -485,7 +485,7 @@ impl SteerControl {
             let c = self.steering.counts(slot);
             info!(
                 "status: steering slot {slot}: {} load {} assigned {} accepted {} closed {} \
-                 forgiven {} rss_kib {} stuck {} watches {}{}",
+                 forgiven {} rss_kib {} stuck {} watches {} watchers {}{}",
                 if c.eligible { "eligible" } else { "ineligible" },
                 c.load(),
                 c.assigned,
@@ -495,6 +495,7 @@ impl SteerControl {
                 c.rss_kib,
                 c.stuck(now_ns),
                 c.watches,
+                c.watchers,
                 if c.reporting {
                     ""
                 } else {

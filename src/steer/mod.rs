@@ -101,6 +101,9 @@ pub struct SlotCounts {
     pub reporting: bool,
     /// The slot's worker accepts from the overflow queue when its own listener has nothing.
     pub watches: bool,
+    /// How many of the slot's processes say they watch the overflow queue (`reporting` bits
+    /// 8–15).
+    pub watchers: u32,
     /// The slot's ready worker's RSS in KiB, as the master last wrote it (0: not sampled yet).
     pub rss_kib: u64,
     /// When the slot's queue last moved (`CLOCK_MONOTONIC` ns): the worker's last accept, or
@@ -495,6 +498,7 @@ impl Steering {
             eligible: u32_at(page::ELIGIBLE) != 0,
             reporting: u32_at(page::REPORTING) & page::REPORTING_WHO != 0,
             watches: u32_at(page::REPORTING) & page::WATCHERS != 0,
+            watchers: (u32_at(page::REPORTING) & page::WATCHERS) / page::WATCHER,
             rss_kib: u64_at(page::RSS_KIB),
             progress_ns: u64_at(page::PROGRESS_NS),
             busy_ns: u64_at(page::BUSY_NS),

@@ -883,6 +883,7 @@ impl TestCluster {
                     reporting: !rest.contains("does not report"),
                     stuck: rest.contains(" stuck true"),
                     watches: rest.contains(" watches true"),
+                    watchers: field("watchers"),
                 }
             })
             .collect()
@@ -1047,6 +1048,8 @@ pub struct SteerSlotStatus {
     pub stuck: bool,
     /// A process of the slot watches the overflow queue.
     pub watches: bool,
+    /// How many of the slot's processes say they watch it.
+    pub watchers: i64,
 }
 
 /// The kernel-steering overflow queue's counts, from the master's status (SIGUSR1).
