@@ -33,10 +33,10 @@
 //! While this process has a registration, or its last wait on a listener watched the queue
 //! through `poll`/`select`, its slot's `reporting` word carries one `WATCHER`: the program
 //! spills only while an eligible slot has one. A wait that cannot watch (too many entries, a
-//! blocking listener) withdraws it, and so do closing the listener and exiting normally. Registrations belong to
-//! the process that made them: a forked child (which shares the parent's epoll sets) neither
-//! adds nor removes any. An exec of the worker itself withdraws the count (the new image
-//! registers again); a failed exec restores it.
+//! blocking listener) withdraws it, and so do closing the listener and exiting normally.
+//! Registrations belong to the process that made them: a forked child (which shares the
+//! parent's epoll sets) neither adds nor removes any. An exec of the worker itself withdraws the
+//! count (the new image registers again); a failed exec restores it.
 //!
 //! Only while the shim counts for the slot (`REPORTING_SHIM`): a server that counts itself (the
 //! Rust worker API) accepts without this.

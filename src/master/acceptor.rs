@@ -663,8 +663,9 @@ impl Acceptor {
                     self.reclaim(id);
                 }
                 Command::Remove(id) => {
-                    // The worker is gone, and its channel lock with it.
-                    self.reclaim_from(id, true);
+                    // The worker is gone, and its channel lock with it (a process it left
+                    // behind cannot keep what is queued: the entry goes now).
+                    self.reclaim_from(id, false);
                     self.remove(id);
                 }
                 Command::Rss(samples) => {
@@ -1881,6 +1882,20 @@ mod tests {
             rig.turn();
         }
         assert_eq!(rig.take(), [0, 4]);
+    }
+
+    /// A worker that is gone is reclaimed from at once, even if a process it left behind holds
+    /// its channel lock: its entry goes with the command, and what stayed queued would be lost.
+    #[test]
+    fn a_removed_worker_is_reclaimed_from_whoever_holds_its_lock() {
+        let mut rig = Rig::new(2, PolicyKind::RoundRobin);
+        rig.command(Command::Ready(0));
+        rig.command(Command::Ready(1));
+        rig.connect_unread(4);
+        let _holder = sys::testing::hold_channel_lock(rig.workers[0].as_fd()).unwrap();
+        rig.command(Command::Remove(0));
+        assert!(rig.events().contains(&Event::Reclaimed(0, 2)));
+        assert_eq!(rig.take_from(1), 4);
     }
 
     #[test]

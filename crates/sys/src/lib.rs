@@ -883,8 +883,8 @@ pub fn wait_readable(fd: BorrowedFd<'_>) -> io::Result<()> {
 /// belong to a process, not to an open file description: the master and the worker hold the
 /// same description (fork, `SCM_RIGHTS`, dup) yet exclude each other, which `flock` and OFD
 /// locks would not; threads of one process do not exclude each other (they take turns by other
-/// means). The lock is released when the guard drops, when its process closes any fd of the
-/// channel, and when its process exits.
+/// means); so it must be a classic record lock, never an OFD one. The lock is released when the
+/// guard drops, when its process closes any fd of the channel, and when its process exits.
 #[must_use = "the lock is released when the guard drops"]
 pub struct ChannelLock<'a>(BorrowedFd<'a>);
 
