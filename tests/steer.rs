@@ -35,6 +35,18 @@ fn start_steered(args: &[&str], slots: usize) -> TestCluster {
     cluster
 }
 
+/// Two kernel-steered python workers running `script` with `args`, which write the table
+/// themselves (`--no-preload`) and count as ready after 100 ms; `extra` options before the
+/// command.
+fn start_table_writers(extra: &[&str], script: &str, args: &[&str]) -> TestCluster {
+    let mut all = vec!["--steer", "kernel", "-w", "2", "--no-preload"];
+    all.extend_from_slice(&["--ready-delay", "100ms"]);
+    all.extend_from_slice(extra);
+    all.extend_from_slice(&["--", "python3", script]);
+    all.extend_from_slice(args);
+    start_steered(&all, 2)
+}
+
 /// [`start_steered`] with `--steer kernel -p POLICY -w WORKERS` and `extra`, all slots eligible.
 fn start_policy(policy: &str, workers: usize, extra: &[&str]) -> TestCluster {
     let n = workers.to_string();
@@ -780,23 +792,10 @@ fn lying_watchers_are_replaced_and_the_overflow_queue_is_served() {
     }
     let dir = common::TempDir::new("liar");
     let script = dir.write("liar.py", LIAR);
-    let cluster = start_steered(
-        &[
-            "--steer",
-            "kernel",
-            "-w",
-            "2",
-            "--no-preload",
-            "--ready-delay",
-            "100ms",
-            "--stall-timeout",
-            "1s",
-            "--",
-            "python3",
-            &script,
-            dir.path().to_str().unwrap(),
-        ],
-        2,
+    let cluster = start_table_writers(
+        &["--stall-timeout", "1s"],
+        &script,
+        &[dir.path().to_str().unwrap()],
     );
     // Both slots look stuck and watch (the liars write it again every 50 ms: the master clears
     // busy_ns when a slot becomes eligible): what comes now waits in the overflow queue.
@@ -855,21 +854,7 @@ fn a_worker_that_marks_another_slot_ineligible_is_overruled() {
     }
     let dir = common::TempDir::new("tamper");
     let script = dir.write("tamper.py", TAMPERER);
-    let cluster = start_steered(
-        &[
-            "--steer",
-            "kernel",
-            "-w",
-            "2",
-            "--no-preload",
-            "--ready-delay",
-            "100ms",
-            "--",
-            "python3",
-            &script,
-        ],
-        2,
-    );
+    let cluster = start_table_writers(&[], &script, &[]);
     // Until slot 0 got one (ties between equally loaded slots go by the connection's hash).
     let deadline = Instant::now() + DEADLINE;
     while get(cluster.addr(), "/lie").expect("GET /lie").worker() != 0 {
