@@ -1842,16 +1842,23 @@ mod tests {
         );
     }
 
-    /// A worker in the middle of its two-step read near the fd limit holds its channel lock:
-    /// a reclaim then waits (the worker's second read could otherwise get a message with no
-    /// fd for it), takes everything back once the lock is free, and sends it elsewhere.
-    #[test]
-    fn a_reclaim_waits_while_the_worker_holds_its_channel_lock() {
+    /// Two ready round-robin workers with two connections queued unread for each, and worker 0's
+    /// channel lock held by another process until the holder drops.
+    fn two_queued_for_each_with_worker_0_locked() -> (Rig, sys::testing::LockHolder) {
         let mut rig = Rig::new(2, PolicyKind::RoundRobin);
         rig.command(Command::Ready(0));
         rig.command(Command::Ready(1));
         rig.connect_unread(4);
         let holder = sys::testing::hold_channel_lock(rig.workers[0].as_fd()).unwrap();
+        (rig, holder)
+    }
+
+    /// A worker in the middle of its two-step read near the fd limit holds its channel lock:
+    /// a reclaim then waits (the worker's second read could otherwise get a message with no
+    /// fd for it), takes everything back once the lock is free, and sends it elsewhere.
+    #[test]
+    fn a_reclaim_waits_while_the_worker_holds_its_channel_lock() {
+        let (mut rig, holder) = two_queued_for_each_with_worker_0_locked();
         rig.say(0, ToMaster::Full { lost: 0 });
         assert!(
             !rig.events()
@@ -1870,11 +1877,7 @@ mod tests {
     /// RECLAIM_LOCK_WAIT it is taken back without the lock.
     #[test]
     fn a_worker_that_keeps_its_channel_lock_is_reclaimed_from_anyway() {
-        let mut rig = Rig::new(2, PolicyKind::RoundRobin);
-        rig.command(Command::Ready(0));
-        rig.command(Command::Ready(1));
-        rig.connect_unread(4);
-        let _holder = sys::testing::hold_channel_lock(rig.workers[0].as_fd()).unwrap();
+        let (mut rig, _holder) = two_queued_for_each_with_worker_0_locked();
         rig.command(Command::Drain(0));
         let deadline = Instant::now() + RECLAIM_LOCK_WAIT + DEADLINE;
         while !rig.events().contains(&Event::Reclaimed(0, 2)) {
@@ -1888,11 +1891,7 @@ mod tests {
     /// its channel lock: its entry goes with the command, and what stayed queued would be lost.
     #[test]
     fn a_removed_worker_is_reclaimed_from_whoever_holds_its_lock() {
-        let mut rig = Rig::new(2, PolicyKind::RoundRobin);
-        rig.command(Command::Ready(0));
-        rig.command(Command::Ready(1));
-        rig.connect_unread(4);
-        let _holder = sys::testing::hold_channel_lock(rig.workers[0].as_fd()).unwrap();
+        let (mut rig, _holder) = two_queued_for_each_with_worker_0_locked();
         rig.command(Command::Remove(0));
         assert!(rig.events().contains(&Event::Reclaimed(0, 2)));
         assert_eq!(rig.take_from(1), 4);
