@@ -255,6 +255,14 @@ impl TestCluster {
 impl Drop for TestCluster {
     fn drop(&mut self) {
         let workers = self.all_seen_workers_quiet();
+        // Workers lead their own process groups, which also hold what they forked (a prefork
+        // server's children): named now, while the leaders live, since PDEATHSIG reaches only
+        // the workers themselves.
+        let groups: Vec<i32> = workers
+            .iter()
+            .copied()
+            .filter(|&pid| process_group(pid) == Some(pid))
+            .collect();
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -262,6 +270,9 @@ impl Drop for TestCluster {
         // PDEATHSIG normally takes care of them; make sure, by pid, even if it did not.
         for pid in workers {
             kill(pid, libc::SIGKILL);
+        }
+        for pgid in groups {
+            kill(-pgid, libc::SIGKILL);
         }
     }
 }
@@ -285,6 +296,14 @@ impl TestCluster {
 }
 
 /// `kill(2)`, ignoring "no such process".
+/// The process group of `pid`, while it lives.
+fn process_group(pid: i32) -> Option<i32> {
+    // SAFETY: getpgid takes a plain integer.
+    #[allow(unsafe_code)]
+    let pgid = unsafe { libc::getpgid(pid) };
+    (pgid > 0).then_some(pgid)
+}
+
 pub fn kill(pid: i32, sig: i32) {
     // SAFETY: kill takes plain integers.
     #[allow(unsafe_code)]
