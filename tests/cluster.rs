@@ -182,13 +182,38 @@ fn reuseport_keeps_a_killed_workers_queue() {
 #[test]
 fn reuseport_scale_down_takes_the_removed_workers_socket_out_of_the_group() {
     let cluster = TestCluster::start(&["--workers", "3", "--policy", "reuseport"]);
-    per_worker(&get_many(cluster.addr(), "/", 60, 3));
+    let served = get_many(cluster.addr(), "/", 60, 3);
+    per_worker(&served);
+    let removed = served
+        .iter()
+        .flatten()
+        .find(|r| r.worker() == 2)
+        .expect("worker 2 served")
+        .pid();
+    let inode = socket_inode(removed, 3);
+    assert!(
+        holds_socket(cluster.pid(), inode),
+        "the master keeps a copy"
+    );
+    // Held stopped, the removed worker cannot drain and exit before the check below.
+    kill(removed, libc::SIGSTOP);
+    common::wait_stopped(removed);
     cluster.signal(libc::SIGTTOU);
+    // Logged once the master has handled the removal.
+    cluster.wait_for_log("still queued on worker 2's own socket", DEADLINE);
+    // The master let go of its copy when the slot was removed: once the worker's copy closes
+    // too, no connection can be hashed to that socket. Keeping it until the exit was reaped
+    // left a window in which new connections queued there and were reset when it closed.
+    assert!(
+        !holds_socket(cluster.pid(), inode),
+        "the master still holds the removed slot's socket"
+    );
+    kill(removed, libc::SIGCONT);
     // The removed worker drains and exits (the only exit in this test).
     cluster.wait_for_log(") exited: exit code 0", DEADLINE);
     cluster.wait_for_workers(2);
-    // Had the master kept the removed slot's socket, about a third of these would hang in its
-    // queue with nobody accepting.
+    // Had the socket stayed in the group, about a third of these would hang in its queue with
+    // nobody accepting, or be reset when it closed.
     for i in 0..150 {
         let r = get_with_timeout(cluster.addr(), "/", Duration::from_secs(5))
             .unwrap_or_else(|e| panic!("request {i} after the scale-down failed: {e}"));

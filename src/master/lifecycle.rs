@@ -310,11 +310,11 @@ pub enum Action {
     Signal(WorkerId, Sig),
     /// The worker is gone: forget it (take back what is queued, drop its channels).
     Forget(WorkerId),
-    /// A scaled-down slot (SIGTTOU) begins to drain: release what only it used once its
-    /// workers are gone ([`Action::ReleaseSlot`] follows).
+    /// A scaled-down slot (SIGTTOU) begins to drain. It is never started again, so what
+    /// only its workers use can be released now: the master's copies of its reuseport
+    /// sockets, which then leave the kernel's group as soon as the draining worker closes
+    /// its own (at the latest when it exits), before the exit is reported.
     SlotRemoved(usize),
-    /// A removed slot's last worker exited: release its resources (reuseport sockets).
-    ReleaseSlot(usize),
     /// Stopping in dispatch mode: stop accepting, let the workers take what is queued for up
     /// to `drain_for`, then report [`Input::Drained`].
     StopAccepting {
@@ -731,11 +731,6 @@ impl Lifecycle {
         let w = self.workers.swap_remove(i);
         let pid = w.pid.unwrap_or(0);
         self.out.push(Action::Forget(id));
-        if self.slots[w.slot].state == SlotState::Removed
-            && self.workers.iter().all(|o| o.slot != w.slot)
-        {
-            self.out.push(Action::ReleaseSlot(w.slot));
-        }
         if matches!(self.phase, Phase::Stopping { .. })
             || matches!(w.state, WorkerState::Draining { .. })
         {
@@ -943,9 +938,6 @@ impl Lifecycle {
             .filter(|w| w.slot == slot)
             .map(|w| w.id)
             .collect();
-        if ids.is_empty() {
-            self.out.push(Action::ReleaseSlot(slot));
-        }
         for &id in &ids {
             self.drain(now, id);
         }
@@ -1658,8 +1650,7 @@ mod tests {
         let mut h = Harness::running(2);
         h.input(Input::ScaleDown);
         let a = h.exit(1, 137);
-        assert!(spawns(&a).is_empty());
-        assert!(a.contains(&Action::ReleaseSlot(1)));
+        assert_eq!(a, [Action::Forget(1)], "not restarted");
         assert_eq!(h.lc.slots()[1].crashes, 0);
     }
 

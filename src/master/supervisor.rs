@@ -505,6 +505,14 @@ impl Supervisor {
                 self.forget(id)
             }
             Action::SlotRemoved(slot) => {
+                // Reuseport mode: the master lets go of the slot's listening sockets now, so
+                // they leave the kernel's group when the draining worker closes its copies
+                // (at the latest, on exit). Kept until the exit was reaped, they would take
+                // new connections in that window and reset them when closed.
+                if let Some(s) = self.slots.get_mut(slot) {
+                    s.reuseport.clear();
+                    s.watches.clear();
+                }
                 // With SELECT_OR_MIGRATE the steering program re-places that queue instead.
                 if self.mode == Mode::Reuseport
                     && !self.steer.as_ref().is_some_and(|s| s.migrates())
@@ -516,14 +524,6 @@ impl Supervisor {
                         "reuseport mode: connections still queued on worker {slot}'s own socket \
                          when it exits are reset unless net.ipv4.tcp_migrate_req=1"
                     );
-                }
-            }
-            Action::ReleaseSlot(slot) => {
-                // Reuseport mode: a removed slot's listening sockets leave the kernel's group
-                // with their last worker, or new connections would keep being hashed to a
-                // socket nobody accepts from.
-                if let Some(s) = self.slots.get_mut(slot) {
-                    s.reuseport.clear();
                 }
             }
             Action::StopAccepting { drain_for } => self.send(Command::Shutdown { drain_for }),
