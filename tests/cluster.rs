@@ -252,6 +252,42 @@ fn a_crash_looping_slot_is_given_up_and_the_rest_serve() {
 }
 
 #[test]
+fn reuseport_takes_a_given_up_slots_socket_out_of_the_group_until_it_is_retried() {
+    let dir = TempDir::new("gave-up");
+    let fixed = dir.path().join("fixed");
+    let script = format!(
+        "if [ \"$RCLUSTER_WORKER_ID\" = 1 ] && [ ! -e {} ]; then exit 3; fi; exec {BIN} demo-worker",
+        fixed.display()
+    );
+    let cluster = TestCluster::spawn(&[
+        "--workers",
+        "2",
+        "--policy",
+        "reuseport",
+        "--no-preload",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    cluster.wait_for_log("leave the group while it is given up", DEADLINE);
+    // Left in the group, about half of these would wait on slot 1's socket with nobody
+    // accepting until the retry 30 s later.
+    for i in 0..100 {
+        let r = get_with_timeout(cluster.addr(), "/", Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("request {i} with slot 1 given up failed: {e}"));
+        assert_eq!(r.worker(), 0);
+    }
+    // Retried (SIGHUP), the slot's socket listens again and its worker serves from it.
+    std::fs::write(&fixed, "").unwrap();
+    cluster.signal(libc::SIGHUP);
+    cluster.wait_for_log("worker 1 ready", DEADLINE);
+    let counts = per_worker(&get_many(cluster.addr(), "/", 200, 4));
+    assert_eq!(counts.values().sum::<usize>(), 200, "{counts:?}");
+    assert!(counts.get(&1).is_some_and(|&n| n > 0), "{counts:?}");
+}
+
+#[test]
 fn every_slot_crash_looping_exits_non_zero() {
     let mut cluster = TestCluster::spawn(&["--workers", "2", "--", "sh", "-c", "exit 3"]);
     let status = cluster.wait_exit(DEADLINE);

@@ -310,6 +310,9 @@ pub enum Action {
     Signal(WorkerId, Sig),
     /// The worker is gone: forget it (take back what is queued, drop its channels).
     Forget(WorkerId),
+    /// A crash-looping slot was given up until its next retry (every 30 s, or SIGHUP); no
+    /// worker serves it meanwhile.
+    SlotGaveUp(usize),
     /// A scaled-down slot (SIGTTOU) begins to drain. It is never started again, so what
     /// only its workers use can be released now: the master's copies of its reuseport
     /// sockets, which then leave the kernel's group as soon as the draining worker closes
@@ -590,6 +593,7 @@ impl Lifecycle {
             s.state = SlotState::GaveUp {
                 retry_at: at(now, GIVE_UP_RETRY),
             };
+            self.out.push(Action::SlotGaveUp(slot));
             let left = self
                 .workers
                 .iter()
@@ -1342,8 +1346,9 @@ mod tests {
             assert_eq!(new[0].1, 1);
             id = new[0].0;
         }
-        h.exit(id, 1);
+        let a = h.exit(id, 1);
         assert!(matches!(h.lc.slots()[1].state, SlotState::GaveUp { .. }));
+        assert_eq!(a, [Action::Forget(id), Action::SlotGaveUp(1)]);
         assert_eq!(h.after(RESTART_BACKOFF_MAX).tick(), []);
         assert_eq!(h.lc.phase(), Phase::Running, "slot 0 still serves");
         let a = h.after(GIVE_UP_RETRY).tick();

@@ -105,6 +105,9 @@ struct SlotIo {
     reuseport: Vec<Socket>,
     /// Reuseport mode: progress of each of those sockets' accept queues (see [`stall`]).
     watches: Vec<QueueWatch>,
+    /// Reuseport mode: the slot was given up and its sockets taken out of the kernel's group
+    /// (`shutdown(SHUT_RD)`); they listen again before its next worker starts.
+    paused: bool,
 }
 
 /// Runs the cluster until shutdown, with the listeners socket activation passed (if any).
@@ -245,6 +248,7 @@ impl Supervisor {
                 cpus: slot_cpus(&config.pin, i),
                 reuseport: Vec::new(),
                 watches: Vec::new(),
+                paused: false,
             })
             .collect();
         if mode == Mode::Reuseport {
@@ -504,6 +508,7 @@ impl Supervisor {
                 }
                 self.forget(id)
             }
+            Action::SlotGaveUp(slot) => self.pause_slot(slot),
             Action::SlotRemoved(slot) => {
                 // Reuseport mode: the master lets go of the slot's listening sockets now, so
                 // they leave the kernel's group when the draining worker closes its copies
@@ -540,6 +545,50 @@ impl Supervisor {
         None
     }
 
+    /// Plain reuseport mode: a given-up slot's sockets leave the kernel's group until it is
+    /// tried again, or about one connection in N would wait on them with nobody accepting
+    /// (up to 30 s, until the retry). What is already queued there is reset: no worker is
+    /// left to take it. (Kernel steering already skips a slot without a ready worker.)
+    fn pause_slot(&mut self, slot: usize) {
+        if self.mode != Mode::Reuseport
+            || self.steer.is_some()
+            || self.lifecycle.workers().iter().any(|w| w.slot == slot)
+        {
+            return;
+        }
+        let Some(io) = self.slots.get_mut(slot) else {
+            return;
+        };
+        let mut reset = 0;
+        for sock in &io.reuseport {
+            reset += sys::listen_queue(sock.as_fd()).map_or(0, |(q, _)| q);
+            if let Err(e) = sock.shutdown(std::net::Shutdown::Read) {
+                warn!("worker {slot}: cannot take its socket out of the reuseport group: {e}");
+                continue;
+            }
+            io.paused = true;
+        }
+        if io.paused {
+            warn!(
+                "reuseport mode: worker {slot}'s sockets leave the group while it is given up \
+                 ({reset} queued connections reset)"
+            );
+        }
+    }
+
+    /// Puts a given-up slot's sockets back into the reuseport group before its next worker.
+    fn resume_slot(&mut self, slot: usize) -> anyhow::Result<()> {
+        let io = &mut self.slots[slot];
+        if io.paused {
+            for sock in &io.reuseport {
+                sock.listen(listener::somaxconn())
+                    .context("failed to listen again on a given-up slot's socket")?;
+            }
+            io.paused = false;
+        }
+        Ok(())
+    }
+
     fn spawn_worker(&mut self, id: WorkerId, slot: usize, generation: u64) -> anyhow::Result<Pid> {
         let program = self
             .config
@@ -561,6 +610,7 @@ impl Supervisor {
                 worker_fds.iter().map(|f| f.as_fd()).collect()
             }
             Mode::Reuseport => {
+                self.resume_slot(slot)?;
                 let mut fds: Vec<BorrowedFd<'_>> = self.slots[slot]
                     .reuseport
                     .iter()
@@ -1039,6 +1089,7 @@ impl Supervisor {
             cpus: slot_cpus(&self.config.pin, slot),
             reuseport,
             watches: Vec::new(),
+            paused: false,
         });
         self.feed(Input::ScaleUp);
     }
