@@ -1144,6 +1144,8 @@ mod tests {
         fn dispatch(&self, seq: u64) -> HttpClient {
             let client = TcpStream::connect(self.tcp.local_addr().unwrap()).unwrap();
             let (server_side, _) = self.tcp.accept().unwrap();
+            // As the master sends them (docs/PROTOCOL.md §2).
+            server_side.set_nonblocking(true).unwrap();
             let msg = ToWorker::Conn { seq }.encode();
             scm::sendmsg_fd(self.end.as_fd(), &msg, server_side.as_fd()).unwrap();
             HttpClient::new(client)

@@ -327,26 +327,19 @@ pub unsafe fn accept(
     }
 }
 
-/// accept4(2)'s flags, applied by hand: the fd came from another process, so it carries the
-/// master's file status flags (accept(2): a new socket does not inherit O_NONBLOCK), and it was
-/// received close-on-exec.
+/// accept4(2)'s flags, applied by hand: the fd came from another process. The master accepts
+/// with `SOCK_NONBLOCK` (docs/PROTOCOL.md §2), so `O_NONBLOCK` is cleared only when the server
+/// did not ask for it (accept(2): a new socket does not inherit it); and it was received
+/// close-on-exec. An event-loop server (`SOCK_NONBLOCK | SOCK_CLOEXEC`) costs no system call.
 fn apply_accept_flags(conn: c_int, flags: c_int) {
-    // SAFETY: fcntl on an fd we own; errors leave the fd as it was.
-    unsafe {
-        let fl = libc::fcntl(conn, libc::F_GETFL);
-        if fl >= 0 {
-            let want = if flags & libc::SOCK_NONBLOCK != 0 {
-                fl | libc::O_NONBLOCK
-            } else {
-                fl & !libc::O_NONBLOCK
-            };
-            if want != fl {
-                libc::fcntl(conn, libc::F_SETFL, want);
-            }
-        }
-        if flags & libc::SOCK_CLOEXEC == 0 {
-            libc::fcntl(conn, libc::F_SETFD, 0);
-        }
+    if flags & libc::SOCK_NONBLOCK == 0 {
+        let mut off: c_int = 0;
+        // SAFETY: FIONBIO reads one int from valid storage; on an fd we own.
+        unsafe { libc::ioctl(conn, libc::FIONBIO, &mut off) };
+    }
+    if flags & libc::SOCK_CLOEXEC == 0 {
+        // SAFETY: fcntl on an fd we own; an error leaves it close-on-exec.
+        unsafe { libc::fcntl(conn, libc::F_SETFD, 0) };
     }
 }
 

@@ -21,6 +21,25 @@ use rcluster_proto::ToMaster;
 
 use crate::sockopts::SockOpts;
 
+/// How long [`Listener::room`] trusts the `RLIMIT_NOFILE` it read while far from it: 10 ms.
+/// Near it (the last fd within 32) the limit is read on every receive. So only a limit lowered
+/// (by the server's `setrlimit`, or another process's `prlimit`) to within 32 of the fds in use,
+/// with a connection received less than 10 ms later, could miss the check and lose that one
+/// connection (its fd is closed on receipt; the master is told it closed).
+pub const LIMIT_REREAD_NS: u64 = 10_000_000;
+
+/// The soft `RLIMIT_NOFILE` (`u64::MAX` if it cannot be read).
+fn read_nofile_limit() -> u64 {
+    // SAFETY: rlimit is plain data; getrlimit fills it or fails.
+    let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: lim is valid storage.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+        lim.rlim_cur
+    } else {
+        u64::MAX
+    }
+}
+
 /// Listener i of the worker contract.
 pub struct Listener {
     /// Position among the adopted listeners (what the connection table stores).
@@ -58,6 +77,10 @@ pub struct Listener {
     /// Who reads the channel near the fd limit (`pid << 32 | tid`, 0 = nobody): one thread of
     /// the process at a time, see [`Listener::tight_reader`].
     tight: AtomicU64,
+    /// `RLIMIT_NOFILE`'s soft limit as last read, and when (`monotonic_ns`; 0 = never): read
+    /// again at most every [`LIMIT_REREAD_NS`] (see [`Listener::room`]).
+    limit: AtomicU64,
+    limit_read_ns: AtomicU64,
     /// Dispatch: the TCP options the server set on its listener (sockopts.rs).
     pub opts: SockOpts,
 }
@@ -121,6 +144,8 @@ impl Listener {
             full: AtomicBool::new(false),
             last_fd: AtomicI32::new(0),
             tight: AtomicU64::new(0),
+            limit: AtomicU64::new(u64::MAX),
+            limit_read_ns: AtomicU64::new(0),
             opts: SockOpts::default(),
         })
     }
@@ -342,17 +367,21 @@ impl Listener {
     /// [`Room::Tight`] (the caller then reads so that nothing is lost if the last free fd goes
     /// to another thread first: dispatch.rs); out of room it tells the master FULL once (it
     /// stops dispatching here and takes back what is queued); with room again, READY resumes.
-    /// Far from the limit: one `getrlimit`.
+    /// Far from the limit no system call: the limit is read with `getrlimit` at most every
+    /// [`LIMIT_REREAD_NS`] (the clock is the vDSO's), and always once the last fd is near it.
     pub fn room(&self) -> Room {
-        // SAFETY: rlimit is plain data; getrlimit fills it or fails.
-        let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
-        // SAFETY: lim is valid storage.
-        let limit = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
-            lim.rlim_cur
-        } else {
-            u64::MAX
-        };
         let last = u64::try_from(self.last_fd.load(Ordering::Relaxed)).unwrap_or(0);
+        let now = rcluster_sys::monotonic_ns();
+        let read_at = self.limit_read_ns.load(Ordering::Relaxed);
+        let mut limit = self.limit.load(Ordering::Relaxed);
+        if read_at == 0
+            || now.saturating_sub(read_at) >= LIMIT_REREAD_NS
+            || last.saturating_add(32) >= limit
+        {
+            limit = read_nofile_limit();
+            self.limit.store(limit, Ordering::Relaxed);
+            self.limit_read_ns.store(now.max(1), Ordering::Relaxed);
+        }
         let room = if last.saturating_add(32) < limit {
             Room::Plenty
         } else {

@@ -306,6 +306,8 @@ impl Master {
         let client = TcpStream::connect(self.addr()).unwrap();
         client.set_read_timeout(Some(DEADLINE)).unwrap();
         let (conn, _) = self.public.accept().unwrap();
+        // As the master sends them (docs/PROTOCOL.md §2).
+        conn.set_nonblocking(true).unwrap();
         self.seq += 1;
         send_conn(self.chan.as_fd(), self.seq, conn.as_fd());
         client
@@ -347,6 +349,51 @@ fn python_http_server_dispatch() {
     }
     let (closed, ready, stopping) = collect_closed(master.chan.as_fd(), N);
     assert_eq!((closed, ready, stopping), (N, 0, 0));
+    let _ = fs::remove_dir_all(dir);
+}
+
+/// Accepts twice through the shim with libc's `accept4` (ctypes), once with no flags and once
+/// with `SOCK_NONBLOCK | SOCK_CLOEXEC`, and prints each connection's two flags.
+const ACCEPT_FLAGS_SERVER: &str = r#"
+import ctypes, fcntl, os, socket
+libc = ctypes.CDLL(None, use_errno=True)
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+s.bind(("127.0.0.1", int(os.environ["PORT"])))
+s.listen(16)
+for flags in (0, socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC):
+    fd = libc.accept4(s.fileno(), None, None, flags)
+    assert fd >= 0, os.strerror(ctypes.get_errno())
+    nonblocking = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK)
+    cloexec = bool(fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC)
+    print("accepted", flags, int(nonblocking), int(cloexec), flush=True)
+    os.close(fd)
+"#;
+
+#[test]
+fn accept_flags_are_applied_to_dispatched_connections_as_accept4_would() {
+    let dir = temp_dir("accept-flags");
+    let (mut master, worker_end) = Master::new();
+    let port = master.addr().port().to_string();
+    let worker = Worker::spawn(
+        &python(),
+        &["-c", ACCEPT_FLAGS_SERVER],
+        "dispatch",
+        &[master.addr()],
+        vec![worker_end],
+        &[("PORT", &port)],
+        &dir,
+    );
+    wait_ready(master.chan.as_fd());
+    // Connections arrive non-blocking and close-on-exec (MSG_CMSG_CLOEXEC).
+    let _first = master.connect_and_dispatch();
+    assert_eq!(
+        worker.line("accepted"),
+        "accepted 0 0 0",
+        "no flags: blocking, inherited"
+    );
+    let _second = master.connect_and_dispatch();
+    let both = libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
+    assert_eq!(worker.line("accepted"), format!("accepted {both} 1 1"));
     let _ = fs::remove_dir_all(dir);
 }
 

@@ -1293,7 +1293,9 @@ impl Acceptor {
                 if !self.stats.iter().any(|s| s.is_open(l)) {
                     return;
                 }
-                match sys::accept4(self.listeners[l].as_fd(), false) {
+                // Non-blocking, as the protocol promises workers (docs/PROTOCOL.md §2): an
+                // event-loop server then needs no system call to set it.
+                match sys::accept4(self.listeners[l].as_fd(), true) {
                     Ok(fd) => {
                         burst += 1;
                         self.counters.accepts += 1;
@@ -1814,6 +1816,18 @@ mod tests {
         let mut rig = Rig::new(2, PolicyKind::RoundRobin);
         rig.command(Command::Ready(1));
         assert_eq!(rig.connect(6), [0, 6], "worker 0 was never opened");
+    }
+
+    #[test]
+    fn dispatched_connections_arrive_non_blocking() {
+        let mut rig = Rig::new(2, PolicyKind::RoundRobin);
+        assert_eq!(rig.connect(4), [2, 2]);
+        for fd in rig.received.iter().flatten() {
+            assert!(
+                sys::is_nonblocking(fd.as_fd()).unwrap(),
+                "docs/PROTOCOL.md §2"
+            );
+        }
     }
 
     #[test]

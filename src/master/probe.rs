@@ -121,6 +121,8 @@ fn probe(
     let mut client = TcpStream::connect(listener.local_addr()?)?;
     let (server, peer) = listener.accept()?;
     drop(listener);
+    // Like every dispatched connection (docs/PROTOCOL.md §2).
+    server.set_nonblocking(true)?;
     if peer != client.local_addr()? {
         // Another local process connected to the private port first.
         return Err(io::Error::other("the probe listener accepted a stranger"));

@@ -108,6 +108,13 @@ pub fn set_nonblocking(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
     Ok(())
 }
 
+/// Whether `O_NONBLOCK` is set on an fd (a file status flag: shared by every copy of it).
+pub fn is_nonblocking(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    // SAFETY: F_GETFL on a borrowed, open fd.
+    let flags = syscall!(fcntl(fd.as_raw_fd(), libc::F_GETFL))?;
+    Ok(flags & libc::O_NONBLOCK != 0)
+}
+
 /// `getsockopt(SOL_SOCKET, opt)` for an int-valued option, as the raw system call: the answer
 /// comes from the kernel even when a preloaded library (such as this project's own shim, which
 /// presents a dispatch channel as a TCP listener to unmodified servers) interposes libc's

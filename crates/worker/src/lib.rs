@@ -1240,9 +1240,11 @@ impl Channel {
                 steer: SteerClose(None),
             },
         };
-        // O_NONBLOCK is a file status flag and travels with the fd (the master's accept4 chose
-        // it); set it to our mode rather than depend on that choice. FIONBIO: one syscall.
-        conn.stream.set_nonblocking(nonblocking)?;
+        // O_NONBLOCK is a file status flag and travels with the fd: the master accepts with
+        // SOCK_NONBLOCK (docs/PROTOCOL.md §2), so only blocking mode costs a system call.
+        if !nonblocking {
+            conn.stream.set_nonblocking(false)?;
+        }
         Ok(conn)
     }
 
@@ -1508,6 +1510,8 @@ mod tests {
         fn dispatch(&self, seq: u64) -> TcpStream {
             let client = TcpStream::connect(self.tcp.local_addr().unwrap()).unwrap();
             let (server_side, _) = self.tcp.accept().unwrap();
+            // As the master sends them (docs/PROTOCOL.md §2).
+            server_side.set_nonblocking(true).unwrap();
             let msg = ToWorker::Conn { seq }.encode();
             scm::sendmsg_fd(self.end.as_fd(), &msg, server_side.as_fd()).unwrap();
             // A deadline, so a bug fails the test instead of hanging it.
@@ -1554,16 +1558,8 @@ mod tests {
         (worker, FakeMaster { end, tcp })
     }
 
-    /// Whether `O_NONBLOCK` is set, from `/proc/self/fdinfo` (proc(5): `flags` in octal).
     fn is_nonblocking(fd: BorrowedFd<'_>) -> bool {
-        let info =
-            std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).unwrap();
-        let flags = info
-            .lines()
-            .find_map(|l| l.strip_prefix("flags:"))
-            .map(|v| i32::from_str_radix(v.trim(), 8).unwrap())
-            .unwrap();
-        flags & libc::O_NONBLOCK != 0
+        sys::is_nonblocking(fd).unwrap()
     }
 
     /// Waits for `source` to become readable, with a deadline instead of a sleep.
