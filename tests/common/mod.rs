@@ -295,15 +295,12 @@ impl TestCluster {
     }
 }
 
-/// `kill(2)`, ignoring "no such process".
 /// The process group of `pid`, while it lives.
 fn process_group(pid: i32) -> Option<i32> {
-    // SAFETY: getpgid takes a plain integer.
-    #[allow(unsafe_code)]
-    let pgid = unsafe { libc::getpgid(pid) };
-    (pgid > 0).then_some(pgid)
+    rcluster_sys::getpgid(pid).ok().filter(|&pgid| pgid > 0)
 }
 
+/// `kill(2)`, ignoring "no such process".
 pub fn kill(pid: i32, sig: i32) {
     // SAFETY: kill takes plain integers.
     #[allow(unsafe_code)]

@@ -97,8 +97,8 @@ pub fn at_fd_limit_on_threads(
 /// `master`, calls `read` once with one free fd (it returns the connections it got), then waits
 /// for the reclaimer to take the rest (fds in flight count against the sender's fd limit).
 /// Returns the connections `read` got and those reclaimed: nothing lost, they add up to twice
-/// `rounds`. Run alone in its process ([`run_ignored_test_under_fd_limit`]), on a non-blocking
-/// `chan`.
+/// `rounds`. Panics if the reclaimer leaves a round's messages queued for 10 s. Run alone in
+/// its process ([`run_ignored_test_under_fd_limit`]), on a non-blocking `chan`.
 pub fn tight_reads_against_a_reclaimer(
     chan: BorrowedFd<'_>,
     master: OwnedFd,
@@ -116,7 +116,13 @@ pub fn tight_reads_against_a_reclaimer(
                     .expect("send a CONN");
             }
             got += read();
+            // A reclaimer that stopped taking fails the test instead of hanging it.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
             while crate::siocoutq(master.as_fd()).expect("SIOCOUTQ") > 0 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "round {round}: the reclaimer took nothing for 10 s"
+                );
                 std::thread::yield_now();
             }
         }
