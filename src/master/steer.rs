@@ -455,7 +455,7 @@ impl SteerControl {
                     .filter(|&slot| {
                         self.eligible[slot]
                             && !self.stalled[slot]
-                            && self.steering.counts(slot).watches
+                            && self.steering.counts(slot).watches()
                     })
                     .collect();
                 if watchers.is_empty() {
@@ -494,7 +494,7 @@ impl SteerControl {
                 c.forgiven,
                 c.rss_kib,
                 c.stuck(now_ns),
-                c.watches,
+                c.watches(),
                 c.watchers,
                 if c.reporting {
                     ""

@@ -559,9 +559,9 @@ impl Supervisor {
         let Some(io) = self.slots.get_mut(slot) else {
             return;
         };
-        let mut reset = 0;
+        let mut reset = 0u64;
         for sock in &io.reuseport {
-            reset += sys::listen_queue(sock.as_fd()).map_or(0, |(q, _)| q);
+            reset += sys::listen_queue(sock.as_fd()).map_or(0, |(q, _)| u64::from(q));
             if let Err(e) = sock.shutdown(std::net::Shutdown::Read) {
                 warn!("worker {slot}: cannot take its socket out of the reuseport group: {e}");
                 continue;

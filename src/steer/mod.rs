@@ -99,10 +99,8 @@ pub struct SlotCounts {
     pub eligible: bool,
     /// The slot's worker counts on the table.
     pub reporting: bool,
-    /// The slot's worker accepts from the overflow queue when its own listener has nothing.
-    pub watches: bool,
     /// How many of the slot's processes say they watch the overflow queue (`reporting` bits
-    /// 8–15).
+    /// 8–15): accept from it when their own listener has nothing.
     pub watchers: u32,
     /// The slot's ready worker's RSS in KiB, as the master last wrote it (0: not sampled yet).
     pub rss_kib: u64,
@@ -114,6 +112,11 @@ pub struct SlotCounts {
 }
 
 impl SlotCounts {
+    /// Some process of the slot watches the overflow queue.
+    pub fn watches(&self) -> bool {
+        self.watchers > 0
+    }
+
     /// The program's load figure: `assigned - closed - forgiven`.
     pub fn load(&self) -> i64 {
         (self.assigned.wrapping_sub(self.closed) as i64).wrapping_sub(self.forgiven)
@@ -497,7 +500,6 @@ impl Steering {
             forgiven: u64_at(page::FORGIVEN) as i64,
             eligible: u32_at(page::ELIGIBLE) != 0,
             reporting: u32_at(page::REPORTING) & page::REPORTING_WHO != 0,
-            watches: u32_at(page::REPORTING) & page::WATCHERS != 0,
             watchers: (u32_at(page::REPORTING) & page::WATCHERS) / page::WATCHER,
             rss_kib: u64_at(page::RSS_KIB),
             progress_ns: u64_at(page::PROGRESS_NS),
@@ -900,7 +902,7 @@ mod kernel_tests {
         // One eligible slot's worker watches it: every connection waits there for the first
         // worker to come free, counted on the queue's line and on no slot's.
         reporting(1).fetch_add(page::WATCHER, Ordering::SeqCst);
-        assert!(steer.counts(1).watches);
+        assert!(steer.counts(1).watches());
         assert_eq!(spread(&socks, addr, 10), vec![0, 0, 10]);
         assert_eq!(steer.counts(page::OVERFLOW).assigned, 10);
         assert_eq!(steer.counts(0).assigned + steer.counts(1).assigned, 6);
