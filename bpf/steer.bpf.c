@@ -31,8 +31,9 @@
 //
 // When the pick is stuck (so every eligible slot is: under least-mem, every one within the RSS
 // tolerance; under p2c, both drawn), or (least-conn, p2c) its loop has been serving for over
-// SPILL_BUSY_NS, and an eligible slot's worker watches the overflow queue (WATCHERS in its
-// `reporting`), the connection goes to the overflow queue instead: one more listener of the
+// SPILL_BUSY_NS or its worker has not yet taken a connection already placed on its listener,
+// and an eligible slot's worker watches the overflow queue (WATCHERS in its `reporting`), the
+// connection goes to the overflow queue instead: one more listener of the
 // group, at index STEER_OVERFLOW of the socket array, that every watching worker accepts from
 // when its own listener has nothing. It then waits for the first worker to come free (one whose loop waits
 // takes it at once), not behind work whose end nobody can predict: the kernel's shared queue
@@ -350,9 +351,19 @@ int steer(struct sk_reuseport_md *md)
         }
         return SK_PASS;
     }
+    __u32 key = scan.best & (STEER_MAX_SLOTS - 1);
+    struct steer_slot *slot = bpf_map_lookup_elem(&steer_slots, &key);
+    // The pick is not free when its loop has served for over SPILL_BUSY_NS, or when its worker
+    // (one that counts its accepts) has not yet taken a connection already placed on its
+    // listener: its loop was woken for that one and has not run since (the CPU it runs on is
+    // busy with something else) or serves it, and a second placement would wait behind the
+    // first while a worker that comes free sooner has nothing (BENCHMARKS.md, issue #14). A
+    // waiting loop's busy_ns cannot tell: it is stamped only when the loop runs again.
     // least-mem spills only when stuck: any watcher takes from the queue, one beyond the RSS
     // tolerance too, which a busy pick alone does not justify.
-    __u32 spill_busy = scan.policy != STEER_LEAST_MEM && scan.best_busy > SPILL_BUSY_NS;
+    __u32 behind = slot && slot->reporting != 0 && slot_untaken(slot) > 0;
+    __u32 spill_busy =
+        scan.policy != STEER_LEAST_MEM && (scan.best_busy > SPILL_BUSY_NS || behind);
     if ((scan.best_stuck != 0 || spill_busy) && scan.watch && scan.policy != STEER_ROUND_ROBIN) {
         __u32 spill = STEER_OVERFLOW;
         struct steer_slot *queue = bpf_map_lookup_elem(&steer_slots, &spill);
@@ -362,10 +373,8 @@ int steer(struct sk_reuseport_md *md)
             return SK_PASS;
         }
     }
-    __u32 key = scan.best & (STEER_MAX_SLOTS - 1);
     if (bpf_sk_select_reuseport(md, &steer_socks, &key, 0) != 0)
         return SK_PASS; // no listener at that index (yet): the kernel's hash decides
-    struct steer_slot *slot = bpf_map_lookup_elem(&steer_slots, &key);
     if (slot) {
         // A placement on a queue with nothing waiting starts the queue's clock (stuck_for).
         if (slot_untaken(slot) <= 0)

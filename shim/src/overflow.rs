@@ -2,9 +2,9 @@
 //! `rcluster_proto::steer`): one more listener per address in the reuseport group, held by the
 //! master and inherited by every worker. The steering program puts a connection there when no
 //! worker is free for it (every eligible slot stuck, or, under least-conn and p2c, the pick's
-//! loop serving something for over 50 µs) and some worker watches the queue; the first worker
-//! to come free takes it, instead of the connection waiting behind one request of unknown
-//! length.
+//! loop serving something for over 50 µs or the pick's worker not yet having taken a connection
+//! placed on its own listener) and some worker watches the queue; the first worker to come free
+//! takes it, instead of the connection waiting behind one request of unknown length.
 //!
 //! The server never learns of the queue. When it registers its listener in an epoll set
 //! (`epoll_ctl` ADD/MOD), the shim registers the queue in the same set with the same `data`,

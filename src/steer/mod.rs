@@ -847,6 +847,14 @@ mod kernel_tests {
         steer.table.u64_at(page::offset(slot, field)).unwrap()
     }
 
+    /// `slot`'s `reporting` word (who counts, and the overflow-queue watchers).
+    fn reporting(steer: &Steering, slot: usize) -> &std::sync::atomic::AtomicU32 {
+        steer
+            .table
+            .u32_at(page::offset(slot, page::REPORTING))
+            .unwrap()
+    }
+
     #[test]
     fn a_stuck_slot_is_passed_over_whatever_its_load() {
         let Some(steer) = loaded() else { return };
@@ -860,11 +868,7 @@ mod kernel_tests {
         word(&steer, 0, page::BUSY_NS).store(0, Ordering::SeqCst);
         assert_eq!(spread(&socks, addr, 10), vec![10, 0]);
         // A reporting worker with one placement untaken for 2 ms since its queue last moved.
-        steer
-            .table
-            .u32_at(page::offset(0, page::REPORTING))
-            .unwrap()
-            .store(page::REPORTING_SELF, Ordering::SeqCst);
+        reporting(&steer, 0).store(page::REPORTING_SELF, Ordering::SeqCst);
         word(&steer, 0, page::ACCEPTED).store(9, Ordering::SeqCst);
         word(&steer, 0, page::PROGRESS_NS)
             .store(crate::sys::monotonic_ns() - 2 * ms, Ordering::SeqCst);
@@ -889,19 +893,13 @@ mod kernel_tests {
         let (socks, addr) = group_with_overflow(&steer, 2);
         let ms = 1_000_000;
         let now = crate::sys::monotonic_ns;
-        let reporting = |slot| {
-            steer
-                .table
-                .u32_at(page::offset(slot, page::REPORTING))
-                .unwrap()
-        };
         // Both stuck, nobody watches the queue: the one stuck for less time, as before.
         word(&steer, 0, page::BUSY_NS).store(now() - 5 * ms, Ordering::SeqCst);
         word(&steer, 1, page::BUSY_NS).store(now() - 2 * ms, Ordering::SeqCst);
         assert_eq!(spread(&socks, addr, 6), vec![0, 6, 0]);
         // One eligible slot's worker watches it: every connection waits there for the first
         // worker to come free, counted on the queue's line and on no slot's.
-        reporting(1).fetch_add(page::WATCHER, Ordering::SeqCst);
+        reporting(&steer, 1).fetch_add(page::WATCHER, Ordering::SeqCst);
         assert!(steer.counts(1).watches());
         assert_eq!(spread(&socks, addr, 10), vec![0, 0, 10]);
         assert_eq!(steer.counts(page::OVERFLOW).assigned, 10);
@@ -954,13 +952,12 @@ mod kernel_tests {
         // Nobody watches the queue: the busy pick keeps its connections, by the load.
         serving();
         assert_eq!(spread(&socks, addr, 2), vec![1, 1, 0]);
-        // Slot 1's worker watches: a tie goes to its waiting loop, and where the load picks
-        // the serving slot 0, the connection waits in the queue for the first worker free.
-        steer
-            .table
-            .u32_at(page::offset(1, page::REPORTING))
-            .unwrap()
-            .fetch_add(page::WATCHER, Ordering::SeqCst);
+        // Slot 1's worker watches (and, as every watcher does, counts its accepts: it has
+        // taken both of its connections): a tie goes to its waiting loop, and where the load
+        // picks the serving slot 0, the connection waits in the queue for the first worker free.
+        reporting(&steer, 1).fetch_add(page::WATCHER, Ordering::SeqCst);
+        let assigned = steer.counts(1).assigned;
+        word(&steer, 1, page::ACCEPTED).store(assigned, Ordering::SeqCst);
         serving();
         assert_eq!(spread(&socks, addr, 1), vec![0, 1, 0]);
         serving();
@@ -985,6 +982,50 @@ mod kernel_tests {
         steer.configure(2, SteerPolicy::RoundRobin).unwrap();
         serving();
         assert_eq!(spread(&socks, addr, 4).last(), Some(&0));
+    }
+
+    #[test]
+    fn a_pick_with_a_placement_untaken_spills_to_a_watched_queue() {
+        let Some(steer) = loaded() else { return };
+        let (socks, addr) = group_with_overflow(&steer, 2);
+        // Both loops wait; slot 1 holds five connections it took, slot 0 none; slot 1's worker
+        // watches the queue.
+        word(&steer, 1, page::ASSIGNED).store(5, Ordering::SeqCst);
+        word(&steer, 1, page::ACCEPTED).store(5, Ordering::SeqCst);
+        reporting(&steer, 1).store(page::REPORTING_SHIM | page::WATCHER, Ordering::SeqCst);
+        // Slot 0's worker counts its accepts. Its queue's clock is fresh before each step, so
+        // a placement it has not taken never makes it stuck here (that takes 1 ms).
+        reporting(&steer, 0).store(page::REPORTING_SHIM, Ordering::SeqCst);
+        let fresh = || {
+            word(&steer, 0, page::PROGRESS_NS).store(crate::sys::monotonic_ns(), Ordering::SeqCst)
+        };
+        fresh();
+        // The least loaded, slot 0, gets the first connection directly.
+        assert_eq!(spread(&socks, addr, 1), vec![1, 0, 0]);
+        // Its worker has not taken it: the next ones wait in the queue for the first worker
+        // free, although slot 0 is still the least loaded and its loop waits.
+        fresh();
+        assert_eq!(spread(&socks, addr, 2), vec![0, 0, 2]);
+        assert_eq!(steer.counts(page::OVERFLOW).assigned, 2);
+        // Taken: slot 0 is free again and gets the next one directly.
+        word(&steer, 0, page::ACCEPTED).store(1, Ordering::SeqCst);
+        fresh();
+        assert_eq!(spread(&socks, addr, 1), vec![1, 0, 0]);
+        // A worker that does not count its accepts cannot be told behind: by the load.
+        reporting(&steer, 0).store(0, Ordering::SeqCst);
+        assert_eq!(spread(&socks, addr, 1), vec![1, 0, 0]);
+        // Nobody watches the queue: by the load (3 against 5), untaken or not.
+        reporting(&steer, 0).store(page::REPORTING_SHIM, Ordering::SeqCst);
+        reporting(&steer, 1).store(page::REPORTING_SHIM, Ordering::SeqCst);
+        fresh();
+        assert_eq!(spread(&socks, addr, 1), vec![1, 0, 0]);
+        // round-robin never spills; least-mem only when stuck.
+        reporting(&steer, 1).store(page::REPORTING_SHIM | page::WATCHER, Ordering::SeqCst);
+        for policy in [SteerPolicy::RoundRobin, SteerPolicy::LeastMem] {
+            steer.configure(2, policy).unwrap();
+            fresh();
+            assert_eq!(spread(&socks, addr, 1)[2], 0, "{policy:?}");
+        }
     }
 
     #[test]

@@ -50,7 +50,8 @@
 //! [`rcluster_proto::steer`]): registering the listener with mio registers the queue under the
 //! same token and counts this process as a watcher, so the program may spill to it when no
 //! worker is free (every slot stuck, or, under least-conn and p2c, the pick's loop serving for
-//! over 50 µs); a non-blocking accept that finds the listener empty, while the table says a
+//! over 50 µs or the pick's worker not yet having taken a connection placed on its listener);
+//! a non-blocking accept that finds the listener empty, while the table says a
 //! connection waits in the queue, takes one from it — one per [`Worker::loop_waiting`] when the
 //! loop calls it, every time otherwise — and counts it as this slot's. Deregistering (or
 //! dropping the listener) stops the watch.
