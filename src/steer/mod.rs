@@ -1014,8 +1014,13 @@ mod kernel_tests {
         // A worker that does not count its accepts cannot be told behind: by the load.
         reporting(&steer, 0).store(0, Ordering::SeqCst);
         assert_eq!(spread(&socks, addr, 1), vec![1, 0, 0]);
-        // Nobody watches the queue: by the load (3 against 5), untaken or not.
+        // p2c: both slots drawn, the less loaded (slot 0: 3 against 5) has two untaken.
         reporting(&steer, 0).store(page::REPORTING_SHIM, Ordering::SeqCst);
+        steer.configure(2, SteerPolicy::P2c).unwrap();
+        fresh();
+        assert_eq!(spread(&socks, addr, 1), vec![0, 0, 1]);
+        steer.configure(2, SteerPolicy::LeastConn).unwrap();
+        // Nobody watches the queue: by the load (3 against 5), untaken or not.
         reporting(&steer, 1).store(page::REPORTING_SHIM, Ordering::SeqCst);
         fresh();
         assert_eq!(spread(&socks, addr, 1), vec![1, 0, 0]);
