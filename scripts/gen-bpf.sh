@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Compiles bpf/steer.bpf.c with clang and writes src/steer/prog.rs: the program's instructions as
-# a Rust array, the callback subprograms already linked after the main program, and the places
-# where the loader puts each map's fd. Users never need clang: `cargo build` uses the committed
+# Compiles bpf/steer.bpf.c with clang, twice (the bpf_loop scan, and with -DSTEER_FOR_EACH the
+# bpf_for_each_map_elem scan for kernels before 5.17), and writes src/steer/prog.rs: each build's
+# instructions as a Rust array, the callback subprograms already linked after the main program,
+# and the places where the loader puts each map's fd. Users never need clang: `cargo build` uses the committed
 # file. `scripts/gen-bpf.sh --check` regenerates into a temporary file and fails if it differs
 # from the committed one (skipped, with a note, when this clang is not the one that generated
 # it: another clang version emits other, equally valid, bytes).
@@ -28,101 +29,117 @@ if ((check)); then
     fi
 fi
 
-clang -O2 -g0 -target bpf -Wall -Werror -Wno-visibility \
-    -I"/usr/include/$(uname -m)-linux-gnu" -c "$src" -o "$tmp/steer.o"
+for build in loop for_each; do
+    defines=()
+    [[ $build == for_each ]] && defines=(-DSTEER_FOR_EACH)
+    clang -O2 -g0 -target bpf -Wall -Werror -Wno-visibility "${defines[@]}" \
+        -I"/usr/include/$(uname -m)-linux-gnu" -c "$src" -o "$tmp/$build.o"
+done
 
-python3 - "$tmp/steer.o" "$src" "$clang_version" > "$tmp/prog.rs" <<'PY'
+python3 - "$tmp/loop.o" "$tmp/for_each.o" "$src" "$clang_version" > "$tmp/prog.rs" <<'PY'
 import hashlib, struct, sys
 
-obj, src, clang = sys.argv[1], sys.argv[2], sys.argv[3]
-elf = open(obj, "rb").read()
-if elf[:4] != b"\x7fELF" or elf[4] != 2 or elf[5] != 1:
-    sys.exit("not a 64-bit little-endian ELF object")
-shoff, = struct.unpack_from("<Q", elf, 0x28)
-shentsize, shnum, shstrndx = struct.unpack_from("<HHH", elf, 0x3A)
-sections = []
-for i in range(shnum):
-    name, typ, flags, addr, off, size, link, info, align, entsize = struct.unpack_from(
-        "<IIQQQQIIQQ", elf, shoff + i * shentsize)
-    sections.append(dict(name=name, type=typ, off=off, size=size, link=link, info=info))
-def cstr(data, at):
-    return data[at:data.index(b"\0", at)].decode()
-shstr = sections[shstrndx]
-for s in sections:
-    s["name"] = cstr(elf, shstr["off"] + s["name"])
-by_name = {s["name"]: i for i, s in enumerate(sections)}
-def body(i):
-    s = sections[i]
-    return elf[s["off"]:s["off"] + s["size"]]
+loop_obj, each_obj, src, clang = sys.argv[1:5]
 
-symtab = next(s for s in sections if s["type"] == 2)
-strtab = sections[symtab["link"]]
-syms = []
-for at in range(symtab["off"], symtab["off"] + symtab["size"], 24):
-    name, info, other, shndx, value, size = struct.unpack_from("<IBBHQQ", elf, at)
-    syms.append(dict(name=cstr(elf, strtab["off"] + name), info=info, shndx=shndx, value=value))
-
-main_i, text_i = by_name["sk_reuseport"], by_name[".text"]
-main, text = body(main_i), body(text_i)
-insns = [list(struct.unpack_from("<BBhi", main + text, at)) for at in range(0, len(main) + len(text), 8)]
-main_len = len(main) // 8
-maps_i = by_name[".maps"]
-
-def relocs(sec_i):
+def program(obj):
+    """The instructions, map references, functions and license of one compiled build."""
+    elf = open(obj, "rb").read()
+    if elf[:4] != b"\x7fELF" or elf[4] != 2 or elf[5] != 1:
+        sys.exit("not a 64-bit little-endian ELF object")
+    shoff, = struct.unpack_from("<Q", elf, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", elf, 0x3A)
+    sections = []
+    for i in range(shnum):
+        name, typ, flags, addr, off, size, link, info, align, entsize = struct.unpack_from(
+            "<IIQQQQIIQQ", elf, shoff + i * shentsize)
+        sections.append(dict(name=name, type=typ, off=off, size=size, link=link, info=info))
+    def cstr(data, at):
+        return data[at:data.index(b"\0", at)].decode()
+    shstr = sections[shstrndx]
     for s in sections:
-        if s["type"] == 9 and s["info"] == sec_i:  # SHT_REL
-            for at in range(s["off"], s["off"] + s["size"], 16):
-                off, info = struct.unpack_from("<QQ", elf, at)
-                yield off // 8, syms[info >> 32]
-if any(True for _ in relocs(text_i)):
-    sys.exit("the callback must not reference maps (relocations in .text are not handled)")
+        s["name"] = cstr(elf, shstr["off"] + s["name"])
+    by_name = {s["name"]: i for i, s in enumerate(sections)}
+    def body(i):
+        s = sections[i]
+        return elf[s["off"]:s["off"] + s["size"]]
 
-map_relocs = []
-for idx, sym in relocs(main_i):
-    insn = insns[idx]
-    if insn[0] != 0x18:
-        sys.exit(f"relocation at insn {idx} is not a 64-bit immediate load")
-    if sym["shndx"] == maps_i:
-        map_relocs.append((idx, sym["name"]))
-    elif sym["shndx"] == text_i:
-        # A callback: BPF_PSEUDO_FUNC with the target's offset relative to the next insn.
-        target = main_len + (sym["value"] + insn[3]) // 8
-        insn[1] = (insn[1] & 0x0F) | (4 << 4)
-        insn[3] = target - (idx + 1)
-    else:
-        sys.exit(f"unexpected relocation against {sym['name']}")
+    symtab = next(s for s in sections if s["type"] == 2)
+    strtab = sections[symtab["link"]]
+    syms = []
+    for at in range(symtab["off"], symtab["off"] + symtab["size"], 24):
+        name, info, other, shndx, value, size = struct.unpack_from("<IBBHQQ", elf, at)
+        syms.append(dict(name=cstr(elf, strtab["off"] + name), info=info, shndx=shndx, value=value))
 
-funcs = sorted(
-    (s["value"] // 8 + (main_len if s["shndx"] == text_i else 0), s["name"], s["info"] >> 4 == 1)
-    for s in syms if (s["info"] & 0xF) == 2 and s["shndx"] in (main_i, text_i))
-license = cstr(body(by_name["license"]), 0)
+    main_i, text_i = by_name["sk_reuseport"], by_name[".text"]
+    main, text = body(main_i), body(text_i)
+    insns = [list(struct.unpack_from("<BBhi", main + text, at))
+             for at in range(0, len(main) + len(text), 8)]
+    main_len = len(main) // 8
+    maps_i = by_name[".maps"]
 
-words = [struct.unpack("<Q", struct.pack("<BBhi", *i))[0] for i in insns]
+    def relocs(sec_i, base):
+        for s in sections:
+            if s["type"] == 9 and s["info"] == sec_i:  # SHT_REL
+                for at in range(s["off"], s["off"] + s["size"], 16):
+                    off, info = struct.unpack_from("<QQ", elf, at)
+                    yield base + off // 8, syms[info >> 32]
+
+    # The callbacks follow the program, so a reference in .text moves by the program's length.
+    map_relocs = []
+    for idx, sym in [*relocs(main_i, 0), *relocs(text_i, main_len)]:
+        insn = insns[idx]
+        if insn[0] != 0x18:
+            sys.exit(f"relocation at insn {idx} is not a 64-bit immediate load")
+        if sym["shndx"] == maps_i:
+            map_relocs.append((idx, sym["name"]))
+        elif sym["shndx"] == text_i:
+            # A callback: BPF_PSEUDO_FUNC with the target's offset relative to the next insn.
+            target = main_len + (sym["value"] + insn[3]) // 8
+            insn[1] = (insn[1] & 0x0F) | (4 << 4)
+            insn[3] = target - (idx + 1)
+        else:
+            sys.exit(f"unexpected relocation against {sym['name']}")
+
+    funcs = sorted(
+        (s["value"] // 8 + (main_len if s["shndx"] == text_i else 0), s["name"], s["info"] >> 4 == 1)
+        for s in syms if (s["info"] & 0xF) == 2 and s["shndx"] in (main_i, text_i))
+    license = cstr(body(by_name["license"]), 0)
+    words = [struct.unpack("<Q", struct.pack("<BBhi", *i))[0] for i in insns]
+    return words, map_relocs, funcs, license
+
+def emit(const, doc, prog):
+    words, map_relocs, funcs, _ = prog
+    print(f"/// {doc}")
+    print(f"pub const {const}: Program = Program {{")
+    print(f"    // The `sk_reuseport` program, then its callback subprograms ({len(words)}).")
+    print("    insns: &[")
+    for i in range(0, len(words), 4):
+        print("        " + " ".join(f"0x{w:016x}," for w in words[i:i + 4]))
+    print("    ],")
+    print("    map_relocs: &[")
+    for idx, name in map_relocs:
+        print(f'        ({idx}, "{name}"),')
+    print("    ],")
+    print("    funcs: &[")
+    for off, name, glob in funcs:
+        print(f'        ({off}, "{name}", {"true" if glob else "false"}),')
+    print("    ],")
+    print("};")
+    print()
+
+loop, each = program(loop_obj), program(each_obj)
+if loop[3] != each[3]:
+    sys.exit("the two builds differ in their license")
 print("//! The steering program's instructions, generated by `scripts/gen-bpf.sh` from")
 print(f"//! `{src}` (sha256 {hashlib.sha256(open(src, 'rb').read()).hexdigest()}).")
 print(f"//! clang: {clang}")
 print("//! Do not edit: change the C source and run the script.")
 print()
-print(f"/// Instructions: the `sk_reuseport` program, then its callback subprograms ({len(insns)}).")
-print(f"pub const INSNS: [u64; {len(words)}] = [")
-for i in range(0, len(words), 4):
-    print("    " + " ".join(f"0x{w:016x}," for w in words[i:i + 4]))
-print("];")
+print("use super::Program;")
 print()
-print("/// `(instruction index, map name)`: 64-bit immediate loads that take the map's fd.")
-print("pub const MAP_RELOCS: &[(usize, &str)] = &[")
-for idx, name in map_relocs:
-    print(f'    ({idx}, "{name}"),')
-print("];")
-print()
-print("/// `(first instruction, name, global)`: the functions, for the BTF func_info the verifier")
-print("/// needs before it accepts a callback.")
-print("pub const FUNCS: &[(u32, &str, bool)] = &[")
-for off, name, glob in funcs:
-    print(f'    ({off}, "{name}", {"true" if glob else "false"}),')
-print("];")
-print()
-print(f'/// The program\'s license string.\npub const LICENSE: &str = "{license}";')
+emit("LOOP", "The scan by `bpf_loop` (5.17+): the build the loader tries first.", loop)
+emit("FOR_EACH", "The scan by `bpf_for_each_map_elem` (5.13+, `-DSTEER_FOR_EACH`): the fallback.", each)
+print(f'/// The program\'s license string.\npub const LICENSE: &str = "{loop[3]}";')
 PY
 
 # The committed file is what `cargo fmt` keeps: format it the same way.

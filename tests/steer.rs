@@ -552,6 +552,16 @@ fn command_then_bin(words: &[&str]) -> Command {
 
 /// `setpriv` that drops CAP_BPF and CAP_SYS_ADMIN from the bounding set, so the exec'd master
 /// (root or not) has neither.
+/// Whether this kernel's release (`/proc/sys/kernel/osrelease`) is at least `major.minor`.
+fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let (a, b) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (a, b) >= (major, minor)
+}
+
 fn without_cap_bpf() -> Option<Command> {
     setpriv(&["--bounding-set", "-bpf,-sys_admin"]).map(|words| command_then_bin(&words))
 }
@@ -568,6 +578,15 @@ fn cap_bpf_alone_is_enough() {
     let cluster = TestCluster::spawn_with_command(cmd, &["--steer", "kernel", "-w", "2"]);
     cluster.wait_for_log("workers ready", DEADLINE);
     assert!(cluster.log_contains("steering: kernel"));
+    // The verifier is stricter without CAP_PERFMON and CAP_SYS_ADMIN: the bpf_loop build must
+    // still load wherever the kernel has bpf_loop.
+    if kernel_at_least(5, 17) {
+        assert!(
+            !cluster.log_contains("has no bpf_loop"),
+            "{:?}",
+            cluster.log_lines()
+        );
+    }
     let results: Vec<_> = (0..10).map(|_| get(cluster.addr(), "/")).collect();
     assert_eq!(per_worker(&results).values().sum::<usize>(), 10);
     // The workers map the table and count on it.

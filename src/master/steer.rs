@@ -95,7 +95,7 @@ pub fn start(config: &Config) -> anyhow::Result<Option<SteerControl>> {
         Ok(steering) => {
             info!(
                 "steering: kernel: an SK_REUSEPORT program {}places each connection on the {} \
-                 worker's own listener{} (--steer {})",
+                 worker's own listener{}{} (--steer {})",
                 if passed.is_some() {
                     "passed in by steer-load (RCLUSTER_STEER_FDS) "
                 } else {
@@ -107,6 +107,7 @@ pub fn start(config: &Config) -> anyhow::Result<Option<SteerControl>> {
                 } else {
                     "; this kernel cannot migrate a closed listener's queue (5.14+)"
                 },
+                steering.scan().map_or("", |scan| scan.note()),
                 config.steer.name()
             );
             Ok(Some(SteerControl {

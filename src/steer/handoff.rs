@@ -193,7 +193,8 @@ pub fn adopt(value: &OsStr, listeners: usize) -> Result<Objects, HandoffError> {
                 bpf::PROG_TYPE_SK_REUSEPORT
             )));
         }
-        let mut want: Vec<u32> = prog::MAP_RELOCS
+        let mut want: Vec<u32> = prog::LOOP
+            .map_relocs
             .iter()
             .map(|&(_, name)| match name {
                 "steer_slots" => slots_id,
@@ -218,6 +219,7 @@ pub fn adopt(value: &OsStr, listeners: usize) -> Result<Objects, HandoffError> {
         meta,
         groups,
         migrate: passed.migrate,
+        scan: None,
     })
 }
 
@@ -246,9 +248,10 @@ pub fn run(listeners: usize, command: &[OsString]) -> anyhow::Result<()> {
     let value = env_value(objects.migrate, &numbers);
     sys::drop_capabilities().context("steer-load: cannot drop capabilities")?;
     log::info!(
-        "steer-load: steering program loaded for {listeners} listening address{}; running {} \
+        "steer-load: steering program loaded for {listeners} listening address{}{}; running {} \
          without capabilities, {RCLUSTER_STEER_FDS}={value}",
         if listeners == 1 { "" } else { "es" },
+        objects.scan.map_or("", |scan| scan.note()),
         program.to_string_lossy()
     );
     let error = std::process::Command::new(program)

@@ -11,7 +11,8 @@
 //! writes eligibility, the slot count, the reconciliation of handshakes that never completed
 //! and, for least-mem, each slot's worker RSS.
 //! The instructions come from `bpf/steer.bpf.c` through `scripts/gen-bpf.sh` ([`prog`]), so
-//! neither users nor `cargo build` need clang.
+//! neither users nor `cargo build` need clang: two builds ([`Scan`]), the cheaper `bpf_loop` one
+//! first and, where the kernel refuses it (before 5.17), the `bpf_for_each_map_elem` one.
 //!
 //! Creating the maps and loading the programs ([`Objects::load`]) needs CAP_BPF; using them
 //! does not. So the master either loads them itself ([`Steering::load`]) or adopts the ones a
@@ -50,7 +51,8 @@ pub enum SteerError {
         /// The errno.
         error: io::Error,
     },
-    /// The verifier or the kernel refused the program (needs 5.13 for bpf_for_each_map_elem).
+    /// The verifier or the kernel refused the program, both builds (needs 5.13 for
+    /// bpf_for_each_map_elem).
     #[error("the steering program did not load: {0}")]
     Prog(ProgLoadError),
     /// Attaching, inserting a listener, or mapping the table failed.
@@ -194,6 +196,101 @@ struct Group {
     prog: OwnedFd,
 }
 
+/// One build of the steering program in [`prog`]: its instructions, where the loader puts each
+/// map's fd, and its functions.
+#[derive(Debug, Clone, Copy)]
+pub struct Program {
+    /// The `sk_reuseport` program, then its callback subprograms.
+    pub insns: &'static [u64],
+    /// `(instruction index, map name)`: 64-bit immediate loads that take the map's fd.
+    pub map_relocs: &'static [(usize, &'static str)],
+    /// `(first instruction, name, global)`: the functions, for the BTF func_info the verifier
+    /// needs before it accepts a callback.
+    pub funcs: &'static [(u32, &'static str, bool)],
+}
+
+/// How the program scans the slots: the two builds of `bpf/steer.bpf.c`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scan {
+    /// `bpf_loop` (5.17+), which the verifier turns into a loop with a direct call (5.19+):
+    /// about 120 ns less per connection than [`Scan::ForEach`] (BENCHMARKS.md).
+    Loop,
+    /// `bpf_for_each_map_elem` (5.13+), an indirect call per slot: for kernels before 5.17.
+    ForEach,
+}
+
+impl Scan {
+    /// The build's instructions.
+    pub fn program(self) -> Program {
+        match self {
+            Scan::Loop => prog::LOOP,
+            Scan::ForEach => prog::FOR_EACH,
+        }
+    }
+
+    /// The helper the build scans with, for logs.
+    pub fn helper(self) -> &'static str {
+        match self {
+            Scan::Loop => "bpf_loop",
+            Scan::ForEach => "bpf_for_each_map_elem",
+        }
+    }
+
+    /// What a log line adds about the build: nothing for the first; for the fallback, that
+    /// the kernel lacks bpf_loop and what that costs.
+    pub fn note(self) -> &'static str {
+        match self {
+            Scan::Loop => "",
+            Scan::ForEach => {
+                "; this kernel has no bpf_loop (5.17+): the program scans the slots with \
+                 bpf_for_each_map_elem, an indirect call per slot (about 120 ns more per \
+                 connection)"
+            }
+        }
+    }
+}
+
+impl Program {
+    /// The BTF (function names) and func_info this build's callbacks need.
+    fn btf(self) -> Result<(OwnedFd, Vec<[u32; 2]>), SteerError> {
+        let (blob, func_info) = btf_for(self.funcs);
+        let btf = bpf::btf_load(&blob).map_err(|e| SteerError::Setup {
+            what: "BTF for the program did not load",
+            error: e,
+        })?;
+        Ok((btf, func_info))
+    }
+
+    /// Loads the build with `maps` (name, fd) patched in: `Err` for a table that does not fit
+    /// the build, `Ok(Err)` when the kernel refuses the program.
+    fn load(
+        self,
+        maps: &[(&str, BorrowedFd<'_>)],
+        (btf, func_info): &(OwnedFd, Vec<[u32; 2]>),
+        attach_type: u32,
+    ) -> Result<Result<OwnedFd, ProgLoadError>, SteerError> {
+        let mut insns = self.insns.to_vec();
+        for &(index, name) in self.map_relocs {
+            let Some(&(_, map)) = maps.iter().find(|(n, _)| *n == name) else {
+                unreachable!("scripts/gen-bpf.sh emits only the program's maps")
+            };
+            bpf::patch_map_fd(&mut insns, index, map).map_err(|e| SteerError::Setup {
+                what: "bad map reference in the embedded program",
+                error: e,
+            })?;
+        }
+        Ok(bpf::prog_load(&ProgSpec {
+            prog_type: bpf::PROG_TYPE_SK_REUSEPORT,
+            attach_type,
+            insns: &insns,
+            license: prog::LICENSE,
+            name: "rcluster_steer",
+            btf: Some(btf.as_fd()),
+            func_info,
+        }))
+    }
+}
+
 /// `steer_slots`: the table, one value of [`page::SLOT_SIZE`] bytes per worker slot.
 const SLOTS_MAP: MapSpec<'static> = MapSpec {
     map_type: bpf::MAP_TYPE_ARRAY,
@@ -233,6 +330,8 @@ pub struct Objects {
     groups: Vec<Group>,
     /// The programs also place the queue of a closed listener (`SELECT_OR_MIGRATE`, 5.14+).
     migrate: bool,
+    /// The build loaded (`None`: passed in by `steer-load`, which logged it).
+    scan: Option<Scan>,
 }
 
 impl std::fmt::Debug for Objects {
@@ -252,6 +351,8 @@ pub struct Steering {
     table: MapMmap,
     /// The program also places the queue of a closed listener (`SELECT_OR_MIGRATE`, 5.14+).
     migrate: bool,
+    /// The build loaded (`None`: passed in by `steer-load`).
+    scan: Option<Scan>,
     /// Reconciliation: the excess each slot showed at the previous sample.
     last_excess: Vec<i64>,
 }
@@ -266,56 +367,55 @@ impl std::fmt::Debug for Steering {
 }
 
 impl Objects {
-    /// Creates the maps and loads one program per listening address. Fails without CAP_BPF,
-    /// under a seccomp profile that forbids `bpf(2)`, or on a kernel older than 5.13.
+    /// Creates the maps and loads one program per listening address: the `bpf_loop` build
+    /// ([`Scan::Loop`]), or where the kernel refuses it (before 5.17) the
+    /// `bpf_for_each_map_elem` one. Fails without CAP_BPF, under a seccomp profile that forbids
+    /// `bpf(2)`, or on a kernel older than 5.13.
     pub fn load(listeners: usize) -> Result<Objects, SteerError> {
+        Objects::load_builds(
+            listeners,
+            &[(Scan::Loop, prog::LOOP), (Scan::ForEach, prog::FOR_EACH)],
+        )
+    }
+
+    /// [`Objects::load`] with the builds to try, in order (tests load each one alone).
+    fn load_builds(listeners: usize, builds: &[(Scan, Program)]) -> Result<Objects, SteerError> {
         let slots = bpf::map_create(&SLOTS_MAP).map_err(|e| classify("slot table", e))?;
         let meta = bpf::map_create(&META_MAP).map_err(|e| classify("meta", e))?;
-        let (btf_blob, func_info) = btf_for(prog::FUNCS);
-        let btf = bpf::btf_load(&btf_blob).map_err(|e| SteerError::Setup {
-            what: "BTF for the program did not load",
-            error: e,
-        })?;
+        let mut builds = builds.iter().copied();
+        let (mut scan, mut program) = builds.next().unwrap_or((Scan::Loop, prog::LOOP));
+        let mut btf = program.btf()?;
         let mut groups = Vec::with_capacity(listeners);
         let mut migrate = true;
         for _ in 0..listeners {
             let socks = bpf::map_create(&SOCKS_MAP).map_err(|e| classify("socket array", e))?;
-            let mut insns = prog::INSNS;
-            for &(index, name) in prog::MAP_RELOCS {
-                let map = match name {
-                    "steer_slots" => slots.as_fd(),
-                    "steer_meta" => meta.as_fd(),
-                    "steer_socks" => socks.as_fd(),
-                    _ => unreachable!("scripts/gen-bpf.sh emits only the program's maps"),
+            let maps = [("steer_slots", slots.as_fd()), ("steer_meta", meta.as_fd())];
+            let maps = [maps[0], maps[1], ("steer_socks", socks.as_fd())];
+            let prog = loop {
+                let attach = if migrate {
+                    bpf::SK_REUSEPORT_SELECT_OR_MIGRATE
+                } else {
+                    bpf::SK_REUSEPORT_SELECT
                 };
-                bpf::patch_map_fd(&mut insns, index, map).map_err(|e| SteerError::Setup {
-                    what: "bad map reference in the embedded program",
-                    error: e,
-                })?;
-            }
-            let load = |attach_type| {
-                bpf::prog_load(&ProgSpec {
-                    prog_type: bpf::PROG_TYPE_SK_REUSEPORT,
-                    attach_type,
-                    insns: &insns,
-                    license: prog::LICENSE,
-                    name: "rcluster_steer",
-                    btf: Some(btf.as_fd()),
-                    func_info: &func_info,
-                })
-            };
-            let prog = if migrate {
-                match load(bpf::SK_REUSEPORT_SELECT_OR_MIGRATE) {
-                    Ok(p) => p,
-                    // Before 5.14 the attach type is unknown: place new connections only.
-                    Err(e) if e.error.raw_os_error() == Some(libc::EINVAL) => {
-                        migrate = false;
-                        load(bpf::SK_REUSEPORT_SELECT).map_err(SteerError::Prog)?
+                let e = match program.load(&maps, &btf, attach)? {
+                    Ok(p) => break p,
+                    Err(e) => e,
+                };
+                match prog_error(e) {
+                    // Before 5.17 bpf_loop is unknown (and the verifier's limits may differ):
+                    // the next build.
+                    SteerError::Prog(_) if builds.len() > 0 => {
+                        (scan, program) = builds.next().unwrap_or((scan, program));
+                        btf = program.btf()?;
                     }
-                    Err(e) => return Err(prog_error(e)),
+                    // Before 5.14 the attach type is unknown: place new connections only.
+                    SteerError::Prog(e)
+                        if migrate && e.error.raw_os_error() == Some(libc::EINVAL) =>
+                    {
+                        migrate = false
+                    }
+                    e => return Err(e),
                 }
-            } else {
-                load(bpf::SK_REUSEPORT_SELECT).map_err(prog_error)?
             };
             groups.push(Group { socks, prog });
         }
@@ -324,6 +424,7 @@ impl Objects {
             meta,
             groups,
             migrate,
+            scan: Some(scan),
         })
     }
 
@@ -348,6 +449,7 @@ impl Steering {
             meta,
             groups,
             migrate,
+            scan,
         } = objects;
         let table =
             MapMmap::new(slots.as_fd(), page::TABLE_SIZE).map_err(|e| SteerError::Setup {
@@ -360,6 +462,7 @@ impl Steering {
             groups,
             table,
             migrate,
+            scan,
             last_excess: vec![0; page::MAX_SLOTS],
         })
     }
@@ -367,6 +470,11 @@ impl Steering {
     /// Whether a closed listener's queue is re-placed by the program (5.14+).
     pub fn migrates(&self) -> bool {
         self.migrate
+    }
+
+    /// The build this master loaded (`None`: passed in by `steer-load`).
+    pub fn scan(&self) -> Option<Scan> {
+        self.scan
     }
 
     /// The table's map fd, inherited by workers so they can map it (`RCLUSTER_STEER_FD`).
@@ -579,7 +687,8 @@ fn persistent(prev: i64, now: i64) -> i64 {
 }
 
 /// A minimal BTF blob naming the program's functions, and the `bpf_func_info` records: the
-/// verifier accepts a callback (`bpf_for_each_map_elem`) only with func_info, which needs BTF.
+/// verifier accepts a callback (`bpf_loop`, `bpf_for_each_map_elem`) only with func_info, which
+/// needs BTF.
 /// Types: 1 `int`; 2 `int (void)` (a static function's argument types are not checked against
 /// BTF; the verifier checks the code); 3.. one FUNC per function.
 pub fn btf_for(funcs: &[(u32, &str, bool)]) -> (Vec<u8>, Vec<[u32; 2]>) {
@@ -655,23 +764,52 @@ mod tests {
     #[test]
     fn program_layout_matches_the_page() {
         // The C struct is 64 bytes with the fields at the offsets page.rs documents: the
-        // generated code loads `eligible` (a word), `forgiven` and `rss_kib` (double words) at
-        // the page's offsets (see bpf/steer.bpf.c).
+        // generated code of each build loads `eligible` (a word), `forgiven` and `rss_kib`
+        // (double words) at the page's offsets (see bpf/steer.bpf.c).
         assert_eq!(page::SLOT_SIZE, 64);
         assert!(page::MAX_SLOTS.is_power_of_two());
-        assert_eq!(prog::FUNCS[0].1, "steer");
-        const LDX_W: u64 = 0x61;
-        const LDX_DW: u64 = 0x79;
-        let loads = |opcode: u64, offset: usize| {
-            prog::INSNS
-                .iter()
-                .any(|&i| i & 0xff == opcode && (i >> 16) & 0xffff == offset as u64)
+        for scan in [Scan::Loop, Scan::ForEach] {
+            let program = scan.program();
+            assert_eq!(program.funcs[0].1, "steer");
+            const LDX_W: u64 = 0x61;
+            const LDX_DW: u64 = 0x79;
+            let loads = |opcode: u64, offset: usize| {
+                program
+                    .insns
+                    .iter()
+                    .any(|&i| i & 0xff == opcode && (i >> 16) & 0xffff == offset as u64)
+            };
+            assert!(loads(LDX_W, page::ELIGIBLE), "{scan:?}");
+            assert!(loads(LDX_DW, page::FORGIVEN), "{scan:?}");
+            assert!(loads(LDX_DW, page::RSS_KIB), "{scan:?}");
+            assert!(loads(LDX_DW, page::PROGRESS_NS), "{scan:?}");
+            assert!(loads(LDX_DW, page::BUSY_NS), "{scan:?}");
+        }
+    }
+
+    #[test]
+    fn the_builds_differ_only_in_how_they_scan() {
+        // The same maps (steer-load's hand-off checks a program's maps by name) and the same
+        // callbacks; only the fallback calls bpf_for_each_map_elem (helper 164), only the
+        // first bpf_loop (181).
+        let maps = |p: Program| {
+            let mut names: Vec<&str> = p.map_relocs.iter().map(|&(_, n)| n).collect();
+            names.sort_unstable();
+            names.dedup();
+            names
         };
-        assert!(loads(LDX_W, page::ELIGIBLE));
-        assert!(loads(LDX_DW, page::FORGIVEN));
-        assert!(loads(LDX_DW, page::RSS_KIB));
-        assert!(loads(LDX_DW, page::PROGRESS_NS));
-        assert!(loads(LDX_DW, page::BUSY_NS));
+        let funcs = |p: Program| p.funcs.iter().map(|&(_, n, g)| (n, g)).collect::<Vec<_>>();
+        let calls = |p: Program, helper: u64| {
+            p.insns
+                .iter()
+                .any(|&i| i & 0xff == 0x85 && (i >> 8) & 0xff == 0 && i >> 32 == helper)
+        };
+        let (each, lp) = (prog::FOR_EACH, prog::LOOP);
+        assert_eq!(maps(lp), ["steer_meta", "steer_slots", "steer_socks"]);
+        assert_eq!(maps(each), maps(lp));
+        assert_eq!(funcs(each), funcs(lp));
+        assert!(calls(lp, 181) && !calls(lp, 164));
+        assert!(calls(each, 164) && !calls(each, 181));
     }
 
     #[test]
@@ -770,15 +908,22 @@ mod kernel_tests {
     use socket2::Socket;
     use std::net::{SocketAddr, TcpStream};
 
-    fn loaded() -> Option<Steering> {
-        match Steering::load(1) {
-            Ok(s) => Some(s),
-            Err(e) if e.is_program_rejected() => panic!("{e}"),
-            Err(e) => {
-                eprintln!("skipped: kernel steering unavailable here: {e}");
-                None
+    /// Each build of the program ([`Scan`]) loaded alone, so the tests hold for both: the
+    /// fallback too must verify and steer. Empty (with a note) where steering is unavailable;
+    /// the `bpf_loop` build is left out, with a note, on a kernel without bpf_loop (5.17).
+    fn loaded() -> Vec<Steering> {
+        let mut builds = Vec::new();
+        for scan in [Scan::Loop, Scan::ForEach] {
+            match Objects::load_builds(1, &[(scan, scan.program())]).and_then(Steering::new) {
+                Ok(s) => builds.push(s),
+                Err(e) if e.is_program_rejected() => panic!("{} build: {e}", scan.helper()),
+                Err(e) => eprintln!(
+                    "skipped: the {} build is unavailable here: {e}",
+                    scan.helper()
+                ),
             }
         }
+        builds
     }
 
     /// `n` listeners of one reuseport group, each at its slot, program attached.
@@ -831,16 +976,44 @@ mod kernel_tests {
     }
 
     #[test]
+    fn a_build_the_kernel_refuses_falls_back_to_the_next() {
+        // A first build the verifier refuses (it exits without setting r0), as the bpf_loop
+        // build is on a kernel before 5.17: the loader takes the next one, which steers.
+        const REFUSED: Program = Program {
+            insns: &[0x0000_0000_0000_0095],
+            map_relocs: &[],
+            funcs: &[(0, "steer", true)],
+        };
+        let builds = [(Scan::Loop, REFUSED), (Scan::ForEach, prog::FOR_EACH)];
+        let steer = match Objects::load_builds(1, &builds).and_then(Steering::new) {
+            Ok(s) => s,
+            Err(e) if e.is_program_rejected() => panic!("{e}"),
+            Err(e) => return eprintln!("skipped: kernel steering unavailable here: {e}"),
+        };
+        assert_eq!(steer.scan(), Some(Scan::ForEach));
+        let (socks, addr) = group(&steer, 2);
+        steer.set_eligible(1, true);
+        assert_eq!(spread(&socks, addr, 10), vec![0, 10]);
+        // With no build left to try, the refusal is the error.
+        match Objects::load_builds(1, &builds[..1]) {
+            Err(e) => assert!(matches!(e, SteerError::Prog(_)), "{e}"),
+            Ok(_) => panic!("a program the verifier refuses loaded"),
+        }
+    }
+
+    #[test]
     fn selection_follows_the_table() {
-        let Some(steer) = loaded() else { return };
-        let (socks, addr) = group(&steer, 4);
-        steer.set_eligible(2, true);
-        assert_eq!(spread(&socks, addr, 40), vec![0, 0, 40, 0]);
-        assert_eq!(steer.counts(2).assigned, 40);
-        // Nothing eligible: the kernel's hash places them, the program counts nothing.
-        steer.set_eligible(2, false);
-        assert_eq!(spread(&socks, addr, 20).iter().sum::<usize>(), 20);
-        assert_eq!(steer.counts(2).assigned, 40);
+        for steer in loaded() {
+            eprintln!("build: {:?}", steer.scan());
+            let (socks, addr) = group(&steer, 4);
+            steer.set_eligible(2, true);
+            assert_eq!(spread(&socks, addr, 40), vec![0, 0, 40, 0]);
+            assert_eq!(steer.counts(2).assigned, 40);
+            // Nothing eligible: the kernel's hash places them, the program counts nothing.
+            steer.set_eligible(2, false);
+            assert_eq!(spread(&socks, addr, 20).iter().sum::<usize>(), 20);
+            assert_eq!(steer.counts(2).assigned, 40);
+        }
     }
 
     fn word(steer: &Steering, slot: usize, field: usize) -> &std::sync::atomic::AtomicU64 {
@@ -857,253 +1030,270 @@ mod kernel_tests {
 
     #[test]
     fn a_stuck_slot_is_passed_over_whatever_its_load() {
-        let Some(steer) = loaded() else { return };
-        let (socks, addr) = eligible_group(&steer, 2);
-        let ms = 1_000_000;
-        // Slot 1 holds 5 more, but slot 0's loop left its wait 2 ms ago (one long request).
-        word(&steer, 1, page::ASSIGNED).fetch_add(5, Ordering::SeqCst);
-        word(&steer, 0, page::BUSY_NS).store(crate::sys::monotonic_ns() - 2 * ms, Ordering::SeqCst);
-        assert_eq!(spread(&socks, addr, 10), vec![0, 10]);
-        // Its loop waits again: the load decides (0 against 15).
-        word(&steer, 0, page::BUSY_NS).store(0, Ordering::SeqCst);
-        assert_eq!(spread(&socks, addr, 10), vec![10, 0]);
-        // A reporting worker with one placement untaken for 2 ms since its queue last moved.
-        reporting(&steer, 0).store(page::REPORTING_SELF, Ordering::SeqCst);
-        word(&steer, 0, page::ACCEPTED).store(9, Ordering::SeqCst);
-        word(&steer, 0, page::PROGRESS_NS)
-            .store(crate::sys::monotonic_ns() - 2 * ms, Ordering::SeqCst);
-        assert!(steer.counts(0).stuck(crate::sys::monotonic_ns()));
-        assert_eq!(spread(&socks, addr, 10), vec![0, 10]);
-        // Both stuck: the one stuck for less time, although it holds more (25 against 10).
-        word(&steer, 1, page::BUSY_NS)
-            .store(crate::sys::monotonic_ns() - 3 * ms / 2, Ordering::SeqCst);
-        assert_eq!(spread(&socks, addr, 4), vec![0, 4]);
-        // Slot 1 stuck for longer: slot 0 again.
-        word(&steer, 1, page::BUSY_NS).store(crate::sys::monotonic_ns() - 5 * ms, Ordering::SeqCst);
-        assert_eq!(spread(&socks, addr, 4), vec![4, 0]);
-        // Round-robin keeps equal shares, stuck or not: slot 0 has had 14 placements, slot 1 29.
-        steer.configure(2, SteerPolicy::RoundRobin).unwrap();
-        word(&steer, 1, page::BUSY_NS).store(0, Ordering::SeqCst);
-        assert_eq!(spread(&socks, addr, 15), vec![15, 0]);
+        for steer in loaded() {
+            eprintln!("build: {:?}", steer.scan());
+            let (socks, addr) = eligible_group(&steer, 2);
+            let ms = 1_000_000;
+            // Slot 1 holds 5 more, but slot 0's loop left its wait 2 ms ago (one long request).
+            word(&steer, 1, page::ASSIGNED).fetch_add(5, Ordering::SeqCst);
+            word(&steer, 0, page::BUSY_NS)
+                .store(crate::sys::monotonic_ns() - 2 * ms, Ordering::SeqCst);
+            assert_eq!(spread(&socks, addr, 10), vec![0, 10]);
+            // Its loop waits again: the load decides (0 against 15).
+            word(&steer, 0, page::BUSY_NS).store(0, Ordering::SeqCst);
+            assert_eq!(spread(&socks, addr, 10), vec![10, 0]);
+            // A reporting worker with one placement untaken for 2 ms since its queue last moved.
+            reporting(&steer, 0).store(page::REPORTING_SELF, Ordering::SeqCst);
+            word(&steer, 0, page::ACCEPTED).store(9, Ordering::SeqCst);
+            word(&steer, 0, page::PROGRESS_NS)
+                .store(crate::sys::monotonic_ns() - 2 * ms, Ordering::SeqCst);
+            assert!(steer.counts(0).stuck(crate::sys::monotonic_ns()));
+            assert_eq!(spread(&socks, addr, 10), vec![0, 10]);
+            // Both stuck: the one stuck for less time, although it holds more (25 against 10).
+            word(&steer, 1, page::BUSY_NS)
+                .store(crate::sys::monotonic_ns() - 3 * ms / 2, Ordering::SeqCst);
+            assert_eq!(spread(&socks, addr, 4), vec![0, 4]);
+            // Slot 1 stuck for longer: slot 0 again.
+            word(&steer, 1, page::BUSY_NS)
+                .store(crate::sys::monotonic_ns() - 5 * ms, Ordering::SeqCst);
+            assert_eq!(spread(&socks, addr, 4), vec![4, 0]);
+            // Round-robin keeps equal shares, stuck or not: slot 0 has had 14 placements, slot 1 29.
+            steer.configure(2, SteerPolicy::RoundRobin).unwrap();
+            word(&steer, 1, page::BUSY_NS).store(0, Ordering::SeqCst);
+            assert_eq!(spread(&socks, addr, 15), vec![15, 0]);
+        }
     }
 
     #[test]
     fn when_every_slot_is_stuck_a_watched_overflow_queue_takes_the_connection() {
-        let Some(steer) = loaded() else { return };
-        let (socks, addr) = group_with_overflow(&steer, 2);
-        let ms = 1_000_000;
-        let now = crate::sys::monotonic_ns;
-        // Both stuck, nobody watches the queue: the one stuck for less time, as before.
-        word(&steer, 0, page::BUSY_NS).store(now() - 5 * ms, Ordering::SeqCst);
-        word(&steer, 1, page::BUSY_NS).store(now() - 2 * ms, Ordering::SeqCst);
-        assert_eq!(spread(&socks, addr, 6), vec![0, 6, 0]);
-        // One eligible slot's worker watches it: every connection waits there for the first
-        // worker to come free, counted on the queue's line and on no slot's.
-        reporting(&steer, 1).fetch_add(page::WATCHER, Ordering::SeqCst);
-        assert!(steer.counts(1).watches());
-        assert_eq!(spread(&socks, addr, 10), vec![0, 0, 10]);
-        assert_eq!(steer.counts(page::OVERFLOW).assigned, 10);
-        assert_eq!(steer.counts(0).assigned + steer.counts(1).assigned, 6);
-        // A slot that is not stuck takes them, watched queue or not.
-        word(&steer, 0, page::BUSY_NS).store(0, Ordering::SeqCst);
-        assert_eq!(spread(&socks, addr, 4), vec![4, 0, 0]);
-        // The watcher's slot is not eligible (draining): its watch does not count.
-        word(&steer, 0, page::BUSY_NS).store(now() - 5 * ms, Ordering::SeqCst);
-        steer.set_eligible(1, false);
-        assert_eq!(spread(&socks, addr, 4), vec![4, 0, 0]);
-        steer.set_eligible(1, true);
-        word(&steer, 1, page::BUSY_NS).store(now() - 2 * ms, Ordering::SeqCst);
-        // The queue is closed to the program (ineligible): the slot stuck for less time.
-        steer.set_eligible(page::OVERFLOW, false);
-        assert_eq!(spread(&socks, addr, 4), vec![0, 4, 0]);
-        steer.set_eligible(page::OVERFLOW, true);
-        assert_eq!(spread(&socks, addr, 4), vec![0, 0, 4]);
-        // Round-robin keeps its turns, stuck or not: never the queue.
-        steer.configure(2, SteerPolicy::RoundRobin).unwrap();
-        assert_eq!(spread(&socks, addr, 4).last(), Some(&0));
-        // p2c: both drawn stuck, the queue.
-        steer.configure(2, SteerPolicy::P2c).unwrap();
-        assert_eq!(spread(&socks, addr, 4), vec![0, 0, 4]);
-        // Nothing eligible: a slot's listener by the hash, never the queue (no worker may be
-        // watching it).
-        steer.configure(2, SteerPolicy::LeastConn).unwrap();
-        steer.set_eligible(0, false);
-        steer.set_eligible(1, false);
-        let got = spread(&socks, addr, 20);
-        assert_eq!((got[0] + got[1], got[2]), (20, 0), "{got:?}");
+        for steer in loaded() {
+            eprintln!("build: {:?}", steer.scan());
+            let (socks, addr) = group_with_overflow(&steer, 2);
+            let ms = 1_000_000;
+            let now = crate::sys::monotonic_ns;
+            // Both stuck, nobody watches the queue: the one stuck for less time, as before.
+            word(&steer, 0, page::BUSY_NS).store(now() - 5 * ms, Ordering::SeqCst);
+            word(&steer, 1, page::BUSY_NS).store(now() - 2 * ms, Ordering::SeqCst);
+            assert_eq!(spread(&socks, addr, 6), vec![0, 6, 0]);
+            // One eligible slot's worker watches it: every connection waits there for the first
+            // worker to come free, counted on the queue's line and on no slot's.
+            reporting(&steer, 1).fetch_add(page::WATCHER, Ordering::SeqCst);
+            assert!(steer.counts(1).watches());
+            assert_eq!(spread(&socks, addr, 10), vec![0, 0, 10]);
+            assert_eq!(steer.counts(page::OVERFLOW).assigned, 10);
+            assert_eq!(steer.counts(0).assigned + steer.counts(1).assigned, 6);
+            // A slot that is not stuck takes them, watched queue or not.
+            word(&steer, 0, page::BUSY_NS).store(0, Ordering::SeqCst);
+            assert_eq!(spread(&socks, addr, 4), vec![4, 0, 0]);
+            // The watcher's slot is not eligible (draining): its watch does not count.
+            word(&steer, 0, page::BUSY_NS).store(now() - 5 * ms, Ordering::SeqCst);
+            steer.set_eligible(1, false);
+            assert_eq!(spread(&socks, addr, 4), vec![4, 0, 0]);
+            steer.set_eligible(1, true);
+            word(&steer, 1, page::BUSY_NS).store(now() - 2 * ms, Ordering::SeqCst);
+            // The queue is closed to the program (ineligible): the slot stuck for less time.
+            steer.set_eligible(page::OVERFLOW, false);
+            assert_eq!(spread(&socks, addr, 4), vec![0, 4, 0]);
+            steer.set_eligible(page::OVERFLOW, true);
+            assert_eq!(spread(&socks, addr, 4), vec![0, 0, 4]);
+            // Round-robin keeps its turns, stuck or not: never the queue.
+            steer.configure(2, SteerPolicy::RoundRobin).unwrap();
+            assert_eq!(spread(&socks, addr, 4).last(), Some(&0));
+            // p2c: both drawn stuck, the queue.
+            steer.configure(2, SteerPolicy::P2c).unwrap();
+            assert_eq!(spread(&socks, addr, 4), vec![0, 0, 4]);
+            // Nothing eligible: a slot's listener by the hash, never the queue (no worker may be
+            // watching it).
+            steer.configure(2, SteerPolicy::LeastConn).unwrap();
+            steer.set_eligible(0, false);
+            steer.set_eligible(1, false);
+            let got = spread(&socks, addr, 20);
+            assert_eq!((got[0] + got[1], got[2]), (20, 0), "{got:?}");
+        }
     }
 
     #[test]
     fn a_pick_whose_loop_serves_spills_to_a_watched_queue_and_a_waiting_loop_wins_ties() {
-        let Some(steer) = loaded() else { return };
-        let (socks, addr) = group_with_overflow(&steer, 2);
-        // Slot 0's loop has served for 100 µs (over the 50 µs after which the program spills,
-        // far from the 1 ms that makes it stuck; stamped afresh before each step), slot 1's
-        // waits.
-        let serving = || {
-            word(&steer, 0, page::BUSY_NS)
-                .store(crate::sys::monotonic_ns() - 100_000, Ordering::SeqCst)
-        };
-        serving();
-        // Equal loads: the waiting loop first, whatever the hash says; then the load decides.
-        assert_eq!(spread(&socks, addr, 1), vec![0, 1, 0]);
-        serving();
-        assert_eq!(spread(&socks, addr, 1), vec![1, 0, 0]);
-        // Nobody watches the queue: the busy pick keeps its connections, by the load.
-        serving();
-        assert_eq!(spread(&socks, addr, 2), vec![1, 1, 0]);
-        // Slot 1's worker watches (and, as every watcher does, counts its accepts: it has
-        // taken both of its connections): a tie goes to its waiting loop, and where the load
-        // picks the serving slot 0, the connection waits in the queue for the first worker free.
-        reporting(&steer, 1).fetch_add(page::WATCHER, Ordering::SeqCst);
-        let assigned = steer.counts(1).assigned;
-        word(&steer, 1, page::ACCEPTED).store(assigned, Ordering::SeqCst);
-        serving();
-        assert_eq!(spread(&socks, addr, 1), vec![0, 1, 0]);
-        serving();
-        assert_eq!(spread(&socks, addr, 3), vec![0, 0, 3]);
-        assert_eq!(steer.counts(page::OVERFLOW).assigned, 3);
-        // Slot 0's loop waits again: it takes its share directly.
-        word(&steer, 0, page::BUSY_NS).store(0, Ordering::SeqCst);
-        assert_eq!(spread(&socks, addr, 1), vec![1, 0, 0]);
-        // p2c: the less loaded of the two (slot 0: 3 against 8), spilled while its loop serves.
-        word(&steer, 1, page::ASSIGNED).fetch_add(5, Ordering::SeqCst);
-        steer.configure(2, SteerPolicy::P2c).unwrap();
-        serving();
-        assert_eq!(spread(&socks, addr, 2), vec![0, 0, 2]);
-        word(&steer, 0, page::BUSY_NS).store(0, Ordering::SeqCst);
-        assert_eq!(spread(&socks, addr, 2), vec![2, 0, 0]);
-        // least-mem spills only when stuck (any watcher takes from the queue, one beyond its RSS
-        // tolerance too): the serving slot 0 (5 against 8) keeps it.
-        steer.configure(2, SteerPolicy::LeastMem).unwrap();
-        serving();
-        assert_eq!(spread(&socks, addr, 1), vec![1, 0, 0]);
-        // Round-robin never spills.
-        steer.configure(2, SteerPolicy::RoundRobin).unwrap();
-        serving();
-        assert_eq!(spread(&socks, addr, 4).last(), Some(&0));
+        for steer in loaded() {
+            eprintln!("build: {:?}", steer.scan());
+            let (socks, addr) = group_with_overflow(&steer, 2);
+            // Slot 0's loop has served for 100 µs (over the 50 µs after which the program spills,
+            // far from the 1 ms that makes it stuck; stamped afresh before each step), slot 1's
+            // waits.
+            let serving = || {
+                word(&steer, 0, page::BUSY_NS)
+                    .store(crate::sys::monotonic_ns() - 100_000, Ordering::SeqCst)
+            };
+            serving();
+            // Equal loads: the waiting loop first, whatever the hash says; then the load decides.
+            assert_eq!(spread(&socks, addr, 1), vec![0, 1, 0]);
+            serving();
+            assert_eq!(spread(&socks, addr, 1), vec![1, 0, 0]);
+            // Nobody watches the queue: the busy pick keeps its connections, by the load.
+            serving();
+            assert_eq!(spread(&socks, addr, 2), vec![1, 1, 0]);
+            // Slot 1's worker watches (and, as every watcher does, counts its accepts: it has
+            // taken both of its connections): a tie goes to its waiting loop, and where the load
+            // picks the serving slot 0, the connection waits in the queue for the first worker free.
+            reporting(&steer, 1).fetch_add(page::WATCHER, Ordering::SeqCst);
+            let assigned = steer.counts(1).assigned;
+            word(&steer, 1, page::ACCEPTED).store(assigned, Ordering::SeqCst);
+            serving();
+            assert_eq!(spread(&socks, addr, 1), vec![0, 1, 0]);
+            serving();
+            assert_eq!(spread(&socks, addr, 3), vec![0, 0, 3]);
+            assert_eq!(steer.counts(page::OVERFLOW).assigned, 3);
+            // Slot 0's loop waits again: it takes its share directly.
+            word(&steer, 0, page::BUSY_NS).store(0, Ordering::SeqCst);
+            assert_eq!(spread(&socks, addr, 1), vec![1, 0, 0]);
+            // p2c: the less loaded of the two (slot 0: 3 against 8), spilled while its loop serves.
+            word(&steer, 1, page::ASSIGNED).fetch_add(5, Ordering::SeqCst);
+            steer.configure(2, SteerPolicy::P2c).unwrap();
+            serving();
+            assert_eq!(spread(&socks, addr, 2), vec![0, 0, 2]);
+            word(&steer, 0, page::BUSY_NS).store(0, Ordering::SeqCst);
+            assert_eq!(spread(&socks, addr, 2), vec![2, 0, 0]);
+            // least-mem spills only when stuck (any watcher takes from the queue, one beyond its RSS
+            // tolerance too): the serving slot 0 (5 against 8) keeps it.
+            steer.configure(2, SteerPolicy::LeastMem).unwrap();
+            serving();
+            assert_eq!(spread(&socks, addr, 1), vec![1, 0, 0]);
+            // Round-robin never spills.
+            steer.configure(2, SteerPolicy::RoundRobin).unwrap();
+            serving();
+            assert_eq!(spread(&socks, addr, 4).last(), Some(&0));
+        }
     }
 
     #[test]
     fn a_pick_with_a_placement_untaken_spills_to_a_watched_queue() {
-        let Some(steer) = loaded() else { return };
-        let (socks, addr) = group_with_overflow(&steer, 2);
-        // Both loops wait; slot 1 holds five connections it took, slot 0 none; slot 1's worker
-        // watches the queue.
-        word(&steer, 1, page::ASSIGNED).store(5, Ordering::SeqCst);
-        word(&steer, 1, page::ACCEPTED).store(5, Ordering::SeqCst);
-        reporting(&steer, 1).store(page::REPORTING_SHIM | page::WATCHER, Ordering::SeqCst);
-        // Slot 0's worker counts its accepts. Its queue's clock is fresh before each step, so
-        // a placement it has not taken never makes it stuck here (that takes 1 ms).
-        reporting(&steer, 0).store(page::REPORTING_SHIM, Ordering::SeqCst);
-        let fresh = || {
-            word(&steer, 0, page::PROGRESS_NS).store(crate::sys::monotonic_ns(), Ordering::SeqCst)
-        };
-        fresh();
-        // The least loaded, slot 0, gets the first connection directly.
-        assert_eq!(spread(&socks, addr, 1), vec![1, 0, 0]);
-        // Its worker has not taken it: the next ones wait in the queue for the first worker
-        // free, although slot 0 is still the least loaded and its loop waits.
-        fresh();
-        assert_eq!(spread(&socks, addr, 2), vec![0, 0, 2]);
-        assert_eq!(steer.counts(page::OVERFLOW).assigned, 2);
-        // Taken: slot 0 is free again and gets the next one directly.
-        word(&steer, 0, page::ACCEPTED).store(1, Ordering::SeqCst);
-        fresh();
-        assert_eq!(spread(&socks, addr, 1), vec![1, 0, 0]);
-        // A worker that does not count its accepts cannot be told behind: by the load.
-        reporting(&steer, 0).store(0, Ordering::SeqCst);
-        assert_eq!(spread(&socks, addr, 1), vec![1, 0, 0]);
-        // p2c: both slots drawn, the less loaded (slot 0: 3 against 5) has two untaken.
-        reporting(&steer, 0).store(page::REPORTING_SHIM, Ordering::SeqCst);
-        steer.configure(2, SteerPolicy::P2c).unwrap();
-        fresh();
-        assert_eq!(spread(&socks, addr, 1), vec![0, 0, 1]);
-        steer.configure(2, SteerPolicy::LeastConn).unwrap();
-        // Nobody watches the queue: by the load (3 against 5), untaken or not.
-        reporting(&steer, 1).store(page::REPORTING_SHIM, Ordering::SeqCst);
-        fresh();
-        assert_eq!(spread(&socks, addr, 1), vec![1, 0, 0]);
-        // round-robin never spills; least-mem only when stuck.
-        reporting(&steer, 1).store(page::REPORTING_SHIM | page::WATCHER, Ordering::SeqCst);
-        for policy in [SteerPolicy::RoundRobin, SteerPolicy::LeastMem] {
-            steer.configure(2, policy).unwrap();
+        for steer in loaded() {
+            eprintln!("build: {:?}", steer.scan());
+            let (socks, addr) = group_with_overflow(&steer, 2);
+            // Both loops wait; slot 1 holds five connections it took, slot 0 none; slot 1's worker
+            // watches the queue.
+            word(&steer, 1, page::ASSIGNED).store(5, Ordering::SeqCst);
+            word(&steer, 1, page::ACCEPTED).store(5, Ordering::SeqCst);
+            reporting(&steer, 1).store(page::REPORTING_SHIM | page::WATCHER, Ordering::SeqCst);
+            // Slot 0's worker counts its accepts. Its queue's clock is fresh before each step, so
+            // a placement it has not taken never makes it stuck here (that takes 1 ms).
+            reporting(&steer, 0).store(page::REPORTING_SHIM, Ordering::SeqCst);
+            let fresh = || {
+                word(&steer, 0, page::PROGRESS_NS)
+                    .store(crate::sys::monotonic_ns(), Ordering::SeqCst)
+            };
             fresh();
-            assert_eq!(spread(&socks, addr, 1)[2], 0, "{policy:?}");
+            // The least loaded, slot 0, gets the first connection directly.
+            assert_eq!(spread(&socks, addr, 1), vec![1, 0, 0]);
+            // Its worker has not taken it: the next ones wait in the queue for the first worker
+            // free, although slot 0 is still the least loaded and its loop waits.
+            fresh();
+            assert_eq!(spread(&socks, addr, 2), vec![0, 0, 2]);
+            assert_eq!(steer.counts(page::OVERFLOW).assigned, 2);
+            // Taken: slot 0 is free again and gets the next one directly.
+            word(&steer, 0, page::ACCEPTED).store(1, Ordering::SeqCst);
+            fresh();
+            assert_eq!(spread(&socks, addr, 1), vec![1, 0, 0]);
+            // A worker that does not count its accepts cannot be told behind: by the load.
+            reporting(&steer, 0).store(0, Ordering::SeqCst);
+            assert_eq!(spread(&socks, addr, 1), vec![1, 0, 0]);
+            // p2c: both slots drawn, the less loaded (slot 0: 3 against 5) has two untaken.
+            reporting(&steer, 0).store(page::REPORTING_SHIM, Ordering::SeqCst);
+            steer.configure(2, SteerPolicy::P2c).unwrap();
+            fresh();
+            assert_eq!(spread(&socks, addr, 1), vec![0, 0, 1]);
+            steer.configure(2, SteerPolicy::LeastConn).unwrap();
+            // Nobody watches the queue: by the load (3 against 5), untaken or not.
+            reporting(&steer, 1).store(page::REPORTING_SHIM, Ordering::SeqCst);
+            fresh();
+            assert_eq!(spread(&socks, addr, 1), vec![1, 0, 0]);
+            // round-robin never spills; least-mem only when stuck.
+            reporting(&steer, 1).store(page::REPORTING_SHIM | page::WATCHER, Ordering::SeqCst);
+            for policy in [SteerPolicy::RoundRobin, SteerPolicy::LeastMem] {
+                steer.configure(2, policy).unwrap();
+                fresh();
+                assert_eq!(spread(&socks, addr, 1)[2], 0, "{policy:?}");
+            }
         }
     }
 
     #[test]
     fn least_mem_follows_the_rss_then_the_load() {
         use crate::policy::rss_tolerance_kib;
-        let Some(steer) = loaded() else { return };
-        let (socks, addr) = eligible_group(&steer, 4);
-        steer.configure(4, SteerPolicy::LeastMem).unwrap();
-        let small = 50_000u64;
-        let near = small + u64::from(rss_tolerance_kib(small as u32));
-        for (slot, kib) in [(0, 200_000), (1, small), (2, 300_000), (3, near + 1)] {
-            steer.set_rss(slot, kib);
+        for steer in loaded() {
+            eprintln!("build: {:?}", steer.scan());
+            let (socks, addr) = eligible_group(&steer, 4);
+            steer.configure(4, SteerPolicy::LeastMem).unwrap();
+            let small = 50_000u64;
+            let near = small + u64::from(rss_tolerance_kib(small as u32));
+            for (slot, kib) in [(0, 200_000), (1, small), (2, 300_000), (3, near + 1)] {
+                steer.set_rss(slot, kib);
+            }
+            assert_eq!(spread(&socks, addr, 40), vec![0, 40, 0, 0]);
+            // Within the tolerance of the smallest: a tie, and the least loaded takes them.
+            steer.set_rss(3, near);
+            assert_eq!(spread(&socks, addr, 40), vec![0, 0, 0, 40]);
+            assert_eq!(spread(&socks, addr, 10), vec![0, 5, 0, 5]);
+            // A slot whose RSS is not known yet (0) is the smallest, as a new worker in dispatch.
+            steer.set_rss(2, 0);
+            assert_eq!(spread(&socks, addr, 10), vec![0, 0, 10, 0]);
+            // The load alone decides among equal RSS: slot 0 has none, slot 2 ten.
+            for slot in 0..4 {
+                steer.set_rss(slot, small);
+            }
+            assert_eq!(spread(&socks, addr, 10), vec![10, 0, 0, 0]);
+            assert_eq!(spread(&socks, addr, 20), vec![10, 0, 10, 0]);
         }
-        assert_eq!(spread(&socks, addr, 40), vec![0, 40, 0, 0]);
-        // Within the tolerance of the smallest: a tie, and the least loaded takes them.
-        steer.set_rss(3, near);
-        assert_eq!(spread(&socks, addr, 40), vec![0, 0, 0, 40]);
-        assert_eq!(spread(&socks, addr, 10), vec![0, 5, 0, 5]);
-        // A slot whose RSS is not known yet (0) is the smallest, as a new worker in dispatch.
-        steer.set_rss(2, 0);
-        assert_eq!(spread(&socks, addr, 10), vec![0, 0, 10, 0]);
-        // The load alone decides among equal RSS: slot 0 has none, slot 2 ten.
-        for slot in 0..4 {
-            steer.set_rss(slot, small);
-        }
-        assert_eq!(spread(&socks, addr, 10), vec![10, 0, 0, 0]);
-        assert_eq!(spread(&socks, addr, 20), vec![10, 0, 10, 0]);
     }
 
     #[test]
     fn p2c_takes_the_less_loaded_of_two() {
-        let Some(steer) = loaded() else { return };
-        let (socks, addr) = group(&steer, 4);
-        steer.configure(4, SteerPolicy::P2c).unwrap();
-        // One eligible slot: that one.
-        steer.set_eligible(1, true);
-        assert_eq!(spread(&socks, addr, 10), vec![0, 10, 0, 0]);
-        // Two: both are drawn each time, so the less loaded wins and the split stays exact.
-        steer.set_eligible(3, true);
-        assert_eq!(spread(&socks, addr, 10), vec![0, 0, 0, 10]);
-        assert_eq!(spread(&socks, addr, 20), vec![0, 10, 0, 10]);
-        // Four, one far busier: it is never the less loaded of a pair.
-        steer.set_eligible(0, true);
-        steer.set_eligible(2, true);
-        word(&steer, 1, page::ASSIGNED).fetch_add(1_000, Ordering::SeqCst);
-        let got = spread(&socks, addr, 60);
-        assert_eq!(got[1], 0, "{got:?}");
-        assert_eq!(got.iter().sum::<usize>(), 60);
-        // The two that had none catch up (each wins every pair it is in while it is behind).
-        assert!(got[0] >= 15 && got[2] >= 15, "{got:?}");
-        // Nothing eligible: the kernel's hash places them, the program counts nothing.
-        let before: u64 = (0..4).map(|s| steer.counts(s).assigned).sum();
-        for slot in 0..4 {
-            steer.set_eligible(slot, false);
+        for steer in loaded() {
+            eprintln!("build: {:?}", steer.scan());
+            let (socks, addr) = group(&steer, 4);
+            steer.configure(4, SteerPolicy::P2c).unwrap();
+            // One eligible slot: that one.
+            steer.set_eligible(1, true);
+            assert_eq!(spread(&socks, addr, 10), vec![0, 10, 0, 0]);
+            // Two: both are drawn each time, so the less loaded wins and the split stays exact.
+            steer.set_eligible(3, true);
+            assert_eq!(spread(&socks, addr, 10), vec![0, 0, 0, 10]);
+            assert_eq!(spread(&socks, addr, 20), vec![0, 10, 0, 10]);
+            // Four, one far busier: it is never the less loaded of a pair.
+            steer.set_eligible(0, true);
+            steer.set_eligible(2, true);
+            word(&steer, 1, page::ASSIGNED).fetch_add(1_000, Ordering::SeqCst);
+            let got = spread(&socks, addr, 60);
+            assert_eq!(got[1], 0, "{got:?}");
+            assert_eq!(got.iter().sum::<usize>(), 60);
+            // The two that had none catch up (each wins every pair it is in while it is behind).
+            assert!(got[0] >= 15 && got[2] >= 15, "{got:?}");
+            // Nothing eligible: the kernel's hash places them, the program counts nothing.
+            let before: u64 = (0..4).map(|s| steer.counts(s).assigned).sum();
+            for slot in 0..4 {
+                steer.set_eligible(slot, false);
+            }
+            assert_eq!(spread(&socks, addr, 10).iter().sum::<usize>(), 10);
+            assert_eq!(
+                (0..4).map(|s| steer.counts(s).assigned).sum::<u64>(),
+                before
+            );
         }
-        assert_eq!(spread(&socks, addr, 10).iter().sum::<usize>(), 10);
-        assert_eq!(
-            (0..4).map(|s| steer.counts(s).assigned).sum::<u64>(),
-            before
-        );
     }
 
     #[test]
     fn equal_load_splits_exactly() {
-        let Some(steer) = loaded() else { return };
-        let (socks, addr) = eligible_group(&steer, 4);
-        assert_eq!(spread(&socks, addr, 100), vec![25, 25, 25, 25]);
-        // A slot whose load drops (its worker closed 10) gets the next 10.
-        word(&steer, 1, page::CLOSED).fetch_add(10, Ordering::SeqCst);
-        assert_eq!(spread(&socks, addr, 10), vec![0, 10, 0, 0]);
-        // Round-robin ignores closes: equal placements, in turn.
-        steer.configure(4, SteerPolicy::RoundRobin).unwrap();
-        assert_eq!(spread(&socks, addr, 30), vec![10, 0, 10, 10]);
-        assert_eq!(spread(&socks, addr, 8), vec![2, 2, 2, 2]);
+        for steer in loaded() {
+            eprintln!("build: {:?}", steer.scan());
+            let (socks, addr) = eligible_group(&steer, 4);
+            assert_eq!(spread(&socks, addr, 100), vec![25, 25, 25, 25]);
+            // A slot whose load drops (its worker closed 10) gets the next 10.
+            word(&steer, 1, page::CLOSED).fetch_add(10, Ordering::SeqCst);
+            assert_eq!(spread(&socks, addr, 10), vec![0, 10, 0, 0]);
+            // Round-robin ignores closes: equal placements, in turn.
+            steer.configure(4, SteerPolicy::RoundRobin).unwrap();
+            assert_eq!(spread(&socks, addr, 30), vec![10, 0, 10, 10]);
+            assert_eq!(spread(&socks, addr, 8), vec![2, 2, 2, 2]);
+        }
     }
 }
