@@ -237,14 +237,14 @@ impl Scan {
     }
 
     /// What a log line adds about the build: nothing for the first; for the fallback, that
-    /// the kernel lacks bpf_loop and what that costs.
+    /// the kernel refused the first and what that costs.
     pub fn note(self) -> &'static str {
         match self {
             Scan::Loop => "",
             Scan::ForEach => {
-                "; this kernel has no bpf_loop (5.17+): the program scans the slots with \
-                 bpf_for_each_map_elem, an indirect call per slot (about 120 ns more per \
-                 connection)"
+                "; the kernel refused the bpf_loop build (bpf_loop needs 5.17), so the program \
+                 scans the slots with bpf_for_each_map_elem, an indirect call per slot (about \
+                 120 ns more per connection)"
             }
         }
     }
