@@ -261,8 +261,8 @@ impl Program {
         Ok((btf, func_info))
     }
 
-    /// Loads the build with `maps` (name, fd) patched in: `Err` for a table that does not fit
-    /// the build, `Ok(Err)` when the kernel refuses the program.
+    /// Loads the build with `maps` (name, fd) patched in: `Err` when a map reference cannot be
+    /// patched, `Ok(Err)` when the kernel refuses the program.
     fn load(
         self,
         maps: &[(&str, BorrowedFd<'_>)],
@@ -389,8 +389,11 @@ impl Objects {
         let mut migrate = true;
         for _ in 0..listeners {
             let socks = bpf::map_create(&SOCKS_MAP).map_err(|e| classify("socket array", e))?;
-            let maps = [("steer_slots", slots.as_fd()), ("steer_meta", meta.as_fd())];
-            let maps = [maps[0], maps[1], ("steer_socks", socks.as_fd())];
+            let maps = [
+                ("steer_slots", slots.as_fd()),
+                ("steer_meta", meta.as_fd()),
+                ("steer_socks", socks.as_fd()),
+            ];
             let prog = loop {
                 let attach = if migrate {
                     bpf::SK_REUSEPORT_SELECT_OR_MIGRATE
