@@ -2,10 +2,10 @@
 # Compiles bpf/steer.bpf.c with clang, twice (the bpf_loop scan, and with -DSTEER_FOR_EACH the
 # bpf_for_each_map_elem scan for kernels before 5.17), and writes src/steer/prog.rs: each build's
 # instructions as a Rust array, the callback subprograms already linked after the main program,
-# and the places where the loader puts each map's fd. Users never need clang: `cargo build` uses the committed
-# file. `scripts/gen-bpf.sh --check` regenerates into a temporary file and fails if it differs
-# from the committed one (skipped, with a note, when this clang is not the one that generated
-# it: another clang version emits other, equally valid, bytes).
+# and the places where the loader puts each map's fd. Users never need clang: `cargo build` uses
+# the committed file. `scripts/gen-bpf.sh --check` regenerates into a temporary file and fails if
+# it differs from the committed one (skipped, with a note, when this clang is not the one that
+# generated it: another clang version emits other, equally valid, bytes).
 #
 # Needs: clang (with the BPF target), python3, rustfmt, linux-libc-dev and libbpf-dev headers
 # (apt-get install clang libbpf-dev).

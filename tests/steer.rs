@@ -550,8 +550,6 @@ fn command_then_bin(words: &[&str]) -> Command {
     cmd
 }
 
-/// `setpriv` that drops CAP_BPF and CAP_SYS_ADMIN from the bounding set, so the exec'd master
-/// (root or not) has neither.
 /// Whether this kernel's release (`/proc/sys/kernel/osrelease`) is at least `major.minor`.
 fn kernel_at_least(major: u32, minor: u32) -> bool {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
@@ -562,6 +560,8 @@ fn kernel_at_least(major: u32, minor: u32) -> bool {
     (a, b) >= (major, minor)
 }
 
+/// `setpriv` that drops CAP_BPF and CAP_SYS_ADMIN from the bounding set, so the exec'd master
+/// (root or not) has neither.
 fn without_cap_bpf() -> Option<Command> {
     setpriv(&["--bounding-set", "-bpf,-sys_admin"]).map(|words| command_then_bin(&words))
 }
