@@ -911,22 +911,29 @@ mod kernel_tests {
     use socket2::Socket;
     use std::net::{SocketAddr, TcpStream};
 
-    /// Each build of the program ([`Scan`]) loaded alone, so the tests hold for both: the
-    /// fallback too must verify and steer. Empty (with a note) where steering is unavailable;
-    /// the `bpf_loop` build is left out, with a note, on a kernel without bpf_loop (5.17).
-    fn loaded() -> Vec<Steering> {
-        let mut builds = Vec::new();
-        for scan in [Scan::Loop, Scan::ForEach] {
-            match Objects::load_builds(1, &[(scan, scan.program())]).and_then(Steering::new) {
-                Ok(s) => builds.push(s),
-                Err(e) if e.is_program_rejected() => panic!("{} build: {e}", scan.helper()),
-                Err(e) => eprintln!(
-                    "skipped: the {} build is unavailable here: {e}",
-                    scan.helper()
-                ),
+    /// `builds` loaded as the loader tries them, for one listening address: `None`, with a
+    /// note, where steering is unavailable here; a panic where the verifier rejects the program.
+    fn load_or_skip(builds: &[(Scan, Program)]) -> Option<Steering> {
+        match Objects::load_builds(1, builds).and_then(Steering::new) {
+            Ok(s) => Some(s),
+            Err(e) if e.is_program_rejected() => panic!("{e}"),
+            Err(e) => {
+                eprintln!("skipped: kernel steering unavailable here: {e}");
+                None
             }
         }
-        builds
+    }
+
+    /// Runs `test` on each build of the program ([`Scan`]) loaded alone, so the tests hold for
+    /// both: the fallback too must verify and steer. A build that cannot load here (the
+    /// `bpf_loop` one on a kernel before 5.17, both without CAP_BPF) is skipped with a note.
+    fn each_build(test: impl Fn(&Steering)) {
+        for scan in [Scan::Loop, Scan::ForEach] {
+            eprintln!("build: {}", scan.helper());
+            if let Some(steer) = load_or_skip(&[(scan, scan.program())]) {
+                test(&steer);
+            }
+        }
     }
 
     /// `n` listeners of one reuseport group, each at its slot, program attached.
@@ -988,10 +995,8 @@ mod kernel_tests {
             funcs: &[(0, "steer", true)],
         };
         let builds = [(Scan::Loop, REFUSED), (Scan::ForEach, prog::FOR_EACH)];
-        let steer = match Objects::load_builds(1, &builds).and_then(Steering::new) {
-            Ok(s) => s,
-            Err(e) if e.is_program_rejected() => panic!("{e}"),
-            Err(e) => return eprintln!("skipped: kernel steering unavailable here: {e}"),
+        let Some(steer) = load_or_skip(&builds) else {
+            return;
         };
         assert_eq!(steer.scan(), Some(Scan::ForEach));
         let (socks, addr) = group(&steer, 2);
@@ -1006,9 +1011,8 @@ mod kernel_tests {
 
     #[test]
     fn selection_follows_the_table() {
-        for steer in loaded() {
-            eprintln!("build: {:?}", steer.scan());
-            let (socks, addr) = group(&steer, 4);
+        each_build(|steer| {
+            let (socks, addr) = group(steer, 4);
             steer.set_eligible(2, true);
             assert_eq!(spread(&socks, addr, 40), vec![0, 0, 40, 0]);
             assert_eq!(steer.counts(2).assigned, 40);
@@ -1016,7 +1020,7 @@ mod kernel_tests {
             steer.set_eligible(2, false);
             assert_eq!(spread(&socks, addr, 20).iter().sum::<usize>(), 20);
             assert_eq!(steer.counts(2).assigned, 40);
-        }
+        });
     }
 
     fn word(steer: &Steering, slot: usize, field: usize) -> &std::sync::atomic::AtomicU64 {
@@ -1033,67 +1037,65 @@ mod kernel_tests {
 
     #[test]
     fn a_stuck_slot_is_passed_over_whatever_its_load() {
-        for steer in loaded() {
-            eprintln!("build: {:?}", steer.scan());
-            let (socks, addr) = eligible_group(&steer, 2);
+        each_build(|steer| {
+            let (socks, addr) = eligible_group(steer, 2);
             let ms = 1_000_000;
             // Slot 1 holds 5 more, but slot 0's loop left its wait 2 ms ago (one long request).
-            word(&steer, 1, page::ASSIGNED).fetch_add(5, Ordering::SeqCst);
-            word(&steer, 0, page::BUSY_NS)
+            word(steer, 1, page::ASSIGNED).fetch_add(5, Ordering::SeqCst);
+            word(steer, 0, page::BUSY_NS)
                 .store(crate::sys::monotonic_ns() - 2 * ms, Ordering::SeqCst);
             assert_eq!(spread(&socks, addr, 10), vec![0, 10]);
             // Its loop waits again: the load decides (0 against 15).
-            word(&steer, 0, page::BUSY_NS).store(0, Ordering::SeqCst);
+            word(steer, 0, page::BUSY_NS).store(0, Ordering::SeqCst);
             assert_eq!(spread(&socks, addr, 10), vec![10, 0]);
             // A reporting worker with one placement untaken for 2 ms since its queue last moved.
-            reporting(&steer, 0).store(page::REPORTING_SELF, Ordering::SeqCst);
-            word(&steer, 0, page::ACCEPTED).store(9, Ordering::SeqCst);
-            word(&steer, 0, page::PROGRESS_NS)
+            reporting(steer, 0).store(page::REPORTING_SELF, Ordering::SeqCst);
+            word(steer, 0, page::ACCEPTED).store(9, Ordering::SeqCst);
+            word(steer, 0, page::PROGRESS_NS)
                 .store(crate::sys::monotonic_ns() - 2 * ms, Ordering::SeqCst);
             assert!(steer.counts(0).stuck(crate::sys::monotonic_ns()));
             assert_eq!(spread(&socks, addr, 10), vec![0, 10]);
             // Both stuck: the one stuck for less time, although it holds more (25 against 10).
-            word(&steer, 1, page::BUSY_NS)
+            word(steer, 1, page::BUSY_NS)
                 .store(crate::sys::monotonic_ns() - 3 * ms / 2, Ordering::SeqCst);
             assert_eq!(spread(&socks, addr, 4), vec![0, 4]);
             // Slot 1 stuck for longer: slot 0 again.
-            word(&steer, 1, page::BUSY_NS)
+            word(steer, 1, page::BUSY_NS)
                 .store(crate::sys::monotonic_ns() - 5 * ms, Ordering::SeqCst);
             assert_eq!(spread(&socks, addr, 4), vec![4, 0]);
             // Round-robin keeps equal shares, stuck or not: slot 0 has had 14 placements, slot 1 29.
             steer.configure(2, SteerPolicy::RoundRobin).unwrap();
-            word(&steer, 1, page::BUSY_NS).store(0, Ordering::SeqCst);
+            word(steer, 1, page::BUSY_NS).store(0, Ordering::SeqCst);
             assert_eq!(spread(&socks, addr, 15), vec![15, 0]);
-        }
+        });
     }
 
     #[test]
     fn when_every_slot_is_stuck_a_watched_overflow_queue_takes_the_connection() {
-        for steer in loaded() {
-            eprintln!("build: {:?}", steer.scan());
-            let (socks, addr) = group_with_overflow(&steer, 2);
+        each_build(|steer| {
+            let (socks, addr) = group_with_overflow(steer, 2);
             let ms = 1_000_000;
             let now = crate::sys::monotonic_ns;
             // Both stuck, nobody watches the queue: the one stuck for less time, as before.
-            word(&steer, 0, page::BUSY_NS).store(now() - 5 * ms, Ordering::SeqCst);
-            word(&steer, 1, page::BUSY_NS).store(now() - 2 * ms, Ordering::SeqCst);
+            word(steer, 0, page::BUSY_NS).store(now() - 5 * ms, Ordering::SeqCst);
+            word(steer, 1, page::BUSY_NS).store(now() - 2 * ms, Ordering::SeqCst);
             assert_eq!(spread(&socks, addr, 6), vec![0, 6, 0]);
             // One eligible slot's worker watches it: every connection waits there for the first
             // worker to come free, counted on the queue's line and on no slot's.
-            reporting(&steer, 1).fetch_add(page::WATCHER, Ordering::SeqCst);
+            reporting(steer, 1).fetch_add(page::WATCHER, Ordering::SeqCst);
             assert!(steer.counts(1).watches());
             assert_eq!(spread(&socks, addr, 10), vec![0, 0, 10]);
             assert_eq!(steer.counts(page::OVERFLOW).assigned, 10);
             assert_eq!(steer.counts(0).assigned + steer.counts(1).assigned, 6);
             // A slot that is not stuck takes them, watched queue or not.
-            word(&steer, 0, page::BUSY_NS).store(0, Ordering::SeqCst);
+            word(steer, 0, page::BUSY_NS).store(0, Ordering::SeqCst);
             assert_eq!(spread(&socks, addr, 4), vec![4, 0, 0]);
             // The watcher's slot is not eligible (draining): its watch does not count.
-            word(&steer, 0, page::BUSY_NS).store(now() - 5 * ms, Ordering::SeqCst);
+            word(steer, 0, page::BUSY_NS).store(now() - 5 * ms, Ordering::SeqCst);
             steer.set_eligible(1, false);
             assert_eq!(spread(&socks, addr, 4), vec![4, 0, 0]);
             steer.set_eligible(1, true);
-            word(&steer, 1, page::BUSY_NS).store(now() - 2 * ms, Ordering::SeqCst);
+            word(steer, 1, page::BUSY_NS).store(now() - 2 * ms, Ordering::SeqCst);
             // The queue is closed to the program (ineligible): the slot stuck for less time.
             steer.set_eligible(page::OVERFLOW, false);
             assert_eq!(spread(&socks, addr, 4), vec![0, 4, 0]);
@@ -1112,19 +1114,18 @@ mod kernel_tests {
             steer.set_eligible(1, false);
             let got = spread(&socks, addr, 20);
             assert_eq!((got[0] + got[1], got[2]), (20, 0), "{got:?}");
-        }
+        });
     }
 
     #[test]
     fn a_pick_whose_loop_serves_spills_to_a_watched_queue_and_a_waiting_loop_wins_ties() {
-        for steer in loaded() {
-            eprintln!("build: {:?}", steer.scan());
-            let (socks, addr) = group_with_overflow(&steer, 2);
+        each_build(|steer| {
+            let (socks, addr) = group_with_overflow(steer, 2);
             // Slot 0's loop has served for 100 µs (over the 50 µs after which the program spills,
             // far from the 1 ms that makes it stuck; stamped afresh before each step), slot 1's
             // waits.
             let serving = || {
-                word(&steer, 0, page::BUSY_NS)
+                word(steer, 0, page::BUSY_NS)
                     .store(crate::sys::monotonic_ns() - 100_000, Ordering::SeqCst)
             };
             serving();
@@ -1138,23 +1139,23 @@ mod kernel_tests {
             // Slot 1's worker watches (and, as every watcher does, counts its accepts: it has
             // taken both of its connections): a tie goes to its waiting loop, and where the load
             // picks the serving slot 0, the connection waits in the queue for the first worker free.
-            reporting(&steer, 1).fetch_add(page::WATCHER, Ordering::SeqCst);
+            reporting(steer, 1).fetch_add(page::WATCHER, Ordering::SeqCst);
             let assigned = steer.counts(1).assigned;
-            word(&steer, 1, page::ACCEPTED).store(assigned, Ordering::SeqCst);
+            word(steer, 1, page::ACCEPTED).store(assigned, Ordering::SeqCst);
             serving();
             assert_eq!(spread(&socks, addr, 1), vec![0, 1, 0]);
             serving();
             assert_eq!(spread(&socks, addr, 3), vec![0, 0, 3]);
             assert_eq!(steer.counts(page::OVERFLOW).assigned, 3);
             // Slot 0's loop waits again: it takes its share directly.
-            word(&steer, 0, page::BUSY_NS).store(0, Ordering::SeqCst);
+            word(steer, 0, page::BUSY_NS).store(0, Ordering::SeqCst);
             assert_eq!(spread(&socks, addr, 1), vec![1, 0, 0]);
             // p2c: the less loaded of the two (slot 0: 3 against 8), spilled while its loop serves.
-            word(&steer, 1, page::ASSIGNED).fetch_add(5, Ordering::SeqCst);
+            word(steer, 1, page::ASSIGNED).fetch_add(5, Ordering::SeqCst);
             steer.configure(2, SteerPolicy::P2c).unwrap();
             serving();
             assert_eq!(spread(&socks, addr, 2), vec![0, 0, 2]);
-            word(&steer, 0, page::BUSY_NS).store(0, Ordering::SeqCst);
+            word(steer, 0, page::BUSY_NS).store(0, Ordering::SeqCst);
             assert_eq!(spread(&socks, addr, 2), vec![2, 0, 0]);
             // least-mem spills only when stuck (any watcher takes from the queue, one beyond its RSS
             // tolerance too): the serving slot 0 (5 against 8) keeps it.
@@ -1165,24 +1166,23 @@ mod kernel_tests {
             steer.configure(2, SteerPolicy::RoundRobin).unwrap();
             serving();
             assert_eq!(spread(&socks, addr, 4).last(), Some(&0));
-        }
+        });
     }
 
     #[test]
     fn a_pick_with_a_placement_untaken_spills_to_a_watched_queue() {
-        for steer in loaded() {
-            eprintln!("build: {:?}", steer.scan());
-            let (socks, addr) = group_with_overflow(&steer, 2);
+        each_build(|steer| {
+            let (socks, addr) = group_with_overflow(steer, 2);
             // Both loops wait; slot 1 holds five connections it took, slot 0 none; slot 1's worker
             // watches the queue.
-            word(&steer, 1, page::ASSIGNED).store(5, Ordering::SeqCst);
-            word(&steer, 1, page::ACCEPTED).store(5, Ordering::SeqCst);
-            reporting(&steer, 1).store(page::REPORTING_SHIM | page::WATCHER, Ordering::SeqCst);
+            word(steer, 1, page::ASSIGNED).store(5, Ordering::SeqCst);
+            word(steer, 1, page::ACCEPTED).store(5, Ordering::SeqCst);
+            reporting(steer, 1).store(page::REPORTING_SHIM | page::WATCHER, Ordering::SeqCst);
             // Slot 0's worker counts its accepts. Its queue's clock is fresh before each step, so
             // a placement it has not taken never makes it stuck here (that takes 1 ms).
-            reporting(&steer, 0).store(page::REPORTING_SHIM, Ordering::SeqCst);
+            reporting(steer, 0).store(page::REPORTING_SHIM, Ordering::SeqCst);
             let fresh = || {
-                word(&steer, 0, page::PROGRESS_NS)
+                word(steer, 0, page::PROGRESS_NS)
                     .store(crate::sys::monotonic_ns(), Ordering::SeqCst)
             };
             fresh();
@@ -1194,38 +1194,37 @@ mod kernel_tests {
             assert_eq!(spread(&socks, addr, 2), vec![0, 0, 2]);
             assert_eq!(steer.counts(page::OVERFLOW).assigned, 2);
             // Taken: slot 0 is free again and gets the next one directly.
-            word(&steer, 0, page::ACCEPTED).store(1, Ordering::SeqCst);
+            word(steer, 0, page::ACCEPTED).store(1, Ordering::SeqCst);
             fresh();
             assert_eq!(spread(&socks, addr, 1), vec![1, 0, 0]);
             // A worker that does not count its accepts cannot be told behind: by the load.
-            reporting(&steer, 0).store(0, Ordering::SeqCst);
+            reporting(steer, 0).store(0, Ordering::SeqCst);
             assert_eq!(spread(&socks, addr, 1), vec![1, 0, 0]);
             // p2c: both slots drawn, the less loaded (slot 0: 3 against 5) has two untaken.
-            reporting(&steer, 0).store(page::REPORTING_SHIM, Ordering::SeqCst);
+            reporting(steer, 0).store(page::REPORTING_SHIM, Ordering::SeqCst);
             steer.configure(2, SteerPolicy::P2c).unwrap();
             fresh();
             assert_eq!(spread(&socks, addr, 1), vec![0, 0, 1]);
             steer.configure(2, SteerPolicy::LeastConn).unwrap();
             // Nobody watches the queue: by the load (3 against 5), untaken or not.
-            reporting(&steer, 1).store(page::REPORTING_SHIM, Ordering::SeqCst);
+            reporting(steer, 1).store(page::REPORTING_SHIM, Ordering::SeqCst);
             fresh();
             assert_eq!(spread(&socks, addr, 1), vec![1, 0, 0]);
             // round-robin never spills; least-mem only when stuck.
-            reporting(&steer, 1).store(page::REPORTING_SHIM | page::WATCHER, Ordering::SeqCst);
+            reporting(steer, 1).store(page::REPORTING_SHIM | page::WATCHER, Ordering::SeqCst);
             for policy in [SteerPolicy::RoundRobin, SteerPolicy::LeastMem] {
                 steer.configure(2, policy).unwrap();
                 fresh();
                 assert_eq!(spread(&socks, addr, 1)[2], 0, "{policy:?}");
             }
-        }
+        });
     }
 
     #[test]
     fn least_mem_follows_the_rss_then_the_load() {
         use crate::policy::rss_tolerance_kib;
-        for steer in loaded() {
-            eprintln!("build: {:?}", steer.scan());
-            let (socks, addr) = eligible_group(&steer, 4);
+        each_build(|steer| {
+            let (socks, addr) = eligible_group(steer, 4);
             steer.configure(4, SteerPolicy::LeastMem).unwrap();
             let small = 50_000u64;
             let near = small + u64::from(rss_tolerance_kib(small as u32));
@@ -1246,14 +1245,13 @@ mod kernel_tests {
             }
             assert_eq!(spread(&socks, addr, 10), vec![10, 0, 0, 0]);
             assert_eq!(spread(&socks, addr, 20), vec![10, 0, 10, 0]);
-        }
+        });
     }
 
     #[test]
     fn p2c_takes_the_less_loaded_of_two() {
-        for steer in loaded() {
-            eprintln!("build: {:?}", steer.scan());
-            let (socks, addr) = group(&steer, 4);
+        each_build(|steer| {
+            let (socks, addr) = group(steer, 4);
             steer.configure(4, SteerPolicy::P2c).unwrap();
             // One eligible slot: that one.
             steer.set_eligible(1, true);
@@ -1265,7 +1263,7 @@ mod kernel_tests {
             // Four, one far busier: it is never the less loaded of a pair.
             steer.set_eligible(0, true);
             steer.set_eligible(2, true);
-            word(&steer, 1, page::ASSIGNED).fetch_add(1_000, Ordering::SeqCst);
+            word(steer, 1, page::ASSIGNED).fetch_add(1_000, Ordering::SeqCst);
             let got = spread(&socks, addr, 60);
             assert_eq!(got[1], 0, "{got:?}");
             assert_eq!(got.iter().sum::<usize>(), 60);
@@ -1281,22 +1279,21 @@ mod kernel_tests {
                 (0..4).map(|s| steer.counts(s).assigned).sum::<u64>(),
                 before
             );
-        }
+        });
     }
 
     #[test]
     fn equal_load_splits_exactly() {
-        for steer in loaded() {
-            eprintln!("build: {:?}", steer.scan());
-            let (socks, addr) = eligible_group(&steer, 4);
+        each_build(|steer| {
+            let (socks, addr) = eligible_group(steer, 4);
             assert_eq!(spread(&socks, addr, 100), vec![25, 25, 25, 25]);
             // A slot whose load drops (its worker closed 10) gets the next 10.
-            word(&steer, 1, page::CLOSED).fetch_add(10, Ordering::SeqCst);
+            word(steer, 1, page::CLOSED).fetch_add(10, Ordering::SeqCst);
             assert_eq!(spread(&socks, addr, 10), vec![0, 10, 0, 0]);
             // Round-robin ignores closes: equal placements, in turn.
             steer.configure(4, SteerPolicy::RoundRobin).unwrap();
             assert_eq!(spread(&socks, addr, 30), vec![10, 0, 10, 10]);
             assert_eq!(spread(&socks, addr, 8), vec![2, 2, 2, 2]);
-        }
+        });
     }
 }
