@@ -343,7 +343,12 @@ impl Status {
             }
         };
         let total_rss: u64 = self.workers.iter().filter_map(|w| w.rss_kib).sum();
-        let total_cpu: f64 = self.workers.iter().filter_map(|w| w.cpu_s).sum();
+        // A fold from 0.0: an empty f64 sum is -0.0, which prints as "-0.00s".
+        let total_cpu = self
+            .workers
+            .iter()
+            .filter_map(|w| w.cpu_s)
+            .fold(0.0, |a, b| a + b);
         rows.push([
             "total".into(),
             String::new(),
