@@ -40,7 +40,7 @@ pub struct SupervisorView {
     pub pid: Pid,
     /// The dispatch policy in use.
     pub policy: String,
-    /// dispatch, reuseport or shared.
+    /// dispatch, reuseport or shared; [`KERNEL_STEERED`] under kernel steering.
     pub mode: String,
     /// Bound addresses.
     pub listeners: Vec<String>,
@@ -68,6 +68,68 @@ pub struct SupervisorView {
     pub listen_queues: Vec<Option<(u32, u32)>>,
     /// Worker output lines dropped because the master's stderr did not keep up.
     pub log_lines_dropped: u64,
+    /// Kernel steering: the program's table, read when the status was taken.
+    pub steering: Option<SteeringStatus>,
+}
+
+/// The mode string of a kernel-steered master (its workers run in reuseport mode; the program
+/// places each connection).
+pub const KERNEL_STEERED: &str = "kernel-steered reuseport";
+
+/// Kernel steering in [`Status`]: the shared table as the program sees it (docs/PROTOCOL.md §7).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct SteeringStatus {
+    /// The program's build: `bpf_loop` or `bpf_for_each_map_elem` (how it scans the slots), or
+    /// `unknown` for a program passed in by `steer-load`.
+    pub build: String,
+    /// Each slot in use, by slot.
+    pub slots: Vec<SteerSlotStatus>,
+    /// The overflow queue's line, once the queue is open.
+    pub overflow: Option<OverflowStatus>,
+    /// Program runs counted by the kernel, when `kernel.bpf_stats_enabled` is on.
+    pub program_runs: Option<u64>,
+    /// The program's average cost, ns per run, when `kernel.bpf_stats_enabled` is on.
+    pub program_ns_per_run: Option<u64>,
+}
+
+/// One slot's line of the steering table in [`SteeringStatus`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SteerSlotStatus {
+    /// The slot.
+    pub slot: usize,
+    /// A ready worker serves it and it is not stalled: the program may pick it.
+    pub eligible: bool,
+    /// The program's load figure, `assigned - closed - forgiven` (negative if a worker
+    /// miscounts).
+    pub load: i64,
+    /// Connections placed on it by the program, plus those its workers took from the overflow
+    /// queue.
+    pub assigned: u64,
+    /// Connections its workers accepted (when they report).
+    pub accepted: u64,
+    /// Connections its workers closed (when they report).
+    pub closed: u64,
+    /// Placements the master wrote off (abandoned handshakes) or, negative, took back.
+    pub forgiven: i64,
+    /// Placements neither accepted nor written off: `assigned - accepted - forgiven`.
+    pub untaken: i64,
+    /// The program's stuck rule holds for it now (it comes after every slot that is not).
+    pub stuck: bool,
+    /// Its processes that watch the overflow queue.
+    pub watchers: u32,
+    /// Its worker counts accepts and closes on the table (else `load` counts placements only).
+    pub reporting: bool,
+}
+
+/// The overflow queue's line of the steering table in [`SteeringStatus`].
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OverflowStatus {
+    /// Connections the program placed on the queue.
+    pub assigned: u64,
+    /// Connections workers took from it.
+    pub accepted: u64,
+    /// Placements the master wrote off (never reached the queue).
+    pub forgiven: i64,
 }
 
 /// One worker in [`Status`].
@@ -85,14 +147,20 @@ pub struct WorkerStatus {
     pub state: String,
     /// Seconds since it started.
     pub uptime_s: f64,
-    /// Connections handed to it and not closed yet (dispatch mode).
+    /// Connections handed to it and not closed yet. Dispatch mode: from the acceptor's table.
+    /// Kernel steering, for the slot's ready worker: its slot's load (`assigned - closed -
+    /// forgiven`, 0 if negative). `None` otherwise.
     pub active: Option<u64>,
-    /// Connections handed to it (dispatch mode).
+    /// Connections handed to it. Dispatch mode: queued to it by the acceptor. Kernel steering,
+    /// for the slot's ready worker: its slot's `assigned` (placed by the program, or taken from
+    /// the overflow queue) since the slot was last set up. `None` otherwise.
     pub dispatched: Option<u64>,
-    /// Connections it closed (dispatch mode).
+    /// Connections it closed. Dispatch mode: as it reported. Kernel steering, for the slot's
+    /// ready worker: its slot's `closed`. `None` otherwise.
     pub closed: Option<u64>,
-    /// The acceptor marked it stuck: connections untaken in its channel for 1 ms with no sign
-    /// of progress, so load-aware policies pass over it (dispatch mode).
+    /// Passed over as stuck. Dispatch mode: the acceptor marked it (connections untaken in its
+    /// channel for 1 ms with no sign of progress). Kernel steering, for the slot's ready
+    /// worker: the program's stuck rule holds for its slot. `None` otherwise.
     #[serde(default)]
     pub stuck: Option<bool>,
     /// Resident memory, KiB, read when the status was taken.
@@ -161,7 +229,7 @@ pub struct Status {
     pub version: String,
     /// Dispatch policy.
     pub policy: String,
-    /// dispatch, reuseport or shared.
+    /// dispatch, reuseport or shared; `kernel-steered reuseport` under kernel steering.
     pub mode: String,
     /// Listening sockets.
     pub listeners: Vec<ListenerStatus>,
@@ -189,10 +257,14 @@ pub struct Status {
     pub log_lines_dropped: u64,
     /// Dispatch mode: the acceptor's totals.
     pub acceptor: Option<AcceptorStatus>,
-    /// max/mean of active connections over ready workers (1.0 = even; dispatch mode).
+    /// max/mean of active connections over ready workers (1.0 = even; dispatch mode and kernel
+    /// steering).
     pub imbalance: Option<f64>,
     /// Workers, by slot.
     pub workers: Vec<WorkerStatus>,
+    /// Kernel steering: the program's table. `None` otherwise (and from older masters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steering: Option<SteeringStatus>,
 }
 
 impl Status {
@@ -202,9 +274,23 @@ impl Status {
             .workers
             .iter()
             .map(|w| {
-                let a = acc
+                // (active, dispatched, closed, stuck): the acceptor's, or the slot's line of the
+                // steering table for the slot's ready worker.
+                let counts = acc
                     .as_ref()
-                    .and_then(|a| a.workers.iter().find(|x| x.id == w.id));
+                    .and_then(|a| a.workers.iter().find(|x| x.id == w.id))
+                    .map(|a| {
+                        (
+                            a.dispatched.saturating_sub(a.closed),
+                            a.dispatched,
+                            a.closed,
+                            a.stuck,
+                        )
+                    })
+                    .or_else(|| {
+                        steered_line(&view, w)
+                            .map(|l| (l.load.max(0).unsigned_abs(), l.assigned, l.closed, l.stuck))
+                    });
                 WorkerStatus {
                     slot: w.slot,
                     id: w.id,
@@ -212,10 +298,10 @@ impl Status {
                     generation: w.generation,
                     state: w.state.to_string(),
                     uptime_s: w.uptime.as_secs_f64(),
-                    active: a.map(|a| a.dispatched.saturating_sub(a.closed)),
-                    dispatched: a.map(|a| a.dispatched),
-                    closed: a.map(|a| a.closed),
-                    stuck: a.map(|a| a.stuck),
+                    active: counts.map(|c| c.0),
+                    dispatched: counts.map(|c| c.1),
+                    closed: counts.map(|c| c.2),
+                    stuck: counts.map(|c| c.3),
                     rss_kib: crate::sys::rss_bytes(w.pid).ok().map(|b| b / 1024),
                     restarts: w.restarts,
                     cpu_s: crate::sys::cpu_seconds(w.pid).ok(),
@@ -240,14 +326,13 @@ impl Status {
                 }
             })
             .collect();
-        let imbalance = acc.as_ref().and_then(|_| {
-            imbalance(
-                workers
-                    .iter()
-                    .filter(|w| w.state == "ready")
-                    .filter_map(|w| w.active),
-            )
-        });
+        // Over the ready workers with a count: none outside dispatch mode and kernel steering.
+        let imbalance = imbalance(
+            workers
+                .iter()
+                .filter(|w| w.state == "ready")
+                .filter_map(|w| w.active),
+        );
         let paused = acc.as_ref().is_some_and(|a| {
             a.paused
                 || a.pending > 0
@@ -274,6 +359,7 @@ impl Status {
             acceptor: acc.map(|a| AcceptorStatus::from((a.counters, a.pending))),
             imbalance,
             workers,
+            steering: view.steering,
         }
     }
 
@@ -293,6 +379,9 @@ impl Status {
             if self.reloading { "  reloading" } else { "" },
             if self.stopping { "  stopping" } else { "" },
         );
+        if let Some(st) = &self.steering {
+            let _ = writeln!(out, "{}", steering_line(st));
+        }
         for l in &self.listeners {
             let _ = writeln!(
                 out,
@@ -424,6 +513,45 @@ impl Status {
     }
 }
 
+/// Kernel steering: worker `w`'s slot's line of the table when `w` is the slot's ready worker
+/// (the newest, should two be ready), the one the line's `eligible` stands for. A starting or
+/// draining worker of the slot has none: the line's counts are not its own.
+fn steered_line<'a>(view: &'a SupervisorView, w: &SupervisorWorker) -> Option<&'a SteerSlotStatus> {
+    let steering = view.steering.as_ref()?;
+    let owner = view
+        .workers
+        .iter()
+        .filter(|x| x.slot == w.slot && x.state == "ready")
+        .max_by_key(|x| x.id)?;
+    if owner.id != w.id {
+        return None;
+    }
+    steering.slots.iter().find(|l| l.slot == w.slot)
+}
+
+/// The status table's steering line: the build, how many slots the program may pick and how
+/// many look stuck, the overflow queue's totals and the program's cost when known.
+fn steering_line(st: &SteeringStatus) -> String {
+    let eligible = st.slots.iter().filter(|s| s.eligible).count();
+    let stuck = st.slots.iter().filter(|s| s.stuck).count();
+    let mut line = format!(
+        "steering: kernel ({} scan)  slots eligible {eligible}/{}  stuck {stuck}",
+        st.build,
+        st.slots.len()
+    );
+    if let Some(o) = &st.overflow {
+        let _ = write!(
+            line,
+            "  overflow queue: assigned {} accepted {}",
+            o.assigned, o.accepted
+        );
+    }
+    if let Some(ns) = st.program_ns_per_run {
+        let _ = write!(line, "  program {ns} ns per run");
+    }
+    line
+}
+
 /// max/mean of the values; 1.0 when all are equal (or all zero), `None` without values.
 pub fn imbalance(values: impl Iterator<Item = u64>) -> Option<f64> {
     let (mut n, mut sum, mut max) = (0u64, 0u64, 0u64);
@@ -462,8 +590,167 @@ fn format_kib(kib: u64) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// No such process (beyond any `pid_max`): nothing is read from /proc.
+    const NO_PID: Pid = i32::MAX;
+
+    fn worker(id: WorkerId, slot: usize, state: &'static str) -> SupervisorWorker {
+        SupervisorWorker {
+            id,
+            slot,
+            pid: NO_PID - id as Pid,
+            generation: 0,
+            state,
+            uptime: Duration::from_secs(3),
+            restarts: 0,
+        }
+    }
+
+    fn line(slot: usize, assigned: u64, closed: u64, forgiven: i64) -> SteerSlotStatus {
+        SteerSlotStatus {
+            slot,
+            eligible: true,
+            load: assigned as i64 - closed as i64 - forgiven,
+            assigned,
+            accepted: assigned,
+            closed,
+            forgiven,
+            untaken: -forgiven,
+            stuck: false,
+            watchers: 1,
+            reporting: true,
+        }
+    }
+
+    /// A kernel-steered master as the supervisor would see it: slot 0's ready worker (id 4,
+    /// load 3) beside a draining one (id 1); slot 1's ready worker (id 2, load 3, stuck) beside
+    /// a starting replacement (id 5); slot 2's worker (id 3) counted more closes than
+    /// placements (load -1).
+    pub(crate) fn steered_view() -> SupervisorView {
+        let mut stuck = line(1, 8, 5, 0);
+        stuck.stuck = true;
+        let mut behind = line(2, 2, 3, 0);
+        behind.eligible = false;
+        SupervisorView {
+            name: "web".into(),
+            pid: NO_PID,
+            policy: "least-conn".into(),
+            mode: KERNEL_STEERED.into(),
+            listeners: vec!["127.0.0.1:8080".into()],
+            generation: 1,
+            uptime: Duration::from_secs(10),
+            workers: vec![
+                worker(1, 0, "draining"),
+                worker(2, 1, "ready"),
+                worker(3, 2, "ready"),
+                worker(4, 0, "ready"),
+                worker(5, 1, "starting"),
+            ],
+            slots: 3,
+            given_up: 0,
+            reloads: 1,
+            reloads_aborted: 0,
+            restarts: 0,
+            reloading: false,
+            stopping: false,
+            listen_queues: vec![Some((0, 4096))],
+            log_lines_dropped: 0,
+            steering: Some(SteeringStatus {
+                build: "bpf_loop".into(),
+                slots: vec![line(0, 10, 6, 1), stuck, behind],
+                overflow: Some(OverflowStatus {
+                    assigned: 7,
+                    accepted: 6,
+                    forgiven: 1,
+                }),
+                program_runs: Some(18),
+                program_ns_per_run: Some(85),
+            }),
+        }
+    }
+
+    #[test]
+    fn a_steered_status_fills_the_ready_workers_from_the_table() {
+        let st = Status::build(steered_view(), None);
+        assert_eq!(st.mode, "kernel-steered reuseport");
+        let counts = |id: u64| {
+            let w = st.workers.iter().find(|w| w.id == id).unwrap();
+            (w.active, w.dispatched, w.closed, w.stuck)
+        };
+        assert_eq!(counts(4), (Some(3), Some(10), Some(6), Some(false)));
+        assert_eq!(counts(2), (Some(3), Some(8), Some(5), Some(true)));
+        // A negative load is shown as 0.
+        assert_eq!(counts(3), (Some(0), Some(2), Some(3), Some(false)));
+        // The slot's line is its ready worker's, not a draining or starting one's.
+        assert_eq!(counts(1), (None, None, None, None));
+        assert_eq!(counts(5), (None, None, None, None));
+        // max/mean of 3, 3, 0 over the ready workers.
+        assert_eq!(st.imbalance, Some(1.5));
+        assert_eq!(st.steering.as_ref().unwrap().slots.len(), 3);
+    }
+
+    #[test]
+    fn the_steering_section_is_optional_in_json() {
+        let st = Status::build(steered_view(), None);
+        let json = serde_json::to_value(&st).unwrap();
+        assert_eq!(json["steering"]["build"], "bpf_loop");
+        assert_eq!(json["steering"]["slots"][1]["stuck"], true);
+        assert_eq!(json["steering"]["overflow"]["assigned"], 7);
+        assert_eq!(json["steering"]["program_ns_per_run"], 85);
+        assert_eq!(serde_json::from_value::<Status>(json).unwrap(), st);
+        // Not steering: no section written, and an answer without one (an older master's) reads.
+        let plain = Status::build(
+            SupervisorView {
+                mode: "reuseport".into(),
+                steering: None,
+                ..steered_view()
+            },
+            None,
+        );
+        let mut json = serde_json::to_value(&plain).unwrap();
+        assert!(json.get("steering").is_none(), "{json}");
+        assert!(plain.workers.iter().all(|w| w.active.is_none()));
+        assert_eq!(plain.imbalance, None);
+        json.as_object_mut().unwrap().remove("steering");
+        assert_eq!(serde_json::from_value::<Status>(json).unwrap(), plain);
+    }
+
+    #[test]
+    fn the_table_says_the_kernel_steers() {
+        let table = Status::build(steered_view(), None).table();
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(
+            lines[0].contains("(kernel-steered reuseport mode)"),
+            "{table}"
+        );
+        assert_eq!(
+            lines[1],
+            "steering: kernel (bpf_loop scan)  slots eligible 2/3  stuck 1  \
+             overflow queue: assigned 7 accepted 6  program 85 ns per run",
+        );
+        let total = lines.iter().find(|l| l.starts_with("total")).unwrap();
+        // active 3 + 3 + 0, dispatched 10 + 8 + 2, closed 6 + 5 + 3.
+        let cells: Vec<&str> = total.split_whitespace().collect();
+        assert_eq!(
+            cells,
+            ["total", "5", "workers", "6", "20", "14", "0K", "0", "0.00s"],
+            "{table}"
+        );
+        // Without the build or the cost: only what is known.
+        let mut view = steered_view();
+        if let Some(s) = view.steering.as_mut() {
+            s.build = "unknown".into();
+            s.overflow = None;
+            s.program_ns_per_run = None;
+        }
+        let table = Status::build(view, None).table();
+        assert_eq!(
+            table.lines().nth(1),
+            Some("steering: kernel (unknown scan)  slots eligible 2/3  stuck 1")
+        );
+    }
 
     #[test]
     fn imbalance_is_max_over_mean() {

@@ -15,6 +15,7 @@ use socket2::Socket;
 use crate::cli::{Config, Steer, UsageError};
 use crate::master::lifecycle::WorkerId;
 use crate::master::ratelimit::{LogLimiter, Verdict};
+use crate::master::status::{OverflowStatus, SteerSlotStatus, SteeringStatus};
 use crate::steer::{SteerPolicy, Steering, handoff};
 use crate::sys;
 use rcluster_proto::steer as page;
@@ -478,6 +479,57 @@ impl SteerControl {
         }
     }
 
+    /// The table as the program sees it now, for `ctl status` and `/metrics`: each slot in use,
+    /// the overflow queue's line once it is open, the build and the program's cost when known.
+    pub fn status(&self) -> SteeringStatus {
+        let now_ns = sys::monotonic_ns();
+        let slots = (0..self.slots)
+            .map(|slot| {
+                let c = self.steering.counts(slot);
+                SteerSlotStatus {
+                    slot,
+                    eligible: c.eligible,
+                    load: c.load(),
+                    assigned: c.assigned,
+                    accepted: c.accepted,
+                    closed: c.closed,
+                    forgiven: c.forgiven,
+                    untaken: c.untaken(),
+                    stuck: c.stuck(now_ns),
+                    watchers: c.watchers,
+                    reporting: c.reporting,
+                }
+            })
+            .collect();
+        let overflow = (!self.overflow.is_empty()).then(|| {
+            let c = self.steering.counts(page::OVERFLOW);
+            OverflowStatus {
+                assigned: c.assigned,
+                accepted: c.accepted,
+                forgiven: c.forgiven,
+            }
+        });
+        let cost = self.program_cost();
+        SteeringStatus {
+            build: self
+                .steering
+                .scan()
+                .map_or("unknown", |scan| scan.helper())
+                .to_string(),
+            slots,
+            overflow,
+            program_runs: cost.map(|c| c.0),
+            program_ns_per_run: cost.map(|c| c.1),
+        }
+    }
+
+    /// The programs' runs and average ns per run, when `kernel.bpf_stats_enabled` is on (the
+    /// kernel counts nothing otherwise).
+    fn program_cost(&self) -> Option<(u64, u64)> {
+        let (ns, runs) = self.steering.run_stats();
+        ns.checked_div(runs).map(|per_run| (runs, per_run))
+    }
+
     /// One status line per slot in use (SIGUSR1), plus the programs' cost when
     /// `kernel.bpf_stats_enabled` is on.
     pub fn log_status(&self) {
@@ -511,8 +563,7 @@ impl SteerControl {
                 c.assigned, c.accepted, c.forgiven
             );
         }
-        let (ns, runs) = self.steering.run_stats();
-        if let Some(per_run) = ns.checked_div(runs) {
+        if let Some((runs, per_run)) = self.program_cost() {
             info!(
                 "status: steering program: {runs} runs, {per_run} ns per run \
                  (kernel.bpf_stats_enabled)"

@@ -53,6 +53,7 @@ use crate::master::notify::{Notice, NotifySocket, RuntimeDir};
 use crate::master::probe::{self, ProbeResult, ProbeSpec, Probes};
 use crate::master::service_notify::ServiceNotifier;
 use crate::master::stall::{self, QueueWatch};
+use crate::master::status::KERNEL_STEERED;
 use crate::master::steer::{self as steer, SteerControl};
 use crate::master::{listener, tree};
 use crate::sys::spawn::{SpawnSpec, spawn};
@@ -373,11 +374,7 @@ impl Supervisor {
             self.config.workers,
             self.config.command.display(),
             self.config.policy,
-            if self.steer.is_some() {
-                "kernel-steered reuseport"
-            } else {
-                self.mode.as_str()
-            }
+            self.mode_name()
         );
         // A command that cannot start at all (exec fails) is a startup error, not a crash.
         self.starting = true;
@@ -386,6 +383,15 @@ impl Supervisor {
         match self.startup_error.take() {
             Some(e) => Err(e),
             None => Ok(()),
+        }
+    }
+
+    /// The workers' mode as logs and status name it: [`KERNEL_STEERED`] under kernel steering.
+    fn mode_name(&self) -> &'static str {
+        if self.steer.is_some() {
+            KERNEL_STEERED
+        } else {
+            self.mode.as_str()
         }
     }
 

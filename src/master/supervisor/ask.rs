@@ -120,7 +120,7 @@ impl Supervisor {
     /// from a short-lived thread so the supervisor does not wait for the acceptor.
     pub(super) fn log_dump(&self) {
         let Some(a) = &self.acceptor else {
-            info!("dump: no acceptor in {} mode", self.mode.as_str());
+            info!("dump: no acceptor in {} mode", self.mode_name());
             return;
         };
         let (tx, rx) = crossbeam_channel::bounded(1);
@@ -387,7 +387,7 @@ impl Supervisor {
             name: self.hooks.name.clone(),
             pid: sys::getpid(),
             policy: self.config.policy.name().to_string(),
-            mode: self.mode.as_str().to_string(),
+            mode: self.mode_name().to_string(),
             listeners: self.addrs.iter().map(|a| a.to_string()).collect(),
             generation: self.lifecycle.generation(),
             uptime: self.hooks.started.map(|t| t.elapsed()).unwrap_or_default(),
@@ -424,6 +424,7 @@ impl Supervisor {
             stopping: self.lifecycle.phase() != Phase::Running,
             listen_queues,
             log_lines_dropped: logs::dropped(),
+            steering: self.steer.as_ref().map(|st| st.status()),
         }
     }
 }
