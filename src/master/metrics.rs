@@ -15,7 +15,7 @@ use std::time::Duration;
 use log::{info, warn};
 
 use crate::master::control::Asker;
-use crate::master::status::Status;
+use crate::master::status::{Status, SteerSlotStatus, SteeringStatus};
 
 /// Read and write timeout per scrape connection.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -402,12 +402,160 @@ pub fn render(st: &Status) -> String {
             o.sample(name, &labels(w), v);
         }
     }
+    if let Some(steering) = &st.steering {
+        render_steering(&mut o, steering);
+    }
     o.0
+}
+
+/// Kernel steering: the build, each slot's line of the table (label `slot`), the overflow
+/// queue's line and the program's cost when the kernel counts it.
+fn render_steering(o: &mut Out, st: &SteeringStatus) {
+    o.family(
+        "rcluster_steer_info",
+        "gauge",
+        "Kernel steering: 1, with the program's build (how it scans the slots).",
+    );
+    o.sample(
+        "rcluster_steer_info",
+        &format!("build=\"{}\"", label(&st.build)),
+        1,
+    );
+    type Field = fn(&SteerSlotStatus) -> i128;
+    let per_slot: [(&str, &str, &str, Field); 9] = [
+        (
+            "rcluster_steer_slot_eligible",
+            "gauge",
+            "1 while the steering program may pick the slot (a ready worker serves it, not stalled).",
+            |s| i128::from(s.eligible),
+        ),
+        (
+            "rcluster_steer_slot_load",
+            "gauge",
+            "The steering program's load for the slot: assigned - closed - forgiven.",
+            |s| i128::from(s.load),
+        ),
+        (
+            "rcluster_steer_slot_assigned_total",
+            "counter",
+            "Connections placed on the slot (or taken from the overflow queue by its workers) since the slot was set up.",
+            |s| i128::from(s.assigned),
+        ),
+        (
+            "rcluster_steer_slot_accepted_total",
+            "counter",
+            "Connections the slot's workers reported accepted.",
+            |s| i128::from(s.accepted),
+        ),
+        (
+            "rcluster_steer_slot_closed_total",
+            "counter",
+            "Connections the slot's workers reported closed.",
+            |s| i128::from(s.closed),
+        ),
+        (
+            "rcluster_steer_slot_forgiven",
+            "gauge",
+            "Placements on the slot the master wrote off (abandoned handshakes), less those taken back.",
+            |s| i128::from(s.forgiven),
+        ),
+        (
+            "rcluster_steer_slot_untaken",
+            "gauge",
+            "Placements on the slot neither accepted nor written off.",
+            |s| i128::from(s.untaken),
+        ),
+        (
+            "rcluster_steer_slot_stuck",
+            "gauge",
+            "1 while the steering program's stuck rule holds for the slot.",
+            |s| i128::from(s.stuck),
+        ),
+        (
+            "rcluster_steer_slot_watchers",
+            "gauge",
+            "The slot's processes that watch the overflow queue.",
+            |s| i128::from(s.watchers),
+        ),
+    ];
+    if !st.slots.is_empty() {
+        for (name, kind, help, field) in per_slot {
+            o.family(name, kind, help);
+            for s in &st.slots {
+                o.sample(name, &format!("slot=\"{}\"", s.slot), field(s));
+            }
+        }
+    }
+    if let Some(q) = &st.overflow {
+        o.one(
+            "rcluster_steer_overflow_assigned_total",
+            "counter",
+            "Connections the steering program placed on the overflow queue.",
+            q.assigned,
+        );
+        o.one(
+            "rcluster_steer_overflow_accepted_total",
+            "counter",
+            "Connections workers took from the overflow queue.",
+            q.accepted,
+        );
+    }
+    if let Some(ns) = st.program_ns_per_run {
+        o.one(
+            "rcluster_steer_program_ns_per_run",
+            "gauge",
+            "The steering program's average cost per run (kernel.bpf_stats_enabled=1).",
+            ns,
+        );
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn steering_is_exposed_per_slot() {
+        let view = crate::master::status::tests::steered_view();
+        let ready = view.workers[3].pid;
+        let text = render(&Status::build(view, None));
+        for line in [
+            "rcluster_policy_info{name=\"web\",policy=\"least-conn\",mode=\"kernel-steered reuseport\"} 1",
+            "rcluster_steer_info{build=\"bpf_loop\"} 1",
+            "# TYPE rcluster_steer_slot_load gauge",
+            "rcluster_steer_slot_load{slot=\"0\"} 3",
+            "rcluster_steer_slot_load{slot=\"2\"} -1",
+            "# TYPE rcluster_steer_slot_assigned_total counter",
+            "rcluster_steer_slot_assigned_total{slot=\"1\"} 8",
+            "rcluster_steer_slot_closed_total{slot=\"2\"} 3",
+            "rcluster_steer_slot_forgiven{slot=\"0\"} 1",
+            "rcluster_steer_slot_untaken{slot=\"0\"} -1",
+            "rcluster_steer_slot_stuck{slot=\"1\"} 1",
+            "rcluster_steer_slot_eligible{slot=\"2\"} 0",
+            "rcluster_steer_slot_watchers{slot=\"0\"} 1",
+            "rcluster_steer_overflow_assigned_total 7",
+            "rcluster_steer_overflow_accepted_total 6",
+            "rcluster_steer_program_ns_per_run 85",
+            "rcluster_imbalance_ratio 1.5",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
+        }
+        // The ready worker's series come from its slot's line.
+        let active = format!("rcluster_worker_active_connections{{slot=\"0\",pid=\"{ready}\"}} 3");
+        assert!(text.lines().any(|l| l == active), "{text}");
+        let dispatched =
+            format!("rcluster_worker_dispatched_total{{slot=\"0\",pid=\"{ready}\"}} 10");
+        assert!(text.lines().any(|l| l == dispatched), "{text}");
+    }
+
+    #[test]
+    fn no_steering_series_without_steering() {
+        let mut view = crate::master::status::tests::steered_view();
+        view.steering = None;
+        view.mode = "reuseport".into();
+        let text = render(&Status::build(view, None));
+        assert!(!text.contains("rcluster_steer_"), "{text}");
+    }
 
     #[test]
     fn label_values_are_escaped() {
