@@ -2,8 +2,9 @@
 //! load table (least-conn, round-robin, p2c, least-mem), a busy or stalled worker is passed over,
 //! a worker grown big is avoided under least-mem, a closed listener's queue migrates, abandoned
 //! handshakes do not inflate a slot's load for long, without CAP_BPF the master falls back to
-//! dispatch, and a program loaded by a privileged `steer-load` steers a master without
-//! capabilities. Each test that needs the program skips with a note where it cannot load here.
+//! dispatch, a program loaded by a privileged `steer-load` steers a master without
+//! capabilities, and `ctl status` shows the table. Each test that needs the program skips with
+//! a note where it cannot load here.
 
 mod common;
 
@@ -251,6 +252,84 @@ fn overflow_queue_goes_to_the_first_worker_free() {
     }
     let cluster = start_policy("least-conn", 2, &[]);
     common::overflow_trial(&cluster, common::Response::pid, None);
+}
+
+/// `ctl status` under kernel steering: the mode says the kernel steers, the steering section
+/// carries the table, its placements account for every connection made, each ready worker's
+/// counts come from its slot's line, and the loads fall back to 0 once the connections close.
+#[test]
+fn ctl_status_shows_the_steering_table() {
+    if !steering_available() {
+        return;
+    }
+    let dir = common::temp_dir("steer-status");
+    let sock = dir.join("ctl.sock");
+    let cluster = start_policy("least-conn", 2, &["--control", sock.to_str().unwrap()]);
+    let held: Vec<TcpStream> = (0..4)
+        .map(|_| TcpStream::connect(cluster.addr()).unwrap())
+        .collect();
+    let answered = (0..10)
+        .map(|_| get(cluster.addr(), "/"))
+        .filter(|r| r.is_ok())
+        .count();
+    assert_eq!(answered, 10);
+    let made = (held.len() + answered) as u64;
+    let status = common::ctl_status(&sock);
+    assert_eq!(status["mode"], "kernel-steered reuseport", "{status:#}");
+    let steering = &status["steering"];
+    let slots = steering["slots"].as_array().expect("a steering section");
+    assert_eq!(slots.len(), 2, "{status:#}");
+    let build = steering["build"].as_str().unwrap();
+    assert!(
+        ["bpf_loop", "bpf_for_each_map_elem"].contains(&build),
+        "{status:#}"
+    );
+    // A connection the program spilled is counted on the overflow queue's line, and again on
+    // the line of the slot whose worker took it.
+    let placed: u64 = slots
+        .iter()
+        .map(|s| s["assigned"].as_u64().unwrap())
+        .sum::<u64>()
+        + steering["overflow"]["assigned"].as_u64().unwrap();
+    assert!(placed >= made, "{made} connections made: {status:#}");
+    for w in status["workers"].as_array().unwrap() {
+        assert_eq!(w["state"], "ready", "{status:#}");
+        let line = &slots[w["slot"].as_u64().unwrap() as usize];
+        assert_eq!(w["dispatched"], line["assigned"], "{status:#}");
+        assert_eq!(w["closed"], line["closed"], "{status:#}");
+    }
+    let table = common::ctl(&sock, &["status"]);
+    assert_eq!(table.code, 0, "{table:?}");
+    assert!(
+        table.stdout.contains("(kernel-steered reuseport mode)")
+            && table
+                .stdout
+                .contains(&format!("steering: kernel ({build} scan)")),
+        "{}",
+        table.stdout
+    );
+    drop(held);
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let status = common::ctl_status(&sock);
+        let slots = status["steering"]["slots"].as_array().unwrap();
+        let idle = slots.iter().all(|s| s["load"] == 0)
+            && status["workers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|w| w["active"] == 0);
+        if idle {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "loads stay above 0 with every connection closed: {status:#}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(cluster);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// `ctl policy` under kernel steering switches the program's pick: with one connection held
