@@ -61,7 +61,11 @@ pub fn init(format: LogFormat) {
         .name("log-writer".into())
         .spawn(move || write_lines(&rx));
     if let Err(e) = started {
-        eprintln!("rcluster-lb: cannot start the log writer thread: {e}");
+        // Not eprintln!, which panics when stderr is a closed pipe.
+        let _ = writeln!(
+            io::stderr(),
+            "rcluster-lb: cannot start the log writer thread: {e}"
+        );
     }
     let pid = sys::getpid();
     env_logger::Builder::from_env(env_logger::Env::new().filter_or("RCLUSTER_LOG", "info"))
