@@ -1,6 +1,7 @@
 //! `rcluster-lb ctl`: the control socket's client. Finds the master's socket (`--control PATH`,
 //! `--name NAME`, or the only socket in the control directory), sends one request line, prints
-//! the answer (a table, JSON or a sentence) and exits 0 when the master said `ok`, 1 otherwise.
+//! the answer (a table, JSON or a sentence) and exits 0 when the master said `ok`, 1 otherwise
+//! (also 0 when stdout's reader closed it early: see [`crate::output`]).
 //! The protocol is in docs/CONTROL.md.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -13,6 +14,7 @@ use serde_json::Value;
 use crate::cli::{CtlArgs, CtlCommand, UsageError};
 use crate::master::control::{self, Request};
 use crate::master::status::Status;
+use crate::output::print;
 
 /// Runs one `ctl` command against a master.
 pub fn run(args: CtlArgs) -> anyhow::Result<()> {
@@ -54,42 +56,43 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
             let status: Status = serde_json::from_value(answer["status"].clone())
                 .context("the status answer does not parse")?;
             if *json {
-                println!("{}", serde_json::to_string_pretty(&status)?);
+                print(&(serde_json::to_string_pretty(&status)? + "\n"))?;
             } else {
-                print!("{}", status.table());
+                print(&status.table())?;
             }
         }
-        CtlCommand::Dump => println!("{}", serde_json::to_string_pretty(&answer["dump"])?),
+        CtlCommand::Dump => print(&(serde_json::to_string_pretty(&answer["dump"])? + "\n"))?,
         CtlCommand::Reload => {
             let pids: Vec<String> = answer["pids"]
                 .as_array()
                 .map(|a| a.iter().map(|p| p.to_string()).collect())
                 .unwrap_or_default();
-            println!(
-                "reload to generation {} complete; workers: {}",
+            print(&format!(
+                "reload to generation {} complete; workers: {}\n",
                 answer["generation"],
                 pids.join(" ")
-            );
+            ))?;
         }
-        CtlCommand::Scale { .. } => println!("running {} workers", answer["workers"]),
+        CtlCommand::Scale { .. } => print(&format!("running {} workers\n", answer["workers"]))?,
         CtlCommand::Stop { no_wait } => {
-            println!("master {} is stopping", answer["pid"]);
+            // A closed stdout ends the command here, before the wait, as SIGPIPE would.
+            print(&format!("master {} is stopping\n", answer["pid"]))?;
             if !no_wait {
                 // The master holds the connection until it exits.
                 let mut sink = Vec::new();
                 let _ = reader.read_to_end(&mut sink);
-                println!("master {} exited", answer["pid"]);
+                print(&format!("master {} exited\n", answer["pid"]))?;
             }
         }
-        CtlCommand::Recycle { slot } => println!(
-            "replacing worker {slot} (pid {}) with pid {}",
+        CtlCommand::Recycle { slot } => print(&format!(
+            "replacing worker {slot} (pid {}) with pid {}\n",
             answer["old_pid"], answer["new_pid"]
-        ),
-        CtlCommand::Policy { .. } => println!(
-            "policy {} (was {})",
+        ))?,
+        CtlCommand::Policy { .. } => print(&format!(
+            "policy {} (was {})\n",
             answer["policy"].as_str().unwrap_or("?"),
             answer["previous"].as_str().unwrap_or("?")
-        ),
+        ))?,
     }
     Ok(())
 }

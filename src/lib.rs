@@ -39,7 +39,8 @@
 //!   (binding listening sockets).
 //!   [`master::control`] (the control socket), [`master::metrics`] (Prometheus endpoint),
 //!   [`master::status`] (the status both serve).
-//! - [`ctl`]: the `rcluster-lb ctl` client.
+//! - [`ctl`]: the `rcluster-lb ctl` client; [`output`]: the subcommands' stdout, where a reader
+//!   that closes the pipe early ends the command quietly.
 //! - [`policy`]: the dispatch policies.
 //! - [`steer`]: the kernel-steering program (instructions generated from `bpf/steer.bpf.c`), its
 //!   maps and loading; [`master::steer`] runs it for the supervisor.
@@ -54,6 +55,7 @@ pub mod cgroup;
 pub mod cli;
 pub mod ctl;
 pub mod master;
+pub mod output;
 pub mod policy;
 pub mod steer;
 pub mod topology;

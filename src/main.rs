@@ -1,5 +1,6 @@
 //! The `rcluster-lb` binary: parses arguments, owns exit codes (0 ok, 1 runtime failure,
-//! 2 usage or configuration error) and prints the error chain as one line.
+//! 2 usage or configuration error) and prints the error chain as one line. A subcommand whose
+//! stdout's reader went away ends with 0 and no message ([`output`]).
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -9,6 +10,7 @@ use clap::Parser;
 use rcluster_lb::cli::{Args, Sub, UsageError};
 use rcluster_lb::master::activation::Activated;
 use rcluster_lb::master::{logs, supervisor};
+use rcluster_lb::output::{self, StdoutClosed};
 use rcluster_lb::topology;
 use rcluster_sys as sys;
 
@@ -32,13 +34,16 @@ fn main() -> ExitCode {
     }
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<StdoutClosed>().is_some() => ExitCode::SUCCESS,
         Err(e) => {
             let code = if e.downcast_ref::<UsageError>().is_some() {
                 2
             } else {
                 1
             };
-            eprintln!("rcluster-lb: error: {e:#}");
+            // Not eprintln!: it panics when stderr is a closed pipe, and there is nowhere else
+            // to say it.
+            let _ = writeln!(std::io::stderr().lock(), "rcluster-lb: error: {e:#}");
             ExitCode::from(code)
         }
     }
@@ -54,8 +59,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         Some(Sub::Topology { workers }) => {
             let allowed = sys::sched_getaffinity()?.cpus();
             let topo = topology::Topology::detect(&allowed)?;
-            print!("{}", topo.report(workers.unwrap_or(allowed.len())));
-            return Ok(());
+            return output::print(&topo.report(workers.unwrap_or(allowed.len())));
         }
         None => {}
     }

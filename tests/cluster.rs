@@ -1,6 +1,7 @@
 //! The main path, end to end through the real binary: every policy serves every connection,
 //! the policies place connections as they promise, the worker contract holds, crashes and
-//! shutdown behave, and bad input fails with one line and the right exit code.
+//! shutdown behave, bad input fails with one line and the right exit code, and output into a
+//! closed pipe ends quietly.
 
 mod common;
 
@@ -591,4 +592,21 @@ fn listen_queue_len(inode: u64) -> usize {
         }
     }
     0
+}
+
+/// `rcluster-lb topology | head -1` and `--help | head -1`: the reader is gone before anything
+/// is printed; the command ends with 0 and says nothing. `topology` into a full disk is one line
+/// and exit code 1.
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    for args in [
+        &["topology"][..],
+        &["topology", "--workers", "3"],
+        &["--help"],
+        &["ctl", "--help"],
+    ] {
+        let out = run_into_closed_pipe(args);
+        assert_quiet_on_closed_stdout(&out);
+    }
+    assert_full_stdout_is_one_line(&["topology"]);
 }

@@ -1,5 +1,5 @@
-//! The control socket and `rcluster-lb ctl`, the metrics endpoint, and worker output capture,
-//! against the real binary.
+//! The control socket and `rcluster-lb ctl` (also into a closed pipe), the metrics endpoint,
+//! and worker output capture, against the real binary.
 
 mod common;
 
@@ -218,6 +218,53 @@ fn ctl_recycle_and_stop() {
     let status = cluster.wait_exit(DEADLINE);
     assert!(status.success(), "{status:?}");
     assert!(!sock.exists(), "the socket is removed at exit");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `ctl ... | head -1`: the reader is gone before the answer is printed. Every printing
+/// command ends with 0 and says nothing; `stop` still stops the master.
+#[test]
+fn ctl_into_a_closed_pipe_ends_quietly() {
+    let (mut cluster, sock, dir) = cluster_with_control("closed-pipe", &["-w", "1"]);
+    let ctl_args = |rest: &[&str]| {
+        let mut argv = vec!["ctl", "--control", sock.to_str().unwrap()];
+        argv.extend_from_slice(rest);
+        argv.iter().map(|a| a.to_string()).collect::<Vec<_>>()
+    };
+    for cmd in [
+        &["status", "--json"][..],
+        &["status"],
+        &["dump"],
+        &["policy", "round-robin"],
+        &["scale", "1"],
+    ] {
+        let out = run_into_closed_pipe(&ctl_args(cmd));
+        assert_quiet_on_closed_stdout(&out);
+    }
+    // The master is unaffected by its client's closed stdout.
+    assert_eq!(ctl_status(&sock)["policy"], "round-robin");
+    let out = run_into_closed_pipe(&ctl_args(&["stop"]));
+    assert_quiet_on_closed_stdout(&out);
+    let status = cluster.wait_exit(DEADLINE);
+    assert!(status.success(), "{status:?}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Other output failures are one line on stderr and exit code 1; a failure with stderr itself
+/// a closed pipe still exits 1 (nothing to say it on), not with a panic.
+#[test]
+fn ctl_output_errors_are_one_line_and_exit_1() {
+    let (cluster, sock, dir) = cluster_with_control("full", &["-w", "1"]);
+    assert_full_stdout_is_one_line(&["ctl", "--control", sock.to_str().unwrap(), "status"]);
+    drop(cluster);
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = std::process::Command::new(BIN)
+        .args(["ctl", "--control", sock.to_str().unwrap(), "status"])
+        .stderr(writer)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "no master any more: {out:?}");
     let _ = std::fs::remove_dir_all(dir);
 }
 

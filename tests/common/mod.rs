@@ -1122,6 +1122,56 @@ pub fn ctl(socket: &std::path::Path, args: &[&str]) -> CtlOutput {
     }
 }
 
+/// Runs `rcluster-lb ARGS` with stdout a pipe whose reading end is closed before the binary
+/// starts (so every write to it fails with `EPIPE`, as under `| head -1` once `head` is done),
+/// stderr captured, stdin empty.
+pub fn run_into_closed_pipe<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> CtlOutput {
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let out = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run rcluster-lb");
+    CtlOutput {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::new(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// A reader that closed stdout early ends the command quietly with exit code 0: no panic, no
+/// message (src/output.rs).
+pub fn assert_quiet_on_closed_stdout(out: &CtlOutput) {
+    assert!(!out.stderr.contains("panicked"), "{out:?}");
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.stderr, "", "{out:?}");
+}
+
+/// Runs `rcluster-lb ARGS` with stdout `/dev/full` (every write fails with `ENOSPC`): one line
+/// on stderr and exit code 1.
+pub fn assert_full_stdout_is_one_line(args: &[&str]) {
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("/dev/full");
+    let out = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(full)
+        .output()
+        .expect("run rcluster-lb");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(
+        stderr.lines().collect::<Vec<_>>(),
+        ["rcluster-lb: error: cannot write to stdout: No space left on device (os error 28)"],
+        "{out:?}"
+    );
+}
+
 /// `ctl status --json`, parsed; panics with the output if it failed.
 pub fn ctl_status(socket: &std::path::Path) -> serde_json::Value {
     let out = ctl(socket, &["status", "--json"]);
