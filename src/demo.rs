@@ -22,7 +22,8 @@
 //! channel) the worker sends STOPPING, stops accepting (connections still queued in a dispatch
 //! channel are left for the master to take back), answers requests in flight with
 //! `Connection: close`, closes idle keep-alive connections and returns once none is left or
-//! after [`DRAIN_DEADLINE`]. A second signal exits at once.
+//! after [`DRAIN_DEADLINE`]. A second signal exits at once (the first signal after a drain the
+//! master's closed channel began is a first: the master's stop does both).
 
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
@@ -128,6 +129,10 @@ pub struct Server {
     clients: Clients,
     stop: StopHandle,
     signals: Option<signal_hook_mio::v1_0::Signals>,
+    /// A stop signal came: the next one exits at once. Not set by a drain the master's closed
+    /// channel or the stop handle began: the master's graceful stop closes the channels *and*
+    /// sends the stop signal, and that signal is its first, not a second.
+    signalled: bool,
     draining: Option<Instant>,
     accept_paused: bool,
     /// A channel was full: flush close reports again soon even if nothing happens.
@@ -154,6 +159,7 @@ impl Server {
                 waker,
             },
             signals: None,
+            signalled: false,
             draining: None,
             accept_paused: false,
             close_report_retry: false,
@@ -305,8 +311,16 @@ impl Server {
         let Some(sig) = signals.pending().last() else {
             return false;
         };
-        if self.draining.is_some() {
+        if self.signalled {
             return true;
+        }
+        self.signalled = true;
+        if self.draining.is_some() {
+            log::info!(
+                "{}: already draining {} connections",
+                sys::signal_name(sig),
+                self.clients.len()
+            );
         }
         self.begin_drain(sys::signal_name(sig));
         false

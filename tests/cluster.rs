@@ -610,3 +610,66 @@ fn output_into_a_closed_pipe_ends_quietly() {
     }
     assert_full_stdout_is_one_line(&["topology"]);
 }
+
+/// The master's stop in dispatch mode closes the workers' channels and then sends SIGTERM. The
+/// demo worker used to take that SIGTERM for a second stop signal when the closed channel came
+/// first (the usual order) and exit at once, dropping the request it still owed; the SIGTERM is
+/// its first signal, so it answers the request and exits after. A few rounds, as the order is a
+/// race.
+#[test]
+fn a_dispatch_stop_still_answers_the_request_in_flight() {
+    use std::io::{Read, Write};
+    for round in 0..3 {
+        let mut cluster = TestCluster::start(&["-w", "1", "--steer", "dispatch"]);
+        let mut s = std::net::TcpStream::connect(cluster.addr()).unwrap();
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        // An answered keep-alive request: the worker holds this connection.
+        write!(s, "GET /first HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            assert_eq!(
+                s.read(&mut byte).unwrap(),
+                1,
+                "round {round}: no first answer"
+            );
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .expect("content-length")
+            .trim()
+            .parse()
+            .unwrap();
+        s.read_exact(&mut vec![0u8; length]).unwrap();
+        // Half of the next one: the connection is owed an answer, not idle.
+        write!(s, "GET /second HTTP/1.1\r\nHost: test\r\n").unwrap();
+        cluster.signal(libc::SIGTERM);
+        wait_until("the worker got SIGTERM", || {
+            [
+                "SIGTERM: already draining",
+                "SIGTERM: draining",
+                "second signal",
+            ]
+            .iter()
+            .any(|n| cluster.log_contains(n))
+        });
+        let _ = write!(s, "\r\n");
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        let answer = parse_response(&rest);
+        assert!(
+            answer.as_ref().is_ok_and(|r| r.status == 200),
+            "round {round}: {answer:?}; {:?}",
+            cluster.log_lines()
+        );
+        assert!(cluster.wait_exit(DEADLINE).success());
+        assert!(
+            !cluster.log_contains("second signal"),
+            "{:?}",
+            cluster.log_lines()
+        );
+    }
+}
