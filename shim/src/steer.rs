@@ -8,12 +8,14 @@
 //! It also stamps the two clocks the program's stuck rule reads (`CLOCK_MONOTONIC`, the vDSO's
 //! `clock_gettime`, no system call): `progress_ns` per accept, and `busy_ns` around the waits
 //! (`epoll_wait`, `poll`, `select` and their variants) of the one thread that accepts from the
-//! listeners — 0 on the way in, the time on the way out, and the time of its first accept (the
-//! one that makes it that thread, if it has waited before) — so a single-threaded server inside
-//! a long request is passed over 1 ms into it, before a connection queues behind it. Only that
-//! thread stamps: once a second thread accepts, or in a forked child (`pthread_atfork`), the
-//! shim stops stamping `busy_ns` (and leaves it 0), because the waits of one thread among
-//! several say nothing about whether the others can accept.
+//! listeners — 0 on the way in, the time on the way out — and again at each of that thread's
+//! accepts and closes of a counted connection, so a single-threaded server inside a long
+//! request is passed over 1 ms into it, before a connection queues behind it, while one that
+//! works through a burst of connections (accepting or closing one after another, its loop out
+//! of its wait for longer than 1 ms in all) is not taken for stuck. Only that thread stamps:
+//! once a second thread accepts, or in a forked child (`pthread_atfork`), the shim stops
+//! stamping `busy_ns` (and leaves it 0), because the waits of one thread among several say
+//! nothing about whether the others can accept.
 //!
 //! The layout is `rcluster_proto::steer`, the one the master and the Rust worker API use.
 
@@ -120,11 +122,33 @@ impl SteerSlot {
         if base == libc::MAP_FAILED {
             return None;
         }
-        let line = base.cast::<u8>().wrapping_add(slot * SLOT_SIZE);
-        let queue = base.cast::<u8>().wrapping_add(OVERFLOW * SLOT_SIZE);
-        // SAFETY: the offsets are inside the TABLE_SIZE mapping and aligned (mmap returns a page
-        // boundary, SLOT_SIZE and the offsets are multiples of 8); the mapping lives for the
-        // rest of the process and is only accessed atomically, by everyone.
+        // SAFETY: the mapping is TABLE_SIZE bytes at a page boundary and is never unmapped; the
+        // table is only accessed atomically, by everyone.
+        let mut line = unsafe { SteerSlot::on(base.cast(), slot) };
+        // SAFETY: registers a handler that only stores to an atomic (async-signal-safe, as a
+        // child handler must be). Failure (ENOMEM) only leaves a forked child stamping.
+        unsafe { libc::pthread_atfork(None, None, Some(forked_child)) };
+        // Only on a fresh slot: one whose worker said it counts itself (an earlier generation
+        // of the same server) stays so, or the old worker's shim would count again beside it.
+        let _ =
+            line.reporting
+                .compare_exchange(0, REPORTING_SHIM, Ordering::SeqCst, Ordering::SeqCst);
+        line.fd = fd;
+        line.ident = crate::listener::ident_of(fd);
+        Some(line)
+    }
+
+    /// `slot`'s line of the table at `base` (with the overflow queue's), fd unknown.
+    ///
+    /// # Safety
+    /// `base` is 8-byte aligned, `TABLE_SIZE` bytes, valid for the rest of the process, and
+    /// only ever accessed atomically; `slot < WORKER_SLOTS`.
+    unsafe fn on(base: *mut u8, slot: usize) -> SteerSlot {
+        let line = base.wrapping_add(slot * SLOT_SIZE);
+        let queue = base.wrapping_add(OVERFLOW * SLOT_SIZE);
+        // SAFETY: the offsets are inside the TABLE_SIZE table and aligned (the caller's base is,
+        // SLOT_SIZE and the offsets are multiples of 8); the table lives for the rest of the
+        // process and is only accessed atomically, by everyone (the caller's contract).
         let (overflow_assigned, overflow_accepted, overflow_forgiven) = unsafe {
             (
                 AtomicU64::from_ptr(queue.add(ASSIGNED).cast()),
@@ -144,13 +168,7 @@ impl SteerSlot {
                 AtomicU32::from_ptr(line.add(REPORTING).cast()),
             )
         };
-        // SAFETY: registers a handler that only stores to an atomic (async-signal-safe, as a
-        // child handler must be). Failure (ENOMEM) only leaves a forked child stamping.
-        unsafe { libc::pthread_atfork(None, None, Some(forked_child)) };
-        // Only on a fresh slot: one whose worker said it counts itself (an earlier generation
-        // of the same server) stays so, or the old worker's shim would count again beside it.
-        let _ = reporting.compare_exchange(0, REPORTING_SHIM, Ordering::SeqCst, Ordering::SeqCst);
-        Some(SteerSlot {
+        SteerSlot {
             assigned,
             accepted,
             closed,
@@ -161,9 +179,9 @@ impl SteerSlot {
             overflow_assigned,
             overflow_accepted,
             overflow_forgiven,
-            fd,
-            ident: crate::listener::ident_of(fd),
-        })
+            fd: -1,
+            ident: None,
+        }
     }
 
     /// Makes the table's fd survive an exec of this same process (`inherit = true`: the next
@@ -238,6 +256,7 @@ impl SteerSlot {
         let now = rcluster_sys::monotonic_ns();
         self.progress.store(now, Ordering::SeqCst);
         if LOOP_THREAD.with(Cell::get) {
+            self.progressed(now);
             return;
         }
         match LOOP.compare_exchange(
@@ -292,6 +311,68 @@ impl SteerSlot {
     pub fn closed(&self) {
         if self.counting() {
             self.closed.fetch_add(1, Ordering::SeqCst);
+            if self.stamps() {
+                self.progressed(rcluster_sys::monotonic_ns());
+            }
         }
+    }
+
+    /// The loop thread, out of its wait, moved on to another connection at `now`: `busy_ns`
+    /// restarts, so only time spent on one thing (a long request) makes it look stuck. A thread
+    /// that has never waited accepts in blocking calls and leaves the stamp alone (0).
+    fn progressed(&self, now: u64) {
+        if WAITED.with(Cell::get) && LOOP.load(Ordering::Relaxed) == LOOP_CLAIMED {
+            self.busy.store(now, Ordering::SeqCst);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// The only test that claims the process's loop (`LOOP` is process-wide).
+    #[test]
+    fn the_loop_thread_restamps_busy_at_each_accept_and_close() {
+        let table: &'static mut [u64] = Box::leak(vec![0u64; TABLE_SIZE / 8].into_boxed_slice());
+        // SAFETY: a leaked, 8-byte aligned table of TABLE_SIZE bytes, accessed only through the
+        // line's atomics from here on.
+        let slot = unsafe { SteerSlot::on(table.as_mut_ptr().cast(), 3) };
+        slot.reporting.store(REPORTING_SHIM, Ordering::SeqCst);
+        let busy = || slot.busy.load(Ordering::SeqCst);
+        let pause = || std::thread::sleep(Duration::from_millis(2));
+        // The thread waits, wakes, and its first accept makes it the loop: busy from then.
+        slot.waiting();
+        slot.woke();
+        assert_eq!(busy(), 0, "not the loop yet");
+        slot.accepted();
+        let first = busy();
+        assert_ne!(first, 0);
+        // A second accept, 2 ms later in the same pass of the loop: the stamp restarts there,
+        // so the pass is not one 2 ms request.
+        pause();
+        slot.accepted();
+        let second = busy();
+        assert!(second >= first + 2_000_000, "{first} then {second}");
+        // So does a close.
+        pause();
+        slot.closed();
+        assert!(busy() >= second + 2_000_000);
+        assert_eq!(slot.accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(slot.closed.load(Ordering::SeqCst), 1);
+        // Waiting clears it; waking stamps it.
+        slot.waiting();
+        assert_eq!(busy(), 0);
+        slot.woke();
+        assert_ne!(busy(), 0);
+        // A second thread accepts: nobody stamps any more, accepts and closes included.
+        std::thread::scope(|s| {
+            s.spawn(|| slot.accepted());
+        });
+        assert_eq!(busy(), 0);
+        slot.accepted();
+        slot.closed();
+        assert_eq!(busy(), 0);
     }
 }

@@ -41,9 +41,11 @@
 //! `closed` *before* the socket closes (so a client that sees the FIN and reconnects finds the
 //! load already lower). Atomic adds on shared memory, no system call. Each accept also stamps
 //! the slot's `progress_ns`, and an event loop that calls [`Worker::loop_waiting`] before each
-//! wait and [`Worker::loop_woke`] after it stamps `busy_ns`: the program then treats the slot
-//! as stuck, and passes over it, once a placement has waited 1 ms untaken or the loop has been
-//! out of its wait for 1 ms. Without the table (or if it cannot be mapped) the kernel program
+//! wait and [`Worker::loop_woke`] after it stamps `busy_ns`, and each accept and close while
+//! the loop is out of its wait stamps it again: the program then treats the slot as stuck, and
+//! passes over it, once a placement has waited 1 ms untaken or the loop has spent 1 ms on one
+//! thing (out of its wait with no accept or close), so a loop working through a burst of
+//! connections is not taken for one inside a long request. Without the table (or if it cannot be mapped) the kernel program
 //! keeps its own counts alone.
 //!
 //! Each reuseport listener also adopts its overflow queue (`RCLUSTER_STEER_OVERFLOW_FD + i`,
@@ -591,7 +593,21 @@ impl SteerTable {
     /// One accept: counted, and the queue's clock (`progress_ns`) restarted.
     fn accepted(&self) {
         self.add(page::ACCEPTED);
-        self.store(page::PROGRESS_NS, sys::monotonic_ns());
+        let now = sys::monotonic_ns();
+        self.store(page::PROGRESS_NS, now);
+        self.progressed(now);
+    }
+
+    /// An accept or a close at `now`: a loop out of its wait (`busy_ns` not 0) has moved on to
+    /// another connection, so its stamp restarts. A compare-exchange, so a close on another
+    /// thread never overwrites the 0 the loop stored before it waits.
+    fn progressed(&self, now: u64) {
+        if let Some(w) = self.map.u64_at(page::offset(self.slot, page::BUSY_NS)) {
+            let busy = w.load(Ordering::SeqCst);
+            if busy != 0 {
+                let _ = w.compare_exchange(busy, now, Ordering::SeqCst, Ordering::SeqCst);
+            }
+        }
     }
 
     /// Whether the overflow queue may hold a connection nobody has taken (placed there more
@@ -633,6 +649,7 @@ impl Drop for SteerClose {
     fn drop(&mut self) {
         if let Some(t) = &self.0 {
             t.add(page::CLOSED);
+            t.progressed(sys::monotonic_ns());
         }
     }
 }
