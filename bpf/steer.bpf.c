@@ -31,11 +31,18 @@
 //
 // When the pick is stuck (so every eligible slot is: under least-mem, every one within the RSS
 // tolerance; under p2c, both drawn), or (least-conn, p2c) its loop has been serving for over
-// SPILL_BUSY_NS or its worker has not yet taken a connection already placed on its listener,
-// and an eligible slot's worker watches the overflow queue (WATCHERS in its `reporting`), the
-// connection goes to the overflow queue instead: one more listener of the
+// SPILL_BUSY_NS or its worker has not yet taken a connection already placed on its listener
+// while the loads are nearly level (no eligible slot, under p2c neither drawn, holds more than
+// one above the pick), and an eligible slot's worker watches the overflow queue (WATCHERS in
+// its `reporting`), the connection goes to the overflow queue instead: one more listener of the
 // group, at index STEER_OVERFLOW of the socket array, that every watching worker accepts from
-// when its own listener has nothing. It then waits for the first worker to come free (one whose loop waits
+// when its own listener has nothing. (Nearly level loads bound what spills of a pick that is
+// merely busy can do to the balance: the most loaded worker taking one ends two above the
+// pick, and no busy pick spills again until the gap is back to one, so long-lived connections
+// stay split within two by these spills. Stricter rules cost node's heavy-tailed p99 at 75–90 %
+// load, BENCHMARKS.md: level loads keep connections on a pick that holds fewer because it is
+// inside a long request, for the first 1 ms of that request, and one spill at a time puts the
+// rest behind busy picks. A stuck pick spills whatever the loads.) It then waits for the first worker to come free (one whose loop waits
 // takes it at once), not behind work whose end nobody can predict: the kernel's shared queue
 // where that is what a connection needs, placement by load where a worker is free. Its
 // placements are counted on the table's line STEER_OVERFLOW (eligible while the master holds
@@ -162,6 +169,7 @@ struct scan {
     __u32 pad2;
     __u64 best_busy; // busy_for of best, of second
     __u64 second_busy;
+    __s64 max_load;  // the largest load among the eligible slots (p2c: the two drawn)
 };
 
 struct bpf_map;
@@ -222,6 +230,8 @@ static __always_inline long visit_slot(__u32 idx, struct steer_slot *slot, struc
     __u32 far = scan->policy == STEER_LEAST_MEM && slot->rss_kib > scan->rss_near;
     __u64 busy = scan->policy != STEER_ROUND_ROBIN ? busy_for(slot, scan->now) : 0;
     __u32 rank = idx >= scan->rotate ? idx - scan->rotate : idx + scan->nslots - scan->rotate;
+    if (load > scan->max_load)
+        scan->max_load = load;
     if (scan->best < STEER_MAX_SLOTS) {
         if (far != scan->best_far) {
             if (far)
@@ -340,10 +350,14 @@ int steer(struct sk_reuseport_md *md)
         .best = STEER_MAX_SLOTS,
         .second = STEER_MAX_SLOTS,
         .rss_min = ~0ULL,
+        .max_load = -(1LL << 62),
         .now = bpf_ktime_get_ns(),
     };
     if (scan.policy == STEER_P2C) {
         SCAN(pick2, &scan);
+        scan.max_load = scan.best_load;
+        if (scan.second < STEER_MAX_SLOTS && scan.second_load > scan.max_load)
+            scan.max_load = scan.second_load;
         // The one stuck for less time (not at all first), else the less loaded of the two; the
         // first drawn on a tie; with one eligible slot, that one.
         if (scan.second < STEER_MAX_SLOTS &&
@@ -352,6 +366,7 @@ int steer(struct sk_reuseport_md *md)
             scan.best = scan.second;
             scan.best_stuck = scan.second_stuck;
             scan.best_busy = scan.second_busy;
+            scan.best_load = scan.second_load;
         }
     } else {
         if (scan.policy == STEER_LEAST_MEM) {
@@ -384,11 +399,14 @@ int steer(struct sk_reuseport_md *md)
     // busy with something else) or serves it, and a second placement would wait behind the
     // first while a worker that comes free sooner has nothing (BENCHMARKS.md, issue #14). A
     // waiting loop's busy_ns cannot tell: it is stamped only when the loop runs again.
+    // Such a spill waits for nearly level loads (header): it goes to whoever comes free first,
+    // so it may widen the gap by one, and none follows until the gap is back to one.
     // least-mem spills only when stuck: any watcher takes from the queue, one beyond the RSS
     // tolerance too, which a busy pick alone does not justify.
     __u32 behind = slot && slot->reporting != 0 && slot_untaken(slot) > 0;
     __u32 spill_busy =
-        scan.policy != STEER_LEAST_MEM && (scan.best_busy > SPILL_BUSY_NS || behind);
+        scan.policy != STEER_LEAST_MEM && (scan.best_busy > SPILL_BUSY_NS || behind) &&
+        scan.max_load <= scan.best_load + 1;
     if ((scan.best_stuck != 0 || spill_busy) && scan.watch && scan.policy != STEER_ROUND_ROBIN) {
         __u32 spill = STEER_OVERFLOW;
         struct steer_slot *queue = bpf_map_lookup_elem(&steer_slots, &spill);

@@ -1056,12 +1056,17 @@ mod kernel_tests {
             assert!(steer.counts(0).stuck(crate::sys::monotonic_ns()));
             assert_eq!(spread(&socks, addr, 10), vec![0, 10]);
             // Both stuck: the one stuck for less time, although it holds more (25 against 10).
-            word(steer, 1, page::BUSY_NS)
-                .store(crate::sys::monotonic_ns() - 3 * ms / 2, Ordering::SeqCst);
+            // (Both clocks are set from one reading before each step, so a slow host moves
+            // them alike and only the order is tested.)
+            let stuck_since = |slot0_ago: u64, slot1_ago: u64| {
+                let now = crate::sys::monotonic_ns();
+                word(steer, 0, page::PROGRESS_NS).store(now - slot0_ago, Ordering::SeqCst);
+                word(steer, 1, page::BUSY_NS).store(now - slot1_ago, Ordering::SeqCst);
+            };
+            stuck_since(2 * ms, 3 * ms / 2);
             assert_eq!(spread(&socks, addr, 4), vec![0, 4]);
             // Slot 1 stuck for longer: slot 0 again.
-            word(steer, 1, page::BUSY_NS)
-                .store(crate::sys::monotonic_ns() - 5 * ms, Ordering::SeqCst);
+            stuck_since(2 * ms, 5 * ms);
             assert_eq!(spread(&socks, addr, 4), vec![4, 0]);
             // Round-robin keeps equal shares, stuck or not: slot 0 has had 14 placements, slot 1 29.
             steer.configure(2, SteerPolicy::RoundRobin).unwrap();
@@ -1138,27 +1143,48 @@ mod kernel_tests {
             assert_eq!(spread(&socks, addr, 2), vec![1, 1, 0]);
             // Slot 1's worker watches (and, as every watcher does, counts its accepts: it has
             // taken both of its connections): a tie goes to its waiting loop, and where the load
-            // picks the serving slot 0, the connection waits in the queue for the first worker free.
+            // picks the serving slot 0 (2 against 3), the connection waits in the queue for the
+            // first worker free.
             reporting(steer, 1).fetch_add(page::WATCHER, Ordering::SeqCst);
-            let assigned = steer.counts(1).assigned;
-            word(steer, 1, page::ACCEPTED).store(assigned, Ordering::SeqCst);
+            let taken = |slot| {
+                let assigned = steer.counts(slot).assigned;
+                word(steer, slot, page::ACCEPTED).store(assigned, Ordering::SeqCst);
+            };
+            taken(1);
             serving();
             assert_eq!(spread(&socks, addr, 1), vec![0, 1, 0]);
             serving();
-            assert_eq!(spread(&socks, addr, 3), vec![0, 0, 3]);
-            assert_eq!(steer.counts(page::OVERFLOW).assigned, 3);
-            // Slot 0's loop waits again: it takes its share directly.
+            assert_eq!(spread(&socks, addr, 2), vec![0, 0, 2]);
+            assert_eq!(steer.counts(page::OVERFLOW).assigned, 2);
+            // Slot 1 took both (2 against 5): the busy slot 0 keeps what it is owed until it is
+            // one behind again, so spills keep the loads within two.
+            word(steer, page::OVERFLOW, page::ACCEPTED).store(2, Ordering::SeqCst);
+            word(steer, 1, page::ASSIGNED).fetch_add(2, Ordering::SeqCst);
+            taken(1);
+            serving();
+            assert_eq!(spread(&socks, addr, 1), vec![1, 0, 0]);
+            serving();
+            assert_eq!(spread(&socks, addr, 1), vec![1, 0, 0]);
+            serving();
+            assert_eq!(spread(&socks, addr, 1), vec![0, 0, 1]);
+            // Slot 0's loop waits again: it takes its share directly (4 against 5).
             word(steer, 0, page::BUSY_NS).store(0, Ordering::SeqCst);
             assert_eq!(spread(&socks, addr, 1), vec![1, 0, 0]);
-            // p2c: the less loaded of the two (slot 0: 3 against 8), spilled while its loop serves.
-            word(steer, 1, page::ASSIGNED).fetch_add(5, Ordering::SeqCst);
+            // p2c: the less loaded of the two (slot 0: 5 against 6), spilled while its loop
+            // serves; not once slot 1 holds more than one above it.
+            word(steer, 1, page::ASSIGNED).fetch_add(1, Ordering::SeqCst);
+            taken(1);
             steer.configure(2, SteerPolicy::P2c).unwrap();
             serving();
             assert_eq!(spread(&socks, addr, 2), vec![0, 0, 2]);
+            word(steer, 1, page::ASSIGNED).fetch_add(5, Ordering::SeqCst);
+            taken(1);
+            serving();
+            assert_eq!(spread(&socks, addr, 1), vec![1, 0, 0]);
             word(steer, 0, page::BUSY_NS).store(0, Ordering::SeqCst);
             assert_eq!(spread(&socks, addr, 2), vec![2, 0, 0]);
             // least-mem spills only when stuck (any watcher takes from the queue, one beyond its RSS
-            // tolerance too): the serving slot 0 (5 against 8) keeps it.
+            // tolerance too): the serving slot 0 keeps it.
             steer.configure(2, SteerPolicy::LeastMem).unwrap();
             serving();
             assert_eq!(spread(&socks, addr, 1), vec![1, 0, 0]);
@@ -1173,40 +1199,57 @@ mod kernel_tests {
     fn a_pick_with_a_placement_untaken_spills_to_a_watched_queue() {
         each_build(|steer| {
             let (socks, addr) = group_with_overflow(steer, 2);
-            // Both loops wait; slot 1 holds five connections it took, slot 0 none; slot 1's worker
-            // watches the queue.
-            word(steer, 1, page::ASSIGNED).store(5, Ordering::SeqCst);
-            word(steer, 1, page::ACCEPTED).store(5, Ordering::SeqCst);
+            // Slot 1 holds one connection it took; its worker watches the queue, and its loop
+            // serves something short (10 µs: far from the 50 µs that would make it spill, but
+            // a tie goes to slot 0's waiting loop). Slot 0 holds none.
+            let set = |slot, field, value| word(steer, slot, field).store(value, Ordering::SeqCst);
+            set(1, page::ASSIGNED, 1);
+            set(1, page::ACCEPTED, 1);
             reporting(steer, 1).store(page::REPORTING_SHIM | page::WATCHER, Ordering::SeqCst);
-            // Slot 0's worker counts its accepts. Its queue's clock is fresh before each step, so
-            // a placement it has not taken never makes it stuck here (that takes 1 ms).
+            // Slot 0's worker counts its accepts. The queues' clocks are fresh before each step,
+            // so a placement not taken never makes a slot stuck here (that takes 1 ms).
             reporting(steer, 0).store(page::REPORTING_SHIM, Ordering::SeqCst);
             let fresh = || {
-                word(steer, 0, page::PROGRESS_NS)
-                    .store(crate::sys::monotonic_ns(), Ordering::SeqCst)
+                let now = crate::sys::monotonic_ns();
+                set(0, page::PROGRESS_NS, now);
+                set(1, page::PROGRESS_NS, now);
+                set(1, page::BUSY_NS, now - 10_000);
             };
             fresh();
             // The least loaded, slot 0, gets the first connection directly.
             assert_eq!(spread(&socks, addr, 1), vec![1, 0, 0]);
             // Its worker has not taken it: the next ones wait in the queue for the first worker
-            // free, although slot 0 is still the least loaded and its loop waits.
+            // free, although slot 0 still wins the tie (1 and 1) and its loop waits.
             fresh();
             assert_eq!(spread(&socks, addr, 2), vec![0, 0, 2]);
             assert_eq!(steer.counts(page::OVERFLOW).assigned, 2);
             // Taken: slot 0 is free again and gets the next one directly.
-            word(steer, 0, page::ACCEPTED).store(1, Ordering::SeqCst);
+            set(0, page::ACCEPTED, 1);
             fresh();
             assert_eq!(spread(&socks, addr, 1), vec![1, 0, 0]);
-            // A worker that does not count its accepts cannot be told behind: by the load.
-            reporting(steer, 0).store(0, Ordering::SeqCst);
+            // Slot 1 took the two queued and holds two more (2 against 5): slot 0, though
+            // behind, keeps what it is owed.
+            set(page::OVERFLOW, page::ACCEPTED, 2);
+            set(1, page::ASSIGNED, 5);
+            set(1, page::ACCEPTED, 5);
+            fresh();
             assert_eq!(spread(&socks, addr, 1), vec![1, 0, 0]);
-            // p2c: both slots drawn, the less loaded (slot 0: 3 against 5) has two untaken.
+            // A worker that does not count its accepts cannot be told behind: by the load (3
+            // against 4, close enough to spill had it counted).
+            reporting(steer, 0).store(0, Ordering::SeqCst);
+            set(1, page::ASSIGNED, 4);
+            set(1, page::ACCEPTED, 4);
+            fresh();
+            assert_eq!(spread(&socks, addr, 1), vec![1, 0, 0]);
+            // p2c: both slots drawn, the less loaded (slot 0: 4 against 5) has three untaken.
             reporting(steer, 0).store(page::REPORTING_SHIM, Ordering::SeqCst);
+            set(1, page::ASSIGNED, 5);
+            set(1, page::ACCEPTED, 5);
             steer.configure(2, SteerPolicy::P2c).unwrap();
             fresh();
             assert_eq!(spread(&socks, addr, 1), vec![0, 0, 1]);
             steer.configure(2, SteerPolicy::LeastConn).unwrap();
-            // Nobody watches the queue: by the load (3 against 5), untaken or not.
+            // Nobody watches the queue: by the load (4 against 5), untaken or not.
             reporting(steer, 1).store(page::REPORTING_SHIM, Ordering::SeqCst);
             fresh();
             assert_eq!(spread(&socks, addr, 1), vec![1, 0, 0]);
