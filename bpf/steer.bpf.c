@@ -42,11 +42,11 @@
 // stay split within two by these spills. Stricter rules cost node's heavy-tailed p99 at 75–90 %
 // load, BENCHMARKS.md: level loads keep connections on a pick that holds fewer because it is
 // inside a long request, for the first 1 ms of that request, and one spill at a time puts the
-// rest behind busy picks. A stuck pick spills whatever the loads.) It then waits for the first worker to come free (one whose loop waits
-// takes it at once), not behind work whose end nobody can predict: the kernel's shared queue
-// where that is what a connection needs, placement by load where a worker is free. Its
-// placements are counted on the table's line STEER_OVERFLOW (eligible while the master holds
-// the queue's listeners).
+// rest behind busy picks. A stuck pick spills whatever the loads.) It then waits for the first
+// worker to come free (one whose loop waits takes it at once), not behind work whose end nobody
+// can predict: the kernel's shared queue where that is what a connection needs, placement by
+// load where a worker is free. Its placements are counted on the table's line STEER_OVERFLOW
+// (eligible while the master holds the queue's listeners).
 //
 // `assigned` is counted here, atomically, after a successful bpf_sk_select_reuseport; workers
 // add `accepted` and `closed` through the mmapped page and stamp `progress_ns` (each accept) and

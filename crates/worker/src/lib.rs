@@ -45,8 +45,8 @@
 //! the loop is out of its wait stamps it again: the program then treats the slot as stuck, and
 //! passes over it, once a placement has waited 1 ms untaken or the loop has spent 1 ms on one
 //! thing (out of its wait with no accept or close), so a loop working through a burst of
-//! connections is not taken for one inside a long request. Without the table (or if it cannot be mapped) the kernel program
-//! keeps its own counts alone.
+//! connections is not taken for one inside a long request. Without the table (or if it cannot
+//! be mapped) the kernel program keeps its own counts alone.
 //!
 //! Each reuseport listener also adopts its overflow queue (`RCLUSTER_STEER_OVERFLOW_FD + i`,
 //! [`rcluster_proto::steer`]): registering the listener with mio registers the queue under the
