@@ -428,7 +428,10 @@ impl Status {
             if vals.is_empty() {
                 "-".into()
             } else {
-                vals.iter().sum::<u64>().to_string()
+                // Saturating: under kernel steering the counts come from a table workers write.
+                vals.iter()
+                    .fold(0u64, |a, v| a.saturating_add(*v))
+                    .to_string()
             }
         };
         let total_rss: u64 = self.workers.iter().filter_map(|w| w.rss_kib).sum();
@@ -557,7 +560,7 @@ pub fn imbalance(values: impl Iterator<Item = u64>) -> Option<f64> {
     let (mut n, mut sum, mut max) = (0u64, 0u64, 0u64);
     for v in values {
         n += 1;
-        sum += v;
+        sum = sum.saturating_add(v); // a worker's table line can say anything
         max = max.max(v);
     }
     if n == 0 {
@@ -759,6 +762,9 @@ pub(crate) mod tests {
         assert_eq!(imbalance([2, 2, 2].into_iter()), Some(1.0));
         assert_eq!(imbalance([4, 0].into_iter()), Some(2.0));
         assert_eq!(imbalance([3, 1].into_iter()), Some(1.5));
+        // Counts a lying worker wrote into the steering table saturate rather than overflow.
+        let huge = imbalance([u64::MAX, u64::MAX, 1].into_iter()).unwrap();
+        assert!(huge.is_finite() && huge >= 1.0, "{huge}");
     }
 
     #[test]
