@@ -209,6 +209,23 @@ pub unsafe extern "C" fn epoll_ctl(
     rc
 }
 
+/// An `epoll_wait` variant on `epfd` returned `n` events in `events` (overflow.rs: the
+/// queue is left to others while the batch holds work after a listener's event). Touches
+/// neither errno nor the events.
+///
+/// # Safety
+/// `events` holds `n` events written by the kernel when `n > 0`.
+#[inline]
+unsafe fn epoll_returned(epfd: c_int, events: *const libc::epoll_event, n: c_int) {
+    if n > 1
+        && let Some(shim) = state::get()
+        && let Some((overflow, _)) = shim.overflow()
+    {
+        // SAFETY: caller contract.
+        unsafe { overflow.returned(epfd, events, n) };
+    }
+}
+
 /// Around a call that may block waiting for events: before it, flush the coalesced CLOSED
 /// counts (and, under kernel steering, say the loop waits); after it, say the loop is busy
 /// again. errno is the wait's own.
@@ -227,8 +244,8 @@ fn around_wait(wait: impl FnOnce() -> c_int) -> c_int {
     rc
 }
 
-/// epoll_wait(2): flushes coalesced CLOSED counts first (state.rs `before_wait`) and stamps the loop's
-/// waits under kernel steering (steer.rs).
+/// epoll_wait(2): flushes coalesced CLOSED counts first (state.rs `before_wait`), stamps the loop's
+/// waits under kernel steering (steer.rs) and notes what the batch holds (overflow.rs).
 ///
 /// # Safety
 /// As epoll_wait(2).
@@ -240,7 +257,10 @@ pub unsafe extern "C" fn epoll_wait(
     timeout: c_int,
 ) -> c_int {
     // SAFETY: caller contract.
-    around_wait(|| unsafe { real::epoll_wait(epfd, events, max, timeout) })
+    let rc = around_wait(|| unsafe { real::epoll_wait(epfd, events, max, timeout) });
+    // SAFETY: the kernel wrote `rc` events (caller contract for the array).
+    unsafe { epoll_returned(epfd, events, rc) };
+    rc
 }
 
 /// epoll_pwait(2): as [`epoll_wait`].
@@ -256,7 +276,10 @@ pub unsafe extern "C" fn epoll_pwait(
     sigmask: *const libc::sigset_t,
 ) -> c_int {
     // SAFETY: caller contract.
-    around_wait(|| unsafe { real::epoll_pwait(epfd, events, max, timeout, sigmask) })
+    let rc = around_wait(|| unsafe { real::epoll_pwait(epfd, events, max, timeout, sigmask) });
+    // SAFETY: the kernel wrote `rc` events (caller contract for the array).
+    unsafe { epoll_returned(epfd, events, rc) };
+    rc
 }
 
 /// epoll_pwait2(2): as [`epoll_wait`].
@@ -272,7 +295,10 @@ pub unsafe extern "C" fn epoll_pwait2(
     sigmask: *const libc::sigset_t,
 ) -> c_int {
     // SAFETY: caller contract.
-    around_wait(|| unsafe { real::epoll_pwait2(epfd, events, max, timeout, sigmask) })
+    let rc = around_wait(|| unsafe { real::epoll_pwait2(epfd, events, max, timeout, sigmask) });
+    // SAFETY: the kernel wrote `rc` events (caller contract for the array).
+    unsafe { epoll_returned(epfd, events, rc) };
+    rc
 }
 
 /// Under kernel steering, a `poll` that asks for a listener's input watches the overflow queue

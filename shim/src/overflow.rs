@@ -16,8 +16,15 @@
 //! takes one from the queue; when only the queue's line says so, it does after `accept` on the
 //! listener finds nothing (`EAGAIN`). Either way one per wait of the calling thread, so a loop
 //! that comes free takes one connection and goes back to its events rather than draining the
-//! queue in front of its peers. Taking nothing (another worker was first) leaves the call to
-//! the listener. Trying the queue first saves the failed `accept` a taken connection would
+//! queue in front of its peers. Nor does a loop take one when its last `epoll_wait` reported
+//! other events after the listener's: a server handles a batch in order, so it would serve
+//! those first and the connection would wait behind them, however long they take, while a
+//! peer may come free sooner. The connection stays in the queue for whoever waits next (this
+//! loop included, its level-triggered registration reports the queue again at once), and its
+//! `accept` fails with `EAGAIN` without a system call when the table says nothing waits on its
+//! own listener. Never two waits in a row, so a loop that always has more work still takes its
+//! turn; only for non-blocking listeners, whose `accept` may fail. Taking nothing (another
+//! worker was first) leaves the call to the listener. Trying the queue first saves the failed `accept` a taken connection would
 //! otherwise cost (node calls `accept` once per readiness report). The registration is
 //! removed with the server's (`EPOLL_CTL_DEL`, closing its listener or the epoll fd).
 //!
@@ -64,6 +71,47 @@ const WAIT_LISTENERS: usize = 8;
 thread_local! {
     /// The calling thread took a connection from the queue since it last waited.
     static TAKEN: Cell<bool> = const { Cell::new(false) };
+    /// The calling thread's last `epoll_wait` reported other events after a listener's: work
+    /// it does before it next waits, so it leaves the queue to whoever comes free first
+    /// (module docs). Set by [`Overflow::returned`], cleared by [`Overflow::waiting`].
+    static DEFER: Cell<bool> = const { Cell::new(false) };
+    /// The calling thread left a connection in the queue since it last waited (because of
+    /// DEFER): its next wait may not leave another.
+    static LEFT: Cell<bool> = const { Cell::new(false) };
+    /// The wait before this one left a connection in the queue.
+    static LEFT_LAST: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether the calling thread may take a connection from the queue now: not if it took one
+/// since it last waited, nor while its batch holds work after a listener's event (DEFER;
+/// the connection left is recorded).
+fn may_take() -> bool {
+    if TAKEN.with(Cell::get) {
+        return false;
+    }
+    if DEFER.with(Cell::get) {
+        LEFT.with(|l| l.set(true));
+        return false;
+    }
+    true
+}
+
+/// Whether an `epoll_wait` batch (the `data` of each event, in the order reported) has an event
+/// that is not a listener's after one that is (`is_listener`): a server handles a batch in
+/// order, so after accepting it would serve that work before the connection it accepted.
+pub fn work_after_listener(
+    batch: impl IntoIterator<Item = u64>,
+    is_listener: impl Fn(u64) -> bool,
+) -> bool {
+    let mut seen = false;
+    for data in batch {
+        if is_listener(data) {
+            seen = true;
+        } else if seen {
+            return true;
+        }
+    }
+    false
 }
 
 /// The overflow queue's listeners and this process's registrations of them.
@@ -76,6 +124,13 @@ pub struct Overflow {
     /// Mirrored registrations: `(epfd + 1) << 40 | (server fd + 1) << 16 | listener index`;
     /// 0 = free.
     mirrors: [AtomicU64; MIRRORS],
+    /// The server's `data` for each registration in `mirrors` (the same index), which the
+    /// queue's readiness carries too: how [`Overflow::returned`] tells a listener's events.
+    datas: [AtomicU64; MIRRORS],
+    /// Whether the listener of each registration in `mirrors` was non-blocking when it was
+    /// registered: only those leave a connection in the queue (a blocking `accept` that gets
+    /// nothing from the queue would wait on the listener).
+    nonblock: [AtomicBool; MIRRORS],
     /// Entries in use (`close` skips the scan while 0).
     count: AtomicUsize,
     /// The process the registrations belong to (0 until the first).
@@ -156,6 +211,8 @@ impl Overflow {
             fds,
             idents,
             mirrors: [const { AtomicU64::new(0) }; MIRRORS],
+            datas: [const { AtomicU64::new(0) }; MIRRORS],
+            nonblock: [const { AtomicBool::new(false) }; MIRRORS],
             count: AtomicUsize::new(0),
             owner: AtomicI32::new(0),
             polled: AtomicBool::new(false),
@@ -178,14 +235,22 @@ impl Overflow {
         }
     }
 
-    fn remember(&self, steer: &SteerSlot, v: u64) {
-        if self.mirrors.iter().any(|m| m.load(Ordering::SeqCst) == v) {
+    fn remember(&self, steer: &SteerSlot, v: u64, data: u64, nonblock: bool) {
+        if let Some(k) = self
+            .mirrors
+            .iter()
+            .position(|m| m.load(Ordering::SeqCst) == v)
+        {
+            self.datas[k].store(data, Ordering::SeqCst);
+            self.nonblock[k].store(nonblock, Ordering::SeqCst);
             return;
         }
-        for m in &self.mirrors {
+        for (k, m) in self.mirrors.iter().enumerate() {
             if m.compare_exchange(0, v, Ordering::SeqCst, Ordering::SeqCst)
                 .is_ok()
             {
+                self.datas[k].store(data, Ordering::SeqCst);
+                self.nonblock[k].store(nonblock, Ordering::SeqCst);
                 if self.count.fetch_add(1, Ordering::SeqCst) == 0
                     && !self.polled.load(Ordering::SeqCst)
                 {
@@ -444,7 +509,7 @@ impl Overflow {
                     }
                 }
                 if rc == 0 {
-                    self.remember(steer, v);
+                    self.remember(steer, v, theirs.u64, nonblocking(fd));
                 }
             }
             libc::EPOLL_CTL_DEL => {
@@ -513,7 +578,7 @@ impl Overflow {
         flags: c_int,
     ) -> Option<c_int> {
         let queue = self.fd(index)?;
-        if TAKEN.with(Cell::get) {
+        if !may_take() {
             return None;
         }
         // SAFETY: caller contract; the queue is non-blocking (the master made it so).
@@ -525,9 +590,56 @@ impl Overflow {
         Some(rc)
     }
 
+    /// Whether the calling thread leaves the queue alone until it next waits (a batch with work
+    /// after a listener's event) and `fd` is a non-blocking listener it registered: an `accept`
+    /// there that the table says has nothing on its own queue can fail with `EAGAIN` at once.
+    pub fn deferring(&self, fd: c_int) -> bool {
+        DEFER.with(Cell::get)
+            && self.mirrors.iter().zip(&self.nonblock).any(|(m, nb)| {
+                let v = m.load(Ordering::Relaxed);
+                v != 0 && unpack(v).1 == fd && nb.load(Ordering::Relaxed)
+            })
+    }
+
     /// The calling thread is about to wait: it may take from the queue again.
     pub fn waiting(&self) {
         TAKEN.with(|t| t.set(false));
+        DEFER.with(|d| d.set(false));
+        LEFT_LAST.with(|l| l.set(LEFT.with(|t| t.replace(false))));
+    }
+
+    /// The calling thread's `epoll_wait` on `epfd` returned `n` events in `events`: when one
+    /// of this process's listener registrations in that set is reported and other events come
+    /// after it, the thread will serve those before a connection it accepts now, so its
+    /// accepts until it next waits leave the queue alone, unless its previous wait already
+    /// left a connection there (module docs).
+    ///
+    /// # Safety
+    /// `events` holds `n` events written by the kernel (when `n > 0`).
+    pub unsafe fn returned(&self, epfd: c_int, events: *const libc::epoll_event, n: c_int) {
+        if n < 2 || events.is_null() || self.count.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        // The `data` of this set's registrations (a server registers a listener or two).
+        let mut mine = [0u64; WAIT_LISTENERS];
+        let mut k = 0;
+        for ((m, d), nb) in self.mirrors.iter().zip(&self.datas).zip(&self.nonblock) {
+            let v = m.load(Ordering::Relaxed);
+            if v != 0 && unpack(v).0 == epfd && nb.load(Ordering::Relaxed) && k < WAIT_LISTENERS {
+                mine[k] = d.load(Ordering::Relaxed);
+                k += 1;
+            }
+        }
+        if k == 0 {
+            return;
+        }
+        // SAFETY: caller contract: `n` events; epoll_event may be packed, so read unaligned.
+        let batch = (0..n as usize).map(|i| unsafe { events.add(i).read_unaligned() }.u64);
+        if work_after_listener(batch, |data| mine[..k].contains(&data))
+            && !LEFT_LAST.with(Cell::get)
+        {
+            DEFER.with(|d| d.set(true));
+        }
     }
 
     /// The process exits normally (the shim's destructor): a watch it holds is withdrawn, as
@@ -576,6 +688,83 @@ mod tests {
             assert_ne!(v, 0);
             assert_eq!(unpack(v), (epfd, fd, index));
         }
+    }
+
+    #[test]
+    fn work_after_a_listener_event_is_seen_in_order() {
+        let listener = |d: u64| d == 7;
+        assert!(work_after_listener([7, 3], listener));
+        assert!(work_after_listener([3, 7, 7, 4], listener));
+        assert!(!work_after_listener([3, 4, 7], listener));
+        assert!(!work_after_listener([7, 7], listener));
+        assert!(!work_after_listener([3, 4], listener));
+        assert!(!work_after_listener([], listener));
+    }
+
+    fn event(data: u64) -> libc::epoll_event {
+        libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: data,
+        }
+    }
+
+    /// A thread whose batch holds work after its listener's event leaves the queue alone until
+    /// it next waits, but never two waits in a row; work before the listener's event (served
+    /// already when it accepts), another set's registration, or none at all defers nothing.
+    #[test]
+    fn a_busy_batch_leaves_the_queue_to_others_one_wait_at_a_time() {
+        let overflow = Overflow {
+            fds: vec![-1],
+            idents: vec![None],
+            mirrors: [const { AtomicU64::new(0) }; MIRRORS],
+            datas: [const { AtomicU64::new(0) }; MIRRORS],
+            nonblock: [const { AtomicBool::new(false) }; MIRRORS],
+            count: AtomicUsize::new(1),
+            owner: AtomicI32::new(getpid()),
+            polled: AtomicBool::new(false),
+        };
+        let (epfd, listener_fd, data) = (9, 5, 0xabcd);
+        overflow.mirrors[3].store(pack(epfd, listener_fd, 0), Ordering::SeqCst);
+        overflow.datas[3].store(data, Ordering::SeqCst);
+        overflow.nonblock[3].store(true, Ordering::SeqCst);
+        let busy = [event(data), event(11)];
+        let served = [event(11), event(data)];
+        // (the batch, the set it came from, whether the thread may take after it)
+        let steps: [(&[libc::epoll_event], c_int, bool); 8] = [
+            (&busy, epfd, false),
+            (&busy, epfd, true), // left one last wait: takes now
+            (&busy, epfd, false),
+            (&served, epfd, true),
+            (&busy, epfd, false),
+            (&busy, epfd + 1, true), // not this set's listener
+            (&busy[..1], epfd, true),
+            (&busy, epfd, false),
+        ];
+        for (k, (batch, set, expect)) in steps.into_iter().enumerate() {
+            overflow.waiting();
+            // SAFETY: `batch` holds that many events.
+            unsafe { overflow.returned(set, batch.as_ptr(), batch.len() as c_int) };
+            assert_eq!(may_take(), expect, "step {k}");
+        }
+        // A blocking listener's registration defers nothing.
+        overflow.nonblock[3].store(false, Ordering::SeqCst);
+        overflow.waiting();
+        overflow.waiting();
+        // SAFETY: `busy` holds two events.
+        unsafe { overflow.returned(epfd, busy.as_ptr(), 2) };
+        assert!(may_take());
+        assert!(!overflow.deferring(listener_fd));
+        overflow.nonblock[3].store(true, Ordering::SeqCst);
+        overflow.waiting();
+        // SAFETY: as above.
+        unsafe { overflow.returned(epfd, busy.as_ptr(), 2) };
+        assert!(overflow.deferring(listener_fd));
+        assert!(!overflow.deferring(listener_fd + 1));
+        // One take per wait, whatever the batch.
+        overflow.waiting();
+        TAKEN.with(|t| t.set(true));
+        assert!(!may_take());
+        overflow.waiting();
     }
 
     #[test]

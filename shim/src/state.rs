@@ -498,10 +498,18 @@ impl Shim {
             && steer.overflow_waiting()
             && !steer.own_waiting()
             && let Some(l) = self.claimed(fd).or_else(|| self.inherited_listener(fd))
-            // SAFETY: caller contract.
-            && let Some(conn) = unsafe { self.take_overflow(overflow, steer, l, addr, len, flags) }
         {
-            return conn;
+            // SAFETY: caller contract.
+            if let Some(conn) = unsafe { self.take_overflow(overflow, steer, l, addr, len, flags) }
+            {
+                return conn;
+            }
+            // Leaving the queue to others until this thread next waits (overflow.rs), with
+            // nothing on its own non-blocking listener: no `accept` to fail.
+            if overflow.deferring(fd) {
+                set_errno(libc::EAGAIN);
+                return -1;
+            }
         }
         let rc = real_accept();
         if rc >= 0
