@@ -10,6 +10,12 @@
 #   scripts/paired-bench.sh                          # node app, 10 pairs
 #   APP=demo PAIRS=6 PERCENTS="50 90" scripts/paired-bench.sh
 #   RATES="1300 1950" scripts/paired-bench.sh        # absolute rates, no capacity probe
+#   SYSTEMS="shared||-p shared;before|/tmp/old-rcluster-lb|-p least-conn;after||-p least-conn" \
+#       scripts/paired-bench.sh                      # other systems, or two builds side by side
+#
+# SYSTEMS: `;`-separated `name|binary|arguments`, the first the baseline of the ratios; an empty
+# binary is the one built here. Default: `shared`, kernel-steered least-conn and dispatch
+# least-conn, all of this build.
 #
 # Scenarios, per pair: connection churn measured by wrk (`-t1 -c32`, `Connection: close`,
 # CHURN_SECONDS per window), and the heavy-tailed CPU-bound mix (98 % of requests spin 200 µs,
@@ -69,13 +75,17 @@ mkdir -p "$out"
 cargo build --release --workspace >&2
 cargo build --release -p rcluster-loadgen --example open_loop >&2
 
-# name|arguments; the first is the baseline of the ratios.
-systems=(
-    "shared|-p shared"
-    "least-conn kernel|-p least-conn --steer kernel"
-    "least-conn dispatch|-p least-conn --steer dispatch"
-)
+# name|binary|arguments; the first is the baseline of the ratios.
+IFS=';' read -r -a systems <<< "${SYSTEMS:-shared||-p shared;least-conn kernel||-p least-conn --steer kernel;least-conn dispatch||-p least-conn --steer dispatch}"
 n=${#systems[@]}
+built=$bin
+for entry in "${systems[@]}"; do
+    [[ "$entry" == *"|"*"|"* ]] ||
+        { echo "paired-bench: SYSTEMS entries are name|binary|arguments, not '$entry'" >&2; exit 2; }
+    rest=${entry#*|}
+    [[ -z "${rest%%|*}" || -x "${rest%%|*}" ]] ||
+        { echo "paired-bench: SYSTEMS: '${rest%%|*}' is not an executable" >&2; exit 2; }
+done
 pids=()
 ports=()
 stop_all() {
@@ -88,15 +98,21 @@ trap stop_all EXIT
 . scripts/lib-master.sh
 for k in $(seq 0 $((n - 1))); do
     entry=${systems[$k]}
+    rest=${entry#*|}
+    bin=${rest%%|*}
+    bin=${bin:-$built}
     # shellcheck disable=SC2086
-    start_master "$out/master-$k.log" --workers "$workers" ${entry#*|} "${server[@]}"
+    start_master "$out/master-$k.log" --workers "$workers" ${rest#*|} "${server[@]}"
+    bin=$built
     pids+=("$MASTER_PID")
     ports+=("$MASTER_PORT")
     MASTER_PID= # stopped by stop_all, with the others
 done
-if ! grep -q "steering: kernel" "$out/master-1.log"; then
-    echo "paired-bench: warning: least-conn kernel did not steer in the kernel (see $out/master-1.log)" >&2
-fi
+for k in $(seq 0 $((n - 1))); do
+    if [[ "${systems[$k]}" == *"--steer kernel"* ]] && ! grep -q "steering: kernel" "$out/master-$k.log"; then
+        echo "paired-bench: warning: ${systems[$k]%%|*} did not steer in the kernel (see $out/master-$k.log)" >&2
+    fi
+done
 
 churn() { # port -> conn/s
     wrk -t1 -c32 -d"${churn_secs}s" -H 'Connection: close' "http://127.0.0.1:$1/" |
