@@ -24,9 +24,10 @@
 //! `accept` fails with `EAGAIN` without a system call when the table says nothing waits on its
 //! own listener. Never two waits in a row, so a loop that always has more work still takes its
 //! turn; only for non-blocking listeners, whose `accept` may fail. Taking nothing (another
-//! worker was first) leaves the call to the listener. Trying the queue first saves the failed `accept` a taken connection would
-//! otherwise cost (node calls `accept` once per readiness report). The registration is
-//! removed with the server's (`EPOLL_CTL_DEL`, closing its listener or the epoll fd).
+//! worker was first) leaves the call to the listener. Trying the queue first saves the failed
+//! `accept` a taken connection would otherwise cost (node calls `accept` once per readiness
+//! report). The registration is removed with the server's (`EPOLL_CTL_DEL`, closing its
+//! listener or the epoll fd).
 //!
 //! A server that waits in `poll` or `select` (gunicorn's sync worker, C servers) has no
 //! registration to mirror: when one of its waits asks for a non-blocking listener's input, the
