@@ -214,17 +214,15 @@ impl Drop for BusHandle {
 /// Creates a private directory (mode 0700, a fresh name: `mkdir(2)` fails rather than reuse
 /// one another user made) under `$XDG_RUNTIME_DIR` or the temporary directory.
 fn private_dir() -> io::Result<PathBuf> {
-    let base = std::env::var_os("XDG_RUNTIME_DIR")
-        .map(PathBuf::from)
-        .filter(|p| p.is_absolute() && p.is_dir())
-        .unwrap_or_else(std::env::temp_dir);
+    let base = super::rundir::base();
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
     let mut last = None;
     for attempt in 0..16u32 {
         let dir = base.join(format!(
-            "rcluster-lb.{}.{:x}",
+            "{}{}.{:x}",
+            super::rundir::PREFIX,
             sys::getpid(),
             nanos.wrapping_add(attempt.wrapping_mul(0x9E37_79B9))
         ));

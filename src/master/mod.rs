@@ -6,8 +6,9 @@
 //! sd_notify messages to the master's own service manager ([`service_notify`]). The pieces the
 //! acceptor and the supervisor call into: [`notify`] (the workers' authenticated
 //! `NOTIFY_SOCKET`s), [`stall`] (workers that stop taking connections), [`accounting`]
-//! (per-worker counts a worker cannot lie to), [`tree`] (a worker's process group) and
-//! [`ratelimit`] (bounded logging of what others can trigger). Beside the workers: the message
+//! (per-worker counts a worker cannot lie to), [`tree`] (a worker's process group),
+//! [`ratelimit`] (bounded logging of what others can trigger) and [`rundir`] (where the private
+//! directories go, and removing those killed masters left). Beside the workers: the message
 //! [`bus`] (its own thread), the [`agent`] process, the heartbeat [`health`] checks and the
 //! active [`probe`]s. Under kernel steering, [`steer`] is the supervisor's side of the BPF
 //! program that places connections instead of the acceptor.
@@ -31,6 +32,7 @@ pub mod metrics;
 pub mod notify;
 pub mod probe;
 pub mod ratelimit;
+pub mod rundir;
 pub mod service_notify;
 pub mod shim;
 pub mod stall;

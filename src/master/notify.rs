@@ -48,14 +48,12 @@ impl RuntimeDir {
     /// Creates a new, empty directory only this user can enter, or (`workers` = the workers'
     /// other uid and gid) only pass through.
     pub fn create(workers: Option<(u32, u32)>) -> io::Result<RuntimeDir> {
-        let base = std::env::var_os("XDG_RUNTIME_DIR")
-            .map(PathBuf::from)
-            .filter(|p| p.is_absolute() && p.is_dir())
-            .unwrap_or_else(std::env::temp_dir);
+        let base = super::rundir::base();
         let mut last = io::Error::from(io::ErrorKind::AlreadyExists);
         for attempt in 0u32..16 {
             let path = base.join(format!(
-                "rcluster-lb.{}.{:016x}",
+                "{}{}.{:016x}",
+                super::rundir::PREFIX,
                 sys::getpid(),
                 unpredictable(attempt)
             ));

@@ -224,6 +224,15 @@ impl Supervisor {
         let (bus_tx, bus_events) = crossbeam_channel::unbounded();
         let (probe_tx, probe_results) = crossbeam_channel::unbounded();
         let children = config.credentials.as_ref().map(|c| (c.uid, c.gid));
+        // What this user's killed masters left (rundir.rs), before this one makes its own.
+        let base = super::rundir::base();
+        let swept = super::rundir::sweep_stale(&base, super::rundir::STALE_AFTER);
+        if swept > 0 {
+            info!(
+                "removed {swept} private directories that killed masters left in {}",
+                base.display()
+            );
+        }
         let bus = bus::spawn(bus_tx, Arc::clone(&waker), children)
             .context("failed to start the message bus")?;
 
