@@ -12,11 +12,11 @@
 //! something listens on — is left alone.
 
 use std::ffi::OsStr;
-use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
+
+use socket2::{Domain, SockAddr, Socket, Type};
 
 use crate::sys::{self, Pid};
 
@@ -46,18 +46,25 @@ fn pid_of(name: &OsStr) -> Option<Pid> {
     ok.then(|| pid.parse().ok()).flatten()
 }
 
-/// Whether nothing listens on the socket at `path`: a connection of its type is refused.
+/// Whether nothing listens on the socket at `path`: a connection of its type is refused. The
+/// connect does not block (a live listener with a full backlog answers `EAGAIN`: alive).
 fn refuses(path: &Path) -> bool {
-    let refused = |e: &io::Error| e.raw_os_error() == Some(libc::ECONNREFUSED);
-    match UnixStream::connect(path) {
-        Ok(_) => false,
-        Err(e) if refused(&e) => true,
-        // A datagram socket (a notify socket) answers a stream connect with EPROTOTYPE.
-        Err(e) if e.raw_os_error() == Some(libc::EPROTOTYPE) => UnixDatagram::unbound()
-            .and_then(|d| d.connect(path))
-            .is_err_and(|e| refused(&e)),
-        Err(_) => false,
-    }
+    let Ok(addr) = SockAddr::unix(path) else {
+        return false;
+    };
+    let refused = |ty: Type| -> Option<bool> {
+        let socket = Socket::new(Domain::UNIX, ty.nonblocking(), None).ok()?;
+        match socket.connect(&addr) {
+            Ok(()) => Some(false),
+            Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => Some(true),
+            // A datagram socket (a notify socket) answers a stream connect with EPROTOTYPE.
+            Err(e) if e.raw_os_error() == Some(libc::EPROTOTYPE) => None,
+            Err(_) => Some(false),
+        }
+    };
+    refused(Type::STREAM)
+        .or_else(|| refused(Type::DGRAM))
+        .unwrap_or(false)
 }
 
 /// Whether `dir` (already known to be ours and old enough) holds at least one socket, nothing
@@ -118,7 +125,7 @@ pub fn sweep_stale(base: &Path, min_age: Duration) -> usize {
 mod tests {
     use super::*;
     use std::os::unix::fs::DirBuilderExt;
-    use std::os::unix::net::UnixListener;
+    use std::os::unix::net::{UnixDatagram, UnixListener};
 
     #[test]
     fn names_are_read_strictly() {
