@@ -100,7 +100,7 @@ fn may_take() -> bool {
 /// Whether an `epoll_wait` batch (the `data` of each event, in the order reported) has an event
 /// that is not a listener's after one that is (`is_listener`): a server handles a batch in
 /// order, so after accepting it would serve that work before the connection it accepted.
-pub fn work_after_listener(
+fn work_after_listener(
     batch: impl IntoIterator<Item = u64>,
     is_listener: impl Fn(u64) -> bool,
 ) -> bool {
