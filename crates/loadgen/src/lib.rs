@@ -1094,7 +1094,11 @@ struct Shard<'a> {
     shards: u64,
     poll: Poll,
     conns: Vec<Option<Conn>>,
+    /// Slots a new connection may take.
     free: Vec<usize>,
+    /// Slots freed while a batch of events is handled; free again once the batch is done, so
+    /// that an event later in the batch for the old connection never reaches a new one.
+    freed: Vec<usize>,
     live: usize,
     timers: BinaryHeap<Reverse<(Instant, usize, u64, TimerKind)>>,
     next_serial: u64,
@@ -1158,6 +1162,7 @@ impl<'a> Shard<'a> {
             poll: Poll::new()?,
             conns: Vec::new(),
             free: Vec::new(),
+            freed: Vec::new(),
             live: 0,
             timers: BinaryHeap::new(),
             next_serial: 0,
@@ -1208,7 +1213,14 @@ impl<'a> Shard<'a> {
             for event in events.iter() {
                 let readable = event.is_readable() || event.is_read_closed() || event.is_error();
                 self.drive(event.token().0, readable);
+                // A client whose response just came in connects again now, as an independent
+                // client would, not after the rest of the batch: connects bunched at the end of
+                // each batch would reach the server as bursts no real client population sends.
+                if self.issuing && !self.ready_clients.is_empty() {
+                    self.issue_clients(Instant::now());
+                }
             }
+            self.free.append(&mut self.freed);
         }
         self.report.duration = self.last_event.saturating_duration_since(self.start);
         Ok(self.report)
@@ -1275,8 +1287,8 @@ impl<'a> Shard<'a> {
     }
 
     /// Gives each client that is ready a new connection. Only the clients ready on entry: one
-    /// whose connect fails at once is ready again, and is retried on the next loop turn, after
-    /// the time check.
+    /// whose connect fails at once is ready again, and is retried after the next event or on the
+    /// next loop turn, whichever comes first.
     fn issue_clients(&mut self, now: Instant) {
         while let Some(&(at, client)) = self.staggered.last() {
             if at > now {
@@ -1284,6 +1296,10 @@ impl<'a> Shard<'a> {
             }
             self.staggered.pop();
             self.ready_clients.push(client);
+        }
+        if now >= self.end {
+            // The loop's next turn stops issuing; these clients are done.
+            return;
         }
         let ready = std::mem::take(&mut self.ready_clients);
         for client in ready {
@@ -1489,9 +1505,9 @@ impl<'a> Shard<'a> {
         };
         // Dropping the stream closes the fd, which takes it out of the epoll set (epoll(7): the
         // fd has no duplicates), so no EPOLL_CTL_DEL syscall per connection. An event for this
-        // slot still in the current batch finds the slot empty: new connections are only made
-        // between batches.
-        self.free.push(slot);
+        // slot still in the current batch finds the slot empty: the slot is not reused before
+        // the batch is done.
+        self.freed.push(slot);
         self.live -= 1;
         debug_assert!(
             !conn.outstanding,
