@@ -3,8 +3,8 @@
 //! a worker grown big is avoided under least-mem, a closed listener's queue migrates, abandoned
 //! handshakes do not inflate a slot's load for long, without CAP_BPF the master falls back to
 //! dispatch, a program loaded by a privileged `steer-load` steers a master without
-//! capabilities, and `ctl status` shows the table. Each test that needs the program skips with
-//! a note where it cannot load here.
+//! capabilities, a stop that comes while the program loads is obeyed, and `ctl status` shows the
+//! table. Each test that needs the program skips with a note where it cannot load here.
 
 mod common;
 
@@ -679,6 +679,55 @@ fn cap_bpf_alone_is_enough() {
             .all(|l| !l.contains("does not report")),
         "{lines:?}"
     );
+}
+
+/// A SIGTERM that comes while the master loads the steering program (its first bpf object
+/// exists, the program is not yet verified) is obeyed once the master runs: exit code 0, not
+/// death by the signal.
+#[test]
+fn a_stop_while_the_program_loads_is_obeyed() {
+    if !steering_available() {
+        return;
+    }
+    struct Reap(std::process::Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut master = Reap(
+        Command::new(common::BIN)
+            .args(["--steer", "kernel", "-w", "1", "--listen", "127.0.0.1:0"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = master.0.id();
+    let has_bpf_object = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| std::fs::read_link(e.path()).ok())
+            .any(|l| l.to_string_lossy().starts_with("anon_inode:bpf"))
+    };
+    let deadline = Instant::now() + DEADLINE;
+    while !has_bpf_object() {
+        assert!(Instant::now() < deadline, "no bpf object appeared");
+        std::thread::yield_now();
+    }
+    common::kill(pid as i32, libc::SIGTERM);
+    let status = loop {
+        if let Some(status) = master.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the master did not stop");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(status.code(), Some(0), "{status:?}");
 }
 
 #[test]

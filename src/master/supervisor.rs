@@ -186,6 +186,13 @@ struct Supervisor {
 
 impl Supervisor {
     fn new(config: Config, activated: Activated) -> anyhow::Result<Self> {
+        // The handlers first: a stop asked for while the steering program loads (which takes a
+        // while) waits in the queue and is obeyed once the loop runs, rather than ending the
+        // master by the default action.
+        let mut signals = Signals::new([
+            SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGTTIN, SIGTTOU, SIGUSR1, SIGUSR2, SIGCHLD,
+        ])
+        .context("failed to install signal handlers")?;
         // Kernel steering gives the workers their own listeners, as in reuseport mode: not with
         // sockets a service manager handed over (they need not be SO_REUSEPORT).
         let mut steer = if activated.is_empty() {
@@ -208,10 +215,6 @@ impl Supervisor {
             None => config.policy.mode(),
         };
         let poll = Poll::new().context("failed to create the supervisor's poll")?;
-        let mut signals = Signals::new([
-            SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGTTIN, SIGTTOU, SIGUSR1, SIGUSR2, SIGCHLD,
-        ])
-        .context("failed to install signal handlers")?;
         // Orphaned descendants of the workers come to the master, which reaps them (as PID 1
         // in a container it gets every orphan anyway).
         if let Err(e) = sys::set_child_subreaper() {
