@@ -10,9 +10,11 @@
 //! - Open loop: request `i` is *intended* to start at `start + i / rate`; its latency runs from
 //!   that instant, not from when the generator got round to connecting, so a stalled server or a
 //!   late generator shows up in the percentiles instead of being hidden (no coordinated
-//!   omission). [`Report::max_start_lag`] says how late the generator itself ran. The event
-//!   loop waits with epoll's millisecond resolution, so a request may start up to about 1 ms
-//!   after its intended instant, and that delay is part of its latency.
+//!   omission). [`Report::max_start_lag`] says how late the generator itself ran. An arrival
+//!   that falls due while the loop handles events is sent as soon as the event in hand is
+//!   done, and a wait for the next one ends on a timer fd at the instant, not on epoll's
+//!   timeout, which has millisecond resolution and would send arrivals less than 1 ms apart
+//!   in bunches.
 //! - Closed loop and keep-alive: latency runs from the request's start (keep-alive: from its
 //!   scheduled send time).
 //! - Every run is bounded by [`LoadSpec::duration`] (issuing stops then; what is in flight gets
@@ -49,6 +51,11 @@ pub const MAX_RUN_DURATION: Duration = Duration::from_secs(3600);
 /// How long after the end of issuing a run force-closes whatever is still open, beyond one
 /// request timeout (covers a timer that could not fire because of a stuck poll).
 const HARD_STOP_GRACE: Duration = Duration::from_secs(1);
+/// The poll token of a shard's wake timer (connection slots count up from 0).
+const TIMER: Token = Token(usize::MAX);
+/// Waits shorter than this end on the wake timer; longer ones (request timeouts) on epoll's
+/// own timeout, whose up-to-1-ms lateness does not matter there and costs no system call.
+const PRECISE_WAKE_WITHIN: Duration = Duration::from_millis(50);
 
 /// Bytes read per `read(2)` call.
 const READ_CHUNK_BYTES: usize = 8192;
@@ -1087,12 +1094,75 @@ enum TimerKind {
     Send,
 }
 
+/// A timer fd in a shard's poll that ends a wait at a given instant, to the microsecond:
+/// `epoll_wait`'s timeout counts whole milliseconds (mio rounds it up), so an open loop of
+/// 2,000 req/s waiting on it alone would send its arrivals in pairs, one pair per millisecond.
+struct WakeTimer {
+    fd: rustix::fd::OwnedFd,
+    /// The instant the timer is set for, while it is.
+    armed: Option<Instant>,
+}
+
+impl WakeTimer {
+    fn new(poll: &Poll) -> io::Result<WakeTimer> {
+        use rustix::fd::AsRawFd;
+        use rustix::time::{TimerfdClockId, TimerfdFlags, timerfd_create};
+        let fd = timerfd_create(
+            TimerfdClockId::Monotonic,
+            TimerfdFlags::NONBLOCK | TimerfdFlags::CLOEXEC,
+        )?;
+        poll.registry().register(
+            &mut mio::unix::SourceFd(&fd.as_raw_fd()),
+            TIMER,
+            Interest::READABLE,
+        )?;
+        Ok(WakeTimer { fd, armed: None })
+    }
+
+    /// Sets the timer for `at`, `after` from now (one system call, none if it is set for `at`
+    /// already).
+    fn arm(&mut self, at: Instant, after: Duration) -> io::Result<()> {
+        use rustix::time::{Itimerspec, TimerfdTimerFlags, Timespec, timerfd_settime};
+        if self.armed == Some(at) {
+            return Ok(());
+        }
+        let zero = Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        let value = Timespec {
+            tv_sec: i64::try_from(after.as_secs()).unwrap_or(i64::MAX),
+            tv_nsec: i64::from(after.subsec_nanos()),
+        };
+        timerfd_settime(
+            &self.fd,
+            TimerfdTimerFlags::empty(),
+            &Itimerspec {
+                it_interval: zero,
+                it_value: value,
+            },
+        )?;
+        self.armed = Some(at);
+        Ok(())
+    }
+
+    /// The timer went off: drains its count (edge-triggered, so the next expiry is a new
+    /// event either way) and forgets the instant.
+    fn fired(&mut self) {
+        let mut count = [0u8; 8];
+        let _ = rustix::io::read(&self.fd, &mut count);
+        self.armed = None;
+    }
+}
+
 /// One event-loop thread's share of a run.
 struct Shard<'a> {
     spec: &'a LoadSpec,
     requests: &'a [Vec<u8>],
     shards: u64,
     poll: Poll,
+    /// Ends a wait at its instant (epoll's timeout is rounded up to whole milliseconds).
+    wake_timer: WakeTimer,
     conns: Vec<Option<Conn>>,
     /// Slots a new connection may take.
     free: Vec<usize>,
@@ -1155,11 +1225,14 @@ impl<'a> Shard<'a> {
             Load::KeepAlive { .. } => Vec::new(),
             _ => (0..client_ids.len()).rev().collect(),
         };
+        let poll = Poll::new()?;
+        let wake_timer = WakeTimer::new(&poll)?;
         Ok(Shard {
             spec,
             requests,
             shards,
-            poll: Poll::new()?,
+            poll,
+            wake_timer,
             conns: Vec::new(),
             free: Vec::new(),
             freed: Vec::new(),
@@ -1205,19 +1278,34 @@ impl<'a> Shard<'a> {
             }
             let wake = self.next_wake(hard_stop);
             let timeout = wake.saturating_duration_since(Instant::now());
+            if !timeout.is_zero() && timeout < PRECISE_WAKE_WITHIN {
+                self.wake_timer.arm(wake, timeout)?;
+            }
             match self.poll.poll(&mut events, Some(timeout)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e.into()),
             }
             for event in events.iter() {
+                if event.token() == TIMER {
+                    self.wake_timer.fired();
+                    continue;
+                }
                 let readable = event.is_readable() || event.is_read_closed() || event.is_error();
                 self.drive(event.token().0, readable);
                 // A client whose response just came in connects again now, as an independent
-                // client would, not after the rest of the batch: connects bunched at the end of
-                // each batch would reach the server as bursts no real client population sends.
-                if self.issuing && !self.ready_clients.is_empty() {
-                    self.issue_clients(Instant::now());
+                // client would, and an arrival that fell due while the batch is handled is sent
+                // now, not after the rest of the batch: connects bunched at the end of each
+                // batch would reach the server as bursts no real client population sends.
+                if self.issuing {
+                    match self.spec.load {
+                        Load::Open { rate_per_s } => self.issue_open(Instant::now(), rate_per_s),
+                        Load::Closed { .. } | Load::KeepAlive { .. } => {
+                            if !self.ready_clients.is_empty() {
+                                self.issue_clients(Instant::now());
+                            }
+                        }
+                    }
                 }
             }
             self.free.append(&mut self.freed);
