@@ -689,9 +689,15 @@ fn a_stop_while_the_program_loads_is_obeyed() {
     if !steering_available() {
         return;
     }
+    /// Ends the master and any worker it started, if the test fails before it stops.
     struct Reap(std::process::Child);
     impl Drop for Reap {
         fn drop(&mut self) {
+            if let Ok(None) = self.0.try_wait() {
+                for worker in common::children_of(self.0.id() as i32) {
+                    common::kill(worker, libc::SIGKILL);
+                }
+            }
             let _ = self.0.kill();
             let _ = self.0.wait();
         }

@@ -1262,12 +1262,7 @@ impl<'a> Shard<'a> {
             if self.issuing && (now >= self.end || self.budget == 0) {
                 self.stop_issuing();
             }
-            if self.issuing {
-                match self.spec.load {
-                    Load::Open { rate_per_s } => self.issue_open(now, rate_per_s),
-                    Load::Closed { .. } | Load::KeepAlive { .. } => self.issue_clients(now),
-                }
-            }
+            self.issue(now);
             self.fire_timers(now);
             if !self.issuing && self.live == 0 {
                 break;
@@ -1297,16 +1292,7 @@ impl<'a> Shard<'a> {
                 // client would, and an arrival that fell due while the batch is handled is sent
                 // now, not after the rest of the batch: connects bunched at the end of each
                 // batch would reach the server as bursts no real client population sends.
-                if self.issuing {
-                    match self.spec.load {
-                        Load::Open { rate_per_s } => self.issue_open(Instant::now(), rate_per_s),
-                        Load::Closed { .. } | Load::KeepAlive { .. } => {
-                            if !self.ready_clients.is_empty() {
-                                self.issue_clients(Instant::now());
-                            }
-                        }
-                    }
-                }
+                self.issue(Instant::now());
             }
             self.free.append(&mut self.freed);
         }
@@ -1353,6 +1339,17 @@ impl<'a> Shard<'a> {
             {
                 self.release(slot);
             }
+        }
+    }
+
+    /// Sends what is due at `now`: open-loop arrivals, clients ready for a new connection.
+    fn issue(&mut self, now: Instant) {
+        if !self.issuing {
+            return;
+        }
+        match self.spec.load {
+            Load::Open { rate_per_s } => self.issue_open(now, rate_per_s),
+            Load::Closed { .. } | Load::KeepAlive { .. } => self.issue_clients(now),
         }
     }
 
