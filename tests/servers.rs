@@ -859,6 +859,70 @@ fn poll_server_kernel_overflow_queue_goes_to_the_first_worker_free() {
     overflow_trial(&cluster, body_pid, Some(1));
 }
 
+/// The path of a single-threaded python server that waits in epoll and calls `accept` once per
+/// report of its listener, as node does; `/stats` answers the most reports of its listener one
+/// wait returned.
+const PY_EPOLL_APP: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/epoll_server.py"
+);
+
+/// Under kernel steering a server waiting in epoll is told of its listener at most once per
+/// wait, when connections wait both on its own listener and in the overflow queue, as epoll
+/// tells of one fd once: a server that calls `accept` once per report (node) takes one
+/// connection per pass of its loop, as from a listener of its own, instead of a second one that
+/// would wait behind the first's request. The worker is stopped in its wait; the first
+/// connection is placed on its listener (its loop waits), the second in the queue (a placement
+/// on its listener is still untaken); then it runs again. Without the shim turning the queue's
+/// report into the listener's, that wait reports the listener twice.
+#[test]
+fn kernel_steering_reports_a_listener_once_per_wait() {
+    if !available("python3") || !steering_available() {
+        return;
+    }
+    let cluster = TestCluster::start(&[
+        "--workers",
+        "1",
+        "--policy",
+        "least-conn",
+        "--steer",
+        "kernel",
+        "--",
+        "python3",
+        PY_EPOLL_APP,
+    ]);
+    let pid = cluster.wait_for_workers(1)[0];
+    cluster.wait_for_log("steering: slot 0 eligible", DEADLINE);
+    assert_eq!(get(cluster.addr(), "/").unwrap().status, 200);
+    assert!(
+        cluster.steering_status(1)[0].watches,
+        "the worker watches the overflow queue"
+    );
+    wait_in_epoll_wait(pid);
+    let before = cluster.overflow_status();
+    kill(pid, libc::SIGSTOP);
+    wait_stopped(pid);
+    let own = send_request(cluster.addr(), "/").expect("first request");
+    let queued = send_request(cluster.addr(), "/").expect("second request");
+    let after = cluster.overflow_status();
+    kill(pid, libc::SIGCONT);
+    assert_eq!(
+        after.assigned - before.assigned,
+        1,
+        "the second connection waits in the overflow queue, the first on the listener"
+    );
+    for s in [own, queued] {
+        let r = read_response(s).expect("response");
+        assert_eq!((r.status, body_pid(&r)), (200, pid), "{r:?}");
+    }
+    let stats = get(cluster.addr(), "/stats").expect("stats");
+    assert_eq!(
+        stats.body.trim(),
+        "listener_reports_max 1",
+        "reports of the listener in one wait"
+    );
+}
+
 /// Under kernel steering the shim stamps the node loop's waits on the table: a node worker
 /// inside a long request is passed over 1 ms into it although it holds fewer connections.
 #[test]

@@ -209,21 +209,22 @@ pub unsafe extern "C" fn epoll_ctl(
     rc
 }
 
-/// An `epoll_wait` variant on `epfd` returned `n` events in `events` (overflow.rs: the
-/// queue is left to others while the batch holds work after a listener's event). Touches
-/// neither errno nor the events.
+/// An `epoll_wait` variant on `epfd` returned `n` events in `events`: the count the server is
+/// told. Under kernel steering the overflow queue's events become its listener's and the shim
+/// notes what the batch holds (overflow.rs). Touches no errno.
 ///
 /// # Safety
 /// `events` holds `n` events written by the kernel when `n > 0`.
 #[inline]
-unsafe fn epoll_returned(epfd: c_int, events: *const libc::epoll_event, n: c_int) {
-    if n > 1
+unsafe fn epoll_returned(epfd: c_int, events: *mut libc::epoll_event, n: c_int) -> c_int {
+    if n > 0
         && let Some(shim) = state::get()
         && let Some((overflow, _)) = shim.overflow()
     {
         // SAFETY: caller contract.
-        unsafe { overflow.returned(epfd, events, n) };
+        return unsafe { overflow.returned(epfd, events, n) };
     }
+    n
 }
 
 /// Around a call that may block waiting for events: before it, flush the coalesced CLOSED
@@ -259,8 +260,7 @@ pub unsafe extern "C" fn epoll_wait(
     // SAFETY: caller contract.
     let rc = around_wait(|| unsafe { real::epoll_wait(epfd, events, max, timeout) });
     // SAFETY: the kernel wrote `rc` events (caller contract for the array).
-    unsafe { epoll_returned(epfd, events, rc) };
-    rc
+    unsafe { epoll_returned(epfd, events, rc) }
 }
 
 /// epoll_pwait(2): as [`epoll_wait`].
@@ -278,8 +278,7 @@ pub unsafe extern "C" fn epoll_pwait(
     // SAFETY: caller contract.
     let rc = around_wait(|| unsafe { real::epoll_pwait(epfd, events, max, timeout, sigmask) });
     // SAFETY: the kernel wrote `rc` events (caller contract for the array).
-    unsafe { epoll_returned(epfd, events, rc) };
-    rc
+    unsafe { epoll_returned(epfd, events, rc) }
 }
 
 /// epoll_pwait2(2): as [`epoll_wait`].
@@ -297,8 +296,7 @@ pub unsafe extern "C" fn epoll_pwait2(
     // SAFETY: caller contract.
     let rc = around_wait(|| unsafe { real::epoll_pwait2(epfd, events, max, timeout, sigmask) });
     // SAFETY: the kernel wrote `rc` events (caller contract for the array).
-    unsafe { epoll_returned(epfd, events, rc) };
-    rc
+    unsafe { epoll_returned(epfd, events, rc) }
 }
 
 /// Under kernel steering, a `poll` that asks for a listener's input watches the overflow queue

@@ -7,10 +7,13 @@
 //! takes it, instead of the connection waiting behind one request of unknown length.
 //!
 //! The server never learns of the queue. When it registers its listener in an epoll set
-//! (`epoll_ctl` ADD/MOD), the shim registers the queue in the same set with the same `data`,
-//! level-triggered and never `EPOLLEXCLUSIVE` (an exclusive wake-up can leave the queue's
-//! readiness with a loop that is busy while another sleeps): a connection waiting there wakes
-//! the server as if its own listener were readable. When the server calls `accept` on its
+//! (`epoll_ctl` ADD/MOD), the shim registers the queue in the same set, level-triggered and
+//! never `EPOLLEXCLUSIVE` (an exclusive wake-up can leave the queue's readiness with a loop that
+//! is busy while another sleeps), under a `data` of its own: a wait that reports the queue
+//! reports the server's listener instead, once however many of the two are ready (as epoll
+//! reports one fd once), so a connection waiting there wakes the server as if its own listener
+//! were readable, and a server that calls `accept` once per report takes one connection per
+//! wait. When the server calls `accept` on its
 //! listener and the table says a connection waits in the queue (`SteerSlot::overflow_waiting`)
 //! and none on this slot's listener (`SteerSlot::own_waiting`: loads, no system call), the shim
 //! takes one from the queue; when only the queue's line says so, it does after `accept` on the
@@ -145,6 +148,25 @@ fn nonblocking(fd: c_int) -> bool {
     // SAFETY: F_GETFL reads the status flags; an invalid fd returns -1.
     let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
     flags >= 0 && flags & libc::O_NONBLOCK != 0
+}
+
+/// The top 16 bits of the `data` the queue is registered with: above every user-space
+/// address and far above any fd, so no server registers a value with them.
+const TAG_MARK: u64 = 0xff5c << 48;
+const TAG_MASK: u64 = 0xffff << 48;
+
+/// The `data` the queue is registered with in set `epfd` beside listener fd `fd`: how a wait's
+/// batch tells the queue's readiness from the listener's ([`Overflow::returned`]).
+fn tag(epfd: c_int, fd: c_int) -> u64 {
+    TAG_MARK | ((epfd as u64) << 24) | fd as u64
+}
+
+/// The `(epfd, listener fd)` of a queue registration's `data`, or `None` for any other value.
+fn untag(data: u64) -> Option<(c_int, c_int)> {
+    (data & TAG_MASK == TAG_MARK).then_some((
+        ((data >> 24) & 0xff_ffff) as c_int,
+        (data & 0xff_ffff) as c_int,
+    ))
 }
 
 fn pack(epfd: c_int, fd: c_int, index: usize) -> u64 {
@@ -494,7 +516,7 @@ impl Overflow {
                 let theirs = unsafe { *event };
                 let mut ours = libc::epoll_event {
                     events: theirs.events & (libc::EPOLLIN | libc::EPOLLONESHOT) as u32,
-                    u64: theirs.u64,
+                    u64: tag(epfd, fd),
                 };
                 // SAFETY: a valid event; the queue's fd is ours.
                 let mut rc = unsafe { real::epoll_ctl(epfd, op, queue, &mut ours) };
@@ -609,17 +631,58 @@ impl Overflow {
         LEFT_LAST.with(|l| l.set(LEFT.with(|t| t.replace(false))));
     }
 
-    /// The calling thread's `epoll_wait` on `epfd` returned `n` events in `events`: when one
-    /// of this process's listener registrations in that set is reported and other events come
-    /// after it, the thread will serve those before a connection it accepts now, so its
-    /// accepts until it next waits leave the queue alone, unless its previous wait already
-    /// left a connection there (module docs).
+    /// The server's `data` for the registration of listener fd `fd` in set `epfd`.
+    fn data_of(&self, epfd: c_int, fd: c_int) -> Option<u64> {
+        self.mirrors.iter().zip(&self.datas).find_map(|(m, d)| {
+            let v = m.load(Ordering::Relaxed);
+            (v != 0 && unpack(v).0 == epfd && unpack(v).1 == fd).then(|| d.load(Ordering::Relaxed))
+        })
+    }
+
+    /// The calling thread's `epoll_wait` on `epfd` returned `n` events in `events`; returns the
+    /// count the server is told, after the batch is rewritten in place:
+    ///
+    /// - A queue's event becomes its listener's: it takes the server's `data`, unless the batch
+    ///   already holds an event with that `data` (the listener's own), when it is dropped, as is
+    ///   one whose registration this process no longer knows. So a server is told of a listener
+    ///   at most once per wait, as epoll tells of one fd, and calls `accept` once per wait (node
+    ///   does) rather than once for its listener and again for the queue: two connections
+    ///   taken in one pass, the second waiting behind the first's request while a peer may be
+    ///   free.
+    /// - When one of this process's listener registrations in the set is reported and other
+    ///   events come after it, the thread will serve those before a connection it accepts now,
+    ///   so its accepts until it next waits leave the queue alone, unless its previous wait
+    ///   already left a connection there (module docs).
     ///
     /// # Safety
-    /// `events` holds `n` events written by the kernel (when `n > 0`).
-    pub unsafe fn returned(&self, epfd: c_int, events: *const libc::epoll_event, n: c_int) {
-        if n < 2 || events.is_null() || self.count.load(Ordering::Relaxed) == 0 {
-            return;
+    /// `events` holds `n` events written by the kernel (when `n > 0`), and may be written.
+    pub unsafe fn returned(&self, epfd: c_int, events: *mut libc::epoll_event, n: c_int) -> c_int {
+        if n < 1 || events.is_null() || self.count.load(Ordering::Relaxed) == 0 {
+            return n;
+        }
+        let total = n as usize;
+        // SAFETY: caller contract, `i` below `total`; epoll_event may be packed, so unaligned.
+        let read = |i: usize| unsafe { events.add(i).read_unaligned() };
+        // SAFETY: as for `read` (the array is the caller's to write).
+        let write = |i: usize, ev: libc::epoll_event| unsafe { events.add(i).write_unaligned(ev) };
+        // Compacted in place: events kept so far are at 0..kept, those not yet seen at i..total.
+        let mut kept = 0;
+        for i in 0..total {
+            let mut ev = read(i);
+            if let Some((set, fd)) = untag(ev.u64) {
+                let Some(data) = self.data_of(epfd, fd).filter(|_| set == epfd) else {
+                    continue;
+                };
+                if (0..kept).chain(i + 1..total).any(|j| read(j).u64 == data) {
+                    continue;
+                }
+                ev.u64 = data;
+            }
+            write(kept, ev);
+            kept += 1;
+        }
+        if kept < 2 {
+            return kept as c_int;
         }
         // The `data` of this set's registrations (a server registers a listener or two).
         let mut mine = [0u64; WAIT_LISTENERS];
@@ -631,16 +694,15 @@ impl Overflow {
                 k += 1;
             }
         }
-        if k == 0 {
-            return;
-        }
-        // SAFETY: caller contract: `n` events; epoll_event may be packed, so read unaligned.
-        let batch = (0..n as usize).map(|i| unsafe { events.add(i).read_unaligned() }.u64);
-        if work_after_listener(batch, |data| mine[..k].contains(&data))
+        if k > 0
+            && work_after_listener((0..kept).map(|i| read(i).u64), |data| {
+                mine[..k].contains(&data)
+            })
             && !LEFT_LAST.with(Cell::get)
         {
             DEFER.with(|d| d.set(true));
         }
+        kept as c_int
     }
 
     /// The process exits normally (the shim's destructor): a watch it holds is withdrawn, as
@@ -702,6 +764,21 @@ mod tests {
         assert!(!work_after_listener([], listener));
     }
 
+    /// An overflow queue without fds, owned by this process, counting one registration (the
+    /// test stores it).
+    fn one_registration() -> Overflow {
+        Overflow {
+            fds: vec![-1],
+            idents: vec![None],
+            mirrors: [const { AtomicU64::new(0) }; MIRRORS],
+            datas: [const { AtomicU64::new(0) }; MIRRORS],
+            nonblock: [const { AtomicBool::new(false) }; MIRRORS],
+            count: AtomicUsize::new(1),
+            owner: AtomicI32::new(getpid()),
+            polled: AtomicBool::new(false),
+        }
+    }
+
     fn event(data: u64) -> libc::epoll_event {
         libc::epoll_event {
             events: libc::EPOLLIN as u32,
@@ -714,21 +791,12 @@ mod tests {
     /// already when it accepts), another set's registration, or none at all defers nothing.
     #[test]
     fn a_busy_batch_leaves_the_queue_to_others_one_wait_at_a_time() {
-        let overflow = Overflow {
-            fds: vec![-1],
-            idents: vec![None],
-            mirrors: [const { AtomicU64::new(0) }; MIRRORS],
-            datas: [const { AtomicU64::new(0) }; MIRRORS],
-            nonblock: [const { AtomicBool::new(false) }; MIRRORS],
-            count: AtomicUsize::new(1),
-            owner: AtomicI32::new(getpid()),
-            polled: AtomicBool::new(false),
-        };
+        let overflow = one_registration();
         let (epfd, listener_fd, data) = (9, 5, 0xabcd);
         overflow.mirrors[3].store(pack(epfd, listener_fd, 0), Ordering::SeqCst);
         overflow.datas[3].store(data, Ordering::SeqCst);
         overflow.nonblock[3].store(true, Ordering::SeqCst);
-        let busy = [event(data), event(11)];
+        let mut busy = [event(data), event(11)];
         let served = [event(11), event(data)];
         // (the batch, the set it came from, whether the thread may take after it)
         let steps: [(&[libc::epoll_event], c_int, bool); 8] = [
@@ -743,8 +811,9 @@ mod tests {
         ];
         for (k, (batch, set, expect)) in steps.into_iter().enumerate() {
             overflow.waiting();
+            let mut batch = batch.to_vec();
             // SAFETY: `batch` holds that many events.
-            unsafe { overflow.returned(set, batch.as_ptr(), batch.len() as c_int) };
+            unsafe { overflow.returned(set, batch.as_mut_ptr(), batch.len() as c_int) };
             assert_eq!(may_take(), expect, "step {k}");
         }
         // A blocking listener's registration defers nothing.
@@ -752,13 +821,13 @@ mod tests {
         overflow.waiting();
         overflow.waiting();
         // SAFETY: `busy` holds two events.
-        unsafe { overflow.returned(epfd, busy.as_ptr(), 2) };
+        unsafe { overflow.returned(epfd, busy.as_mut_ptr(), 2) };
         assert!(may_take());
         assert!(!overflow.deferring(listener_fd));
         overflow.nonblock[3].store(true, Ordering::SeqCst);
         overflow.waiting();
         // SAFETY: as above.
-        unsafe { overflow.returned(epfd, busy.as_ptr(), 2) };
+        unsafe { overflow.returned(epfd, busy.as_mut_ptr(), 2) };
         assert!(overflow.deferring(listener_fd));
         assert!(!overflow.deferring(listener_fd + 1));
         // One take per wait, whatever the batch.
@@ -766,6 +835,46 @@ mod tests {
         TAKEN.with(|t| t.set(true));
         assert!(!may_take());
         overflow.waiting();
+    }
+
+    #[test]
+    fn tags_name_the_set_and_listener_and_nothing_a_server_registers() {
+        for (epfd, fd) in [(0, 0), (5, 7), (FD_LIMIT - 1, FD_LIMIT - 1)] {
+            assert_eq!(untag(tag(epfd, fd)), Some((epfd, fd)));
+        }
+        // fds (libuv's `data`), user-space pointers, zero, all ones.
+        for data in [0, 7, 0x7fff_ffff_ffff, 0x00ff_ffff_ffff_ffff, u64::MAX] {
+            assert_eq!(untag(data), None, "{data:#x}");
+        }
+    }
+
+    /// The queue's event in a wait's batch becomes its listener's (the server's `data`), and
+    /// is dropped where the listener's own event is in the batch too, or where the
+    /// registration is not this set's or is no longer known; other events keep their order.
+    #[test]
+    fn a_batch_reports_each_listener_once_with_the_servers_data() {
+        let overflow = one_registration();
+        let (epfd, listener_fd, data) = (9, 5, 0x5_0000_0000);
+        overflow.mirrors[7].store(pack(epfd, listener_fd, 0), Ordering::SeqCst);
+        overflow.datas[7].store(data, Ordering::SeqCst);
+        let queue = tag(epfd, listener_fd);
+        let cases: [(c_int, &[u64], &[u64]); 7] = [
+            (epfd, &[queue], &[data]),
+            (epfd, &[11, queue, 12], &[11, data, 12]),
+            (epfd, &[data, queue], &[data]),
+            (epfd, &[queue, 11, data], &[11, data]),
+            (epfd, &[11, 12], &[11, 12]),
+            (epfd + 1, &[11, queue], &[11]), // another set's tag: not ours to report
+            (epfd, &[tag(epfd, listener_fd + 1), 11], &[11]), // a listener not registered
+        ];
+        for (set, batch, expect) in cases {
+            overflow.waiting();
+            let mut events: Vec<libc::epoll_event> = batch.iter().map(|&d| event(d)).collect();
+            // SAFETY: `events` holds that many events.
+            let n = unsafe { overflow.returned(set, events.as_mut_ptr(), events.len() as c_int) };
+            let got: Vec<u64> = events[..n as usize].iter().map(|e| e.u64).collect();
+            assert_eq!(got, expect, "batch {batch:x?} from set {set}");
+        }
     }
 
     #[test]
