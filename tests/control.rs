@@ -163,10 +163,17 @@ fn ctl_scale_up_then_down() {
     let status = ctl_status(&sock);
     assert_eq!(status["slots"], 3);
     assert_eq!(ready_count(&status), 3, "{status:#}");
+    let removed = workers(&status)
+        .iter()
+        .find(|w| w["id"] == 2)
+        .and_then(|w| w["pid"].as_i64())
+        .expect("worker 2's pid");
 
     let out = ctl(&sock, &["scale", "2"]);
     assert_eq!(out.code, 0, "{out:?}");
-    cluster.wait_for_log("worker 2 (pid", DEADLINE);
+    // Its exit, not the "draining worker 2 (pid ..." line before it: until the master has
+    // reaped it, the status still lists it as draining.
+    cluster.wait_for_log(&format!("worker 2 (pid {removed}) exited"), DEADLINE);
     cluster.wait_for_workers(2);
     let status = ctl_status(&sock);
     assert_eq!(status["slots"], 2);
