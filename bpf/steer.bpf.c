@@ -31,9 +31,10 @@
 //
 // When the pick is stuck (so every eligible slot is: under least-mem, every one within the RSS
 // tolerance; under p2c, both drawn), or (least-conn, p2c) its loop has been serving for over
-// SPILL_BUSY_NS or its worker has not yet taken a connection already placed on its listener
-// while the loads are nearly level (no eligible slot, under p2c neither drawn, holds more than
-// one above the pick), and an eligible slot's worker watches the overflow queue (WATCHERS in
+// SPILL_BUSY_NS, or its worker has not yet taken a connection already placed on its listener,
+// or connections placed on the overflow queue wait there untaken, while the loads are nearly
+// level (no eligible slot, under p2c neither drawn, holds more than one above the pick), and
+// an eligible slot's worker watches the overflow queue (WATCHERS in
 // its `reporting`), the connection goes to the overflow queue instead: one more listener of the
 // group, at index STEER_OVERFLOW of the socket array, that every watching worker accepts from
 // when its own listener has nothing. (Nearly level loads bound what spills of a pick that is
@@ -42,7 +43,12 @@
 // stay split within two by these spills. Stricter rules cost node's heavy-tailed p99 at 75–90 %
 // load, BENCHMARKS.md: level loads keep connections on a pick that holds fewer because it is
 // inside a long request, for the first 1 ms of that request, and one spill at a time puts the
-// rest behind busy picks. A stuck pick spills whatever the loads.) It then waits for the first
+// rest behind busy picks. A stuck pick spills whatever the loads.) A connection that arrives
+// while others wait in the queue joins them even when the pick's loop waits: placed on the
+// pick's own listener it would pass them, because a worker takes its own listener's connections
+// before the queue's, and the wait of the oldest is the tail (BENCHMARKS.md, issue #14). So
+// while the loads are level, connections are taken oldest first whoever takes them, as from
+// the kernel's one shared queue. It then waits for the first
 // worker to come free (one whose loop waits takes it at once), not behind work whose end nobody
 // can predict: the kernel's shared queue where that is what a connection needs, placement by
 // load where a worker is free. Its placements are counted on the table's line STEER_OVERFLOW
@@ -407,9 +413,13 @@ int steer(struct sk_reuseport_md *md)
     __u32 spill_busy =
         scan.policy != STEER_LEAST_MEM && (scan.best_busy > SPILL_BUSY_NS || behind) &&
         scan.max_load <= scan.best_load + 1;
-    if ((scan.best_stuck != 0 || spill_busy) && scan.watch && scan.policy != STEER_ROUND_ROBIN) {
-        __u32 spill = STEER_OVERFLOW;
-        struct steer_slot *queue = bpf_map_lookup_elem(&steer_slots, &spill);
+    // Connections wait in the overflow queue: a new one goes behind them, not past them.
+    __u32 spill = STEER_OVERFLOW;
+    struct steer_slot *queue = bpf_map_lookup_elem(&steer_slots, &spill);
+    __u32 queued = scan.policy != STEER_LEAST_MEM && queue && slot_untaken(queue) > 0 &&
+                   scan.max_load <= scan.best_load + 1;
+    if ((scan.best_stuck != 0 || spill_busy || queued) && scan.watch &&
+        scan.policy != STEER_ROUND_ROBIN) {
         if (queue && queue->eligible &&
             bpf_sk_select_reuseport(md, &steer_socks, &spill, 0) == 0) {
             __sync_fetch_and_add(&queue->assigned, 1);

@@ -1167,13 +1167,16 @@ mod kernel_tests {
             assert_eq!(spread(&socks, addr, 1), vec![1, 0, 0]);
             serving();
             assert_eq!(spread(&socks, addr, 1), vec![0, 0, 1]);
-            // Slot 0's loop waits again: it takes its share directly (4 against 5).
+            // Slot 1 takes the queued one (4 against 6), and slot 0's loop waits again: it takes
+            // its share directly, nothing waiting in the queue for it to pass.
+            let queued = steer.counts(page::OVERFLOW).assigned;
+            word(steer, page::OVERFLOW, page::ACCEPTED).store(queued, Ordering::SeqCst);
+            word(steer, 1, page::ASSIGNED).fetch_add(1, Ordering::SeqCst);
+            taken(1);
             word(steer, 0, page::BUSY_NS).store(0, Ordering::SeqCst);
             assert_eq!(spread(&socks, addr, 1), vec![1, 0, 0]);
             // p2c: the less loaded of the two (slot 0: 5 against 6), spilled while its loop
             // serves; not once slot 1 holds more than one above it.
-            word(steer, 1, page::ASSIGNED).fetch_add(1, Ordering::SeqCst);
-            taken(1);
             steer.configure(2, SteerPolicy::P2c).unwrap();
             serving();
             assert_eq!(spread(&socks, addr, 2), vec![0, 0, 2]);
@@ -1223,13 +1226,15 @@ mod kernel_tests {
             fresh();
             assert_eq!(spread(&socks, addr, 2), vec![0, 0, 2]);
             assert_eq!(steer.counts(page::OVERFLOW).assigned, 2);
-            // Taken: slot 0 is free again and gets the next one directly.
+            // Taken, and slot 1's worker took the two queued (they are its own now: 1 against
+            // 3): slot 0 is free again and gets the next one directly.
             set(0, page::ACCEPTED, 1);
+            set(page::OVERFLOW, page::ACCEPTED, 2);
+            set(1, page::ASSIGNED, 3);
+            set(1, page::ACCEPTED, 3);
             fresh();
             assert_eq!(spread(&socks, addr, 1), vec![1, 0, 0]);
-            // Slot 1 took the two queued and holds two more (2 against 5): slot 0, though
-            // behind, keeps what it is owed.
-            set(page::OVERFLOW, page::ACCEPTED, 2);
+            // Slot 1 holds two more (2 against 5): slot 0, though behind, keeps what it is owed.
             set(1, page::ASSIGNED, 5);
             set(1, page::ACCEPTED, 5);
             fresh();
@@ -1259,6 +1264,67 @@ mod kernel_tests {
                 steer.configure(2, policy).unwrap();
                 fresh();
                 assert_eq!(spread(&socks, addr, 1)[2], 0, "{policy:?}");
+            }
+        });
+    }
+
+    #[test]
+    fn a_connection_joins_a_nonempty_overflow_queue_rather_than_pass_it() {
+        each_build(|steer| {
+            let (socks, addr) = group_with_overflow(steer, 2);
+            let set = |slot, field, value| word(steer, slot, field).store(value, Ordering::SeqCst);
+            // Both workers watch the queue and count their accepts, and their loops wait;
+            // slot 1 holds one connection: nothing queued, so slot 0 gets the next directly.
+            for slot in 0..2 {
+                reporting(steer, slot)
+                    .store(page::REPORTING_SHIM | page::WATCHER, Ordering::SeqCst);
+            }
+            set(1, page::ASSIGNED, 1);
+            set(1, page::ACCEPTED, 1);
+            let taken = |slot| {
+                set(slot, page::ACCEPTED, steer.counts(slot).assigned);
+                set(slot, page::PROGRESS_NS, crate::sys::monotonic_ns());
+            };
+            assert_eq!(spread(&socks, addr, 1), vec![1, 0, 0]);
+            taken(0);
+            // Two connections wait in the queue (placed while both loops served, not taken
+            // yet): new ones go behind them, although both loops wait (1 and 1), so
+            // the worker that comes free takes the oldest first, as from one shared queue.
+            set(page::OVERFLOW, page::ASSIGNED, 2);
+            assert_eq!(spread(&socks, addr, 3), vec![0, 0, 3]);
+            // One left (of five): still behind it.
+            set(page::OVERFLOW, page::ACCEPTED, 4);
+            assert_eq!(spread(&socks, addr, 1), vec![0, 0, 1]);
+            // Slot 0 holds two more than slot 1 (3 against 1, long-lived connections): the
+            // loads are not level, and slot 1 gets it directly, queue or not.
+            set(0, page::ASSIGNED, 3);
+            taken(0);
+            assert_eq!(spread(&socks, addr, 1), vec![0, 1, 0]);
+            taken(1);
+            // Level again (3 against 2), the queue taken or written off by the master's
+            // reconciliation (6 placed, 5 taken, 1 forgiven): by the load.
+            set(1, page::ASSIGNED, 2);
+            taken(1);
+            set(page::OVERFLOW, page::ACCEPTED, 5);
+            set(page::OVERFLOW, page::FORGIVEN, 1);
+            assert_eq!(spread(&socks, addr, 1), vec![0, 1, 0]);
+            taken(1);
+            // Queued again, but nobody watches: the queue is never used (3 and 3, then 4 and 3).
+            set(page::OVERFLOW, page::FORGIVEN, 0);
+            for slot in 0..2 {
+                reporting(steer, slot).store(page::REPORTING_SHIM, Ordering::SeqCst);
+            }
+            assert_eq!(spread(&socks, addr, 2), vec![1, 1, 0]);
+            taken(0);
+            taken(1);
+            // round-robin never spills; least-mem keeps its RSS bound (any watcher takes from
+            // the queue) and spills only when stuck.
+            reporting(steer, 1).store(page::REPORTING_SHIM | page::WATCHER, Ordering::SeqCst);
+            for policy in [SteerPolicy::RoundRobin, SteerPolicy::LeastMem] {
+                steer.configure(2, policy).unwrap();
+                assert_eq!(spread(&socks, addr, 1)[2], 0, "{policy:?}");
+                taken(0);
+                taken(1);
             }
         });
     }
