@@ -407,18 +407,17 @@ int steer(struct sk_reuseport_md *md)
     // waiting loop's busy_ns cannot tell: it is stamped only when the loop runs again.
     // Such a spill waits for nearly level loads (header): it goes to whoever comes free first,
     // so it may widen the gap by one, and none follows until the gap is back to one.
+    // Likewise while connections wait in the overflow queue: a new one goes behind them, not
+    // past them to a pick that takes its own listener's connections first (header).
     // least-mem spills only when stuck: any watcher takes from the queue, one beyond the RSS
-    // tolerance too, which a busy pick alone does not justify.
+    // tolerance too, which a busy pick or a waiting queue alone does not justify.
     __u32 behind = slot && slot->reporting != 0 && slot_untaken(slot) > 0;
-    __u32 spill_busy =
-        scan.policy != STEER_LEAST_MEM && (scan.best_busy > SPILL_BUSY_NS || behind) &&
-        scan.max_load <= scan.best_load + 1;
-    // Connections wait in the overflow queue: a new one goes behind them, not past them.
     __u32 spill = STEER_OVERFLOW;
     struct steer_slot *queue = bpf_map_lookup_elem(&steer_slots, &spill);
-    __u32 queued = scan.policy != STEER_LEAST_MEM && queue && slot_untaken(queue) > 0 &&
-                   scan.max_load <= scan.best_load + 1;
-    if ((scan.best_stuck != 0 || spill_busy || queued) && scan.watch &&
+    __u32 queued = queue && slot_untaken(queue) > 0;
+    __u32 spill_level = scan.policy != STEER_LEAST_MEM && scan.max_load <= scan.best_load + 1 &&
+                        (scan.best_busy > SPILL_BUSY_NS || behind || queued);
+    if ((scan.best_stuck != 0 || spill_level) && scan.watch &&
         scan.policy != STEER_ROUND_ROBIN) {
         if (queue && queue->eligible &&
             bpf_sk_select_reuseport(md, &steer_socks, &spill, 0) == 0) {
