@@ -9,7 +9,7 @@
 use libc::{c_char, c_int, c_long, c_void, sockaddr, socklen_t};
 
 use crate::state::{errno, set_errno};
-use crate::{env, follow, real, state};
+use crate::{env, follow, overflow, real, state};
 
 /// Runs [`state::init`] before `main` (ELF `.init_array`, executed by the dynamic loader when
 /// the library is loaded).
@@ -245,6 +245,30 @@ fn around_wait(wait: impl FnOnce() -> c_int) -> c_int {
     rc
 }
 
+/// One epoll wait as the server sees it: `wait` (the real call) inside [`around_wait`], its
+/// batch rewritten by [`epoll_returned`]. A wait without a time limit (`forever`) whose every
+/// event was dropped (the overflow queue reported under a registration this process no longer
+/// knows, which that report removes) waits again rather than return 0, which such a caller
+/// never expects (libuv asserts it cannot happen); a limited wait returns 0, as on a timeout,
+/// and its caller looks at the clock.
+///
+/// # Safety
+/// `events` as for epoll_wait(2); `wait` fills it.
+#[inline]
+unsafe fn epoll_call(
+    epfd: c_int,
+    events: *mut libc::epoll_event,
+    forever: bool,
+    wait: impl Fn() -> c_int,
+) -> c_int {
+    // SAFETY: the kernel wrote `rc` events (caller contract for the array).
+    overflow::until_told(
+        forever,
+        || around_wait(&wait),
+        |rc| unsafe { epoll_returned(epfd, events, rc) },
+    )
+}
+
 /// epoll_wait(2): flushes coalesced CLOSED counts first (state.rs `before_wait`), stamps the loop's
 /// waits under kernel steering (steer.rs) and notes what the batch holds (overflow.rs).
 ///
@@ -258,9 +282,11 @@ pub unsafe extern "C" fn epoll_wait(
     timeout: c_int,
 ) -> c_int {
     // SAFETY: caller contract.
-    let rc = around_wait(|| unsafe { real::epoll_wait(epfd, events, max, timeout) });
-    // SAFETY: the kernel wrote `rc` events (caller contract for the array).
-    unsafe { epoll_returned(epfd, events, rc) }
+    unsafe {
+        epoll_call(epfd, events, timeout < 0, || {
+            real::epoll_wait(epfd, events, max, timeout)
+        })
+    }
 }
 
 /// epoll_pwait(2): as [`epoll_wait`].
@@ -276,9 +302,11 @@ pub unsafe extern "C" fn epoll_pwait(
     sigmask: *const libc::sigset_t,
 ) -> c_int {
     // SAFETY: caller contract.
-    let rc = around_wait(|| unsafe { real::epoll_pwait(epfd, events, max, timeout, sigmask) });
-    // SAFETY: the kernel wrote `rc` events (caller contract for the array).
-    unsafe { epoll_returned(epfd, events, rc) }
+    unsafe {
+        epoll_call(epfd, events, timeout < 0, || {
+            real::epoll_pwait(epfd, events, max, timeout, sigmask)
+        })
+    }
 }
 
 /// epoll_pwait2(2): as [`epoll_wait`].
@@ -294,9 +322,11 @@ pub unsafe extern "C" fn epoll_pwait2(
     sigmask: *const libc::sigset_t,
 ) -> c_int {
     // SAFETY: caller contract.
-    let rc = around_wait(|| unsafe { real::epoll_pwait2(epfd, events, max, timeout, sigmask) });
-    // SAFETY: the kernel wrote `rc` events (caller contract for the array).
-    unsafe { epoll_returned(epfd, events, rc) }
+    unsafe {
+        epoll_call(epfd, events, timeout.is_null(), || {
+            real::epoll_pwait2(epfd, events, max, timeout, sigmask)
+        })
+    }
 }
 
 /// Under kernel steering, a `poll` that asks for a listener's input watches the overflow queue

@@ -30,7 +30,10 @@
 //! worker was first) leaves the call to the listener. Trying the queue first saves the failed
 //! `accept` a taken connection would otherwise cost (node calls `accept` once per readiness
 //! report). The registration is removed with the server's (`EPOLL_CTL_DEL`, closing its
-//! listener or the epoll fd).
+//! listener or the epoll fd); one that cannot be recorded (every entry of the table of
+//! registrations taken) is taken back at once, and one reported that this process has no
+//! record of (a set inherited across exec) is removed at that report, so the queue never wakes
+//! a loop it cannot report to.
 //!
 //! A server that waits in `poll` or `select` (gunicorn's sync worker, C servers) has no
 //! registration to mirror: when one of its waits asks for a non-blocking listener's input, the
@@ -98,6 +101,23 @@ fn may_take() -> bool {
         return false;
     }
     true
+}
+
+/// An epoll wait as the server sees it (interpose.rs): `wait`, then `told` (how many of its
+/// `rc` events the server is told), again while a wait without a time limit (`forever`) found
+/// events and the server would be told of none.
+pub fn until_told(
+    forever: bool,
+    mut wait: impl FnMut() -> c_int,
+    told: impl Fn(c_int) -> c_int,
+) -> c_int {
+    loop {
+        let rc = wait();
+        let n = told(rc);
+        if n != 0 || rc <= 0 || !forever {
+            return n;
+        }
+    }
 }
 
 /// Whether an `epoll_wait` batch (the `data` of each event, in the order reported) has an event
@@ -258,7 +278,8 @@ impl Overflow {
         }
     }
 
-    fn remember(&self, steer: &SteerSlot, v: u64, data: u64, nonblock: bool) {
+    /// Records registration `v` (or updates it); `false` when every entry is taken.
+    fn remember(&self, steer: &SteerSlot, v: u64, data: u64, nonblock: bool) -> bool {
         if let Some(k) = self
             .mirrors
             .iter()
@@ -266,7 +287,7 @@ impl Overflow {
         {
             self.datas[k].store(data, Ordering::SeqCst);
             self.nonblock[k].store(nonblock, Ordering::SeqCst);
-            return;
+            return true;
         }
         for (k, m) in self.mirrors.iter().enumerate() {
             if m.compare_exchange(0, v, Ordering::SeqCst, Ordering::SeqCst)
@@ -279,9 +300,10 @@ impl Overflow {
                 {
                     steer.watch(true);
                 }
-                return;
+                return true;
             }
         }
+        false
     }
 
     fn drop_entry(&self, steer: &SteerSlot, m: &AtomicU64, v: u64) {
@@ -531,8 +553,12 @@ impl Overflow {
                         rc = unsafe { real::epoll_ctl(epfd, retry, queue, &mut ours) };
                     }
                 }
-                if rc == 0 {
-                    self.remember(steer, v, theirs.u64, nonblocking(fd));
+                // A registration that cannot be recorded is taken back: its reports would come
+                // under a tag nobody knows, so they could only be dropped.
+                if rc == 0 && !self.remember(steer, v, theirs.u64, nonblocking(fd)) {
+                    let mut dummy = libc::epoll_event { events: 0, u64: 0 };
+                    // SAFETY: DEL ignores the event pointer (non-null for old kernels).
+                    unsafe { real::epoll_ctl(epfd, libc::EPOLL_CTL_DEL, queue, &mut dummy) };
                 }
             }
             libc::EPOLL_CTL_DEL => {
@@ -644,7 +670,9 @@ impl Overflow {
     ///
     /// - A queue's event becomes its listener's: it takes the server's `data`, unless the batch
     ///   already holds an event with that `data` (the listener's own), when it is dropped, as is
-    ///   one whose registration this process no longer knows. So a server is told of a listener
+    ///   one whose registration this process has no record of, which is also removed from the
+    ///   set (`remove_stale`; the caller waits again rather than tell a server
+    ///   without a time limit of nothing). So a server is told of a listener
     ///   at most once per wait, as epoll tells of one fd, and calls `accept` once per wait (node
     ///   does) rather than once for its listener and again for the queue: two connections
     ///   taken in one pass, the second waiting behind the first's request while a peer may be
@@ -669,10 +697,12 @@ impl Overflow {
         let write = |i: usize, ev: libc::epoll_event| unsafe { events.add(i).write_unaligned(ev) };
         // Compacted in place: events kept so far are at 0..kept, those not yet seen at i..total.
         let mut kept = 0;
+        let mut stale = false;
         for i in 0..total {
             let mut ev = read(i);
             if let Some((set, fd)) = untag(ev.u64) {
                 let Some(data) = self.data_of(epfd, fd).filter(|_| set == epfd) else {
+                    stale = true;
                     continue;
                 };
                 if (0..kept).chain(i + 1..total).any(|j| read(j).u64 == data) {
@@ -682,6 +712,9 @@ impl Overflow {
             }
             write(kept, ev);
             kept += 1;
+        }
+        if stale {
+            self.remove_stale(epfd);
         }
         if kept < 2 {
             return kept as c_int;
@@ -705,6 +738,27 @@ impl Overflow {
             DEFER.with(|d| d.set(true));
         }
         kept as c_int
+    }
+
+    /// Removes from set `epfd` each of the queue's fds that no recorded registration of this
+    /// process puts there: one reported under a tag nobody knows (a set inherited across exec,
+    /// or a registration made before this process's record of it was dropped). Left there, a
+    /// queue holding connections that other workers will take wakes this loop again and again
+    /// with nothing to report. errno is left as it was.
+    fn remove_stale(&self, epfd: c_int) {
+        let saved = errno();
+        for (index, &queue) in self.fds.iter().enumerate() {
+            let known = self.mirrors.iter().any(|m| {
+                let v = m.load(Ordering::SeqCst);
+                v != 0 && unpack(v).0 == epfd && unpack(v).2 == index
+            });
+            if queue >= 0 && !known {
+                let mut dummy = libc::epoll_event { events: 0, u64: 0 };
+                // SAFETY: DEL ignores the event pointer; a set without the fd answers ENOENT.
+                unsafe { real::epoll_ctl(epfd, libc::EPOLL_CTL_DEL, queue, &mut dummy) };
+            }
+        }
+        set_errno(saved);
     }
 
     /// The process exits normally (the shim's destructor): a watch it holds is withdrawn, as
@@ -884,6 +938,158 @@ mod tests {
         // SAFETY: `events` holds two events.
         let n = unsafe { overflow.returned(epfd, events.as_mut_ptr(), 2) };
         assert_eq!((n, events[0].u64), (1, 11));
+    }
+
+    /// A wait without a time limit whose events were all dropped waits again, until the server
+    /// is told of one; a limited wait, and a wait that failed or found nothing, return what
+    /// they got at once.
+    #[test]
+    fn a_wait_without_a_time_limit_never_tells_of_nothing() {
+        // (forever, each wait's count, how many of them the server is told, expected, waits)
+        type Case = (bool, &'static [c_int], &'static [c_int], c_int, usize);
+        let cases: [Case; 5] = [
+            (true, &[2, 1], &[0, 1], 1, 2),
+            (true, &[1, 1, 3], &[0, 0, 2], 2, 3),
+            (false, &[2], &[0], 0, 1),
+            (true, &[-1], &[-1], -1, 1),
+            (true, &[0], &[0], 0, 1),
+        ];
+        for (forever, rcs, told, expect, waits) in cases {
+            let k = Cell::new(0);
+            let n = until_told(
+                forever,
+                || {
+                    k.set(k.get() + 1);
+                    rcs[k.get() - 1]
+                },
+                |rc| {
+                    assert_eq!(rc, rcs[k.get() - 1]);
+                    told[k.get() - 1]
+                },
+            );
+            assert_eq!((n, k.get()), (expect, waits), "{forever} {rcs:?} {told:?}");
+        }
+    }
+
+    /// A listening socket on 127.0.0.1 with a connection waiting in its queue (so an epoll
+    /// set reports it readable until someone accepts), and that connection.
+    fn queue_with_a_connection() -> (std::net::TcpListener, std::net::TcpStream) {
+        let queue = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        queue.set_nonblocking(true).expect("nonblocking");
+        let client =
+            std::net::TcpStream::connect(queue.local_addr().expect("addr")).expect("connect");
+        (queue, client)
+    }
+
+    fn epoll_set() -> std::os::fd::OwnedFd {
+        // SAFETY: epoll_create1 returns a new fd or -1.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        assert!(fd >= 0, "epoll_create1");
+        // SAFETY: a new fd that nothing else owns.
+        unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) }
+    }
+
+    /// `epoll_ctl(epfd, op, fd)` with `data`, and the result (0 or the errno).
+    fn ctl(epfd: c_int, op: c_int, fd: c_int, data: u64) -> c_int {
+        let mut ev = event(data);
+        // SAFETY: a valid event; the fds are the test's.
+        let rc = unsafe { libc::epoll_ctl(epfd, op, fd, &mut ev) };
+        if rc == 0 { 0 } else { errno() }
+    }
+
+    /// One wait on `epfd` (at most 1 s) and the `data` of what it reports.
+    fn wait(epfd: c_int, timeout: c_int) -> Vec<u64> {
+        let mut events = [event(0); 4];
+        // SAFETY: `events` holds 4 events.
+        let n = unsafe { libc::epoll_wait(epfd, events.as_mut_ptr(), 4, timeout) };
+        assert!(n >= 0, "epoll_wait: {}", errno());
+        events[..n as usize].iter().map(|e| e.u64).collect()
+    }
+
+    /// The queue reported under a tag this process has no record of (a set an exec inherited,
+    /// say) is never passed on and is removed from that set at that report, so a queue that
+    /// holds a connection for other workers stops waking this loop; a recorded registration
+    /// in the same set is left alone.
+    #[test]
+    fn a_report_under_a_tag_nobody_knows_removes_that_registration() {
+        use std::os::fd::AsRawFd;
+        let (queue, _client) = queue_with_a_connection();
+        let set = epoll_set();
+        let epfd = set.as_raw_fd();
+        let mut overflow = one_registration();
+        overflow.fds = vec![queue.as_raw_fd()];
+        overflow.count.store(0, Ordering::SeqCst);
+        let stale = tag(epfd, 42);
+        assert_eq!(ctl(epfd, libc::EPOLL_CTL_ADD, queue.as_raw_fd(), stale), 0);
+        let mut events: Vec<libc::epoll_event> = wait(epfd, 1000).into_iter().map(event).collect();
+        assert_eq!(events.iter().map(|e| e.u64).collect::<Vec<_>>(), [stale]);
+        // SAFETY: `events` holds that many events.
+        let n = unsafe { overflow.returned(epfd, events.as_mut_ptr(), events.len() as c_int) };
+        assert_eq!(n, 0, "nothing to tell the server");
+        assert_eq!(
+            wait(epfd, 0),
+            [] as [u64; 0],
+            "the set no longer reports the queue"
+        );
+        assert_eq!(
+            ctl(epfd, libc::EPOLL_CTL_DEL, queue.as_raw_fd(), 0),
+            libc::ENOENT
+        );
+
+        // Recorded: reported as the listener's, and still registered after.
+        let (listener_fd, data) = (7, 0x77);
+        overflow.mirrors[0].store(pack(epfd, listener_fd, 0), Ordering::SeqCst);
+        overflow.datas[0].store(data, Ordering::SeqCst);
+        overflow.count.store(1, Ordering::SeqCst);
+        let known = tag(epfd, listener_fd);
+        assert_eq!(ctl(epfd, libc::EPOLL_CTL_ADD, queue.as_raw_fd(), known), 0);
+        let mut events: Vec<libc::epoll_event> = wait(epfd, 1000).into_iter().map(event).collect();
+        // SAFETY: as above.
+        let n = unsafe { overflow.returned(epfd, events.as_mut_ptr(), events.len() as c_int) };
+        assert_eq!((n, events[0].u64), (1, data));
+        assert_eq!(wait(epfd, 1000), [known], "still registered");
+    }
+
+    /// A registration the shim cannot record (every entry taken) is taken back from the set
+    /// at once instead of left to report under a tag nobody knows.
+    #[test]
+    fn a_registration_that_cannot_be_recorded_is_taken_back() {
+        use std::os::fd::AsRawFd;
+        let (queue, _client) = queue_with_a_connection();
+        let (server, _) = queue_with_a_connection();
+        let set = epoll_set();
+        let epfd = set.as_raw_fd();
+        let steer = SteerSlot::for_test(0);
+        let mut overflow = one_registration();
+        overflow.fds = vec![queue.as_raw_fd()];
+        let theirs = event(0x55);
+        let add = |overflow: &Overflow| {
+            // SAFETY: a valid event.
+            unsafe {
+                overflow.mirror(
+                    &steer,
+                    epfd,
+                    libc::EPOLL_CTL_ADD,
+                    server.as_raw_fd(),
+                    0,
+                    &theirs,
+                )
+            }
+        };
+        // With room: the queue joins the set beside the server's listener.
+        add(&overflow);
+        assert_eq!(wait(epfd, 1000), [tag(epfd, server.as_raw_fd())]);
+        assert_eq!(ctl(epfd, libc::EPOLL_CTL_DEL, queue.as_raw_fd(), 0), 0);
+        // Without: it does not stay there.
+        for (k, m) in overflow.mirrors.iter().enumerate() {
+            m.store(pack(1000, 1000 + k as c_int, 0), Ordering::SeqCst);
+        }
+        add(&overflow);
+        assert_eq!(wait(epfd, 0), [] as [u64; 0]);
+        assert_eq!(
+            ctl(epfd, libc::EPOLL_CTL_DEL, queue.as_raw_fd(), 0),
+            libc::ENOENT
+        );
     }
 
     #[test]

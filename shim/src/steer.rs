@@ -184,6 +184,15 @@ impl SteerSlot {
         }
     }
 
+    /// A line of a table of its own (leaked), for tests.
+    #[cfg(test)]
+    pub fn for_test(slot: usize) -> SteerSlot {
+        let table: &'static mut [u64] = Box::leak(vec![0u64; TABLE_SIZE / 8].into_boxed_slice());
+        // SAFETY: a leaked, 8-byte aligned table of TABLE_SIZE bytes, accessed only through the
+        // line's atomics from here on.
+        unsafe { SteerSlot::on(table.as_mut_ptr().cast(), slot) }
+    }
+
     /// Makes the table's fd survive an exec of this same process (`inherit = true`: the next
     /// image's shim maps it again) or not (after a failed exec), if the number is still ours.
     pub fn set_inheritable(&self, inherit: bool) {
@@ -335,10 +344,7 @@ mod tests {
     /// The only test that claims the process's loop (`LOOP` is process-wide).
     #[test]
     fn the_loop_thread_restamps_busy_at_each_accept_and_close() {
-        let table: &'static mut [u64] = Box::leak(vec![0u64; TABLE_SIZE / 8].into_boxed_slice());
-        // SAFETY: a leaked, 8-byte aligned table of TABLE_SIZE bytes, accessed only through the
-        // line's atomics from here on.
-        let slot = unsafe { SteerSlot::on(table.as_mut_ptr().cast(), 3) };
+        let slot = SteerSlot::for_test(3);
         slot.reporting.store(REPORTING_SHIM, Ordering::SeqCst);
         let busy = || slot.busy.load(Ordering::SeqCst);
         let pause = || std::thread::sleep(Duration::from_millis(2));
