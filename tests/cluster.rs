@@ -180,6 +180,49 @@ fn reuseport_keeps_a_killed_workers_queue() {
     cluster.wait_for_log("worker 0 ready", DEADLINE);
 }
 
+/// Plain reuseport mode where its migrate program loads (CAP_BPF, Linux 5.14+): the
+/// connections queued on a removed worker's socket move to the other worker's socket when it
+/// closes, none reset. The removed worker is stopped, so it takes none of them itself; it gets
+/// the drain signal and is SIGKILLed after `--grace`.
+#[test]
+fn reuseport_scale_down_moves_the_removed_sockets_queue_to_the_others() {
+    if !steering_available() {
+        return;
+    }
+    let cluster = TestCluster::start(&["--workers", "2", "--policy", "reuseport", "--grace", "1s"]);
+    assert!(cluster.log_contains("queue moves to the others (SELECT_OR_MIGRATE)"));
+    let removed = get_many(cluster.addr(), "/", 40, 2)
+        .iter()
+        .flatten()
+        .find(|r| r.worker() == 1)
+        .expect("worker 1 served one of 40")
+        .pid();
+    let inode = socket_inode(removed, 3);
+    kill(removed, libc::SIGSTOP);
+    common::wait_stopped(removed);
+    let pending: Vec<_> = (0..40)
+        .map(|_| send_request(cluster.addr(), "/").unwrap())
+        .collect();
+    let mut queued = 0;
+    wait_until("connections queue on the stopped worker's socket", || {
+        queued = listen_queue_len(inode);
+        queued > 0
+    });
+    cluster.signal(libc::SIGTTOU);
+    cluster.wait_for_log(&format!("(pid {removed}) exited"), DEADLINE);
+    let results: Vec<_> = pending.into_iter().map(read_response).collect();
+    let failed: Vec<_> = results
+        .iter()
+        .filter_map(|r| r.as_ref().err().map(|e| e.kind()))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of 40 failed ({queued} were queued on the removed socket): {failed:?}",
+        failed.len()
+    );
+    assert_eq!(per_worker(&results).get(&0), Some(&40));
+}
+
 #[test]
 fn reuseport_scale_down_takes_the_removed_workers_socket_out_of_the_group() {
     let cluster = TestCluster::start(&["--workers", "3", "--policy", "reuseport"]);

@@ -131,6 +131,10 @@ struct Supervisor {
     acceptor: Option<AcceptorHandle>,
     /// Kernel steering (`--steer`): the program places connections on the slots' listeners.
     steer: Option<SteerControl>,
+    /// Plain reuseport mode: the program that has the kernel move a closing socket's queue to
+    /// the rest of its group (`crate::steer::load_migrate_only`), attached to every group;
+    /// `None` where it cannot load, or in other modes.
+    migrate: Option<OwnedFd>,
     /// Bound addresses (real ports).
     addrs: Vec<SocketAddr>,
     /// Dispatch mode: the listening sockets until the acceptor takes them. Shared mode: the
@@ -278,6 +282,11 @@ impl Supervisor {
             }
             st.open_overflow(&addrs)?;
         }
+        let migrate = if mode == Mode::Reuseport && steer.is_none() {
+            migrate_program(&slots)
+        } else {
+            None
+        };
 
         let preload = config.preload.clone();
         let lifecycle = Lifecycle::new(Settings {
@@ -301,6 +310,7 @@ impl Supervisor {
             events_tx,
             acceptor: None,
             steer,
+            migrate,
             addrs,
             sockets,
             slots,
@@ -536,8 +546,14 @@ impl Supervisor {
                     s.reuseport.clear();
                     s.watches.clear();
                 }
-                // With SELECT_OR_MIGRATE the steering program re-places that queue instead.
-                if self.mode == Mode::Reuseport
+                // With SELECT_OR_MIGRATE the steering program, or plain reuseport mode's own,
+                // re-places that queue instead.
+                if self.mode == Mode::Reuseport && self.migrate.is_some() {
+                    info!(
+                        "reuseport mode: connections still queued on worker {slot}'s own socket \
+                         when it exits move to the other workers' sockets"
+                    );
+                } else if self.mode == Mode::Reuseport
                     && !self.steer.as_ref().is_some_and(|s| s.migrates())
                 {
                     // Closing a SO_REUSEPORT listener resets what is queued on it unless the
@@ -565,7 +581,8 @@ impl Supervisor {
 
     /// Plain reuseport mode: a given-up slot's sockets leave the kernel's group until it is
     /// tried again, or about one connection in N would wait on them with nobody accepting
-    /// (up to 30 s, until the retry). What is already queued there is reset: no worker is
+    /// (up to 30 s, until the retry). What is already queued there moves to the rest of the
+    /// group where the migrate program is attached, and is reset where it is not: no worker is
     /// left to take it. (Kernel steering already skips a slot without a ready worker.)
     fn pause_slot(&mut self, slot: usize) {
         if self.mode != Mode::Reuseport
@@ -587,9 +604,14 @@ impl Supervisor {
             io.paused = true;
         }
         if io.paused {
+            let fate = if self.migrate.is_some() {
+                "moved to the other workers' sockets"
+            } else {
+                "reset"
+            };
             warn!(
                 "reuseport mode: worker {slot}'s sockets leave the group while it is given up \
-                 ({reset} queued connections reset)"
+                 ({reset} queued connections {fate})"
             );
         }
     }
@@ -603,6 +625,8 @@ impl Supervisor {
                     .context("failed to listen again on a given-up slot's socket")?;
             }
             io.paused = false;
+            // Rejoined, perhaps a group that emptied meanwhile and lost the program.
+            attach_migrate(self.migrate.as_ref(), &io.reuseport);
         }
         Ok(())
     }
@@ -1103,6 +1127,7 @@ impl Supervisor {
             error!("SIGTTIN: cannot add a worker: {e:#}");
             return;
         }
+        attach_migrate(self.migrate.as_ref(), &reuseport);
         self.slots.push(SlotIo {
             cpus: slot_cpus(&self.config.pin, slot),
             reuseport,
@@ -1406,6 +1431,49 @@ fn slot_cpus(pin: &Pin, slot: usize) -> Option<CpuSet> {
     match pin {
         Pin::None => None,
         Pin::Cpus(cpus) => Some(CpuSet::from_cpus(&[cpus[slot % cpus.len()]])),
+    }
+}
+
+/// Plain reuseport mode: loads the program that makes the kernel move a closing socket's queue
+/// to the rest of its group and attaches it to each address's group (through slot 0's
+/// sockets), or logs in one line why a closing socket's queue will be reset instead.
+fn migrate_program(slots: &[SlotIo]) -> Option<OwnedFd> {
+    match crate::steer::load_migrate_only() {
+        Ok(prog) => {
+            if let Some(slot) = slots.first()
+                && let Err(e) = attach_all(&prog, &slot.reuseport)
+            {
+                info!("reuseport: a closing worker socket's queue is reset (cannot attach: {e})");
+                return None;
+            }
+            info!(
+                "reuseport: a closing worker socket's queue moves to the others (SELECT_OR_MIGRATE)"
+            );
+            Some(prog)
+        }
+        Err(e) => {
+            let e = e.to_string();
+            let first = e.lines().next().unwrap_or_default();
+            info!(
+                "reuseport: a closing worker socket's queue is reset (no migrate program: {first})"
+            );
+            None
+        }
+    }
+}
+
+fn attach_all(prog: &OwnedFd, sockets: &[Socket]) -> std::io::Result<()> {
+    sockets
+        .iter()
+        .try_for_each(|s| sys::bpf::attach_reuseport_ebpf(s.as_fd(), prog.as_fd()))
+}
+
+/// Attaches the migrate program (if any) to the groups of `sockets` (again is harmless).
+fn attach_migrate(prog: Option<&OwnedFd>, sockets: &[Socket]) {
+    if let Some(prog) = prog
+        && let Err(e) = attach_all(prog, sockets)
+    {
+        warn!("reuseport: cannot attach the migrate program: {e}");
     }
 }
 

@@ -291,6 +291,26 @@ impl Program {
     }
 }
 
+/// The program of plain `reuseport` mode: it selects nothing, so the kernel's hash places each
+/// new connection as it would without a program, but attached as `SELECT_OR_MIGRATE` (5.14+)
+/// it has the kernel move a closing listener's queue (its handshakes and the connections
+/// nobody accepted) to another socket of the group, chosen by the same hash, instead of
+/// resetting it. Two instructions, no maps, no helpers; loading it needs CAP_BPF, as steering
+/// does.
+pub fn load_migrate_only() -> Result<OwnedFd, ProgLoadError> {
+    // r0 = SK_PASS (1); exit.
+    const INSNS: [u64; 2] = [0xb7 | (1 << 32), 0x95];
+    bpf::prog_load(&ProgSpec {
+        prog_type: bpf::PROG_TYPE_SK_REUSEPORT,
+        attach_type: bpf::SK_REUSEPORT_SELECT_OR_MIGRATE,
+        insns: &INSNS,
+        license: prog::LICENSE,
+        name: "rcluster_migrate",
+        btf: None,
+        func_info: &[],
+    })
+}
+
 /// `steer_slots`: the table, one value of [`page::SLOT_SIZE`] bytes per worker slot.
 const SLOTS_MAP: MapSpec<'static> = MapSpec {
     map_type: bpf::MAP_TYPE_ARRAY,
