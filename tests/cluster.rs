@@ -186,7 +186,8 @@ fn reuseport_keeps_a_killed_workers_queue() {
 /// the drain signal and is SIGKILLed after `--grace`.
 #[test]
 fn reuseport_scale_down_moves_the_removed_sockets_queue_to_the_others() {
-    if !steering_available() {
+    if let Err(e) = rcluster_lb::steer::load_migrate_only() {
+        eprintln!("note: the migrate program does not load here ({e}); skipping this test");
         return;
     }
     let cluster = TestCluster::start(&["--workers", "2", "--policy", "reuseport", "--grace", "1s"]);

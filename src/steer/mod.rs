@@ -305,7 +305,7 @@ pub fn load_migrate_only() -> Result<OwnedFd, ProgLoadError> {
         attach_type: bpf::SK_REUSEPORT_SELECT_OR_MIGRATE,
         insns: &INSNS,
         license: prog::LICENSE,
-        name: "rcluster_migrate",
+        name: "rcluster_migr",
         btf: None,
         func_info: &[],
     })
