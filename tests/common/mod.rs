@@ -815,27 +815,35 @@ impl TestCluster {
             .dispatched
     }
 
-    /// Asks the master for a status dump (SIGUSR1) and parses the acceptor's lines of it, one
-    /// per worker in dispatch mode.
-    pub fn status(&self) -> Vec<WorkerStatus> {
-        const SUMMARY: &str = "connections waiting in the master";
-        let before = self.log_count(SUMMARY);
+    /// Asks the master for one status dump (SIGUSR1) and returns its lines (`status: ...`).
+    ///
+    /// A dump ends with the bus's line and, in dispatch mode, the acceptor's summary: separate
+    /// threads, so in either order. The dump is complete only when both are logged, and every
+    /// caller waits for that: a dump still being written when the next is asked for would be
+    /// taken for the next one (and two signals pending at once are one).
+    pub fn status_dump(&self) -> Vec<String> {
+        const BUS_END: &str = " messages to nobody";
+        const ACCEPTOR_END: &str = "connections waiting in the master";
+        let acceptor = self.log_contains("mode dispatch)");
+        let start = self.log_lines().len();
+        let (bus_before, acceptor_before) = (self.log_count(BUS_END), self.log_count(ACCEPTOR_END));
         self.signal(libc::SIGUSR1);
-        self.wait_for_count(SUMMARY, before + 1, DEADLINE);
-        let lines = self.log_lines();
-        // The dump just asked for ends at the (before+1)-th summary line.
-        let end = lines
-            .iter()
-            .enumerate()
-            .filter(|(_, l)| l.contains(SUMMARY))
-            .nth(before)
-            .expect("the summary waited for")
-            .0;
+        self.wait_for_count(BUS_END, bus_before + 1, DEADLINE);
+        if acceptor {
+            self.wait_for_count(ACCEPTOR_END, acceptor_before + 1, DEADLINE);
+        }
+        self.log_lines()
+            .split_off(start)
+            .into_iter()
+            .filter(|l| l.contains("status: "))
+            .collect()
+    }
+
+    /// Asks the master for a status dump ([`Self::status_dump`]) and parses the acceptor's
+    /// lines of it, one per worker in dispatch mode.
+    pub fn status(&self) -> Vec<WorkerStatus> {
         let mut out = Vec::new();
-        for line in lines[..end].iter().rev() {
-            if line.contains(SUMMARY) {
-                break;
-            }
+        for line in self.status_dump() {
             let Some(rest) = line.split("status: worker ").nth(1) else {
                 continue;
             };
@@ -856,7 +864,6 @@ impl TestCluster {
                 stuck: f.iter().position(|x| *x == "stuck").map(|i| f[i + 1]) == Some("true"),
             });
         }
-        out.reverse();
         out
     }
 
@@ -865,21 +872,17 @@ impl TestCluster {
         self.log_contains("steering: kernel")
     }
 
-    /// Asks the master for a status dump (SIGUSR1) and parses its kernel-steering lines, one per
-    /// slot in use (`slots` of them).
+    /// Asks the master for a status dump ([`Self::status_dump`]) and parses its kernel-steering
+    /// lines, one per slot in use (`slots` of them).
     pub fn steering_status(&self, slots: usize) -> Vec<SteerSlotStatus> {
         const LINE: &str = "status: steering slot ";
-        let slots_before = self.log_count(LINE);
-        self.signal(libc::SIGUSR1);
-        self.wait_for_count(LINE, slots_before + slots, DEADLINE);
         let lines: Vec<String> = self
-            .log_lines()
+            .status_dump()
             .into_iter()
             .filter(|l| l.contains(LINE))
-            .skip(slots_before)
-            .take(slots)
             .collect();
-        lines
+        assert!(lines.len() >= slots, "steering status lines: {lines:?}");
+        lines[..slots]
             .iter()
             .map(|l| {
                 let rest = l.split(LINE).nth(1).unwrap();
@@ -905,17 +908,13 @@ impl TestCluster {
             .collect()
     }
 
-    /// The overflow queue's counts (SIGUSR1 status), under kernel steering.
+    /// The overflow queue's counts ([`Self::status_dump`]), under kernel steering.
     pub fn overflow_status(&self) -> OverflowStatus {
         const LINE: &str = "status: steering overflow queue: ";
-        let before = self.log_count(LINE);
-        self.signal(libc::SIGUSR1);
-        self.wait_for_count(LINE, before + 1, DEADLINE);
-        let lines = self.log_lines();
-        let line = lines
-            .iter()
-            .filter(|l| l.contains(LINE))
-            .nth(before)
+        let line = self
+            .status_dump()
+            .into_iter()
+            .find(|l| l.contains(LINE))
             .expect("the overflow queue's status line");
         let rest = line.split(LINE).nth(1).unwrap();
         let field = |name: &str| -> i64 {
@@ -930,13 +929,10 @@ impl TestCluster {
     }
 
     /// Returns once the acceptor thread has handled every command the supervisor sent it so
-    /// far: asks for a status (SIGUSR1), which goes down the same ordered command channel, and
-    /// waits for the acceptor's summary line.
+    /// far: asks for a status dump ([`Self::status_dump`]), whose request goes down the same
+    /// ordered command channel, and waits for all of it.
     pub fn sync_acceptor(&self) {
-        const SUMMARY: &str = "connections waiting in the master";
-        let before = self.log_count(SUMMARY);
-        self.signal(libc::SIGUSR1);
-        self.wait_for_count(SUMMARY, before + 1, DEADLINE);
+        self.status_dump();
     }
 
     /// How many log lines contain `needle`.
