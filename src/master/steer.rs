@@ -142,6 +142,15 @@ enum StallStep {
     Stalled,
 }
 
+/// The connections waiting in `sockets`' accept queues.
+fn queue_length(sockets: &[Socket]) -> u64 {
+    sockets
+        .iter()
+        .filter_map(|s| sys::listen_queue(s.as_fd()).ok())
+        .map(|(q, _)| u64::from(q))
+        .sum()
+}
+
 fn stall_step(
     watch: Option<(Instant, u64)>,
     now: Instant,
@@ -363,14 +372,9 @@ impl SteerControl {
             if socks.is_empty() {
                 continue;
             }
-            let queued: u64 = socks
-                .iter()
-                .filter_map(|s| sys::listen_queue(s.as_fd()).ok())
-                .map(|(q, _)| u64::from(q))
-                .sum();
-            self.forgiven_total = self
-                .forgiven_total
-                .saturating_add(self.steering.reconcile(slot, queued));
+            let r = self.steering.reconcile(slot, || queue_length(socks));
+            self.forgiven_total = self.forgiven_total.saturating_add(r.adjust);
+            let queued = r.queued;
             let c = self.steering.counts(slot);
             match stall_step(self.stall[slot], now, queued, c, self.stall_timeout) {
                 StallStep::Clear => {
@@ -426,17 +430,13 @@ impl SteerControl {
     /// as stalled (ineligible, its worker replaced): a replacement watches the queue too. Returns
     /// those slots.
     fn overflow_tick(&mut self, now: Instant) -> Vec<usize> {
-        let queued: u64 = self
-            .overflow
-            .iter()
-            .filter_map(|s| sys::listen_queue(s.as_fd()).ok())
-            .map(|(q, _)| u64::from(q))
-            .sum();
         // Placements that never reached the queue (abandoned handshakes) are written off as for
         // a slot.
-        self.forgiven_total = self
-            .forgiven_total
-            .saturating_add(self.steering.reconcile(page::OVERFLOW, queued));
+        let r = self
+            .steering
+            .reconcile(page::OVERFLOW, || queue_length(&self.overflow));
+        self.forgiven_total = self.forgiven_total.saturating_add(r.adjust);
+        let queued = r.queued;
         let c = self.steering.counts(page::OVERFLOW);
         let c = crate::steer::SlotCounts {
             reporting: true,

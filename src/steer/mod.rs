@@ -373,8 +373,8 @@ pub struct Steering {
     migrate: bool,
     /// The build loaded (`None`: passed in by `steer-load`).
     scan: Option<Scan>,
-    /// Reconciliation: the excess each slot showed at the previous sample.
-    last_excess: Vec<i64>,
+    /// Reconciliation: what each slot's previous sample read.
+    last_sample: Vec<Sample>,
 }
 
 impl std::fmt::Debug for Steering {
@@ -486,7 +486,7 @@ impl Steering {
             table,
             migrate,
             scan,
-            last_excess: vec![0; page::MAX_SLOTS],
+            last_sample: vec![Sample::default(); page::MAX_SLOTS],
         })
     }
 
@@ -607,8 +607,8 @@ impl Steering {
         if let Some(w) = self.table.u32_at(page::offset(slot, page::REPORTING)) {
             w.store(0, Ordering::SeqCst);
         }
-        if let Some(e) = self.last_excess.get_mut(slot) {
-            *e = 0;
+        if let Some(e) = self.last_sample.get_mut(slot) {
+            *e = Sample::default();
         }
     }
 
@@ -638,31 +638,29 @@ impl Steering {
         }
     }
 
-    /// Reconciles one slot's placements with what reached its worker: `queued` is the slot's
-    /// listeners' accept-queue length (`tcpi_unacked`), read *before* calling this. Placements
-    /// neither accepted nor queued are handshakes still in progress or abandoned; the part that
-    /// persisted since the previous call is written off (`forgiven`), and a negative excess
-    /// (connections the kernel's hash placed while nothing was eligible) is taken back the same
-    /// way. Only for a slot whose worker reports accepts, and for the overflow queue's line
-    /// ([`page::OVERFLOW`]: the workers that take from it count what they take). Returns the
-    /// adjustment made.
-    pub fn reconcile(&mut self, slot: usize, queued: u64) -> i64 {
-        let c = self.counts(slot);
-        if !(c.reporting || slot == page::OVERFLOW) || slot >= self.last_excess.len() {
-            return 0;
+    /// Reconciles one slot's placements with what reached its worker; `queued` reads the
+    /// slot's listeners' accept-queue length (`tcpi_unacked`) and is called between two reads
+    /// of the slot's counters. Placements neither accepted nor queued are handshakes still in
+    /// progress or abandoned: those at least one sample old are written off (`forgiven`), and a
+    /// negative excess (connections the kernel's hash placed while nothing was eligible, or a
+    /// written-off handshake that completed after all) seen at two samples in a row is taken
+    /// back (`write_off`). Only for a slot whose worker reports accepts, and for the overflow
+    /// queue's line ([`page::OVERFLOW`]: the workers that take from it count what they take).
+    pub fn reconcile(&mut self, slot: usize, queued: impl FnOnce() -> u64) -> Reconciled {
+        let before = self.counts(slot);
+        let queued = queued();
+        if !(before.reporting || slot == page::OVERFLOW) || slot >= self.last_sample.len() {
+            return Reconciled { queued, adjust: 0 };
         }
-        let excess = (c.assigned.wrapping_sub(c.accepted) as i64)
-            .wrapping_sub(c.forgiven)
-            .wrapping_sub(queued as i64);
-        let prev = std::mem::replace(&mut self.last_excess[slot], excess);
-        let adjust = persistent(prev, excess);
+        let after = self.counts(slot);
+        let (adjust, sample) = write_off(self.last_sample[slot], &before, queued, &after);
+        self.last_sample[slot] = sample;
         if adjust != 0
             && let Some(w) = self.table.u64_at(page::offset(slot, page::FORGIVEN))
         {
             w.fetch_add(adjust as u64, Ordering::SeqCst);
-            self.last_excess[slot] = excess - adjust;
         }
-        adjust
+        Reconciled { queued, adjust }
     }
 
     /// Total run time (ns) and run count of the programs, from `kernel.bpf_stats_enabled`.
@@ -697,16 +695,58 @@ fn check_slot(slot: usize) -> io::Result<()> {
     Ok(())
 }
 
-/// The part of an excess seen at two consecutive samples: the one nearer zero when both have
-/// the same sign, else nothing (a connection moving between the reads shows for one sample).
-fn persistent(prev: i64, now: i64) -> i64 {
-    if prev > 0 && now > 0 {
-        prev.min(now)
-    } else if prev < 0 && now < 0 {
-        prev.max(now)
+/// What one reconciliation of a slot ([`Steering::reconcile`]) read and did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reconciled {
+    /// The slot's listeners' accept-queue length.
+    pub queued: u64,
+    /// What was added to the slot's `forgiven` (negative: taken back).
+    pub adjust: i64,
+}
+
+/// What one reconciliation sample of a slot saw, for the next: the excess of placements over
+/// arrivals and write-offs, at least and at most (after the sample's own adjustment).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Sample {
+    least: i64,
+    most: i64,
+}
+
+/// One reconciliation step: the change to `forgiven` and the sample to keep, from the
+/// previous sample, the counters read `before` the accept queue's length `queued`, and those
+/// read `after` it.
+///
+/// The excess (placements neither accepted, nor queued, nor written off) cannot be read at one
+/// instant: the counters only grow, and connections move while they are read. So it is
+/// bounded: at least `before`'s placements less `after`'s accepts (a connection accepted
+/// between the reads counts as both queued and accepted), at most `after`'s placements less
+/// `before`'s accepts. An excess is written off when its lower bound was positive at two
+/// samples in a row (the smaller of the two), and taken back when its upper bound was negative
+/// at two samples in a row (the one nearer zero), so a connection moving while the counters are
+/// read never shifts `forgiven`: only handshakes unfinished for a whole reconcile period do,
+/// and arrivals nobody placed.
+fn write_off(prev: Sample, before: &SlotCounts, queued: u64, after: &SlotCounts) -> (i64, Sample) {
+    let excess = |placed: u64, accepted: u64| {
+        (placed as i64)
+            .wrapping_sub(accepted.wrapping_add(queued) as i64)
+            .wrapping_sub(after.forgiven)
+    };
+    let (least, most) = (
+        excess(before.assigned, after.accepted),
+        excess(after.assigned, before.accepted),
+    );
+    let adjust = if least > 0 && prev.least > 0 {
+        least.min(prev.least)
+    } else if most < 0 && prev.most < 0 {
+        most.max(prev.most)
     } else {
         0
-    }
+    };
+    let sample = Sample {
+        least: least.wrapping_sub(adjust),
+        most: most.wrapping_sub(adjust),
+    };
+    (adjust, sample)
 }
 
 /// A minimal BTF blob naming the program's functions, and the `bpf_func_info` records: the
@@ -755,13 +795,99 @@ pub fn btf_for(funcs: &[(u32, &str, bool)]) -> (Vec<u8>, Vec<[u32; 2]>) {
 mod tests {
     use super::*;
 
+    fn counts(assigned: u64, accepted: u64, forgiven: i64) -> SlotCounts {
+        SlotCounts {
+            assigned,
+            accepted,
+            forgiven,
+            ..SlotCounts::default()
+        }
+    }
+
+    /// One sample's reads: (placed, accepted) before the queue's length, the queue's length,
+    /// (placed, accepted) after it.
+    type Reads = ((u64, u64), u64, (u64, u64));
+
+    /// Runs [`write_off`] over samples and returns the adjustments, carrying `forgiven`
+    /// forward as the master's writes do.
+    fn adjustments(samples: &[Reads]) -> Vec<i64> {
+        let (mut prev, mut forgiven) = (Sample::default(), 0);
+        let mut out = Vec::new();
+        for &((a1, c1), queued, (a2, c2)) in samples {
+            let (adjust, next) = write_off(
+                prev,
+                &counts(a1, c1, forgiven),
+                queued,
+                &counts(a2, c2, forgiven),
+            );
+            forgiven += adjust;
+            prev = next;
+            out.push(adjust);
+        }
+        out
+    }
+
     #[test]
-    fn only_a_persistent_excess_is_written_off() {
-        assert_eq!(persistent(0, 3), 0);
-        assert_eq!(persistent(3, 5), 3);
-        assert_eq!(persistent(5, 3), 3);
-        assert_eq!(persistent(-2, -4), -2);
-        assert_eq!(persistent(2, -1), 0);
+    fn a_connection_moving_while_the_counters_are_read_never_shifts_forgiven() {
+        // Four samples, the counters growing by 10 from one to the next (`i` = 1..=4).
+        let every_sample =
+            |reads: fn(u64) -> Reads| adjustments(&(1..=4).map(reads).collect::<Vec<_>>());
+        // At every sample: a connection queued when the queue was read and accepted before the
+        // counters were read again (counted twice) ...
+        assert_eq!(
+            every_sample(|i| ((i * 10, i * 10 - 1), 1, (i * 10, i * 10))),
+            [0; 4]
+        );
+        // ... one accepted between the first read of the counters and the queue's (counted in
+        // neither) ...
+        assert_eq!(
+            every_sample(|i| ((i * 10, i * 10 - 1), 0, (i * 10, i * 10))),
+            [0; 4]
+        );
+        // ... one placed and queued between the first read of the counters and the queue's ...
+        assert_eq!(
+            every_sample(|i| ((i * 10 - 1, i * 10 - 1), 1, (i * 10, i * 10 - 1))),
+            [0; 4]
+        );
+        // ... and one placed after the queue was read.
+        assert_eq!(
+            every_sample(|i| ((i * 10 - 1, i * 10 - 1), 0, (i * 10, i * 10 - 1))),
+            [0; 4]
+        );
+    }
+
+    #[test]
+    fn an_abandoned_handshake_is_written_off_at_the_second_sample_under_load() {
+        // Placement 10 never arrives; the slot keeps serving others.
+        let samples = [
+            ((10, 9), 0, (10, 9)),
+            ((20, 19), 0, (20, 19)),
+            ((30, 29), 0, (30, 29)),
+        ];
+        assert_eq!(adjustments(&samples), [0, 1, 0]);
+    }
+
+    #[test]
+    fn a_lasting_negative_excess_is_taken_back_after_two_samples() {
+        // Two connections arrived that the program never placed.
+        let samples = [
+            ((10, 12), 0, (10, 12)),
+            ((10, 12), 0, (10, 12)),
+            ((10, 12), 0, (10, 12)),
+        ];
+        assert_eq!(adjustments(&samples), [0, -2, 0]);
+    }
+
+    #[test]
+    fn a_written_off_handshake_that_completes_late_is_taken_back() {
+        let samples = [
+            ((10, 9), 0, (10, 9)),
+            ((10, 9), 0, (10, 9)),
+            ((10, 10), 0, (10, 10)),
+            ((10, 10), 0, (10, 10)),
+            ((10, 10), 0, (10, 10)),
+        ];
+        assert_eq!(adjustments(&samples), [0, 1, 0, -1, 0]);
     }
 
     #[test]
