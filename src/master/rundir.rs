@@ -5,7 +5,8 @@
 //! a service manager's last resort, a container torn down) cannot, and each such death leaves
 //! two `rcluster-lb.<pid>.<hex>` directories with a socket in each. At start the master
 //! removes such leftovers of its own user ([`sweep_stale`]), but only a directory that is
-//! certainly dead: its pid is no live process here, it is older than a minute, it holds
+//! certainly dead: its pid is no live process here (or is this master's own: a previous
+//! master's, as pid 1 of a restarted container leaves it), it is older than a minute, it holds
 //! sockets and nothing else, and every one of them refuses a connection (nobody listens: its
 //! master is gone, whatever pid namespace it ran in, since a live master's sockets accept).
 //! Anything else — another user's directory, a symlink, a file that is not a socket, a socket
@@ -91,6 +92,7 @@ pub fn sweep_stale(base: &Path, min_age: Duration) -> usize {
         return 0;
     };
     let me = sys::geteuid();
+    let me_pid = sys::getpid();
     let now = SystemTime::now();
     let mut removed = 0;
     for entry in entries.flatten() {
@@ -98,8 +100,13 @@ pub fn sweep_stale(base: &Path, min_age: Duration) -> usize {
             continue;
         };
         // Only where no process has that pid here (`kill(pid, 0)`: ESRCH; it signals
-        // nothing). A live one may be the master.
-        if pid <= 0 || !sys::kill(pid, 0).is_err_and(|e| e.raw_os_error() == Some(libc::ESRCH)) {
+        // nothing): a live one may be the master. This master's own pid is no such guard: it
+        // sweeps before making its directories, so one with its pid is a previous master's
+        // that had the same pid (pid 1 of a container restarted on a kept /tmp, a new pid
+        // namespace); the checks below still decide.
+        let alive = pid != me_pid
+            && !sys::kill(pid, 0).is_err_and(|e| e.raw_os_error() == Some(libc::ESRCH));
+        if pid <= 0 || alive {
             continue;
         }
         let path = entry.path();
@@ -175,9 +182,15 @@ mod tests {
             .create(&datagram)
             .unwrap();
         drop(UnixDatagram::bind(datagram.join("worker-0.sock")).unwrap());
+        // Removed too: one named with the sweeping process's own pid (a previous master's
+        // that had this pid: pid 1 of a restarted container).
+        let own_pid = leftover(&base, &format!("rcluster-lb.{}.80", sys::getpid()));
         // Kept: a live pid; a socket something listens on; a file besides the socket; no
         // socket at all; a name not ours.
-        let live_pid = leftover(&base, &format!("rcluster-lb.{}.3d", sys::getpid()));
+        let live_pid = leftover(
+            &base,
+            &format!("rcluster-lb.{}.3d", std::os::unix::process::parent_id()),
+        );
         let listening = base.join(format!("rcluster-lb.{dead}.4c"));
         std::fs::DirBuilder::new()
             .mode(0o700)
@@ -192,11 +205,12 @@ mod tests {
 
         // Too young: nothing goes.
         assert_eq!(sweep_stale(&base, Duration::from_secs(3600)), 0);
-        assert!(gone.exists() && datagram.exists());
+        assert!(gone.exists() && datagram.exists() && own_pid.exists());
 
-        assert_eq!(sweep_stale(&base, Duration::ZERO), 2);
+        assert_eq!(sweep_stale(&base, Duration::ZERO), 3);
         assert!(!gone.exists());
         assert!(!datagram.exists());
+        assert!(!own_pid.exists());
         for kept in [&live_pid, &listening, &with_file, &empty, &foreign] {
             assert!(kept.exists(), "{} was removed", kept.display());
         }
