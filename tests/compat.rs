@@ -467,9 +467,9 @@ fn rows(env: &Env, dir: &Path) -> Vec<Row> {
             port: None,
             env: Vec::new(),
             needs: &[Need::Python],
-            reload: false,
-            notes: "reload not lossless: the server has no graceful stop, a request in progress at \
-                    the drain signal is cut",
+            reload: true,
+            notes: "no handler for SIGTERM: the master sends it once the old worker has closed \
+                    every connection it holds",
         },
         Row {
             server: "gunicorn, sync worker (`-w 2`)",
@@ -575,8 +575,9 @@ fn rows(env: &Env, dir: &Path) -> Vec<Row> {
             port: None,
             env: py_env,
             needs: &[Need::Python, Need::PyPkgs],
-            reload: false,
-            notes: "reload not lossless: waitress has no graceful stop signal",
+            reload: true,
+            notes: "no handler for SIGTERM: the master sends it once the old worker has closed \
+                    every connection it holds",
         },
         Row {
             server: "nginx, `master_process off`",

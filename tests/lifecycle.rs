@@ -1003,3 +1003,101 @@ fn an_aborted_reload_in_shared_mode_drains_the_replacement_and_loses_nothing() {
     );
     assert!(cluster.is_running());
 }
+
+/// A python server (threads, HTTP/1.1 keep-alive) that answers `/slow` after 3 s and anything
+/// else at once, with its pid; it installs no handler for SIGTERM (python's default: SIGTERM
+/// ends it at once). Node is no such server: its runtime catches SIGTERM itself (to restore
+/// the terminal before it exits), so the master cannot tell a plain node app from one that
+/// closes its server on the signal.
+const PY_SLOW_APP: &str = "import http.server, os, time
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = 'HTTP/1.1'
+    def do_GET(self):
+        if self.path == '/slow':
+            time.sleep(3)
+        b = ('pid %d\\n' % os.getpid()).encode()
+        self.send_response(200)
+        self.send_header('Content-Length', str(len(b)))
+        self.end_headers()
+        self.wfile.write(b)
+    def log_message(self, *a):
+        pass
+http.server.ThreadingHTTPServer(('127.0.0.1', int(os.environ['PORT'])), H).serve_forever()
+";
+
+/// A dispatch-mode cluster of one [`PY_SLOW_APP`] worker with `extra` master arguments;
+/// `None` (with a note) without python3.
+fn py_slow_cluster(extra: &[&str]) -> Option<TestCluster> {
+    if !common::available("python3") {
+        return None;
+    }
+    let mut args = vec!["--steer", "dispatch", "--workers", "1"];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--", "python3", "-c", PY_SLOW_APP]);
+    let cluster = TestCluster::start(&args);
+    cluster.wait_for_workers(1);
+    Some(cluster)
+}
+
+/// A server with no handler for the drain signal would die of it at once, cutting what it is
+/// serving. In dispatch mode the master holds the signal back until the worker has closed every
+/// connection it holds: a reload lets the old worker finish its slow request, then signals it.
+#[test]
+fn reload_of_a_server_without_a_drain_handler_lets_it_finish_its_requests() {
+    let Some(cluster) = py_slow_cluster(&[]) else {
+        return;
+    };
+    let old = get(cluster.addr(), "/").expect("first request");
+    let slow = send_request(cluster.addr(), "/slow").expect("the slow request");
+    // The slow request is the worker's own before the reload begins.
+    let deadline = Instant::now() + DEADLINE;
+    while cluster.status().first().map(|w| w.active) != Some(1) {
+        assert!(
+            Instant::now() < deadline,
+            "the slow request never reached the worker"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    cluster.signal(libc::SIGHUP);
+    cluster.wait_for_log("draining worker 0", DEADLINE);
+    let r = read_response(slow).expect("the slow request's answer");
+    assert_eq!((r.status, r.body.clone()), (200, old.body.clone()), "{r:?}");
+    cluster.wait_for_log("has no handler for SIGTERM", DEADLINE);
+    cluster.wait_for_log("holds no connection now: SIGTERM", DEADLINE);
+    cluster.wait_for_log("reload to generation 1 complete", DEADLINE);
+    let exited = cluster.wait_for_log(") exited", DEADLINE);
+    assert!(exited.contains("signal 15 (SIGTERM)"), "{exited}");
+    let new = get(cluster.addr(), "/").expect("a request after the reload");
+    assert_eq!(new.status, 200);
+    assert_ne!(new.body, old.body, "served by the new worker");
+    assert!(!cluster.log_contains("still holds connections"));
+}
+
+/// A connection the client keeps open holds such a worker only up to half of `--grace`: then
+/// it gets the drain signal (and dies of it) while the new worker serves.
+#[test]
+fn a_server_without_a_drain_handler_is_signalled_after_half_the_grace() {
+    let Some(cluster) = py_slow_cluster(&["--grace", "2s"]) else {
+        return;
+    };
+    let mut held = std::net::TcpStream::connect(cluster.addr()).expect("connect");
+    held.set_read_timeout(Some(DEADLINE)).unwrap();
+    let old = get_on(&mut held, "/", true).expect("a keep-alive request");
+    assert_eq!(old.status, 200);
+    let started = Instant::now();
+    cluster.signal(libc::SIGHUP);
+    cluster.wait_for_log("has no handler for SIGTERM", DEADLINE);
+    cluster.wait_for_log(
+        "still holds connections after half of --grace: SIGTERM",
+        DEADLINE,
+    );
+    let exited = cluster.wait_for_log(") exited", DEADLINE);
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "signalled after {:?}",
+        started.elapsed()
+    );
+    assert!(exited.contains("signal 15 (SIGTERM)"), "{exited}");
+    let new = get(cluster.addr(), "/").expect("a request after the reload");
+    assert_ne!(new.body, old.body, "served by the new worker");
+}

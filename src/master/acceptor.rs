@@ -105,6 +105,9 @@ pub enum Command {
     Drain(WorkerId),
     /// The worker exited: take back what is queued, forget it.
     Remove(WorkerId),
+    /// Report [`Event::Idle`] once the worker holds no connection (every one dispatched to it
+    /// closed or taken back): at once if it holds none now.
+    WhenIdle(WorkerId),
     /// Latest RSS samples, KiB.
     Rss(Vec<(WorkerId, u32)>),
     /// Log one status line per worker.
@@ -164,6 +167,8 @@ pub enum Event {
     /// After [`Command::Shutdown`]: every dispatched connection was taken by a worker (or the
     /// wait ran out); the workers can be told to stop.
     Drained,
+    /// After [`Command::WhenIdle`]: the worker holds no connection.
+    Idle(WorkerId),
 }
 
 /// Running totals of the acceptor thread, kept as plain integers the thread alone writes (no
@@ -347,6 +352,8 @@ struct Entry {
     closed: u64,
     max_conns: Option<u64>,
     stall_reported: bool,
+    /// [`Command::WhenIdle`] asked; [`Event::Idle`] not yet sent.
+    idle_wanted: bool,
     /// Connection fds per CONN message this worker takes (its READY's value, at least 1).
     max_fds: usize,
     /// Health probes sent whose close the worker has not reported yet: its CLOSED counts pay
@@ -662,6 +669,12 @@ impl Acceptor {
                     self.set_state(id, State::Draining);
                     self.reclaim(id);
                 }
+                Command::WhenIdle(id) => {
+                    if let Some(i) = self.index_of(id) {
+                        self.entries[i].idle_wanted = true;
+                        self.check_idle(i);
+                    }
+                }
                 Command::Remove(id) => {
                     // The worker is gone, and its channel lock with it (a process it left
                     // behind cannot keep what is queued: the entry goes now).
@@ -756,6 +769,7 @@ impl Acceptor {
             closed: 0,
             max_conns,
             stall_reported: false,
+            idle_wanted: false,
             max_fds: 1,
             probes_open: 0,
             conduct: Conduct::default(),
@@ -958,6 +972,7 @@ impl Acceptor {
             self.stats[i].progress = stamp;
             self.stats[i].stuck = false;
             self.entries[i].pull.progress_at = Instant::now();
+            self.check_idle(i);
         }
         // Reported to the lifecycle, the single source of truth for the worker's state, which
         // answers with Ready (open) or Drain (close and reclaim). One shortcut: a worker still
@@ -1023,6 +1038,17 @@ impl Acceptor {
             chan.full_since = None;
             self.entries[i].stall_reported = false;
             self.refresh_open();
+        }
+    }
+
+    /// [`Event::Idle`] for the worker at `i`, if [`Command::WhenIdle`] asked for it and every
+    /// connection dispatched to it is closed or taken back.
+    fn check_idle(&mut self, i: usize) {
+        let e = &mut self.entries[i];
+        if e.idle_wanted && e.dispatched <= e.closed {
+            e.idle_wanted = false;
+            let id = e.id;
+            self.emit(Event::Idle(id));
         }
     }
 
@@ -1139,6 +1165,7 @@ impl Acceptor {
             entry.pid
         );
         self.emit(Event::Reclaimed(id, taken.len()));
+        self.check_idle(i);
         for p in taken.into_iter().rev() {
             self.pending.push_front(p);
         }
@@ -1968,6 +1995,29 @@ mod tests {
         rig.say(1, ToMaster::Ready { max_fds: 1 });
         assert_eq!(rig.events(), [Event::Ready(1)]);
         assert_eq!(rig.connect(3), [0, 3]);
+    }
+
+    #[test]
+    fn when_idle_is_reported_once_the_worker_holds_no_connection() {
+        let mut rig = Rig::new(2, PolicyKind::LeastConn);
+        rig.command(Command::Ready(0));
+        // Worker 1 holds nothing: at once.
+        rig.command(Command::WhenIdle(1));
+        assert_eq!(rig.events(), [Event::Idle(1)]);
+        // Worker 0 takes two connections and leaves a third in its channel, which the drain
+        // takes back; then it closes the two, one at a time.
+        assert_eq!(rig.connect(2), [2, 0]);
+        rig.connect_unread(1);
+        rig.command(Command::Drain(0));
+        rig.command(Command::WhenIdle(0));
+        assert_eq!(rig.events(), [Event::Reclaimed(0, 1)]);
+        rig.say(0, ToMaster::Closed { count: 1 });
+        assert_eq!(rig.events(), []);
+        rig.say(0, ToMaster::Closed { count: 1 });
+        assert_eq!(rig.events(), [Event::Idle(0)]);
+        // Once.
+        rig.turn();
+        assert_eq!(rig.events(), []);
     }
 
     #[test]

@@ -186,6 +186,9 @@ struct Supervisor {
     service: ServiceNotifier,
     /// `--shutdown-delay`: when the deferred stop begins, and the signal that asked for it.
     delayed_stop: Option<(Instant, &'static str)>,
+    /// Dispatch mode: draining workers whose drain signal waits until they hold no connection
+    /// ([`Event::Idle`]), or until the time given (half of `--grace`) at the latest.
+    deferred_drains: Vec<(WorkerId, Instant)>,
 }
 
 impl Supervisor {
@@ -346,6 +349,7 @@ impl Supervisor {
             notify_backlog: Vec::new(),
             service: ServiceNotifier::from_env(),
             delayed_stop: None,
+            deferred_drains: Vec::new(),
             config,
         })
     }
@@ -526,6 +530,10 @@ impl Supervisor {
                     Sig::Stop => self.config.stop_signal,
                     Sig::Kill => libc::SIGKILL,
                 };
+                self.deferred_drains.retain(|d| d.0 != id);
+                if sig == Sig::Drain && self.defer_drain(id) {
+                    return None;
+                }
                 if let Some(p) = self.procs.iter().find(|p| p.id == id) {
                     tree::signal(p.pid, signal);
                 }
@@ -577,6 +585,54 @@ impl Supervisor {
             }
         }
         None
+    }
+
+    /// Dispatch mode: whether the drain signal for worker `id` waits. A server that neither
+    /// catches nor ignores it (`python3 -m http.server`, waitress, most C servers) would die of
+    /// it at once and cut the requests it is serving: it gets no more connections already, so
+    /// it is signalled once it holds none ([`Event::Idle`]: every connection dispatched to it
+    /// closed), or after half of `--grace` at the latest (a keep-alive connection a client
+    /// never closes); SIGKILL still follows at `--grace`. Node catches SIGTERM itself (to
+    /// restore the terminal, then exits), so a node app without a handler is not seen as one.
+    /// In the kernel modes a drained worker shares its slot's listener until it exits, so it
+    /// never runs out of connections: the signal goes at once there.
+    fn defer_drain(&mut self, id: WorkerId) -> bool {
+        let signal = self.config.drain_signal;
+        let Some(p) = self.procs.iter().find(|p| p.id == id) else {
+            return false;
+        };
+        if self.acceptor.is_none() || tree::dies_of(p.pid, signal) != Some(true) {
+            return false;
+        }
+        let wait = self.config.grace / 2;
+        info!(
+            "worker {} (pid {}) has no handler for {name}, which would end it at once: \
+             {name} waits until it has closed every connection it holds (at most {wait:?})",
+            p.slot,
+            p.pid,
+            name = sys::signal_name(signal)
+        );
+        self.deferred_drains.push((id, Instant::now() + wait));
+        self.send(Command::WhenIdle(id));
+        true
+    }
+
+    /// Sends the drain signal that [`Supervisor::defer_drain`] held back for worker `id`.
+    fn send_deferred_drain(&mut self, id: WorkerId, why: &str) {
+        let Some(i) = self.deferred_drains.iter().position(|d| d.0 == id) else {
+            return;
+        };
+        self.deferred_drains.swap_remove(i);
+        if let Some(p) = self.procs.iter().find(|p| p.id == id) {
+            let signal = self.config.drain_signal;
+            info!(
+                "worker {} (pid {}) {why}: {}",
+                p.slot,
+                p.pid,
+                sys::signal_name(signal)
+            );
+            tree::signal(p.pid, signal);
+        }
     }
 
     /// Plain reuseport mode: a given-up slot's sockets leave the kernel's group until it is
@@ -806,6 +862,7 @@ impl Supervisor {
     /// Drops a reaped worker's pidfd and notify socket and tells the acceptor: connections
     /// still queued in its channel go to another worker.
     fn forget(&mut self, id: WorkerId) {
+        self.deferred_drains.retain(|d| d.0 != id);
         let Some(i) = self.procs.iter().position(|p| p.id == id) else {
             return;
         };
@@ -858,6 +915,7 @@ impl Supervisor {
                 self.steer.as_ref().map(|s| s.next_deadline()),
                 self.service.next_deadline(),
                 self.delayed_stop.map(|(t, _)| t),
+                self.deferred_drains.iter().map(|d| d.1).min(),
             ]
             .into_iter()
             .flatten()
@@ -908,6 +966,16 @@ impl Supervisor {
                 }
             }
             self.service.on_timer(Instant::now());
+            let now = Instant::now();
+            let late: Vec<WorkerId> = self
+                .deferred_drains
+                .iter()
+                .filter(|d| now >= d.1)
+                .map(|d| d.0)
+                .collect();
+            for id in late {
+                self.send_deferred_drain(id, "still holds connections after half of --grace");
+            }
             if let Some((at, signal)) = self.delayed_stop
                 && Instant::now() >= at
             {
@@ -1295,6 +1363,10 @@ impl Supervisor {
             Event::MaxConns(id) => Input::MaxConns { id },
             Event::Misbehaving(id) => Input::Misbehaving { id },
             Event::Reclaimed(..) => return,
+            Event::Idle(id) => {
+                self.send_deferred_drain(id, "holds no connection now");
+                return;
+            }
             Event::ChannelsRead(id) => match self.exits_waiting.iter().position(|e| e.0 == id) {
                 Some(i) => {
                     let (id, status) = self.exits_waiting.swap_remove(i);
