@@ -1006,9 +1006,8 @@ fn an_aborted_reload_in_shared_mode_drains_the_replacement_and_loses_nothing() {
 
 /// A python server (threads, HTTP/1.1 keep-alive) that answers `/slow` after 3 s and anything
 /// else at once, with its pid; it installs no handler for SIGTERM (python's default: SIGTERM
-/// ends it at once). Node is no such server: its runtime catches SIGTERM itself (to restore
-/// the terminal before it exits), so the master cannot tell a plain node app from one that
-/// closes its server on the signal.
+/// ends it at once). (Node's runtime catches SIGTERM itself; the shim's part for node is
+/// [`reload_of_a_node_app_without_a_sigterm_handler_lets_it_finish_its_requests`].)
 const PY_SLOW_APP: &str = "import http.server, os, time
 class H(http.server.BaseHTTPRequestHandler):
     protocol_version = 'HTTP/1.1'
@@ -1047,6 +1046,16 @@ fn reload_of_a_server_without_a_drain_handler_lets_it_finish_its_requests() {
     let Some(cluster) = py_slow_cluster(&[]) else {
         return;
     };
+    slow_request_across_a_reload(&cluster);
+    cluster.wait_for_log("has no handler for SIGTERM", DEADLINE);
+    cluster.wait_for_log("holds no connection now: SIGTERM", DEADLINE);
+    assert!(!cluster.log_contains("still holds connections"));
+}
+
+/// The one worker of `cluster` (dispatch mode) serves `/` and a `/slow` request that is in
+/// progress when SIGHUP reloads it: the slow request is answered by the old worker, which then
+/// ends of SIGTERM, and the new one serves.
+fn slow_request_across_a_reload(cluster: &TestCluster) {
     let old = get(cluster.addr(), "/").expect("first request");
     let slow = send_request(cluster.addr(), "/slow").expect("the slow request");
     // The slow request is the worker's own before the reload begins.
@@ -1062,15 +1071,12 @@ fn reload_of_a_server_without_a_drain_handler_lets_it_finish_its_requests() {
     cluster.wait_for_log("draining worker 0", DEADLINE);
     let r = read_response(slow).expect("the slow request's answer");
     assert_eq!((r.status, r.body.clone()), (200, old.body.clone()), "{r:?}");
-    cluster.wait_for_log("has no handler for SIGTERM", DEADLINE);
-    cluster.wait_for_log("holds no connection now: SIGTERM", DEADLINE);
     cluster.wait_for_log("reload to generation 1 complete", DEADLINE);
     let exited = cluster.wait_for_log(") exited", DEADLINE);
     assert!(exited.contains("signal 15 (SIGTERM)"), "{exited}");
     let new = get(cluster.addr(), "/").expect("a request after the reload");
     assert_eq!(new.status, 200);
     assert_ne!(new.body, old.body, "served by the new worker");
-    assert!(!cluster.log_contains("still holds connections"));
 }
 
 /// A connection the client keeps open holds such a worker only up to half of `--grace`: then
@@ -1100,4 +1106,34 @@ fn a_server_without_a_drain_handler_is_signalled_after_half_the_grace() {
     assert!(exited.contains("signal 15 (SIGTERM)"), "{exited}");
     let new = get(cluster.addr(), "/").expect("a request after the reload");
     assert_ne!(new.body, old.body, "served by the new worker");
+}
+
+/// A node app that answers `/slow` after 3 s (a timer: its loop stays free) and anything else
+/// at once, with its pid. It has no SIGTERM handler of its own: node's runtime has one, which
+/// restores the terminal and ends the process.
+const NODE_SLOW_APP: &str = "require('http').createServer((q,r)=>{const a=()=>r.end('pid '+process.pid+'\\n');\
+if(q.url==='/slow'){setTimeout(a,3000)}else{a()}}).listen(process.env.PORT);";
+
+/// Node's own SIGTERM handler ends the process at once; in dispatch mode the shim holds it
+/// back (shim/src/drain.rs) until the drained worker has closed its last connection: a reload
+/// lets a plain node app finish its slow request, and then it ends of SIGTERM as before.
+#[test]
+fn reload_of_a_node_app_without_a_sigterm_handler_lets_it_finish_its_requests() {
+    if !node_available() {
+        return;
+    }
+    let cluster = TestCluster::start(&[
+        "--steer",
+        "dispatch",
+        "--workers",
+        "1",
+        "--",
+        "node",
+        "-e",
+        NODE_SLOW_APP,
+    ]);
+    cluster.wait_for_workers(1);
+    slow_request_across_a_reload(&cluster);
+    // The master saw SIGTERM caught (node's own handler) and signalled at once.
+    assert!(!cluster.log_contains("has no handler for SIGTERM"));
 }

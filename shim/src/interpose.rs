@@ -9,7 +9,7 @@
 use libc::{c_char, c_int, c_long, c_void, sockaddr, socklen_t};
 
 use crate::state::{errno, set_errno};
-use crate::{env, follow, overflow, real, state};
+use crate::{drain, env, follow, overflow, real, state};
 
 /// Runs [`state::init`] before `main` (ELF `.init_array`, executed by the dynamic loader when
 /// the library is loaded).
@@ -156,6 +156,25 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
         Some(shim) => shim.closing(fd, real),
         None => real(),
     }
+}
+
+/// sigaction(2): in dispatch mode a one-shot SIGTERM handler (a runtime's exit path) waits
+/// for the worker's connections to close (drain.rs).
+///
+/// # Safety
+/// As sigaction(2).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sigaction(
+    sig: c_int,
+    act: *const libc::sigaction,
+    old: *mut libc::sigaction,
+) -> c_int {
+    if sig == libc::SIGTERM && state::get().is_some_and(|s| s.dispatching()) {
+        // SAFETY: caller contract.
+        return unsafe { drain::sigaction(act, old) };
+    }
+    // SAFETY: caller contract.
+    unsafe { real::sigaction(sig, act, old) }
 }
 
 /// dup2(2): replacing a tracked fd closes it.

@@ -19,7 +19,7 @@
 //! listener's claim and notifications), `conns` (the lock-free fd table behind CLOSED), `env`
 //! (reading the contract, whose one definition — wire format, variables, limits — is the
 //! `rcluster-proto` crate; and the `LD_PRELOAD` scrub), `sockaddr`, `notify` (sd_notify
-//! READY=1), `steer` (accept/close counts on the kernel-steering table), `overflow` (the kernel-steering overflow queue, watched through the server's epoll sets), `sockopts` (TCP options set on a dispatch channel: recorded, answered, applied to
+//! READY=1), `drain` (a runtime's one-shot SIGTERM exit held until the worker's connections are closed, dispatch mode), `steer` (accept/close counts on the kernel-steering table), `overflow` (the kernel-steering overflow queue, watched through the server's epoll sets), `sockopts` (TCP options set on a dispatch channel: recorded, answered, applied to
 //! each connection), `procs` (open connections per process, shared across `fork`, so a
 //! server's own forked workers are accounted even when one dies), `follow` (what
 //! `exec`/`posix_spawn` pass on: the whole contract to the
@@ -30,6 +30,7 @@
 
 mod conns;
 mod dispatch;
+mod drain;
 mod env;
 mod follow;
 #[cfg(not(test))]

@@ -127,6 +127,19 @@ impl Procs {
         false
     }
 
+    /// The connections process `pid` holds, over every listener (atomics only: callable from
+    /// a signal handler).
+    pub fn open_of(&self, pid: u32) -> u64 {
+        self.entries
+            .iter()
+            .filter(|e| {
+                let k = e.key.load(Ordering::Acquire);
+                k != 0 && pid_of(k) == pid
+            })
+            .map(|e| e.open.load(Ordering::Acquire))
+            .sum()
+    }
+
     /// A connection process `pid` was handed from `listener` is closed.
     pub fn closed(&self, pid: u32, listener: usize) {
         if let Some(e) = self.find(key(pid, listener)) {

@@ -100,6 +100,10 @@ real_fn!(
     setsockopt(fd: c_int, level: c_int, name: c_int, val: *const c_void, len: socklen_t) -> c_int
 );
 real_fn!(
+    /// libc `sigaction(2)`.
+    sigaction(sig: c_int, act: *const libc::sigaction, old: *mut libc::sigaction) -> c_int
+);
+real_fn!(
     /// libc `dup2(2)`.
     dup2(old: c_int, new: c_int) -> c_int
 );
@@ -263,6 +267,7 @@ pub fn resolve_all() {
         (&getsockname::SLOT, getsockname::NAME),
         (&getsockopt::SLOT, getsockopt::NAME),
         (&setsockopt::SLOT, setsockopt::NAME),
+        (&sigaction::SLOT, sigaction::NAME),
         (&dup2::SLOT, dup2::NAME),
         (&dup3::SLOT, dup3::NAME),
         (&execve::SLOT, execve::NAME),

@@ -226,6 +226,17 @@ impl Shim {
         unsafe { libc::getpid() as u32 }
     }
 
+    /// Whether the worker takes its connections from dispatch channels (drain.rs).
+    pub fn dispatching(&self) -> bool {
+        self.mode == Mode::Dispatch
+    }
+
+    /// The connections this process holds that it was handed by the shim (drain.rs; atomics
+    /// only, callable from a signal handler).
+    pub fn open_here(&self) -> u64 {
+        self.procs.open_of(self.pid())
+    }
+
     /// Kernel steering: this worker's line of the table, if mapped.
     pub fn steer(&self) -> Option<&SteerSlot> {
         self.steer.as_ref()
@@ -777,6 +788,7 @@ impl Shim {
                 // close(2): the fd is released even when an error is reported, so the
                 // connection is finished either way.
                 self.conn_closed(i, pid, in_event_loop());
+                crate::drain::closed();
                 set_errno(e);
                 return rc;
             }

@@ -592,9 +592,9 @@ impl Supervisor {
     /// it at once and cut the requests it is serving: it gets no more connections already, so
     /// it is signalled once it holds none ([`Event::Idle`]: every connection dispatched to it
     /// closed), or after half of `--grace` at the latest (a keep-alive connection a client
-    /// never closes); SIGKILL still follows at `--grace`. Node catches SIGTERM itself (to
-    /// restore the terminal, then exits), so a node app without a handler is not seen as one.
-    /// In the kernel modes a drained worker shares its slot's listener until it exits, so it
+    /// never closes); SIGKILL still follows at `--grace`. Node catches SIGTERM itself (a
+    /// one-shot handler that restores the terminal and exits): for it the shim holds that
+    /// handler back in the same way (shim/src/drain.rs). In the kernel modes a drained worker shares its slot's listener until it exits, so it
     /// never runs out of connections: the signal goes at once there.
     fn defer_drain(&mut self, id: WorkerId) -> bool {
         let signal = self.config.drain_signal;
