@@ -25,6 +25,16 @@ fn assert_all_served(policy: &str) -> std::collections::HashMap<usize, usize> {
     counts
 }
 
+/// The pid of the process that answered for worker slot `worker` in `results`.
+fn pid_of_worker(results: &[std::io::Result<Response>], worker: usize) -> i32 {
+    results
+        .iter()
+        .flatten()
+        .find(|r| r.worker() == worker)
+        .unwrap_or_else(|| panic!("worker {worker} answered none of {}", results.len()))
+        .pid()
+}
+
 #[test]
 fn round_robin_serves_every_connection_in_equal_shares() {
     let counts = assert_all_served("round-robin");
@@ -192,12 +202,7 @@ fn reuseport_scale_down_moves_the_removed_sockets_queue_to_the_others() {
     }
     let cluster = TestCluster::start(&["--workers", "2", "--policy", "reuseport", "--grace", "1s"]);
     assert!(cluster.log_contains("queue moves to the others (SELECT_OR_MIGRATE)"));
-    let removed = get_many(cluster.addr(), "/", 40, 2)
-        .iter()
-        .flatten()
-        .find(|r| r.worker() == 1)
-        .expect("worker 1 served one of 40")
-        .pid();
+    let removed = pid_of_worker(&get_many(cluster.addr(), "/", 40, 2), 1);
     let inode = socket_inode(removed, 3);
     kill(removed, libc::SIGSTOP);
     common::wait_stopped(removed);
@@ -229,12 +234,7 @@ fn reuseport_scale_down_takes_the_removed_workers_socket_out_of_the_group() {
     let cluster = TestCluster::start(&["--workers", "3", "--policy", "reuseport"]);
     let served = get_many(cluster.addr(), "/", 60, 3);
     per_worker(&served);
-    let removed = served
-        .iter()
-        .flatten()
-        .find(|r| r.worker() == 2)
-        .expect("worker 2 served")
-        .pid();
+    let removed = pid_of_worker(&served, 2);
     let inode = socket_inode(removed, 3);
     assert!(
         holds_socket(cluster.pid(), inode),

@@ -1149,7 +1149,7 @@ impl Lifecycle {
 
 /// `t + d`, saturating about a century ahead instead of panicking on overflow (a huge
 /// `--grace`).
-fn at(t: Instant, d: Duration) -> Instant {
+pub(crate) fn at(t: Instant, d: Duration) -> Instant {
     const FAR: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
     t.checked_add(d).or_else(|| t.checked_add(FAR)).unwrap_or(t)
 }

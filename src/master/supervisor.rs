@@ -594,8 +594,9 @@ impl Supervisor {
     /// closed), or after half of `--grace` at the latest (a keep-alive connection a client
     /// never closes); SIGKILL still follows at `--grace`. Node catches SIGTERM itself (a
     /// one-shot handler that restores the terminal and exits): for it the shim holds that
-    /// handler back in the same way (shim/src/drain.rs). In the kernel modes a drained worker shares its slot's listener until it exits, so it
-    /// never runs out of connections: the signal goes at once there.
+    /// handler back in the same way (shim/src/drain.rs). In the kernel modes a drained worker
+    /// shares its slot's listener until it exits, so it never runs out of connections: the
+    /// signal goes at once there.
     fn defer_drain(&mut self, id: WorkerId) -> bool {
         let signal = self.config.drain_signal;
         let Some(p) = self.procs.iter().find(|p| p.id == id) else {
@@ -612,7 +613,8 @@ impl Supervisor {
             p.pid,
             name = sys::signal_name(signal)
         );
-        self.deferred_drains.push((id, Instant::now() + wait));
+        self.deferred_drains
+            .push((id, super::lifecycle::at(Instant::now(), wait)));
         self.send(Command::WhenIdle(id));
         true
     }
