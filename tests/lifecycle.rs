@@ -1108,11 +1108,11 @@ fn a_server_without_a_drain_handler_is_signalled_after_half_the_grace() {
     assert_ne!(new.body, old.body, "served by the new worker");
 }
 
-/// A node app that answers `/slow` after 3 s (a timer: its loop stays free) and anything else
-/// at once, with its pid. It has no SIGTERM handler of its own: node's runtime has one, which
+/// A node app that answers `/slow` after 3 s (a timer: its loop stays free; it logs `slow PID`
+/// when the request arrives) and anything else at once, with its pid. It has no SIGTERM handler of its own: node's runtime has one, which
 /// restores the terminal and ends the process.
 const NODE_SLOW_APP: &str = "require('http').createServer((q,r)=>{const a=()=>r.end('pid '+process.pid+'\\n');\
-if(q.url==='/slow'){setTimeout(a,3000)}else{a()}}).listen(process.env.PORT);";
+if(q.url==='/slow'){console.log('slow '+process.pid);setTimeout(a,3000)}else{a()}}).listen(process.env.PORT);";
 
 /// Node's own SIGTERM handler ends the process at once; in dispatch mode the shim holds it
 /// back (shim/src/drain.rs) until the drained worker has closed its last connection: a reload
@@ -1136,4 +1136,48 @@ fn reload_of_a_node_app_without_a_sigterm_handler_lets_it_finish_its_requests() 
     slow_request_across_a_reload(&cluster);
     // The master saw SIGTERM caught (node's own handler) and signalled at once.
     assert!(!cluster.log_contains("has no handler for SIGTERM"));
+}
+
+/// In the kernel modes a drained worker shares its listener with its replacement (in `shared`
+/// mode with every worker). On SIGTERM the shim holds node's exit back and the worker stops
+/// taking connections (shim/src/drain.rs): it answers its slow request and then ends of
+/// SIGTERM, while every connection that arrives in the meantime is the new worker's. Without
+/// the hold the slow request is cut; without the stop, the old worker, its loop free, takes
+/// some of the new connections.
+#[test]
+fn reload_of_a_node_app_without_a_sigterm_handler_in_the_kernel_modes_lets_it_finish() {
+    if !node_available() {
+        return;
+    }
+    let mut modes = vec![vec!["--policy", "shared"], vec!["--policy", "reuseport"]];
+    if common::steering_available() {
+        modes.push(vec!["--policy", "least-conn", "--steer", "kernel"]);
+    }
+    for mode in modes {
+        let mut args = mode.clone();
+        args.extend(["--workers", "1", "--", "node", "-e", NODE_SLOW_APP]);
+        let cluster = TestCluster::start(&args);
+        let old_pid = cluster.wait_for_workers(1)[0];
+        let old = get(cluster.addr(), "/").expect("first request");
+        let slow = send_request(cluster.addr(), "/slow").expect("the slow request");
+        cluster.wait_for_log(&format!("slow {old_pid}"), DEADLINE);
+        cluster.signal(libc::SIGHUP);
+        cluster.wait_for_log("draining worker 0", DEADLINE);
+        for i in 0..10 {
+            let r = get(cluster.addr(), "/").expect("a request during the drain");
+            assert_eq!(r.status, 200, "{mode:?}: request {i}");
+            assert_ne!(
+                r.body, old.body,
+                "{mode:?}: request {i} went to the draining worker"
+            );
+        }
+        let r = read_response(slow).expect("the slow request's answer");
+        assert_eq!(
+            (r.status, r.body.clone()),
+            (200, old.body.clone()),
+            "{mode:?}: {r:?}"
+        );
+        let exited = cluster.wait_for_log(&format!("(pid {old_pid}) exited"), DEADLINE);
+        assert!(exited.contains("signal 15 (SIGTERM)"), "{mode:?}: {exited}");
+    }
 }

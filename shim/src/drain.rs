@@ -1,34 +1,44 @@
-//! A runtime's own exit handler for SIGTERM, in dispatch mode: what a node app without a
-//! SIGTERM handler of its own runs.
+//! A runtime's own exit handler for SIGTERM: what a node app without a SIGTERM handler of its
+//! own runs.
 //!
 //! Node installs a handler for SIGTERM before any of the app's code runs: it restores the
 //! terminal and ends the process (one-shot, `SA_RESETHAND`, then the signal again). So to the
 //! master (`SigCgt` in `/proc/PID/status`) every node process catches SIGTERM, and the master
 //! cannot hold the drain signal back until a plain node app has answered what it holds, as it
-//! does for a server that does not catch it (the supervisor's `defer_drain`). The shim can tell:
-//! a one-shot handler installed for SIGTERM is such an exit path, not a graceful stop.
+//! does in dispatch mode for a server that does not catch it (the supervisor's `defer_drain`).
+//! The shim can tell: a one-shot handler installed for SIGTERM is such an exit path, not a
+//! graceful stop.
 //!
-//! So, in dispatch mode, when the server installs a one-shot handler for SIGTERM, the shim
-//! installs its own in its place and keeps the server's aside; asking for the current action
-//! still answers the server's. On SIGTERM the shim's handler notes that the worker is
-//! draining: the master sends it no more connections, it serves the ones it holds, and once its
-//! last one is closed (or at once if it holds none) the shim puts the server's handler back and
-//! raises SIGTERM, which ends the process as before, with nothing cut. The master's SIGKILL at
-//! `--grace` still bounds it. Any other action the server sets for SIGTERM (its own handler
-//! through `process.on('SIGTERM')`, `SIG_DFL`, `SIG_IGN`) replaces the shim's, as it would have
-//! replaced the runtime's.
+//! So when the server installs a one-shot handler for SIGTERM, the shim installs its own in its
+//! place and keeps the server's aside; asking for the current action still answers the
+//! server's. On SIGTERM the shim's handler notes that the worker is draining and stops it
+//! taking connections:
 //!
-//! The kernel modes are left alone: there a drained worker shares its slot's listener with its
-//! replacement until it exits, so it would never run out of connections.
+//! - dispatch mode: the master already sends it none;
+//! - the kernel modes (`reuseport`, `shared`, kernel steering), where a drained worker shares
+//!   its listener with its replacement (or, in `shared` mode, with every worker) until it
+//!   exits, as `server.close()` would: each epoll registration of a listener the server made
+//!   is modified to report nothing (kept, so the server's own later `EPOLL_CTL_MOD`/`DEL`
+//!   still finds it), `accept` on a non-blocking listener fails with `EAGAIN` without a system
+//!   call, and under kernel steering the process stops watching the overflow queue and stops
+//!   stamping its slot's loop clock. What waits on the listener is the other workers'.
 //!
-//! Signal context: the handler only reads atomics, counts the worker's open connections
-//! (`procs`, atomics) and calls `sigaction` and `raise`, all async-signal-safe.
+//! It serves the connections it holds, and once its last one is closed (or at once if it
+//! holds none) the shim puts the server's handler back and raises SIGTERM, which ends the
+//! process as before, with nothing cut. The master's SIGKILL at `--grace` still bounds it. Any
+//! other action the server sets for SIGTERM (its own handler through `process.on('SIGTERM')`,
+//! `SIG_DFL`, `SIG_IGN`) replaces the shim's, as it would have replaced the runtime's.
+//!
+//! Signal context: the handler only reads and writes atomics, counts the worker's open
+//! connections (`procs`, atomics) and calls `epoll_ctl`, `getpid`, `sigaction` and `raise`, all
+//! async-signal-safe.
 
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 
 use libc::c_int;
 
 use crate::real;
+use crate::state::{errno, set_errno};
 
 /// The server's one-shot handler for SIGTERM, held aside while the shim's is installed
 /// (0: none held).
@@ -38,6 +48,120 @@ static HELD_FLAGS: AtomicI32 = AtomicI32::new(0);
 /// SIGTERM arrived while a handler was held: the worker drains.
 static DRAINING: AtomicBool = AtomicBool::new(false);
 
+/// Listener registrations in epoll sets recorded at once (a server registers a listener in one
+/// set per loop).
+const REGISTRATIONS: usize = 16;
+/// Kernel modes: the server's epoll registrations of its listeners, `IN_USE | epfd << 32 | fd`
+/// (0: a free entry), with the server's `data` for each.
+static REGISTERED: [AtomicU64; REGISTRATIONS] = [const { AtomicU64::new(0) }; REGISTRATIONS];
+static REGISTERED_DATA: [AtomicU64; REGISTRATIONS] = [const { AtomicU64::new(0) }; REGISTRATIONS];
+/// Entries of [`REGISTERED`] in use, so that a `close` pays one load while there are none.
+static REGISTERED_COUNT: AtomicUsize = AtomicUsize::new(0);
+const IN_USE: u64 = 1 << 63;
+
+fn registration(epfd: c_int, fd: c_int) -> u64 {
+    IN_USE | (u64::from(epfd as u32) << 32) | u64::from(fd as u32)
+}
+
+fn unpack(v: u64) -> (c_int, c_int) {
+    (((v >> 32) as u32 & 0x7fff_ffff) as c_int, v as u32 as c_int)
+}
+
+/// Whether the worker drains with its exit held (kernel modes: it takes no connection now).
+pub fn draining() -> bool {
+    DRAINING.load(Ordering::Acquire)
+}
+
+/// Kernel modes: the server's `epoll_ctl(epfd, op, fd, event)` on one of its listeners
+/// succeeded. The registration is recorded (or forgotten, on `EPOLL_CTL_DEL`); one made while
+/// draining is turned off at once. errno is left as it was.
+///
+/// # Safety
+/// `event` as for epoll_ctl(2) (read only for ADD and MOD, where it is non-null).
+pub unsafe fn registered(epfd: c_int, op: c_int, fd: c_int, event: *const libc::epoll_event) {
+    if epfd < 0 || fd < 0 {
+        return;
+    }
+    let v = registration(epfd, fd);
+    match op {
+        libc::EPOLL_CTL_ADD | libc::EPOLL_CTL_MOD if !event.is_null() => {
+            // SAFETY: caller contract: a valid event for ADD/MOD.
+            let data = unsafe { (*event).u64 };
+            let found = REGISTERED
+                .iter()
+                .position(|r| r.load(Ordering::SeqCst) == v)
+                .or_else(|| {
+                    let k = REGISTERED.iter().position(|r| {
+                        r.compare_exchange(0, v, Ordering::SeqCst, Ordering::SeqCst)
+                            .is_ok()
+                    })?;
+                    REGISTERED_COUNT.fetch_add(1, Ordering::SeqCst);
+                    Some(k)
+                });
+            if let Some(k) = found {
+                REGISTERED_DATA[k].store(data, Ordering::SeqCst);
+            }
+            if draining() {
+                silence(epfd, fd, data);
+            }
+        }
+        libc::EPOLL_CTL_DEL => forget(|r| r == v),
+        _ => {}
+    }
+}
+
+/// Kernel modes: the server closes `fd` (or replaces it): the registrations it named, as a
+/// listener or as an epoll set, are forgotten, so that a later drain never touches a number
+/// reused for something else.
+pub fn closing(fd: c_int) {
+    if REGISTERED_COUNT.load(Ordering::Acquire) == 0 || fd < 0 {
+        return;
+    }
+    forget(|r| {
+        let (epfd, listener) = unpack(r);
+        epfd == fd || listener == fd
+    });
+}
+
+fn forget(which: impl Fn(u64) -> bool) {
+    for r in &REGISTERED {
+        let v = r.load(Ordering::SeqCst);
+        if v != 0
+            && which(v)
+            && r.compare_exchange(v, 0, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+        {
+            REGISTERED_COUNT.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Modifies a listener's registration to report nothing, keeping the server's `data`.
+fn silence(epfd: c_int, fd: c_int, data: u64) {
+    let saved = errno();
+    let mut off = libc::epoll_event {
+        events: 0,
+        u64: data,
+    };
+    // SAFETY: a valid event; the set and fd are the server's, registered together.
+    unsafe { real::epoll_ctl(epfd, libc::EPOLL_CTL_MOD, fd, &mut off) };
+    set_errno(saved);
+}
+
+/// Kernel modes: the worker takes no more connections (module docs).
+fn stop_taking() {
+    for (r, d) in REGISTERED.iter().zip(&REGISTERED_DATA) {
+        let v = r.load(Ordering::SeqCst);
+        if v != 0 {
+            let (epfd, fd) = unpack(v);
+            silence(epfd, fd, d.load(Ordering::SeqCst));
+        }
+    }
+    if let Some(shim) = crate::state::get() {
+        shim.stop_taking();
+    }
+}
+
 /// Whether an action for SIGTERM is a runtime's exit path: a one-shot handler.
 fn is_exit_path(act: &libc::sigaction) -> bool {
     act.sa_sigaction != libc::SIG_DFL
@@ -46,7 +170,7 @@ fn is_exit_path(act: &libc::sigaction) -> bool {
         && act.sa_flags & libc::SA_RESETHAND != 0
 }
 
-/// sigaction(2) for SIGTERM in dispatch mode (the caller checks both).
+/// sigaction(2) for SIGTERM under the shim (the caller checks both).
 ///
 /// # Safety
 /// As sigaction(2).
@@ -98,7 +222,11 @@ fn mine_addr() -> usize {
 
 /// The shim's SIGTERM handler while the server's one-shot one is held.
 extern "C" fn handler(_sig: c_int, _info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
-    DRAINING.store(true, Ordering::Release);
+    if !DRAINING.swap(true, Ordering::AcqRel)
+        && crate::state::get().is_some_and(|shim| !shim.dispatching())
+    {
+        stop_taking();
+    }
     if open_connections() == 0 {
         finish();
     }
@@ -159,6 +287,57 @@ mod tests {
             assert_eq!(sigaction(std::ptr::null(), &mut told), 0);
             (real_old.sa_sigaction, told.sa_sigaction)
         }
+    }
+
+    /// Events `epfd` reports now (no waiting).
+    fn ready(epfd: c_int) -> c_int {
+        let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 4];
+        // SAFETY: evs holds 4 events.
+        unsafe { libc::epoll_wait(epfd, evs.as_mut_ptr(), 4, 0) }
+    }
+
+    #[test]
+    fn drained_listener_registrations_report_nothing_and_closing_forgets_them() {
+        use std::os::fd::AsRawFd;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let fd = listener.as_raw_fd();
+        // SAFETY: a new epoll set, closed below.
+        let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        assert!(epfd >= 0);
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: 77,
+        };
+        // SAFETY: a valid set, fd and event.
+        unsafe {
+            assert_eq!(libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd, &mut ev), 0);
+            registered(epfd, libc::EPOLL_CTL_ADD, fd, &ev);
+        }
+        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(
+            ready(epfd),
+            1,
+            "a connection waits: the listener is reported"
+        );
+        stop_taking();
+        assert_eq!(ready(epfd), 0, "drained: the registration reports nothing");
+        // Kept, so the server's own later MOD and DEL still find it.
+        // SAFETY: as above.
+        unsafe {
+            assert_eq!(libc::epoll_ctl(epfd, libc::EPOLL_CTL_MOD, fd, &mut ev), 0);
+        }
+        assert_eq!(ready(epfd), 1, "the server's own MOD restores it");
+        let recorded = |v: u64| REGISTERED.iter().any(|r| r.load(Ordering::SeqCst) == v);
+        assert!(recorded(registration(epfd, fd)));
+        closing(fd);
+        assert!(
+            !recorded(registration(epfd, fd)),
+            "closing the listener forgets it"
+        );
+        // SAFETY: the set is ours.
+        unsafe { libc::close(epfd) };
     }
 
     #[test]

@@ -158,7 +158,7 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
     }
 }
 
-/// sigaction(2): in dispatch mode a one-shot SIGTERM handler (a runtime's exit path) waits
+/// sigaction(2): a one-shot SIGTERM handler (a runtime's exit path) waits
 /// for the worker's connections to close (drain.rs).
 ///
 /// # Safety
@@ -169,7 +169,7 @@ pub unsafe extern "C" fn sigaction(
     act: *const libc::sigaction,
     old: *mut libc::sigaction,
 ) -> c_int {
-    if sig == libc::SIGTERM && state::get().is_some_and(|s| s.dispatching()) {
+    if sig == libc::SIGTERM && state::get().is_some() {
         // SAFETY: caller contract.
         return unsafe { drain::sigaction(act, old) };
     }

@@ -163,6 +163,13 @@ pub struct Overflow {
     polled: AtomicBool,
 }
 
+/// Removes queue fd `queue` from epoll set `epfd` (a set without it answers `ENOENT`).
+fn del_queue(epfd: c_int, queue: c_int) {
+    let mut dummy = libc::epoll_event { events: 0, u64: 0 };
+    // SAFETY: DEL ignores the event pointer (non-null for old kernels); both are plain fds.
+    unsafe { real::epoll_ctl(epfd, libc::EPOLL_CTL_DEL, queue, &mut dummy) };
+}
+
 /// Whether `fd`'s open file is non-blocking.
 fn nonblocking(fd: c_int) -> bool {
     // SAFETY: F_GETFL reads the status flags; an invalid fd returns -1.
@@ -556,15 +563,11 @@ impl Overflow {
                 // A registration that cannot be recorded is taken back: its reports would come
                 // under a tag nobody knows, so they could only be dropped.
                 if rc == 0 && !self.remember(steer, v, theirs.u64, nonblocking(fd)) {
-                    let mut dummy = libc::epoll_event { events: 0, u64: 0 };
-                    // SAFETY: DEL ignores the event pointer (non-null for old kernels).
-                    unsafe { real::epoll_ctl(epfd, libc::EPOLL_CTL_DEL, queue, &mut dummy) };
+                    del_queue(epfd, queue);
                 }
             }
             libc::EPOLL_CTL_DEL => {
-                let mut dummy = libc::epoll_event { events: 0, u64: 0 };
-                // SAFETY: DEL ignores the event pointer (non-null for old kernels).
-                unsafe { real::epoll_ctl(epfd, libc::EPOLL_CTL_DEL, queue, &mut dummy) };
+                del_queue(epfd, queue);
                 for m in &self.mirrors {
                     if m.load(Ordering::SeqCst) == v {
                         self.drop_entry(steer, m, v);
@@ -592,23 +595,26 @@ impl Overflow {
         if !self.mirrors.iter().any(|m| named(m.load(Ordering::SeqCst))) || !self.owned() {
             return;
         }
+        // A listener's mirrors leave their sets; a set's close removes them by itself.
+        self.unmirror(steer, |epfd, server_fd| {
+            (server_fd == fd || epfd == fd).then_some(server_fd == fd)
+        });
+    }
+
+    /// Drops each mirror entry for which `which(epfd, server_fd)` is `Some(remove)`, first
+    /// removing the queue from that set when `remove`. errno is left as it was.
+    fn unmirror(&self, steer: &SteerSlot, which: impl Fn(c_int, c_int) -> Option<bool>) {
         let saved = errno();
         for m in &self.mirrors {
             let v = m.load(Ordering::SeqCst);
-            if v == 0 {
-                continue;
-            }
             let (epfd, server_fd, index) = unpack(v);
-            if server_fd == fd
-                && let Some(queue) = self.fd(index)
-            {
-                let mut dummy = libc::epoll_event { events: 0, u64: 0 };
-                // SAFETY: the epoll fd is still open (its close would have dropped the entry).
-                unsafe { real::epoll_ctl(epfd, libc::EPOLL_CTL_DEL, queue, &mut dummy) };
-                self.drop_entry(steer, m, v);
-            } else if epfd == fd {
-                self.drop_entry(steer, m, v);
+            let Some(remove) = which(epfd, server_fd).filter(|_| v != 0) else {
+                continue;
+            };
+            if remove && let Some(queue) = self.fd(index) {
+                del_queue(epfd, queue);
             }
+            self.drop_entry(steer, m, v);
         }
         set_errno(saved);
     }
@@ -753,12 +759,22 @@ impl Overflow {
                 v != 0 && unpack(v).0 == epfd && unpack(v).2 == index
             });
             if queue >= 0 && !known {
-                let mut dummy = libc::epoll_event { events: 0, u64: 0 };
-                // SAFETY: DEL ignores the event pointer; a set without the fd answers ENOENT.
-                unsafe { real::epoll_ctl(epfd, libc::EPOLL_CTL_DEL, queue, &mut dummy) };
+                del_queue(epfd, queue);
             }
         }
         set_errno(saved);
+    }
+
+    /// The worker drains with its exit held (drain.rs): the queue leaves every epoll set this
+    /// process registered it in, and its watch is withdrawn as at exit ([`Overflow::exiting`]),
+    /// so the program spills nothing more for it and the queue wakes it no more. Atomics,
+    /// `getpid` and `epoll_ctl` only: called from a signal handler. errno is left as it was.
+    pub fn withdraw(&self, steer: &SteerSlot) {
+        if self.owner.load(Ordering::SeqCst) != getpid() {
+            return;
+        }
+        self.unmirror(steer, |_, _| Some(true));
+        self.exiting(steer);
     }
 
     /// The process exits normally (the shim's destructor): a watch it holds is withdrawn, as

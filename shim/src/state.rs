@@ -260,12 +260,29 @@ impl Shim {
         fd: c_int,
         event: *const libc::epoll_event,
     ) {
-        let Some((overflow, steer)) = self.overflow() else {
+        if self.mode == Mode::Dispatch {
+            return;
+        }
+        let Some(l) = self.claimed(fd).or_else(|| self.inherited_listener(fd)) else {
             return;
         };
-        if let Some(l) = self.claimed(fd).or_else(|| self.inherited_listener(fd)) {
+        // SAFETY: caller contract.
+        unsafe { crate::drain::registered(epfd, op, fd, event) };
+        if let Some((overflow, steer)) = self.overflow() {
             // SAFETY: caller contract.
             unsafe { overflow.mirror(steer, epfd, op, fd, l.index, event) };
+        }
+    }
+
+    /// Kernel modes, from the SIGTERM handler of a worker whose exit the shim holds (drain.rs):
+    /// under kernel steering the process stops watching the overflow queue and stops stamping
+    /// its slot's loop clock. Atomics and `epoll_ctl` only.
+    pub fn stop_taking(&self) {
+        if let Some(steer) = &self.steer {
+            if let Some(overflow) = &self.overflow {
+                overflow.withdraw(steer);
+            }
+            steer.retire();
         }
     }
 
@@ -500,6 +517,16 @@ impl Shim {
             // SAFETY: caller contract.
             return unsafe { dispatch::accept(self, l, fd, addr, len, flags) };
         }
+        // A kernel-mode worker draining with its exit held takes nothing more (drain.rs): what
+        // waits on the listener is the other workers'.
+        if crate::drain::draining()
+            && self.mode != Mode::Dispatch
+            && self.listener_index(fd).is_some()
+            && nonblocking(fd)
+        {
+            set_errno(libc::EAGAIN);
+            return -1;
+        }
         // Kernel steering: when the table says a connection waits in the overflow queue and
         // none on this worker's own listener, the queue is tried first: one `accept`, where
         // trying the listener first would add a failed one to every connection taken from the
@@ -524,16 +551,15 @@ impl Shim {
         }
         let rc = real_accept();
         if rc >= 0
-            && let Some(steer) = &self.steer
+            && self.mode != Mode::Dispatch
             && let Some(l) = self.claimed(fd).or_else(|| self.inherited_listener(fd))
         {
-            // Kernel steering: count it and watch its close (conns.rs).
-            steer.accepted();
-            match self.conns.mark(rc, l.index, self.pid()) {
-                crate::conns::Marked::Fresh => {}
-                crate::conns::Marked::Stale(_) => steer.closed(),
-                crate::conns::Marked::Untracked => steer.closed(),
+            // The kernel modes: tracked to its close (conns.rs), counted per process (what a
+            // drained worker holds, drain.rs) and under kernel steering on the table.
+            if let Some(steer) = &self.steer {
+                steer.accepted();
             }
+            self.track(rc, l.index);
             return rc;
         }
         // Kernel steering: nothing on the worker's own listener; one from the overflow queue,
@@ -582,11 +608,32 @@ impl Shim {
         // SAFETY: caller contract.
         let conn = unsafe { overflow.accept(l.index, addr, len, flags) }?;
         steer.took_overflow();
-        match self.conns.mark(conn, l.index, self.pid()) {
-            crate::conns::Marked::Fresh => {}
-            crate::conns::Marked::Stale(_) | crate::conns::Marked::Untracked => steer.closed(),
-        }
+        self.track(conn, l.index);
         Some(conn)
+    }
+
+    /// Kernel modes: connection `conn`, accepted from listener `index`, is tracked to its close
+    /// and counted as this process's. One whose close cannot be seen (beyond the table) counts
+    /// as closed at once; a stale entry of this process is a connection closed unseen.
+    fn track(&self, conn: c_int, index: usize) {
+        let pid = self.pid();
+        match self.conns.mark(conn, index, pid) {
+            crate::conns::Marked::Fresh => {}
+            crate::conns::Marked::Stale(i) => {
+                self.procs.closed(pid, i);
+                if let Some(steer) = &self.steer {
+                    steer.closed();
+                }
+            }
+            crate::conns::Marked::Untracked => {
+                if let Some(steer) = &self.steer {
+                    steer.closed();
+                }
+                return;
+            }
+        }
+        // A full table leaves it uncounted (procs.rs); the master is told nothing either way.
+        let _counted = self.procs.opened(pid, index, |_, _| {});
     }
 
     /// getsockname(2): a dispatch channel answers with its listener's address.
@@ -769,6 +816,9 @@ impl Shim {
     /// real operation. A connection of ours is forgotten before it (conns.rs) and reported
     /// after it; a claimed listener is released and the master told the worker is stopping.
     pub fn closing(&self, fd: c_int, close_fd: impl FnOnce() -> c_int) -> c_int {
+        if self.mode != Mode::Dispatch {
+            crate::drain::closing(fd);
+        }
         if let Some((overflow, steer)) = self.overflow() {
             overflow.closing(steer, fd);
             overflow.listener_closing(steer, || self.listener_index(fd).is_some());
@@ -820,6 +870,13 @@ impl Listener {
         use std::os::fd::AsRawFd;
         self.chan.as_raw_fd()
     }
+}
+
+/// Whether `fd` is in non-blocking mode (an fcntl).
+fn nonblocking(fd: c_int) -> bool {
+    // SAFETY: F_GETFL only reads the file status flags.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    flags >= 0 && flags & libc::O_NONBLOCK != 0
 }
 
 /// The answer a listening TCP socket at `l.addr` would give, for the options that identify one.

@@ -35,6 +35,9 @@ static LOOP: AtomicU8 = AtomicU8::new(LOOP_UNCLAIMED);
 const LOOP_UNCLAIMED: u8 = 0;
 const LOOP_CLAIMED: u8 = 1;
 const LOOP_OFF: u8 = 2;
+/// The last non-zero `busy_ns` this process stamped, so that [`SteerSlot::retire`] clears the
+/// stamp only if it is still this process's (a replacement shares the slot's line).
+static STAMPED: AtomicU64 = AtomicU64::new(0);
 
 thread_local! {
     /// This thread accepted first: its waits are the loop's waits.
@@ -281,7 +284,7 @@ impl SteerSlot {
                 // request would look free until its loop next waits. (A thread that has never
                 // waited accepts in blocking calls: it would never clear the stamp.)
                 if WAITED.with(Cell::get) {
-                    self.busy.store(now, Ordering::SeqCst);
+                    self.stamp(now);
                 }
             }
             Err(LOOP_CLAIMED) => {
@@ -311,8 +314,27 @@ impl SteerSlot {
     /// The calling thread's wait returned: if it is the loop, the worker is busy from now.
     pub fn woke(&self) {
         if self.stamps() {
-            self.busy
-                .store(rcluster_sys::monotonic_ns(), Ordering::SeqCst);
+            self.stamp(rcluster_sys::monotonic_ns());
+        }
+    }
+
+    /// Stamps the loop busy from `now`.
+    fn stamp(&self, now: u64) {
+        STAMPED.store(now, Ordering::SeqCst);
+        self.busy.store(now, Ordering::SeqCst);
+    }
+
+    /// The worker drains with its exit held (drain.rs): its waits no longer speak for the slot,
+    /// whose line its replacement may share, so it stamps nothing more and clears its own
+    /// stamp if that is still there (atomics only: called from a signal handler).
+    pub fn retire(&self) {
+        if LOOP.swap(LOOP_OFF, Ordering::SeqCst) == LOOP_CLAIMED {
+            let mine = STAMPED.load(Ordering::SeqCst);
+            if mine != 0 {
+                let _ = self
+                    .busy
+                    .compare_exchange(mine, 0, Ordering::SeqCst, Ordering::SeqCst);
+            }
         }
     }
 
@@ -331,7 +353,7 @@ impl SteerSlot {
     /// that has never waited accepts in blocking calls and leaves the stamp alone (0).
     fn progressed(&self, now: u64) {
         if WAITED.with(Cell::get) && LOOP.load(Ordering::Relaxed) == LOOP_CLAIMED {
-            self.busy.store(now, Ordering::SeqCst);
+            self.stamp(now);
         }
     }
 }

@@ -594,9 +594,11 @@ impl Supervisor {
     /// closed), or after half of `--grace` at the latest (a keep-alive connection a client
     /// never closes); SIGKILL still follows at `--grace`. Node catches SIGTERM itself (a
     /// one-shot handler that restores the terminal and exits): for it the shim holds that
-    /// handler back in the same way (shim/src/drain.rs). In the kernel modes a drained worker
-    /// shares its slot's listener until it exits, so it never runs out of connections: the
-    /// signal goes at once there.
+    /// handler back in the same way, in every mode (shim/src/drain.rs). In the kernel modes a
+    /// drained worker shares its slot's listener until it exits, so it would never run out of
+    /// connections: the signal goes at once there, and only a server that stops taking
+    /// connections on it (`server.close()`, or node's exit held by the shim) finishes what it
+    /// holds.
     fn defer_drain(&mut self, id: WorkerId) -> bool {
         let signal = self.config.drain_signal;
         let Some(p) = self.procs.iter().find(|p| p.id == id) else {
