@@ -1004,8 +1004,8 @@ fn an_aborted_reload_in_shared_mode_drains_the_replacement_and_loses_nothing() {
     assert!(cluster.is_running());
 }
 
-/// A python server (threads, HTTP/1.1 keep-alive) that answers `/slow` after 3 s and anything
-/// else at once, with its pid; it installs no handler for SIGTERM (python's default: SIGTERM
+/// A python server (threads, HTTP/1.1 keep-alive) that answers `/slow` after 3 s (it logs
+/// `slow PID` when the request arrives) and anything else at once, with its pid; it installs no handler for SIGTERM (python's default: SIGTERM
 /// ends it at once). (Node's runtime catches SIGTERM itself; the shim's part for node is
 /// [`reload_of_a_node_app_without_a_sigterm_handler_lets_it_finish_its_requests`].)
 const PY_SLOW_APP: &str = "import http.server, os, time
@@ -1013,6 +1013,7 @@ class H(http.server.BaseHTTPRequestHandler):
     protocol_version = 'HTTP/1.1'
     def do_GET(self):
         if self.path == '/slow':
+            print('slow %d' % os.getpid(), flush=True)
             time.sleep(3)
         b = ('pid %d\\n' % os.getpid()).encode()
         self.send_response(200)
@@ -1149,13 +1150,32 @@ fn reload_of_a_node_app_without_a_sigterm_handler_in_the_kernel_modes_lets_it_fi
     if !node_available() {
         return;
     }
+    slow_request_across_a_reload_in_the_kernel_modes(&["node", "-e", NODE_SLOW_APP]);
+}
+
+/// The same for a python server that leaves SIGTERM at its default action, which the shim
+/// holds in the kernel modes (it waits in `poll`, its listener blocking).
+#[test]
+fn reload_of_a_server_without_a_drain_handler_in_the_kernel_modes_lets_it_finish() {
+    if !common::available("python3") {
+        return;
+    }
+    slow_request_across_a_reload_in_the_kernel_modes(&["python3", "-c", PY_SLOW_APP]);
+}
+
+/// A reload of one worker running `command` (an app as [`NODE_SLOW_APP`]) in `shared`,
+/// `reuseport` and, where it loads, kernel-steered mode, with a slow request in flight: that
+/// request is answered by the old worker, which then ends of SIGTERM, and ten requests made
+/// meanwhile are all the new worker's.
+fn slow_request_across_a_reload_in_the_kernel_modes(command: &[&str]) {
     let mut modes = vec![vec!["--policy", "shared"], vec!["--policy", "reuseport"]];
     if common::steering_available() {
         modes.push(vec!["--policy", "least-conn", "--steer", "kernel"]);
     }
     for mode in modes {
         let mut args = mode.clone();
-        args.extend(["--workers", "1", "--", "node", "-e", NODE_SLOW_APP]);
+        args.extend(["--workers", "1", "--"]);
+        args.extend_from_slice(command);
         let cluster = TestCluster::start(&args);
         let old_pid = cluster.wait_for_workers(1)[0];
         let old = get(cluster.addr(), "/").expect("first request");

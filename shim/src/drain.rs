@@ -1,5 +1,5 @@
-//! A runtime's own exit handler for SIGTERM: what a node app without a SIGTERM handler of its
-//! own runs.
+//! A server's SIGTERM that would end it at once: a runtime's own exit handler (what a node app
+//! without a SIGTERM handler of its own runs) and, in the kernel modes, the default action.
 //!
 //! Node installs a handler for SIGTERM before any of the app's code runs: it restores the
 //! terminal and ends the process (one-shot, `SA_RESETHAND`, then the signal again). So to the
@@ -7,24 +7,30 @@
 //! cannot hold the drain signal back until a plain node app has answered what it holds, as it
 //! does in dispatch mode for a server that does not catch it (the supervisor's `defer_drain`).
 //! The shim can tell: a one-shot handler installed for SIGTERM is such an exit path, not a
-//! graceful stop.
+//! graceful stop. In the kernel modes the master signals at once whatever the server catches,
+//! so there the shim also holds the default action of a server that leaves SIGTERM alone
+//! (python's `http.server`, waitress, most C servers): at start-up if it is the default then,
+//! and whenever the server sets `SIG_DFL`.
 //!
-//! So when the server installs a one-shot handler for SIGTERM, the shim installs its own in its
-//! place and keeps the server's aside; asking for the current action still answers the
-//! server's. On SIGTERM the shim's handler notes that the worker is draining and stops it
-//! taking connections:
+//! So when the server installs such an action for SIGTERM, the shim installs its own handler in
+//! its place and keeps the server's aside (for the default action with `SA_RESTART`, so the
+//! server's system calls go on as if no handler had run); asking for the current action still
+//! answers the server's. On SIGTERM the shim's handler notes that the worker is draining and
+//! stops it taking connections:
 //!
 //! - dispatch mode: the master already sends it none;
 //! - the kernel modes (`reuseport`, `shared`, kernel steering), where a drained worker shares
 //!   its listener with its replacement (or, in `shared` mode, with every worker) until it
 //!   exits, as `server.close()` would: each epoll registration of a listener the server made
 //!   is modified to report nothing (kept, so the server's own later `EPOLL_CTL_MOD`/`DEL`
-//!   still finds it), `accept` on a non-blocking listener fails with `EAGAIN` without a system
-//!   call, and under kernel steering the process stops watching the overflow queue and stops
-//!   stamping its slot's loop clock. What waits on the listener is the other workers'.
+//!   still finds it), its `poll` and `select` calls no longer ask about its listeners,
+//!   `accept` on a non-blocking listener fails with `EAGAIN` without a system call (a blocking
+//!   one waits until the process ends), and under kernel steering the process stops watching
+//!   the overflow queue and stops stamping its slot's loop clock. What waits on the listener
+//!   is the other workers'.
 //!
 //! It serves the connections it holds, and once its last one is closed (or at once if it
-//! holds none) the shim puts the server's handler back and raises SIGTERM, which ends the
+//! holds none) the shim puts the server's action back and raises SIGTERM, which ends the
 //! process as before, with nothing cut. The master's SIGKILL at `--grace` still bounds it. Any
 //! other action the server sets for SIGTERM (its own handler through `process.on('SIGTERM')`,
 //! `SIG_DFL`, `SIG_IGN`) replaces the shim's, as it would have replaced the runtime's.
@@ -40,8 +46,9 @@ use libc::c_int;
 use crate::real;
 use crate::state::{errno, set_errno};
 
-/// The server's one-shot handler for SIGTERM, held aside while the shim's is installed
-/// (0: none held).
+/// An action of the server's for SIGTERM is held aside while the shim's handler is installed.
+static HOLDING: AtomicBool = AtomicBool::new(false);
+/// That action's `sa_sigaction`: a one-shot handler, or `SIG_DFL` (kernel modes).
 static HELD: AtomicUsize = AtomicUsize::new(0);
 /// Its `sa_flags`.
 static HELD_FLAGS: AtomicI32 = AtomicI32::new(0);
@@ -162,19 +169,62 @@ fn stop_taking() {
     }
 }
 
-/// Whether an action for SIGTERM is a runtime's exit path: a one-shot handler.
-fn is_exit_path(act: &libc::sigaction) -> bool {
-    act.sa_sigaction != libc::SIG_DFL
-        && act.sa_sigaction != libc::SIG_IGN
-        && act.sa_sigaction != mine_addr()
-        && act.sa_flags & libc::SA_RESETHAND != 0
+/// Whether an action for SIGTERM ends the process at once, so that the shim holds it: a
+/// runtime's exit path (a one-shot handler), and in the kernel modes (`default`) the default
+/// action too.
+fn is_held(act: &libc::sigaction, default: bool) -> bool {
+    match act.sa_sigaction {
+        libc::SIG_DFL => default,
+        libc::SIG_IGN => false,
+        f => f != mine_addr() && act.sa_flags & libc::SA_RESETHAND != 0,
+    }
 }
 
-/// sigaction(2) for SIGTERM under the shim (the caller checks both).
+/// Installs the shim's handler for SIGTERM in place of `theirs`, which is held aside.
+/// `old` as for sigaction(2).
+fn hold(theirs: &libc::sigaction, old: *mut libc::sigaction) -> c_int {
+    let mut mine = *theirs;
+    mine.sa_sigaction = mine_addr();
+    mine.sa_flags = (theirs.sa_flags | libc::SA_SIGINFO) & !libc::SA_RESETHAND;
+    if theirs.sa_sigaction == libc::SIG_DFL {
+        // The server expects no handler: its system calls go on as if none had run.
+        mine.sa_flags |= libc::SA_RESTART;
+    }
+    // SAFETY: mine is a valid action; old as the caller's.
+    let rc = unsafe { real::sigaction(libc::SIGTERM, &mine, old) };
+    if rc == 0 {
+        HELD_FLAGS.store(theirs.sa_flags, Ordering::Release);
+        HELD.store(theirs.sa_sigaction, Ordering::Release);
+        HOLDING.store(true, Ordering::Release);
+    }
+    rc
+}
+
+/// The kernel modes, from the constructor: a server that leaves SIGTERM at its default (python's
+/// `http.server`, waitress, most C servers) would die of the drain signal at once, cutting what
+/// it serves, so the shim holds the default action as it holds a runtime's exit path.
+pub fn hold_default() {
+    // SAFETY: a zeroed sigaction is valid storage; a null act only reads.
+    let mut now: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { real::sigaction(libc::SIGTERM, std::ptr::null(), &mut now) } == 0
+        && now.sa_sigaction == libc::SIG_DFL
+    {
+        hold(&now, std::ptr::null_mut());
+    }
+}
+
+/// sigaction(2) for SIGTERM under the shim (the caller checks both); `default`: the kernel
+/// modes, where the default action is held too.
 ///
 /// # Safety
 /// As sigaction(2).
-pub unsafe fn sigaction(act: *const libc::sigaction, old: *mut libc::sigaction) -> c_int {
+pub unsafe fn sigaction(
+    act: *const libc::sigaction,
+    old: *mut libc::sigaction,
+    default: bool,
+) -> c_int {
+    let was_holding = HOLDING.load(Ordering::Acquire);
     let was_held = HELD.load(Ordering::Acquire);
     let was_flags = HELD_FLAGS.load(Ordering::Acquire);
     let rc = if act.is_null() {
@@ -183,28 +233,19 @@ pub unsafe fn sigaction(act: *const libc::sigaction, old: *mut libc::sigaction) 
     } else {
         // SAFETY: caller contract: act points to a valid action.
         let wanted = unsafe { &*act };
-        if is_exit_path(wanted) {
-            let mut mine = *wanted;
-            mine.sa_sigaction = mine_addr();
-            mine.sa_flags = (wanted.sa_flags | libc::SA_SIGINFO) & !libc::SA_RESETHAND;
-            // SAFETY: mine is a valid action; old as the caller's.
-            let rc = unsafe { real::sigaction(libc::SIGTERM, &mine, old) };
-            if rc == 0 {
-                HELD_FLAGS.store(wanted.sa_flags, Ordering::Release);
-                HELD.store(wanted.sa_sigaction, Ordering::Release);
-            }
-            rc
+        if is_held(wanted, default) {
+            hold(wanted, old)
         } else {
             // SAFETY: caller contract.
             let rc = unsafe { real::sigaction(libc::SIGTERM, act, old) };
             if rc == 0 {
-                HELD.store(0, Ordering::Release);
+                HOLDING.store(false, Ordering::Release);
             }
             rc
         }
     };
     // The server asked what was installed: its own action, not the shim's.
-    if rc == 0 && !old.is_null() && was_held != 0 {
+    if rc == 0 && !old.is_null() && was_holding {
         // SAFETY: old is valid for writes (caller contract) and was just filled in.
         let old = unsafe { &mut *old };
         if old.sa_sigaction == mine_addr() {
@@ -220,7 +261,7 @@ fn mine_addr() -> usize {
     handler as *const () as usize
 }
 
-/// The shim's SIGTERM handler while the server's one-shot one is held.
+/// The shim's SIGTERM handler while the server's action is held.
 extern "C" fn handler(_sig: c_int, _info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
     if !DRAINING.swap(true, Ordering::AcqRel)
         && crate::state::get().is_some_and(|shim| !shim.dispatching())
@@ -247,13 +288,12 @@ pub fn closed() {
 /// Puts the server's handler back and raises SIGTERM: the process ends as the runtime ends
 /// it. Delivered when the shim's handler returns if called from it, at once otherwise.
 fn finish() {
-    let held = HELD.swap(0, Ordering::AcqRel);
-    if held == 0 {
+    if !HOLDING.swap(false, Ordering::AcqRel) {
         return;
     }
     // SAFETY: a zeroed sigaction is valid; the mask is filled before use.
     let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
-    act.sa_sigaction = held;
+    act.sa_sigaction = HELD.load(Ordering::Acquire);
     act.sa_flags = HELD_FLAGS.load(Ordering::Acquire);
     // SAFETY: act.sa_mask is valid storage; act is a valid action; raise is async-signal-safe.
     unsafe {
@@ -284,7 +324,7 @@ mod tests {
             let mut real_old: libc::sigaction = std::mem::zeroed();
             real::sigaction(libc::SIGTERM, std::ptr::null(), &mut real_old);
             let mut told: libc::sigaction = std::mem::zeroed();
-            assert_eq!(sigaction(std::ptr::null(), &mut told), 0);
+            assert_eq!(sigaction(std::ptr::null(), &mut told, false), 0);
             (real_old.sa_sigaction, told.sa_sigaction)
         }
     }
@@ -341,29 +381,43 @@ mod tests {
     }
 
     #[test]
-    fn a_one_shot_sigterm_handler_is_held_and_any_other_action_replaces_the_shims() {
+    fn a_one_shot_sigterm_handler_or_in_the_kernel_modes_the_default_is_held_and_any_other_action_replaces_the_shims()
+     {
         let exit = runtime_exit as *const () as usize;
         // SAFETY: valid actions for SIGTERM in this test process; none is raised.
         unsafe {
             // A runtime's exit path (node's): the shim's handler runs, the server is told its own.
             let one_shot = action(exit, libc::SA_RESETHAND);
-            assert_eq!(sigaction(&one_shot, std::ptr::null_mut()), 0);
+            assert_eq!(sigaction(&one_shot, std::ptr::null_mut(), false), 0);
             assert_eq!(installed(), (mine_addr(), exit));
             assert_eq!(HELD.load(Ordering::Acquire), exit);
+            assert!(HOLDING.load(Ordering::Acquire));
             // The app's own handler (not one-shot) replaces it, as it would the runtime's.
             let own = action(exit, libc::SA_RESTART);
             let mut old: libc::sigaction = std::mem::zeroed();
-            assert_eq!(sigaction(&own, &mut old), 0);
+            assert_eq!(sigaction(&own, &mut old, false), 0);
             assert_eq!(
                 old.sa_sigaction, exit,
                 "told the action it replaced was its own"
             );
             assert_eq!(installed(), (exit, exit));
-            assert_eq!(HELD.load(Ordering::Acquire), 0);
+            assert!(!HOLDING.load(Ordering::Acquire));
             // Back to the default: nothing held.
             let default = action(libc::SIG_DFL, 0);
-            assert_eq!(sigaction(&default, std::ptr::null_mut()), 0);
+            assert_eq!(sigaction(&default, std::ptr::null_mut(), false), 0);
             assert_eq!(installed(), (libc::SIG_DFL, libc::SIG_DFL));
+            assert!(!HOLDING.load(Ordering::Acquire));
+            // The kernel modes hold the default action too; the server is told the default.
+            assert_eq!(sigaction(&default, std::ptr::null_mut(), true), 0);
+            assert_eq!(installed(), (mine_addr(), libc::SIG_DFL));
+            assert!(HOLDING.load(Ordering::Acquire));
+            assert_eq!(HELD.load(Ordering::Acquire), libc::SIG_DFL);
+            // Ignoring it is the server's to choose: nothing held.
+            let ignore = action(libc::SIG_IGN, 0);
+            assert_eq!(sigaction(&ignore, std::ptr::null_mut(), true), 0);
+            assert_eq!(installed(), (libc::SIG_IGN, libc::SIG_IGN));
+            assert!(!HOLDING.load(Ordering::Acquire));
+            assert_eq!(sigaction(&default, std::ptr::null_mut(), false), 0);
         }
     }
 }

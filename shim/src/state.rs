@@ -217,6 +217,9 @@ pub unsafe fn init() {
         notify,
         notified: AtomicBool::new(false),
     });
+    if contract.mode != Mode::Dispatch {
+        crate::drain::hold_default();
+    }
 }
 
 impl Shim {
@@ -298,6 +301,10 @@ impl Shim {
         nfds: libc::nfds_t,
         call: impl FnOnce(*mut libc::pollfd, libc::nfds_t) -> c_int,
     ) -> c_int {
+        if self.drained() && !fds.is_null() && nfds > 0 {
+            // SAFETY: caller contract.
+            return unsafe { self.poll_drained(fds, nfds, call) };
+        }
         match self.overflow() {
             // SAFETY: caller contract.
             Some((overflow, steer)) => unsafe {
@@ -305,6 +312,45 @@ impl Shim {
             },
             None => call(fds, nfds),
         }
+    }
+
+    /// Whether this is a kernel-mode worker draining with its exit held (drain.rs): it takes
+    /// no more connections, so its waits no longer ask for its listeners.
+    fn drained(&self) -> bool {
+        crate::drain::draining() && self.mode != Mode::Dispatch
+    }
+
+    /// [`Shim::poll`] of a drained worker: its listeners' entries are skipped (a negative fd,
+    /// which poll(2) ignores and answers with no events) for the call and put back after it.
+    ///
+    /// # Safety
+    /// As [`Shim::poll`], with `fds` non-null and `nfds` > 0.
+    unsafe fn poll_drained(
+        &self,
+        fds: *mut libc::pollfd,
+        nfds: libc::nfds_t,
+        call: impl FnOnce(*mut libc::pollfd, libc::nfds_t) -> c_int,
+    ) -> c_int {
+        let Ok(n) = usize::try_from(nfds) else {
+            return call(fds, nfds);
+        };
+        // SAFETY: the caller's array of `nfds` entries (poll(2) reads and writes them all).
+        let theirs = unsafe { std::slice::from_raw_parts_mut(fds, n) };
+        let mut hidden = [0usize; 8];
+        let mut k = 0;
+        for (pos, p) in theirs.iter_mut().enumerate() {
+            if k < hidden.len() && p.fd >= 0 && self.listener_index(p.fd).is_some() {
+                p.fd = !p.fd;
+                hidden[k] = pos;
+                k += 1;
+            }
+        }
+        let rc = call(fds, nfds);
+        for &pos in &hidden[..k] {
+            theirs[pos].fd = !theirs[pos].fd;
+            theirs[pos].revents = 0;
+        }
+        rc
     }
 
     /// The server's `select` or `pselect` (`call` performs it with the `nfds` it is given, on
@@ -318,6 +364,19 @@ impl Shim {
         sets: [*mut libc::fd_set; 3],
         call: impl FnOnce(c_int) -> c_int,
     ) -> c_int {
+        let readfds = sets[0];
+        if self.drained() && !readfds.is_null() {
+            // A drained worker's listeners are not asked about: never ready.
+            for fd in 0..nfds.clamp(0, libc::FD_SETSIZE as c_int) {
+                // SAFETY: readfds is a valid set (caller contract) and fd < FD_SETSIZE.
+                unsafe {
+                    if libc::FD_ISSET(fd, readfds) && self.listener_index(fd).is_some() {
+                        libc::FD_CLR(fd, readfds);
+                    }
+                }
+            }
+            return call(nfds);
+        }
         match self.overflow() {
             // SAFETY: caller contract.
             Some((overflow, steer)) => unsafe {
@@ -518,14 +577,18 @@ impl Shim {
             return unsafe { dispatch::accept(self, l, fd, addr, len, flags) };
         }
         // A kernel-mode worker draining with its exit held takes nothing more (drain.rs): what
-        // waits on the listener is the other workers'.
-        if crate::drain::draining()
-            && self.mode != Mode::Dispatch
-            && self.listener_index(fd).is_some()
-            && nonblocking(fd)
-        {
-            set_errno(libc::EAGAIN);
-            return -1;
+        // waits on the listener is the other workers'. A non-blocking `accept` finds nothing;
+        // a blocking one waits until the worker ends (its last connection closed by another
+        // thread, or SIGKILL at --grace), as it would on a listener nobody connects to.
+        if self.drained() && self.listener_index(fd).is_some() {
+            if nonblocking(fd) {
+                set_errno(libc::EAGAIN);
+                return -1;
+            }
+            loop {
+                // SAFETY: pause only waits for a signal.
+                unsafe { libc::pause() };
+            }
         }
         // Kernel steering: when the table says a connection waits in the overflow queue and
         // none on this worker's own listener, the queue is tried first: one `accept`, where

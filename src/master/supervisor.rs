@@ -596,9 +596,9 @@ impl Supervisor {
     /// one-shot handler that restores the terminal and exits): for it the shim holds that
     /// handler back in the same way, in every mode (shim/src/drain.rs). In the kernel modes a
     /// drained worker shares its slot's listener until it exits, so it would never run out of
-    /// connections: the signal goes at once there, and only a server that stops taking
-    /// connections on it (`server.close()`, or node's exit held by the shim) finishes what it
-    /// holds.
+    /// connections: the signal goes at once there, and a server finishes what it holds if it
+    /// stops taking connections itself (`server.close()`) or through the shim, which there
+    /// holds node's exit and the default action alike.
     fn defer_drain(&mut self, id: WorkerId) -> bool {
         let signal = self.config.drain_signal;
         let Some(p) = self.procs.iter().find(|p| p.id == id) else {
