@@ -1080,6 +1080,36 @@ fn slow_request_across_a_reload(cluster: &TestCluster) {
     assert_ne!(new.body, old.body, "served by the new worker");
 }
 
+/// The same at stop: the stop signal (SIGTERM) waits until the worker has answered its slow
+/// request, in dispatch mode (the master holds it back, the acceptor reading the worker's
+/// closes after it stopped accepting) and in `shared` mode (the shim holds the default
+/// action); the master then exits 0. Without either, the request is cut.
+#[test]
+fn stop_of_a_server_without_a_stop_handler_lets_it_finish_its_requests() {
+    if !common::available("python3") {
+        return;
+    }
+    for mode in [["--steer", "dispatch"], ["--policy", "shared"]] {
+        let mut args = mode.to_vec();
+        args.extend(["--workers", "1", "--", "python3", "-c", PY_SLOW_APP]);
+        let mut cluster = TestCluster::start(&args);
+        let pid = cluster.wait_for_workers(1)[0];
+        let slow = send_request(cluster.addr(), "/slow").expect("the slow request");
+        cluster.wait_for_log(&format!("slow {pid}"), DEADLINE);
+        cluster.signal(libc::SIGTERM);
+        let r = read_response(slow).expect("the slow request's answer");
+        assert_eq!(r.status, 200, "{mode:?}: {r:?}");
+        assert_eq!(r.body, format!("pid {pid}\n"), "{mode:?}");
+        let status = cluster.wait_exit(DEADLINE);
+        assert_eq!(status.code(), Some(0), "{mode:?}");
+        let exited = cluster.wait_for_log(&format!("(pid {pid}) exited"), DEADLINE);
+        assert!(exited.contains("signal 15 (SIGTERM)"), "{mode:?}: {exited}");
+        if mode[0] == "--steer" {
+            assert!(cluster.log_contains("holds no connection now: SIGTERM"));
+        }
+    }
+}
+
 /// A connection the client keeps open holds such a worker only up to half of `--grace`: then
 /// it gets the drain signal (and dies of it) while the new worker serves.
 #[test]

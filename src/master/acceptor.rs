@@ -59,6 +59,9 @@ const ACCEPT_BURST: usize = 256;
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// How often the channels are checked while the acceptor waits for them to empty at shutdown.
 const SHUTDOWN_POLL: Duration = Duration::from_millis(10);
+/// After [`Event::Drained`]: how long a turn waits at most while the workers stop (channel
+/// reads and commands wake it at once).
+const ENDING_POLL: Duration = Duration::from_millis(200);
 /// For policies that do not read active counts: how often the channels are read (READY, CLOSED,
 /// STOPPING) instead of waking up for every message.
 const CHANNEL_SWEEP: Duration = Duration::from_millis(20);
@@ -133,12 +136,15 @@ pub enum Command {
     /// new policy sees the same counts; nothing queued or in flight is touched.
     SetPolicy(Box<dyn Policy>),
     /// Stop accepting (the listeners are closed, so new connections are refused), wait up to
-    /// `drain_for` until the workers have taken every connection already dispatched, report
-    /// [`Event::Drained`], and end the thread.
+    /// `drain_for` until the workers have taken every connection already dispatched, and report
+    /// [`Event::Drained`]. The thread then goes on reading the workers' channels (their CLOSED
+    /// counts, for [`Command::WhenIdle`] at stop) until [`Command::End`].
     Shutdown {
         /// Longest wait for the channels to empty.
         drain_for: Duration,
     },
+    /// End the thread (after [`Command::Shutdown`]; at once if none came).
+    End,
 }
 
 /// Acceptor → supervisor.
@@ -272,6 +278,7 @@ impl AcceptorHandle {
         self.send(Command::Shutdown {
             drain_for: Duration::ZERO,
         });
+        self.send(Command::End);
         if let Some(t) = self.thread.take()
             && t.join().is_err()
         {
@@ -443,6 +450,8 @@ pub struct Acceptor {
     cpu: Option<usize>,
     /// Set by [`Command::Shutdown`]: until when to wait for the channels to empty.
     shutting_down: Option<Instant>,
+    /// Set by [`Command::End`], or when the supervisor's end of the commands is gone.
+    ending: bool,
     /// The policy does not read active counts: channels are registered for writability only
     /// and read every [`CHANNEL_SWEEP`] (`next_sweep`).
     sweep_channels: bool,
@@ -495,6 +504,7 @@ impl Acceptor {
             next_stall_sample: Instant::now(),
             cpu: config.cpu,
             shutting_down: None,
+            ending: false,
             counters: Counters::default(),
         };
         Ok((acceptor, tx, waker))
@@ -532,6 +542,12 @@ impl Acceptor {
         }
         self.emit(Event::Drained);
         info!("acceptor stopped");
+        // The workers are stopped now. One whose stop signal waits until it holds no
+        // connection (Command::WhenIdle, which comes after Drained) is told of by the CLOSED
+        // counts on its channels: they are read until the supervisor ends the thread.
+        while !self.ending {
+            self.turn(Some(ENDING_POLL))?;
+        }
         Ok(())
     }
 
@@ -646,8 +662,21 @@ impl Acceptor {
     }
 
     fn handle_commands(&mut self) {
-        while let Ok(cmd) = self.commands.try_recv() {
+        loop {
+            let cmd = match self.commands.try_recv() {
+                Ok(cmd) => cmd,
+                Err(crossbeam_channel::TryRecvError::Empty) => break,
+                Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                    self.ending = true;
+                    self.shutting_down.get_or_insert_with(Instant::now);
+                    break;
+                }
+            };
             match cmd {
+                Command::End => {
+                    self.ending = true;
+                    self.shutting_down.get_or_insert_with(Instant::now);
+                }
                 Command::Add {
                     id,
                     slot,

@@ -186,9 +186,10 @@ struct Supervisor {
     service: ServiceNotifier,
     /// `--shutdown-delay`: when the deferred stop begins, and the signal that asked for it.
     delayed_stop: Option<(Instant, &'static str)>,
-    /// Dispatch mode: draining workers whose drain signal waits until they hold no connection
-    /// ([`Event::Idle`]), or until the time given (half of `--grace`) at the latest.
-    deferred_drains: Vec<(WorkerId, Instant)>,
+    /// Dispatch mode: draining or stopping workers whose drain or stop signal (the third
+    /// field) waits until they hold no connection ([`Event::Idle`]), or until the time given
+    /// (half of `--grace`) at the latest.
+    deferred_drains: Vec<(WorkerId, Instant, libc::c_int)>,
 }
 
 impl Supervisor {
@@ -531,7 +532,7 @@ impl Supervisor {
                     Sig::Kill => libc::SIGKILL,
                 };
                 self.deferred_drains.retain(|d| d.0 != id);
-                if sig == Sig::Drain && self.defer_drain(id) {
+                if sig != Sig::Kill && self.defer_drain(id, signal) {
                     return None;
                 }
                 if let Some(p) = self.procs.iter().find(|p| p.id == id) {
@@ -587,10 +588,11 @@ impl Supervisor {
         None
     }
 
-    /// Dispatch mode: whether the drain signal for worker `id` waits. A server that neither
-    /// catches nor ignores it (`python3 -m http.server`, waitress, most C servers) would die of
-    /// it at once and cut the requests it is serving: it gets no more connections already, so
-    /// it is signalled once it holds none ([`Event::Idle`]: every connection dispatched to it
+    /// Dispatch mode: whether `signal`, the drain or stop signal for worker `id`, waits. A
+    /// server that neither catches nor ignores it (`python3 -m http.server`, waitress, most C
+    /// servers) would die of it at once and cut the requests it is serving: it gets no more
+    /// connections already (drained, or the acceptor stopped accepting before the stop signal
+    /// goes out), so it is signalled once it holds none ([`Event::Idle`]: every connection dispatched to it
     /// closed), or after half of `--grace` at the latest (a keep-alive connection a client
     /// never closes); SIGKILL still follows at `--grace`. Node catches SIGTERM itself (a
     /// one-shot handler that restores the terminal and exits): for it the shim holds that
@@ -599,8 +601,7 @@ impl Supervisor {
     /// connections: the signal goes at once there, and a server finishes what it holds if it
     /// stops taking connections itself (`server.close()`) or through the shim, which there
     /// holds node's exit and the default action alike.
-    fn defer_drain(&mut self, id: WorkerId) -> bool {
-        let signal = self.config.drain_signal;
+    fn defer_drain(&mut self, id: WorkerId, signal: libc::c_int) -> bool {
         let Some(p) = self.procs.iter().find(|p| p.id == id) else {
             return false;
         };
@@ -616,19 +617,18 @@ impl Supervisor {
             name = sys::signal_name(signal)
         );
         self.deferred_drains
-            .push((id, super::lifecycle::at(Instant::now(), wait)));
+            .push((id, super::lifecycle::at(Instant::now(), wait), signal));
         self.send(Command::WhenIdle(id));
         true
     }
 
-    /// Sends the drain signal that [`Supervisor::defer_drain`] held back for worker `id`.
+    /// Sends the signal that [`Supervisor::defer_drain`] held back for worker `id`.
     fn send_deferred_drain(&mut self, id: WorkerId, why: &str) {
         let Some(i) = self.deferred_drains.iter().position(|d| d.0 == id) else {
             return;
         };
-        self.deferred_drains.swap_remove(i);
+        let (_, _, signal) = self.deferred_drains.swap_remove(i);
         if let Some(p) = self.procs.iter().find(|p| p.id == id) {
-            let signal = self.config.drain_signal;
             info!(
                 "worker {} (pid {}) {why}: {}",
                 p.slot,
