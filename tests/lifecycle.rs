@@ -1183,6 +1183,41 @@ fn reload_of_a_node_app_without_a_sigterm_handler_in_the_kernel_modes_lets_it_fi
     slow_request_across_a_reload_in_the_kernel_modes(&["node", "-e", NODE_SLOW_APP]);
 }
 
+/// Node's runtime ends the process on SIGINT the same way (a one-shot handler): with
+/// `--drain-signal INT` (PM2's signal) the shim holds that one, and the old worker ends of
+/// SIGINT once it has answered its slow request.
+#[test]
+fn reload_with_drain_signal_int_lets_a_plain_node_app_finish_its_requests() {
+    if !node_available() {
+        return;
+    }
+    let cluster = TestCluster::start(&[
+        "--policy",
+        "shared",
+        "--drain-signal",
+        "INT",
+        "--workers",
+        "1",
+        "--",
+        "node",
+        "-e",
+        NODE_SLOW_APP,
+    ]);
+    let old_pid = cluster.wait_for_workers(1)[0];
+    let slow = send_request(cluster.addr(), "/slow").expect("the slow request");
+    cluster.wait_for_log(&format!("slow {old_pid}"), DEADLINE);
+    cluster.signal(libc::SIGHUP);
+    cluster.wait_for_log("draining worker 0", DEADLINE);
+    let r = read_response(slow).expect("the slow request's answer");
+    assert_eq!(
+        (r.status, r.body.clone()),
+        (200, format!("pid {old_pid}\n")),
+        "{r:?}"
+    );
+    let exited = cluster.wait_for_log(&format!("(pid {old_pid}) exited"), DEADLINE);
+    assert!(exited.contains("signal 2 (SIGINT)"), "{exited}");
+}
+
 /// The same for a python server that leaves SIGTERM at its default action, which the shim
 /// holds in the kernel modes (it waits in `poll`, its listener blocking).
 #[test]

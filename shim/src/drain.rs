@@ -1,5 +1,7 @@
-//! A server's SIGTERM that would end it at once: a runtime's own exit handler (what a node app
-//! without a SIGTERM handler of its own runs) and, in the kernel modes, the default action.
+//! A server's SIGTERM (or SIGINT) that would end it at once: a runtime's own exit handler (what
+//! a node app without a SIGTERM handler of its own runs) and, in the kernel modes, the default
+//! action. What follows says SIGTERM; SIGINT (the signal PM2 sends, `--drain-signal INT`) is
+//! held in the same way, and the one that arrives first is raised again at the end.
 //!
 //! Node installs a handler for SIGTERM before any of the app's code runs: it restores the
 //! terminal and ends the process (one-shot, `SA_RESETHAND`, then the signal again). So to the
@@ -46,14 +48,26 @@ use libc::c_int;
 use crate::real;
 use crate::state::{errno, set_errno};
 
-/// An action of the server's for SIGTERM is held aside while the shim's handler is installed.
-static HOLDING: AtomicBool = AtomicBool::new(false);
+/// The signals whose action the shim may hold: the drain and stop signals a server is
+/// usually sent (SIGTERM, the default `--drain-signal` and `--stop-signal`; SIGINT, PM2's).
+pub const SIGNALS: [c_int; 2] = [libc::SIGTERM, libc::SIGINT];
+
+/// Per signal of [`SIGNALS`]: an action of the server's is held aside while the shim's handler
+/// is installed.
+static HOLDING: [AtomicBool; 2] = [const { AtomicBool::new(false) }; 2];
 /// That action's `sa_sigaction`: a one-shot handler, or `SIG_DFL` (kernel modes).
-static HELD: AtomicUsize = AtomicUsize::new(0);
+static HELD: [AtomicUsize; 2] = [const { AtomicUsize::new(0) }; 2];
 /// Its `sa_flags`.
-static HELD_FLAGS: AtomicI32 = AtomicI32::new(0);
-/// SIGTERM arrived while a handler was held: the worker drains.
+static HELD_FLAGS: [AtomicI32; 2] = [const { AtomicI32::new(0) }; 2];
+/// A held signal arrived: the worker drains.
 static DRAINING: AtomicBool = AtomicBool::new(false);
+/// The first held signal that arrived (0: none): the one raised again at the end.
+static DRAIN_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+/// The position of `sig` in [`SIGNALS`].
+fn held_index(sig: c_int) -> Option<usize> {
+    SIGNALS.iter().position(|&s| s == sig)
+}
 
 /// Listener registrations in epoll sets recorded at once (a server registers a listener in one
 /// set per loop).
@@ -169,7 +183,7 @@ fn stop_taking() {
     }
 }
 
-/// Whether an action for SIGTERM ends the process at once, so that the shim holds it: a
+/// Whether an action for a held signal ends the process at once, so that the shim holds it: a
 /// runtime's exit path (a one-shot handler), and in the kernel modes (`default`) the default
 /// action too.
 fn is_held(act: &libc::sigaction, default: bool) -> bool {
@@ -180,9 +194,9 @@ fn is_held(act: &libc::sigaction, default: bool) -> bool {
     }
 }
 
-/// Installs the shim's handler for SIGTERM in place of `theirs`, which is held aside.
+/// Installs the shim's handler for `SIGNALS[k]` in place of `theirs`, which is held aside.
 /// `old` as for sigaction(2).
-fn hold(theirs: &libc::sigaction, old: *mut libc::sigaction) -> c_int {
+fn hold(k: usize, theirs: &libc::sigaction, old: *mut libc::sigaction) -> c_int {
     let mut mine = *theirs;
     mine.sa_sigaction = mine_addr();
     mine.sa_flags = (theirs.sa_flags | libc::SA_SIGINFO) & !libc::SA_RESETHAND;
@@ -191,55 +205,63 @@ fn hold(theirs: &libc::sigaction, old: *mut libc::sigaction) -> c_int {
         mine.sa_flags |= libc::SA_RESTART;
     }
     // SAFETY: mine is a valid action; old as the caller's.
-    let rc = unsafe { real::sigaction(libc::SIGTERM, &mine, old) };
+    let rc = unsafe { real::sigaction(SIGNALS[k], &mine, old) };
     if rc == 0 {
-        HELD_FLAGS.store(theirs.sa_flags, Ordering::Release);
-        HELD.store(theirs.sa_sigaction, Ordering::Release);
-        HOLDING.store(true, Ordering::Release);
+        HELD_FLAGS[k].store(theirs.sa_flags, Ordering::Release);
+        HELD[k].store(theirs.sa_sigaction, Ordering::Release);
+        HOLDING[k].store(true, Ordering::Release);
     }
     rc
 }
 
-/// The kernel modes, from the constructor: a server that leaves SIGTERM at its default (python's
-/// `http.server`, waitress, most C servers) would die of the drain signal at once, cutting what
-/// it serves, so the shim holds the default action as it holds a runtime's exit path.
+/// The kernel modes, from the constructor: a server that leaves SIGTERM or SIGINT at its
+/// default (python's `http.server` for SIGTERM, waitress, most C servers) would die of the
+/// signal at once, cutting what it serves, so the shim holds the default action as it holds a
+/// runtime's exit path.
 pub fn hold_default() {
-    // SAFETY: a zeroed sigaction is valid storage; a null act only reads.
-    let mut now: libc::sigaction = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    if unsafe { real::sigaction(libc::SIGTERM, std::ptr::null(), &mut now) } == 0
-        && now.sa_sigaction == libc::SIG_DFL
-    {
-        hold(&now, std::ptr::null_mut());
+    for (k, &sig) in SIGNALS.iter().enumerate() {
+        // SAFETY: a zeroed sigaction is valid storage; a null act only reads.
+        let mut now: libc::sigaction = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        if unsafe { real::sigaction(sig, std::ptr::null(), &mut now) } == 0
+            && now.sa_sigaction == libc::SIG_DFL
+        {
+            hold(k, &now, std::ptr::null_mut());
+        }
     }
 }
 
-/// sigaction(2) for SIGTERM under the shim (the caller checks both); `default`: the kernel
-/// modes, where the default action is held too.
+/// sigaction(2) for `sig`, one of [`SIGNALS`], under the shim; `default`: the kernel modes,
+/// where the default action is held too. Other signals pass through.
 ///
 /// # Safety
 /// As sigaction(2).
 pub unsafe fn sigaction(
+    sig: c_int,
     act: *const libc::sigaction,
     old: *mut libc::sigaction,
     default: bool,
 ) -> c_int {
-    let was_holding = HOLDING.load(Ordering::Acquire);
-    let was_held = HELD.load(Ordering::Acquire);
-    let was_flags = HELD_FLAGS.load(Ordering::Acquire);
+    let Some(k) = held_index(sig) else {
+        // SAFETY: caller contract.
+        return unsafe { real::sigaction(sig, act, old) };
+    };
+    let was_holding = HOLDING[k].load(Ordering::Acquire);
+    let was_held = HELD[k].load(Ordering::Acquire);
+    let was_flags = HELD_FLAGS[k].load(Ordering::Acquire);
     let rc = if act.is_null() {
         // SAFETY: caller contract.
-        unsafe { real::sigaction(libc::SIGTERM, act, old) }
+        unsafe { real::sigaction(sig, act, old) }
     } else {
         // SAFETY: caller contract: act points to a valid action.
         let wanted = unsafe { &*act };
         if is_held(wanted, default) {
-            hold(wanted, old)
+            hold(k, wanted, old)
         } else {
             // SAFETY: caller contract.
-            let rc = unsafe { real::sigaction(libc::SIGTERM, act, old) };
+            let rc = unsafe { real::sigaction(sig, act, old) };
             if rc == 0 {
-                HOLDING.store(false, Ordering::Release);
+                HOLDING[k].store(false, Ordering::Release);
             }
             rc
         }
@@ -261,8 +283,9 @@ fn mine_addr() -> usize {
     handler as *const () as usize
 }
 
-/// The shim's SIGTERM handler while the server's action is held.
-extern "C" fn handler(_sig: c_int, _info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+/// The shim's handler for a signal whose action it holds.
+extern "C" fn handler(sig: c_int, _info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    let _ = DRAIN_SIGNAL.compare_exchange(0, sig, Ordering::AcqRel, Ordering::Acquire);
     if !DRAINING.swap(true, Ordering::AcqRel)
         && crate::state::get().is_some_and(|shim| !shim.dispatching())
     {
@@ -285,21 +308,24 @@ pub fn closed() {
     }
 }
 
-/// Puts the server's handler back and raises SIGTERM: the process ends as the runtime ends
-/// it. Delivered when the shim's handler returns if called from it, at once otherwise.
+/// Puts the server's action for the signal that started the drain back and raises that
+/// signal: the process ends as the runtime (or the default action) ends it. Delivered when the
+/// shim's handler returns if called from it, at once otherwise.
 fn finish() {
-    if !HOLDING.swap(false, Ordering::AcqRel) {
+    let sig = DRAIN_SIGNAL.load(Ordering::Acquire);
+    let Some(k) = held_index(sig) else { return };
+    if !HOLDING[k].swap(false, Ordering::AcqRel) {
         return;
     }
     // SAFETY: a zeroed sigaction is valid; the mask is filled before use.
     let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
-    act.sa_sigaction = HELD.load(Ordering::Acquire);
-    act.sa_flags = HELD_FLAGS.load(Ordering::Acquire);
+    act.sa_sigaction = HELD[k].load(Ordering::Acquire);
+    act.sa_flags = HELD_FLAGS[k].load(Ordering::Acquire);
     // SAFETY: act.sa_mask is valid storage; act is a valid action; raise is async-signal-safe.
     unsafe {
         libc::sigfillset(&mut act.sa_mask);
-        real::sigaction(libc::SIGTERM, &act, std::ptr::null_mut());
-        libc::raise(libc::SIGTERM);
+        real::sigaction(sig, &act, std::ptr::null_mut());
+        libc::raise(sig);
     }
 }
 
@@ -324,7 +350,10 @@ mod tests {
             let mut real_old: libc::sigaction = std::mem::zeroed();
             real::sigaction(libc::SIGTERM, std::ptr::null(), &mut real_old);
             let mut told: libc::sigaction = std::mem::zeroed();
-            assert_eq!(sigaction(std::ptr::null(), &mut told, false), 0);
+            assert_eq!(
+                sigaction(libc::SIGTERM, std::ptr::null(), &mut told, false),
+                0
+            );
             (real_old.sa_sigaction, told.sa_sigaction)
         }
     }
@@ -388,36 +417,51 @@ mod tests {
         unsafe {
             // A runtime's exit path (node's): the shim's handler runs, the server is told its own.
             let one_shot = action(exit, libc::SA_RESETHAND);
-            assert_eq!(sigaction(&one_shot, std::ptr::null_mut(), false), 0);
+            assert_eq!(
+                sigaction(libc::SIGTERM, &one_shot, std::ptr::null_mut(), false),
+                0
+            );
             assert_eq!(installed(), (mine_addr(), exit));
-            assert_eq!(HELD.load(Ordering::Acquire), exit);
-            assert!(HOLDING.load(Ordering::Acquire));
+            assert_eq!(HELD[0].load(Ordering::Acquire), exit);
+            assert!(HOLDING[0].load(Ordering::Acquire));
             // The app's own handler (not one-shot) replaces it, as it would the runtime's.
             let own = action(exit, libc::SA_RESTART);
             let mut old: libc::sigaction = std::mem::zeroed();
-            assert_eq!(sigaction(&own, &mut old, false), 0);
+            assert_eq!(sigaction(libc::SIGTERM, &own, &mut old, false), 0);
             assert_eq!(
                 old.sa_sigaction, exit,
                 "told the action it replaced was its own"
             );
             assert_eq!(installed(), (exit, exit));
-            assert!(!HOLDING.load(Ordering::Acquire));
+            assert!(!HOLDING[0].load(Ordering::Acquire));
             // Back to the default: nothing held.
             let default = action(libc::SIG_DFL, 0);
-            assert_eq!(sigaction(&default, std::ptr::null_mut(), false), 0);
+            assert_eq!(
+                sigaction(libc::SIGTERM, &default, std::ptr::null_mut(), false),
+                0
+            );
             assert_eq!(installed(), (libc::SIG_DFL, libc::SIG_DFL));
-            assert!(!HOLDING.load(Ordering::Acquire));
+            assert!(!HOLDING[0].load(Ordering::Acquire));
             // The kernel modes hold the default action too; the server is told the default.
-            assert_eq!(sigaction(&default, std::ptr::null_mut(), true), 0);
+            assert_eq!(
+                sigaction(libc::SIGTERM, &default, std::ptr::null_mut(), true),
+                0
+            );
             assert_eq!(installed(), (mine_addr(), libc::SIG_DFL));
-            assert!(HOLDING.load(Ordering::Acquire));
-            assert_eq!(HELD.load(Ordering::Acquire), libc::SIG_DFL);
+            assert!(HOLDING[0].load(Ordering::Acquire));
+            assert_eq!(HELD[0].load(Ordering::Acquire), libc::SIG_DFL);
             // Ignoring it is the server's to choose: nothing held.
             let ignore = action(libc::SIG_IGN, 0);
-            assert_eq!(sigaction(&ignore, std::ptr::null_mut(), true), 0);
+            assert_eq!(
+                sigaction(libc::SIGTERM, &ignore, std::ptr::null_mut(), true),
+                0
+            );
             assert_eq!(installed(), (libc::SIG_IGN, libc::SIG_IGN));
-            assert!(!HOLDING.load(Ordering::Acquire));
-            assert_eq!(sigaction(&default, std::ptr::null_mut(), false), 0);
+            assert!(!HOLDING[0].load(Ordering::Acquire));
+            assert_eq!(
+                sigaction(libc::SIGTERM, &default, std::ptr::null_mut(), false),
+                0
+            );
         }
     }
 }

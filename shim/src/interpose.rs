@@ -158,8 +158,8 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
     }
 }
 
-/// sigaction(2): a one-shot SIGTERM handler (a runtime's exit path), and in the kernel modes the
-/// default action, waits for the worker's connections to close (drain.rs).
+/// sigaction(2): for SIGTERM and SIGINT, a one-shot handler (a runtime's exit path), and in the
+/// kernel modes the default action, waits for the worker's connections to close (drain.rs).
 ///
 /// # Safety
 /// As sigaction(2).
@@ -169,11 +169,11 @@ pub unsafe extern "C" fn sigaction(
     act: *const libc::sigaction,
     old: *mut libc::sigaction,
 ) -> c_int {
-    if sig == libc::SIGTERM
+    if drain::SIGNALS.contains(&sig)
         && let Some(shim) = state::get()
     {
         // SAFETY: caller contract.
-        return unsafe { drain::sigaction(act, old, !shim.dispatching()) };
+        return unsafe { drain::sigaction(sig, act, old, !shim.dispatching()) };
     }
     // SAFETY: caller contract.
     unsafe { real::sigaction(sig, act, old) }
