@@ -1140,8 +1140,8 @@ fn a_server_without_a_drain_handler_is_signalled_after_half_the_grace() {
 }
 
 /// A node app that answers `/slow` after 3 s (a timer: its loop stays free; it logs `slow PID`
-/// when the request arrives) and anything else at once, with its pid. It has no SIGTERM handler of its own: node's runtime has one, which
-/// restores the terminal and ends the process.
+/// when the request arrives) and anything else at once, with its pid. It has no SIGTERM handler
+/// of its own: node's runtime has one, which restores the terminal and ends the process.
 const NODE_SLOW_APP: &str = "require('http').createServer((q,r)=>{const a=()=>r.end('pid '+process.pid+'\\n');\
 if(q.url==='/slow'){console.log('slow '+process.pid);setTimeout(a,3000)}else{a()}}).listen(process.env.PORT);";
 
@@ -1191,31 +1191,11 @@ fn reload_with_drain_signal_int_lets_a_plain_node_app_finish_its_requests() {
     if !node_available() {
         return;
     }
-    let cluster = TestCluster::start(&[
-        "--policy",
-        "shared",
-        "--drain-signal",
-        "INT",
-        "--workers",
-        "1",
-        "--",
-        "node",
-        "-e",
-        NODE_SLOW_APP,
-    ]);
-    let old_pid = cluster.wait_for_workers(1)[0];
-    let slow = send_request(cluster.addr(), "/slow").expect("the slow request");
-    cluster.wait_for_log(&format!("slow {old_pid}"), DEADLINE);
-    cluster.signal(libc::SIGHUP);
-    cluster.wait_for_log("draining worker 0", DEADLINE);
-    let r = read_response(slow).expect("the slow request's answer");
-    assert_eq!(
-        (r.status, r.body.clone()),
-        (200, format!("pid {old_pid}\n")),
-        "{r:?}"
+    slow_request_across_kernel_mode_reloads(
+        &[vec!["--policy", "shared", "--drain-signal", "INT"]],
+        &["node", "-e", NODE_SLOW_APP],
+        "signal 2 (SIGINT)",
     );
-    let exited = cluster.wait_for_log(&format!("(pid {old_pid}) exited"), DEADLINE);
-    assert!(exited.contains("signal 2 (SIGINT)"), "{exited}");
 }
 
 /// The same for a python server that leaves SIGTERM at its default action, which the shim
@@ -1237,6 +1217,12 @@ fn slow_request_across_a_reload_in_the_kernel_modes(command: &[&str]) {
     if common::steering_available() {
         modes.push(vec!["--policy", "least-conn", "--steer", "kernel"]);
     }
+    slow_request_across_kernel_mode_reloads(&modes, command, "signal 15 (SIGTERM)");
+}
+
+/// [`slow_request_across_a_reload_in_the_kernel_modes`] with each of `modes` (master
+/// arguments), the old worker's exit line saying `died_of`.
+fn slow_request_across_kernel_mode_reloads(modes: &[Vec<&str>], command: &[&str], died_of: &str) {
     for mode in modes {
         let mut args = mode.clone();
         args.extend(["--workers", "1", "--"]);
@@ -1263,6 +1249,6 @@ fn slow_request_across_a_reload_in_the_kernel_modes(command: &[&str]) {
             "{mode:?}: {r:?}"
         );
         let exited = cluster.wait_for_log(&format!("(pid {old_pid}) exited"), DEADLINE);
-        assert!(exited.contains("signal 15 (SIGTERM)"), "{mode:?}: {exited}");
+        assert!(exited.contains(died_of), "{mode:?}: {exited}");
     }
 }
