@@ -302,7 +302,10 @@ mod tests {
                 panic!("no probe")
             };
             assert_eq!(id, 7);
+            // Connections are handed over non-blocking; a worker that did not ask for that
+            // gets a blocking one (the shim's accept4), so the request is waited for.
             let mut s = TcpStream::from(fd);
+            s.set_nonblocking(false).unwrap();
             let mut buf = [0u8; 256];
             let _ = s.read(&mut buf).unwrap();
             s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
