@@ -343,6 +343,16 @@ mod tests {
         act
     }
 
+    /// Sets `act` for SIGTERM through the shim (`default`: the kernel modes).
+    ///
+    /// # Safety
+    /// `act` is a valid action for SIGTERM in this test process.
+    unsafe fn set(act: &libc::sigaction, default: bool) {
+        // SAFETY: caller contract.
+        let rc = unsafe { sigaction(libc::SIGTERM, act, std::ptr::null_mut(), default) };
+        assert_eq!(rc, 0);
+    }
+
     /// What is installed for SIGTERM, and what the server is told is installed.
     fn installed() -> (usize, usize) {
         // SAFETY: zeroed actions are valid storage; a null act only reads.
@@ -358,22 +368,25 @@ mod tests {
         }
     }
 
-    /// Events `epfd` reports now (no waiting).
-    fn ready(epfd: c_int) -> c_int {
+    /// Events `epfd` reports within `ms` milliseconds (returning as soon as there are any).
+    fn ready(epfd: c_int, ms: c_int) -> c_int {
         let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 4];
         // SAFETY: evs holds 4 events.
-        unsafe { libc::epoll_wait(epfd, evs.as_mut_ptr(), 4, 0) }
+        unsafe { libc::epoll_wait(epfd, evs.as_mut_ptr(), 4, ms) }
     }
 
     #[test]
     fn drained_listener_registrations_report_nothing_and_closing_forgets_them() {
-        use std::os::fd::AsRawFd;
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let fd = listener.as_raw_fd();
-        // SAFETY: a new epoll set, closed below.
-        let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        assert!(epfd >= 0);
+        // SAFETY: a new epoll set, owned (and closed, even on a failed assertion) below.
+        let raw = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        assert!(raw >= 0);
+        // SAFETY: `raw` was just created and nobody else owns it.
+        let set = unsafe { OwnedFd::from_raw_fd(raw) };
+        let epfd = set.as_raw_fd();
         let mut ev = libc::epoll_event {
             events: libc::EPOLLIN as u32,
             u64: 77,
@@ -384,20 +397,23 @@ mod tests {
             registered(epfd, libc::EPOLL_CTL_ADD, fd, &ev);
         }
         let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(20));
         assert_eq!(
-            ready(epfd),
+            ready(epfd, 5_000),
             1,
             "a connection waits: the listener is reported"
         );
         stop_taking();
-        assert_eq!(ready(epfd), 0, "drained: the registration reports nothing");
+        assert_eq!(
+            ready(epfd, 0),
+            0,
+            "drained: the registration reports nothing"
+        );
         // Kept, so the server's own later MOD and DEL still find it.
         // SAFETY: as above.
         unsafe {
             assert_eq!(libc::epoll_ctl(epfd, libc::EPOLL_CTL_MOD, fd, &mut ev), 0);
         }
-        assert_eq!(ready(epfd), 1, "the server's own MOD restores it");
+        assert_eq!(ready(epfd, 0), 1, "the server's own MOD restores it");
         let recorded = |v: u64| REGISTERED.iter().any(|r| r.load(Ordering::SeqCst) == v);
         assert!(recorded(registration(epfd, fd)));
         closing(fd);
@@ -405,8 +421,6 @@ mod tests {
             !recorded(registration(epfd, fd)),
             "closing the listener forgets it"
         );
-        // SAFETY: the set is ours.
-        unsafe { libc::close(epfd) };
     }
 
     #[test]
@@ -417,10 +431,7 @@ mod tests {
         unsafe {
             // A runtime's exit path (node's): the shim's handler runs, the server is told its own.
             let one_shot = action(exit, libc::SA_RESETHAND);
-            assert_eq!(
-                sigaction(libc::SIGTERM, &one_shot, std::ptr::null_mut(), false),
-                0
-            );
+            set(&one_shot, false);
             assert_eq!(installed(), (mine_addr(), exit));
             assert_eq!(HELD[0].load(Ordering::Acquire), exit);
             assert!(HOLDING[0].load(Ordering::Acquire));
@@ -436,32 +447,20 @@ mod tests {
             assert!(!HOLDING[0].load(Ordering::Acquire));
             // Back to the default: nothing held.
             let default = action(libc::SIG_DFL, 0);
-            assert_eq!(
-                sigaction(libc::SIGTERM, &default, std::ptr::null_mut(), false),
-                0
-            );
+            set(&default, false);
             assert_eq!(installed(), (libc::SIG_DFL, libc::SIG_DFL));
             assert!(!HOLDING[0].load(Ordering::Acquire));
             // The kernel modes hold the default action too; the server is told the default.
-            assert_eq!(
-                sigaction(libc::SIGTERM, &default, std::ptr::null_mut(), true),
-                0
-            );
+            set(&default, true);
             assert_eq!(installed(), (mine_addr(), libc::SIG_DFL));
             assert!(HOLDING[0].load(Ordering::Acquire));
             assert_eq!(HELD[0].load(Ordering::Acquire), libc::SIG_DFL);
             // Ignoring it is the server's to choose: nothing held.
             let ignore = action(libc::SIG_IGN, 0);
-            assert_eq!(
-                sigaction(libc::SIGTERM, &ignore, std::ptr::null_mut(), true),
-                0
-            );
+            set(&ignore, true);
             assert_eq!(installed(), (libc::SIG_IGN, libc::SIG_IGN));
             assert!(!HOLDING[0].load(Ordering::Acquire));
-            assert_eq!(
-                sigaction(libc::SIGTERM, &default, std::ptr::null_mut(), false),
-                0
-            );
+            set(&default, false);
         }
     }
 }

@@ -72,8 +72,8 @@ const FD_LIMIT: c_int = (1 << 24) - 1;
 /// The largest `poll` set (the server's entries and the queues') watched through a copy on the
 /// stack (2 KiB); a larger set is passed through unwatched.
 pub const POLL_MAX: usize = 256;
-/// Listeners one `poll` or `select` call can watch the queue for.
-const WAIT_LISTENERS: usize = 8;
+/// Listeners one `poll` or `select` call can watch the queue for (or, drained, skip: state.rs).
+pub const WAIT_LISTENERS: usize = 8;
 
 thread_local! {
     /// The calling thread took a connection from the queue since it last waited.
@@ -171,7 +171,7 @@ fn del_queue(epfd: c_int, queue: c_int) {
 }
 
 /// Whether `fd`'s open file is non-blocking.
-fn nonblocking(fd: c_int) -> bool {
+pub fn nonblocking(fd: c_int) -> bool {
     // SAFETY: F_GETFL reads the status flags; an invalid fd returns -1.
     let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
     flags >= 0 && flags & libc::O_NONBLOCK != 0

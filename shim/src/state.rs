@@ -336,7 +336,7 @@ impl Shim {
         };
         // SAFETY: the caller's array of `nfds` entries (poll(2) reads and writes them all).
         let theirs = unsafe { std::slice::from_raw_parts_mut(fds, n) };
-        let mut hidden = [0usize; 8];
+        let mut hidden = [0usize; crate::overflow::WAIT_LISTENERS];
         let mut k = 0;
         for (pos, p) in theirs.iter_mut().enumerate() {
             if k < hidden.len() && p.fd >= 0 && self.listener_index(p.fd).is_some() {
@@ -581,7 +581,7 @@ impl Shim {
         // a blocking one waits until the worker ends (its last connection closed by another
         // thread, or SIGKILL at --grace), as it would on a listener nobody connects to.
         if self.drained() && self.listener_index(fd).is_some() {
-            if nonblocking(fd) {
+            if crate::overflow::nonblocking(fd) {
                 set_errno(libc::EAGAIN);
                 return -1;
             }
@@ -933,13 +933,6 @@ impl Listener {
         use std::os::fd::AsRawFd;
         self.chan.as_raw_fd()
     }
-}
-
-/// Whether `fd` is in non-blocking mode (an fcntl).
-fn nonblocking(fd: c_int) -> bool {
-    // SAFETY: F_GETFL only reads the file status flags.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    flags >= 0 && flags & libc::O_NONBLOCK != 0
 }
 
 /// The answer a listening TCP socket at `l.addr` would give, for the options that identify one.
