@@ -575,7 +575,17 @@ impl Tally {
             }
         };
         if self.examples.len() < 10 {
-            self.examples.push(failure);
+            // The time of day (UTC, as the master's log has it), to find the failure there.
+            let ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() % 86_400_000);
+            self.examples.push(format!(
+                "{failure} at {:02}:{:02}:{:02}.{:03}Z",
+                ms / 3_600_000,
+                ms / 60_000 % 60,
+                ms / 1000 % 60,
+                ms % 1000
+            ));
         }
     }
 
@@ -748,6 +758,61 @@ pub fn wait_in_epoll_wait(pid: i32) {
             "process {pid} never waited in epoll_wait (wchan {wchan:?})"
         );
         std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// TCP connections (sockets in any state but `LISTEN`) that process `pid` holds an fd of,
+/// from `/proc/PID/fd` and `/proc/net/tcp{,6}`.
+pub fn tcp_connections_held(pid: i32) -> usize {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return 0;
+    };
+    let held: std::collections::HashSet<u64> = dir
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_str()?;
+            l.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+        })
+        .collect();
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|t| std::fs::read_to_string(t).ok())
+        .map(|table| {
+            table
+                .lines()
+                .skip(1)
+                .filter(|line| {
+                    let f: Vec<&str> = line.split_whitespace().collect();
+                    // f[3]: the state, 0A = LISTEN; f[9]: the inode.
+                    f.len() > 9
+                        && f[3] != "0A"
+                        && f[9].parse::<u64>().is_ok_and(|i| held.contains(&i))
+                })
+                .count()
+        })
+        .sum()
+}
+
+/// Stops `pid` (SIGSTOP) at a moment it holds no TCP connection, so that what a test then
+/// counts as lost cannot be a request it had accepted and was serving when it stopped (that
+/// one is the worker's, and only its own exit ends it). Under load this may take a few
+/// tries: a worker that holds one is let go on (SIGCONT) for a moment first.
+pub fn stop_between_connections(pid: i32) {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        kill(pid, libc::SIGSTOP);
+        wait_stopped(pid);
+        let held = tcp_connections_held(pid);
+        if held == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "process {pid} always held a connection when stopped ({held} the last time)"
+        );
+        kill(pid, libc::SIGCONT);
+        std::thread::sleep(Duration::from_millis(2));
     }
 }
 
