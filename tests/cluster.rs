@@ -229,6 +229,43 @@ fn reuseport_scale_down_moves_the_removed_sockets_queue_to_the_others() {
     assert_eq!(per_worker(&results).get(&0), Some(&40));
 }
 
+/// Plain reuseport mode where its spread program loads (CAP_BPF): from the moment a slot is
+/// removed its socket gets no new connection, although the worker draining on it keeps it in
+/// the kernel's group until it exits (held stopped here, as a server inside a long request, or
+/// one whose drain the shim holds, would hold it). Without the program about half of these
+/// requests would wait on that socket with nobody accepting.
+#[test]
+fn reuseport_scale_down_sends_nothing_new_to_the_removed_socket_while_its_worker_drains() {
+    if let Err(e) = rcluster_lb::steer::spread::Spread::load(1) {
+        eprintln!("note: the spread program does not load here ({e}); skipping this test");
+        return;
+    }
+    let cluster =
+        TestCluster::start(&["--workers", "2", "--policy", "reuseport", "--grace", "60s"]);
+    assert!(cluster.log_contains("spreads connections over the worker slots in service"));
+    let removed = pid_of_worker(&get_many(cluster.addr(), "/", 40, 2), 1);
+    let inode = socket_inode(removed, 3);
+    kill(removed, libc::SIGSTOP);
+    common::wait_stopped(removed);
+    cluster.signal(libc::SIGTTOU);
+    // Logged once the master has handled the removal.
+    cluster.wait_for_log("still queued on worker 1's own socket", DEADLINE);
+    for i in 0..60 {
+        let r = get_with_timeout(cluster.addr(), "/", Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("request {i} after the scale-down failed: {e}"));
+        assert_eq!(r.worker(), 0, "request {i}");
+    }
+    assert_eq!(
+        listen_queue_len(inode),
+        0,
+        "connections wait on the removed socket"
+    );
+    assert!(common::alive(removed), "the removed worker still drains");
+    // Spare the grace period.
+    kill(removed, libc::SIGKILL);
+    cluster.wait_for_log(&format!("(pid {removed}) exited"), DEADLINE);
+}
+
 #[test]
 fn reuseport_scale_down_takes_the_removed_workers_socket_out_of_the_group() {
     let cluster = TestCluster::start(&["--workers", "3", "--policy", "reuseport"]);

@@ -56,6 +56,7 @@ use crate::master::stall::{self, QueueWatch};
 use crate::master::status::KERNEL_STEERED;
 use crate::master::steer::{self as steer, SteerControl};
 use crate::master::{listener, tree};
+use crate::steer::spread::Spread;
 use crate::sys::spawn::{SpawnSpec, spawn};
 use crate::sys::{self, CpuSet, ExitStatus, Pid};
 
@@ -131,10 +132,9 @@ struct Supervisor {
     acceptor: Option<AcceptorHandle>,
     /// Kernel steering (`--steer`): the program places connections on the slots' listeners.
     steer: Option<SteerControl>,
-    /// Plain reuseport mode: the program that has the kernel move a closing socket's queue to
-    /// the rest of its group (`crate::steer::load_migrate_only`), attached to every group;
-    /// `None` where it cannot load, or in other modes.
-    migrate: Option<OwnedFd>,
+    /// Plain reuseport mode: the program attached to every group ([`ReuseportProgram`]);
+    /// `None` where none can load, or in other modes.
+    migrate: Option<ReuseportProgram>,
     /// Bound addresses (real ports).
     addrs: Vec<SocketAddr>,
     /// Dispatch mode: the listening sockets until the acceptor takes them. Shared mode: the
@@ -287,7 +287,7 @@ impl Supervisor {
             st.open_overflow(&addrs)?;
         }
         let migrate = if mode == Mode::Reuseport && steer.is_none() {
-            migrate_program(&slots)
+            reuseport_program(&slots, addrs.len())
         } else {
             None
         };
@@ -555,9 +555,12 @@ impl Supervisor {
                     s.reuseport.clear();
                     s.watches.clear();
                 }
+                // And where the spread program runs, new connections stop going to them now,
+                // not when the worker closes its copies (as long as its longest request).
+                self.serve_slots();
                 // With SELECT_OR_MIGRATE the steering program, or plain reuseport mode's own,
                 // re-places that queue instead.
-                if self.mode == Mode::Reuseport && self.migrate.is_some() {
+                if self.mode == Mode::Reuseport && self.migrates() {
                     info!(
                         "reuseport mode: connections still queued on worker {slot}'s own socket \
                          when it exits move to the other workers' sockets"
@@ -664,7 +667,8 @@ impl Supervisor {
             io.paused = true;
         }
         if io.paused {
-            let fate = if self.migrate.is_some() {
+            self.serve_slots();
+            let fate = if self.migrates() {
                 "moved to the other workers' sockets"
             } else {
                 "reset"
@@ -686,9 +690,30 @@ impl Supervisor {
             }
             io.paused = false;
             // Rejoined, perhaps a group that emptied meanwhile and lost the program.
-            attach_migrate(self.migrate.as_ref(), &io.reuseport);
+            attach_program(self.migrate.as_ref(), &io.reuseport);
+            self.serve_slots();
         }
         Ok(())
+    }
+
+    /// Plain reuseport mode: whether the program attached has the kernel move a closing
+    /// socket's queue to the rest of its group (`SELECT_OR_MIGRATE`, 5.14+).
+    fn migrates(&self) -> bool {
+        match &self.migrate {
+            Some(ReuseportProgram::Spread(s)) => s.migrates(),
+            Some(ReuseportProgram::Migrate(_)) => true,
+            None => false,
+        }
+    }
+
+    /// Plain reuseport mode with the spread program: the sockets of every slot that has them
+    /// and is not given up are the ones new connections are spread over.
+    fn serve_slots(&mut self) {
+        let Some(ReuseportProgram::Spread(spread)) = &mut self.migrate else {
+            return;
+        };
+        // A failure is logged there; the kernel's hash then still reaches every socket.
+        let _ = serve_slots(spread, &self.slots, self.addrs.len());
     }
 
     fn spawn_worker(&mut self, id: WorkerId, slot: usize, generation: u64) -> anyhow::Result<Pid> {
@@ -1199,13 +1224,14 @@ impl Supervisor {
             error!("SIGTTIN: cannot add a worker: {e:#}");
             return;
         }
-        attach_migrate(self.migrate.as_ref(), &reuseport);
+        attach_program(self.migrate.as_ref(), &reuseport);
         self.slots.push(SlotIo {
             cpus: slot_cpus(&self.config.pin, slot),
             reuseport,
             watches: Vec::new(),
             paused: false,
         });
+        self.serve_slots();
         self.feed(Input::ScaleUp);
     }
 
@@ -1510,22 +1536,64 @@ fn slot_cpus(pin: &Pin, slot: usize) -> Option<CpuSet> {
     }
 }
 
-/// Plain reuseport mode: loads the program that makes the kernel move a closing socket's queue
-/// to the rest of its group and attaches it to each address's group (through slot 0's
-/// sockets), or logs in one line why a closing socket's queue will be reset instead.
-fn migrate_program(slots: &[SlotIo]) -> Option<OwnedFd> {
+/// Plain reuseport mode's program, by what could load.
+enum ReuseportProgram {
+    /// `bpf/spread.bpf.c`: the kernel's hash over the slots in service (a removed slot's socket
+    /// gets no new connection while its worker drains on it), and where 5.14+ a closing
+    /// socket's queue re-placed the same way.
+    Spread(Spread),
+    /// Only the two-instruction `SELECT_OR_MIGRATE` program
+    /// (`crate::steer::load_migrate_only`): the kernel's hash over the whole group, a closing
+    /// socket's queue moved to the rest of it.
+    Migrate(OwnedFd),
+}
+
+/// Plain reuseport mode: loads the spread program, or failing that the migrate-only one, and
+/// attaches it to each address's group (through slot 0's sockets), logging in one line what a
+/// removed slot's socket and a closing socket's queue will meet; `None` (logged) where neither
+/// loads.
+fn reuseport_program(slots: &[SlotIo], listeners: usize) -> Option<ReuseportProgram> {
+    let first = slots.first()?;
+    let spread_error = match Spread::load(listeners) {
+        Ok(mut spread) => {
+            let attached = first
+                .reuseport
+                .iter()
+                .enumerate()
+                .try_for_each(|(i, s)| spread.attach(i, s.as_fd()));
+            match attached.and_then(|()| serve_slots(&mut spread, slots, listeners)) {
+                Ok(()) => {
+                    let queue = if spread.migrates() {
+                        "a closing worker socket's queue moves to the others (SELECT_OR_MIGRATE)"
+                    } else {
+                        "a closing worker socket's queue is reset (SELECT_OR_MIGRATE needs Linux \
+                         5.14), unless net.ipv4.tcp_migrate_req=1"
+                    };
+                    info!(
+                        "reuseport: the kernel's hash spreads connections over the worker slots \
+                         in service (a removed slot's socket gets none while its worker drains); \
+                         {queue}"
+                    );
+                    return Some(ReuseportProgram::Spread(spread));
+                }
+                Err(e) => e.to_string(),
+            }
+        }
+        Err(e) => e.to_string(),
+    };
+    let spread_error = spread_error.lines().next().unwrap_or_default().to_string();
     match crate::steer::load_migrate_only() {
         Ok(prog) => {
-            if let Some(slot) = slots.first()
-                && let Err(e) = attach_all(&prog, &slot.reuseport)
-            {
+            if let Err(e) = attach_all(&prog, &first.reuseport) {
                 info!("reuseport: a closing worker socket's queue is reset (cannot attach: {e})");
                 return None;
             }
             info!(
-                "reuseport: a closing worker socket's queue moves to the others (SELECT_OR_MIGRATE)"
+                "reuseport: a closing worker socket's queue moves to the others \
+                 (SELECT_OR_MIGRATE); a removed slot's socket takes new connections until its \
+                 worker exits (no spread program: {spread_error})"
             );
-            Some(prog)
+            Some(ReuseportProgram::Migrate(prog))
         }
         Err(e) => {
             let e = e.to_string();
@@ -1538,18 +1606,42 @@ fn migrate_program(slots: &[SlotIo]) -> Option<OwnedFd> {
     }
 }
 
+/// Has `spread` place new connections on the sockets of every slot that holds them and is not
+/// given up, per listening address.
+fn serve_slots(spread: &mut Spread, slots: &[SlotIo], listeners: usize) -> std::io::Result<()> {
+    for listener in 0..listeners {
+        let socks: Vec<BorrowedFd<'_>> = slots
+            .iter()
+            .filter(|s| !s.paused)
+            .filter_map(|s| s.reuseport.get(listener).map(|s| s.as_fd()))
+            .collect();
+        if let Err(e) = spread.serve(listener, &socks) {
+            warn!("reuseport: cannot update the slots the program spreads over: {e}");
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
 fn attach_all(prog: &OwnedFd, sockets: &[Socket]) -> std::io::Result<()> {
     sockets
         .iter()
         .try_for_each(|s| sys::bpf::attach_reuseport_ebpf(s.as_fd(), prog.as_fd()))
 }
 
-/// Attaches the migrate program (if any) to the groups of `sockets` (again is harmless).
-fn attach_migrate(prog: Option<&OwnedFd>, sockets: &[Socket]) {
-    if let Some(prog) = prog
-        && let Err(e) = attach_all(prog, sockets)
-    {
-        warn!("reuseport: cannot attach the migrate program: {e}");
+/// Attaches plain reuseport mode's program (if any) to the groups of `sockets`, one per
+/// listening address (again is harmless).
+fn attach_program(prog: Option<&ReuseportProgram>, sockets: &[Socket]) {
+    let attached = match prog {
+        Some(ReuseportProgram::Spread(spread)) => sockets
+            .iter()
+            .enumerate()
+            .try_for_each(|(i, s)| spread.attach(i, s.as_fd())),
+        Some(ReuseportProgram::Migrate(prog)) => attach_all(prog, sockets),
+        None => Ok(()),
+    };
+    if let Err(e) = attached {
+        warn!("reuseport: cannot attach the program: {e}");
     }
 }
 

@@ -18,9 +18,13 @@
 //! does not. So the master either loads them itself ([`Steering::load`]) or adopts the ones a
 //! privileged `rcluster-lb steer-load` loaded and passed in `RCLUSTER_STEER_FDS` before it
 //! dropped its capabilities and exec'd the master ([`handoff`]); both end in [`Steering::new`].
+//!
+//! Plain `reuseport` mode has a program of its own, [`spread`]: the kernel's hash over the
+//! slots in service.
 
 pub mod handoff;
 pub mod prog;
+pub mod spread;
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -77,7 +81,7 @@ impl SteerError {
     }
 }
 
-fn classify(what: &'static str, error: io::Error) -> SteerError {
+pub(crate) fn classify(what: &'static str, error: io::Error) -> SteerError {
     match error.raw_os_error() {
         Some(libc::EPERM) | Some(libc::EACCES) => SteerError::NotPermitted(error),
         Some(libc::ENOSYS) => SteerError::NoBpf(error),
@@ -291,7 +295,8 @@ impl Program {
     }
 }
 
-/// The program of plain `reuseport` mode: it selects nothing, so the kernel's hash places each
+/// Plain `reuseport` mode's fallback program, where [`spread::Spread`] cannot load: it selects
+/// nothing, so the kernel's hash places each
 /// new connection as it would without a program, but attached as `SELECT_OR_MIGRATE` (5.14+)
 /// it has the kernel move a closing listener's queue (its handshakes and the connections
 /// nobody accepted) to another socket of the group, chosen by the same hash, instead of

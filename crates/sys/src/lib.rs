@@ -614,6 +614,23 @@ pub fn listen_queue(fd: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
     Ok((info.tcpi_unacked, info.tcpi_sacked))
 }
 
+/// The socket's cookie (`SO_COOKIE`, socket(7)): a number the kernel gives each socket once and
+/// never reuses while it lives, what a `REUSEPORT_SOCKARRAY` lookup returns for the socket at
+/// an index.
+pub fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: cookie and len point to valid storage of the advertised size.
+    syscall!(getsockopt(
+        fd.as_raw_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_COOKIE,
+        (&mut cookie as *mut u64).cast(),
+        &mut len
+    ))?;
+    Ok(cookie)
+}
+
 /// CPU time a process has used (user + system) in seconds, from `/proc/PID/stat` fields 14 and
 /// 15 (proc(5)), in clock ticks of `sysconf(_SC_CLK_TCK)`.
 pub fn cpu_seconds(pid: Pid) -> io::Result<f64> {
