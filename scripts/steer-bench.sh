@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Kernel steering vs the kernel's shared queue vs dispatch least-conn, measured with wrk:
 # connection churn (a new connection per request, `Connection: close`), the demo worker and the
-# node app through the preload shim, interleaved rounds, medians. Also the steering program's own
-# cost per connection from kernel.bpf_stats_enabled (needs root; the setting is restored).
+# node app through the preload shim, interleaved rounds, medians; plain reuseport mode beside
+# them. Also the steering program's own cost per connection, and plain reuseport mode's program's,
+# from kernel.bpf_stats_enabled (needs root; the setting is restored).
 #
 #   scripts/steer-bench.sh                     # 5 rounds of 5 s per system
 #   ROUNDS=3 SECONDS_PER_RUN=3 scripts/steer-bench.sh
@@ -30,12 +31,14 @@ JS
 # name|arguments
 systems=(
     "demo shared|-p shared"
+    "demo reuseport|-p reuseport"
     "demo least-conn dispatch|-p least-conn --steer dispatch"
     "demo least-conn kernel|-p least-conn --steer kernel"
 )
 if command -v node >/dev/null; then
     systems+=(
         "node shared|-p shared --ready-delay 500ms -- node $app"
+        "node reuseport|-p reuseport --ready-delay 500ms -- node $app"
         "node least-conn dispatch|-p least-conn --steer dispatch --ready-delay 500ms -- node $app"
         "node least-conn kernel|-p least-conn --steer kernel --ready-delay 500ms -- node $app"
     )
@@ -52,7 +55,7 @@ restore() {
 trap restore EXIT
 echo 1 >/proc/sys/kernel/bpf_stats_enabled 2>/dev/null || echo "note: cannot enable bpf_stats" >&2
 
-run_one() { # name args -> conn/s into $out/rate; program ns/run into $out/prog-ns
+run_one() { # name args -> conn/s into $out/rate; program ns/run into $out/prog-ns, $out/spread-ns
     local name=$1 args=$2 log="$out/master.log" rate
     # shellcheck disable=SC2086
     start_master "$log" --workers "$workers" $args
@@ -63,6 +66,11 @@ run_one() { # name args -> conn/s into $out/rate; program ns/run into $out/prog-
         sleep 0.3
         grep -o '[0-9]* ns per run' "$log" | tail -1 | awk '{print $1}' >>"$out/prog-ns"
         grep -q 'steering: kernel' "$log" || echo "warning: $name did not steer in the kernel" >&2
+    elif [[ "$name" == *reuseport* ]]; then
+        kill -USR1 "$MASTER_PID"
+        sleep 0.3
+        grep -o 'reuseport program: .* ns per run' "$log" | tail -1 |
+            awk '{print $(NF-3)}' >>"$out/spread-ns"
     fi
     stop_master
     echo "${rate:-0}" >"$out/rate"
@@ -70,6 +78,7 @@ run_one() { # name args -> conn/s into $out/rate; program ns/run into $out/prog-
 
 : >"$out/runs.csv"
 : >"$out/prog-ns"
+: >"$out/spread-ns"
 for r in $(seq "$rounds"); do
     n=${#systems[@]}
     for i in $(seq 0 $((n - 1))); do
@@ -92,3 +101,4 @@ for entry in "${systems[@]}"; do
 done
 echo
 echo "steering program: $(median <"$out/prog-ns") ns per run (median over the kernel runs; kernel.bpf_stats_enabled)"
+echo "reuseport program: $(median <"$out/spread-ns") ns per run (median over the reuseport runs)"

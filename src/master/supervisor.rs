@@ -1257,6 +1257,14 @@ impl Supervisor {
         if let Some(st) = &self.steer {
             st.log_status();
         }
+        if let Some(ReuseportProgram::Spread(spread)) = &self.migrate
+            && let Some((runs, per_run)) = spread.cost()
+        {
+            info!(
+                "status: reuseport program: {runs} runs, {per_run} ns per run \
+                 (kernel.bpf_stats_enabled)"
+            );
+        }
         if let Some(a) = &self.agent {
             a.log_status();
         }

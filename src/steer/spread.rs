@@ -102,6 +102,17 @@ impl Spread {
         self.migrate
     }
 
+    /// The programs' runs and average ns per run, when `kernel.bpf_stats_enabled` is on (the
+    /// kernel counts nothing otherwise).
+    pub fn cost(&self) -> Option<(u64, u64)> {
+        let (ns, runs) = self
+            .groups
+            .iter()
+            .filter_map(|g| bpf::prog_run_stats(g.prog.as_fd()).ok())
+            .fold((0u64, 0u64), |(t, n), (dt, dn)| (t + dt, n + dn));
+        ns.checked_div(runs).map(|per_run| (runs, per_run))
+    }
+
     /// Attaches listener `listener`'s program to the reuseport group `socket` belongs to.
     pub fn attach(&self, listener: usize, socket: BorrowedFd<'_>) -> io::Result<()> {
         bpf::attach_reuseport_ebpf(socket, self.groups[listener].prog.as_fd())
