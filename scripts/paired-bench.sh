@@ -20,7 +20,20 @@
 # Scenarios, per pair: connection churn measured by wrk (`-t1 -c32`, `Connection: close`,
 # CHURN_SECONDS per window), and the heavy-tailed CPU-bound mix (98 % of requests spin 200 µs,
 # 2 % spin 20 ms), open loop, a new connection per request, HEAVY_SECONDS per window, p99 from
-# the load generator, at each of PERCENTS (default 50 75 90) of the mix's capacity. Capacity is
+# the load generator, at each of PERCENTS (default 50 75 90) of the mix's capacity. Optionally
+# the same mix from wrk (a Lua script: every 50th request spins 20 ms, `Connection: close`),
+# closed loop at each of WRK_HEAVY_CONNS connections (default: none), HEAVY_SECONDS per window,
+# p99 from `wrk --latency`. A closed loop holds a fixed number of requests in flight, so the
+# queues that make the open loop's tail never form: at 3 to 16 connections its p99 is the long
+# request itself (20.5-25.6 ms) for shared, steered and dispatch alike (BENCHMARKS.md), and it
+# cannot tell their orders apart. The independent cross-check of the open loop's tails is oha
+# (`cargo install --locked oha`; OHA names the binary, default the one on PATH; skipped with a
+# note without it): the same mix (a URL file, 49 requests of 200 us to 1 of 20 ms, drawn by oha),
+# a new connection per request, at the same rates, `--latency-correction` (latency from each
+# request's intended start), p99 from its JSON report. oha costs more CPU per request than the
+# load generator (about 135 us against 60 on this VM), which it takes from the servers, so its
+# tails are higher at the same rate; what must agree is how each system compares with the
+# baseline. Capacity is
 # measured once, after the warm-up: a closed loop of 8 clients per worker for CAPACITY_SECONDS
 # (default 4) on `shared`, the baseline. RATES (absolute req/s) replaces the probe. APP=node runs the end-to-end
 # benchmark's node app (benches/node_app.js, unmodified node through the preload shim; needs
@@ -38,6 +51,8 @@ percents=${PERCENTS:-50 75 90}
 capacity_secs=${CAPACITY_SECONDS:-4}
 churn_secs=${CHURN_SECONDS:-2}
 heavy_secs=${HEAVY_SECONDS:-4}
+wrk_conns=${WRK_HEAVY_CONNS:-}
+oha=${OHA:-$(command -v oha || true)}
 workers=${WORKERS:-2}
 bin=target/release/rcluster-lb
 load=target/release/examples/open_loop
@@ -45,6 +60,10 @@ out=${CARGO_TARGET_DIR:-target}/bench-results/paired
 command -v wrk >/dev/null || { echo "paired-bench: wrk not found (apt-get install wrk)" >&2; exit 2; }
 [[ "$pairs" =~ ^[1-9][0-9]*$ ]] || { echo "paired-bench: PAIRS must be a positive integer, not '$pairs'" >&2; exit 2; }
 [[ "$workers" =~ ^[1-9][0-9]*$ ]] || { echo "paired-bench: WORKERS must be a positive integer, not '$workers'" >&2; exit 2; }
+for c in $wrk_conns; do
+    [[ "$c" =~ ^[1-9][0-9]*$ ]] ||
+        { echo "paired-bench: WRK_HEAVY_CONNS must be positive integers, not '$c'" >&2; exit 2; }
+done
 for r in $rates; do
     [[ "$r" =~ ^[0-9]+([.][0-9]+)?$ && ! "$r" =~ ^0+([.]0+)?$ ]] ||
         { echo "paired-bench: RATES must be positive numbers (req/s), not '$r'" >&2; exit 2; }
@@ -118,6 +137,41 @@ churn() { # port -> conn/s
     wrk -t1 -c32 -d"${churn_secs}s" -H 'Connection: close' "http://127.0.0.1:$1/" |
         awk '/Requests\/sec/ {print $2}'
 }
+lua="$out/heavy-mix.lua"
+cat >"$lua" <<'LUA'
+-- The heavy mix for wrk: every 50th request (2 %) spins 20 ms, the rest 200 us, each on a new
+-- connection, as in the load generator's heavy mix.
+local n = 0
+request = function()
+    n = n + 1
+    local us = (n % 50 == 0) and 20000 or 200
+    return wrk.format("GET", "/?us=" .. us, { ["Connection"] = "close" })
+end
+LUA
+wrk_heavy() { # port connections -> "p99_ms,errors"
+    wrk -t1 -c"$2" -d"${heavy_secs}s" --latency -s "$lua" "http://127.0.0.1:$1/" |
+        awk 'function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }
+             $1 == "99%" { p = ms($2) }
+             /Socket errors/ { gsub(",", ""); e += $4 + $6 + $8 + $10 }
+             /Non-2xx/ { e += $NF }
+             END { if (p == "") print "nan,1"; else print p "," e + 0 }'
+}
+oha_heavy() { # port rate -> "p99_ms,errors"
+    local urls="$out/heavy-mix-urls-$1"
+    if [[ ! -s "$urls" ]]; then
+        for _ in $(seq 49); do echo "http://127.0.0.1:$1/?us=200"; done >"$urls"
+        echo "http://127.0.0.1:$1/?us=20000" >>"$urls"
+    fi
+    # Requests still in flight when the window ends are "aborted due to deadline": not errors.
+    "$oha" -z "${heavy_secs}s" -q "$2" -c 256 --latency-correction --disable-keepalive \
+        --urls-from-file --no-tui --output-format json "$urls" | python3 -c '
+import json, sys
+d = json.load(sys.stdin)
+p99 = (d.get("latencyPercentiles") or {}).get("p99")
+errors = sum(v for k, v in (d.get("statusCodeDistribution") or {}).items() if k != "200")
+errors += sum(v for k, v in (d.get("errorDistribution") or {}).items() if k != "aborted due to deadline")
+print("nan,1" if p99 is None else f"{p99 * 1000:.2f},{errors}")'
+}
 heavy() { # port rate -> "p99_ms,errors"
     "$load" "127.0.0.1:$1" "$2" "$heavy_secs" |
         awk '{for (i = 1; i < NF; i++) { if ($i == "p99_ms") p = $(i + 1); if ($i == "errors") e = $(i + 1) }
@@ -151,22 +205,35 @@ else
     about="rates ${rates} req/s (RATES, no capacity probe)"
 fi
 echo "paired-bench: $about" >&2
+[[ -n "$oha" ]] || echo "paired-bench: note: oha not found (cargo install --locked oha): no oha cross-check of the tails" >&2
 
 csv="$out/windows.csv"
 echo "pair,scenario,system,value,errors" >"$csv"
+at_each_rate() { # scenario measure: one window per rate and instance, in this pair's $order
+    local i=0 rate k v
+    for rate in $rates; do
+        for k in $order; do
+            v=$("$2" "${ports[$k]}" "$rate")
+            echo "$pair,$1 @ $rate/s${labels[$i]},${systems[$k]%%|*},${v:-nan,1}" >>"$csv"
+        done
+        i=$((i + 1))
+    done
+}
 for pair in $(seq "$pairs"); do
     if ((pair % 2)); then order=$(seq 0 $((n - 1))); else order=$(seq $((n - 1)) -1 0); fi
     for k in $order; do
         v=$(churn "${ports[$k]}")
         echo "$pair,churn conn/s,${systems[$k]%%|*},${v:-0},0" >>"$csv"
     done
-    i=0
-    for rate in $rates; do
+    at_each_rate "heavy p99 ms" heavy
+    if [[ -n "$oha" ]]; then
+        at_each_rate "heavy p99 ms by oha" oha_heavy
+    fi
+    for c in $wrk_conns; do
         for k in $order; do
-            v=$(heavy "${ports[$k]}" "$rate")
-            echo "$pair,heavy p99 ms @ $rate/s${labels[$i]},${systems[$k]%%|*},${v:-nan,1}" >>"$csv"
+            v=$(wrk_heavy "${ports[$k]}" "$c")
+            echo "$pair,heavy p99 ms by wrk (closed loop $c conns),${systems[$k]%%|*},${v:-nan,1}" >>"$csv"
         done
-        i=$((i + 1))
     done
     echo "pair $pair of $pairs done" >&2
 done

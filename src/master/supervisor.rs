@@ -134,7 +134,7 @@ struct Supervisor {
     steer: Option<SteerControl>,
     /// Plain reuseport mode: the program attached to every group ([`ReuseportProgram`]);
     /// `None` where none can load, or in other modes.
-    migrate: Option<ReuseportProgram>,
+    reuseport_prog: Option<ReuseportProgram>,
     /// Bound addresses (real ports).
     addrs: Vec<SocketAddr>,
     /// Dispatch mode: the listening sockets until the acceptor takes them. Shared mode: the
@@ -286,7 +286,7 @@ impl Supervisor {
             }
             st.open_overflow(&addrs)?;
         }
-        let migrate = if mode == Mode::Reuseport && steer.is_none() {
+        let reuseport_prog = if mode == Mode::Reuseport && steer.is_none() {
             reuseport_program(&slots, addrs.len())
         } else {
             None
@@ -314,7 +314,7 @@ impl Supervisor {
             events_tx,
             acceptor: None,
             steer,
-            migrate,
+            reuseport_prog,
             addrs,
             sockets,
             slots,
@@ -645,7 +645,7 @@ impl Supervisor {
     /// Plain reuseport mode: a given-up slot's sockets leave the kernel's group until it is
     /// tried again, or about one connection in N would wait on them with nobody accepting
     /// (up to 30 s, until the retry). What is already queued there moves to the rest of the
-    /// group where the migrate program is attached, and is reset where it is not: no worker is
+    /// group where a program that migrates is attached, and is reset where it is not: no worker is
     /// left to take it. (Kernel steering already skips a slot without a ready worker.)
     fn pause_slot(&mut self, slot: usize) {
         if self.mode != Mode::Reuseport
@@ -690,7 +690,7 @@ impl Supervisor {
             }
             io.paused = false;
             // Rejoined, perhaps a group that emptied meanwhile and lost the program.
-            attach_program(self.migrate.as_ref(), &io.reuseport);
+            attach_program(self.reuseport_prog.as_ref(), &io.reuseport);
             self.serve_slots();
         }
         Ok(())
@@ -699,7 +699,7 @@ impl Supervisor {
     /// Plain reuseport mode: whether the program attached has the kernel move a closing
     /// socket's queue to the rest of its group (`SELECT_OR_MIGRATE`, 5.14+).
     fn migrates(&self) -> bool {
-        match &self.migrate {
+        match &self.reuseport_prog {
             Some(ReuseportProgram::Spread(s)) => s.migrates(),
             Some(ReuseportProgram::Migrate(_)) => true,
             None => false,
@@ -709,7 +709,7 @@ impl Supervisor {
     /// Plain reuseport mode with the spread program: the sockets of every slot that has them
     /// and is not given up are the ones new connections are spread over.
     fn serve_slots(&mut self) {
-        let Some(ReuseportProgram::Spread(spread)) = &mut self.migrate else {
+        let Some(ReuseportProgram::Spread(spread)) = &mut self.reuseport_prog else {
             return;
         };
         // A failure is logged there; the kernel's hash then still reaches every socket.
@@ -1224,7 +1224,7 @@ impl Supervisor {
             error!("SIGTTIN: cannot add a worker: {e:#}");
             return;
         }
-        attach_program(self.migrate.as_ref(), &reuseport);
+        attach_program(self.reuseport_prog.as_ref(), &reuseport);
         self.slots.push(SlotIo {
             cpus: slot_cpus(&self.config.pin, slot),
             reuseport,
@@ -1257,7 +1257,7 @@ impl Supervisor {
         if let Some(st) = &self.steer {
             st.log_status();
         }
-        if let Some(ReuseportProgram::Spread(spread)) = &self.migrate
+        if let Some(ReuseportProgram::Spread(spread)) = &self.reuseport_prog
             && let Some((runs, per_run)) = spread.cost()
         {
             info!(
