@@ -1584,7 +1584,14 @@ fn reuseport_program(slots: &[SlotIo], listeners: usize) -> Option<ReuseportProg
                     );
                     return Some(ReuseportProgram::Spread(spread));
                 }
-                Err(e) => e.to_string(),
+                Err(e) => {
+                    // Not left attached with a set the supervisor no longer keeps: a slot
+                    // added later would get nothing.
+                    for sock in &first.reuseport {
+                        let _ = Spread::detach(sock.as_fd());
+                    }
+                    e.to_string()
+                }
             }
         }
         Err(e) => e.to_string(),

@@ -115,19 +115,38 @@ impl Spread {
 
     /// Attaches listener `listener`'s program to the reuseport group `socket` belongs to.
     pub fn attach(&self, listener: usize, socket: BorrowedFd<'_>) -> io::Result<()> {
-        bpf::attach_reuseport_ebpf(socket, self.groups[listener].prog.as_fd())
+        bpf::attach_reuseport_ebpf(socket, self.group(listener)?.prog.as_fd())
+    }
+
+    fn group(&self, listener: usize) -> io::Result<&Group> {
+        self.groups.get(listener).ok_or_else(|| no_group(listener))
     }
 
     /// Makes `sockets` (listening, `SO_REUSEPORT`, all of listener `listener`'s group) the ones
     /// new connections are spread over, at indexes `0..len`. A socket can sit at one index of
     /// an array only (`EBUSY` otherwise): the indexes whose socket (by its cookie, what a
     /// lookup returns) is not the one wanted there are cleared first, then the sockets missing
-    /// from their index written, then the count. A connection arriving meanwhile may go to a
-    /// socket of either set, or where an index is empty to the kernel's hash: nothing is
-    /// refused.
+    /// from their index written. The count goes first when it shrinks and last when it grows,
+    /// so the program never draws an index past the sockets it is meant to reach. A connection
+    /// arriving meanwhile may go to a socket of either set, or where an index is empty to the
+    /// kernel's hash: nothing is refused.
     pub fn serve(&mut self, listener: usize, sockets: &[BorrowedFd<'_>]) -> io::Result<()> {
-        let group = &mut self.groups[listener];
+        let group = self
+            .groups
+            .get_mut(listener)
+            .ok_or_else(|| no_group(listener))?;
         let n = sockets.len().min(page::MAX_SLOTS);
+        let set_count = |n: usize| {
+            bpf::map_update_elem(
+                group.meta.as_fd(),
+                &0u32.to_ne_bytes(),
+                &(n as u32).to_ne_bytes(),
+                bpf::ANY,
+            )
+        };
+        if n < group.filled {
+            set_count(n)?;
+        }
         let wanted = sockets[..n]
             .iter()
             .map(|s| crate::sys::socket_cookie(*s))
@@ -161,15 +180,22 @@ impl Spread {
                 )?;
             }
         }
-        bpf::map_update_elem(
-            group.meta.as_fd(),
-            &0u32.to_ne_bytes(),
-            &(n as u32).to_ne_bytes(),
-            bpf::ANY,
-        )?;
+        set_count(n)?;
         group.filled = n;
         Ok(())
     }
+
+    /// Takes the program off the group `socket` belongs to (the kernel's hash alone again).
+    pub fn detach(socket: BorrowedFd<'_>) -> io::Result<()> {
+        bpf::detach_reuseport_bpf(socket)
+    }
+}
+
+fn no_group(listener: usize) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("no spread program for listener {listener}"),
+    )
 }
 
 /// Loads [`prog::SPREAD`] with its two maps patched in: `Err` when a map reference cannot be
@@ -271,6 +297,9 @@ mod tests {
         let fds: Vec<_> = socks.iter().map(|s| s.as_fd()).collect();
         spread.serve(0, &fds).expect("serve");
         assert!(spread_of(&socks, addr, 60)[2] > 0);
+        // A listener it has no program for is an error, not a panic.
+        assert!(spread.serve(1, &fds).is_err());
+        assert!(spread.attach(1, socks[0].as_fd()).is_err());
     }
 
     #[test]
