@@ -1588,7 +1588,7 @@ fn reuseport_program(slots: &[SlotIo], listeners: usize) -> Option<ReuseportProg
                     // Not left attached with a set the supervisor no longer keeps: a slot
                     // added later would get nothing.
                     for sock in &first.reuseport {
-                        let _ = Spread::detach(sock.as_fd());
+                        let _ = sys::bpf::detach_reuseport_bpf(sock.as_fd());
                     }
                     e.to_string()
                 }

@@ -670,11 +670,17 @@ impl Steering {
 
     /// Total run time (ns) and run count of the programs, from `kernel.bpf_stats_enabled`.
     pub fn run_stats(&self) -> (u64, u64) {
-        self.groups
-            .iter()
-            .filter_map(|g| bpf::prog_run_stats(g.prog.as_fd()).ok())
-            .fold((0, 0), |(t, n), (dt, dn)| (t + dt, n + dn))
+        run_stats_of(self.groups.iter().map(|g| g.prog.as_fd()))
     }
+}
+
+/// Total run time (ns) and run count of `progs`, from `kernel.bpf_stats_enabled` (saturating).
+pub(crate) fn run_stats_of<'a>(progs: impl Iterator<Item = BorrowedFd<'a>>) -> (u64, u64) {
+    progs
+        .filter_map(|p| bpf::prog_run_stats(p).ok())
+        .fold((0u64, 0u64), |(t, n), (dt, dn)| {
+            (t.saturating_add(dt), n.saturating_add(dn))
+        })
 }
 
 fn prog_error(e: ProgLoadError) -> SteerError {

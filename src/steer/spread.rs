@@ -43,6 +43,7 @@ const META_MAP: MapSpec<'static> = MapSpec {
 };
 
 /// One listening address's program and maps.
+#[derive(Debug)]
 struct Group {
     socks: OwnedFd,
     meta: OwnedFd,
@@ -52,19 +53,11 @@ struct Group {
 }
 
 /// The loaded program of plain reuseport mode, one per listening address.
+#[derive(Debug)]
 pub struct Spread {
     groups: Vec<Group>,
     /// Attached as `SELECT_OR_MIGRATE` (5.14+): a closing listener's queue is re-placed.
     migrate: bool,
-}
-
-impl std::fmt::Debug for Spread {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Spread")
-            .field("listeners", &self.groups.len())
-            .field("migrate", &self.migrate)
-            .finish()
-    }
 }
 
 impl Spread {
@@ -105,11 +98,7 @@ impl Spread {
     /// The programs' runs and average ns per run, when `kernel.bpf_stats_enabled` is on (the
     /// kernel counts nothing otherwise).
     pub fn cost(&self) -> Option<(u64, u64)> {
-        let (ns, runs) = self
-            .groups
-            .iter()
-            .filter_map(|g| bpf::prog_run_stats(g.prog.as_fd()).ok())
-            .fold((0u64, 0u64), |(t, n), (dt, dn)| (t + dt, n + dn));
+        let (ns, runs) = super::run_stats_of(self.groups.iter().map(|g| g.prog.as_fd()));
         ns.checked_div(runs).map(|per_run| (runs, per_run))
     }
 
@@ -184,11 +173,6 @@ impl Spread {
         group.filled = n;
         Ok(())
     }
-
-    /// Takes the program off the group `socket` belongs to (the kernel's hash alone again).
-    pub fn detach(socket: BorrowedFd<'_>) -> io::Result<()> {
-        bpf::detach_reuseport_bpf(socket)
-    }
 }
 
 fn no_group(listener: usize) -> io::Error {
@@ -261,18 +245,21 @@ mod tests {
         Some((spread, socks, addr))
     }
 
-    /// Opens `count` connections and returns how many each listener's queue got.
-    fn spread_of(socks: &[Socket], addr: SocketAddr, count: usize) -> Vec<usize> {
+    /// Opens `count` connections, then accepts from every listener until `expect` connections
+    /// (opened here or queued before) have been taken or 5 s have passed; returns how many each
+    /// listener gave.
+    fn spread_of(socks: &[Socket], addr: SocketAddr, count: usize, expect: usize) -> Vec<usize> {
         let clients: Vec<_> = (0..count)
             .map(|_| TcpStream::connect(addr).expect("connect"))
             .collect();
-        let got = socks
-            .iter()
-            .map(|s| {
+        let mut got = vec![0; socks.len()];
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while got.iter().sum::<usize>() < expect && std::time::Instant::now() < deadline {
+            for (s, n) in socks.iter().zip(got.iter_mut()) {
                 s.set_nonblocking(true).unwrap();
-                std::iter::from_fn(|| s.accept().ok()).count()
-            })
-            .collect();
+                *n += std::iter::from_fn(|| s.accept().ok()).count();
+            }
+        }
         drop(clients);
         got
     }
@@ -282,21 +269,21 @@ mod tests {
         let Some((mut spread, socks, addr)) = group(3) else {
             return;
         };
-        let all = spread_of(&socks, addr, 60);
+        let all = spread_of(&socks, addr, 60, 60);
         assert_eq!(all.iter().sum::<usize>(), 60);
         assert!(all.iter().all(|&c| c > 0), "{all:?}");
         // The last socket taken out: it stays in the group, but gets nothing.
         spread
             .serve(0, &[socks[0].as_fd(), socks[1].as_fd()])
             .expect("serve");
-        let two = spread_of(&socks, addr, 60);
+        let two = spread_of(&socks, addr, 60, 60);
         assert_eq!(two[2], 0, "{two:?}");
         assert_eq!(two[0] + two[1], 60, "{two:?}");
         assert!(two[0] > 0 && two[1] > 0, "{two:?}");
         // Put back.
         let fds: Vec<_> = socks.iter().map(|s| s.as_fd()).collect();
         spread.serve(0, &fds).expect("serve");
-        assert!(spread_of(&socks, addr, 60)[2] > 0);
+        assert!(spread_of(&socks, addr, 60, 60)[2] > 0);
         // A listener it has no program for is an error, not a panic.
         assert!(spread.serve(1, &fds).is_err());
         assert!(spread.attach(1, socks[0].as_fd()).is_err());
@@ -321,7 +308,7 @@ mod tests {
             .serve(0, &[socks[0].as_fd(), socks[1].as_fd()])
             .expect("serve");
         drop(socks.pop());
-        let got = spread_of(&socks, addr, 0);
+        let got = spread_of(&socks, addr, 0, 20);
         assert_eq!(got.iter().sum::<usize>(), 20, "{got:?}");
         drop(clients);
     }
