@@ -343,11 +343,7 @@ pub fn overflow_trial(
     failed_per_take: Option<usize>,
 ) {
     let addr = cluster.addr();
-    let status = cluster.steering_status(2);
-    assert!(
-        status.iter().all(|s| s.watches),
-        "both workers watch the overflow queue: {status:?}"
-    );
+    cluster.wait_for_watchers(2);
     let start = Instant::now();
     let (first, first_pid) = send_long_request_us(cluster, 1_500_000, &[]);
     let (last, last_pid) = send_long_request_us(cluster, 4_000_000, &[first_pid]);

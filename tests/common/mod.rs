@@ -973,6 +973,24 @@ impl TestCluster {
             .collect()
     }
 
+    /// Waits until every one of the first `slots` steering slots watches the overflow queue
+    /// and returns their status. A worker is counted once its server first waits on its
+    /// listener, which can come a moment after it was reported ready and eligible.
+    pub fn wait_for_watchers(&self, slots: usize) -> Vec<SteerSlotStatus> {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let status = self.steering_status(slots);
+            if status.iter().all(|s| s.watches) {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "every worker watches the overflow queue: {status:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The overflow queue's counts ([`Self::status_dump`]), under kernel steering.
     pub fn overflow_status(&self) -> OverflowStatus {
         const LINE: &str = "status: steering overflow queue: ";
