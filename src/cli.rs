@@ -111,6 +111,14 @@ pub struct Args {
     #[arg(long, value_name = "SIGNAL", default_value = "TERM")]
     pub stop_signal: String,
 
+    /// Hold the drain and stop signals until the worker has closed every connection it holds
+    /// (at most half of --grace) even when the server catches them: for servers whose handler
+    /// ends them at once (nginx with `master_process off`, many C servers). A server without a
+    /// handler is held this way anyway. Needs the master's dispatch (not reuseport, shared or
+    /// --steer kernel), which counts each worker's connections.
+    #[arg(long)]
+    pub drain_when_idle: bool,
+
     /// After TERM/INT/QUIT, keep accepting and dispatching this long before stopping (time for
     /// a load balancer or Kubernetes to take this instance out of its endpoints).
     #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = humantime::parse_duration)]
@@ -447,6 +455,9 @@ pub struct Config {
     pub drain_signal: libc::c_int,
     /// Signal sent to the workers on stop.
     pub stop_signal: libc::c_int,
+    /// `--drain-when-idle`: the drain and stop signals wait until the worker holds no
+    /// connection, whether or not the server catches them (dispatch mode).
+    pub drain_when_idle: bool,
     /// How long to keep serving after a stop signal before stopping.
     pub shutdown_delay: Duration,
     /// Who the workers run as (`--user`/`--group`), resolved before any fork.
@@ -678,6 +689,25 @@ impl Args {
             (Steer::Auto, true) => Steer::Dispatch,
             (steer, _) => steer,
         };
+        // Only the master's dispatch counts a worker's connections, so only it can tell when a
+        // drained worker holds none.
+        let steer = match (steer, self.drain_when_idle) {
+            (_, true) if self.policy.mode() != Mode::Dispatch => {
+                return Err(usage(format!(
+                    "--drain-when-idle needs the master's dispatch, which counts each worker's \
+                     connections; {} mode leaves them to the kernel",
+                    self.policy
+                )));
+            }
+            (Steer::Kernel, true) => {
+                return Err(usage(
+                    "--steer kernel cannot be combined with --drain-when-idle (which needs the \
+                     master's dispatch to count each worker's connections)",
+                ));
+            }
+            (Steer::Auto, true) => Steer::Dispatch,
+            (steer, _) => steer,
+        };
         let agent = match &self.agent {
             None => None,
             Some(line) => {
@@ -764,6 +794,7 @@ impl Args {
             preload,
             drain_signal,
             stop_signal,
+            drain_when_idle: self.drain_when_idle,
             shutdown_delay: self.shutdown_delay,
             credentials,
             reload_batch: self.reload_batch,
@@ -882,6 +913,9 @@ mod tests {
         assert!(msg(&["--steer", "kernel", "-p", "reuseport"]).contains("not reuseport"));
         assert!(msg(&["--steer", "kernel", "-p", "shared"]).contains("not shared"));
         assert!(msg(&["--steer", "kernel", "--health-check", "/h"]).contains("--health-check"));
+        assert!(msg(&["--drain-when-idle", "-p", "shared"]).contains("shared mode"));
+        assert!(msg(&["--drain-when-idle", "-p", "reuseport"]).contains("reuseport mode"));
+        assert!(msg(&["--drain-when-idle", "--steer", "kernel"]).contains("--drain-when-idle"));
         assert!(msg(&["--agent", "sh -c 'unterminated"]).contains("--agent"));
         assert!(msg(&["--agent", ""]).contains("empty command"));
         assert!(msg(&["--agent", "/no/such/agent x"]).contains("command not found"));
@@ -928,6 +962,8 @@ mod tests {
             config(&["--health-check", "/h"]).unwrap().steer,
             Steer::Dispatch
         );
+        let idle = config(&["--drain-when-idle"]).unwrap();
+        assert_eq!((idle.steer, idle.drain_when_idle), (Steer::Dispatch, true));
     }
 
     #[test]

@@ -444,16 +444,17 @@ fn rows(env: &Env, dir: &Path) -> Vec<Row> {
             server: "Node `cluster` (primary + 2 forked workers per slot)",
             version: format!("node {node}"),
             mode: "dispatch, least-conn",
-            args: lc(),
+            args: args_with(lc(), &["--drain-when-idle"]),
             command: vec!["node".into(), cluster],
             port: None,
             env: Vec::new(),
             needs: &[Need::Node],
-            reload: false,
+            reload: true,
             notes: "the primary accepts (round-robin scheduling) and passes each connection to its \
                     workers: the master counts a connection closed once the primary handed it on; \
-                    reload not lossless: when its last worker disconnects, Node closes the \
-                    connections the primary accepted but had not handed out yet (seen: 1 of 88)",
+                    `--drain-when-idle`: when its last worker disconnects, Node closes the \
+                    connections the primary accepted but had not handed out yet (without it, \
+                    seen: 1 of 88), so the master signals it once it holds none",
         },
         Row {
             server: "`python3 -m http.server`",
@@ -551,18 +552,18 @@ fn rows(env: &Env, dir: &Path) -> Vec<Row> {
                 env.py_version("starlette")
             ),
             mode: "dispatch, least-conn",
-            args: lc(),
+            args: args_with(lc(), &["--drain-when-idle"]),
             command: sh(format!(
                 "cd {d} && exec python3 -m hypercorn -w 0 -b \"127.0.0.1:$PORT\" asgi:app"
             )),
             port: None,
             env: py_env.clone(),
             needs: &[Need::Python, Need::PyPkgs],
-            reload: false,
+            reload: true,
             notes: "`-w 0` serves in the process the master started; hypercorn's own workers are \
-                    spawned (exec), not forked, and get no shim; reload not lossless: a \
+                    spawned (exec), not forked, and get no shim; `--drain-when-idle`: a \
                     connection hypercorn has just accepted when its stop begins can be reset \
-                    (seen once: 1 of 199)",
+                    (without it, seen once: 1 of 199), so the master signals it once it holds none",
         },
         Row {
             server: "waitress",
@@ -583,13 +584,16 @@ fn rows(env: &Env, dir: &Path) -> Vec<Row> {
             server: "nginx, `master_process off`",
             version: env.nginx.as_ref().map(|n| n.1.clone()).unwrap_or_default(),
             mode: "dispatch, least-conn",
-            args: args_with(lc(), &["--drain-signal", "QUIT"]),
+            args: args_with(lc(), &["--drain-signal", "QUIT", "--drain-when-idle"]),
             command: nginx_off,
             port: Some(nginx_off_port),
             env: Vec::new(),
             needs: &[Need::Nginx],
             reload: true,
-            notes: "`listen 127.0.0.1:PORT`; `--drain-signal QUIT` (nginx's graceful stop)",
+            notes: "`listen 127.0.0.1:PORT`; `--drain-signal QUIT --drain-when-idle`: without a \
+                    master process nginx exits on QUIT at the end of its event loop's turn, \
+                    cutting what it accepted, so the master sends it once the old worker holds \
+                    no connection",
         },
         Row {
             server: "nginx, `master_process on`, 2 worker processes",

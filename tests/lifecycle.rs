@@ -12,9 +12,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::{
-    BIN, DEADLINE, Load, Tally, TestCluster, fd_count, get, get_many, get_on, kill, read_one,
-    read_response, send_on, send_request, stop_between_connections, thread_count, until_served_by,
-    wait_stopped,
+    BIN, DEADLINE, Load, Response, Tally, TestCluster, fd_count, get, get_many, get_on, kill,
+    read_one, read_response, send_on, send_request, stop_between_connections, thread_count,
+    until_served_by, wait_stopped,
 };
 
 /// The two 20,000-connection tests take turns, so they do not starve each other (and the
@@ -1053,6 +1053,84 @@ fn reload_of_a_server_without_a_drain_handler_lets_it_finish_its_requests() {
     cluster.wait_for_log("has no handler for SIGTERM", DEADLINE);
     cluster.wait_for_log("holds no connection now: SIGTERM", DEADLINE);
     assert!(!cluster.log_contains("still holds connections"));
+}
+
+/// [`PY_SLOW_APP`] with a SIGTERM handler that ends the process at once (`os._exit(0)`), as
+/// nginx's `master_process off` does on its graceful-stop signal: the master sees the signal
+/// caught and, by default, sends it at once.
+fn py_abrupt_app() -> String {
+    format!(
+        "import os, signal\nsignal.signal(signal.SIGTERM, lambda *a: os._exit(0))\n{PY_SLOW_APP}"
+    )
+}
+
+/// `--drain-when-idle`: a server whose drain handler ends it at once is held like one with no
+/// handler, so a reload lets the old worker answer its slow request before it gets SIGTERM.
+/// Without the option the same reload cuts the request (which shows the test can fail).
+#[test]
+fn drain_when_idle_holds_the_signal_of_a_server_whose_handler_exits_at_once() {
+    if !common::available("python3") {
+        return;
+    }
+    let app = py_abrupt_app();
+    let start = |extra: &[&str]| {
+        let mut args = vec!["--steer", "dispatch", "--workers", "1"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--", "python3", "-c", &app]);
+        let cluster = TestCluster::start(&args);
+        cluster.wait_for_workers(1);
+        cluster
+    };
+
+    let mut held = start(&["--drain-when-idle"]);
+    let (old, answer) = slow_request_in_a_reload(&held);
+    let r = answer.expect("the slow request's answer");
+    assert_eq!((r.status, r.body), (200, old.body), "held until idle");
+    held.wait_for_log("is drained when idle (--drain-when-idle)", DEADLINE);
+    held.wait_for_log("holds no connection now: SIGTERM", DEADLINE);
+    let exited = held.wait_for_log(") exited", DEADLINE);
+    assert!(exited.contains("code 0"), "{exited}");
+    // The stop signal is held in the same way: the new worker answers its slow request first.
+    let (pid, answer) = slow_request_at_stop(&held);
+    let r = answer.expect("the slow request's answer at stop");
+    assert_eq!((r.status, r.body), (200, format!("pid {pid}\n")));
+    assert_eq!(held.wait_exit(DEADLINE).code(), Some(0));
+
+    let cut = start(&[]);
+    let (_, answer) = slow_request_in_a_reload(&cut);
+    assert!(
+        answer.is_err(),
+        "without --drain-when-idle the handler cuts the slow request: {answer:?}"
+    );
+    let (_, answer) = slow_request_at_stop(&cut);
+    assert!(
+        answer.is_err(),
+        "without --drain-when-idle the stop cuts the slow request: {answer:?}"
+    );
+    assert!(!cut.log_contains("--drain-when-idle"));
+}
+
+/// Once the reload of `cluster` is complete, sends `/slow` to its new worker and stops the
+/// master while the request is in progress: the worker's pid and what the request got.
+fn slow_request_at_stop(cluster: &TestCluster) -> (i32, std::io::Result<Response>) {
+    cluster.wait_for_log("reload to generation 1 complete", DEADLINE);
+    let pid = cluster.wait_for_workers(1)[0];
+    let slow = send_request(cluster.addr(), "/slow").expect("a slow request at stop");
+    cluster.wait_for_log(&format!("slow {pid}"), DEADLINE);
+    cluster.signal(libc::SIGTERM);
+    (pid, read_response(slow))
+}
+
+/// Sends `/` and then `/slow` to the one worker of `cluster` (dispatch mode), reloads while the
+/// slow request is in progress, and returns the first answer and what the slow request got.
+fn slow_request_in_a_reload(cluster: &TestCluster) -> (Response, std::io::Result<Response>) {
+    let old = get(cluster.addr(), "/").expect("first request");
+    let pid = cluster.worker_pids()[0];
+    let slow = send_request(cluster.addr(), "/slow").expect("the slow request");
+    cluster.wait_for_log(&format!("slow {pid}"), DEADLINE);
+    cluster.signal(libc::SIGHUP);
+    cluster.wait_for_log("draining worker 0", DEADLINE);
+    (old, read_response(slow))
 }
 
 /// The one worker of `cluster` (dispatch mode) serves `/` and a `/slow` request that is in

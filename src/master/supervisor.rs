@@ -603,21 +603,30 @@ impl Supervisor {
     /// drained worker shares its slot's listener until it exits, so it would never run out of
     /// connections: the signal goes at once there, and a server finishes what it holds if it
     /// stops taking connections itself (`server.close()`) or through the shim, which there
-    /// holds node's exit and the default action alike.
+    /// holds node's exit and the default action alike. With `--drain-when-idle` every server
+    /// is held this way, for those whose own handler ends them at once (nginx with
+    /// `master_process off` exits at the end of its current event loop turn, cutting the
+    /// connections it accepted and has not answered).
     fn defer_drain(&mut self, id: WorkerId, signal: libc::c_int) -> bool {
         let Some(p) = self.procs.iter().find(|p| p.id == id) else {
             return false;
         };
-        if self.acceptor.is_none() || tree::dies_of(p.pid, signal) != Some(true) {
+        if self.acceptor.is_none() {
             return false;
         }
+        let name = sys::signal_name(signal);
+        let why = if tree::dies_of(p.pid, signal) == Some(true) {
+            format!("has no handler for {name}, which would end it at once")
+        } else if self.config.drain_when_idle {
+            "is drained when idle (--drain-when-idle)".to_string()
+        } else {
+            return false;
+        };
         let wait = self.config.grace / 2;
         info!(
-            "worker {} (pid {}) has no handler for {name}, which would end it at once: \
-             {name} waits until it has closed every connection it holds (at most {wait:?})",
-            p.slot,
-            p.pid,
-            name = sys::signal_name(signal)
+            "worker {} (pid {}) {why}: {name} waits until it has closed every connection it \
+             holds (at most {wait:?})",
+            p.slot, p.pid,
         );
         self.deferred_drains
             .push((id, super::lifecycle::at(Instant::now(), wait), signal));
