@@ -254,10 +254,11 @@ pub enum Sub {
     /// COMMAND.
     ///
     /// Creates the steering maps and one program per listening address, passes their fds to
-    /// COMMAND in RCLUSTER_STEER_FDS, drops the effective, permitted, inheritable and ambient
+    /// COMMAND in RCLUSTER_STEER_FDS (and plain reuseport mode's spread program in
+    /// RCLUSTER_SPREAD_FDS), drops the effective, permitted, inheritable and ambient
     /// capabilities and execs COMMAND, which runs the master without CAP_BPF: e.g. `setpriv
     /// --reuid=app --regid=app --init-groups rcluster-lb --steer kernel -- node app.js`. The
-    /// master adopts the fds instead of loading the program.
+    /// master adopts the fds its mode uses instead of loading the program.
     #[command(
         after_help = "As root, COMMAND must give up root itself (setpriv --reuid, or \
                       --bounding-set -all): a program executed as root gets its capabilities \

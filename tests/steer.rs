@@ -14,7 +14,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{
-    DEADLINE, TestCluster, get, per_worker, read_response, send_request, steering_available,
+    DEADLINE, TestCluster, get, kill, per_worker, read_response, send_request, steering_available,
 };
 
 /// The `status: steering slot N: ...` lines of one SIGUSR1, as (slot, load, forgiven).
@@ -778,27 +778,42 @@ fn capabilities(pid: i32, field: &str) -> u64 {
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_BPF: u32 = 39;
 
-#[test]
-fn a_program_passed_in_steers_a_master_without_cap_bpf() {
-    if !steering_available() {
-        return;
-    }
-    // steer-load (root here) loads the program, drops its capabilities and execs setpriv,
-    // which empties the bounding, inheritable and ambient sets before it execs the master: the
-    // master, root or not, holds no capability at all.
-    let Some(words) = setpriv(&[
+/// What each of process `pid`'s fds is (`/proc/PID/fd` links).
+fn fd_links(pid: i32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .map(|l| l.to_string_lossy().into_owned())
+        .collect()
+}
+
+/// A master with `args` under `steer-load` (root here), which loads the programs, drops its
+/// capabilities and execs setpriv, which empties the bounding, inheritable and ambient sets
+/// before it execs the master: the master, root or not, holds no capability at all. `None`
+/// (with a note) where setpriv cannot do that.
+fn master_without_capabilities(args: &[&str]) -> Option<TestCluster> {
+    let words = setpriv(&[
         "--bounding-set",
         "-all",
         "--inh-caps",
         "-all",
         "--ambient-caps",
         "-all",
-    ]) else {
-        return;
-    };
+    ])?;
     let mut cmd = Command::new(common::BIN);
     cmd.args(["steer-load", "--"]).args(&words).arg(common::BIN);
-    let cluster = TestCluster::spawn_with_command(cmd, &["--steer", "kernel", "-w", "2"]);
+    Some(TestCluster::spawn_with_command(cmd, args))
+}
+
+#[test]
+fn a_program_passed_in_steers_a_master_without_cap_bpf() {
+    if !steering_available() {
+        return;
+    }
+    let Some(cluster) = master_without_capabilities(&["--steer", "kernel", "-w", "2"]) else {
+        return;
+    };
     cluster.wait_for_log("workers ready", DEADLINE);
     assert!(cluster.log_contains("steer-load: steering program loaded for 1 listening address"));
     assert!(cluster.log_contains(
@@ -819,12 +834,7 @@ fn a_program_passed_in_steers_a_master_without_cap_bpf() {
     wait_counted_once(&cluster, 2, 30);
     // No worker inherits a program, a map other than the table, or the variable.
     for pid in cluster.wait_for_workers(2) {
-        let links: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-            .unwrap()
-            .flatten()
-            .filter_map(|e| std::fs::read_link(e.path()).ok())
-            .map(|l| l.to_string_lossy().into_owned())
-            .collect();
+        let links = fd_links(pid);
         let count = |what: &str| links.iter().filter(|l| l.as_str() == what).count();
         assert_eq!(count("anon_inode:bpf-prog"), 0, "worker {pid}: {links:?}");
         assert!(count("anon_inode:bpf-map") <= 1, "worker {pid}: {links:?}");
@@ -834,6 +844,69 @@ fn a_program_passed_in_steers_a_master_without_cap_bpf() {
             "worker {pid} got RCLUSTER_STEER_FDS"
         );
     }
+}
+
+/// `steer-load` passes plain `reuseport` mode's program on too: a master without any
+/// capability, run with `--policy reuseport`, adopts it, and from the moment a slot is removed
+/// its socket gets no new connection although its stopped worker keeps it in the kernel's
+/// group (without the program about half of these requests would wait there, unanswered).
+#[test]
+fn a_spread_program_passed_in_serves_a_reuseport_master_without_cap_bpf() {
+    if let Err(e) = rcluster_lb::steer::spread::Spread::load(1) {
+        eprintln!("note: the spread program does not load here ({e}); skipping this test");
+        return;
+    }
+    let Some(cluster) =
+        master_without_capabilities(&["--policy", "reuseport", "-w", "2", "--grace", "60s"])
+    else {
+        return;
+    };
+    cluster.wait_for_log("workers ready", DEADLINE);
+    assert!(cluster.log_contains("RCLUSTER_SPREAD_FDS=select"));
+    assert!(cluster.log_contains(
+        "spreads connections over the worker slots in service (a removed slot's socket gets \
+         none while its worker drains)"
+    ));
+    assert!(cluster.log_contains("(program passed in by steer-load, RCLUSTER_SPREAD_FDS)"));
+    assert!(cluster.log_contains("RCLUSTER_STEER_FDS unused: --policy reuseport"));
+    let caps = capabilities(cluster.pid(), "CapEff");
+    assert_eq!(caps & (1 << CAP_BPF), 0, "the master's CapEff is {caps:#x}");
+    let served = common::get_many(cluster.addr(), "/", 40, 2);
+    let pid_of = |worker| {
+        served
+            .iter()
+            .flatten()
+            .find(|r| r.worker() == worker)
+            .unwrap_or_else(|| panic!("worker {worker} answered none"))
+            .pid()
+    };
+    let (kept, removed) = (pid_of(0), pid_of(1));
+    kill(removed, libc::SIGSTOP);
+    common::wait_stopped(removed);
+    cluster.signal(libc::SIGTTOU);
+    // Logged once the master has handled the removal.
+    cluster.wait_for_log("still queued on worker 1's own socket", DEADLINE);
+    for i in 0..40 {
+        let r = common::get_with_timeout(cluster.addr(), "/", Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("request {i} after the scale-down failed: {e}"));
+        assert_eq!(r.worker(), 0, "request {i}");
+    }
+    assert!(common::alive(removed), "the removed worker still drains");
+    // No worker inherits a program or the variables.
+    let pid = kept;
+    let links = fd_links(pid);
+    assert!(
+        !links.iter().any(|l| l.starts_with("anon_inode:bpf")),
+        "worker {pid}: {links:?}"
+    );
+    let environ = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/environ")).unwrap())
+        .into_owned();
+    for var in ["RCLUSTER_STEER_FDS=", "RCLUSTER_SPREAD_FDS="] {
+        assert!(!environ.contains(var), "worker {pid} got {var}");
+    }
+    // Spare the grace period.
+    kill(removed, libc::SIGKILL);
+    cluster.wait_for_log(&format!("(pid {removed}) exited"), DEADLINE);
 }
 
 #[test]

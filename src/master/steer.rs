@@ -62,7 +62,14 @@ pub struct SteerControl {
 pub fn start(config: &Config) -> anyhow::Result<Option<SteerControl>> {
     let passed = std::env::var_os(handoff::RCLUSTER_STEER_FDS);
     let Some(policy) = SteerPolicy::for_policy(config.policy) else {
-        ignore_passed(passed.is_some(), &format!("--policy {}", config.policy));
+        // steer-load passes plain reuseport mode's program beside this one: not a mistake.
+        if passed.is_some() {
+            info!(
+                "steering: {} unused: --policy {} leaves placement to the kernel",
+                handoff::RCLUSTER_STEER_FDS,
+                config.policy
+            );
+        }
         return Ok(None);
     };
     if config.steer == Steer::Dispatch {

@@ -1565,13 +1565,23 @@ enum ReuseportProgram {
     Migrate(OwnedFd),
 }
 
-/// Plain reuseport mode: loads the spread program, or failing that the migrate-only one, and
+/// Plain reuseport mode: loads the spread program (or adopts the one a privileged `steer-load`
+/// passed in `RCLUSTER_SPREAD_FDS`), or failing that the migrate-only one, and
 /// attaches it to each address's group (through slot 0's sockets), logging in one line what a
 /// removed slot's socket and a closing socket's queue will meet; `None` (logged) where neither
 /// loads.
 fn reuseport_program(slots: &[SlotIo], listeners: usize) -> Option<ReuseportProgram> {
     let first = slots.first()?;
-    let spread_error = match Spread::load(listeners) {
+    // A privileged `steer-load` loaded it: adopt it (no CAP_BPF needed); else load it here.
+    let passed = std::env::var_os(crate::steer::spread::RCLUSTER_SPREAD_FDS);
+    let loaded = match &passed {
+        Some(value) => Spread::adopt(value, listeners).map_err(|e| {
+            warn!("reuseport: the spread program passed in is unusable: {e}");
+            e.to_string()
+        }),
+        None => Spread::load(listeners).map_err(|e| e.to_string()),
+    };
+    let spread_error = match loaded {
         Ok(mut spread) => {
             let attached = first
                 .reuseport
@@ -1589,7 +1599,12 @@ fn reuseport_program(slots: &[SlotIo], listeners: usize) -> Option<ReuseportProg
                     info!(
                         "reuseport: the kernel's hash spreads connections over the worker slots \
                          in service (a removed slot's socket gets none while its worker drains); \
-                         {queue}"
+                         {queue}{}",
+                        if passed.is_some() {
+                            " (program passed in by steer-load, RCLUSTER_SPREAD_FDS)"
+                        } else {
+                            ""
+                        }
                     );
                     return Some(ReuseportProgram::Spread(spread));
                 }
@@ -1603,7 +1618,7 @@ fn reuseport_program(slots: &[SlotIo], listeners: usize) -> Option<ReuseportProg
                 }
             }
         }
-        Err(e) => e.to_string(),
+        Err(e) => e,
     };
     let spread_error = spread_error.lines().next().unwrap_or_default().to_string();
     match crate::steer::load_migrate_only() {

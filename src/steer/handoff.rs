@@ -11,6 +11,13 @@
 //! `select-or-migrate` (the programs also re-place a closed listener's queue, Linux 5.14+) or
 //! `select`; then fd numbers: the slot table (`steer_slots`), the meta map (`steer_meta`), and
 //! per listening address, in `--listen` order, its `REUSEPORT_SOCKARRAY` and its program.
+//!
+//! It loads plain `reuseport` mode's program too ([`Spread`], where it loads) and names its
+//! objects in [`RCLUSTER_SPREAD_FDS`], `ATTACH:META0,SOCKS0,PROG0[,META1,…]`: per listening
+//! address its count, its socket array and its program. A master run with `--policy
+//! reuseport` adopts those ([`Spread::adopt`]) and the other set stays unused; a steering
+//! master the other way round. Neither reaches a worker: the spawner marks every fd it does not
+//! place close-on-exec, and both variables are the master's own.
 
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -19,6 +26,7 @@ use std::os::unix::process::CommandExt;
 use anyhow::Context;
 use thiserror::Error;
 
+use super::spread::{RCLUSTER_SPREAD_FDS, Spread};
 use super::{Group, META_MAP, Objects, SLOTS_MAP, SOCKS_MAP, prog};
 use crate::cli::UsageError;
 use crate::sys::{self, bpf};
@@ -29,13 +37,26 @@ const SELECT_OR_MIGRATE: &str = "select-or-migrate";
 /// `ATTACH` when they place new connections only.
 const SELECT: &str = "select";
 
-/// Why the objects passed in cannot be used: one line naming the fd and the problem.
+/// Why the objects passed in cannot be used: one line naming the variable, the fd and the
+/// problem.
 #[derive(Debug, Error)]
-#[error("{name}: {0}", name = RCLUSTER_STEER_FDS)]
-pub struct HandoffError(String);
+#[error("{var}: {msg}")]
+pub struct HandoffError {
+    var: &'static str,
+    msg: String,
+}
 
+/// An error about [`RCLUSTER_STEER_FDS`].
 fn err(msg: impl Into<String>) -> HandoffError {
-    HandoffError(msg.into())
+    err_in(RCLUSTER_STEER_FDS, msg)
+}
+
+/// An error about variable `var`.
+pub(super) fn err_in(var: &'static str, msg: impl Into<String>) -> HandoffError {
+    HandoffError {
+        var,
+        msg: msg.into(),
+    }
 }
 
 /// The fds of `objects` in the variable's order: table, meta, then socket array and program
@@ -66,35 +87,11 @@ struct Passed {
 }
 
 fn parse(value: &OsStr) -> Result<Passed, HandoffError> {
-    let shape = || {
-        err(format!(
-            "{value:?} is not {SELECT_OR_MIGRATE}:FD,FD,… or {SELECT}:FD,FD,… (the table, the \
-             meta map, then a socket array and a program per listening address)",
-        ))
-    };
-    let text = value.to_str().ok_or_else(shape)?;
-    let (attach, list) = text.split_once(':').ok_or_else(shape)?;
-    let migrate = match attach {
-        SELECT_OR_MIGRATE => true,
-        SELECT => false,
-        _ => return Err(shape()),
-    };
-    let mut fds: Vec<i32> = Vec::new();
-    for token in list.split(',') {
-        let fd: i32 = token
-            .trim()
-            .parse()
-            .map_err(|_| err(format!("{token:?} is not an fd number")))?;
-        if fd < 3 {
-            return Err(err(format!(
-                "fd {fd} is standard input, output or error, not a BPF object"
-            )));
-        }
-        if fds.contains(&fd) {
-            return Err(err(format!("fd {fd} is given twice")));
-        }
-        fds.push(fd);
-    }
+    let (migrate, fds) = parse_fds(
+        RCLUSTER_STEER_FDS,
+        value,
+        "the table, the meta map, then a socket array and a program per listening address",
+    )?;
     if fds.len() < 4 || !fds.len().is_multiple_of(2) {
         return Err(err(format!(
             "{} fds given; expected the table, the meta map, then a socket array and a program \
@@ -110,13 +107,60 @@ fn parse(value: &OsStr) -> Result<Passed, HandoffError> {
     })
 }
 
+/// `ATTACH:FD,FD,…` of variable `var` (`what` says what the fds are): whether the programs
+/// were loaded as `SELECT_OR_MIGRATE`, and the fd numbers, each above standard error and given
+/// once.
+pub(super) fn parse_fds(
+    var: &'static str,
+    value: &OsStr,
+    what: &str,
+) -> Result<(bool, Vec<i32>), HandoffError> {
+    let shape = || {
+        err_in(
+            var,
+            format!("{value:?} is not {SELECT_OR_MIGRATE}:FD,FD,… or {SELECT}:FD,FD,… ({what})"),
+        )
+    };
+    let text = value.to_str().ok_or_else(shape)?;
+    let (attach, list) = text.split_once(':').ok_or_else(shape)?;
+    let migrate = match attach {
+        SELECT_OR_MIGRATE => true,
+        SELECT => false,
+        _ => return Err(shape()),
+    };
+    let mut fds: Vec<i32> = Vec::new();
+    for token in list.split(',') {
+        let fd: i32 = token
+            .trim()
+            .parse()
+            .map_err(|_| err_in(var, format!("{token:?} is not an fd number")))?;
+        if fd < 3 {
+            return Err(err_in(
+                var,
+                format!("fd {fd} is standard input, output or error, not a BPF object"),
+            ));
+        }
+        if fds.contains(&fd) {
+            return Err(err_in(var, format!("fd {fd} is given twice")));
+        }
+        fds.push(fd);
+    }
+    Ok((migrate, fds))
+}
+
 /// Checks that map `fd` is what `spec` creates; returns its id.
-fn check_map(fd: &OwnedFd, spec: &bpf::MapSpec<'_>, what: &str) -> Result<u32, HandoffError> {
+pub(super) fn check_map(
+    var: &'static str,
+    fd: &OwnedFd,
+    spec: &bpf::MapSpec<'_>,
+    what: &str,
+) -> Result<u32, HandoffError> {
     let raw = fd.as_raw_fd();
     let info = bpf::map_info(fd.as_fd()).map_err(|e| {
-        err(format!(
-            "fd {raw} ({what}): cannot read its description: {e}"
-        ))
+        err_in(
+            var,
+            format!("fd {raw} ({what}): cannot read its description: {e}"),
+        )
     })?;
     let got = (
         info.map_type,
@@ -136,14 +180,74 @@ fn check_map(fd: &OwnedFd, spec: &bpf::MapSpec<'_>, what: &str) -> Result<u32, H
         let show = |(t, k, v, n, f): (u32, u32, u32, u32, u32)| {
             format!("type {t}, key {k}, value {v}, {n} entries, flags {f:#x}")
         };
-        return Err(err(format!(
-            "fd {raw} is not {what} ({}): {}; expected {}",
-            spec.name,
-            show(got),
-            show(want)
-        )));
+        return Err(err_in(
+            var,
+            format!(
+                "fd {raw} is not {what} ({}): {}; expected {}",
+                spec.name,
+                show(got),
+                show(want)
+            ),
+        ));
     }
     Ok(info.id)
+}
+
+/// Checks that `fd` is an `SK_REUSEPORT` program (`what`) using exactly the maps of
+/// `map_ids`, the maps `build` refers to ([`super::Program::map_relocs`]), by name through `map_id`.
+pub(super) fn check_prog(
+    var: &'static str,
+    fd: &OwnedFd,
+    what: &str,
+    build: &super::Program,
+    map_id: impl Fn(&str) -> u32,
+) -> Result<(), HandoffError> {
+    let raw = fd.as_raw_fd();
+    let info = bpf::prog_info(fd.as_fd()).map_err(|e| {
+        err_in(
+            var,
+            format!("fd {raw} ({what}): cannot read its description: {e}"),
+        )
+    })?;
+    if info.prog_type != bpf::PROG_TYPE_SK_REUSEPORT {
+        return Err(err_in(
+            var,
+            format!(
+                "fd {raw} ({what}) is a program of type {}, not SK_REUSEPORT ({})",
+                info.prog_type,
+                bpf::PROG_TYPE_SK_REUSEPORT
+            ),
+        ));
+    }
+    let mut want: Vec<u32> = build
+        .map_relocs
+        .iter()
+        .map(|&(_, name)| map_id(name))
+        .collect();
+    let mut got = info.map_ids.clone();
+    want.sort_unstable();
+    want.dedup();
+    got.sort_unstable();
+    got.dedup();
+    if got != want {
+        return Err(err_in(
+            var,
+            format!(
+                "fd {raw} ({what}) does not use the maps passed with it (map ids {got:?}, \
+                 expected {want:?})"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Takes over fd `fd` passed in variable `var`: a BPF object of `kind`, marked close-on-exec.
+pub(super) fn take(
+    var: &'static str,
+    fd: i32,
+    kind: bpf::ObjectKind,
+) -> Result<OwnedFd, HandoffError> {
+    bpf::adopt_inherited_object(fd, kind).map_err(|e| err_in(var, e.to_string()))
 }
 
 /// Takes over the objects named by `value` (the variable's value) for a master with
@@ -163,7 +267,7 @@ pub fn adopt(value: &OsStr, listeners: usize) -> Result<Objects, HandoffError> {
             listeners
         )));
     }
-    let take = |fd, kind| bpf::adopt_inherited_object(fd, kind).map_err(|e| err(e.to_string()));
+    let take = |fd, kind| take(RCLUSTER_STEER_FDS, fd, kind);
     let slots = take(passed.slots, bpf::ObjectKind::Map)?;
     let meta = take(passed.meta, bpf::ObjectKind::Map)?;
     let mut groups = Vec::with_capacity(listeners);
@@ -172,47 +276,18 @@ pub fn adopt(value: &OsStr, listeners: usize) -> Result<Objects, HandoffError> {
         let prog = take(prog, bpf::ObjectKind::Prog)?;
         groups.push(Group { socks, prog });
     }
-    let slots_id = check_map(&slots, &SLOTS_MAP, "the slot table")?;
-    let meta_id = check_map(&meta, &META_MAP, "the meta map")?;
+    let var = RCLUSTER_STEER_FDS;
+    let slots_id = check_map(var, &slots, &SLOTS_MAP, "the slot table")?;
+    let meta_id = check_map(var, &meta, &META_MAP, "the meta map")?;
     for (i, g) in groups.iter().enumerate() {
-        let socks_id = check_map(
-            &g.socks,
-            &SOCKS_MAP,
-            &format!("listener {i}'s socket array"),
-        )?;
-        let raw = g.prog.as_raw_fd();
-        let info = bpf::prog_info(g.prog.as_fd()).map_err(|e| {
-            err(format!(
-                "fd {raw} (listener {i}'s program): cannot read its description: {e}"
-            ))
+        let what = format!("listener {i}'s socket array");
+        let socks_id = check_map(var, &g.socks, &SOCKS_MAP, &what)?;
+        let what = format!("listener {i}'s program");
+        check_prog(var, &g.prog, &what, &prog::LOOP, |name| match name {
+            "steer_slots" => slots_id,
+            "steer_meta" => meta_id,
+            _ => socks_id,
         })?;
-        if info.prog_type != bpf::PROG_TYPE_SK_REUSEPORT {
-            return Err(err(format!(
-                "fd {raw} (listener {i}'s program) is a program of type {}, not SK_REUSEPORT ({})",
-                info.prog_type,
-                bpf::PROG_TYPE_SK_REUSEPORT
-            )));
-        }
-        let mut want: Vec<u32> = prog::LOOP
-            .map_relocs
-            .iter()
-            .map(|&(_, name)| match name {
-                "steer_slots" => slots_id,
-                "steer_meta" => meta_id,
-                _ => socks_id,
-            })
-            .collect();
-        let mut got = info.map_ids.clone();
-        want.sort_unstable();
-        want.dedup();
-        got.sort_unstable();
-        got.dedup();
-        if got != want {
-            return Err(err(format!(
-                "fd {raw} (listener {i}'s program) does not use the maps passed with it (map ids \
-                 {got:?}, expected {want:?})"
-            )));
-        }
     }
     Ok(Objects {
         slots,
@@ -246,18 +321,42 @@ pub fn run(listeners: usize, command: &[OsString]) -> anyhow::Result<()> {
     }
     let numbers: Vec<i32> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
     let value = env_value(objects.migrate, &numbers);
+    // Plain reuseport mode's program too, for a master run with `--policy reuseport`: without
+    // it a scaled-down worker's socket keeps taking connections while it drains.
+    let spread = match Spread::load(listeners) {
+        Ok(spread) => {
+            let fds = spread.fds();
+            for fd in &fds {
+                sys::set_inheritable(*fd)
+                    .context("steer-load: cannot clear close-on-exec on a spread fd")?;
+            }
+            let numbers: Vec<i32> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
+            Some((env_value(spread.migrates(), &numbers), spread))
+        }
+        Err(e) => {
+            log::warn!(
+                "steer-load: the reuseport spread program does not load ({e}); passing on the steering program only"
+            );
+            None
+        }
+    };
     sys::drop_capabilities().context("steer-load: cannot drop capabilities")?;
     log::info!(
         "steer-load: steering program loaded for {listeners} listening address{}{}; running {} \
-         without capabilities, {RCLUSTER_STEER_FDS}={value}",
+         without capabilities, {RCLUSTER_STEER_FDS}={value}{}",
         if listeners == 1 { "" } else { "es" },
         objects.scan.map_or("", |scan| scan.note()),
-        program.to_string_lossy()
+        program.to_string_lossy(),
+        spread.as_ref().map_or(String::new(), |(v, _)| format!(
+            " {RCLUSTER_SPREAD_FDS}={v}"
+        ))
     );
-    let error = std::process::Command::new(program)
-        .args(args)
-        .env(RCLUSTER_STEER_FDS, &value)
-        .exec();
+    let mut command = std::process::Command::new(program);
+    command.args(args).env(RCLUSTER_STEER_FDS, &value);
+    if let Some((v, _)) = &spread {
+        command.env(RCLUSTER_SPREAD_FDS, v);
+    }
+    let error = command.exec();
     Err(UsageError(format!(
         "steer-load: cannot execute {}: {error}",
         program.to_string_lossy()

@@ -20,7 +20,9 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use crate::sys::bpf::{self, MapSpec, ProgLoadError, ProgSpec};
 use rcluster_proto::steer as page;
 
+use super::handoff::{self, HandoffError};
 use super::{SteerError, classify, prog};
+pub use rcluster_proto::env::RCLUSTER_SPREAD_FDS;
 
 /// `spread_socks`: the listeners in service at indexes `0..n`.
 const SOCKS_MAP: MapSpec<'static> = MapSpec {
@@ -52,6 +54,17 @@ struct Group {
     filled: usize,
 }
 
+impl Group {
+    fn new(socks: OwnedFd, meta: OwnedFd, prog: OwnedFd) -> Group {
+        Group {
+            socks,
+            meta,
+            prog,
+            filled: 0,
+        }
+    }
+}
+
 /// The loaded program of plain reuseport mode, one per listening address.
 #[derive(Debug)]
 pub struct Spread {
@@ -80,12 +93,69 @@ impl Spread {
                     Err(e) => return Err(SteerError::Prog(e)),
                 }
             };
-            groups.push(Group {
-                socks,
-                meta,
-                prog,
-                filled: 0,
-            });
+            groups.push(Group::new(socks, meta, prog));
+        }
+        Ok(Spread { groups, migrate })
+    }
+
+    /// The fds `steer-load` passes on in [`RCLUSTER_SPREAD_FDS`]: per listening address its
+    /// count, socket array and program.
+    pub fn fds(&self) -> Vec<BorrowedFd<'_>> {
+        self.groups
+            .iter()
+            .flat_map(|g| [g.meta.as_fd(), g.socks.as_fd(), g.prog.as_fd()])
+            .collect()
+    }
+
+    /// Takes over what a privileged `steer-load` loaded ([`RCLUSTER_SPREAD_FDS`], `value`) for
+    /// a master with `listeners` listening addresses: each map exactly what [`Spread::load`]
+    /// creates, each program an `SK_REUSEPORT` program using its own two. Every fd taken over
+    /// is marked close-on-exec; one that is not a BPF object is left alone.
+    pub fn adopt(value: &std::ffi::OsStr, listeners: usize) -> Result<Spread, HandoffError> {
+        let var = RCLUSTER_SPREAD_FDS;
+        let (migrate, fds) = handoff::parse_fds(
+            var,
+            value,
+            "a count, a socket array and a program per listening address",
+        )?;
+        if fds.len() != 3 * listeners {
+            return Err(handoff::err_in(
+                var,
+                format!(
+                    "{} fds given; expected a count, a socket array and a program for each of \
+                     the master's {listeners} listening address{}",
+                    fds.len(),
+                    if listeners == 1 { "" } else { "es" }
+                ),
+            ));
+        }
+        let mut groups = Vec::with_capacity(listeners);
+        for (i, triple) in fds.chunks(3).enumerate() {
+            let meta = handoff::take(var, triple[0], bpf::ObjectKind::Map)?;
+            let socks = handoff::take(var, triple[1], bpf::ObjectKind::Map)?;
+            let prog = handoff::take(var, triple[2], bpf::ObjectKind::Prog)?;
+            let meta_id =
+                handoff::check_map(var, &meta, &META_MAP, &format!("listener {i}'s count"))?;
+            let socks_id = handoff::check_map(
+                var,
+                &socks,
+                &SOCKS_MAP,
+                &format!("listener {i}'s socket array"),
+            )?;
+            handoff::check_prog(
+                var,
+                &prog,
+                &format!("listener {i}'s program"),
+                &prog::SPREAD,
+                |name| {
+                    if name == META_MAP.name {
+                        meta_id
+                    } else {
+                        socks_id
+                    }
+                },
+            )?;
+            groups.push(Group::new(socks, meta, prog));
         }
         Ok(Spread { groups, migrate })
     }
@@ -287,6 +357,61 @@ mod tests {
         // A listener it has no program for is an error, not a panic.
         assert!(spread.serve(1, &fds).is_err());
         assert!(spread.attach(1, socks[0].as_fd()).is_err());
+    }
+
+    #[test]
+    fn what_is_passed_in_must_be_three_fds_per_listener() {
+        let e = Spread::adopt(std::ffi::OsStr::new("select:5,6,7,8"), 1)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("RCLUSTER_SPREAD_FDS: 4 fds given"), "{e}");
+        let e = Spread::adopt(std::ffi::OsStr::new("7,8,9"), 1)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("RCLUSTER_SPREAD_FDS: "), "{e}");
+    }
+
+    /// Against the real kernel (skips with a note where it does not load): what
+    /// [`Spread::load`] creates is adopted back and serves; a count where the socket array
+    /// belongs is refused.
+    #[test]
+    fn loaded_objects_round_trip() {
+        use std::os::fd::IntoRawFd;
+        let loaded = match Spread::load(1) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("note: the spread program does not load here ({e}); skipping");
+                return;
+            }
+        };
+        // adopt owns the numbers it is given: hand it duplicates, given up here.
+        let numbers = || -> Vec<i32> {
+            loaded
+                .fds()
+                .into_iter()
+                .map(|fd| fd.try_clone_to_owned().unwrap().into_raw_fd())
+                .collect()
+        };
+        let attach = if loaded.migrates() {
+            "select-or-migrate"
+        } else {
+            "select"
+        };
+        let n = numbers();
+        let swapped = format!("{attach}:{},{},{}", n[1], n[0], n[2]);
+        let e = Spread::adopt(std::ffi::OsStr::new(&swapped), 1)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is not listener 0's count (spread_meta)"), "{e}");
+        // (All three were BPF objects: the refused adoption took them and closed them.)
+        let n = numbers();
+        let value = format!("{attach}:{},{},{}", n[0], n[1], n[2]);
+        let mut adopted = Spread::adopt(std::ffi::OsStr::new(&value), 1).expect("adopted");
+        assert_eq!(adopted.migrates(), loaded.migrates());
+        let sock = crate::master::listener::bind_listener("127.0.0.1:0".parse().unwrap(), true)
+            .expect("bind");
+        adopted.attach(0, sock.as_fd()).expect("attach");
+        adopted.serve(0, &[sock.as_fd()]).expect("serve");
     }
 
     #[test]

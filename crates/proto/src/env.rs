@@ -36,6 +36,11 @@ pub const RCLUSTER_STEER_OVERFLOW_FD: &str = "RCLUSTER_STEER_OVERFLOW_FD";
 /// numbers; `ATTACH` is `select-or-migrate` or `select`). The master adopts them instead of
 /// loading the program itself, so it needs no CAP_BPF.
 pub const RCLUSTER_STEER_FDS: &str = "RCLUSTER_STEER_FDS";
+/// Given to the master, never to a worker: plain `reuseport` mode's spread programs and maps a
+/// privileged `rcluster-lb steer-load` loaded, as `ATTACH:META0,SOCKS0,PROG0[,META1,…]` (fd
+/// numbers per listening address: its count, its socket array, its program). The master adopts
+/// them where it runs in `reuseport` mode without CAP_BPF.
+pub const RCLUSTER_SPREAD_FDS: &str = "RCLUSTER_SPREAD_FDS";
 /// `worker` or `agent` ([`Role`]): what this child is for.
 pub const RCLUSTER_ROLE: &str = "RCLUSTER_ROLE";
 /// Path of the master's message bus, an `AF_UNIX` stream socket in a private (0700) directory
@@ -641,6 +646,7 @@ mod tests {
         assert!(is_master_owned(b"RCLUSTER_MODE"));
         // The steering fds passed to the master reach no worker.
         assert!(is_master_owned(RCLUSTER_STEER_FDS.as_bytes()));
+        assert!(is_master_owned(RCLUSTER_SPREAD_FDS.as_bytes()));
         assert!(!is_master_owned(b"PATH"));
     }
 
