@@ -444,17 +444,19 @@ fn rows(env: &Env, dir: &Path) -> Vec<Row> {
             server: "Node `cluster` (primary + 2 forked workers per slot)",
             version: format!("node {node}"),
             mode: "dispatch, least-conn",
-            args: args_with(lc(), &["--drain-when-idle"]),
+            args: lc(),
             command: vec!["node".into(), cluster],
             port: None,
             env: Vec::new(),
             needs: &[Need::Node],
-            reload: true,
+            reload: false,
             notes: "the primary accepts (round-robin scheduling) and passes each connection to its \
                     workers: the master counts a connection closed once the primary handed it on; \
-                    `--drain-when-idle`: when its last worker disconnects, Node closes the \
-                    connections the primary accepted but had not handed out yet (without it, \
-                    seen: 1 of 88), so the master signals it once it holds none",
+                    reload not lossless: when its last worker disconnects, Node closes the \
+                    connections the primary accepted but had not handed out yet (seen: 1 of 88), \
+                    and `--drain-when-idle` cannot close the gap: a connection the primary has \
+                    sent but its worker has not yet received when it closes its server is \
+                    dropped (seen: 1 of 69)",
         },
         Row {
             server: "`python3 -m http.server`",
