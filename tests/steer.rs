@@ -524,13 +524,22 @@ fn a_stalled_worker_is_passed_over_and_replaced() {
     cluster.wait_for_log(&format!("(pid {stopped}) exited"), DEADLINE);
 }
 
-/// Sends one TCP SYN from a raw socket, from a port nobody listens on: the SYN-ACK is answered
-/// with a reset, so the handshake is abandoned after the program placed it.
-fn abandoned_syn(raw: &socket2::Socket, to: SocketAddr, src_port: u16) {
+/// A loopback address of this test process's own (127.N.N.1 from its pid, never 127.0.0.1), as
+/// the source of abandoned handshakes: a SYN from 127.0.0.1 could match a connection an earlier
+/// test left in TIME_WAIT on the same four-tuple, and such a SYN is answered by that socket
+/// without reaching the listener's program.
+fn private_loopback_source() -> std::net::Ipv4Addr {
+    let pid = std::process::id();
+    std::net::Ipv4Addr::new(127, 100 + (pid % 100) as u8, (pid / 100 % 256) as u8, 1)
+}
+
+/// Sends one TCP SYN from a raw socket bound to `src`, from a port nobody listens on: the
+/// SYN-ACK is answered with a reset, so the handshake is abandoned after the program placed it.
+fn abandoned_syn(raw: &socket2::Socket, src: std::net::Ipv4Addr, to: SocketAddr, src_port: u16) {
     let std::net::SocketAddr::V4(to4) = to else {
         panic!("IPv4 only")
     };
-    let src = [127u8, 0, 0, 1];
+    let src = src.octets();
     let mut tcp = [0u8; 20];
     tcp[0..2].copy_from_slice(&src_port.to_be_bytes());
     tcp[2..4].copy_from_slice(&to.port().to_be_bytes());
@@ -574,13 +583,16 @@ fn abandoned_handshakes_are_written_off() {
             return;
         }
     };
+    let src = private_loopback_source();
+    raw.bind(&SocketAddr::from((src, 0)).into())
+        .unwrap_or_else(|e| panic!("binding the raw socket to {src}: {e}"));
     let cluster = TestCluster::start(&["--steer", "kernel", "-w", "2"]);
     // A request first, so both workers have said they report.
     for _ in 0..4 {
         get(cluster.addr(), "/").unwrap();
     }
     for i in 0..100u16 {
-        abandoned_syn(&raw, cluster.addr(), 40_000 + i);
+        abandoned_syn(&raw, src, cluster.addr(), 40_000 + i);
     }
     // Every placement above is reconciled away within a few periods: each slot's load
     // returns to what is really open (nothing) and the write-offs add up to the SYNs (some
