@@ -1263,6 +1263,44 @@ fn reload_of_a_node_app_without_a_sigterm_handler_in_the_kernel_modes_lets_it_fi
     slow_request_across_a_reload_in_the_kernel_modes(&["node", "-e", NODE_SLOW_APP]);
 }
 
+/// The shim's hold lasts at most half of `--grace` (`RCLUSTER_DRAIN_HOLD_MS`), as the master's
+/// own hold does in dispatch mode: an idle keep-alive connection the client keeps open (node
+/// closes one after 5 s, longer than this `--grace`) no longer keeps a plain node app until the
+/// master's SIGKILL. At the deadline the app ends of SIGTERM, its own action, and the new worker
+/// serves. The shim holds node's exit in every mode, so each is tried. Without the bound the
+/// old worker dies of SIGKILL at `--grace` (which shows the test can fail).
+#[test]
+fn a_held_drain_signal_takes_effect_after_half_the_grace() {
+    if !node_available() {
+        return;
+    }
+    let mut modes = vec![
+        vec!["--steer", "dispatch"],
+        vec!["--policy", "shared"],
+        vec!["--policy", "reuseport"],
+    ];
+    if common::steering_available() {
+        modes.push(vec!["--policy", "least-conn", "--steer", "kernel"]);
+    }
+    for mode in modes {
+        let mut args = mode.clone();
+        args.extend(["--grace", "4s", "--workers", "1", "--", "node", "-e"]);
+        args.push(NODE_SLOW_APP);
+        let cluster = TestCluster::start(&args);
+        let old_pid = cluster.wait_for_workers(1)[0];
+        let mut held = std::net::TcpStream::connect(cluster.addr()).expect("connect");
+        held.set_read_timeout(Some(DEADLINE)).unwrap();
+        let old = get_on(&mut held, "/", true).expect("a keep-alive request");
+        assert_eq!(old.body, format!("pid {old_pid}\n"), "{mode:?}");
+        cluster.signal(libc::SIGHUP);
+        let exited = cluster.wait_for_log(&format!("(pid {old_pid}) exited"), DEADLINE);
+        assert!(exited.contains("signal 15 (SIGTERM)"), "{mode:?}: {exited}");
+        let new = get(cluster.addr(), "/").expect("a request after the reload");
+        assert_eq!(new.status, 200, "{mode:?}");
+        assert_ne!(new.body, old.body, "{mode:?}: served by the new worker");
+    }
+}
+
 /// Node's runtime ends the process on SIGINT the same way (a one-shot handler): with
 /// `--drain-signal INT` (PM2's signal) the shim holds that one, and the old worker ends of
 /// SIGINT once it has answered its slow request.

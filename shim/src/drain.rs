@@ -33,13 +33,21 @@
 //!
 //! It serves the connections it holds, and once its last one is closed (or at once if it
 //! holds none) the shim puts the server's action back and raises SIGTERM, which ends the
-//! process as before, with nothing cut. The master's SIGKILL at `--grace` still bounds it. Any
-//! other action the server sets for SIGTERM (its own handler through `process.on('SIGTERM')`,
-//! `SIG_DFL`, `SIG_IGN`) replaces the shim's, as it would have replaced the runtime's.
+//! process as before, with nothing cut. The hold lasts at most `RCLUSTER_DRAIN_HOLD_MS` (half
+//! of the master's `--grace`, the bound the master keeps on its own hold in dispatch mode): a
+//! kernel timer made when the drain begins (`timer_create`, `SIGEV_SIGNAL`) sends the same
+//! signal again then, and the handler, past the deadline, ends the hold the same way, cutting
+//! what is still open (a keep-alive client that never closes, a request longer than that).
+//! The worker so ends of its own action rather than of the master's SIGKILL at `--grace`,
+//! which still bounds it. Any other action the server sets for SIGTERM (its own handler through
+//! `process.on('SIGTERM')`, `SIG_DFL`, `SIG_IGN`) replaces the shim's, as it would have replaced
+//! the runtime's, and deletes the timer.
 //!
 //! Signal context: the handler only reads and writes atomics, counts the worker's open
-//! connections (`procs`, atomics) and calls `epoll_ctl`, `getpid`, `sigaction` and `raise`, all
-//! async-signal-safe.
+//! connections (`procs`, atomics) and calls `epoll_ctl`, `getpid`, `clock_gettime`,
+//! `sigaction` and `raise`, all async-signal-safe, and the `timer_create`, `timer_settime` and
+//! `timer_delete` system calls directly (glibc's wrappers are not on the async-signal-safe
+//! list, and a timer is made only once a drain begins, so the handler makes it).
 
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 
@@ -63,6 +71,115 @@ static HELD_FLAGS: [AtomicI32; 2] = [const { AtomicI32::new(0) }; 2];
 static DRAINING: AtomicBool = AtomicBool::new(false);
 /// The first held signal that arrived (0: none): the one raised again at the end.
 static DRAIN_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+/// `RCLUSTER_DRAIN_HOLD_MS`, in nanoseconds: how long a drain may hold the signal
+/// (`u64::MAX`: no bound but the master's SIGKILL).
+static HOLD_NS: AtomicU64 = AtomicU64::new(u64::MAX);
+/// When the hold ends, on `CLOCK_MONOTONIC` in nanoseconds (0: no deadline).
+static DEADLINE_NS: AtomicU64 = AtomicU64::new(0);
+/// The kernel timer that sends the drain signal again at the deadline: `ARMED | pid << 32 |
+/// timer id` (0: none). Timers belong to a process; a forked child has none of its parent's.
+static TIMER: AtomicU64 = AtomicU64::new(0);
+const ARMED: u64 = 1 << 63;
+
+/// Bounds the hold of a drain (`RCLUSTER_DRAIN_HOLD_MS`): from the constructor.
+pub fn bound_hold(hold: std::time::Duration) {
+    HOLD_NS.store(
+        u64::try_from(hold.as_nanos()).unwrap_or(u64::MAX - 1),
+        Ordering::Release,
+    );
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds (async-signal-safe).
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is valid for writes; clock_gettime is async-signal-safe.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
+}
+
+/// Starts the hold's deadline: `sig` is sent to this process again in `hold_ns`. Without a
+/// timer (the system call failed) the hold lasts until the last connection closes, as before.
+fn arm(sig: c_int, hold_ns: u64) {
+    let saved = errno();
+    // SAFETY: a zeroed sigevent is valid; the fields set make it SIGEV_SIGNAL with `sig`.
+    let mut sev: libc::sigevent = unsafe { std::mem::zeroed() };
+    sev.sigev_notify = libc::SIGEV_SIGNAL;
+    sev.sigev_signo = sig;
+    let mut id: c_int = -1;
+    // SAFETY: the kernel reads sev and writes the new timer's id (an int) to id; both live
+    // across the call. A system call is async-signal-safe.
+    let made = unsafe {
+        libc::syscall(
+            libc::SYS_timer_create,
+            libc::CLOCK_MONOTONIC,
+            &mut sev as *mut libc::sigevent,
+            &mut id as *mut c_int,
+        )
+    } == 0;
+    if made {
+        // SAFETY: getpid cannot fail.
+        let pid = unsafe { libc::getpid() } as u32;
+        TIMER.store(
+            ARMED | (u64::from(pid) << 32) | u64::from(id as u32),
+            Ordering::Release,
+        );
+        // Before the timer runs, so that its signal finds the deadline passed.
+        DEADLINE_NS.store(
+            monotonic_ns().saturating_add(hold_ns).max(1),
+            Ordering::Release,
+        );
+        let its = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: (hold_ns / 1_000_000_000) as libc::time_t,
+                // At least 1 ns: a zero value would disarm it.
+                tv_nsec: ((hold_ns % 1_000_000_000).max(1)) as libc::c_long,
+            },
+        };
+        // SAFETY: id is the timer just made; its is a valid itimerspec; no old value asked.
+        unsafe {
+            libc::syscall(
+                libc::SYS_timer_settime,
+                id,
+                0,
+                &its as *const libc::itimerspec,
+                std::ptr::null_mut::<libc::itimerspec>(),
+            )
+        };
+    }
+    set_errno(saved);
+}
+
+/// Deletes the deadline's timer (if this process made it) and forgets the deadline.
+fn disarm() {
+    let t = TIMER.swap(0, Ordering::AcqRel);
+    DEADLINE_NS.store(0, Ordering::Release);
+    if t & ARMED == 0 {
+        return;
+    }
+    let saved = errno();
+    // SAFETY: getpid cannot fail.
+    if (t >> 32) as u32 & 0x7fff_ffff == unsafe { libc::getpid() } as u32 {
+        // SAFETY: a timer this process made; a system call is async-signal-safe.
+        unsafe { libc::syscall(libc::SYS_timer_delete, t as u32 as c_int) };
+    }
+    set_errno(saved);
+}
+
+/// Whether a drain's deadline has come.
+fn past_deadline() -> bool {
+    let deadline = DEADLINE_NS.load(Ordering::Acquire);
+    deadline != 0 && monotonic_ns() >= deadline
+}
 
 /// The position of `sig` in [`SIGNALS`].
 fn held_index(sig: c_int) -> Option<usize> {
@@ -262,6 +379,11 @@ pub unsafe fn sigaction(
             let rc = unsafe { real::sigaction(sig, act, old) };
             if rc == 0 {
                 HOLDING[k].store(false, Ordering::Release);
+                if DRAIN_SIGNAL.load(Ordering::Acquire) == sig {
+                    // The server's own action now: the deadline would send it a second
+                    // signal it never asked for.
+                    disarm();
+                }
             }
             rc
         }
@@ -286,13 +408,15 @@ fn mine_addr() -> usize {
 /// The shim's handler for a signal whose action it holds.
 extern "C" fn handler(sig: c_int, _info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
     let _ = DRAIN_SIGNAL.compare_exchange(0, sig, Ordering::AcqRel, Ordering::Acquire);
-    if !DRAINING.swap(true, Ordering::AcqRel)
-        && crate::state::get().is_some_and(|shim| !shim.dispatching())
-    {
+    let first = !DRAINING.swap(true, Ordering::AcqRel);
+    if first && crate::state::get().is_some_and(|shim| !shim.dispatching()) {
         stop_taking();
     }
-    if open_connections() == 0 {
+    let hold_ns = HOLD_NS.load(Ordering::Acquire);
+    if open_connections() == 0 || hold_ns == 0 || past_deadline() {
         finish();
+    } else if first && hold_ns != u64::MAX {
+        arm(DRAIN_SIGNAL.load(Ordering::Acquire), hold_ns);
     }
 }
 
@@ -317,6 +441,7 @@ fn finish() {
     if !HOLDING[k].swap(false, Ordering::AcqRel) {
         return;
     }
+    disarm();
     // SAFETY: a zeroed sigaction is valid; the mask is filled before use.
     let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
     act.sa_sigaction = HELD[k].load(Ordering::Acquire);
@@ -373,6 +498,46 @@ mod tests {
         let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 4];
         // SAFETY: evs holds 4 events.
         unsafe { libc::epoll_wait(epfd, evs.as_mut_ptr(), 4, ms) }
+    }
+
+    /// Whether this process has a timer with kernel id `id`.
+    fn timer_exists(id: c_int) -> bool {
+        // SAFETY: a zeroed itimerspec is valid storage for the kernel to fill.
+        let mut its: libc::itimerspec = unsafe { std::mem::zeroed() };
+        // SAFETY: as above; an unknown id fails with EINVAL and writes nothing.
+        unsafe {
+            libc::syscall(
+                libc::SYS_timer_gettime,
+                id,
+                &mut its as *mut libc::itimerspec,
+            ) == 0
+        }
+    }
+
+    #[test]
+    fn the_deadline_timer_is_armed_at_the_drain_and_deleted_when_the_hold_ends() {
+        // SIGURG: ignored by default, so a timer that ran would do nothing here.
+        arm(libc::SIGURG, 60_000_000_000);
+        let t = TIMER.load(Ordering::Acquire);
+        assert_ne!(t & ARMED, 0, "armed");
+        let id = t as u32 as c_int;
+        assert!(timer_exists(id));
+        assert!(!past_deadline(), "60 s away");
+        disarm();
+        assert_eq!(TIMER.load(Ordering::Acquire), 0);
+        assert!(!timer_exists(id), "the kernel timer is deleted");
+        assert!(!past_deadline(), "no deadline once disarmed");
+        // A deadline that has come.
+        arm(libc::SIGURG, 1_000_000);
+        let start = std::time::Instant::now();
+        while !past_deadline() {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(5),
+                "1 ms deadline"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        disarm();
     }
 
     #[test]

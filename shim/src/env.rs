@@ -24,6 +24,9 @@ pub struct Contract {
     pub steer: Option<(libc::c_int, usize)>,
     /// `RCLUSTER_STEER_OVERFLOW_FD`: listener 0's overflow queue (listener i's at this + i).
     pub overflow: Option<libc::c_int>,
+    /// `RCLUSTER_DRAIN_HOLD_MS`: how long a drain or stop signal the server would die of may
+    /// be held (drain.rs).
+    pub drain_hold: Option<std::time::Duration>,
 }
 
 fn getenv(name: &CStr) -> Option<Vec<u8>> {
@@ -69,6 +72,7 @@ pub fn read() -> Result<Option<Contract>, String> {
         notify_socket: getenv(c"NOTIFY_SOCKET").filter(|v| !v.is_empty()),
         steer: contract.steer_fd.map(|fd| (fd, contract.id as usize)),
         overflow: contract.overflow_fd,
+        drain_hold: contract.drain_hold,
     }))
 }
 

@@ -217,6 +217,9 @@ pub unsafe fn init() {
         notify,
         notified: AtomicBool::new(false),
     });
+    if let Some(hold) = contract.drain_hold {
+        crate::drain::bound_hold(hold);
+    }
     if contract.mode != Mode::Dispatch {
         crate::drain::hold_default();
     }

@@ -157,6 +157,8 @@ impl Agent {
                 // The agent takes no connections: it never counts on the steering table.
                 steer_fd: None,
                 overflow_fd: None,
+                // Nor holds any: nothing to drain.
+                drain_hold: None,
             }
             .entries()
             .into_iter()

@@ -791,6 +791,9 @@ impl Supervisor {
                 .map(|_| rcluster_proto::LISTEN_FDS_START + self.addrs.len() as i32 + 1),
             role: Role::Worker,
             ipc: self.bus.path().to_str(),
+            // The shim's hold of a signal the server would die of ends here, as the master's
+            // own (`defer_drain`) does.
+            drain_hold: Some(self.config.grace / 2),
         };
         env.extend(contract.entries().into_iter().map(String::into_bytes));
         // PM2 apps read their instance number here.

@@ -46,6 +46,11 @@ pub const RCLUSTER_ROLE: &str = "RCLUSTER_ROLE";
 /// Path of the master's message bus, an `AF_UNIX` stream socket in a private (0700) directory
 /// (docs/PROTOCOL.md section 6): newline-delimited JSON envelopes.
 pub const RCLUSTER_IPC: &str = "RCLUSTER_IPC";
+/// How long a worker may hold back a drain or stop signal it would die of at once while it
+/// serves what it holds, in milliseconds: half of the master's `--grace` (the preload shim's
+/// hold; a server may read it to bound its own drain). After it, the signal takes effect; the
+/// master's SIGKILL follows at `--grace`.
+pub const RCLUSTER_DRAIN_HOLD_MS: &str = "RCLUSTER_DRAIN_HOLD_MS";
 /// Prefix of every rcluster-lb specific variable.
 pub const RCLUSTER_PREFIX: &str = "RCLUSTER_";
 
@@ -176,6 +181,9 @@ pub struct ChildEnv<'a> {
     pub role: Role,
     /// `RCLUSTER_IPC`: the message bus's path, if the master runs one.
     pub ipc: Option<&'a str>,
+    /// `RCLUSTER_DRAIN_HOLD_MS`: how long a worker may hold back a signal it would die of
+    /// (workers only).
+    pub drain_hold: Option<std::time::Duration>,
 }
 
 impl ChildEnv<'_> {
@@ -211,6 +219,9 @@ impl ChildEnv<'_> {
         }
         if let Some(ipc) = self.ipc {
             out.push(format!("{RCLUSTER_IPC}={ipc}"));
+        }
+        if let Some(hold) = self.drain_hold.filter(|_| self.role == Role::Worker) {
+            out.push(format!("{RCLUSTER_DRAIN_HOLD_MS}={}", hold.as_millis()));
         }
         out
     }
@@ -307,6 +318,9 @@ pub struct Contract {
     pub overflow_fd: Option<i32>,
     /// `RCLUSTER_IPC`, if set: the master's message bus.
     pub ipc: Option<PathBuf>,
+    /// `RCLUSTER_DRAIN_HOLD_MS`, if set: how long this worker may hold back a drain or stop
+    /// signal it would die of at once.
+    pub drain_hold: Option<std::time::Duration>,
 }
 
 impl Contract {
@@ -326,6 +340,7 @@ impl Contract {
             steer_fd: None,
             overflow_fd: None,
             ipc: None,
+            drain_hold: None,
         }
     }
 
@@ -439,6 +454,15 @@ impl Contract {
                 )),
             }
         };
+        let drain_hold = match var(RCLUSTER_DRAIN_HOLD_MS) {
+            None => None,
+            Some(value) => Some(std::time::Duration::from_millis(
+                value
+                    .trim()
+                    .parse()
+                    .map_err(|_| invalid(RCLUSTER_DRAIN_HOLD_MS, &value, "not a number"))?,
+            )),
+        };
         let steer_fd = fd_var(RCLUSTER_STEER_FD)?;
         let overflow_fd = fd_var(RCLUSTER_STEER_OVERFLOW_FD)?;
         Ok(Contract {
@@ -456,6 +480,7 @@ impl Contract {
             ipc: var(RCLUSTER_IPC)
                 .filter(|v| !v.is_empty())
                 .map(PathBuf::from),
+            drain_hold,
         })
     }
 
@@ -517,6 +542,7 @@ mod tests {
             overflow_fd: Some(6),
             role: Role::Worker,
             ipc: Some("/run/x/bus.sock"),
+            drain_hold: Some(std::time::Duration::from_millis(5_000)),
         }
         .entries();
         let mut map = vars(&env);
@@ -535,6 +561,7 @@ mod tests {
             Some(NotifyAddr::Path(PathBuf::from("/run/x/notify")))
         );
         assert_eq!(c.ipc, Some(PathBuf::from("/run/x/bus.sock")));
+        assert_eq!(c.drain_hold, Some(std::time::Duration::from_secs(5)));
         assert!(c.check_pid(42).is_ok());
         assert_eq!(
             c.check_pid(43),
@@ -563,6 +590,7 @@ mod tests {
                 ipc: Some("/run/x/bus.sock"),
                 steer_fd: None,
                 overflow_fd: None,
+                drain_hold: Some(std::time::Duration::from_secs(5)),
             }
             .entries(),
         );
@@ -572,6 +600,7 @@ mod tests {
             PORT,
             RCLUSTER_WORKER_ID,
             RCLUSTER_MODE,
+            RCLUSTER_DRAIN_HOLD_MS,
         ] {
             assert!(!env.contains_key(name), "{name}");
         }
@@ -594,6 +623,7 @@ mod tests {
                 overflow_fd: None,
                 role: Role::Worker,
                 ipc: None,
+                drain_hold: None,
             }
             .entries(),
         );
@@ -616,6 +646,8 @@ mod tests {
         assert!(with(RCLUSTER_MODE, Some("Dispatch")).is_err());
         assert!(with(LISTEN_PID, Some("-1")).is_err());
         assert!(with(NOTIFY_SOCKET, Some("relative")).is_err());
+        assert!(with(RCLUSTER_DRAIN_HOLD_MS, Some("5s")).is_err());
+        assert!(with(RCLUSTER_DRAIN_HOLD_MS, Some("-1")).is_err());
         assert!(
             with(NOTIFY_SOCKET, Some(""))
                 .unwrap()
