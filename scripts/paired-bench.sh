@@ -18,9 +18,13 @@
 # least-conn, all of this build.
 #
 # Scenarios, per pair: connection churn measured by wrk (`-t1 -c32`, `Connection: close`,
-# CHURN_SECONDS per window), and the heavy-tailed CPU-bound mix (98 % of requests spin 200 µs,
+# CHURN_SECONDS per window) and, right before or after it on the same instance, by the load
+# generator (the same closed loop of 32 clients; the summary checks that both clients see the
+# same ratio to the baseline, within 10 %), and the heavy-tailed CPU-bound mix (98 % of requests spin 200 µs,
 # 2 % spin 20 ms), open loop, a new connection per request, HEAVY_SECONDS per window, p99 from
-# the load generator, at each of PERCENTS (default 50 75 90) of the mix's capacity. Optionally
+# the load generator, at each of PERCENTS (default 50 75 90) of the mix's capacity, with the
+# workers' own CPU (utime + stime of the master's child processes, from /proc) per completed
+# request in that window. Optionally
 # the same mix from wrk (a Lua script: every 50th request spins 20 ms, `Connection: close`),
 # closed loop at each of WRK_HEAVY_CONNS connections (default: none), HEAVY_SECONDS per window,
 # p99 from `wrk --latency`. A closed loop holds a fixed number of requests in flight, so the
@@ -137,6 +141,12 @@ churn() { # port -> conn/s
     wrk -t1 -c32 -d"${churn_secs}s" -H 'Connection: close' "http://127.0.0.1:$1/" |
         awk '/Requests\/sec/ {print $2}'
 }
+churn_lg() { # port -> conn/s: the same closed loop (32 clients, a new connection per request,
+    # the trivial request) from the load generator, to check that both clients see the same
+    # comparison between systems
+    "$load" "127.0.0.1:$1" closed:32 "$churn_secs" "" |
+        awk '{for (i = 1; i < NF; i++) if ($i == "achieved_per_s") print $(i + 1)}'
+}
 lua="$out/heavy-mix.lua"
 cat >"$lua" <<'LUA'
 -- The heavy mix for wrk: every 50th request (2 %) spins 20 ms, the rest 200 us, each on a new
@@ -172,10 +182,29 @@ errors = sum(v for k, v in (d.get("statusCodeDistribution") or {}).items() if k 
 errors += sum(v for k, v in (d.get("errorDistribution") or {}).items() if k != "aborted due to deadline")
 print("nan,1" if p99 is None else f"{p99 * 1000:.2f},{errors}")'
 }
-heavy() { # port rate -> "p99_ms,errors"
-    "$load" "127.0.0.1:$1" "$2" "$heavy_secs" |
-        awk '{for (i = 1; i < NF; i++) { if ($i == "p99_ms") p = $(i + 1); if ($i == "errors") e = $(i + 1) }
-              print p "," e}'
+clk_tck=$(getconf CLK_TCK)
+workers_ticks() { # master pid -> utime + stime of its child processes (the workers), in ticks
+    local total=0 c t
+    for c in $(cat /proc/"$1"/task/*/children 2>/dev/null); do
+        # Fields 14 and 15, counted after the command name's closing parenthesis.
+        t=$(sed 's/.*) //' /proc/"$c"/stat 2>/dev/null | awk '{print $12 + $13}') || t=0
+        total=$((total + ${t:-0}))
+    done
+    echo "$total"
+}
+heavy_window() { # k rate -> appends this pair's heavy-mix p99 row and workers' CPU row for instance k
+    local k=$1 rate=$2 label=$3 before after line
+    before=$(workers_ticks "${pids[$k]}")
+    line=$("$load" "127.0.0.1:${ports[$k]}" "$rate" "$heavy_secs" || true)
+    after=$(workers_ticks "${pids[$k]}")
+    echo "$pair,heavy p99 ms @ $rate/s$label,${systems[$k]%%|*},$(awk \
+        '{for (i = 1; i < NF; i++) { if ($i == "p99_ms") p = $(i + 1); if ($i == "errors") e = $(i + 1) }
+          print (p == "" ? "nan" : p) "," (e == "" ? 1 : e)}' <<<"${line:-x}")" >>"$csv"
+    # The workers' own CPU per completed request: what each mode costs the servers.
+    echo "$pair,workers' CPU µs per request @ $rate/s$label,${systems[$k]%%|*},$(awk \
+        -v t=$((after - before)) -v hz="$clk_tck" \
+        '{for (i = 1; i < NF; i++) if ($i == "completed") n = $(i + 1)
+          if (n > 0) printf "%.1f,0", t * 1e6 / hz / n; else print "nan,1"}' <<<"${line:-x}")" >>"$csv"
 }
 
 # Unrecorded warm-up of every instance (a fresh node process is slow until its code is
@@ -222,10 +251,22 @@ at_each_rate() { # scenario measure: one window per rate and instance, in this p
 for pair in $(seq "$pairs"); do
     if ((pair % 2)); then order=$(seq 0 $((n - 1))); else order=$(seq $((n - 1)) -1 0); fi
     for k in $order; do
-        v=$(churn "${ports[$k]}")
-        echo "$pair,churn conn/s,${systems[$k]%%|*},${v:-0},0" >>"$csv"
+        # wrk and the load generator back to back on each instance, which goes first
+        # alternating by pair.
+        for tool in $( ((pair % 2)) && echo "churn churn_lg" || echo "churn_lg churn"); do
+            v=$("$tool" "${ports[$k]}")
+            name="churn conn/s"
+            [[ $tool == churn_lg ]] && name="churn conn/s by the load generator"
+            echo "$pair,$name,${systems[$k]%%|*},${v:-0},0" >>"$csv"
+        done
     done
-    at_each_rate "heavy p99 ms" heavy
+    i=0
+    for rate in $rates; do
+        for k in $order; do
+            heavy_window "$k" "$rate" "${labels[$i]}"
+        done
+        i=$((i + 1))
+    done
     if [[ -n "$oha" ]]; then
         at_each_rate "heavy p99 ms by oha" oha_heavy
     fi
@@ -284,4 +325,18 @@ for sc in scenarios:
         per = ", ".join(f"{x:.2f}" for x in ratios)
         print(f"| {sc} | {s} | {med} | {statistics.median(ratios):.3f}× | {better} / {worse} "
               f"| {sign_p(better, worse):.3f} | {err} | {per} |")
+
+# The cross-check: both clients must see the same comparison with the baseline.
+def median_ratio(sc, s):
+    runs, b = vals[(sc, s)], vals[(sc, base)]
+    r = [runs[k] / b[k] for k in runs if k in b and b[k] > 0 and runs[k] > 0]
+    return statistics.median(r) if r else None
+if any(sc == "churn conn/s by the load generator" for sc in scenarios):
+    print()
+    for s in systems[1:]:
+        w, g = median_ratio("churn conn/s", s), median_ratio("churn conn/s by the load generator", s)
+        if w and g:
+            verdict = "agree" if abs(g / w - 1) <= 0.10 else "DISAGREE"
+            print(f"- churn, {s} ÷ {base}: {g:.3f}× by the load generator, {w:.3f}× by wrk: "
+                  f"{verdict} within 10 % ({g / w:.3f})")
 PY

@@ -45,9 +45,10 @@
 //!
 //! Signal context: the handler only reads and writes atomics, counts the worker's open
 //! connections (`procs`, atomics) and calls `epoll_ctl`, `getpid`, `clock_gettime`,
-//! `sigaction` and `raise`, all async-signal-safe, and the `timer_create`, `timer_settime` and
-//! `timer_delete` system calls directly (glibc's wrappers are not on the async-signal-safe
-//! list, and a timer is made only once a drain begins, so the handler makes it).
+//! `sigaction` and `raise`, all async-signal-safe, and makes the `timer_create`,
+//! `timer_settime` and `timer_delete` system calls directly: the timer is made only once a drain
+//! begins, in the handler, and neither `timer_create` nor `timer_delete` is on the
+//! async-signal-safe list (signal-safety(7)), so the C library's wrappers are not used.
 
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 
