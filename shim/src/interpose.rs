@@ -240,10 +240,10 @@ pub unsafe extern "C" fn epoll_ctl(
 unsafe fn epoll_returned(epfd: c_int, events: *mut libc::epoll_event, n: c_int) -> c_int {
     if n > 0
         && let Some(shim) = state::get()
-        && let Some((overflow, _)) = shim.overflow()
+        && let Some((overflow, steer)) = shim.overflow()
     {
         // SAFETY: caller contract.
-        return unsafe { overflow.returned(epfd, events, n) };
+        return unsafe { overflow.returned(epfd, events, n, Some(steer)) };
     }
     n
 }

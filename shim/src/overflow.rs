@@ -25,8 +25,12 @@
 //! peer may come free sooner. The connection stays in the queue for whoever waits next (this
 //! loop included, its level-triggered registration reports the queue again at once), and its
 //! `accept` fails with `EAGAIN` without a system call when the table says nothing waits on its
-//! own listener. Never two waits in a row, so a loop that always has more work still takes its
-//! turn; only for non-blocking listeners, whose `accept` may fail. Taking nothing (another
+//! own listener. Only while a peer may come free sooner (`SteerSlot::peer_may_come_free`:
+//! another worker that watches the queue waits, or has served what it is on for under
+//! `STUCK_NS`): when every other one is inside a long request, leaving the connection only
+//! costs this loop a pass of its own later (a wait and an `accept` with nothing else to do),
+//! and the loop takes it now, as a worker takes from the kernel's shared queue. Never two
+//! waits in a row, so a loop that always has more work still takes its turn; only for non-blocking listeners, whose `accept` may fail. Taking nothing (another
 //! worker was first) leaves the call to the listener. Trying the queue first saves the failed
 //! `accept` a taken connection would otherwise cost (node calls `accept` once per readiness
 //! report). The registration is removed with the server's (`EPOLL_CTL_DEL`, closing its
@@ -686,11 +690,18 @@ impl Overflow {
     /// - When one of this process's listener registrations in the set is reported and other
     ///   events come after it, the thread will serve those before a connection it accepts now,
     ///   so its accepts until it next waits leave the queue alone, unless its previous wait
-    ///   already left a connection there (module docs).
+    ///   already left a connection there, or (`steer`, this slot's line) no other worker that
+    ///   watches the queue may come free sooner, all being inside long requests (module docs).
     ///
     /// # Safety
     /// `events` holds `n` events written by the kernel (when `n > 0`), and may be written.
-    pub unsafe fn returned(&self, epfd: c_int, events: *mut libc::epoll_event, n: c_int) -> c_int {
+    pub unsafe fn returned(
+        &self,
+        epfd: c_int,
+        events: *mut libc::epoll_event,
+        n: c_int,
+        steer: Option<&SteerSlot>,
+    ) -> c_int {
         // No shortcut while nothing is registered: a set this process no longer knows of (one
         // an exec inherited) may still report the queue, under a `data` no server knows.
         if n < 1 || events.is_null() {
@@ -740,6 +751,7 @@ impl Overflow {
                 mine[..k].contains(&data)
             })
             && !LEFT_LAST.with(Cell::get)
+            && steer.is_none_or(SteerSlot::peer_may_come_free)
         {
             DEFER.with(|d| d.set(true));
         }
@@ -885,7 +897,7 @@ mod tests {
             overflow.waiting();
             let mut batch = batch.to_vec();
             // SAFETY: `batch` holds that many events.
-            unsafe { overflow.returned(set, batch.as_mut_ptr(), batch.len() as c_int) };
+            unsafe { overflow.returned(set, batch.as_mut_ptr(), batch.len() as c_int, None) };
             assert_eq!(may_take(), expect, "step {k}");
         }
         // A blocking listener's registration defers nothing.
@@ -893,13 +905,13 @@ mod tests {
         overflow.waiting();
         overflow.waiting();
         // SAFETY: `busy` holds two events.
-        unsafe { overflow.returned(epfd, busy.as_mut_ptr(), 2) };
+        unsafe { overflow.returned(epfd, busy.as_mut_ptr(), 2, None) };
         assert!(may_take());
         assert!(!overflow.deferring(listener_fd));
         overflow.nonblock[3].store(true, Ordering::SeqCst);
         overflow.waiting();
         // SAFETY: as above.
-        unsafe { overflow.returned(epfd, busy.as_mut_ptr(), 2) };
+        unsafe { overflow.returned(epfd, busy.as_mut_ptr(), 2, None) };
         assert!(overflow.deferring(listener_fd));
         assert!(!overflow.deferring(listener_fd + 1));
         // One take per wait, whatever the batch.
@@ -943,7 +955,8 @@ mod tests {
             overflow.waiting();
             let mut events: Vec<libc::epoll_event> = batch.iter().map(|&d| event(d)).collect();
             // SAFETY: `events` holds that many events.
-            let n = unsafe { overflow.returned(set, events.as_mut_ptr(), events.len() as c_int) };
+            let n =
+                unsafe { overflow.returned(set, events.as_mut_ptr(), events.len() as c_int, None) };
             let got: Vec<u64> = events[..n as usize].iter().map(|e| e.u64).collect();
             assert_eq!(got, expect, "batch {batch:x?} from set {set}");
         }
@@ -952,7 +965,7 @@ mod tests {
         overflow.count.store(0, Ordering::SeqCst);
         let mut events = [event(queue), event(11)];
         // SAFETY: `events` holds two events.
-        let n = unsafe { overflow.returned(epfd, events.as_mut_ptr(), 2) };
+        let n = unsafe { overflow.returned(epfd, events.as_mut_ptr(), 2, None) };
         assert_eq!((n, events[0].u64), (1, 11));
     }
 
@@ -1040,7 +1053,8 @@ mod tests {
         let mut events: Vec<libc::epoll_event> = wait(epfd, 1000).into_iter().map(event).collect();
         assert_eq!(events.iter().map(|e| e.u64).collect::<Vec<_>>(), [stale]);
         // SAFETY: `events` holds that many events.
-        let n = unsafe { overflow.returned(epfd, events.as_mut_ptr(), events.len() as c_int) };
+        let n =
+            unsafe { overflow.returned(epfd, events.as_mut_ptr(), events.len() as c_int, None) };
         assert_eq!(n, 0, "nothing to tell the server");
         assert_eq!(
             wait(epfd, 0),
@@ -1061,7 +1075,8 @@ mod tests {
         assert_eq!(ctl(epfd, libc::EPOLL_CTL_ADD, queue.as_raw_fd(), known), 0);
         let mut events: Vec<libc::epoll_event> = wait(epfd, 1000).into_iter().map(event).collect();
         // SAFETY: as above.
-        let n = unsafe { overflow.returned(epfd, events.as_mut_ptr(), events.len() as c_int) };
+        let n =
+            unsafe { overflow.returned(epfd, events.as_mut_ptr(), events.len() as c_int, None) };
         assert_eq!((n, events[0].u64), (1, data));
         assert_eq!(wait(epfd, 1000), [known], "still registered");
     }

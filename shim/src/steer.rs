@@ -26,7 +26,8 @@ use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use libc::c_int;
 use rcluster_proto::steer::{
     ACCEPTED, ASSIGNED, BUSY_NS, CLOSED, FORGIVEN, OVERFLOW, PROGRESS_NS, REPORTING,
-    REPORTING_SHIM, REPORTING_WHO, SLOT_SIZE, TABLE_SIZE, WATCHER, WORKER_SLOTS,
+    REPORTING_SHIM, REPORTING_WHO, SLOT_SIZE, STUCK_NS, TABLE_SIZE, WATCHER, WATCHERS,
+    WORKER_SLOTS,
 };
 
 /// Who stamps `busy_ns`: nobody yet, the one thread that accepted ([`LOOP_THREAD`]), or nobody
@@ -80,6 +81,10 @@ pub struct SteerSlot {
     /// can hand the table on (follow.rs) only while the number is still ours.
     fd: c_int,
     ident: Option<(u64, u64)>,
+    /// The table's address (TABLE_SIZE bytes, never unmapped) and this line's slot, to read
+    /// the other workers' lines ([`SteerSlot::peer_may_come_free`]).
+    base: usize,
+    slot: usize,
 }
 
 /// Whether `fd` is a BPF map (`anon_inode:bpf-map`): a number from the environment is checked
@@ -184,6 +189,8 @@ impl SteerSlot {
             overflow_forgiven,
             fd: -1,
             ident: None,
+            base: base as usize,
+            slot,
         }
     }
 
@@ -262,6 +269,36 @@ impl SteerSlot {
     /// queue first instead of paying a failed `accept` on the listener before it (state.rs).
     pub fn own_waiting(&self) -> bool {
         untaken_on(self.assigned, self.accepted, self.forgiven)
+    }
+
+    /// Whether another worker that watches the overflow queue may come free before this loop
+    /// has served the rest of its batch: one whose loop waits (`busy_ns` 0) or has served what
+    /// it is on for less than `STUCK_NS`. One inside a long request (out of its wait for
+    /// `STUCK_NS` or more) is likely to stay there for longer (BENCHMARKS.md, issue #14), and a
+    /// slot nobody watches from takes nothing from the queue. Lines are read up to the first one
+    /// never used (slots are numbered from 0): N + 1 lines for N workers, atomic loads only.
+    pub fn peer_may_come_free(&self) -> bool {
+        let now = rcluster_sys::monotonic_ns();
+        for slot in (0..WORKER_SLOTS).filter(|&s| s != self.slot) {
+            let line = (self.base as *mut u8).wrapping_add(slot * SLOT_SIZE);
+            // SAFETY: the line is inside the TABLE_SIZE table, which lives for the rest of the
+            // process (never unmapped; a leaked table in tests); the offsets are aligned and
+            // the table is only accessed atomically, by everyone.
+            let (assigned, reporting, busy) = unsafe {
+                (
+                    AtomicU64::from_ptr(line.add(ASSIGNED).cast()).load(Ordering::Relaxed),
+                    AtomicU32::from_ptr(line.add(REPORTING).cast()).load(Ordering::Relaxed),
+                    AtomicU64::from_ptr(line.add(BUSY_NS).cast()).load(Ordering::Relaxed),
+                )
+            };
+            if reporting == 0 && assigned == 0 {
+                break;
+            }
+            if reporting & WATCHERS != 0 && (busy == 0 || now.saturating_sub(busy) < STUCK_NS) {
+                return true;
+            }
+        }
+        false
     }
 
     fn took(&self) {
@@ -362,6 +399,53 @@ impl SteerSlot {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn a_peer_may_come_free_unless_every_watching_peer_is_inside_a_long_request() {
+        let table: &'static mut [u64] = Box::leak(vec![0u64; TABLE_SIZE / 8].into_boxed_slice());
+        let base: *mut u8 = table.as_mut_ptr().cast();
+        // SAFETY: a leaked, 8-byte aligned table of TABLE_SIZE bytes, only accessed atomically
+        // from here on.
+        let me = unsafe { SteerSlot::on(base, 0) };
+        // SAFETY: offsets inside the leaked table, aligned, accessed atomically.
+        let field = |slot: usize, at: usize| unsafe {
+            AtomicU64::from_ptr(base.add(slot * SLOT_SIZE + at).cast())
+        };
+        // SAFETY: as above.
+        let reporting = |slot: usize| unsafe {
+            AtomicU32::from_ptr(base.add(slot * SLOT_SIZE + REPORTING).cast())
+        };
+        assert!(!me.peer_may_come_free(), "no other worker");
+        // Slot 1 watches the queue and is inside a long request; slot 2 was never used.
+        let now = rcluster_sys::monotonic_ns();
+        reporting(1).store(REPORTING_SHIM | WATCHER, Ordering::SeqCst);
+        field(1, ASSIGNED).store(5, Ordering::SeqCst);
+        field(1, BUSY_NS).store(now - 3 * STUCK_NS, Ordering::SeqCst);
+        assert!(
+            !me.peer_may_come_free(),
+            "the only peer is inside a long request"
+        );
+        // Serving something short, or waiting: it may come free first.
+        field(1, BUSY_NS).store(now, Ordering::SeqCst);
+        assert!(me.peer_may_come_free());
+        field(1, BUSY_NS).store(0, Ordering::SeqCst);
+        assert!(me.peer_may_come_free());
+        // A peer that does not watch the queue takes nothing from it.
+        reporting(1).store(REPORTING_SHIM, Ordering::SeqCst);
+        assert!(!me.peer_may_come_free());
+        // A vacant slot (used before) does not end the scan: slot 2 beyond it waits.
+        reporting(1).store(0, Ordering::SeqCst);
+        reporting(2).store(REPORTING_SHIM | WATCHER, Ordering::SeqCst);
+        field(2, ASSIGNED).store(1, Ordering::SeqCst);
+        assert!(me.peer_may_come_free());
+        // A slot's own line is never its peer (slot 0 counts, without watching).
+        reporting(0).store(REPORTING_SHIM, Ordering::SeqCst);
+        // SAFETY: as for `me`.
+        let two = unsafe { SteerSlot::on(base, 2) };
+        assert!(!two.peer_may_come_free());
+        reporting(0).store(REPORTING_SHIM | WATCHER, Ordering::SeqCst);
+        assert!(two.peer_may_come_free(), "slot 0 waits");
+    }
 
     /// The only test that claims the process's loop (`LOOP` is process-wide).
     #[test]
