@@ -30,8 +30,9 @@
 //! `STUCK_NS`): when every other one is inside a long request, leaving the connection only
 //! costs this loop a pass of its own later (a wait and an `accept` with nothing else to do),
 //! and the loop takes it now, as a worker takes from the kernel's shared queue. Never two
-//! waits in a row, so a loop that always has more work still takes its turn; only for non-blocking listeners, whose `accept` may fail. Taking nothing (another
-//! worker was first) leaves the call to the listener. Trying the queue first saves the failed
+//! waits in a row, so a loop that always has more work still takes its turn; only for
+//! non-blocking listeners, whose `accept` may fail. Taking nothing (another worker was first)
+//! leaves the call to the listener. Trying the queue first saves the failed
 //! `accept` a taken connection would otherwise cost (node calls `accept` once per readiness
 //! report). The registration is removed with the server's (`EPOLL_CTL_DEL`, closing its
 //! listener or the epoll fd); one that cannot be recorded (every entry of the table of
