@@ -44,8 +44,9 @@
 //! the runtime's, and deletes the timer.
 //!
 //! Signal context: the handler only reads and writes atomics, counts the worker's open
-//! connections (`procs`, atomics) and calls `epoll_ctl`, `getpid`, `clock_gettime`,
-//! `sigaction` and `raise`, all async-signal-safe, and makes the `timer_create`,
+//! connections (`procs`, atomics) and calls `epoll_ctl`, `getpid`, `clock_gettime`
+//! (`rcluster_sys::monotonic_ns`), `sigaction` and `raise`, all async-signal-safe, and makes
+//! the `timer_create`,
 //! `timer_settime` and `timer_delete` system calls directly: the timer is made only once a drain
 //! begins, in the handler, and neither `timer_create` nor `timer_delete` is on the
 //! async-signal-safe list (signal-safety(7)), so the C library's wrappers are not used.
@@ -91,19 +92,6 @@ pub fn bound_hold(hold: std::time::Duration) {
     );
 }
 
-/// `CLOCK_MONOTONIC` in nanoseconds (async-signal-safe).
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: ts is valid for writes; clock_gettime is async-signal-safe.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u64)
-        .saturating_mul(1_000_000_000)
-        .saturating_add(ts.tv_nsec as u64)
-}
-
 /// Starts the hold's deadline: `sig` is sent to this process again in `hold_ns`. Without a
 /// timer (the system call failed) the hold lasts until the last connection closes, as before.
 fn arm(sig: c_int, hold_ns: u64) {
@@ -132,7 +120,7 @@ fn arm(sig: c_int, hold_ns: u64) {
         );
         // Before the timer runs, so that its signal finds the deadline passed.
         DEADLINE_NS.store(
-            monotonic_ns().saturating_add(hold_ns).max(1),
+            rcluster_sys::monotonic_ns().saturating_add(hold_ns).max(1),
             Ordering::Release,
         );
         let its = libc::itimerspec {
@@ -179,7 +167,7 @@ fn disarm() {
 /// Whether a drain's deadline has come.
 fn past_deadline() -> bool {
     let deadline = DEADLINE_NS.load(Ordering::Acquire);
-    deadline != 0 && monotonic_ns() >= deadline
+    deadline != 0 && rcluster_sys::monotonic_ns() >= deadline
 }
 
 /// The position of `sig` in [`SIGNALS`].
