@@ -74,7 +74,9 @@
 // tolerance known. Indexes are masked before use.
 //
 // The Rust side embeds both builds' instructions (scripts/gen-bpf.sh regenerates
-// src/steer/prog.rs) and patches the three map references at load time.
+// src/steer/prog.rs) and patches the map references at load time (steer_scratch, the
+// per-CPU scan state, is the program's own: a master given the program by `steer-load` never
+// sees it).
 
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
@@ -177,6 +179,14 @@ struct scan {
     __u64 second_busy;
     __s64 max_load;  // the largest load among the eligible slots (p2c: the two drawn)
 };
+
+// The scan's state for the run on this CPU (struct scan_ref below).
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, __u32);
+    __type(value, struct scan);
+} steer_scratch SEC(".maps");
 
 struct bpf_map;
 
@@ -315,14 +325,27 @@ static __always_inline long pick2_slot(__u32 idx, struct steer_slot *slot, struc
 }
 
 // The callbacks: one slot's line for each of the above, and how a scan calls them.
+// The scan's state lives in a per-CPU map value, not on the stack, and the callbacks reach it
+// through a pointer the caller keeps on its stack (bpf_loop and bpf_for_each_map_elem take a
+// stack pointer as context). What the program reads from a map value is an unknown number to
+// the verifier, so the state at each call of a callback is the same as at the one before and
+// the callback is verified once. On the stack, the fields' ranges (stuck ages, loads, the
+// pick) differ from call to call, and a verifier that checks a callback as a loop over every
+// range it can reach (6.18.44 builds do) runs past its million instructions. The program runs
+// with softirqs off on its CPU (a SYN in softirq context, a migration under local_bh_disable
+// or from a timer), so nothing else on the CPU uses the value while a run does.
+struct scan_ref {
+    struct scan *scan;
+};
+
 #ifdef STEER_FOR_EACH
 #define SCAN_CALLBACK(name)                                                                     \
     static __attribute__((noinline)) long name(struct bpf_map *map, __u32 *key,                \
-                                               struct steer_slot *slot, struct scan *scan)     \
+                                               struct steer_slot *slot, struct scan_ref *ref)  \
     {                                                                                           \
-        return name##_slot(*key, slot, scan);                                                   \
+        return name##_slot(*key, slot, ref->scan);                                              \
     }
-#define SCAN(name, scan) bpf_for_each_map_elem(&steer_slots, name, scan, 0)
+#define SCAN(name, n, ref) bpf_for_each_map_elem(&steer_slots, name, ref, 0)
 #else
 #define SCAN_CALLBACK(name)                                                                     \
     static __attribute__((noinline)) long name(__u64 i, void *ctx)                             \
@@ -331,9 +354,9 @@ static __always_inline long pick2_slot(__u32 idx, struct steer_slot *slot, struc
         struct steer_slot *slot = bpf_map_lookup_elem(&steer_slots, &key);                     \
         if (!slot)                                                                              \
             return 1;                                                                           \
-        return name##_slot(key, slot, ctx);                                                     \
+        return name##_slot(key, slot, ((struct scan_ref *)ctx)->scan);                          \
     }
-#define SCAN(name, scan) bpf_loop((scan)->nslots, name, scan, 0)
+#define SCAN(name, n, ref) bpf_loop(n, name, ref, 0)
 #endif
 SCAN_CALLBACK(visit)
 SCAN_CALLBACK(survey)
@@ -349,7 +372,10 @@ int steer(struct sk_reuseport_md *md)
     __u32 n = meta->nslots;
     if (n == 0 || n > STEER_OVERFLOW)
         return SK_PASS;
-    struct scan scan = {
+    struct scan *scan = bpf_map_lookup_elem(&steer_scratch, &zero);
+    if (!scan)
+        return SK_PASS;
+    *scan = (struct scan){
         .nslots = n,
         .policy = meta->policy,
         .rotate = md->hash % n,
@@ -359,45 +385,46 @@ int steer(struct sk_reuseport_md *md)
         .max_load = -(1LL << 62),
         .now = bpf_ktime_get_ns(),
     };
-    if (scan.policy == STEER_P2C) {
-        SCAN(pick2, &scan);
-        scan.max_load = scan.best_load;
-        if (scan.second < STEER_MAX_SLOTS && scan.second_load > scan.max_load)
-            scan.max_load = scan.second_load;
+    struct scan_ref ref = {scan};
+    if (scan->policy == STEER_P2C) {
+        SCAN(pick2, n, &ref);
+        scan->max_load = scan->best_load;
+        if (scan->second < STEER_MAX_SLOTS && scan->second_load > scan->max_load)
+            scan->max_load = scan->second_load;
         // The one stuck for less time (not at all first), else the less loaded of the two; the
         // first drawn on a tie; with one eligible slot, that one.
-        if (scan.second < STEER_MAX_SLOTS &&
-            (scan.second_stuck < scan.best_stuck ||
-             (scan.second_stuck == scan.best_stuck && scan.second_load < scan.best_load))) {
-            scan.best = scan.second;
-            scan.best_stuck = scan.second_stuck;
-            scan.best_busy = scan.second_busy;
-            scan.best_load = scan.second_load;
+        if (scan->second < STEER_MAX_SLOTS &&
+            (scan->second_stuck < scan->best_stuck ||
+             (scan->second_stuck == scan->best_stuck && scan->second_load < scan->best_load))) {
+            scan->best = scan->second;
+            scan->best_stuck = scan->second_stuck;
+            scan->best_busy = scan->second_busy;
+            scan->best_load = scan->second_load;
         }
     } else {
-        if (scan.policy == STEER_LEAST_MEM) {
-            SCAN(survey, &scan);
-            __u64 tolerance = scan.rss_min / 8;
+        if (scan->policy == STEER_LEAST_MEM) {
+            SCAN(survey, n, &ref);
+            __u64 tolerance = scan->rss_min / 8;
             if (tolerance < RSS_TOLERANCE_MIN_KIB)
                 tolerance = RSS_TOLERANCE_MIN_KIB;
-            scan.rss_near = scan.rss_min + tolerance;
-            if (scan.rss_near < scan.rss_min)
-                scan.rss_near = ~0ULL; // saturate (also: nothing eligible)
+            scan->rss_near = scan->rss_min + tolerance;
+            if (scan->rss_near < scan->rss_min)
+                scan->rss_near = ~0ULL; // saturate (also: nothing eligible)
         }
-        SCAN(visit, &scan);
+        SCAN(visit, n, &ref);
     }
-    if (scan.best >= STEER_MAX_SLOTS) {
+    if (scan->best >= STEER_MAX_SLOTS) {
         // Nothing eligible: a slot's listener by the connection's hash (slot 0's where that
         // index has none: a removed slot), so the overflow queue, which no worker may be
         // watching, is left out; the kernel's hash decides only when neither has a listener.
-        __u32 any = scan.rotate & (STEER_MAX_SLOTS - 1);
+        __u32 any = scan->rotate & (STEER_MAX_SLOTS - 1);
         if (bpf_sk_select_reuseport(md, &steer_socks, &any, 0) != 0) {
             any = 0;
             bpf_sk_select_reuseport(md, &steer_socks, &any, 0);
         }
         return SK_PASS;
     }
-    __u32 key = scan.best & (STEER_MAX_SLOTS - 1);
+    __u32 key = scan->best & (STEER_MAX_SLOTS - 1);
     struct steer_slot *slot = bpf_map_lookup_elem(&steer_slots, &key);
     // The pick is not free when its loop has served for over SPILL_BUSY_NS, or when its worker
     // (one that counts its accepts) has not yet taken a connection already placed on its
@@ -415,10 +442,10 @@ int steer(struct sk_reuseport_md *md)
     __u32 spill = STEER_OVERFLOW;
     struct steer_slot *queue = bpf_map_lookup_elem(&steer_slots, &spill);
     __u32 queued = queue && slot_untaken(queue) > 0;
-    __u32 spill_level = scan.policy != STEER_LEAST_MEM && scan.max_load <= scan.best_load + 1 &&
-                        (scan.best_busy > SPILL_BUSY_NS || behind || queued);
-    if ((scan.best_stuck != 0 || spill_level) && scan.watch &&
-        scan.policy != STEER_ROUND_ROBIN) {
+    __u32 spill_level = scan->policy != STEER_LEAST_MEM && scan->max_load <= scan->best_load + 1 &&
+                        (scan->best_busy > SPILL_BUSY_NS || behind || queued);
+    if ((scan->best_stuck != 0 || spill_level) && scan->watch &&
+        scan->policy != STEER_ROUND_ROBIN) {
         if (queue && queue->eligible &&
             bpf_sk_select_reuseport(md, &steer_socks, &spill, 0) == 0) {
             __sync_fetch_and_add(&queue->assigned, 1);
@@ -430,7 +457,7 @@ int steer(struct sk_reuseport_md *md)
     if (slot) {
         // A placement on a queue with nothing waiting starts the queue's clock (stuck_for).
         if (slot_untaken(slot) <= 0)
-            slot->progress_ns = scan.now;
+            slot->progress_ns = scan->now;
         __sync_fetch_and_add(&slot->assigned, 1);
     }
     return SK_PASS;

@@ -193,14 +193,16 @@ pub(super) fn check_map(
     Ok(info.id)
 }
 
-/// Checks that `fd` is an `SK_REUSEPORT` program (`what`) using exactly the maps of
-/// `map_ids`, the maps `build` refers to ([`super::Program::map_relocs`]), by name through `map_id`.
+/// Checks that `fd` is an `SK_REUSEPORT` program (`what`) using exactly the maps `build`
+/// refers to ([`super::Program::map_relocs`]): by name through `map_id`, the id of each map
+/// passed with it, or `None` for one of the program's own that nobody passes (any map, one per
+/// such name).
 pub(super) fn check_prog(
     var: &'static str,
     fd: &OwnedFd,
     what: &str,
     build: &super::Program,
-    map_id: impl Fn(&str) -> u32,
+    map_id: impl Fn(&str) -> Option<u32>,
 ) -> Result<(), HandoffError> {
     let raw = fd.as_raw_fd();
     let info = bpf::prog_info(fd.as_fd()).map_err(|e| {
@@ -219,22 +221,35 @@ pub(super) fn check_prog(
             ),
         ));
     }
+    // The maps passed with the program, by id, and how many of its own it may hold besides
+    // (`None` from `map_id`: a map only the program uses, such as its per-CPU scan state,
+    // which nobody passes).
     let mut want: Vec<u32> = build
         .map_relocs
         .iter()
-        .map(|&(_, name)| map_id(name))
+        .filter_map(|&(_, name)| map_id(name))
+        .collect();
+    let mut own: Vec<&str> = build
+        .map_relocs
+        .iter()
+        .filter(|&&(_, name)| map_id(name).is_none())
+        .map(|&(_, name)| name)
         .collect();
     let mut got = info.map_ids.clone();
     want.sort_unstable();
     want.dedup();
+    own.sort_unstable();
+    own.dedup();
     got.sort_unstable();
     got.dedup();
-    if got != want {
+    let passed_used = want.iter().all(|id| got.binary_search(id).is_ok());
+    if !passed_used || got.len() != want.len() + own.len() {
         return Err(err_in(
             var,
             format!(
                 "fd {raw} ({what}) does not use the maps passed with it (map ids {got:?}, \
-                 expected {want:?})"
+                 expected {want:?} and {} of its own)",
+                own.len()
             ),
         ));
     }
@@ -284,9 +299,10 @@ pub fn adopt(value: &OsStr, listeners: usize) -> Result<Objects, HandoffError> {
         let socks_id = check_map(var, &g.socks, &SOCKS_MAP, &what)?;
         let what = format!("listener {i}'s program");
         check_prog(var, &g.prog, &what, &prog::LOOP, |name| match name {
-            "steer_slots" => slots_id,
-            "steer_meta" => meta_id,
-            _ => socks_id,
+            "steer_slots" => Some(slots_id),
+            "steer_meta" => Some(meta_id),
+            "steer_socks" => Some(socks_id),
+            _ => None,
         })?;
     }
     Ok(Objects {

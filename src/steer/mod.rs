@@ -336,6 +336,19 @@ const META_MAP: MapSpec<'static> = MapSpec {
     name: "steer_meta",
 };
 
+/// `steer_scratch`: the scan's state for the run on each CPU (`struct scan` in
+/// bpf/steer.bpf.c, 128 bytes), kept in a map rather than on the program's stack so the
+/// verifier checks each scan callback once (the C source says why). Only the programs use it:
+/// the master creates it for loading and keeps no fd of it.
+const SCRATCH_MAP: MapSpec<'static> = MapSpec {
+    map_type: bpf::MAP_TYPE_PERCPU_ARRAY,
+    key_size: 4,
+    value_size: 128,
+    max_entries: 1,
+    flags: 0,
+    name: "steer_scratch",
+};
+
 /// `steer_socks`: one per listening address, slot → that slot's listener.
 const SOCKS_MAP: MapSpec<'static> = MapSpec {
     map_type: bpf::MAP_TYPE_REUSEPORT_SOCKARRAY,
@@ -407,6 +420,7 @@ impl Objects {
     fn load_builds(listeners: usize, builds: &[(Scan, Program)]) -> Result<Objects, SteerError> {
         let slots = bpf::map_create(&SLOTS_MAP).map_err(|e| classify("slot table", e))?;
         let meta = bpf::map_create(&META_MAP).map_err(|e| classify("meta", e))?;
+        let scratch = bpf::map_create(&SCRATCH_MAP).map_err(|e| classify("scan state", e))?;
         let mut builds = builds.iter().copied();
         let (mut scan, mut program) = builds.next().unwrap_or((Scan::Loop, prog::LOOP));
         let mut btf = program.btf()?;
@@ -417,6 +431,7 @@ impl Objects {
             let maps = [
                 ("steer_slots", slots.as_fd()),
                 ("steer_meta", meta.as_fd()),
+                ("steer_scratch", scratch.as_fd()),
                 ("steer_socks", socks.as_fd()),
             ];
             let prog = loop {
@@ -965,7 +980,10 @@ mod tests {
                 .any(|&i| i & 0xff == 0x85 && (i >> 8) & 0xff == 0 && i >> 32 == helper)
         };
         let (each, lp) = (prog::FOR_EACH, prog::LOOP);
-        assert_eq!(maps(lp), ["steer_meta", "steer_slots", "steer_socks"]);
+        assert_eq!(
+            maps(lp),
+            ["steer_meta", "steer_scratch", "steer_slots", "steer_socks"]
+        );
         assert_eq!(maps(each), maps(lp));
         assert_eq!(funcs(each), funcs(lp));
         assert!(calls(lp, 181) && !calls(lp, 164));

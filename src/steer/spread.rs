@@ -148,11 +148,11 @@ impl Spread {
                 &format!("listener {i}'s program"),
                 &prog::SPREAD,
                 |name| {
-                    if name == META_MAP.name {
+                    Some(if name == META_MAP.name {
                         meta_id
                     } else {
                         socks_id
-                    }
+                    })
                 },
             )?;
             groups.push(Group::new(socks, meta, prog));

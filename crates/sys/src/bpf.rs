@@ -14,6 +14,8 @@ use std::sync::atomic::{AtomicU32, AtomicU64};
 
 /// `BPF_MAP_TYPE_ARRAY`.
 pub const MAP_TYPE_ARRAY: u32 = 2;
+/// `BPF_MAP_TYPE_PERCPU_ARRAY`: one value per CPU per key.
+pub const MAP_TYPE_PERCPU_ARRAY: u32 = 6;
 /// `BPF_MAP_TYPE_REUSEPORT_SOCKARRAY`: index → listening socket, for `bpf_sk_select_reuseport`.
 pub const MAP_TYPE_REUSEPORT_SOCKARRAY: u32 = 20;
 /// `BPF_F_MMAPABLE` (5.5+): an array whose values can be `mmap`ed.
