@@ -683,6 +683,16 @@ impl Steering {
         Reconciled { queued, adjust }
     }
 
+    /// The most instructions the verifier processed for one of the programs (0 where the
+    /// kernel does not say: before 5.16).
+    pub fn verified_insns(&self) -> u32 {
+        self.groups
+            .iter()
+            .filter_map(|g| bpf::prog_verified_insns(g.prog.as_fd()).ok())
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Total run time (ns) and run count of the programs, from `kernel.bpf_stats_enabled`.
     pub fn run_stats(&self) -> (u64, u64) {
         run_stats_of(self.groups.iter().map(|g| g.prog.as_fd()))
@@ -1182,6 +1192,23 @@ mod kernel_tests {
             Err(e) => assert!(matches!(e, SteerError::Prog(_)), "{e}"),
             Ok(_) => panic!("a program the verifier refuses loaded"),
         }
+    }
+
+    #[test]
+    fn each_build_verifies_far_below_the_verifiers_limit() {
+        // The verifier gives up after a million instructions, and how many it needs for the
+        // same bytes differs between kernels (a later 6.18.44 build walked the scan callbacks
+        // to the limit while the scan's state sat on the stack). A tenth of it leaves room for
+        // stricter kernels; a change that makes the callbacks expensive to verify fails here.
+        each_build(|steer| {
+            let n = steer.verified_insns();
+            if n == 0 {
+                eprintln!("skipped: this kernel does not report verified instructions (5.16+)");
+                return;
+            }
+            eprintln!("the verifier processed {n} instructions");
+            assert!(n < 100_000, "the verifier processed {n} instructions");
+        });
     }
 
     #[test]

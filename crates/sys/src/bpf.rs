@@ -304,6 +304,15 @@ pub fn prog_run_stats(prog: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
     Ok((info[192 / 8], info[200 / 8]))
 }
 
+/// Instructions the verifier processed to accept a loaded program (`verified_insns` of
+/// `struct bpf_prog_info`, at 216; Linux 5.16+, 0 on older kernels): how far it stayed from the
+/// verifier's limit of a million.
+pub fn prog_verified_insns(prog: BorrowedFd<'_>) -> io::Result<u32> {
+    let mut info = [0u64; 29];
+    obj_info(prog, &mut info)?;
+    Ok(u32_at(&info, 216))
+}
+
 /// What `BPF_OBJ_GET_INFO_BY_FD` says of a map: the fields [`MapSpec`] set, and its id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MapInfo {
