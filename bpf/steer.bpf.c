@@ -180,7 +180,10 @@ struct scan {
     __s64 max_load;  // the largest load among the eligible slots (p2c: the two drawn)
 };
 
-// The scan's state for the run on this CPU (struct scan_ref below).
+// The scan's state for the run on this CPU (struct scan_ref below). Its value size is
+// SCRATCH_MAP's in src/steer/mod.rs.
+_Static_assert(sizeof(struct scan) == 128, "struct scan is steer_scratch's value: 128 bytes");
+
 struct {
     __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
     __uint(max_entries, 1);
@@ -331,9 +334,10 @@ static __always_inline long pick2_slot(__u32 idx, struct steer_slot *slot, struc
 // the verifier, so the state at each call of a callback is the same as at the one before and
 // the callback is verified once. On the stack, the fields' ranges (stuck ages, loads, the
 // pick) differ from call to call, and a verifier that checks a callback as a loop over every
-// range it can reach (6.18.44 builds do) runs past its million instructions. The program runs
-// with softirqs off on its CPU (a SYN in softirq context, a migration under local_bh_disable
-// or from a timer), so nothing else on the CPU uses the value while a run does.
+// range it can reach (a later build of 6.18.44 did) ran past its million instructions. The
+// program runs with softirqs off on its CPU (a SYN in softirq context, a migration under
+// local_bh_disable or from a timer), so nothing else on the CPU uses the value while a run
+// does.
 struct scan_ref {
     struct scan *scan;
 };
