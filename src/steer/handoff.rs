@@ -224,17 +224,13 @@ pub(super) fn check_prog(
     // The maps passed with the program, by id, and how many of its own it may hold besides
     // (`None` from `map_id`: a map only the program uses, such as its per-CPU scan state,
     // which nobody passes).
-    let mut want: Vec<u32> = build
-        .map_relocs
-        .iter()
-        .filter_map(|&(_, name)| map_id(name))
-        .collect();
-    let mut own: Vec<&str> = build
-        .map_relocs
-        .iter()
-        .filter(|&&(_, name)| map_id(name).is_none())
-        .map(|&(_, name)| name)
-        .collect();
+    let (mut want, mut own) = (Vec::new(), Vec::new());
+    for &(_, name) in build.map_relocs {
+        match map_id(name) {
+            Some(id) => want.push(id),
+            None => own.push(name),
+        }
+    }
     let mut got = info.map_ids.clone();
     want.sort_unstable();
     want.dedup();
