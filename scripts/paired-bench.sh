@@ -81,18 +81,10 @@ if [[ -z "$rates" ]]; then
     [[ "$capacity_secs" =~ ^[1-9][0-9]*$ ]] ||
         { echo "paired-bench: CAPACITY_SECONDS must be a positive integer, not '$capacity_secs'" >&2; exit 2; }
 fi
-server=()
-case $app_kind in
-node)
-    command -v node >/dev/null || { echo "paired-bench: node not found (APP=demo runs without it)" >&2; exit 2; }
-    server=(--ready-delay 500ms -- node benches/node_app.js)
-    ;;
-demo) ;;
-*)
-    echo "paired-bench: APP must be node or demo, not '$app_kind'" >&2
-    exit 2
-    ;;
-esac
+# shellcheck source=scripts/lib-master.sh
+. scripts/lib-master.sh
+app_server paired-bench "$app_kind"
+server=("${SERVER[@]}")
 
 mkdir -p "$out"
 cargo build --release --workspace >&2
@@ -117,8 +109,6 @@ stop_all() {
 }
 trap stop_all EXIT
 
-# shellcheck source=scripts/lib-master.sh
-. scripts/lib-master.sh
 for k in $(seq 0 $((n - 1))); do
     entry=${systems[$k]}
     rest=${entry#*|}

@@ -25,19 +25,10 @@ for tool in wrk perf; do
 done
 [[ "$secs" =~ ^[1-9][0-9]*$ ]] ||
     { echo "syscalls-per-request: SECONDS_PER_RUN must be a positive integer, not '$secs'" >&2; exit 2; }
-server=()
-case $app_kind in
-node)
-    command -v node >/dev/null ||
-        { echo "syscalls-per-request: node not found (APP=demo runs without it)" >&2; exit 2; }
-    server=(--ready-delay 500ms -- node benches/node_app.js)
-    ;;
-demo) ;;
-*)
-    echo "syscalls-per-request: APP must be node or demo, not '$app_kind'" >&2
-    exit 2
-    ;;
-esac
+# shellcheck source=scripts/lib-master.sh
+. scripts/lib-master.sh
+app_server syscalls-per-request "$app_kind"
+server=("${SERVER[@]}")
 
 mkdir -p "$out"
 cargo build --release -p rcluster-lb >&2
@@ -49,8 +40,6 @@ systems=(
     "least-conn dispatch|-p least-conn --steer dispatch"
 )
 
-# shellcheck source=scripts/lib-master.sh
-. scripts/lib-master.sh
 trap stop_master EXIT
 
 churn() { # port seconds -> wrk's output
