@@ -27,8 +27,10 @@
 //! something untaken is read again (at most every 250 µs per worker). A worker whose channel
 //! held something untaken at every read for [`STUCK_AFTER`] (1 ms), with nothing taken and
 //! no close reported meanwhile, is marked `stuck`, and the load-reading policies pass it over
-//! while any other worker pulls: a single-threaded server inside a long request gets no
-//! connection to wait behind it. The mark goes as soon as it takes or closes something.
+//! while any other worker pulls (least-conn: while that one holds at most
+//! [`crate::policy::STUCK_GAP`] more connections): a single-threaded server inside a long
+//! request gets no connection to wait behind it. The mark goes as soon as it takes or closes
+//! something.
 
 use std::collections::VecDeque;
 use std::io;

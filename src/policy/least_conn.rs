@@ -3,9 +3,13 @@
 //! channel); among equals, one with nothing untaken in its channel; then the one that most
 //! recently proved progress (a CLOSED arrived, or it took what it was sent); remaining ties
 //! rotate. The module docs of
-//! [`crate::policy`] say why.
+//! [`crate::policy`] say why. A stuck worker is passed over only while the pick holds at most
+//! [`STUCK_GAP`] more connections than it: beyond that the least active open worker takes the
+//! connection, stuck or not, so a worker that only looked stuck while a client opened a burst
+//! of long-lived connections (a node worker still warming up, off its CPU for a millisecond)
+//! ends at most about that many behind.
 
-use super::{Policy, WorkerStat, load_key, min_open_from};
+use super::{Policy, WorkerStat, active_key, load_key, min_open_from};
 
 /// Smallest load key; O(workers) scan of a dense table.
 #[derive(Debug, Default)]
@@ -13,9 +17,22 @@ pub struct LeastConn {
     next: usize,
 }
 
+/// How many more active connections than the least active open worker a pick may hold while
+/// that worker is passed over for being stuck (module docs). Under a new connection per request
+/// the counts stay far closer than this, and only the stuck rule decides.
+pub const STUCK_GAP: u32 = 8;
+
 impl Policy for LeastConn {
     fn pick(&mut self, workers: &[WorkerStat], listener: usize) -> Option<usize> {
-        let i = min_open_from(workers, listener, self.next, load_key)?;
+        let mut i = min_open_from(workers, listener, self.next, load_key)?;
+        // The second scan only once the pick holds more than the gap: no worker can then be
+        // more than the gap below it unless the first one is.
+        if workers[i].active > STUCK_GAP
+            && let Some(j) = min_open_from(workers, listener, self.next, active_key)
+            && workers[j].active.saturating_add(STUCK_GAP) < workers[i].active
+        {
+            i = j;
+        }
         self.next = i + 1;
         Some(i)
     }
@@ -65,9 +82,10 @@ mod tests {
     }
 
     /// A worker inside a long request holds one connection; its peer serves three short ones.
-    /// Once the first is stuck (it left a connection untaken), the peer gets everything.
+    /// Once the first is stuck (it left a connection untaken), the peer gets everything, within
+    /// the gap.
     #[test]
-    fn a_stuck_worker_loses_whatever_the_counts() {
+    fn a_stuck_worker_loses_within_the_gap() {
         let mut w = open_with_active(&[2, 3]);
         w[0].queued = 1;
         w[0].stuck = true;
@@ -77,6 +95,32 @@ mod tests {
         }
         // Among stuck workers the counts decide again.
         w[1].stuck = true;
+        assert_eq!(lc.pick(&w, 0), Some(0));
+    }
+
+    /// A worker that looks stuck while a burst of long-lived connections is opened falls at
+    /// most the gap behind: beyond it, the least active worker takes connections again, stuck
+    /// or not, and among several the counts (then rotation) decide.
+    #[test]
+    fn a_stuck_worker_takes_connections_once_the_pick_holds_more_than_the_gap() {
+        let mut w = open_with_active(&[0, STUCK_GAP, STUCK_GAP + 1]);
+        w[0].queued = 1;
+        w[0].stuck = true;
+        let mut lc = LeastConn::default();
+        // Worker 1 holds exactly the gap more: the stuck worker is still passed over.
+        assert_eq!(lc.pick(&w, 0), Some(1));
+        w[1].active += 1;
+        // Now every worker that is not stuck holds more than the gap above it.
+        assert_eq!(lc.pick(&w, 0), Some(0));
+        w[0].active += 1;
+        assert_eq!(lc.pick(&w, 0), Some(1));
+        // A worker not open on the listener is never chosen for it, however few it holds.
+        w[0].open = 0;
+        w[1].active = 40;
+        assert_eq!(lc.pick(&w, 0), Some(2));
+        // Nothing stuck: the fewest active, as always.
+        w[0].open = 1;
+        w[0].stuck = false;
         assert_eq!(lc.pick(&w, 0), Some(0));
     }
 }

@@ -36,9 +36,13 @@
 //! a peer that keeps serving short requests holds a few more; by counts alone the stuck worker
 //! wins, and every connection sent to it waits out the long request (the heavy-tailed
 //! benchmark's p99 with node workers). Untaken connections older than [`STUCK_AFTER`] are
-//! proof that it is not pulling: it loses to every worker that is, whatever the counts, which
-//! is what a shared accept queue does (only a worker that calls `accept` gets a connection).
-//! Among stuck workers the counts decide again. The acceptor sets the bit (see
+//! proof that it is not pulling: it loses to every worker that is, whatever the counts (under
+//! least-conn, within a bound: below), which is what a shared accept queue does (only a worker that calls `accept` gets a connection).
+//! Among stuck workers the counts decide again. Under least-conn the rule gives way beyond
+//! [`STUCK_GAP`] (8) connections: once every worker that is not stuck holds more than
+//! that above the least active one, that one takes the connection, stuck or not, so a worker
+//! that only looked stuck (a node worker warming up, or off its CPU for a millisecond, while a
+//! client opens a burst of keep-alive connections) falls at most that far behind. The acceptor sets the bit (see
 //! `master::acceptor`); a worker that takes everything it was sent, or reports a close, is
 //! cleared at once. Servers that take connections on a thread of their own (the Rust worker
 //! API, the demo worker) are never stuck while that thread runs.
@@ -48,7 +52,7 @@ mod least_mem;
 mod p2c;
 mod round_robin;
 
-pub use least_conn::LeastConn;
+pub use least_conn::{LeastConn, STUCK_GAP};
 pub use least_mem::{LeastMem, rss_tolerance_kib};
 pub use p2c::P2c;
 pub use round_robin::RoundRobin;
@@ -267,6 +271,14 @@ fn min_open_from(
     let distance = (best & ((1 << ROTATION_BITS) - 1)) as usize;
     let i = start + distance;
     Some(if i >= n { i - n } else { i })
+}
+
+/// A key of `active` alone (saturating like [`load_key`]'s field), for the least active open
+/// worker whatever its other fields: least-conn's bound on how far the stuck rule may skew the
+/// counts.
+#[inline]
+pub fn active_key(w: &WorkerStat) -> u64 {
+    u64::from(w.active.min(ACTIVE_MAX)) << ROTATION_BITS
 }
 
 /// Largest `active` count the load key distinguishes.
