@@ -25,8 +25,8 @@ pub const STUCK_GAP: u32 = 8;
 impl Policy for LeastConn {
     fn pick(&mut self, workers: &[WorkerStat], listener: usize) -> Option<usize> {
         let mut i = min_open_from(workers, listener, self.next, load_key)?;
-        // The second scan only once the pick holds more than the gap: no worker can then be
-        // more than the gap below it unless the first one is.
+        // Only a pick that holds more than the gap can be more than the gap above another
+        // worker: the second scan is paid only then.
         if workers[i].active > STUCK_GAP
             && let Some(j) = min_open_from(workers, listener, self.next, active_key)
             && workers[j].active.saturating_add(STUCK_GAP) < workers[i].active

@@ -37,15 +37,16 @@
 //! wins, and every connection sent to it waits out the long request (the heavy-tailed
 //! benchmark's p99 with node workers). Untaken connections older than [`STUCK_AFTER`] are
 //! proof that it is not pulling: it loses to every worker that is, whatever the counts (under
-//! least-conn, within a bound: below), which is what a shared accept queue does (only a worker that calls `accept` gets a connection).
-//! Among stuck workers the counts decide again. Under least-conn the rule gives way beyond
-//! [`STUCK_GAP`] (8) connections: once every worker that is not stuck holds more than
-//! that above the least active one, that one takes the connection, stuck or not, so a worker
-//! that only looked stuck (a node worker warming up, or off its CPU for a millisecond, while a
-//! client opens a burst of keep-alive connections) falls at most that far behind. The acceptor sets the bit (see
-//! `master::acceptor`); a worker that takes everything it was sent, or reports a close, is
-//! cleared at once. Servers that take connections on a thread of their own (the Rust worker
-//! API, the demo worker) are never stuck while that thread runs.
+//! least-conn, within a bound: below), which is what a shared accept queue does (only a worker
+//! that calls `accept` gets a connection). Among stuck workers the counts decide again. Under
+//! least-conn the rule gives way beyond [`STUCK_GAP`] (8) connections: once every worker that
+//! is not stuck holds more than that above the least active one, that one takes the
+//! connection, stuck or not, so a worker that only looked stuck (a node worker warming up, or
+//! off its CPU for a millisecond, while a client opens a burst of keep-alive connections) falls
+//! at most that far behind. The acceptor sets the bit (see `master::acceptor`); a worker that
+//! takes everything it was sent, or reports a close, is cleared at once. Servers that take
+//! connections on a thread of their own (the Rust worker API, the demo worker) are never stuck
+//! while that thread runs.
 
 mod least_conn;
 mod least_mem;
@@ -277,7 +278,7 @@ fn min_open_from(
 /// worker whatever its other fields: least-conn's bound on how far the stuck rule may skew the
 /// counts.
 #[inline]
-pub fn active_key(w: &WorkerStat) -> u64 {
+fn active_key(w: &WorkerStat) -> u64 {
     u64::from(w.active.min(ACTIVE_MAX)) << ROTATION_BITS
 }
 
