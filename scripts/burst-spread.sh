@@ -86,8 +86,7 @@ for entry in "${systems[@]}"; do
     for _ in $(seq "$rounds"); do
         counts=$(python3 "$client" "$MASTER_PORT" "$conns" "$gap_ms" "$workers")
         rows+=("${counts// //}")
-        # shellcheck disable=SC2086
-        spreads+=("$(printf '%s\n' $counts | sort -n | sed -n '1p;$p' | paste -sd' ' | awk '{print $2 - $1}')")
+        spreads+=("$(awk '{lo = hi = $1; for (i = 2; i <= NF; i++) { if ($i < lo) lo = $i; if ($i > hi) hi = $i } print hi - lo}' <<< "$counts")")
         sleep 0.5
     done
     stop_master
